@@ -1,0 +1,270 @@
+#include "core/dispatch.h"
+
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <mutex>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "core/tensors.h"
+
+namespace ftl {
+
+namespace {
+
+using c10::DispatchKey;
+using torch::jit::Stack;
+
+// Our tensors and torch.func's must never meet: torch.func's wrappers are handled by torch's own
+// FuncTorch* kernels, which know nothing of our levels.
+void rejectTorchFuncTensor(const at::Tensor& t, const c10::OperatorHandle& op) {
+  static const c10::DispatchKeySet theirs({DispatchKey::FuncTorchBatched,
+                                           DispatchKey::FuncTorchGradWrapper,
+                                           DispatchKey::BatchedNestedTensor});
+  TORCH_CHECK(!t.key_set().has_any(theirs), "functorch_lite: ", op.schema().operator_name(),
+              " received a tensor of a torch.func transform inside a functorch_lite transform. The "
+              "two libraries cannot be mixed in one computation: use functorch_lite (or torch.func) "
+              "for every transform of it.");
+}
+
+bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
+  const auto* alias = schema.arguments()[i].alias_info();
+  return alias && alias->isWrite();
+}
+
+// ----------------------------------------------------------------------------------------------
+// grad levels: lift, then let torch's autograd run on our wrappers.
+void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) {
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  const size_t begin = stack->size() - nargs;
+
+  // torch.func's rule: inside a grad transform, in-place ops may only mutate tensors of the
+  // transform's own level. Mutating a captured tensor would change it outside the transform
+  // without its graph ever seeing the change.
+  for (size_t i = 0; i < nargs; ++i) {
+    if (!isMutatedArg(schema, i)) continue;
+    const auto& iv = (*stack)[begin + i];
+    if (!iv.isTensor()) continue;
+    auto* gw = asGradWrapper(iv.toTensor());
+    TORCH_CHECK(gw && gw->level() == top.id,
+                "functorch_lite.grad: the function being transformed called the in-place operation ",
+                schema.operator_name(), " on a tensor it captured from outside the transform (or "
+                "on an input not being differentiated in an outer transform). This would mutate a "
+                "captured tensor, which is not supported: pass the tensor as an argument of the "
+                "function, or use the out-of-place version of the operation.");
+  }
+
+  bool any_tensor = false;
+  forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) -> at::Tensor {
+    if (!t.defined()) return t;
+    any_tensor = true;
+    auto* gw = asGradWrapper(t);
+    if (gw && gw->level() == top.id) return t;
+    return makeGradWrapper(t, top);
+  });
+
+  if (!any_tensor) {
+    // A factory op: autograd has nothing to record at this level. Run it below and make the
+    // result a tensor of this level, so that in-place writes into it are recorded here. torch's
+    // own tensor constructors (torch.tensor, as_tensor, ...) exclude functorch's front key while
+    // they allocate and then fill raw memory; honour that signal and return the plain tensor:
+    // they lift the filled tensor afterwards with lift_fresh, which comes through here wrapped.
+    {
+      HandDownGuard guard;
+      op.callBoxed(stack);
+    }
+    if (c10::impl::tls_is_dispatch_key_excluded(DispatchKey::FuncTorchDynamicLayerFrontMode)) return;
+  } else {
+    c10::impl::ExcludeDispatchKeyGuard no_front(DispatchKey::DeferredInit);
+    op.callBoxed(stack);
+  }
+  const size_t nrets = schema.returns().size();
+  forEachTensorInplace(*stack, stack->size() - nrets, stack->size(), [&](const at::Tensor& t) {
+    if (!t.defined()) return t;
+    auto* gw = asGradWrapper(t);
+    if (gw && gw->level() == top.id) return t;
+    return makeGradWrapper(t, top);
+  });
+}
+
+// PrivateUse3 kernel: after autograd ran on the top level's wrappers, unwrap and hand down.
+void backKernel(const c10::OperatorHandle& op, Stack* stack) {
+  const auto& schema = op.schema();
+  const Level* top = levelStack().top();
+  TORCH_CHECK(top && top->kind == LevelKind::Grad, "functorch_lite: ", schema.operator_name(),
+              " reached a grad-level tensor with no grad transform active on this thread (stack ",
+              describeStack(), "). This happens when a grad-level tensor is used from another "
+              "thread, or when autograd runs its backward on a device thread; please report it.");
+  const size_t nargs = schema.arguments().size();
+  const size_t begin = stack->size() - nargs;
+
+  // Remember which unwrapped values belong to mutated arguments: an op that returns one of them
+  // (in-place and out= ops) must return the original wrapper, not a new one.
+  c10::SmallVector<std::pair<c10::TensorImpl*, at::Tensor>, 4> mutated;
+  for (size_t i = 0; i < nargs; ++i) {
+    auto& iv = (*stack)[begin + i];
+    if (!iv.isTensor()) continue;
+    const auto& t = iv.toTensor();
+    auto* gw = asGradWrapper(t);
+    if (!gw || gw->level() != top->id) continue;
+    if (isMutatedArg(schema, i)) mutated.emplace_back(gw->value().unsafeGetTensorImpl(), t);
+  }
+  forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) -> at::Tensor {
+    auto* gw = asGradWrapper(t);
+    return gw && gw->level() == top->id ? gw->value() : t;
+  });
+  {
+    HandDownGuard guard;
+    op.callBoxed(stack);
+  }
+  for (auto& [impl, wrapper] : mutated) static_cast<GradWrapperImpl*>(wrapper.unsafeGetTensorImpl())->refreshMetadata();
+  const size_t nrets = schema.returns().size();
+  forEachTensorInplace(*stack, stack->size() - nrets, stack->size(), [&](const at::Tensor& t) {
+    if (!t.defined()) return t;
+    for (auto& [impl, wrapper] : mutated)
+      if (impl == t.unsafeGetTensorImpl()) return wrapper;
+    return makeGradWrapper(t, *top);
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
+// Per-op back kernels (see NOTE [Dispatch keys we own] in dispatch.h).
+struct BackKernelRegistry {
+  std::mutex mutex;
+  std::vector<c10::OperatorName> pending;
+  std::atomic<bool> has_pending{false};
+  std::unordered_set<std::string> registered;
+  std::unordered_map<std::string, torch::Library*> libraries;  // one IMPL library per namespace
+  std::atomic<int64_t> count{0};
+};
+
+BackKernelRegistry& backRegistry() {
+  static auto* r = new BackKernelRegistry();  // leaked: kernels must outlive static destruction
+  return *r;
+}
+
+class Listener final : public c10::OpRegistrationListener {
+ public:
+  // Runs under the dispatcher's lock: only queue the name, register later.
+  void onOperatorRegistered(const c10::OperatorHandle& op) override {
+    auto& r = backRegistry();
+    std::lock_guard<std::mutex> g(r.mutex);
+    r.pending.push_back(op.operator_name());
+    r.has_pending.store(true, std::memory_order_release);
+  }
+  void onOperatorDeregistered(const c10::OperatorHandle&) override {}
+};
+
+void registerBackKernel(const c10::OperatorName& name) {
+  auto& r = backRegistry();
+  std::string full = name.name + (name.overload_name.empty() ? "" : "." + name.overload_name);
+  if (r.registered.count(full)) return;
+  auto handle = c10::Dispatcher::singleton().findOp(name);
+  if (!handle || !handle->hasSchema()) return;
+  // Composite-implicit ops must keep decomposing at the autograd key: a backend kernel would stop
+  // that and the op would silently lose its gradient.
+  if (handle->hasKernelForDispatchKey(DispatchKey::CompositeImplicitAutograd)) return;
+  auto sep = name.name.find("::");
+  if (sep == std::string::npos) return;
+  std::string ns = name.name.substr(0, sep);
+  auto& lib = r.libraries[ns];
+  if (!lib) {
+    lib = new torch::Library(torch::Library::IMPL, ns, DispatchKey::PrivateUse3, __FILE__, __LINE__);
+  }
+  lib->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunction<&backKernel>());
+  r.registered.insert(std::move(full));
+  r.count.fetch_add(1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+void flushPendingBackKernels() {
+  auto& r = backRegistry();
+  if (!r.has_pending.load(std::memory_order_acquire)) return;
+  std::vector<c10::OperatorName> todo;
+  {
+    std::lock_guard<std::mutex> g(r.mutex);
+    todo.swap(r.pending);
+    r.has_pending.store(false, std::memory_order_release);
+  }
+  for (const auto& name : todo) registerBackKernel(name);
+}
+
+int64_t numBackKernels() { return backRegistry().count.load(); }
+
+// ----------------------------------------------------------------------------------------------
+void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
+  flushPendingBackKernels();
+  const size_t nargs = op.schema().arguments().size();
+  const size_t begin = stack->size() - nargs;
+  forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) {
+    rejectTorchFuncTensor(t, op);
+    return unwrapIfDead(t);
+  });
+  const Level* top = levelStack().top();
+  if (!top) {
+    // Only escaped (dead) grad wrappers, now unwrapped, bring an op here with no level live.
+    c10::impl::ExcludeDispatchKeyGuard no_front(DispatchKey::DeferredInit);
+    op.callBoxed(stack);
+    return;
+  }
+  switch (top->kind) {
+    case LevelKind::Vmap:
+      vmapBoxed(op, stack, *top);
+      return;
+    case LevelKind::Grad:
+      gradProcess(op, stack, *top);
+      return;
+    case LevelKind::Jvp:
+      TORCH_CHECK(false, "functorch_lite: jvp levels are not implemented yet");
+  }
+}
+
+void checkKeysAreFree() {
+  for (const char* name : {"DeferredInit", "PrivateUse3", "AutogradPrivateUse3"}) {
+    DispatchKey k;
+    try {
+      k = c10::parseDispatchKey(name);
+    } catch (const c10::Error&) {
+      TORCH_CHECK(false, "functorch_lite needs the dispatch key ", name,
+                  ", which this build of torch does not have");
+    }
+    TORCH_CHECK(!c10::Dispatcher::singleton().hasBackendFallbackForDispatchKey(k),
+                "functorch_lite needs the dispatch key ", name,
+                ", but another library already registered a fallback for it");
+  }
+}
+
+namespace {
+std::once_flag init_once;
+}
+
+// Registers the fallbacks (after checkKeysAreFree) and the back kernels. Called once from Python
+// at import; registering fallbacks statically would abort the process on a conflict instead of
+// raising a clean ImportError.
+void initializeDispatch() {
+  std::call_once(init_once, [] {
+    checkKeysAreFree();
+    static auto* front = new torch::Library(torch::Library::IMPL, "_", DispatchKey::DeferredInit,
+                                            __FILE__, __LINE__);
+    front->fallback(torch::CppFunction::makeFromBoxedFunction<&frontFallback>());
+    static auto* back = new torch::Library(torch::Library::IMPL, "_", DispatchKey::PrivateUse3,
+                                           __FILE__, __LINE__);
+    back->fallback(torch::CppFunction::makeFromBoxedFunction<&backKernel>());
+    static auto* autograd = new torch::Library(torch::Library::IMPL, "_",
+                                               DispatchKey::AutogradPrivateUse3, __FILE__, __LINE__);
+    autograd->fallback(torch::autograd::basicAutogradNotImplementedFallback());
+    // The listener is told about every op that already exists, then about each new one.
+    static auto listener_handle =
+        c10::Dispatcher::singleton().addRegistrationListener(std::make_unique<Listener>());
+    (void)listener_handle;
+    flushPendingBackKernels();
+  });
+}
+
+}  // namespace ftl

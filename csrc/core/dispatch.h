@@ -1,0 +1,99 @@
+#pragma once
+// How functorch_lite plugs into torch's dispatcher.
+//
+// NOTE [Dispatch keys we own]
+// torch's own functorch owns the FuncTorch* keys; we never register on them. We use keys that
+// torch leaves without a fallback (checked at import, see checkKeysAreFree):
+// - DeferredInit ("front"): a functionality key above autograd. It is in the TLS included set while
+//   any level is live and is carried by our wrappers. Its kernel runs the top level's logic first:
+//   vmap levels run a batching rule (unboxed per-op kernels registered on DeferredInit, one
+//   registration per op family) or, in the boxed fallback, decompose CompositeImplicitAutograd ops
+//   or loop over the batch; grad levels lift every tensor argument to a wrapper of the top level
+//   and run torch's autograd on those wrappers. Composite kernels are never filled in for a
+//   functionality key, so nothing shadows our fallback here.
+// - AutogradPrivateUse3: torch's VariableType kernels run here on grad wrappers; we only add torch's
+//   "autograd not implemented" fallback for ops that have no autograd kernel (custom ops).
+// - PrivateUse3 ("back"): a backend key, so torch fills its dispatch table with
+//   CompositeExplicitAutograd(NonFunctional) kernels that would run on our wrappers and silently
+//   compute on nothing. We therefore register our back kernel for every operator that has no
+//   CompositeImplicitAutograd kernel (those must keep decomposing at the autograd key), for ops
+//   that exist at import and, through a registration listener, for ops defined later. The back
+//   kernel unwraps the top grad level's wrappers and hands the op down (HandDownGuard).
+//
+// NOTE [Why lift before autograd]
+// torch's autograd records on whichever autograd meta it finds. If a grad wrapper of an outer
+// level reached autograd inside an inner grad level, it would get an edge in the inner graph. The
+// front kernel therefore replaces every argument that is not a wrapper of the top grad level by a
+// fresh wrapper of that level (a constant there) before autograd sees anything.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include "core/levels.h"
+
+namespace ftl {
+
+// DeferredInit boxed kernel: the entry for every op while any level is live.
+void frontFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+
+// Boxed processing of an op whose top level is a vmap level and that has no unboxed rule
+// (vmap/fallback.cpp): randomness, data-dependent ops, composite decomposition, for-loop.
+void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top);
+
+// Registers back kernels for ops defined since the last call. Cheap when there is nothing new.
+void flushPendingBackKernels();
+// Number of operators that carry our PrivateUse3 back kernel (for show_config and tests).
+int64_t numBackKernels();
+
+// Checks the keys (checkKeysAreFree), then registers our fallbacks and back kernels. Idempotent.
+void initializeDispatch();
+
+// Raises ImportError-worthy c10::Error if a key we rely on is already claimed by someone else.
+void checkKeysAreFree();
+
+// Calls `f(tensor)` for every tensor in stack[begin, end), replacing it by the result. Handles
+// Tensor, Tensor?, Tensor[] and Tensor?[] arguments.
+template <class F>
+void forEachTensorInplace(torch::jit::Stack& stack, size_t begin, size_t end, F&& f) {
+  for (size_t i = begin; i < end; ++i) {
+    auto& iv = stack[i];
+    if (iv.isTensor()) {
+      iv = f(iv.toTensor());
+    } else if (iv.isTensorList()) {
+      // Lists have reference semantics: build a new one rather than edit the caller's.
+      auto old = iv.toTensorList();
+      c10::List<at::Tensor> list;
+      list.reserve(old.size());
+      for (const at::Tensor& t : old) list.push_back(f(t));
+      iv = std::move(list);
+    } else if (iv.isList()) {
+      auto old = iv.toList();
+      bool has_tensor = false;
+      for (const c10::IValue& e : old) has_tensor |= e.isTensor();
+      if (!has_tensor) continue;
+      auto list = old.copy();
+      for (size_t j = 0; j < list.size(); ++j) {
+        c10::IValue e = list.get(j);
+        if (e.isTensor()) list.set(j, f(e.toTensor()));
+      }
+      iv = std::move(list);
+    }
+  }
+}
+
+// Calls `f(tensor)` for every tensor in stack[begin, end) without modifying it.
+template <class F>
+void forEachTensor(const torch::jit::Stack& stack, size_t begin, size_t end, F&& f) {
+  for (size_t i = begin; i < end; ++i) {
+    const auto& iv = stack[i];
+    if (iv.isTensor()) {
+      f(iv.toTensor());
+    } else if (iv.isTensorList()) {
+      for (const at::Tensor& t : iv.toTensorList()) f(t);
+    } else if (iv.isList()) {
+      for (const c10::IValue& e : iv.toListRef())
+        if (e.isTensor()) f(e.toTensor());
+    }
+  }
+}
+
+}  // namespace ftl

@@ -1,0 +1,94 @@
+#include "core/levels.h"
+
+#include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <sstream>
+
+namespace ftl {
+
+const char* levelKindName(LevelKind k) {
+  switch (k) {
+    case LevelKind::Vmap: return "vmap";
+    case LevelKind::Grad: return "grad";
+    case LevelKind::Jvp: return "jvp";
+  }
+  return "?";
+}
+
+namespace {
+// Ids start at 1 so that 0 can mean "no level" in the Python API.
+std::atomic<int64_t> next_level_id{1};
+}  // namespace
+
+LevelStack& levelStack() {
+  static thread_local LevelStack stack;
+  return stack;
+}
+
+const Level* LevelStack::find(int64_t id) const {
+  for (size_t i = depth_; i-- > 0;) {
+    if (levels_[i].id == id) return &levels_[i];
+  }
+  return nullptr;
+}
+
+int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomness) {
+  TORCH_CHECK(depth_ == levels_.size(),
+              "functorch_lite: cannot enter a transform while an operator is being handed between "
+              "levels (was a transform called from inside a kernel?)");
+  auto tls = c10::impl::tls_local_dispatch_key_set();
+  Level level{next_level_id.fetch_add(1), kind, batch_size, randomness,
+              at::GradMode::is_enabled(), tls, std::make_shared<bool>(true)};
+  levels_.push_back(std::move(level));
+  depth_ = levels_.size();
+  tls.included_ = tls.included_.add(c10::DispatchKey::DeferredInit);
+  tls.excluded_ = tls.excluded_.remove(c10::DispatchKey::DeferredInit);
+  c10::impl::_force_tls_local_dispatch_key_set(tls);
+  return levels_.back().id;
+}
+
+void LevelStack::pop(int64_t id) {
+  TORCH_CHECK(depth_ == levels_.size() && !levels_.empty() && levels_.back().id == id,
+              "functorch_lite: transforms must exit in the reverse order they were entered "
+              "(tried to exit level ", id, ", stack is ", describeStack(), ")");
+  Level& level = levels_.back();
+  *level.alive = false;
+  c10::impl::_force_tls_local_dispatch_key_set(level.saved_tls);
+  levels_.pop_back();
+  depth_ = levels_.size();
+}
+
+HandDownGuard::HandDownGuard()
+    : stack_(levelStack()),
+      prev_tls_(c10::impl::tls_local_dispatch_key_set()),
+      prev_grad_mode_(at::GradMode::is_enabled()) {
+  TORCH_INTERNAL_ASSERT(stack_.depth_ > 0);
+  const Level& hidden = stack_.levels_[--stack_.depth_];
+  c10::impl::_force_tls_local_dispatch_key_set(hidden.saved_tls);
+  if (hidden.kind == LevelKind::Grad) at::GradMode::set_enabled(hidden.prev_grad_mode);
+}
+
+HandDownGuard::~HandDownGuard() {
+  ++stack_.depth_;
+  c10::impl::_force_tls_local_dispatch_key_set(prev_tls_);
+  at::GradMode::set_enabled(prev_grad_mode_);
+}
+
+std::string describeStack() {
+  const auto& s = levelStack();
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < s.depth(); ++i) {
+    const auto& l = s.at(i);
+    if (i) os << ", ";
+    os << levelKindName(l.kind) << "(id=" << l.id;
+    if (l.kind == LevelKind::Vmap) os << ", batch_size=" << l.batch_size;
+    os << ")";
+  }
+  os << "]";
+  return os.str();
+}
+
+}  // namespace ftl

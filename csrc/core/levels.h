@@ -1,0 +1,91 @@
+#pragma once
+// The level stack: one interpreter per active transform, innermost on top.
+//
+// NOTE [Levels]
+// Every call of a transform (ft.vmap(f)(x), ft.grad(f)(x), ...) pushes one Level for the duration
+// of the call of f. A Level's id is unique for the life of the process and grows with every push,
+// so for two live levels the inner one always has the larger id. Wrappers (BatchedTensorImpl,
+// GradWrapperImpl) record the id of the level that made them and share the level's `alive` flag:
+// once the level is popped, its wrappers are dead, and an id is never reused, so a dead wrapper can
+// never be mistaken for one of a newer level at the same depth.
+//
+// NOTE [Handing an op down]
+// An op is always handled by the top level first (the DeferredInit "front" kernel, see
+// dispatch.h). When that level has done its part (a batching rule unwrapped its tensors, or
+// autograd recorded its node), it runs the rest of the op "at the level below" by hiding itself
+// with a HandDownGuard: `depth` drops by one, the dispatch-key TLS is reset to what it was when the
+// hidden level was entered (so DeferredInit is still included if levels remain, and is no longer
+// included if none do), and for grad levels GradMode is reset to the mode that was in force when the
+// level was entered (torch.no_grad inside f only affects f's own level). The guard restores all
+// three on exit, also on exceptions.
+//
+// NOTE [Stack invariants]
+// - levels_[0, depth_) are visible to dispatch; levels_[depth_, size) are hidden while an op is
+//   being handed down. Only the Python entry points push and pop, always at the true top, and
+//   only while nothing is hidden.
+// - While depth_ > 0, DeferredInit is in the TLS included set, except inside the window where a
+//   grad level runs torch's autograd kernels on its wrappers (see gradProcess in dispatch.cpp).
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace ftl {
+
+enum class LevelKind : uint8_t { Vmap, Grad, Jvp };
+enum class Randomness : uint8_t { Error, Same, Different };
+
+const char* levelKindName(LevelKind k);
+
+struct Level {
+  int64_t id;
+  LevelKind kind;
+  int64_t batch_size;      // vmap only
+  Randomness randomness;   // vmap only
+  bool prev_grad_mode;     // GradMode in force when the level was entered
+  c10::impl::LocalDispatchKeySet saved_tls;  // dispatch-key TLS in force when the level was entered
+  std::shared_ptr<bool> alive;
+};
+
+class LevelStack {
+ public:
+  const Level* top() const { return depth_ ? &levels_[depth_ - 1] : nullptr; }
+  size_t depth() const { return depth_; }
+  size_t size() const { return levels_.size(); }
+  const Level& at(size_t i) const { return levels_.at(i); }
+  // Finds a visible level by id; nullptr if it is not on the visible part of the stack.
+  const Level* find(int64_t id) const;
+
+  int64_t push(LevelKind kind, int64_t batch_size, Randomness randomness);
+  // Pops the top level, which must have id `id`; restores the TLS saved at push.
+  void pop(int64_t id);
+
+ private:
+  friend class HandDownGuard;
+  std::vector<Level> levels_;
+  size_t depth_ = 0;
+};
+
+// The calling thread's stack.
+LevelStack& levelStack();
+
+// See NOTE [Handing an op down]. Requires a visible level.
+class HandDownGuard {
+ public:
+  HandDownGuard();
+  ~HandDownGuard();
+  HandDownGuard(const HandDownGuard&) = delete;
+  HandDownGuard& operator=(const HandDownGuard&) = delete;
+
+ private:
+  LevelStack& stack_;
+  c10::impl::LocalDispatchKeySet prev_tls_;
+  bool prev_grad_mode_;
+};
+
+// Describes the visible stack, innermost last, for error messages and debugging.
+std::string describeStack();
+
+}  // namespace ftl

@@ -1,0 +1,154 @@
+#include "core/tensors.h"
+
+#include <ATen/WrapDimUtils.h>
+#include <c10/util/Exception.h>
+
+namespace ftl {
+
+c10::DispatchKeySet wrapperKeySet() {
+  static const c10::DispatchKeySet ks = c10::DispatchKeySet({
+      c10::DispatchKey::DeferredInit,
+      c10::DispatchKey::AutogradPrivateUse3,
+      c10::DispatchKey::ADInplaceOrView,
+      c10::DispatchKey::PrivateUse3,
+  });
+  return ks;
+}
+
+FtTensorImplBase::FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t level,
+                                   std::shared_ptr<bool> alive)
+    : c10::TensorImpl(wrapperKeySet(), value.dtype(), value.device()),
+      kind_(kind),
+      value_(std::move(value)),
+      level_(level),
+      alive_(std::move(alive)) {
+  // Nothing of ours has storage of its own; reading it must raise, never return garbage.
+  set_storage_access_should_throw();
+}
+
+// ---------------------------------------------------------------------------------------------
+BatchedTensorImpl::BatchedTensorImpl(at::Tensor value, int64_t bdim, int64_t level,
+                                     std::shared_ptr<bool> alive)
+    : FtTensorImplBase(WrapperKind::Batched, std::move(value), level, std::move(alive)),
+      bdim_(bdim) {
+  TORCH_INTERNAL_ASSERT(value_.defined());
+  refreshMetadata();
+}
+
+void BatchedTensorImpl::refreshMetadata() {
+  const auto sizes = value_.sym_sizes();
+  const auto strides = value_.sym_strides();
+  const int64_t ndim = static_cast<int64_t>(sizes.size()) - 1;
+  TORCH_INTERNAL_ASSERT(bdim_ >= 0 && bdim_ <= ndim);
+  sizes_and_strides_.resize(ndim);
+  for (int64_t i = 0, j = 0; i <= ndim; ++i) {
+    if (i == bdim_) continue;
+    sizes_and_strides_.size_at_unchecked(j) = sizes[i].expect_int();
+    sizes_and_strides_.stride_at_unchecked(j) = strides[i].expect_int();
+    ++j;
+  }
+  storage_offset_ = 0;
+  refresh_numel();
+  refresh_contiguous();
+}
+
+c10::intrusive_ptr<c10::TensorImpl> BatchedTensorImpl::shallow_copy_and_detach(
+    const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const {
+  auto impl = c10::make_intrusive<BatchedTensorImpl>(value_, bdim_, level_, alive_);
+  copy_tensor_metadata(this, impl.get(), version_counter, allow_tensor_metadata_change);
+  impl->refreshMetadata();
+  return impl;
+}
+
+c10::intrusive_ptr<c10::TensorImpl> BatchedTensorImpl::shallow_copy_and_detach(
+    c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const {
+  auto impl = c10::make_intrusive<BatchedTensorImpl>(value_, bdim_, level_, alive_);
+  copy_tensor_metadata(this, impl.get(), std::move(version_counter), allow_tensor_metadata_change);
+  impl->refreshMetadata();
+  return impl;
+}
+
+void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
+  auto* other = dynamic_cast<BatchedTensorImpl*>(impl.get());
+  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a BatchedTensor (did you assign `.data` across a vmap boundary?)");
+  value_ = other->value_;
+  bdim_ = other->bdim_;
+  level_ = other->level_;
+  alive_ = other->alive_;
+  refreshMetadata();
+}
+
+// ---------------------------------------------------------------------------------------------
+GradWrapperImpl::GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive)
+    : FtTensorImplBase(WrapperKind::Grad, std::move(value), level, std::move(alive)) {
+  TORCH_INTERNAL_ASSERT(value_.defined());
+  refreshMetadata();
+  // A wrapped Python number keeps its weak type-promotion category through the wrapper.
+  if (value_.unsafeGetTensorImpl()->is_wrapped_number()) set_wrapped_number(true);
+}
+
+void GradWrapperImpl::refreshMetadata() {
+  const auto sizes = value_.sym_sizes();
+  const auto strides = value_.sym_strides();
+  sizes_and_strides_.resize(sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    sizes_and_strides_.size_at_unchecked(i) = sizes[i].expect_int();
+    sizes_and_strides_.stride_at_unchecked(i) = strides[i].expect_int();
+  }
+  storage_offset_ = asFt(value_) ? 0 : value_.storage_offset();
+  refresh_numel();
+  refresh_contiguous();
+}
+
+c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
+    const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const {
+  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_);
+  copy_tensor_metadata(this, impl.get(), version_counter, allow_tensor_metadata_change);
+  impl->refreshMetadata();
+  return impl;
+}
+
+c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
+    c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const {
+  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_);
+  copy_tensor_metadata(this, impl.get(), std::move(version_counter), allow_tensor_metadata_change);
+  impl->refreshMetadata();
+  return impl;
+}
+
+void GradWrapperImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
+  auto* other = dynamic_cast<GradWrapperImpl*>(impl.get());
+  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a grad-level tensor (did you assign `.data` across a transform boundary?)");
+  value_ = other->value_;
+  level_ = other->level_;
+  alive_ = other->alive_;
+  refreshMetadata();
+}
+
+// ---------------------------------------------------------------------------------------------
+at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Level& level) {
+  if (!bdim.has_value()) return value;
+  return at::Tensor(
+      c10::make_intrusive<BatchedTensorImpl>(std::move(value), *bdim, level.id, level.alive));
+}
+
+at::Tensor makeGradWrapper(at::Tensor value, const Level& level) {
+  return at::Tensor(c10::make_intrusive<GradWrapperImpl>(std::move(value), level.id, level.alive));
+}
+
+std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level) {
+  if (auto* b = batchedAt(t, level)) return {b->value(), b->bdim()};
+  return {t, std::nullopt};
+}
+
+at::Tensor unwrapIfDead(const at::Tensor& t) {
+  auto* ft = asFt(t);
+  if (!ft || ft->isAlive()) return t;
+  TORCH_CHECK(ft->wrapperKind() == WrapperKind::Grad,
+              "functorch_lite.vmap: a tensor created inside a vmap'd function was used after that "
+              "vmap returned (it was stored in a global, an attribute or a closure). Return it "
+              "from the function instead: vmap adds the batch dimension to returned tensors only.");
+  return unwrapIfDead(ft->value());
+}
+
+}  // namespace ftl

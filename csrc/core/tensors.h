@@ -1,0 +1,126 @@
+#pragma once
+// Our two TensorImpls: BatchedTensorImpl (vmap) and GradWrapperImpl (grad).
+//
+// NOTE [What our tensors hold]
+// Both wrap a `value`: a tensor of the level below (a plain tensor, or another of our wrappers of
+// an outer level). They record the id of the level that created them and share that level's
+// `alive` flag (NOTE [Levels] in levels.h).
+// - BatchedTensorImpl(value, bdim, level): the value has one extra dimension, `bdim`, of size
+//   batch_size; the BatchedTensor reports the *logical* sizes and strides, i.e. the value's with
+//   bdim removed. It has no storage; anything that reads storage raises.
+// - GradWrapperImpl(value, level): same sizes, strides, dtype and device as its value; it carries
+//   its own autograd meta (requires_grad, grad_fn) for its level's graph, which is how torch's own
+//   VariableType kernels record a separate graph per grad level.
+//
+// NOTE [Dispatch keys of our tensors]
+// Both carry {DeferredInit, AutogradPrivateUse3, ADInplaceOrView, PrivateUse3}:
+// - DeferredInit: the "front" key (dispatch.h). It is also in the TLS included set while any
+//   level is live, so tensors that escaped their transform still reach our code and can be
+//   unwrapped (grad) or rejected with a clear error (vmap) instead of reading missing storage.
+// - AutogradPrivateUse3 + ADInplaceOrView: so torch's autograd and view tracking run on grad
+//   wrappers, and so batched tensors are never mistaken for inference tensors.
+// - PrivateUse3 (Dense): the "back" key. After autograd, grad wrappers reach our per-op PrivateUse3
+//   kernel, which unwraps them and hands the op to the level below.
+// Device and dtype are the value's: a wrapper of a CUDA tensor reports device cuda:N.
+//
+// NOTE [Lifetime of wrappers]
+// A wrapper owns a strong reference to its value; the level owns nothing. When a level is popped
+// its wrappers become dead: a dead grad wrapper is silently replaced by its value when it is next
+// used (it is a constant from then on, like torch.func), and a dead batched tensor raises, because
+// it has no meaning outside its vmap. Outputs of a transform are unwrapped on the way out.
+#include <ATen/core/Tensor.h>
+#include <c10/core/TensorImpl.h>
+
+#include "core/levels.h"
+
+#include <memory>
+#include <optional>
+
+namespace ftl {
+
+enum class WrapperKind : uint8_t { Batched, Grad };
+
+c10::DispatchKeySet wrapperKeySet();
+
+class FtTensorImplBase : public c10::TensorImpl {
+ public:
+  FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t level, std::shared_ptr<bool> alive);
+  WrapperKind wrapperKind() const { return kind_; }
+  const at::Tensor& value() const { return value_; }
+  int64_t level() const { return level_; }
+  bool isAlive() const { return *alive_; }
+  const std::shared_ptr<bool>& aliveFlag() const { return alive_; }
+
+ protected:
+  WrapperKind kind_;
+  at::Tensor value_;
+  int64_t level_;
+  std::shared_ptr<bool> alive_;
+};
+
+class BatchedTensorImpl final : public FtTensorImplBase {
+ public:
+  BatchedTensorImpl(at::Tensor value, int64_t bdim, int64_t level, std::shared_ptr<bool> alive);
+  int64_t bdim() const { return bdim_; }
+  // Only for in-place shape ops, which can move the batch dim; call refreshMetadata() after.
+  void setBdim(int64_t bdim) { bdim_ = bdim; }
+  // Re-reads sizes and strides from the value (after an in-place op changed its shape).
+  void refreshMetadata();
+
+  const char* tensorimpl_type_name() const override { return "functorch_lite.BatchedTensorImpl"; }
+  c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
+      const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const override;
+  c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
+      c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const override;
+  void shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) override;
+
+ private:
+  int64_t bdim_;
+};
+
+class GradWrapperImpl final : public FtTensorImplBase {
+ public:
+  GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive);
+  void refreshMetadata();
+
+  const char* tensorimpl_type_name() const override { return "functorch_lite.GradWrapperImpl"; }
+  c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
+      const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const override;
+  c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
+      c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const override;
+  void shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) override;
+};
+
+// --- cheap queries (no virtual calls: DeferredInit on a tensor means it is ours, see import check)
+inline FtTensorImplBase* asFt(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  auto* impl = t.unsafeGetTensorImpl();
+  if (!impl->key_set().has(c10::DispatchKey::DeferredInit)) return nullptr;
+  return static_cast<FtTensorImplBase*>(impl);
+}
+inline BatchedTensorImpl* asBatched(const at::Tensor& t) {
+  auto* ft = asFt(t);
+  return ft && ft->wrapperKind() == WrapperKind::Batched ? static_cast<BatchedTensorImpl*>(ft)
+                                                         : nullptr;
+}
+inline GradWrapperImpl* asGradWrapper(const at::Tensor& t) {
+  auto* ft = asFt(t);
+  return ft && ft->wrapperKind() == WrapperKind::Grad ? static_cast<GradWrapperImpl*>(ft) : nullptr;
+}
+// The BatchedTensorImpl of `t` if it is batched at exactly `level`.
+inline BatchedTensorImpl* batchedAt(const at::Tensor& t, int64_t level) {
+  auto* b = asBatched(t);
+  return b && b->level() == level ? b : nullptr;
+}
+
+// --- construction. makeBatched with no bdim returns the value itself (an unbatched result).
+at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Level& level);
+at::Tensor makeGradWrapper(at::Tensor value, const Level& level);
+
+// (value, bdim) of `t` at `level`: unbatched tensors come back as themselves with no bdim.
+std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level);
+
+// Replaces dead grad wrappers by their values (recursively); raises for dead batched tensors.
+at::Tensor unwrapIfDead(const at::Tensor& t);
+
+}  // namespace ftl

@@ -1,0 +1,176 @@
+// functorch_lite._C: the Python entry points. Entering and leaving levels and moving batch dims
+// in and out happen here, in C++, for a whole flattened argument list per call.
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/headeronly/version.h>
+
+#include <ATen/Functions.h>
+
+#include "core/dispatch.h"
+#include "core/levels.h"
+#include "core/tensors.h"
+#include "vmap/fallback.h"
+
+namespace py = pybind11;
+
+namespace ftl {
+namespace {
+
+const Level& liveLevel(int64_t id) {
+  const Level* level = levelStack().find(id);
+  TORCH_CHECK(level, "functorch_lite: level ", id, " is not active on this thread (stack ",
+              describeStack(), ")");
+  return *level;
+}
+
+Randomness parseRandomness(const std::string& r) {
+  if (r == "error") return Randomness::Error;
+  if (r == "same") return Randomness::Same;
+  if (r == "different") return Randomness::Different;
+  TORCH_CHECK_VALUE(false, "vmap: randomness must be 'error', 'different' or 'same', got '", r, "'");
+}
+
+void rejectTorchFunc(const at::Tensor& t, const char* where) {
+  static const c10::DispatchKeySet theirs({c10::DispatchKey::FuncTorchBatched,
+                                           c10::DispatchKey::FuncTorchGradWrapper,
+                                           c10::DispatchKey::BatchedNestedTensor});
+  TORCH_CHECK(!t.key_set().has_any(theirs), "functorch_lite.", where,
+              ": got a tensor of a torch.func transform. functorch_lite and torch.func cannot be "
+              "mixed in one computation: use one library for every transform of it.");
+}
+
+void checkNotInsideTorchFunc(const char* where) {
+  auto tls = c10::impl::tls_local_dispatch_key_set();
+  TORCH_CHECK(!tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode),
+              "functorch_lite.", where, " was called inside a torch.func transform. "
+              "functorch_lite and torch.func cannot be mixed in one computation: use one library "
+              "for every transform of it.");
+}
+
+// Wraps flat_args[i] in a BatchedTensor at `level` along flat_in_dims[i] (None: unbatched).
+py::list vmapWrapInputs(const py::list& flat_args, const py::list& flat_in_dims, int64_t level_id) {
+  const Level& level = liveLevel(level_id);
+  py::list out(flat_args.size());
+  for (size_t i = 0; i < flat_args.size(); ++i) {
+    py::handle arg = flat_args[i];
+    py::handle d = flat_in_dims[i];
+    if (d.is_none() || !THPVariable_Check(arg.ptr())) {
+      out[i] = arg;
+      continue;
+    }
+    const at::Tensor& t = THPVariable_Unpack(arg.ptr());
+    rejectTorchFunc(t, "vmap");
+    int64_t bdim = d.cast<int64_t>();
+    // A tensor of an enclosing vmap counts its logical dims; the value's extra dim is not ours.
+    if (bdim < 0) bdim += t.dim();
+    out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(makeBatched(t, bdim, level)));
+  }
+  return out;
+}
+
+at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, int64_t batch_size,
+                          std::optional<int64_t> out_dim) {
+  if (auto* b = batchedAt(t, level_id)) {
+    TORCH_CHECK(out_dim.has_value(), "vmap: out_dims is None for an output that is batched");
+    const at::Tensor& v = b->value();
+    const int64_t d = c10::maybe_wrap_dim(*out_dim, v.dim());
+    return d == b->bdim() ? v : v.movedim(b->bdim(), d);
+  }
+  if (!out_dim.has_value()) return t;
+  // Not batched at this level: every batch element produced the same tensor.
+  const int64_t d = c10::maybe_wrap_dim(*out_dim, t.dim() + 1);
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.insert(sizes.begin() + d, batch_size);
+  return t.unsqueeze(d).expand(sizes);
+}
+
+}  // namespace
+}  // namespace ftl
+
+PYBIND11_MODULE(_C, m) {
+  using namespace ftl;
+  m.doc() = "functorch_lite C++ core: level stack, wrapper tensors, batching rules";
+
+  m.def("_initialize", torch::wrap_pybind_function(&initializeDispatch),
+        "Checks the dispatch keys are free, then registers functorch_lite's kernels.");
+  m.def("_check_keys", torch::wrap_pybind_function(&checkKeysAreFree));
+  m.attr("_built_with_torch") = TORCH_VERSION;
+  m.attr("_used_keys") = py::make_tuple("DeferredInit", "AutogradPrivateUse3", "PrivateUse3");
+
+  // ---- levels
+  m.def("_push_vmap", torch::wrap_pybind_function([](int64_t batch_size, const std::string& randomness) {
+    checkNotInsideTorchFunc("vmap");
+    return levelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
+  }));
+  m.def("_push_grad", torch::wrap_pybind_function([] {
+    checkNotInsideTorchFunc("grad");
+    return levelStack().push(LevelKind::Grad, 0, Randomness::Error);
+  }));
+  m.def("_pop", torch::wrap_pybind_function([](int64_t id) { levelStack().pop(id); }));
+  m.def("_stack_depth", torch::wrap_pybind_function([] { return levelStack().depth(); }));
+  m.def("_describe_stack", torch::wrap_pybind_function(&describeStack));
+
+  // ---- vmap in/out
+  m.def("_vmap_wrap_inputs", torch::wrap_pybind_function(&vmapWrapInputs));
+  m.def("_vmap_unwrap_outputs", torch::wrap_pybind_function([](const py::list& flat_outs, const py::list& flat_out_dims,
+                                   int64_t level_id, int64_t batch_size) {
+    py::list out(flat_outs.size());
+    for (size_t i = 0; i < flat_outs.size(); ++i) {
+      py::handle o = flat_outs[i];
+      const at::Tensor& t = THPVariable_Unpack(o.ptr());
+      py::handle d = flat_out_dims[i];
+      std::optional<int64_t> od;
+      if (!d.is_none()) od = d.cast<int64_t>();
+      out[i] = py::reinterpret_steal<py::object>(
+          THPVariable_Wrap(removeBatchDim(t, level_id, batch_size, od)));
+    }
+    return out;
+  }));
+  m.def("_add_batch_dim", torch::wrap_pybind_function([](const at::Tensor& t, int64_t bdim, int64_t level_id) {
+    return makeBatched(t, bdim, liveLevel(level_id));
+  }));
+  m.def("_remove_batch_dim", torch::wrap_pybind_function(&removeBatchDim));
+  m.def("_is_batched_at", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) {
+    return batchedAt(t, level_id) != nullptr;
+  }));
+
+  // ---- grad wrappers
+  m.def("_wrap_for_grad", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) {
+    rejectTorchFunc(t, "grad");
+    return makeGradWrapper(t, liveLevel(level_id));
+  }));
+  m.def("_unwrap_for_grad", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) -> at::Tensor {
+    auto* gw = asGradWrapper(t);
+    return gw && gw->level() == level_id ? gw->value() : t;
+  }));
+
+  // ---- introspection (repr, tests)
+  m.def("_wrapper_info", torch::wrap_pybind_function([](const at::Tensor& t) -> py::object {
+    auto* ft = asFt(t);
+    if (!ft) return py::none();
+    py::object bdim = py::none();
+    if (auto* b = asBatched(t)) bdim = py::int_(b->bdim());
+    return py::make_tuple(ft->wrapperKind() == WrapperKind::Batched ? "batched" : "grad",
+                          ft->level(), bdim, ft->value(), ft->isAlive());
+  }));
+
+  // ---- fallback settings
+  m.def("_set_fallback_mode", torch::wrap_pybind_function([](const std::string& mode) {
+    if (mode == "warn") setFallbackMode(FallbackMode::Warn);
+    else if (mode == "error") setFallbackMode(FallbackMode::Error);
+    else if (mode == "quiet") setFallbackMode(FallbackMode::Quiet);
+    else TORCH_CHECK_VALUE(false, "set_vmap_fallback: mode must be 'warn', 'error' or 'quiet', got '", mode, "'");
+  }));
+  m.def("_get_fallback_mode", torch::wrap_pybind_function([] {
+    switch (fallbackMode()) {
+      case FallbackMode::Warn: return "warn";
+      case FallbackMode::Error: return "error";
+      case FallbackMode::Quiet: return "quiet";
+    }
+    return "warn";
+  }));
+  m.def("_fallback_ops_seen", torch::wrap_pybind_function(&fallbackOpsSeen));
+  m.def("_reset_fallback_ops_seen", torch::wrap_pybind_function(&resetFallbackOpsSeen));
+  m.def("_num_back_kernels", torch::wrap_pybind_function(&numBackKernels));
+}

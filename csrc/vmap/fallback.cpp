@@ -1,0 +1,306 @@
+// The boxed path of a vmap level: ops without an unboxed batching rule come here (from the
+// DeferredInit fallback). In order: ops with nothing batched at this level are handed down; random
+// ops follow the level's randomness; data-dependent ops raise; CompositeImplicitAutograd ops are
+// decomposed so that their pieces are batched; everything else runs the for-loop fallback.
+#include "vmap/fallback.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/select_ops.h>
+#include <ATen/ops/stack_ops.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <unordered_set>
+
+#include "core/dispatch.h"
+#include "core/tensors.h"
+
+namespace ftl {
+
+namespace {
+
+FallbackMode initialMode() {
+  const char* env = std::getenv("FUNCTORCH_LITE_VMAP_FALLBACK");
+  if (!env) return FallbackMode::Warn;
+  std::string v(env);
+  if (v == "error") return FallbackMode::Error;
+  if (v == "quiet") return FallbackMode::Quiet;
+  return FallbackMode::Warn;
+}
+
+std::atomic<FallbackMode>& modeRef() {
+  static std::atomic<FallbackMode> mode{initialMode()};
+  return mode;
+}
+
+struct Seen {
+  std::mutex mutex;
+  std::set<std::string> ops;       // since the last reset (sweep bookkeeping)
+  std::set<std::string> warned;    // warned once per op per process
+};
+Seen& seen() {
+  static auto* s = new Seen();
+  return *s;
+}
+
+void noteFallback(const c10::OperatorName& name) {
+  std::string op = c10::toString(name);
+  const auto mode = fallbackMode();
+  TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: there is no batching rule for ",
+              op, " and the for-loop fallback is disabled (set_vmap_fallback('error') or "
+              "FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.");
+  bool first;
+  {
+    std::lock_guard<std::mutex> g(seen().mutex);
+    seen().ops.insert(op);
+    first = seen().warned.insert(op).second;
+  }
+  if (first && mode == FallbackMode::Warn) {
+    TORCH_WARN("functorch_lite.vmap: there is no batching rule for ", op,
+               ", so it runs as a for-loop over the batch (correct, but slower). "
+               "Silence with functorch_lite.set_vmap_fallback('quiet').");
+  }
+}
+
+// Ops whose output depends on tensor *values* in a way one batched computation cannot express.
+void rejectDataDependent(const c10::OperatorName& name) {
+  const std::string& n = name.name;
+  TORCH_CHECK(n != "aten::_local_scalar_dense" && n != "aten::item",
+              "functorch_lite.vmap: the function called .item() (or float(), int(), bool(), "
+              ".tolist(), or Python control flow such as `if tensor:`) on a batched tensor. A "
+              "batched tensor holds one value per batch element, so there is no single Python "
+              "number to return. Rewrite the computation with tensor operations (e.g. "
+              "torch.where instead of `if`).");
+  TORCH_CHECK(n != "aten::is_nonzero",
+              "functorch_lite.vmap: data-dependent control flow (`if tensor:`, `while tensor:`, "
+              "bool(tensor)) is not supported on batched tensors: each batch element could take a "
+              "different branch. Use torch.where or compute both branches.");
+  static const std::unordered_set<std::string> dynamic_shape = {
+      "aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::unique_dim",
+      "aten::_unique", "aten::_unique2", "aten::unique_consecutive", "aten::argwhere",
+      "aten::nonzero_numpy", "aten::equal"};
+  TORCH_CHECK(!dynamic_shape.count(n), "functorch_lite.vmap: ", c10::toString(name),
+              " returns a result whose shape (or Python value) depends on the data of each batch "
+              "element, which vmap cannot batch. Boolean-mask indexing (x[mask]) is the usual "
+              "cause: use torch.where(mask, x, 0) or multiply by the mask instead.");
+}
+
+bool isRandomOp(const c10::OperatorHandle& op) {
+  const auto& schema = op.schema();
+  for (const auto& arg : schema.arguments()) {
+    const auto& type = arg.type();
+    if (type->kind() == c10::TypeKind::OptionalType) {
+      if (type->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::GeneratorType)
+        return true;
+    } else if (type->kind() == c10::TypeKind::GeneratorType) {
+      return true;
+    }
+  }
+  return schema.name() == "aten::native_dropout";
+}
+
+bool isMutated(const c10::FunctionSchema& schema, size_t i) {
+  const auto* alias = schema.arguments()[i].alias_info();
+  return alias && alias->isWrite();
+}
+
+// Runs `op` once per batch element and stacks the results along dim 0. With `replicate` set the
+// op also runs batch_size times when nothing is batched (randomness='different').
+void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  const size_t nrets = schema.returns().size();
+  const int64_t lvl = top.id;
+  std::vector<c10::IValue> args(stack->end() - nargs, stack->end());
+  torch::jit::drop(*stack, nargs);
+
+  // A mutated argument must be batched: one unbatched tensor cannot hold batch_size results.
+  for (size_t i = 0; i < nargs; ++i) {
+    if (!isMutated(schema, i) || !args[i].isTensor()) continue;
+    TORCH_CHECK(batchedAt(args[i].toTensor(), lvl), "functorch_lite.vmap: ",
+                schema.operator_name(), " writes in place into its argument '",
+                schema.arguments()[i].name(), "', which is not batched, while other arguments "
+                "are. The result would need one value per batch element. Use the out-of-place "
+                "version of the operation, or make '", schema.arguments()[i].name(),
+                "' batched first (e.g. expand it over the batch and clone it).");
+  }
+
+  std::vector<std::vector<c10::IValue>> results(nrets);
+  for (auto& r : results) r.reserve(top.batch_size);
+  {
+    HandDownGuard guard;
+    for (int64_t b = 0; b < top.batch_size; ++b) {
+      torch::jit::Stack slice;
+      slice.reserve(nargs);
+      for (const auto& iv : args) {
+        if (iv.isTensor() || iv.isTensorList() || iv.isList()) {
+          slice.push_back(iv);
+        } else {
+          slice.push_back(iv);
+          continue;
+        }
+        forEachTensorInplace(slice, slice.size() - 1, slice.size(), [&](const at::Tensor& t) {
+          if (auto* bt = batchedAt(t, lvl)) return at::_ops::select_int::call(bt->value(), bt->bdim(), b);
+          return t;
+        });
+      }
+      op.callBoxed(slice);
+      for (size_t r = 0; r < nrets; ++r) results[r].push_back(std::move(slice[r]));
+    }
+  }
+
+  for (size_t r = 0; r < nrets; ++r) {
+    // In-place and out= ops return their mutated argument: give back the original tensor.
+    const auto* ralias = schema.returns()[r].alias_info();
+    if (ralias && ralias->isWrite()) {
+      bool found = false;
+      for (size_t i = 0; i < nargs && !found; ++i) {
+        const auto* aalias = schema.arguments()[i].alias_info();
+        if (aalias && aalias->isWrite() && aalias->beforeSets() == ralias->beforeSets()) {
+          if (auto* bt = batchedAt(args[i].toTensor(), lvl)) bt->refreshMetadata();
+          stack->push_back(args[i]);
+          found = true;
+        }
+      }
+      if (found) continue;
+    }
+    auto& outs = results[r];
+    if (outs.empty()) {
+      TORCH_CHECK(false, "functorch_lite.vmap: cannot run ", schema.operator_name(),
+                  " over an empty batch with the for-loop fallback");
+    }
+    auto stackTensors = [&](const std::vector<at::Tensor>& ts) {
+      const auto sizes = ts.front().sizes();
+      for (const auto& t : ts) {
+        TORCH_CHECK(t.sizes() == sizes, "functorch_lite.vmap: ", schema.operator_name(),
+                    " returned tensors of different shapes for different batch elements (",
+                    sizes, " and ", t.sizes(), "). vmap needs every element to produce the same "
+                    "shape; operations whose output shape depends on the data cannot be batched.");
+      }
+      HandDownGuard guard;
+      return at::_ops::stack::call(ts, 0);
+    };
+    if (outs.front().isTensor()) {
+      std::vector<at::Tensor> ts;
+      ts.reserve(outs.size());
+      for (auto& iv : outs) ts.push_back(iv.toTensor());
+      stack->push_back(makeBatched(stackTensors(ts), 0, top));
+    } else if (outs.front().isTensorList()) {
+      const size_t n = outs.front().toTensorList().size();
+      c10::List<at::Tensor> list;
+      for (size_t k = 0; k < n; ++k) {
+        std::vector<at::Tensor> ts;
+        for (auto& iv : outs) {
+          auto l = iv.toTensorList();
+          TORCH_CHECK(l.size() == n, "functorch_lite.vmap: ", schema.operator_name(),
+                      " returned lists of different lengths for different batch elements");
+          ts.push_back(l.get(k));
+        }
+        list.push_back(makeBatched(stackTensors(ts), 0, top));
+      }
+      stack->push_back(std::move(list));
+    } else {
+      for (auto& iv : outs) {
+        TORCH_CHECK(iv == outs.front(), "functorch_lite.vmap: ", schema.operator_name(),
+                    " returned a non-tensor value that differs between batch elements; vmap can "
+                    "only return such values when they are the same for the whole batch.");
+      }
+      stack->push_back(outs.front());
+    }
+  }
+}
+
+bool anyBatched(const torch::jit::Stack& stack, size_t begin, int64_t lvl) {
+  bool any = false;
+  forEachTensor(stack, begin, stack.size(), [&](const at::Tensor& t) { any |= batchedAt(t, lvl) != nullptr; });
+  return any;
+}
+
+void randomOp(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top, bool batched) {
+  const auto& schema = op.schema();
+  switch (top.randomness) {
+    case Randomness::Error:
+      TORCH_CHECK(false, "functorch_lite.vmap: the function called the random operation ",
+                  schema.operator_name(), " while vmap's randomness is 'error'. Pass "
+                  "randomness='different' (independent draws per batch element) or "
+                  "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
+                  "values outside of vmap.");
+    case Randomness::Same: {
+      if (!batched) {
+        HandDownGuard guard;
+        op.callBoxed(stack);
+        return;
+      }
+      const size_t nargs = schema.arguments().size();
+      const size_t begin = stack->size() - nargs;
+      // In-place draw into a batched tensor whose other arguments are not batched: draw once for
+      // one element, then copy that draw to every element.
+      bool self_only = isMutated(schema, 0) && (*stack)[begin].isTensor() &&
+                       batchedAt((*stack)[begin].toTensor(), top.id);
+      if (self_only) {
+        for (size_t i = 1; i < nargs; ++i) {
+          if (anyBatched(std::vector<c10::IValue>{(*stack)[begin + i]}, 0, top.id)) self_only = false;
+        }
+      }
+      TORCH_CHECK(self_only, "functorch_lite.vmap: randomness='same' cannot be honoured by ",
+                  schema.operator_name(), " when its inputs differ between batch elements. Use "
+                  "randomness='different', or draw outside of vmap.");
+      at::Tensor self = (*stack)[begin].toTensor();
+      auto* bt = batchedAt(self, top.id);
+      {
+        HandDownGuard guard;
+        at::Tensor one = bt->value().select(bt->bdim(), 0);
+        (*stack)[begin] = one;
+        op.callBoxed(stack);
+        bt->value().copy_(one.unsqueeze(bt->bdim()).clone().expand_as(bt->value()));
+      }
+      torch::jit::drop(*stack, schema.returns().size());
+      for (size_t r = 0; r < schema.returns().size(); ++r) stack->push_back(self);
+      return;
+    }
+    case Randomness::Different:
+      forLoop(op, stack, top);
+      return;
+  }
+}
+
+}  // namespace
+
+FallbackMode fallbackMode() { return modeRef().load(std::memory_order_relaxed); }
+void setFallbackMode(FallbackMode mode) { modeRef().store(mode); }
+
+std::vector<std::string> fallbackOpsSeen() {
+  std::lock_guard<std::mutex> g(seen().mutex);
+  return {seen().ops.begin(), seen().ops.end()};
+}
+void resetFallbackOpsSeen() {
+  std::lock_guard<std::mutex> g(seen().mutex);
+  seen().ops.clear();
+}
+
+void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  const auto& schema = op.schema();
+  const size_t begin = stack->size() - schema.arguments().size();
+  const bool batched = anyBatched(*stack, begin, top.id);
+  if (isRandomOp(op)) {
+    randomOp(op, stack, top, batched);
+    return;
+  }
+  if (!batched) {
+    HandDownGuard guard;
+    op.callBoxed(stack);
+    return;
+  }
+  rejectDataDependent(schema.operator_name());
+  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
+    op.callBoxedForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd, *stack);
+    return;
+  }
+  noteFallback(schema.operator_name());
+  forLoop(op, stack, top);
+}
+
+}  // namespace ftl

@@ -1,0 +1,48 @@
+// Shape helpers shared by batching rules (declared in plumbing.h).
+#include <ATen/WrapDimUtils.h>
+#include <ATen/ops/movedim_ops.h>
+#include <ATen/ops/unsqueeze_ops.h>
+#include <ATen/ops/view_ops.h>
+
+#include "vmap/plumbing.h"
+
+namespace ftl {
+
+Tensor moveBdimToFront(const Tensor& t, bdim_t bd) {
+  if (!bd || *bd == 0) return t;
+  return at::_ops::movedim_int::call(t, *bd, 0);
+}
+
+Tensor bdimAtFrontOrUnsqueeze(const Tensor& t, bdim_t bd) {
+  if (bd) return moveBdimToFront(t, bd);
+  return at::_ops::unsqueeze::call(t, 0);
+}
+
+Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank) {
+  if (!batched) return t;
+  const int64_t have = t.dim() - 1;
+  if (have >= logical_rank) return t;
+  c10::SmallVector<c10::SymInt, 8> sizes(t.sym_sizes().begin(), t.sym_sizes().end());
+  sizes.insert(sizes.begin() + 1, logical_rank - have, c10::SymInt(1));
+  return at::_ops::view::call(t, sizes);
+}
+
+Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size) {
+  if (bd) return moveBdimToFront(t, bd);
+  c10::SmallVector<int64_t, 8> sizes(t.sizes().begin(), t.sizes().end());
+  sizes.insert(sizes.begin(), batch_size);
+  return t.unsqueeze(0).expand(sizes);
+}
+
+int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front) {
+  int64_t d = c10::maybe_wrap_dim(dim, logical_rank);
+  return bdim_at_front ? d + 1 : d;
+}
+
+int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) {
+  for (const auto& [t, bd] : ts)
+    if (bd) return t->size(*bd);
+  TORCH_INTERNAL_ASSERT(false, "batchSizeOf: no batched tensor");
+}
+
+}  // namespace ftl

@@ -1,0 +1,218 @@
+#pragma once
+// Generic plumbing between torch's dispatcher and our batching rules.
+//
+// NOTE [Batching rules]
+// A batching rule is a small pure function of an op's arguments where every tensor argument
+// `const Tensor& x` (or `const optional<Tensor>& x`) becomes two: the physical tensor and its batch
+// dim (`std::optional<int64_t>`, nullopt when that argument is not batched). It returns the result
+// and its batch dim: `std::tuple<Tensor, std::optional<int64_t>>`, or one such pair per output for
+// ops with several outputs, or `std::tuple<std::vector<Tensor>, std::optional<int64_t>>` for ops
+// returning Tensor[]. Rules never see levels or wrappers: VmapKernel<Op, Rule>::fn, registered on
+// DeferredInit for op `Op` (an at::_ops:: struct), does all of that:
+//   1. if the top level is not a vmap level, the op goes to the boxed front kernel (grad levels);
+//   2. if no argument is batched at the top level, the op is handed down unchanged;
+//   3. otherwise it unwraps, runs the rule with the level hidden (so the rule's own ops run at the
+//      level below), and wraps the results at the top level.
+// In-place rules (VmapInplaceKernel) receive the unwrapped `self` and mutate it; they return
+// nothing. The plumbing rejects writing batched values into an unbatched `self`.
+// Register a family of ops sharing one rule template with FT_VMAP_FAMILY (one line per family).
+#include <ATen/core/Tensor.h>
+#include <ATen/core/boxing/impl/boxing.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "core/dispatch.h"
+#include "core/levels.h"
+#include "core/tensors.h"
+
+namespace ftl {
+
+using at::Tensor;
+using bdim_t = std::optional<int64_t>;
+
+template <class Op>
+std::string opName() {
+  std::string n = Op::name;
+  if (Op::overload_name[0] != '\0') n += std::string(".") + Op::overload_name;
+  return n;
+}
+
+namespace detail {
+
+template <class T>
+using bare_t = std::remove_cv_t<std::remove_reference_t<T>>;
+
+template <class T>
+constexpr bool is_tensor_v = std::is_same_v<bare_t<T>, at::Tensor>;
+template <class T>
+constexpr bool is_opt_tensor_v = std::is_same_v<bare_t<T>, std::optional<at::Tensor>>;
+
+template <class T>
+bool isBatchedArg(const T& arg, int64_t lvl) {
+  if constexpr (is_tensor_v<T>) {
+    return batchedAt(arg, lvl) != nullptr;
+  } else if constexpr (is_opt_tensor_v<T>) {
+    return arg.has_value() && batchedAt(*arg, lvl) != nullptr;
+  } else if constexpr (std::is_same_v<bare_t<T>, at::ITensorListRef> ||
+                       std::is_same_v<bare_t<T>, at::TensorList>) {
+    for (const at::Tensor& t : arg)
+      if (batchedAt(t, lvl)) return true;
+    return false;
+  } else {
+    return false;
+  }
+}
+
+template <class T>
+auto unwrapArg(const T& arg, int64_t lvl) {
+  if constexpr (is_tensor_v<T>) {
+    auto [v, bd] = unwrapAt(arg, lvl);
+    return std::make_tuple(std::move(v), bd);
+  } else if constexpr (is_opt_tensor_v<T>) {
+    if (!arg.has_value()) return std::make_tuple(std::optional<at::Tensor>(), bdim_t());
+    auto [v, bd] = unwrapAt(*arg, lvl);
+    return std::make_tuple(std::optional<at::Tensor>(std::move(v)), bd);
+  } else {
+    return std::tuple<const T&>(arg);
+  }
+}
+
+template <class Op, class Ret, class... Args>
+Ret redirectToFront(Args... args) {
+  static const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow(Op::name, Op::overload_name);
+  static const c10::BoxedKernel boxed = c10::BoxedKernel::makeFromFunction<&frontFallback>();
+  return c10::impl::BoxedKernelWrapper<Ret(Args...)>::call(
+      boxed, handle, c10::DispatchKeySet(c10::DispatchKey::DeferredInit), args...);
+}
+
+template <class Ret, class Res, size_t... I>
+Ret wrapTuple(Res&& res, const Level& lvl, std::index_sequence<I...>) {
+  return Ret(makeBatched(std::move(std::get<2 * I>(res)), std::get<2 * I + 1>(res), lvl)...);
+}
+
+template <class Ret, class Res>
+Ret wrapResult(Res&& res, const Level& lvl) {
+  if constexpr (std::is_same_v<Ret, at::Tensor>) {
+    return makeBatched(std::move(std::get<0>(res)), std::get<1>(res), lvl);
+  } else if constexpr (std::is_same_v<Ret, std::vector<at::Tensor>>) {
+    auto& [values, bd] = res;
+    std::vector<at::Tensor> out;
+    out.reserve(values.size());
+    for (auto& v : values) out.push_back(makeBatched(std::move(v), bd, lvl));
+    return out;
+  } else {
+    return wrapTuple<Ret>(std::forward<Res>(res), lvl,
+                          std::make_index_sequence<std::tuple_size_v<Ret>>());
+  }
+}
+
+template <class Op, auto Rule, class Sig = typename Op::schema>
+struct VmapKernelImpl;
+
+template <class Op, auto Rule, class Ret, class... Args>
+struct VmapKernelImpl<Op, Rule, Ret(Args...)> {
+  static Ret fn(Args... args) {
+    const Level* top = levelStack().top();
+    if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
+      return redirectToFront<Op, Ret, Args...>(args...);
+    }
+    const int64_t lvl = top->id;
+    if (!(isBatchedArg(args, lvl) || ...)) {
+      HandDownGuard guard;
+      return Op::call(args...);
+    }
+    HandDownGuard guard;
+    return wrapResult<Ret>(std::apply(Rule, std::tuple_cat(unwrapArg(args, lvl)...)), *top);
+  }
+};
+
+template <class Op, auto Rule, class Sig = typename Op::schema>
+struct VmapInplaceKernelImpl;
+
+template <class Op, auto Rule, class... Args>
+struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
+  static at::Tensor& fn(at::Tensor& self, Args... args) {
+    const Level* top = levelStack().top();
+    if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
+      return redirectToFront<Op, at::Tensor&, at::Tensor&, Args...>(self, args...);
+    }
+    const int64_t lvl = top->id;
+    auto* bself = batchedAt(self, lvl);
+    const bool others = (isBatchedArg(args, lvl) || ...);
+    if (!bself && !others) {
+      HandDownGuard guard;
+      Op::call(self, args...);
+      return self;
+    }
+    TORCH_CHECK(bself, "functorch_lite.vmap: ", Op::name, Op::overload_name[0] ? "." : "",
+                Op::overload_name, " writes batched values in place into 'self', which is not "
+                "batched (it was created outside vmap or does not depend on the mapped inputs). "
+                "Use the out-of-place version (e.g. `x = x + y` instead of `x += y`), or make "
+                "'self' batched first.");
+    {
+      HandDownGuard guard;
+      at::Tensor value = bself->value();
+      auto call = [&] {
+        return std::apply(Rule, std::tuple_cat(std::make_tuple(std::ref(value), bdim_t(bself->bdim())),
+                                               unwrapArg(args, lvl)...));
+      };
+      // Rules of in-place shape ops return the new batch dim; the others return nothing.
+      if constexpr (std::is_void_v<decltype(call())>) {
+        call();
+      } else {
+        bself->setBdim(call());
+      }
+    }
+    bself->refreshMetadata();
+    return self;
+  }
+};
+
+}  // namespace detail
+
+template <class Op, auto Rule>
+void registerVmapRule(torch::Library& m) {
+  m.impl(opName<Op>().c_str(), TORCH_FN((detail::VmapKernelImpl<Op, Rule>::fn)));
+}
+template <class Op, auto Rule>
+void registerVmapInplaceRule(torch::Library& m) {
+  m.impl(opName<Op>().c_str(), TORCH_FN((detail::VmapInplaceKernelImpl<Op, Rule>::fn)));
+}
+
+// One line per family: FT_VMAP_FAMILY(m, UnaryPointwise, sin, cos, exp) registers
+// VmapKernel<at::_ops::sin, UnaryPointwise<at::_ops::sin>::rule> and so on.
+template <template <class> class RuleT, class... Ops>
+void registerFamily(torch::Library& m) {
+  (registerVmapRule<Ops, &RuleT<Ops>::rule>(m), ...);
+}
+template <template <class> class RuleT, class... Ops>
+void registerInplaceFamily(torch::Library& m) {
+  (registerVmapInplaceRule<Ops, &RuleT<Ops>::rule>(m), ...);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Helpers shared by rules.
+inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) { return t.dim() - (bd ? 1 : 0); }
+
+// Moves the batch dim to the front; unbatched tensors are returned as they are.
+Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
+// Like moveBdimToFront, but an unbatched tensor gets a size-1 (or size-`batch_size` when given)
+// leading dim, so that it broadcasts against batched tensors.
+Tensor bdimAtFrontOrUnsqueeze(const Tensor& t, bdim_t bd);
+// Pads a batch-dim-at-front tensor with size-1 dims right after the batch dim up to logical rank.
+Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank);
+// Wraps a logical dim (may be negative) against a logical rank and shifts it past a leading bdim.
+int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front);
+// Batch dim at the front; an unbatched tensor is expanded (not copied) to `batch_size` there.
+Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
+// Batch size of the first batched tensor.
+int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
+
+}  // namespace ftl

@@ -1,0 +1,110 @@
+// Batching rules: matrix products (mm, bmm, mv, dot, addmm, matmul, linear). They all lower to
+// one at::matmul over bdim-front tensors, whose broadcasting over leading dims does the batching.
+#include <ATen/Functions.h>
+#include <ATen/Operators.h>
+
+#include "vmap/plumbing.h"
+
+namespace ftl {
+namespace {
+
+std::tuple<Tensor, bdim_t> dotRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
+  if (abd && bbd) {
+    Tensor a2 = moveBdimToFront(a, abd), b2 = moveBdimToFront(b, bbd);
+    return {at::matmul(a2.unsqueeze(1), b2.unsqueeze(2)).view({a2.size(0)}), 0};
+  }
+  if (abd) return {at::matmul(moveBdimToFront(a, abd), b), 0};
+  return {at::matmul(moveBdimToFront(b, bbd), a), 0};
+}
+
+// General matmul with numpy-style logical semantics.
+std::tuple<Tensor, bdim_t> matmulRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
+  int64_t ra = rankWithoutBdim(a, abd), rb = rankWithoutBdim(b, bbd);
+  TORCH_CHECK(ra > 0 && rb > 0, "both arguments to matmul need to be at least 1D, but they are ",
+              ra, "D and ", rb, "D");
+  if (ra == 1 && rb == 1) return dotRule(a, abd, b, bbd);
+  Tensor A = moveBdimToFront(a, abd), Bm = moveBdimToFront(b, bbd);
+  bool squeeze_a = false, squeeze_b = false;
+  if (abd && ra == 1) {
+    A = A.unsqueeze(-2);
+    ra = 2;
+    squeeze_a = true;
+  }
+  if (bbd && rb == 1) {
+    Bm = Bm.unsqueeze(-1);
+    rb = 2;
+    squeeze_b = true;
+  }
+  const int64_t r = std::max(ra, rb);
+  if (abd) A = padToLogicalRank(A, true, r);
+  if (bbd) Bm = padToLogicalRank(Bm, true, r);
+  Tensor out = at::matmul(A, Bm);
+  if (squeeze_a) out = out.squeeze(-2);
+  if (squeeze_b) out = out.squeeze(-1);
+  return {out, 0};
+}
+
+std::tuple<Tensor, bdim_t> mmRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
+  TORCH_CHECK(rankWithoutBdim(a, abd) == 2 && rankWithoutBdim(b, bbd) == 2,
+              "mm: both arguments must be 2D matrices");
+  return {at::matmul(moveBdimToFront(a, abd), moveBdimToFront(b, bbd)), 0};
+}
+
+std::tuple<Tensor, bdim_t> bmmRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
+  TORCH_CHECK(rankWithoutBdim(a, abd) == 3 && rankWithoutBdim(b, bbd) == 3,
+              "bmm: both arguments must be 3D tensors");
+  return {at::matmul(moveBdimToFront(a, abd), moveBdimToFront(b, bbd)), 0};
+}
+
+std::tuple<Tensor, bdim_t> mvRule(const Tensor& a, bdim_t abd, const Tensor& v, bdim_t vbd) {
+  TORCH_CHECK(rankWithoutBdim(a, abd) == 2 && rankWithoutBdim(v, vbd) == 1,
+              "mv: expected a matrix and a vector");
+  if (!abd) return {at::mm(a, moveBdimToFront(v, vbd).t()), 1};  // [n,k] @ [k,B] -> [n,B]
+  return matmulRule(a, abd, v, vbd);
+}
+
+std::tuple<Tensor, bdim_t> addmmRule(const Tensor& self, bdim_t sbd, const Tensor& m1, bdim_t m1bd,
+                                     const Tensor& m2, bdim_t m2bd, const c10::Scalar& beta,
+                                     const c10::Scalar& alpha) {
+  if (!m1bd && !m2bd) {
+    // Only the bias is batched: the product is computed once.
+    Tensor prod = at::mm(m1, m2);
+    Tensor s = padToLogicalRank(moveBdimToFront(self, sbd), true, 2);
+    Tensor scaled = alpha.equal(1) ? prod : prod.mul(alpha);
+    if (beta.equal(0)) return {scaled.unsqueeze(0).expand({s.size(0), -1, -1}), 0};
+    return {at::add(scaled, s, beta), 0};
+  }
+  Tensor prod = std::get<0>(mmRule(m1, m1bd, m2, m2bd));
+  if (!alpha.equal(1)) prod = prod.mul(alpha);
+  if (beta.equal(0)) return {prod, 0};
+  Tensor s = sbd ? padToLogicalRank(moveBdimToFront(self, sbd), true, 2) : self;
+  return {at::add(prod, s, beta), 0};
+}
+
+std::tuple<Tensor, bdim_t> linearRule(const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd,
+                                      const std::optional<Tensor>& bias, bdim_t bbd) {
+  if (!wbd && !bbd) {
+    Tensor x2 = moveBdimToFront(x, xbd);
+    return {at::linear(x2, w, bias), 0};
+  }
+  Tensor wt = wbd ? moveBdimToFront(w, wbd).transpose(-1, -2) : w.t();
+  auto [out, obd] = matmulRule(x, xbd, wt, wbd ? bdim_t(0) : std::nullopt);
+  if (!bias.has_value() || !bias->defined()) return {out, obd};
+  const int64_t lr = out.dim() - 1;
+  Tensor b = bbd ? padToLogicalRank(moveBdimToFront(*bias, bbd), true, lr) : *bias;
+  return {out.add(b), 0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  registerVmapRule<at::_ops::dot, &dotRule>(m);
+  registerVmapRule<at::_ops::matmul, &matmulRule>(m);
+  registerVmapRule<at::_ops::mm, &mmRule>(m);
+  registerVmapRule<at::_ops::bmm, &bmmRule>(m);
+  registerVmapRule<at::_ops::mv, &mvRule>(m);
+  registerVmapRule<at::_ops::addmm, &addmmRule>(m);
+  registerVmapRule<at::_ops::linear, &linearRule>(m);
+}
+
+}  // namespace ftl

@@ -1,0 +1,272 @@
+// Batching rules: views and shape ops (view, reshape, permute, transpose, t, squeeze/unsqueeze
+// and their in-place forms, expand, select, slice, diagonal, unbind, split, flip, roll, repeat)
+// and cat/stack. Every rule moves the batch dim to the front and shifts logical dims by one, so
+// the result is a view of the physical tensor exactly when the logical op returns a view.
+#include <ATen/Functions.h>
+#include <ATen/Operators.h>
+#include <ATen/WrapDimUtils.h>
+
+#include "vmap/plumbing.h"
+
+namespace ftl {
+namespace {
+
+using SymIntVec = c10::SmallVector<c10::SymInt, 8>;
+
+SymIntVec withBatch(int64_t B, c10::SymIntArrayRef size) {
+  SymIntVec out;
+  out.reserve(size.size() + 1);
+  out.push_back(c10::SymInt(B));
+  out.append(size.begin(), size.end());
+  return out;
+}
+
+std::tuple<Tensor, bdim_t> viewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::view::call(p, withBatch(p.size(0), size)), 0};
+}
+std::tuple<Tensor, bdim_t> unsafeViewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::_unsafe_view::call(p, withBatch(p.size(0), size)), 0};
+}
+std::tuple<Tensor, bdim_t> reshapeRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::reshape::call(p, withBatch(p.size(0), size)), 0};
+}
+
+std::tuple<Tensor, bdim_t> permuteRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  c10::SmallVector<int64_t, 8> phys{0};
+  for (int64_t d : dims) phys.push_back(physicalDim(d, lr, true));
+  return {p.permute(phys), 0};
+}
+
+std::tuple<Tensor, bdim_t> transposeRule(const Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  if (lr == 0) return {p, 0};
+  return {p.transpose(physicalDim(d0, lr, true), physicalDim(d1, lr, true)), 0};
+}
+
+std::tuple<Tensor, bdim_t> tRule(const Tensor& x, bdim_t bd) {
+  Tensor p = moveBdimToFront(x, bd);
+  if (p.dim() < 3) return {p, 0};
+  return {p.transpose(1, 2), 0};
+}
+
+std::tuple<Tensor, bdim_t> unsqueezeRule(const Tensor& x, bdim_t bd, int64_t dim) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {p.unsqueeze(c10::maybe_wrap_dim(dim, p.dim()) + 1), 0};
+}
+
+std::tuple<Tensor, bdim_t> squeezeDimRule(const Tensor& x, bdim_t bd, int64_t dim) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  if (lr == 0) return {p, 0};
+  return {p.squeeze(physicalDim(dim, lr, true)), 0};
+}
+
+std::tuple<Tensor, bdim_t> squeezeDimsRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  if (lr == 0) return {p, 0};
+  c10::SmallVector<int64_t, 8> phys;
+  for (int64_t d : dims) phys.push_back(physicalDim(d, lr, true));
+  return {p.squeeze(phys), 0};
+}
+
+// squeeze() must keep the batch dim even when the batch size is 1.
+std::tuple<Tensor, bdim_t> squeezeAllRule(const Tensor& x, bdim_t bd) {
+  Tensor p = moveBdimToFront(x, bd);
+  c10::SmallVector<int64_t, 8> phys;
+  for (int64_t d = 1; d < p.dim(); ++d)
+    if (p.size(d) == 1) phys.push_back(d);
+  if (phys.empty()) return {p, 0};
+  return {p.squeeze(phys), 0};
+}
+
+std::tuple<Tensor, bdim_t> expandRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
+                                      bool implicit) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  TORCH_CHECK(static_cast<int64_t>(size.size()) >= lr, "expand: the number of sizes provided (",
+              size.size(), ") must be greater or equal to the number of dimensions in the tensor (",
+              lr, ")");
+  p = padToLogicalRank(p, true, static_cast<int64_t>(size.size()));
+  return {at::_ops::expand::call(p, withBatch(p.size(0), size), implicit), 0};
+}
+
+std::tuple<Tensor, bdim_t> selectRule(const Tensor& x, bdim_t bd, int64_t dim, c10::SymInt index) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::select_int::call(p, physicalDim(dim, p.dim() - 1, true), index), 0};
+}
+
+std::tuple<Tensor, bdim_t> sliceRule(const Tensor& x, bdim_t bd, int64_t dim,
+                                     std::optional<c10::SymInt> start,
+                                     std::optional<c10::SymInt> end, c10::SymInt step) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::slice_Tensor::call(p, physicalDim(dim, p.dim() - 1, true), start, end, step), 0};
+}
+
+std::tuple<Tensor, bdim_t> diagonalRule(const Tensor& x, bdim_t bd, int64_t offset, int64_t d1,
+                                        int64_t d2) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  return {p.diagonal(offset, physicalDim(d1, lr, true), physicalDim(d2, lr, true)), 0};
+}
+
+std::tuple<std::vector<Tensor>, bdim_t> unbindRule(const Tensor& x, bdim_t bd, int64_t dim) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {p.unbind(physicalDim(dim, p.dim() - 1, true)), 0};
+}
+
+std::tuple<std::vector<Tensor>, bdim_t> splitRule(const Tensor& x, bdim_t bd, c10::SymInt size,
+                                                  int64_t dim) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::split_Tensor::call(p, size, physicalDim(dim, p.dim() - 1, true)), 0};
+}
+
+std::tuple<std::vector<Tensor>, bdim_t> splitSizesRule(const Tensor& x, bdim_t bd,
+                                                       c10::SymIntArrayRef sizes, int64_t dim) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::split_with_sizes::call(p, sizes, physicalDim(dim, p.dim() - 1, true)), 0};
+}
+
+std::tuple<Tensor, bdim_t> flipRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  c10::SmallVector<int64_t, 8> phys;
+  for (int64_t d : dims) phys.push_back(physicalDim(d, lr, true));
+  return {p.flip(phys), 0};
+}
+
+std::tuple<Tensor, bdim_t> rollRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef shifts,
+                                    c10::IntArrayRef dims) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  if (dims.empty()) {  // roll over the flattened tensor
+    Tensor flat = p.reshape({p.size(0), -1});
+    return {at::_ops::roll::call(flat, shifts, {1}).view(p.sizes()), 0};
+  }
+  c10::SmallVector<int64_t, 8> phys;
+  for (int64_t d : dims) phys.push_back(physicalDim(d, lr, true));
+  return {at::_ops::roll::call(p, shifts, phys), 0};
+}
+
+std::tuple<Tensor, bdim_t> repeatRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef repeats) {
+  Tensor p = padToLogicalRank(moveBdimToFront(x, bd), true, static_cast<int64_t>(repeats.size()));
+  SymIntVec reps{c10::SymInt(1)};
+  reps.append(repeats.begin(), repeats.end());
+  return {at::_ops::repeat::call(p, reps), 0};
+}
+
+// In-place shape ops change the value's shape; the plumbing refreshes the BatchedTensor after.
+// Returns the new batch dim: inserting or removing a dim in front of it moves it.
+int64_t unsqueezeInplaceRule(Tensor& x, bdim_t bd, int64_t dim) {
+  const int64_t d = c10::maybe_wrap_dim(dim, x.dim());  // logical rank + 1 == physical rank
+  if (d <= *bd) {
+    x.unsqueeze_(d);
+    return *bd + 1;
+  }
+  x.unsqueeze_(d + 1);
+  return *bd;
+}
+int64_t squeezeDimInplaceRule(Tensor& x, bdim_t bd, int64_t dim) {
+  const int64_t lr = x.dim() - 1;
+  if (lr == 0) return *bd;
+  const int64_t d = c10::maybe_wrap_dim(dim, lr);
+  const int64_t pd = d < *bd ? d : d + 1;
+  if (x.size(pd) != 1) return *bd;
+  x.squeeze_(pd);
+  return pd < *bd ? *bd - 1 : *bd;
+}
+void transposeInplaceRule(Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
+  const int64_t lr = x.dim() - 1;
+  if (lr == 0) return;
+  const int64_t a = c10::maybe_wrap_dim(d0, lr), b = c10::maybe_wrap_dim(d1, lr);
+  x.transpose_(a < *bd ? a : a + 1, b < *bd ? b : b + 1);
+}
+
+// ---- cat / stack take a list of tensors, so they get their own plumbing.
+bool anyBatchedIn(const at::ITensorListRef& ts, int64_t lvl) {
+  for (const Tensor& t : ts)
+    if (batchedAt(t, lvl)) return true;
+  return false;
+}
+
+Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
+  const Level* top = levelStack().top();
+  if (!top || top->kind != LevelKind::Vmap)
+    return detail::redirectToFront<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(tensors, dim);
+  if (!anyBatchedIn(tensors, top->id)) {
+    HandDownGuard guard;
+    return at::_ops::cat::call(tensors, dim);
+  }
+  const int64_t B = top->batch_size;
+  std::vector<Tensor> phys;
+  int64_t lr = -1;
+  HandDownGuard guard;
+  for (const Tensor& t : tensors) {
+    auto [v, bd] = unwrapAt(t, top->id);
+    const int64_t r = rankWithoutBdim(v, bd);
+    // torch.cat skips legacy 1-D empty tensors; keep that behaviour for unbatched ones.
+    if (!bd && r == 1 && v.size(0) == 0) continue;
+    if (lr < 0) lr = r;
+    phys.push_back(materializeBdimFront(v, bd, B));
+  }
+  TORCH_CHECK(lr > 0, "torch.cat(): zero-dimensional tensor cannot be concatenated");
+  return makeBatched(at::_ops::cat::call(phys, physicalDim(dim, lr, true)), 0, *top);
+}
+
+Tensor stackKernel(at::TensorList tensors, int64_t dim) {
+  const Level* top = levelStack().top();
+  if (!top || top->kind != LevelKind::Vmap)
+    return detail::redirectToFront<at::_ops::stack, Tensor, at::TensorList, int64_t>(tensors, dim);
+  if (!anyBatchedIn(tensors, top->id)) {
+    HandDownGuard guard;
+    return at::_ops::stack::call(tensors, dim);
+  }
+  const int64_t B = top->batch_size;
+  std::vector<Tensor> phys;
+  phys.reserve(tensors.size());
+  HandDownGuard guard;
+  for (const Tensor& t : tensors) {
+    auto [v, bd] = unwrapAt(t, top->id);
+    phys.push_back(materializeBdimFront(v, bd, B));
+  }
+  const int64_t lr = phys.front().dim() - 1;
+  return makeBatched(at::_ops::stack::call(phys, c10::maybe_wrap_dim(dim, lr + 1) + 1), 0, *top);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  registerVmapRule<at::_ops::view, &viewRule>(m);
+  registerVmapRule<at::_ops::_unsafe_view, &unsafeViewRule>(m);
+  registerVmapRule<at::_ops::reshape, &reshapeRule>(m);
+  registerVmapRule<at::_ops::permute, &permuteRule>(m);
+  registerVmapRule<at::_ops::transpose_int, &transposeRule>(m);
+  registerVmapRule<at::_ops::t, &tRule>(m);
+  registerVmapRule<at::_ops::unsqueeze, &unsqueezeRule>(m);
+  registerVmapRule<at::_ops::squeeze_dim, &squeezeDimRule>(m);
+  registerVmapRule<at::_ops::squeeze_dims, &squeezeDimsRule>(m);
+  registerVmapRule<at::_ops::squeeze, &squeezeAllRule>(m);
+  registerVmapRule<at::_ops::expand, &expandRule>(m);
+  registerVmapRule<at::_ops::select_int, &selectRule>(m);
+  registerVmapRule<at::_ops::slice_Tensor, &sliceRule>(m);
+  registerVmapRule<at::_ops::diagonal, &diagonalRule>(m);
+  registerVmapRule<at::_ops::unbind_int, &unbindRule>(m);
+  registerVmapRule<at::_ops::split_Tensor, &splitRule>(m);
+  registerVmapRule<at::_ops::split_with_sizes, &splitSizesRule>(m);
+  registerVmapRule<at::_ops::flip, &flipRule>(m);
+  registerVmapRule<at::_ops::roll, &rollRule>(m);
+  registerVmapRule<at::_ops::repeat, &repeatRule>(m);
+  registerVmapInplaceRule<at::_ops::unsqueeze_, &unsqueezeInplaceRule>(m);
+  registerVmapInplaceRule<at::_ops::squeeze__dim, &squeezeDimInplaceRule>(m);
+  registerVmapInplaceRule<at::_ops::transpose_, &transposeInplaceRule>(m);
+  m.impl("cat", TORCH_FN(catKernel));
+  m.impl("stack", TORCH_FN(stackKernel));
+}
+
+}  // namespace ftl

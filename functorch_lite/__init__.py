@@ -1,0 +1,44 @@
+"""functorch_lite: JAX-like composable function transforms for PyTorch.
+
+    import torch
+    import functorch_lite as ft
+    per_sample_grads = ft.vmap(ft.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+Signatures and semantics follow torch.func. The transforms are implemented by functorch_lite's
+own C++ level stack and wrapper tensors (see docs/design.md); they run torch's own autograd.
+"""
+from .version import __version__
+from ._load import _C  # noqa: F401  (loads and checks the extension first)
+from ._config import get_vmap_fallback, set_vmap_fallback, show_config
+from ._grad import grad, grad_and_value, vjp
+from ._vmap import vmap
+from . import _repr
+
+_repr.install()
+
+
+def _not_yet(name, issue):
+    def missing(*args, **kwargs):
+        raise NotImplementedError(
+            f"functorch_lite.{name} is not implemented yet (tracked in issue #{issue}); "
+            f"torch.func.{name} has the same signature in the meantime."
+        )
+
+    missing.__name__ = name
+    return missing
+
+
+jvp = _not_yet("jvp", 5)
+jacfwd = _not_yet("jacfwd", 5)
+jacrev = _not_yet("jacrev", 5)
+hessian = _not_yet("hessian", 5)
+functional_call = _not_yet("functional_call", 6)
+stack_module_state = _not_yet("stack_module_state", 6)
+make_functional = _not_yet("make_functional", 6)
+make_functional_with_buffers = _not_yet("make_functional_with_buffers", 6)
+
+__all__ = [
+    "__version__", "vmap", "grad", "grad_and_value", "vjp", "jvp", "jacfwd", "jacrev", "hessian",
+    "functional_call", "stack_module_state", "make_functional", "make_functional_with_buffers",
+    "show_config", "set_vmap_fallback", "get_vmap_fallback",
+]

@@ -1,0 +1,214 @@
+"""ft.grad, ft.grad_and_value and ft.vjp: grad levels that run torch's own autograd on our
+wrappers (see docs/design.md). Entering/leaving levels and wrapping happen in C++ (_C)."""
+import functools
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._load import _C
+
+
+def _fn_name(func):
+    return getattr(func, "__name__", repr(func))
+
+
+def _normalize_argnums(argnums, nargs, api):
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(f"{api}: argnums must be an int or a tuple of ints, got {argnums!r}")
+    items = argnums if isinstance(argnums, tuple) else (argnums,)
+    if len(items) == 0:
+        raise ValueError(f"{api}: argnums must be non-empty")
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{api}: argnums must be an int or a tuple of ints, got {argnums!r}")
+        if not -nargs <= a < nargs:
+            raise ValueError(
+                f"{api}: got argnums={argnums!r}, but the function was called with {nargs} "
+                f"positional argument(s), so each argnum must be in [{-nargs}, {nargs})."
+            )
+        out.append(a % nargs)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{api}: argnums must not contain duplicates, got {argnums!r}")
+    return out
+
+
+def _wrap(x, level):
+    return _C._wrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
+
+
+def _unwrap(x, level):
+    return _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
+
+
+def _make_differentiable(tree, level, api, what):
+    def mark(t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{api}: {what} must be Tensors or pytrees of Tensors, but got a "
+                f"{type(t).__name__}."
+            )
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(
+                f"{api}: {what} must be floating-point or complex Tensors to be differentiated, "
+                f"got one of dtype {t.dtype}."
+            )
+        return t.requires_grad_()
+
+    return tree_map(mark, tree)
+
+
+def _split_aux(output, has_aux, api):
+    if not has_aux:
+        return output, None
+    if not (isinstance(output, tuple) and len(output) == 2):
+        raise TypeError(
+            f"{api}(f, has_aux=True): f must return a tuple (output, aux), got "
+            f"{type(output).__name__}"
+            + (f" of length {len(output)}" if isinstance(output, tuple) else "")
+            + "."
+        )
+    return output
+
+
+def grad_and_value(func, argnums=0, has_aux=False):
+    """Returns a function computing (gradient, value) of `func` w.r.t. the arguments `argnums`.
+
+    `func` must return a single-element Tensor (or (Tensor, aux) with has_aux=True).
+    Gradients mirror the structure of the selected arguments; with a tuple `argnums` they come
+    back as a tuple, one entry per argnum.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        api = "grad_and_value" if not getattr(wrapper, "_ft_is_grad", False) else "grad"
+        idx = _normalize_argnums(argnums, len(args), api)
+        level = _C._push_grad()
+        try:
+            with torch.enable_grad():
+                args = [tree_map(lambda x: _wrap(x, level), a) for a in args]
+                kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+                for i in idx:
+                    args[i] = _make_differentiable(
+                        args[i], level, api, f"the arguments selected by argnums={argnums!r}")
+                diff = tuple(args[i] for i in idx)
+                output = func(*args, **kwargs)
+                output, aux = _split_aux(output, has_aux, api)
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(
+                        f"{api}(f)(*args): expected f(*args) to return a Tensor, got "
+                        f"{type(output).__name__}."
+                    )
+                if output.numel() != 1:
+                    raise RuntimeError(
+                        f"{api}(f)(*args): expected f(*args) to return a scalar Tensor, got a "
+                        f"tensor of shape {tuple(output.shape)}. Use vjp or jacrev for "
+                        f"non-scalar outputs."
+                    )
+                flat_diff, spec = tree_flatten(diff)
+                if output.requires_grad:
+                    grads = torch.autograd.grad(output, flat_diff, allow_unused=True)
+                else:
+                    grads = (None,) * len(flat_diff)
+                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat_diff)]
+                grads = [_unwrap(g, level) for g in grads]
+                output = _unwrap(output, level)
+                if has_aux:
+                    aux = tree_map(lambda x: _unwrap(x, level), aux)
+        finally:
+            _C._pop(level)
+        grad_tree = tree_unflatten(grads, spec)
+        if not isinstance(argnums, tuple):
+            grad_tree = grad_tree[0]
+        if has_aux:
+            return grad_tree, (output, aux)
+        return grad_tree, output
+
+    return wrapper
+
+
+def grad(func, argnums=0, has_aux=False):
+    """Returns a function computing the gradient of `func` w.r.t. the arguments `argnums`.
+
+    Like grad_and_value, without the value: with has_aux=True it returns (gradient, aux).
+    """
+    gv = grad_and_value(func, argnums, has_aux)
+    gv._ft_is_grad = True
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        g, value = gv(*args, **kwargs)
+        if has_aux:
+            return g, value[1]
+        return g
+
+    return wrapper
+
+
+def vjp(func, *primals, has_aux=False):
+    """Returns (func(*primals), vjp_fn[, aux]); vjp_fn(cotangents) gives one gradient per primal.
+
+    cotangents must have the structure, shapes and dtypes of func's output. vjp_fn may be called
+    several times and composes with vmap (that is how jacrev batches over cotangents).
+    """
+    api = "vjp"
+    level = _C._push_grad()
+    try:
+        with torch.enable_grad():
+            wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
+            wrapped = [_make_differentiable(p, level, api, "primals") for p in wrapped]
+            output = func(*wrapped)
+            output, aux = _split_aux(output, has_aux, api)
+            flat_out, out_spec = tree_flatten(output)
+            for o in flat_out:
+                if not isinstance(o, torch.Tensor):
+                    raise TypeError(
+                        f"vjp(f, *primals): f must return a Tensor or a pytree of Tensors, got a "
+                        f"{type(o).__name__} in its output."
+                    )
+            flat_primals, primals_spec = tree_flatten(wrapped)
+            primals_out = tree_unflatten([_unwrap(o, level) for o in flat_out], out_spec)
+            if has_aux:
+                aux = tree_map(lambda x: _unwrap(x, level), aux)
+    finally:
+        _C._pop(level)
+
+    def vjp_fn(cotangents, *, retain_graph=True, create_graph=None):
+        if create_graph is None:
+            create_graph = torch.is_grad_enabled()
+        flat_ct, ct_spec = tree_flatten(cotangents)
+        if ct_spec != out_spec:
+            raise ValueError(
+                f"vjp_fn: expected cotangents with the structure of the function's output "
+                f"({out_spec}), got {ct_spec}."
+            )
+        for i, (c, o) in enumerate(zip(flat_ct, flat_out)):
+            if not isinstance(c, torch.Tensor):
+                raise TypeError(f"vjp_fn: cotangent {i} must be a Tensor, got {type(c).__name__}")
+            if c.shape != o.shape:
+                raise ValueError(
+                    f"vjp_fn: cotangent {i} has shape {tuple(c.shape)}, but the corresponding "
+                    f"output has shape {tuple(o.shape)}."
+                )
+            if c.dtype != o.dtype:
+                raise ValueError(
+                    f"vjp_fn: cotangent {i} has dtype {c.dtype}, but the corresponding output has "
+                    f"dtype {o.dtype}."
+                )
+        pairs = [(o, c) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
+        if pairs:
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], flat_primals, [c for _, c in pairs],
+                retain_graph=retain_graph, create_graph=create_graph, allow_unused=True,
+            )
+        else:
+            grads = (None,) * len(flat_primals)
+        grads = [
+            torch.zeros(p.shape, dtype=p.dtype, device=p.device) if g is None else g
+            for g, p in zip(grads, flat_primals)
+        ]
+        return tuple(tree_unflatten(grads, primals_spec))
+
+    if has_aux:
+        return primals_out, vjp_fn, aux
+    return primals_out, vjp_fn

@@ -1,0 +1,211 @@
+"""ft.vmap: the Python face of vmap levels. Argument checking and pytree handling live here;
+entering/leaving the level and moving batch dims in and out happen in C++ (_C)."""
+import functools
+
+import torch
+from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
+
+from ._load import _C
+
+_RANDOMNESS = ("error", "different", "same")
+
+
+def _fn_name(func):
+    return getattr(func, "__name__", repr(func))
+
+
+def _check_vmap_args(randomness, chunk_size):
+    if randomness not in _RANDOMNESS:
+        raise ValueError(
+            f"vmap: randomness must be one of 'error', 'different' or 'same', got {randomness!r}"
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise ValueError(f"vmap: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
+    """Vectorizes `func` over a dimension of its inputs (torch.func.vmap's semantics).
+
+    in_dims: an int, None, or a (nested) tuple/list/dict matching the positional arguments;
+      each entry names the mapped dim of the corresponding tensor, or None to not map it.
+      Keyword arguments are passed through unmapped.
+    out_dims: an int, None, or a pytree matching the outputs: where the mapped dim goes in
+      each output. None is only allowed for outputs that do not depend on the mapped inputs.
+    randomness: 'error' (random ops raise), 'different' (independent draws per element) or
+      'same' (one draw shared by the batch).
+    chunk_size: None (one batched call), or a positive int: the batch is processed that many
+      elements at a time and the results concatenated; 1 behaves like a for-loop.
+    """
+    _check_vmap_args(randomness, chunk_size)
+
+    @functools.wraps(func)
+    def wrapped(*args, **kwargs):
+        return _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
+
+    return wrapped
+
+
+def _flatten_inputs(func, in_dims, args):
+    name = _fn_name(func)
+    if not isinstance(in_dims, (int, tuple)) or isinstance(in_dims, bool):
+        raise ValueError(
+            f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): expected in_dims to be an int or a "
+            f"(potentially nested) tuple matching the structure of the inputs, got "
+            f"{type(in_dims).__name__}."
+        )
+    if len(args) == 0:
+        raise ValueError(
+            f"vmap({name})(<inputs>): got no inputs. vmap maps over the positional arguments, so "
+            f"at least one is needed (functions of no inputs cannot be vmapped)."
+        )
+    flat_args, args_spec = tree_flatten(args)
+    flat_in_dims = _broadcast_to_and_flatten(in_dims, args_spec)
+    if flat_in_dims is None:
+        raise ValueError(
+            f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): in_dims is not compatible with "
+            f"the structure of the inputs. in_dims has structure {tree_flatten(in_dims)[1]} but "
+            f"the inputs have structure {args_spec}."
+        )
+    sizes = []
+    for i, (arg, d) in enumerate(zip(flat_args, flat_in_dims)):
+        if d is None:
+            continue
+        if not isinstance(d, int) or isinstance(d, bool):
+            raise ValueError(
+                f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): every in_dim must be an int "
+                f"or None, got {d!r} for flattened input {i}."
+            )
+        if not isinstance(arg, torch.Tensor):
+            raise ValueError(
+                f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): got in_dim={d} for flattened "
+                f"input {i}, which is a {type(arg).__name__}, not a Tensor. vmap can only map over "
+                f"Tensors: use None as the in_dim of this input."
+            )
+        if not -arg.dim() <= d < arg.dim():
+            raise ValueError(
+                f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): got in_dim={d} for flattened "
+                f"input {i}, but that input is a Tensor of dimensionality {arg.dim()}, so in_dim "
+                f"must be in [{-arg.dim()}, {arg.dim()})."
+            )
+        sizes.append((i, arg.size(d)))
+    if not sizes:
+        raise ValueError(
+            f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): every input has in_dim=None (or "
+            f"is not a Tensor), so there is nothing to map over. Give at least one Tensor input "
+            f"an int in_dim."
+        )
+    batch_size = sizes[0][1]
+    if any(s != batch_size for _, s in sizes):
+        listed = ", ".join(f"input {i}: {s}" for i, s in sizes)
+        raise ValueError(
+            f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): expected all mapped inputs to "
+            f"have the same size in the mapped dim, got {listed}."
+        )
+    return flat_args, flat_in_dims, args_spec, batch_size
+
+
+def _flatten_outputs(func, out_dims, out):
+    name = _fn_name(func)
+    flat_out, out_spec = tree_flatten(out)
+    if not isinstance(out_dims, (int, tuple, list, dict)) and out_dims is not None:
+        raise ValueError(
+            f"vmap({name}, ..., out_dims={out_dims!r}): expected out_dims to be an int, None, or a "
+            f"pytree matching the outputs, got {type(out_dims).__name__}."
+        )
+    flat_out_dims = _broadcast_to_and_flatten(out_dims, out_spec)
+    if flat_out_dims is None:
+        raise ValueError(
+            f"vmap({name}, ..., out_dims={out_dims!r}): out_dims is not compatible with the "
+            f"structure of the outputs. out_dims has structure {tree_flatten(out_dims)[1]} but "
+            f"the outputs have structure {out_spec}."
+        )
+    for i, (o, d) in enumerate(zip(flat_out, flat_out_dims)):
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool)):
+            raise ValueError(
+                f"vmap({name}, ..., out_dims={out_dims!r}): every out_dim must be an int or None, "
+                f"got {d!r} for flattened output {i}."
+            )
+        if not isinstance(o, torch.Tensor):
+            if d is None:
+                continue
+            raise ValueError(
+                f"vmap({name}, ...): `{name}` must only return Tensors, got a "
+                f"{type(o).__name__} as flattened output {i}. Return it as a Tensor, or set its "
+                f"out_dim to None if it is the same for the whole batch."
+            )
+        if d is not None and not -(o.dim() + 1) <= d <= o.dim():
+            raise ValueError(
+                f"vmap({name}, ..., out_dims={out_dims!r}): got out_dim={d} for flattened output "
+                f"{i}, a Tensor of dimensionality {o.dim()} per batch element, so out_dim must be "
+                f"in [{-(o.dim() + 1)}, {o.dim()}]."
+            )
+    return flat_out, flat_out_dims, out_spec
+
+
+def _vmap_once(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs):
+    level = _C._push_vmap(batch_size, randomness)
+    try:
+        batched = _C._vmap_wrap_inputs(flat_args, flat_in_dims, level)
+        out = func(*tree_unflatten(batched, args_spec), **kwargs)
+        flat_out, flat_out_dims, out_spec = _flatten_outputs(func, out_dims, out)
+        for i, (o, d) in enumerate(zip(flat_out, flat_out_dims)):
+            if d is None and isinstance(o, torch.Tensor) and _C._is_batched_at(o, level):
+                raise ValueError(
+                    f"vmap({_fn_name(func)}, ..., out_dims={out_dims!r}): flattened output {i} "
+                    f"depends on the mapped inputs, so it needs an int out_dim; out_dims=None is "
+                    f"only for outputs that are the same for the whole batch."
+                )
+        tensor_idx = [i for i, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
+        unwrapped = _C._vmap_unwrap_outputs(
+            [flat_out[i] for i in tensor_idx], [flat_out_dims[i] for i in tensor_idx], level,
+            batch_size,
+        )
+        for i, u in zip(tensor_idx, unwrapped):
+            flat_out[i] = u
+        return flat_out, flat_out_dims, out_spec
+    finally:
+        _C._pop(level)
+
+
+def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
+    flat_args, flat_in_dims, args_spec, batch_size = _flatten_inputs(func, in_dims, args)
+    if chunk_size is None or chunk_size >= batch_size:
+        flat_out, _, out_spec = _vmap_once(
+            func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs
+        )
+        return tree_unflatten(flat_out, out_spec)
+    return _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness,
+                    chunk_size, kwargs)
+
+
+def _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness,
+             chunk_size, kwargs):
+    starts = range(0, batch_size, chunk_size)
+    # randomness='same' means one draw for the whole batch, so every chunk replays the same RNG.
+    rng = None
+    if randomness == "same":
+        rng = (torch.get_rng_state(),
+               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    results, spec, dims = [], None, None
+    for start in starts:
+        n = min(chunk_size, batch_size - start)
+        chunk_args = [
+            a.narrow(d, start, n) if d is not None else a for a, d in zip(flat_args, flat_in_dims)
+        ]
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+        flat_out, dims, spec = _vmap_once(
+            func, chunk_args, flat_in_dims, args_spec, n, out_dims, randomness, kwargs
+        )
+        results.append(flat_out)
+    merged = []
+    for i, d in enumerate(dims):
+        if d is None or not isinstance(results[0][i], torch.Tensor):
+            merged.append(results[0][i])
+        else:
+            merged.append(torch.cat([r[i] for r in results], dim=d))
+    return tree_unflatten(merged, spec)
