@@ -59,9 +59,13 @@ void noteFallback(const c10::OperatorName& name) {
     first = seen().warned.insert(op).second;
   }
   if (first && mode == FallbackMode::Warn) {
-    TORCH_WARN("functorch_lite.vmap: there is no batching rule for ", op,
-               ", so it runs as a for-loop over the batch (correct, but slower). "
-               "Silence with functorch_lite.set_vmap_fallback('quiet').");
+    // verbatim: the warning is about the user's op, not about where in our C++ it was raised.
+    c10::warn(c10::Warning(
+        c10::UserWarning(), {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        c10::str("functorch_lite.vmap: there is no batching rule for ", op,
+                 ", so it runs as a for-loop over the batch (correct, but slower). "
+                 "Silence with functorch_lite.set_vmap_fallback('quiet')."),
+        /*verbatim=*/true));
   }
 }
 

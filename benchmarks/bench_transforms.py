@@ -1,0 +1,405 @@
+#!/usr/bin/env python
+"""functorch_lite vs torch.func, side by side in one process, on the same inputs.
+
+Every workload is one row. For each row the script
+
+  1. builds the inputs once (fixed seed) and the functorch_lite (ft), torch.func (tf) and, where
+     it makes sense, a direct batched call ("direct", e.g. torch.bmm);
+  2. runs ft and tf once and checks that they agree (torch.allclose over every leaf of the output
+     pytree); 'MISMATCH' goes into the notes otherwise;
+  3. records which ops took functorch_lite's for-loop vmap fallback during that run
+     (ft._C._fallback_ops_seen()); they go into the notes as 'fallback: ...';
+  4. times ft, tf and direct with torch.utils.benchmark.Timer.blocked_autorange, interleaved
+     over several rounds (ft, tf, direct, then the next round in rotated order), and reports
+     the median over all measured blocks. The Timer synchronizes the accelerator before reading
+     the clock, so CUDA timings include the kernels.
+
+ratio = ft time / torch.func time (lower is better). The transformed functions are built once
+(f = ft.vmap(g)) and only the calls are timed: "end to end" means from the Python call to the
+finished output, including argument checking, level bookkeeping and unwrapping.
+
+If ft raises on a workload, the first line of the error goes into the notes and the script goes
+on. The vmap fallback is set to 'quiet' for the whole run (and restored at the end).
+
+    python benchmarks/bench_transforms.py                     # full run, prints the table
+    python benchmarks/bench_transforms.py --quick             # fewer/shorter rounds
+    python benchmarks/bench_transforms.py --markdown docs/performance.md
+
+With --markdown, if the file already holds the markers
+<!-- bench_transforms:begin --> and <!-- bench_transforms:end -->, only the text between them is
+replaced (so the prose around the table survives); otherwise the file is (over)written with the
+table alone.
+"""
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+import torch.func as tf
+import torch.utils.benchmark as benchmark
+from torch.utils._pytree import tree_flatten
+
+import functorch_lite as ft
+
+BEGIN = "<!-- bench_transforms:begin -->"
+END = "<!-- bench_transforms:end -->"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _first_line(exc):
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0] if msg else ''}".strip()
+
+
+def _reset_fallbacks():
+    fn = getattr(ft._C, "_reset_fallback_ops_seen", None)
+    if fn is not None:
+        fn()
+
+
+def _fallbacks_seen():
+    fn = getattr(ft._C, "_fallback_ops_seen", None)
+    return sorted(set(fn())) if fn is not None else []
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _compare(a, b, rtol, atol):
+    """True / False / a string saying why the structures differ."""
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    if sa != sb:
+        return f"structure differs: {sa} vs {sb}"
+    worst = 0.0
+    ok = True
+    for x, y in zip(la, lb):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            if x != y:
+                return False
+            continue
+        if x.shape != y.shape:
+            return f"shape {tuple(x.shape)} vs {tuple(y.shape)}"
+        if not torch.allclose(x, y, rtol=rtol, atol=atol):
+            ok = False
+            worst = max(worst, (x - y).abs().max().item())
+    return True if ok else f"max abs diff {worst:.3g}"
+
+
+def _fmt_time(t):
+    if t is None or (isinstance(t, float) and math.isnan(t)):
+        return "-"
+    if t < 1e-3:
+        return f"{t * 1e6:.1f} us"
+    if t < 1.0:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t:.2f} s"
+
+
+def _fmt_ratio(r):
+    return "-" if r is None else f"{r:.2f}x"
+
+
+class Timing:
+    def __init__(self, rounds, min_run_time, device):
+        self.rounds = rounds
+        self.min_run_time = min_run_time
+        self.device = device
+
+    def _timer(self):
+        if self.device == "cuda":
+            def t():
+                torch.cuda.synchronize()
+                return time.perf_counter()
+            return t
+        return time.perf_counter
+
+    def run(self, fns):
+        """fns: dict name -> zero-arg callable (or None). Interleaved rounds; median per name."""
+        names = [n for n, f in fns.items() if f is not None]
+        samples = {n: [] for n in names}
+        for n in names:  # warm-up (allocator, lazy init, first-call caches)
+            for _ in range(2):
+                fns[n]()
+            _sync(self.device)
+        for r in range(self.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for n in order:
+                t = benchmark.Timer(
+                    stmt="fn()", globals={"fn": fns[n]}, timer=self._timer(),
+                    num_threads=torch.get_num_threads(),
+                )
+                m = t.blocked_autorange(min_run_time=self.min_run_time)
+                samples[n].extend(m.times)
+        return {n: statistics.median(s) for n, s in samples.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# workloads: each returns a dict with
+#   name, ft (callable), tf (callable), direct (callable or None), rtol, atol, note (str)
+
+
+def wl_vmap_sin(device):
+    x = torch.randn(3, device=device)
+    f_ft, f_tf = ft.vmap(torch.sin), tf.vmap(torch.sin)
+    return dict(name="vmap(torch.sin), 3 elements, end to end",
+                ft=lambda: f_ft(x), tf=lambda: f_tf(x), direct=lambda: torch.sin(x),
+                rtol=1e-6, atol=1e-6, kind="overhead")
+
+
+def wl_grad_sin(device):
+    x = torch.tensor(0.3, device=device)
+    f_ft, f_tf = ft.grad(torch.sin), tf.grad(torch.sin)
+    return dict(name="grad(torch.sin), scalar, end to end",
+                ft=lambda: f_ft(x), tf=lambda: f_tf(x), direct=None,
+                rtol=1e-6, atol=1e-6, kind="overhead")
+
+
+def wl_vmap_mm(device):
+    a = torch.randn(64, 128, 128, device=device)
+    b = torch.randn(64, 128, 128, device=device)
+    f_ft, f_tf = ft.vmap(torch.mm), tf.vmap(torch.mm)
+    return dict(name="vmap(torch.mm), 64 x (128x128 @ 128x128)",
+                ft=lambda: f_ft(a, b), tf=lambda: f_tf(a, b), direct=lambda: torch.bmm(a, b),
+                direct_name="torch.bmm", rtol=1e-4, atol=1e-4, kind="large")
+
+
+def wl_vmap_conv(device):
+    x = torch.randn(64, 3, 32, 32, device=device)
+    w = torch.randn(16, 3, 3, 3, device=device)
+
+    def one(img):
+        return F.conv2d(img[None], w)[0]
+
+    f_ft, f_tf = ft.vmap(one), tf.vmap(one)
+    return dict(name="vmap(conv2d), 64 x 3x32x32, 16 filters 3x3",
+                ft=lambda: f_ft(x), tf=lambda: f_tf(x), direct=lambda: F.conv2d(x, w),
+                direct_name="F.conv2d on the batch", rtol=1e-4, atol=1e-4, kind="large")
+
+
+def _mlp_params(device):
+    g = torch.Generator().manual_seed(1)
+
+    def init(*shape):
+        fan_in = shape[-1] if len(shape) > 1 else shape[0]
+        return (torch.randn(*shape, generator=g) / math.sqrt(fan_in)).to(device)
+
+    return {"w1": init(512, 784), "b1": init(512) * 0.1,
+            "w2": init(10, 512), "b2": init(10) * 0.1}
+
+
+def mlp_loss(params, x, y):
+    """Loss of ONE example: x (784,), y () int64."""
+    h = F.relu(F.linear(x, params["w1"], params["b1"]))
+    logits = F.linear(h, params["w2"], params["b2"])
+    return F.cross_entropy(logits[None], y[None])
+
+
+def _wl_psg_mlp(device, B):
+    params = _mlp_params(device)
+    x = torch.randn(B, 784, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
+    f_ft = ft.vmap(ft.grad(mlp_loss), in_dims=(None, 0, 0))
+    f_tf = tf.vmap(tf.grad(mlp_loss), in_dims=(None, 0, 0))
+    return dict(name=f"per-sample grads, MLP 784-512-10, B={B}",
+                ft=lambda: f_ft(params, x, y), tf=lambda: f_tf(params, x, y), direct=None,
+                rtol=1e-4, atol=1e-5, kind="psg")
+
+
+def wl_psg_mlp64(device):
+    return _wl_psg_mlp(device, 64)
+
+
+def wl_psg_mlp256(device):
+    return _wl_psg_mlp(device, 256)
+
+
+def _cnn_params(device):
+    g = torch.Generator().manual_seed(2)
+
+    def init(shape, fan_in):
+        return (torch.randn(*shape, generator=g) / math.sqrt(fan_in)).to(device)
+
+    return {"c1w": init((8, 1, 3, 3), 9), "c1b": init((8,), 9) * 0.1,
+            "c2w": init((16, 8, 3, 3), 72), "c2b": init((16,), 72) * 0.1,
+            "fw": init((10, 16 * 24 * 24), 16 * 24 * 24), "fb": init((10,), 9216) * 0.1}
+
+
+def cnn_loss(params, x, y):
+    """Loss of ONE example: x (1, 28, 28), y () int64."""
+    h = F.relu(F.conv2d(x[None], params["c1w"], params["c1b"]))
+    h = F.relu(F.conv2d(h, params["c2w"], params["c2b"]))
+    logits = F.linear(h.flatten(1), params["fw"], params["fb"])
+    return F.cross_entropy(logits, y[None])
+
+
+def wl_psg_cnn(device):
+    params = _cnn_params(device)
+    x = torch.randn(64, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (64,), device=device)
+    f_ft = ft.vmap(ft.grad(cnn_loss), in_dims=(None, 0, 0))
+    f_tf = tf.vmap(tf.grad(cnn_loss), in_dims=(None, 0, 0))
+    return dict(name="per-sample grads, CNN (2 conv + linear), B=64, 28x28",
+                ft=lambda: f_ft(params, x, y), tf=lambda: f_tf(params, x, y), direct=None,
+                rtol=1e-4, atol=1e-5, kind="psg")
+
+
+WORKLOADS = [wl_vmap_sin, wl_grad_sin, wl_vmap_mm, wl_vmap_conv,
+             wl_psg_mlp64, wl_psg_mlp256, wl_psg_cnn]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def run_workload(make, device, timing):
+    row = dict(name=make.__name__, tf=None, ft=None, direct=None, notes=[])
+    try:
+        w = make(device)
+    except Exception as e:  # building inputs should not fail, but never crash the table
+        row["notes"].append(f"setup failed: {_first_line(e)}")
+        return row
+    row["name"] = w["name"]
+    row["kind"] = w["kind"]
+
+    tf_out = w["tf"]()
+    _sync(device)
+
+    ft_fn = w["ft"]
+    _reset_fallbacks()
+    try:
+        ft_out = ft_fn()
+        _sync(device)
+    except Exception as e:
+        row["notes"].append(f"ft error: {_first_line(e)}")
+        ft_fn = None
+    else:
+        fb = _fallbacks_seen()
+        if fb:
+            row["notes"].append("fallback: " + ", ".join(fb))
+        cmp = _compare(ft_out, tf_out, w["rtol"], w["atol"])
+        if cmp is not True:
+            row["notes"].append("MISMATCH" + (f" ({cmp})" if isinstance(cmp, str) else ""))
+    del tf_out
+
+    try:
+        times = timing.run({"ft": ft_fn, "tf": w["tf"], "direct": w.get("direct")})
+    except Exception as e:
+        row["notes"].append(f"timing failed: {_first_line(e)}")
+        return row
+    row["tf"] = times.get("tf")
+    row["ft"] = times.get("ft")
+    row["direct"] = times.get("direct")
+    if row["direct"] is not None:
+        dn = w.get("direct_name", "direct call")
+        parts = [f"{dn}: {_fmt_time(row['direct'])}"]
+        if row["ft"] is not None:
+            parts.append(f"ft/direct {row['ft'] / row['direct']:.2f}x")
+        parts.append(f"torch.func/direct {row['tf'] / row['direct']:.2f}x")
+        row["notes"].insert(0, "; ".join(parts))
+    return row
+
+
+def render(rows, meta):
+    lines = [
+        f"Measured {meta['when']} on {meta['device_desc']}; torch {torch.__version__}, "
+        f"functorch_lite {ft.__version__}, Python {platform.python_version()}, "
+        f"{meta['threads']} intra-op threads, mode: {meta['mode']} "
+        f"({meta['rounds']} interleaved rounds x blocked_autorange(min_run_time="
+        f"{meta['min_run_time']} s); median of all blocks).",
+        "",
+        "| workload | torch.func | functorch_lite | ratio | notes |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        ratio = r["ft"] / r["tf"] if (r["ft"] is not None and r["tf"]) else None
+        notes = "; ".join(r["notes"]).replace("|", "\\|")
+        lines.append(f"| {r['name']} | {_fmt_time(r['tf'])} | {_fmt_time(r['ft'])} | "
+                     f"{_fmt_ratio(ratio)} | {notes} |")
+    lines.append("")
+    lines.append("ratio = functorch_lite time / torch.func time (lower is better).")
+    return "\n".join(lines)
+
+
+def write_markdown(path, table):
+    block = f"{BEGIN}\n{table}\n{END}"
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
+            pre = text[:text.index(BEGIN)]
+            post = text[text.index(END) + len(END):]
+            with open(path, "w") as f:
+                f.write(pre + block + post)
+            return "updated the table between the markers"
+    with open(path, "w") as f:
+        f.write("# functorch_lite vs torch.func\n\n" + block + "\n")
+    return "wrote the table"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer and shorter timing rounds")
+    p.add_argument("--markdown", metavar="PATH", help="write the table to PATH (see module doc)")
+    p.add_argument("--device", choices=["cpu", "cuda"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--only", metavar="SUBSTR", help="run only workloads whose name contains it")
+    args = p.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available in this torch")
+    rounds, min_run_time = (2, 0.05) if args.quick else (5, 0.2)
+    timing = Timing(rounds, min_run_time, args.device)
+
+    if args.device == "cuda":
+        device_desc = torch.cuda.get_device_name()
+    else:
+        device_desc = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    meta = dict(when=time.strftime("%Y-%m-%d"), device_desc=device_desc,
+                threads=torch.get_num_threads(), mode="quick" if args.quick else "full",
+                rounds=rounds, min_run_time=min_run_time)
+
+    torch.manual_seed(0)
+    old_mode = ft.get_vmap_fallback()
+    ft.set_vmap_fallback("quiet")
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        for make in WORKLOADS:
+            if args.only and args.only not in make.__name__:
+                continue
+            t1 = time.perf_counter()
+            try:
+                row = run_workload(make, args.device, timing)
+            except Exception as e:  # torch.func itself failed: still keep going
+                traceback.print_exc()
+                row = dict(name=make.__name__, tf=None, ft=None, direct=None,
+                           notes=[f"benchmark error: {_first_line(e)}"])
+            rows.append(row)
+            print(f"[{time.perf_counter() - t1:6.1f} s] {row['name']}: "
+                  f"torch.func {_fmt_time(row['tf'])}, functorch_lite {_fmt_time(row['ft'])}"
+                  + (f"  ({'; '.join(row['notes'])})" if row["notes"] else ""),
+                  file=sys.stderr, flush=True)
+    finally:
+        ft.set_vmap_fallback(old_mode)
+    print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    table = render(rows, meta)
+    print(table)
+    if args.markdown:
+        print(f"{args.markdown}: {write_markdown(args.markdown, table)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
