@@ -97,6 +97,13 @@ def _compare(a, b, rtol, atol):
     return True if ok else f"max abs diff {worst:.3g}"
 
 
+def _loadavg():
+    try:
+        return f"{os.getloadavg()[0]:.2f}"
+    except (AttributeError, OSError):
+        return "n/a"
+
+
 def _fmt_time(t):
     if t is None or (isinstance(t, float) and math.isnan(t)):
         return "-"
@@ -316,7 +323,8 @@ def render(rows, meta):
         f"functorch_lite {ft.__version__}, Python {platform.python_version()}, "
         f"{meta['threads']} intra-op threads, mode: {meta['mode']} "
         f"({meta['rounds']} interleaved rounds x blocked_autorange(min_run_time="
-        f"{meta['min_run_time']} s); median of all blocks).",
+        f"{meta['min_run_time']} s); median of all blocks). 1-minute load average before/after "
+        f"the run: {meta['load_before']} / {meta['load_after']}.",
         "",
         "| workload | torch.func | functorch_lite | ratio | notes |",
         "| --- | ---: | ---: | ---: | --- |",
@@ -358,7 +366,7 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch")
-    rounds, min_run_time = (2, 0.05) if args.quick else (5, 0.2)
+    rounds, min_run_time = (2, 0.05) if args.quick else (7, 0.25)
     timing = Timing(rounds, min_run_time, args.device)
 
     if args.device == "cuda":
@@ -369,6 +377,7 @@ def main(argv=None):
                 threads=torch.get_num_threads(), mode="quick" if args.quick else "full",
                 rounds=rounds, min_run_time=min_run_time)
 
+    meta["load_before"] = _loadavg()
     torch.manual_seed(0)
     old_mode = ft.get_vmap_fallback()
     ft.set_vmap_fallback("quiet")
@@ -392,6 +401,7 @@ def main(argv=None):
                   file=sys.stderr, flush=True)
     finally:
         ft.set_vmap_fallback(old_mode)
+    meta["load_after"] = _loadavg()
     print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     table = render(rows, meta)

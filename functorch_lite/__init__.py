@@ -11,6 +11,7 @@ from .version import __version__
 from ._load import _C  # noqa: F401  (loads and checks the extension first)
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._grad import grad, grad_and_value, vjp
+from ._jac import hessian, jacfwd, jacrev, jvp
 from ._vmap import vmap
 from . import _repr
 
@@ -28,10 +29,6 @@ def _not_yet(name, issue):
     return missing
 
 
-jvp = _not_yet("jvp", 5)
-jacfwd = _not_yet("jacfwd", 5)
-jacrev = _not_yet("jacrev", 5)
-hessian = _not_yet("hessian", 5)
 functional_call = _not_yet("functional_call", 6)
 stack_module_state = _not_yet("stack_module_state", 6)
 make_functional = _not_yet("make_functional", 6)

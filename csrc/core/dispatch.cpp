@@ -52,7 +52,8 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
     if (!iv.isTensor()) continue;
     auto* gw = asGradWrapper(iv.toTensor());
     TORCH_CHECK(gw && gw->level() == top.id,
-                "functorch_lite.grad: the function being transformed called the in-place operation ",
+                "functorch_lite.", levelKindName(top.kind), ": the function being transformed called "
+                "the in-place operation ",
                 schema.operator_name(), " on a tensor it captured from outside the transform (or "
                 "on an input not being differentiated in an outer transform). This would mutate a "
                 "captured tensor, which is not supported: pass the tensor as an argument of the "
@@ -96,7 +97,7 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
 void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   const auto& schema = op.schema();
   const Level* top = levelStack().top();
-  TORCH_CHECK(top && top->kind == LevelKind::Grad, "functorch_lite: ", schema.operator_name(),
+  TORCH_CHECK(top && top->kind != LevelKind::Vmap, "functorch_lite: ", schema.operator_name(),
               " reached a grad-level tensor with no grad transform active on this thread (stack ",
               describeStack(), "). This happens when a grad-level tensor is used from another "
               "thread, or when autograd runs its backward on a device thread; please report it.");
@@ -218,10 +219,11 @@ void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
       vmapBoxed(op, stack, *top);
       return;
     case LevelKind::Grad:
+    case LevelKind::Jvp:
+      // Both run torch's own autograd kernels on wrappers of the top level: backward-mode
+      // recording for grad levels, forward-mode tangent propagation for jvp levels.
       gradProcess(op, stack, *top);
       return;
-    case LevelKind::Jvp:
-      TORCH_CHECK(false, "functorch_lite: jvp levels are not implemented yet");
   }
 }
 

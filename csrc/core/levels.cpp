@@ -1,7 +1,9 @@
 #include "core/levels.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/AutogradState.h>
 #include <c10/util/Exception.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
 
 #include <atomic>
 #include <sstream>
@@ -22,8 +24,26 @@ namespace {
 std::atomic<int64_t> next_level_id{1};
 }  // namespace
 
+// NOTE [The stack on autograd's device threads]
+// torch's autograd engine runs the backward of CUDA (and other device) graphs on its own device
+// threads. Those threads inherit the caller's ThreadLocalState, which includes the
+// ThreadLocalDebugInfo chain: pushing a pointer to the caller's stack there (while any level is
+// live) lets a device thread find the stack of the transform whose backward it runs. The caller
+// is blocked in torch.autograd.grad meanwhile, so the stack is never used by two threads at once.
+constexpr std::string_view kStackInfoName = "functorch_lite.level_stack";
+const c10::DebugInfoKind kStackInfo(&kStackInfoName);
+
+struct StackInfo final : c10::DebugInfoBase {
+  explicit StackInfo(LevelStack* s) : stack(s) {}
+  LevelStack* stack;
+};
+
 LevelStack& levelStack() {
   static thread_local LevelStack stack;
+  if (C10_LIKELY(stack.size() > 0)) return stack;
+  if (auto* info = c10::ThreadLocalDebugInfo::get(kStackInfo)) {
+    return *static_cast<StackInfo*>(info)->stack;
+  }
   return stack;
 }
 
@@ -39,8 +59,15 @@ int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomne
               "functorch_lite: cannot enter a transform while an operator is being handed between "
               "levels (was a transform called from inside a kernel?)");
   auto tls = c10::impl::tls_local_dispatch_key_set();
-  Level level{next_level_id.fetch_add(1), kind, batch_size, randomness,
-              at::GradMode::is_enabled(), tls, std::make_shared<bool>(true)};
+  Level level{next_level_id.fetch_add(1),
+              kind,
+              batch_size,
+              randomness,
+              at::GradMode::is_enabled(),
+              c10::AutogradState::get_tls_state().get_fw_grad_mode(),
+              tls,
+              std::make_shared<bool>(true)};
+  if (levels_.empty()) c10::ThreadLocalDebugInfo::_push(kStackInfo, std::make_shared<StackInfo>(this));
   levels_.push_back(std::move(level));
   depth_ = levels_.size();
   tls.included_ = tls.included_.add(c10::DispatchKey::DeferredInit);
@@ -58,22 +85,28 @@ void LevelStack::pop(int64_t id) {
   c10::impl::_force_tls_local_dispatch_key_set(level.saved_tls);
   levels_.pop_back();
   depth_ = levels_.size();
+  if (levels_.empty()) c10::ThreadLocalDebugInfo::_pop(kStackInfo);
 }
 
 HandDownGuard::HandDownGuard()
     : stack_(levelStack()),
       prev_tls_(c10::impl::tls_local_dispatch_key_set()),
-      prev_grad_mode_(at::GradMode::is_enabled()) {
+      prev_grad_mode_(at::GradMode::is_enabled()),
+      prev_fw_grad_mode_(c10::AutogradState::get_tls_state().get_fw_grad_mode()) {
   TORCH_INTERNAL_ASSERT(stack_.depth_ > 0);
   const Level& hidden = stack_.levels_[--stack_.depth_];
   c10::impl::_force_tls_local_dispatch_key_set(hidden.saved_tls);
   if (hidden.kind == LevelKind::Grad) at::GradMode::set_enabled(hidden.prev_grad_mode);
+  if (hidden.kind == LevelKind::Jvp) {
+    c10::AutogradState::get_tls_state().set_fw_grad_mode(hidden.prev_fw_grad_mode);
+  }
 }
 
 HandDownGuard::~HandDownGuard() {
   ++stack_.depth_;
   c10::impl::_force_tls_local_dispatch_key_set(prev_tls_);
   at::GradMode::set_enabled(prev_grad_mode_);
+  c10::AutogradState::get_tls_state().set_fw_grad_mode(prev_fw_grad_mode_);
 }
 
 std::string describeStack() {

@@ -16,8 +16,8 @@
 // with a HandDownGuard: `depth` drops by one, the dispatch-key TLS is reset to what it was when the
 // hidden level was entered (so DeferredInit is still included if levels remain, and is no longer
 // included if none do), and for grad levels GradMode is reset to the mode that was in force when the
-// level was entered (torch.no_grad inside f only affects f's own level). The guard restores all
-// three on exit, also on exceptions.
+// level was entered (torch.no_grad inside f only affects f's own level); jvp levels do the same
+// with the forward-AD grad mode. The guard restores all of it on exit, also on exceptions.
 //
 // NOTE [Stack invariants]
 // - levels_[0, depth_) are visible to dispatch; levels_[depth_, size) are hidden while an op is
@@ -45,6 +45,7 @@ struct Level {
   int64_t batch_size;      // vmap only
   Randomness randomness;   // vmap only
   bool prev_grad_mode;     // GradMode in force when the level was entered
+  bool prev_fw_grad_mode;  // forward-AD grad mode in force when the level was entered
   c10::impl::LocalDispatchKeySet saved_tls;  // dispatch-key TLS in force when the level was entered
   std::shared_ptr<bool> alive;
 };
@@ -83,6 +84,7 @@ class HandDownGuard {
   LevelStack& stack_;
   c10::impl::LocalDispatchKeySet prev_tls_;
   bool prev_grad_mode_;
+  bool prev_fw_grad_mode_;
 };
 
 // Describes the visible stack, innermost last, for error messages and debugging.

@@ -47,7 +47,9 @@ void BatchedTensorImpl::refreshMetadata() {
     sizes_and_strides_.stride_at_unchecked(j) = strides[i].expect_int();
     ++j;
   }
-  storage_offset_ = 0;
+  // The offset of batch element 0: with tangents laid out batch-outermost (rules_factory.cpp),
+  // views of a batched tangent then report the same offset as the same views of the primal.
+  storage_offset_ = value_.sym_storage_offset().expect_int();
   refresh_numel();
   refresh_contiguous();
 }
@@ -95,7 +97,7 @@ void GradWrapperImpl::refreshMetadata() {
     sizes_and_strides_.size_at_unchecked(i) = sizes[i].expect_int();
     sizes_and_strides_.stride_at_unchecked(i) = strides[i].expect_int();
   }
-  storage_offset_ = asFt(value_) ? 0 : value_.storage_offset();
+  storage_offset_ = value_.sym_storage_offset().expect_int();
   refresh_numel();
   refresh_contiguous();
 }

@@ -5,7 +5,10 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <ATen/ThreadLocalState.h>
+
 #include <functional>
+#include <thread>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -128,6 +131,28 @@ TEST(grad_level_records_its_own_graph) {
   CHECK(gw != nullptr);
   if (gw) CHECK(at::allclose(gw->value(), expected));
   s.pop(g);
+}
+
+TEST(device_threads_see_the_callers_stack) {
+  // Autograd's device threads inherit ThreadLocalState; they must find the caller's levels.
+  auto& s = levelStack();
+  int64_t a = s.push(LevelKind::Vmap, 2, Randomness::Error);
+  at::ThreadLocalState state;
+  int64_t seen = -1;
+  std::thread t([&] {
+    at::ThreadLocalStateGuard g(state);
+    const Level* top = levelStack().top();
+    seen = top ? top->id : 0;
+  });
+  t.join();
+  CHECK(seen == a);
+  s.pop(a);
+  std::thread t2([&] {
+    const Level* top = levelStack().top();
+    seen = top ? top->id : 0;
+  });
+  t2.join();
+  CHECK(seen == 0);
 }
 
 int main() {

@@ -107,6 +107,10 @@ PYBIND11_MODULE(_C, m) {
     checkNotInsideTorchFunc("grad");
     return levelStack().push(LevelKind::Grad, 0, Randomness::Error);
   }));
+  m.def("_push_jvp", torch::wrap_pybind_function([] {
+    checkNotInsideTorchFunc("jvp");
+    return levelStack().push(LevelKind::Jvp, 0, Randomness::Error);
+  }));
   m.def("_pop", torch::wrap_pybind_function([](int64_t id) { levelStack().pop(id); }));
   m.def("_stack_depth", torch::wrap_pybind_function([] { return levelStack().depth(); }));
   m.def("_describe_stack", torch::wrap_pybind_function(&describeStack));

@@ -1,0 +1,246 @@
+"""ft.jvp (forward-mode levels), and the Jacobian builders jacrev, jacfwd, hessian.
+
+jvp levels run torch's own forward-mode AD formulas on our wrappers. torch allows one forward-AD
+(dual) level at a time; as each of our jvp levels has its own wrappers, all of them can share
+torch's dual level: it is entered by the outermost jvp and left when that one returns.
+"""
+import functools
+import threading
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from ._grad import _normalize_argnums, _split_aux, vjp
+from ._load import _C
+from ._vmap import vmap
+
+_state = threading.local()
+
+
+def _jvp_nesting():
+    return getattr(_state, "jvp_nesting", 0)
+
+
+class _DualLevel:
+    """Enters torch's dual level for the outermost jvp of this thread only."""
+
+    def __enter__(self):
+        self.outer = _jvp_nesting() == 0
+        _state.jvp_nesting = _jvp_nesting() + 1
+        if self.outer:
+            try:
+                self.level = fwAD.enter_dual_level()
+            except Exception:
+                _state.jvp_nesting -= 1
+                raise
+        return self
+
+    def __exit__(self, *exc):
+        _state.jvp_nesting -= 1
+        if self.outer:
+            fwAD.exit_dual_level(level=self.level)
+        return False
+
+
+def _check_tuple(x, what, api):
+    if not isinstance(x, tuple):
+        raise TypeError(
+            f"{api}(f, primals, tangents): expected {what} to be a tuple (f is called as "
+            f"f(*primals)), got {type(x).__name__}."
+        )
+
+
+def jvp(func, primals, tangents, *, strict=False, has_aux=False):
+    """Jacobian-vector product: returns (func(*primals), J @ tangents) [, aux].
+
+    primals and tangents are tuples of the same structure, shapes and dtypes (pytrees allowed).
+    """
+    api = "jvp"
+    if strict:
+        raise NotImplementedError("jvp: strict=True is not supported (torch.func neither)")
+    _check_tuple(primals, "primals", api)
+    _check_tuple(tangents, "tangents", api)
+    flat_p, p_spec = tree_flatten(primals)
+    flat_t, t_spec = tree_flatten(tangents)
+    if p_spec != t_spec:
+        raise ValueError(
+            f"jvp(f, primals, tangents): expected primals and tangents to have the same "
+            f"structure, got {p_spec} and {t_spec}."
+        )
+    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
+        if not isinstance(p, torch.Tensor) or not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"jvp(f, primals, tangents): primals and tangents must be Tensors or pytrees of "
+                f"Tensors; entry {i} is a {type(p).__name__} / {type(t).__name__}."
+            )
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(
+                f"jvp(f, primals, tangents): primal {i} must be a floating-point or complex "
+                f"Tensor, got dtype {p.dtype}."
+            )
+        if p.shape != t.shape:
+            raise ValueError(
+                f"jvp(f, primals, tangents): primal {i} has shape {tuple(p.shape)} but its "
+                f"tangent has shape {tuple(t.shape)}; they must match."
+            )
+        if p.dtype != t.dtype:
+            raise ValueError(
+                f"jvp(f, primals, tangents): primal {i} has dtype {p.dtype} but its tangent has "
+                f"dtype {t.dtype}; they must match."
+            )
+    with _DualLevel():
+        level = _C._push_jvp()
+        try:
+            with fwAD._set_fwd_grad_enabled(True):
+                duals = [
+                    fwAD.make_dual(_C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level))
+                    for p, t in zip(flat_p, flat_t)
+                ]
+                result = func(*tree_unflatten(duals, p_spec))
+                output, aux = _split_aux(result, has_aux, api)
+                flat_out, out_spec = tree_flatten(output)
+                primals_out, tangents_out = [], []
+                for o in flat_out:
+                    if not isinstance(o, torch.Tensor):
+                        raise TypeError(
+                            f"jvp(f, primals, tangents): f must return a Tensor or a pytree of "
+                            f"Tensors, got a {type(o).__name__} in its output."
+                        )
+                    primal, tangent = fwAD.unpack_dual(o)
+                    if tangent is None:
+                        tangent = torch.zeros_like(primal)
+                    primals_out.append(_C._unwrap_for_grad(primal, level))
+                    tangents_out.append(_C._unwrap_for_grad(tangent, level))
+                if has_aux:
+                    aux = tree_map(
+                        lambda x: _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x,
+                        aux)
+        finally:
+            _C._pop(level)
+    out = (tree_unflatten(primals_out, out_spec), tree_unflatten(tangents_out, out_spec))
+    return (*out, aux) if has_aux else out
+
+
+def _replace_args(args, idx, values):
+    new = list(args)
+    for i, v in zip(idx, values):
+        new[i] = v
+    return new
+
+
+def _check_chunk_size(chunk_size, api):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
+        raise ValueError(f"{api}: chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def _basis(flat, total):
+    """For each tensor t in flat, a [total, *t.shape] slice of the identity: together they are
+    the standard basis of the concatenated flattened tensors."""
+    out, offset = [], 0
+    for t in flat:
+        n = t.numel()
+        eye = torch.zeros(total, n, dtype=t.dtype, device=t.device)
+        eye[offset:offset + n].fill_diagonal_(1) if n else None
+        out.append(eye.view(total, *t.shape))
+        offset += n
+    return out
+
+
+def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_copy=False):
+    """Jacobian of func w.r.t. the arguments argnums, by reverse mode (vjp + vmap).
+
+    chunk_size None: one vmap over all rows; 1: row by row without vmap; k: k rows per vmap.
+    The result has the structure of func's output on the outside and of argnums inside.
+    """
+    _check_chunk_size(chunk_size, "jacrev")
+
+    @functools.wraps(func)
+    def wrapper(*args):
+        idx = _normalize_argnums(argnums, len(args), "jacrev")
+
+        def f_diff(*diff):
+            return func(*_replace_args(args, idx, diff))
+
+        vjp_out = vjp(f_diff, *(args[i] for i in idx), has_aux=has_aux)
+        output, vjp_fn = vjp_out[0], vjp_out[1]
+        flat_out, out_spec = tree_flatten(output)
+        flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
+        total = sum(o.numel() for o in flat_out)
+        basis = tree_unflatten(_basis(flat_out, total), out_spec)
+
+        if chunk_size == 1:
+            rows = [vjp_fn(tree_map(lambda b: b[r], basis)) for r in range(total)]
+            flat_rows = [tree_flatten(r)[0] for r in rows]
+            stacked = [
+                torch.stack([fr[k] for fr in flat_rows]) if total else
+                p.new_zeros((0, *p.shape))
+                for k, p in enumerate(flat_primals)
+            ]
+        else:
+            res = vmap(vjp_fn, chunk_size=chunk_size)(basis) if total else None
+            stacked = tree_flatten(res)[0] if total else [
+                p.new_zeros((0, *p.shape)) for p in flat_primals]
+
+        # Split the rows per output: jac[out j][primal k] has shape out_j.shape + primal_k.shape.
+        per_out, offset = [], 0
+        for o in flat_out:
+            n = o.numel()
+            blocks = [s[offset:offset + n].view(*o.shape, *p.shape)
+                      for s, p in zip(stacked, flat_primals)]
+            blocks_tree = tree_unflatten(blocks, primals_spec)  # tuple over argnums
+            per_out.append(blocks_tree if isinstance(argnums, tuple) else blocks_tree[0])
+            offset += n
+        jac = tree_unflatten(per_out, out_spec)
+        if has_aux:
+            return jac, vjp_out[2]
+        return jac
+
+    return wrapper
+
+
+def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
+    """Jacobian of func w.r.t. the arguments argnums, by forward mode (jvp + vmap)."""
+
+    @functools.wraps(func)
+    def wrapper(*args):
+        idx = _normalize_argnums(argnums, len(args), "jacfwd")
+        primals = tuple(args[i] for i in idx)
+        flat_primals, primals_spec = tree_flatten(primals)
+        total = sum(p.numel() for p in flat_primals)
+        basis = tree_unflatten(_basis(flat_primals, total), primals_spec)
+
+        def push_jvp(tangents):
+            def f_diff(*diff):
+                return func(*_replace_args(args, idx, diff))
+
+            out = jvp(f_diff, primals, tangents, has_aux=has_aux)
+            return (out[1], out[2]) if has_aux else out[1]
+
+        results = vmap(push_jvp, randomness=randomness)(basis)
+        if has_aux:
+            results, aux = results
+            aux = tree_map(lambda a: a[0] if isinstance(a, torch.Tensor) else a, aux)
+        flat_res, out_spec = tree_flatten(results)
+        per_out = []
+        for r in flat_res:
+            moved = r.movedim(0, -1)  # out.shape + (total,)
+            out_shape = moved.shape[:-1]
+            blocks, offset = [], 0
+            for p in flat_primals:
+                n = p.numel()
+                blocks.append(moved[..., offset:offset + n].reshape(*out_shape, *p.shape))
+                offset += n
+            blocks_tree = tree_unflatten(blocks, primals_spec)
+            per_out.append(blocks_tree if isinstance(argnums, tuple) else blocks_tree[0])
+        jac = tree_unflatten(per_out, out_spec)
+        return (jac, aux) if has_aux else jac
+
+    return wrapper
+
+
+def hessian(func, argnums=0):
+    """Hessian of func w.r.t. the arguments argnums: jacfwd(jacrev(func))."""
+    return jacfwd(jacrev(func, argnums), argnums)
