@@ -10,9 +10,10 @@ Every workload is one row. For each row the script
   3. records which ops took functorch_lite's for-loop vmap fallback during that run
      (ft._C._fallback_ops_seen()); they go into the notes as 'fallback: ...';
   4. times ft, tf and direct with torch.utils.benchmark.Timer.blocked_autorange, interleaved
-     over several rounds (ft, tf, direct, then the next round in rotated order), and reports
-     the median over all measured blocks. The Timer synchronizes the accelerator before reading
-     the clock, so CUDA timings include the kernels.
+     over many short rounds (ft, tf, direct, then the next round in rotated order), and keeps
+     per-round medians; the times shown are medians over the rounds and the ratios are medians
+     of the per-round ratios (paired, so load that drifts between rounds cancels). The Timer
+     synchronizes the accelerator before reading the clock, so CUDA timings include kernels.
 
 ratio = ft time / torch.func time (lower is better). The transformed functions are built once
 (f = ft.vmap(g)) and only the calls are timed: "end to end" means from the Python call to the
@@ -133,9 +134,12 @@ class Timing:
         return time.perf_counter
 
     def run(self, fns):
-        """fns: dict name -> zero-arg callable (or None). Interleaved rounds; median per name."""
+        """fns: dict name -> zero-arg callable (or None).
+
+        Many short rounds; in each round every callable gets one blocked_autorange (the order
+        rotates from round to round). Returns name -> list of per-round medians."""
         names = [n for n, f in fns.items() if f is not None]
-        samples = {n: [] for n in names}
+        per_round = {n: [] for n in names}
         for n in names:  # warm-up (allocator, lazy init, first-call caches)
             for _ in range(2):
                 fns[n]()
@@ -147,9 +151,14 @@ class Timing:
                     stmt="fn()", globals={"fn": fns[n]}, timer=self._timer(),
                     num_threads=torch.get_num_threads(),
                 )
-                m = t.blocked_autorange(min_run_time=self.min_run_time)
-                samples[n].extend(m.times)
-        return {n: statistics.median(s) for n, s in samples.items()}
+                per_round[n].append(t.blocked_autorange(min_run_time=self.min_run_time).median)
+        return per_round
+
+
+def paired_ratio(num, den):
+    """Median over rounds of num[r] / den[r]: the two were measured back to back in each round,
+    so load that drifts between rounds cancels out."""
+    return statistics.median(a / b for a, b in zip(num, den))
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +279,7 @@ WORKLOADS = [wl_vmap_sin, wl_grad_sin, wl_vmap_mm, wl_vmap_conv,
 
 
 def run_workload(make, device, timing):
-    row = dict(name=make.__name__, tf=None, ft=None, direct=None, notes=[])
+    row = dict(name=make.__name__, tf=None, ft=None, direct=None, ratio=None, notes=[])
     try:
         w = make(device)
     except Exception as e:  # building inputs should not fail, but never crash the table
@@ -300,19 +309,22 @@ def run_workload(make, device, timing):
     del tf_out
 
     try:
-        times = timing.run({"ft": ft_fn, "tf": w["tf"], "direct": w.get("direct")})
+        rounds = timing.run({"ft": ft_fn, "tf": w["tf"], "direct": w.get("direct")})
     except Exception as e:
         row["notes"].append(f"timing failed: {_first_line(e)}")
         return row
-    row["tf"] = times.get("tf")
-    row["ft"] = times.get("ft")
-    row["direct"] = times.get("direct")
+    med = {n: statistics.median(v) for n, v in rounds.items()}
+    row["tf"] = med.get("tf")
+    row["ft"] = med.get("ft")
+    row["direct"] = med.get("direct")
+    if row["ft"] is not None:
+        row["ratio"] = paired_ratio(rounds["ft"], rounds["tf"])
     if row["direct"] is not None:
         dn = w.get("direct_name", "direct call")
         parts = [f"{dn}: {_fmt_time(row['direct'])}"]
         if row["ft"] is not None:
-            parts.append(f"ft/direct {row['ft'] / row['direct']:.2f}x")
-        parts.append(f"torch.func/direct {row['tf'] / row['direct']:.2f}x")
+            parts.append(f"ft/direct {paired_ratio(rounds['ft'], rounds['direct']):.2f}x")
+        parts.append(f"torch.func/direct {paired_ratio(rounds['tf'], rounds['direct']):.2f}x")
         row["notes"].insert(0, "; ".join(parts))
     return row
 
@@ -323,14 +335,15 @@ def render(rows, meta):
         f"functorch_lite {ft.__version__}, Python {platform.python_version()}, "
         f"{meta['threads']} intra-op threads, mode: {meta['mode']} "
         f"({meta['rounds']} interleaved rounds x blocked_autorange(min_run_time="
-        f"{meta['min_run_time']} s); median of all blocks). 1-minute load average before/after "
+        f"{meta['min_run_time']} s) each; times are medians over rounds, ratios are medians "
+        f"of the per-round ratios). 1-minute load average before/after "
         f"the run: {meta['load_before']} / {meta['load_after']}.",
         "",
         "| workload | torch.func | functorch_lite | ratio | notes |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        ratio = r["ft"] / r["tf"] if (r["ft"] is not None and r["tf"]) else None
+        ratio = r.get("ratio")
         notes = "; ".join(r["notes"]).replace("|", "\\|")
         lines.append(f"| {r['name']} | {_fmt_time(r['tf'])} | {_fmt_time(r['ft'])} | "
                      f"{_fmt_ratio(ratio)} | {notes} |")
@@ -366,7 +379,7 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch")
-    rounds, min_run_time = (2, 0.05) if args.quick else (7, 0.25)
+    rounds, min_run_time = (5, 0.02) if args.quick else (25, 0.05)
     timing = Timing(rounds, min_run_time, args.device)
 
     if args.device == "cuda":

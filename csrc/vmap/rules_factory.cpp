@@ -1,6 +1,6 @@
 // Batching rules: factory-like ops that take a tensor for its options (new_empty, new_zeros,
 // new_ones, new_full, new_empty_strided) and the layout helpers torch's forward-mode AD uses on
-// tangents (_new_zeros_with_same_feature_meta, _has_same_storage_numel).
+// tangents (_new_zeros_with_same_feature_meta, _has_same_storage_numel, is_same_size).
 //
 // NOTE [Tangent layouts under vmap]
 // torch's forward AD requires a view's tangent to have exactly the view's sizes, strides and
@@ -96,6 +96,16 @@ bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
   return at::_ops::_has_same_storage_numel::call(self, other);
 }
 
+// Batched tensors report their logical sizes, which is what the question is about.
+bool isSameSizeKernel(const Tensor& self, const Tensor& other) {
+  const Level* top = levelStack().top();
+  if (!top || top->kind != LevelKind::Vmap) {
+    return detail::redirectToFront<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(
+        self, other);
+  }
+  return self.sym_sizes() == other.sym_sizes();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
@@ -104,6 +114,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::new_empty_strided, &newEmptyStridedRule>(m);
   registerVmapRule<at::_ops::_new_zeros_with_same_feature_meta, &newZerosSameFeatureMetaRule>(m);
   m.impl("_has_same_storage_numel", TORCH_FN(hasSameStorageNumelKernel));
+  m.impl("is_same_size", TORCH_FN(isSameSizeKernel));
 }
 
 }  // namespace ftl

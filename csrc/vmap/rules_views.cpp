@@ -188,6 +188,32 @@ void transposeInplaceRule(Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
   x.transpose_(a < *bd ? a : a + 1, b < *bd ? b : b + 1);
 }
 
+// ---- backward ops of views: scatter the batched gradient into zeros of [B, *input_sizes].
+std::tuple<Tensor, bdim_t> selectBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
+                                              int64_t dim, c10::SymInt index) {
+  Tensor p = moveBdimToFront(g, bd);
+  const int64_t lr = static_cast<int64_t>(sizes.size());
+  return {at::_ops::select_backward::call(p, withBatch(p.size(0), sizes),
+                                          physicalDim(dim, lr, true), index), 0};
+}
+std::tuple<Tensor, bdim_t> sliceBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
+                                             int64_t dim, c10::SymInt start, c10::SymInt end,
+                                             c10::SymInt step) {
+  Tensor p = moveBdimToFront(g, bd);
+  const int64_t lr = static_cast<int64_t>(sizes.size());
+  return {at::_ops::slice_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true),
+                                         start, end, step), 0};
+}
+std::tuple<Tensor, bdim_t> diagonalBackwardRule(const Tensor& g, bdim_t bd,
+                                                c10::SymIntArrayRef sizes, int64_t offset,
+                                                int64_t d1, int64_t d2) {
+  Tensor p = moveBdimToFront(g, bd);
+  const int64_t lr = static_cast<int64_t>(sizes.size());
+  return {at::_ops::diagonal_backward::call(p, withBatch(p.size(0), sizes), offset,
+                                            physicalDim(d1, lr, true), physicalDim(d2, lr, true)),
+          0};
+}
+
 // ---- cat / stack take a list of tensors, so they get their own plumbing.
 bool anyBatchedIn(const at::ITensorListRef& ts, int64_t lvl) {
   for (const Tensor& t : ts)
@@ -265,6 +291,9 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapInplaceRule<at::_ops::unsqueeze_, &unsqueezeInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::squeeze__dim, &squeezeDimInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::transpose_, &transposeInplaceRule>(m);
+  registerVmapRule<at::_ops::select_backward, &selectBackwardRule>(m);
+  registerVmapRule<at::_ops::slice_backward, &sliceBackwardRule>(m);
+  registerVmapRule<at::_ops::diagonal_backward, &diagonalBackwardRule>(m);
   m.impl("cat", TORCH_FN(catKernel));
   m.impl("stack", TORCH_FN(stackKernel));
 }
