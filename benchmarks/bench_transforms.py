@@ -299,10 +299,10 @@ def run_workload(make, device, timing):
     except Exception as e:
         row["notes"].append(f"ft error: {_first_line(e)}")
         ft_fn = None
-    else:
-        fb = _fallbacks_seen()
-        if fb:
-            row["notes"].append("fallback: " + ", ".join(fb))
+    fb = _fallbacks_seen()
+    if fb:
+        row["notes"].append("fallback: " + ", ".join(fb))
+    if ft_fn is not None:
         cmp = _compare(ft_out, tf_out, w["rtol"], w["atol"])
         if cmp is not True:
             row["notes"].append("MISMATCH" + (f" ({cmp})" if isinstance(cmp, str) else ""))
@@ -374,11 +374,15 @@ def main(argv=None):
     p.add_argument("--markdown", metavar="PATH", help="write the table to PATH (see module doc)")
     p.add_argument("--device", choices=["cpu", "cuda"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--only", metavar="SUBSTR", help="run only workloads whose name contains it")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch.set_num_threads(N) first (default: torch's default)")
+    p.add_argument("--only", metavar="SUBSTR", help="run only the workloads whose function name (wl_...) contains SUBSTR")
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available in this torch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds, min_run_time = (5, 0.02) if args.quick else (25, 0.05)
     timing = Timing(rounds, min_run_time, args.device)
 

@@ -29,10 +29,10 @@ def _not_yet(name, issue):
     return missing
 
 
-functional_call = _not_yet("functional_call", 6)
-stack_module_state = _not_yet("stack_module_state", 6)
-make_functional = _not_yet("make_functional", 6)
-make_functional_with_buffers = _not_yet("make_functional_with_buffers", 6)
+from ._module import functional_call
+from ._module import stack_module_state
+from ._module import make_functional
+from ._module import make_functional_with_buffers
 
 __all__ = [
     "__version__", "vmap", "grad", "grad_and_value", "vjp", "jvp", "jacfwd", "jacrev", "hessian",

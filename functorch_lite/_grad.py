@@ -83,6 +83,9 @@ def grad_and_value(func, argnums=0, has_aux=False):
     def wrapper(*args, **kwargs):
         api = "grad_and_value" if not getattr(wrapper, "_ft_is_grad", False) else "grad"
         idx = _normalize_argnums(argnums, len(args), api)
+        # The backward must be recorded by the levels below (outer grad transforms, or torch's
+        # own autograd for captured tensors that require grad) whenever they record at all.
+        create_graph = torch.is_grad_enabled()
         level = _C._push_grad()
         try:
             with torch.enable_grad():
@@ -107,7 +110,8 @@ def grad_and_value(func, argnums=0, has_aux=False):
                     )
                 flat_diff, spec = tree_flatten(diff)
                 if output.requires_grad:
-                    grads = torch.autograd.grad(output, flat_diff, allow_unused=True)
+                    grads = torch.autograd.grad(output, flat_diff, allow_unused=True,
+                                                create_graph=create_graph)
                 else:
                     grads = (None,) * len(flat_diff)
                 grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat_diff)]

@@ -46,12 +46,14 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
   // torch.func's rule: inside a grad transform, in-place ops may only mutate tensors of the
   // transform's own level. Mutating a captured tensor would change it outside the transform
   // without its graph ever seeing the change.
-  for (size_t i = 0; i < nargs; ++i) {
+  // detach_ changes autograd metadata only, never data.
+  const bool metadata_only = schema.name() == "aten::detach_";
+  for (size_t i = 0; i < nargs && !metadata_only; ++i) {
     if (!isMutatedArg(schema, i)) continue;
     const auto& iv = (*stack)[begin + i];
     if (!iv.isTensor()) continue;
     auto* gw = asGradWrapper(iv.toTensor());
-    TORCH_CHECK(gw && gw->level() == top.id,
+    TORCH_CHECK(gw && gw->level() == top.id && !gw->immutable(),
                 "functorch_lite.", levelKindName(top.kind), ": the function being transformed called "
                 "the in-place operation ",
                 schema.operator_name(), " on a tensor it captured from outside the transform (or "
@@ -66,7 +68,7 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
     any_tensor = true;
     auto* gw = asGradWrapper(t);
     if (gw && gw->level() == top.id) return t;
-    return makeGradWrapper(t, top);
+    return makeGradWrapper(t, top, /*immutable=*/true);
   });
 
   if (!any_tensor) {
@@ -98,15 +100,16 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   const auto& schema = op.schema();
   const Level* top = levelStack().top();
   TORCH_CHECK(top && top->kind != LevelKind::Vmap, "functorch_lite: ", schema.operator_name(),
-              " reached a grad-level tensor with no grad transform active on this thread (stack ",
-              describeStack(), "). This happens when a grad-level tensor is used from another "
-              "thread, or when autograd runs its backward on a device thread; please report it.");
+              " reached a grad- or jvp-level tensor with no such transform active on this thread "
+              "(stack ", describeStack(), "). This happens when such a tensor is used from "
+              "another thread while its transform runs; please report it.");
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;
 
   // Remember which unwrapped values belong to mutated arguments: an op that returns one of them
   // (in-place and out= ops) must return the original wrapper, not a new one.
   c10::SmallVector<std::pair<c10::TensorImpl*, at::Tensor>, 4> mutated;
+  bool views_immutable = false;  // NOTE [Immutable wrappers] in tensors.h
   for (size_t i = 0; i < nargs; ++i) {
     auto& iv = (*stack)[begin + i];
     if (!iv.isTensor()) continue;
@@ -114,7 +117,11 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
     auto* gw = asGradWrapper(t);
     if (!gw || gw->level() != top->id) continue;
     if (isMutatedArg(schema, i)) mutated.emplace_back(gw->value().unsafeGetTensorImpl(), t);
+    const auto* alias = schema.arguments()[i].alias_info();
+    if (alias && !alias->isWrite() && gw->immutable()) views_immutable = true;
   }
+  // lift_fresh marks a tensor just made by torch.tensor() & co: it is the function's own.
+  if (schema.name() == "aten::lift_fresh") views_immutable = false;
   forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) -> at::Tensor {
     auto* gw = asGradWrapper(t);
     return gw && gw->level() == top->id ? gw->value() : t;
@@ -129,14 +136,15 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
     if (!t.defined()) return t;
     for (auto& [impl, wrapper] : mutated)
       if (impl == t.unsafeGetTensorImpl()) return wrapper;
-    return makeGradWrapper(t, *top);
+    return makeGradWrapper(t, *top, views_immutable);
   });
 }
 
 // ----------------------------------------------------------------------------------------------
 // Per-op back kernels (see NOTE [Dispatch keys we own] in dispatch.h).
 struct BackKernelRegistry {
-  std::mutex mutex;
+  std::mutex mutex;           // guards `pending` (the listener runs under the dispatcher's lock)
+  std::mutex register_mutex;  // guards registration itself (flushes may run on several threads)
   std::vector<c10::OperatorName> pending;
   std::atomic<bool> has_pending{false};
   std::unordered_set<std::string> registered;
@@ -187,6 +195,7 @@ void registerBackKernel(const c10::OperatorName& name) {
 void flushPendingBackKernels() {
   auto& r = backRegistry();
   if (!r.has_pending.load(std::memory_order_acquire)) return;
+  std::lock_guard<std::mutex> reg(r.register_mutex);
   std::vector<c10::OperatorName> todo;
   {
     std::lock_guard<std::mutex> g(r.mutex);

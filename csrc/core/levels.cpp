@@ -38,8 +38,13 @@ struct StackInfo final : c10::DebugInfoBase {
   LevelStack* stack;
 };
 
-LevelStack& levelStack() {
+LevelStack& ownLevelStack() {
   static thread_local LevelStack stack;
+  return stack;
+}
+
+LevelStack& levelStack() {
+  LevelStack& stack = ownLevelStack();
   if (C10_LIKELY(stack.size() > 0)) return stack;
   if (auto* info = c10::ThreadLocalDebugInfo::get(kStackInfo)) {
     return *static_cast<StackInfo*>(info)->stack;
@@ -96,9 +101,14 @@ HandDownGuard::HandDownGuard()
   TORCH_INTERNAL_ASSERT(stack_.depth_ > 0);
   const Level& hidden = stack_.levels_[--stack_.depth_];
   c10::impl::_force_tls_local_dispatch_key_set(hidden.saved_tls);
-  if (hidden.kind == LevelKind::Grad) at::GradMode::set_enabled(hidden.prev_grad_mode);
+  // A no_grad active now (inside f) stays active for every level below; a no_grad that was
+  // active around the transform call comes back into force when leaving the transform.
+  if (hidden.kind == LevelKind::Grad) {
+    at::GradMode::set_enabled(prev_grad_mode_ && hidden.prev_grad_mode);
+  }
   if (hidden.kind == LevelKind::Jvp) {
-    c10::AutogradState::get_tls_state().set_fw_grad_mode(hidden.prev_fw_grad_mode);
+    c10::AutogradState::get_tls_state().set_fw_grad_mode(prev_fw_grad_mode_ &&
+                                                          hidden.prev_fw_grad_mode);
   }
 }
 

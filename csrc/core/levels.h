@@ -15,9 +15,11 @@
 // autograd recorded its node), it runs the rest of the op "at the level below" by hiding itself
 // with a HandDownGuard: `depth` drops by one, the dispatch-key TLS is reset to what it was when the
 // hidden level was entered (so DeferredInit is still included if levels remain, and is no longer
-// included if none do), and for grad levels GradMode is reset to the mode that was in force when the
-// level was entered (torch.no_grad inside f only affects f's own level); jvp levels do the same
-// with the forward-AD grad mode. The guard restores all of it on exit, also on exceptions.
+// included if none do), and for grad levels GradMode becomes (current mode && mode in force when
+// the level was entered): a torch.no_grad inside f hides ops from f's level and from every level
+// below it, while a torch.no_grad around the transform call only comes back into force below the
+// transform (torch.func's rule). jvp levels do the same with the forward-AD grad mode. The guard
+// restores all of it on exit, also on exceptions.
 //
 // NOTE [Stack invariants]
 // - levels_[0, depth_) are visible to dispatch; levels_[depth_, size) are hidden while an op is
@@ -69,8 +71,12 @@ class LevelStack {
   size_t depth_ = 0;
 };
 
-// The calling thread's stack.
+// The stack that dispatch on this thread must use: the thread's own, or, on one of autograd's
+// device threads running the backward of a transform started elsewhere, that thread's stack
+// (NOTE [The stack on autograd's device threads] in levels.cpp).
 LevelStack& levelStack();
+// The calling thread's own stack: transforms entered on this thread push and pop here.
+LevelStack& ownLevelStack();
 
 // See NOTE [Handing an op down]. Requires a visible level.
 class HandDownGuard {

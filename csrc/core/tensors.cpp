@@ -81,8 +81,10 @@ void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorIm
 }
 
 // ---------------------------------------------------------------------------------------------
-GradWrapperImpl::GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive)
-    : FtTensorImplBase(WrapperKind::Grad, std::move(value), level, std::move(alive)) {
+GradWrapperImpl::GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive,
+                                 bool immutable)
+    : FtTensorImplBase(WrapperKind::Grad, std::move(value), level, std::move(alive)),
+      immutable_(immutable) {
   TORCH_INTERNAL_ASSERT(value_.defined());
   refreshMetadata();
   // A wrapped Python number keeps its weak type-promotion category through the wrapper.
@@ -104,7 +106,7 @@ void GradWrapperImpl::refreshMetadata() {
 
 c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
     const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const {
-  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_);
+  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_, immutable_);
   copy_tensor_metadata(this, impl.get(), version_counter, allow_tensor_metadata_change);
   impl->refreshMetadata();
   return impl;
@@ -112,7 +114,7 @@ c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
 
 c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
     c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const {
-  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_);
+  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_, immutable_);
   copy_tensor_metadata(this, impl.get(), std::move(version_counter), allow_tensor_metadata_change);
   impl->refreshMetadata();
   return impl;
@@ -124,6 +126,7 @@ void GradWrapperImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl
   value_ = other->value_;
   level_ = other->level_;
   alive_ = other->alive_;
+  immutable_ = other->immutable_;
   refreshMetadata();
 }
 
@@ -134,8 +137,9 @@ at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Leve
       c10::make_intrusive<BatchedTensorImpl>(std::move(value), *bdim, level.id, level.alive));
 }
 
-at::Tensor makeGradWrapper(at::Tensor value, const Level& level) {
-  return at::Tensor(c10::make_intrusive<GradWrapperImpl>(std::move(value), level.id, level.alive));
+at::Tensor makeGradWrapper(at::Tensor value, const Level& level, bool immutable) {
+  return at::Tensor(
+      c10::make_intrusive<GradWrapperImpl>(std::move(value), level.id, level.alive, immutable));
 }
 
 std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level) {

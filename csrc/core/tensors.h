@@ -80,8 +80,13 @@ class BatchedTensorImpl final : public FtTensorImplBase {
 
 class GradWrapperImpl final : public FtTensorImplBase {
  public:
-  GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive);
+  GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive,
+                  bool immutable = false);
   void refreshMetadata();
+  // NOTE [Immutable wrappers]: a wrapper made by lifting a tensor captured from outside the
+  // transform (and every view of one) is immutable: writing into it would change the captured
+  // tensor behind the graph's back, so in-place ops on it raise, as in torch.func.
+  bool immutable() const { return immutable_; }
 
   const char* tensorimpl_type_name() const override { return "functorch_lite.GradWrapperImpl"; }
   c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
@@ -89,6 +94,9 @@ class GradWrapperImpl final : public FtTensorImplBase {
   c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
       c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const override;
   void shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) override;
+
+ private:
+  bool immutable_;
 };
 
 // --- cheap queries (no virtual calls: DeferredInit on a tensor means it is ours, see import check)
@@ -115,7 +123,7 @@ inline BatchedTensorImpl* batchedAt(const at::Tensor& t, int64_t level) {
 
 // --- construction. makeBatched with no bdim returns the value itself (an unbatched result).
 at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Level& level);
-at::Tensor makeGradWrapper(at::Tensor value, const Level& level);
+at::Tensor makeGradWrapper(at::Tensor value, const Level& level, bool immutable = false);
 
 // (value, bdim) of `t` at `level`: unbatched tensors come back as themselves with no bdim.
 std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level);

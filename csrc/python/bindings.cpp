@@ -85,6 +85,14 @@ at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, int64_t batch_s
   return t.unsqueeze(d).expand(sizes);
 }
 
+// Context manager: runs Python code with our front key excluded, so torch functions that read raw
+// memory (tolist, numpy) see plain tensors and nothing gets wrapped on the way.
+struct BelowTransforms {
+  std::optional<c10::impl::ExcludeDispatchKeyGuard> guard;
+  void enter() { guard.emplace(c10::DispatchKey::DeferredInit); }
+  void exit(const py::args&) { guard.reset(); }
+};
+
 }  // namespace
 }  // namespace ftl
 
@@ -101,17 +109,17 @@ PYBIND11_MODULE(_C, m) {
   // ---- levels
   m.def("_push_vmap", torch::wrap_pybind_function([](int64_t batch_size, const std::string& randomness) {
     checkNotInsideTorchFunc("vmap");
-    return levelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
+    return ownLevelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
   }));
   m.def("_push_grad", torch::wrap_pybind_function([] {
     checkNotInsideTorchFunc("grad");
-    return levelStack().push(LevelKind::Grad, 0, Randomness::Error);
+    return ownLevelStack().push(LevelKind::Grad, 0, Randomness::Error);
   }));
   m.def("_push_jvp", torch::wrap_pybind_function([] {
     checkNotInsideTorchFunc("jvp");
-    return levelStack().push(LevelKind::Jvp, 0, Randomness::Error);
+    return ownLevelStack().push(LevelKind::Jvp, 0, Randomness::Error);
   }));
-  m.def("_pop", torch::wrap_pybind_function([](int64_t id) { levelStack().pop(id); }));
+  m.def("_pop", torch::wrap_pybind_function([](int64_t id) { ownLevelStack().pop(id); }));
   m.def("_stack_depth", torch::wrap_pybind_function([] { return levelStack().depth(); }));
   m.def("_describe_stack", torch::wrap_pybind_function(&describeStack));
 
@@ -148,6 +156,11 @@ PYBIND11_MODULE(_C, m) {
     auto* gw = asGradWrapper(t);
     return gw && gw->level() == level_id ? gw->value() : t;
   }));
+
+  py::class_<BelowTransforms>(m, "_BelowTransforms")
+      .def(py::init<>())
+      .def("__enter__", &BelowTransforms::enter)
+      .def("__exit__", &BelowTransforms::exit);
 
   // ---- introspection (repr, tests)
   m.def("_wrapper_info", torch::wrap_pybind_function([](const at::Tensor& t) -> py::object {

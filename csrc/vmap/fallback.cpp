@@ -1,7 +1,8 @@
 // The boxed path of a vmap level: ops without an unboxed batching rule come here (from the
-// DeferredInit fallback). In order: ops with nothing batched at this level are handed down; random
-// ops follow the level's randomness; data-dependent ops raise; CompositeImplicitAutograd ops are
-// decomposed so that their pieces are batched; everything else runs the for-loop fallback.
+// DeferredInit fallback). In order: random ops follow the level's randomness (even when nothing
+// is batched: a factory draw must honour 'different'); ops with nothing batched at this level are
+// handed down; data-dependent ops raise; CompositeImplicitAutograd ops are decomposed so that their
+// pieces are batched; everything else runs the for-loop fallback.
 #include "vmap/fallback.h"
 
 #include <ATen/core/Tensor.h>
@@ -46,26 +47,39 @@ Seen& seen() {
   return *s;
 }
 
+// The process-wide default warning handler, read while the library loads (no Python handler is
+// installed then).
+c10::WarningHandler* baseWarningHandler() {
+  static c10::WarningHandler* const base = c10::WarningUtils::get_warning_handler();
+  return base;
+}
+[[maybe_unused]] const bool base_handler_read_at_load = (baseWarningHandler(), true);
+
 void noteFallback(const c10::OperatorName& name) {
   std::string op = c10::toString(name);
   const auto mode = fallbackMode();
   TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: there is no batching rule for ",
               op, " and the for-loop fallback is disabled (set_vmap_fallback('error') or "
               "FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.");
-  bool first;
+  bool first = false;
   {
     std::lock_guard<std::mutex> g(seen().mutex);
     seen().ops.insert(op);
-    first = seen().warned.insert(op).second;
+    // Only a warning actually shown counts: 'quiet' must not use up the one-time warning.
+    if (mode == FallbackMode::Warn) first = seen().warned.insert(op).second;
   }
   if (first && mode == FallbackMode::Warn) {
-    // verbatim: the warning is about the user's op, not about where in our C++ it was raised.
+    // Under Python, no C++ source location: torch's Python handler then reports the warning at
+    // the user's line, with no "Triggered internally at" suffix, and warning filters apply. The
+    // C++ default handler (no Python on this call path) needs a file name to print.
+    const bool python_handler = c10::WarningUtils::get_warning_handler() != baseWarningHandler();
     c10::warn(c10::Warning(
-        c10::UserWarning(), {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+        c10::UserWarning(),
+        {__func__, python_handler ? nullptr : __FILE__, python_handler ? 0u : __LINE__},
         c10::str("functorch_lite.vmap: there is no batching rule for ", op,
                  ", so it runs as a for-loop over the batch (correct, but slower). "
                  "Silence with functorch_lite.set_vmap_fallback('quiet')."),
-        /*verbatim=*/true));
+        /*verbatim=*/false));
   }
 }
 
@@ -92,6 +106,7 @@ void rejectDataDependent(const c10::OperatorName& name) {
               "cause: use torch.where(mask, x, 0) or multiply by the mask instead.");
 }
 
+// Random ops: those taking a Generator, plus the overloads and ops that draw without taking one.
 bool isRandomOp(const c10::OperatorHandle& op) {
   const auto& schema = op.schema();
   for (const auto& arg : schema.arguments()) {
@@ -103,7 +118,28 @@ bool isRandomOp(const c10::OperatorHandle& op) {
       return true;
     }
   }
-  return schema.name() == "aten::native_dropout";
+  static const std::unordered_set<std::string> names = {
+      "aten::rand", "aten::randn", "aten::randint", "aten::randperm", "aten::rand_like",
+      "aten::randn_like", "aten::randint_like", "aten::native_dropout", "aten::bernoulli",
+      "aten::normal", "aten::poisson", "aten::multinomial", "aten::random_", "aten::uniform_",
+      "aten::normal_", "aten::bernoulli_", "aten::exponential_", "aten::geometric_",
+      "aten::log_normal_", "aten::cauchy_", "aten::rrelu", "aten::rrelu_with_noise",
+      "aten::_standard_gamma", "aten::_sample_dirichlet", "aten::binomial"};
+  return names.count(schema.name()) > 0;
+}
+
+// Index of the `size` argument of a random factory (rand, randn, randint, ...), or -1.
+int64_t sizeArgIndex(const c10::FunctionSchema& schema) {
+  const auto& args = schema.arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (args[i].name() == "size" && args[i].type()->kind() == c10::TypeKind::ListType) return i;
+  }
+  return -1;
+}
+
+bool isLikeOp(const c10::FunctionSchema& schema) {
+  const std::string& n = schema.name();
+  return n.size() > 5 && n.compare(n.size() - 5, 5, "_like") == 0;
 }
 
 bool isMutated(const c10::FunctionSchema& schema, size_t i) {
@@ -111,8 +147,8 @@ bool isMutated(const c10::FunctionSchema& schema, size_t i) {
   return alias && alias->isWrite();
 }
 
-// Runs `op` once per batch element and stacks the results along dim 0. With `replicate` set the
-// op also runs batch_size times when nothing is batched (randomness='different').
+// Runs `op` once per batch element and stacks the results along dim 0 (batch_size times even when
+// nothing is batched: randomness='different' uses that for independent draws).
 void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
@@ -151,7 +187,23 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
           return t;
         });
       }
+      // An in-place op that changes its argument's shape (squeeze_, t_, resize_, ...) would
+      // change only the slice, silently: refuse instead.
+      c10::SmallVector<std::pair<at::Tensor, std::vector<int64_t>>, 2> mutated_slices;
+      for (size_t i = 0; i < nargs; ++i) {
+        if (isMutated(schema, i) && slice[i].isTensor()) {
+          const at::Tensor& t = slice[i].toTensor();
+          mutated_slices.emplace_back(t, t.sizes().vec());
+        }
+      }
       op.callBoxed(slice);
+      for (const auto& [t, sizes] : mutated_slices) {
+        TORCH_CHECK(t.sizes() == c10::IntArrayRef(sizes), "functorch_lite.vmap: ",
+                    schema.operator_name(), " changes the shape of its argument in place, which "
+                    "has no batching rule (the for-loop fallback cannot change the shape of a "
+                    "batched tensor). Use the out-of-place version (e.g. x = x.squeeze() instead "
+                    "of x.squeeze_()).");
+      }
       for (size_t r = 0; r < nrets; ++r) results[r].push_back(std::move(slice[r]));
     }
   }
@@ -187,6 +239,13 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
       HandDownGuard guard;
       return at::_ops::stack::call(ts, 0);
     };
+    bool all_undefined = true;
+    for (auto& iv : outs) all_undefined &= iv.isNone() || (iv.isTensor() && !iv.toTensor().defined());
+    if (all_undefined) {
+      // Backward ops return undefined tensors for gradients nobody asked for.
+      stack->push_back(outs.front());
+      continue;
+    }
     if (outs.front().isTensor()) {
       std::vector<at::Tensor> ts;
       ts.reserve(outs.size());
@@ -225,50 +284,91 @@ bool anyBatched(const torch::jit::Stack& stack, size_t begin, int64_t lvl) {
 
 void randomOp(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top, bool batched) {
   const auto& schema = op.schema();
-  switch (top.randomness) {
-    case Randomness::Error:
-      TORCH_CHECK(false, "functorch_lite.vmap: the function called the random operation ",
-                  schema.operator_name(), " while vmap's randomness is 'error'. Pass "
-                  "randomness='different' (independent draws per batch element) or "
-                  "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
-                  "values outside of vmap.");
-    case Randomness::Same: {
-      if (!batched) {
-        HandDownGuard guard;
-        op.callBoxed(stack);
-        return;
-      }
-      const size_t nargs = schema.arguments().size();
-      const size_t begin = stack->size() - nargs;
-      // In-place draw into a batched tensor whose other arguments are not batched: draw once for
-      // one element, then copy that draw to every element.
-      bool self_only = isMutated(schema, 0) && (*stack)[begin].isTensor() &&
-                       batchedAt((*stack)[begin].toTensor(), top.id);
-      if (self_only) {
-        for (size_t i = 1; i < nargs; ++i) {
-          if (anyBatched(std::vector<c10::IValue>{(*stack)[begin + i]}, 0, top.id)) self_only = false;
-        }
-      }
-      TORCH_CHECK(self_only, "functorch_lite.vmap: randomness='same' cannot be honoured by ",
-                  schema.operator_name(), " when its inputs differ between batch elements. Use "
-                  "randomness='different', or draw outside of vmap.");
-      at::Tensor self = (*stack)[begin].toTensor();
-      auto* bt = batchedAt(self, top.id);
-      {
-        HandDownGuard guard;
-        at::Tensor one = bt->value().select(bt->bdim(), 0);
-        (*stack)[begin] = one;
-        op.callBoxed(stack);
-        bt->value().copy_(one.unsqueeze(bt->bdim()).clone().expand_as(bt->value()));
-      }
-      torch::jit::drop(*stack, schema.returns().size());
-      for (size_t r = 0; r < schema.returns().size(); ++r) stack->push_back(self);
+  const size_t nargs = schema.arguments().size();
+  const size_t begin = stack->size() - nargs;
+  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: the function called the "
+              "random operation ", schema.operator_name(), " while vmap's randomness is 'error'. "
+              "Pass randomness='different' (independent draws per batch element) or "
+              "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
+              "values outside of vmap.");
+  const bool inplace = nargs > 0 && isMutated(schema, 0) && (*stack)[begin].isTensor();
+  auto* self_batched = inplace ? batchedAt((*stack)[begin].toTensor(), top.id) : nullptr;
+  bool others_batched = false;
+  for (size_t i = inplace ? 1 : 0; i < nargs; ++i) {
+    others_batched |= anyBatched(std::vector<c10::IValue>{(*stack)[begin + i]}, 0, top.id);
+  }
+  // *_like draws depend only on the shape of their input: with a batched input, 'different'
+  // draws on the physical value (independent per element) and 'same' draws one element's worth.
+  if (isLikeOp(schema) && others_batched) {
+    auto* bt = batchedAt((*stack)[begin].toTensor(), top.id);
+    const at::Tensor self = (*stack)[begin].toTensor();
+    HandDownGuard guard;
+    if (top.randomness == Randomness::Different) {
+      (*stack)[begin] = bt->value();
+      op.callBoxed(stack);
+      (*stack)[stack->size() - 1] = makeBatched((*stack)[stack->size() - 1].toTensor(), bt->bdim(), top);
+    } else {
+      (*stack)[begin] = bt->value().select(bt->bdim(), 0);
+      op.callBoxed(stack);
+    }
+    return;
+  }
+  if (top.randomness == Randomness::Same) {
+    if (!batched) {
+      HandDownGuard guard;
+      op.callBoxed(stack);
       return;
     }
-    case Randomness::Different:
-      forLoop(op, stack, top);
-      return;
+    // In-place draw into a batched tensor whose other arguments are not batched: draw once for
+    // one element, then copy that draw to every element.
+    TORCH_CHECK(self_batched && !others_batched, "functorch_lite.vmap: randomness='same' cannot be "
+                "honoured by ", schema.operator_name(), " when its inputs differ between batch "
+                "elements. Use randomness='different', or draw outside of vmap.");
+    at::Tensor self = (*stack)[begin].toTensor();
+    {
+      HandDownGuard guard;
+      at::Tensor one = self_batched->value().select(self_batched->bdim(), 0);
+      (*stack)[begin] = one;
+      op.callBoxed(stack);
+      self_batched->value().copy_(one.unsqueeze(self_batched->bdim()).expand_as(self_batched->value()).clone());
+    }
+    torch::jit::drop(*stack, schema.returns().size());
+    for (size_t r = 0; r < schema.returns().size(); ++r) stack->push_back(self);
+    return;
   }
+  // 'different'
+  TORCH_CHECK(!inplace || self_batched, "functorch_lite.vmap: randomness='different' needs one draw "
+              "per batch element, but ", schema.operator_name(), " draws in place into a tensor "
+              "that is not batched (it was created outside vmap or does not depend on the mapped "
+              "inputs), which can hold only one. Draw into a batched tensor (e.g. torch.empty_like "
+              "of a mapped input), or use randomness='same'.");
+  const int64_t size_idx = sizeArgIndex(schema);
+  if (!batched && size_idx >= 0) {
+    // A random factory: draw [batch_size, *size] at once.
+    auto& iv = (*stack)[begin + size_idx];
+    std::vector<int64_t> size{top.batch_size};
+    for (const auto& d : iv.toListRef()) size.push_back(d.toInt());
+    iv = c10::IValue(size);
+    {
+      HandDownGuard guard;
+      op.callBoxed(stack);
+    }
+    (*stack)[stack->size() - 1] = makeBatched((*stack)[stack->size() - 1].toTensor(), 0, top);
+    return;
+  }
+  if (self_batched && !others_batched) {
+    // In-place draw into a batched tensor: the physical value holds one draw per element already.
+    const at::Tensor self = (*stack)[begin].toTensor();
+    {
+      HandDownGuard guard;
+      (*stack)[begin] = self_batched->value();
+      op.callBoxed(stack);
+    }
+    torch::jit::drop(*stack, schema.returns().size());
+    for (size_t r = 0; r < schema.returns().size(); ++r) stack->push_back(self);
+    return;
+  }
+  forLoop(op, stack, top);
 }
 
 }  // namespace
@@ -299,7 +399,11 @@ void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Le
     return;
   }
   rejectDataDependent(schema.operator_name());
-  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
+  // A few composite kernels read raw data (tensor lengths, a fast path); they must loop instead.
+  static const std::unordered_set<std::string> no_decompose = {
+      "aten::max_pool1d", "aten::ctc_loss", "aten::max_pool1d_with_indices"};
+  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
+      !no_decompose.count(schema.name())) {
     op.callBoxedForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd, *stack);
     return;
   }

@@ -34,6 +34,12 @@ Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size) {
   return t.unsqueeze(0).expand(sizes);
 }
 
+Tensor flattenAfterBatch(const Tensor& p) {
+  int64_t n = 1;
+  for (int64_t d = 1; d < p.dim(); ++d) n *= p.size(d);
+  return p.reshape({p.size(0), n});
+}
+
 int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front) {
   int64_t d = c10::maybe_wrap_dim(dim, logical_rank);
   return bdim_at_front ? d + 1 : d;

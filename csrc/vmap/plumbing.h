@@ -7,15 +7,16 @@
 // dim (`std::optional<int64_t>`, nullopt when that argument is not batched). It returns the result
 // and its batch dim: `std::tuple<Tensor, std::optional<int64_t>>`, or one such pair per output for
 // ops with several outputs, or `std::tuple<std::vector<Tensor>, std::optional<int64_t>>` for ops
-// returning Tensor[]. Rules never see levels or wrappers: VmapKernel<Op, Rule>::fn, registered on
-// DeferredInit for op `Op` (an at::_ops:: struct), does all of that:
+// returning Tensor[]. Rules never see levels or wrappers: detail::VmapKernelImpl<Op, Rule>::fn,
+// registered on DeferredInit for op `Op` (an at::_ops:: struct) by registerVmapRule, does that:
 //   1. if the top level is not a vmap level, the op goes to the boxed front kernel (grad levels);
 //   2. if no argument is batched at the top level, the op is handed down unchanged;
 //   3. otherwise it unwraps, runs the rule with the level hidden (so the rule's own ops run at the
 //      level below), and wraps the results at the top level.
-// In-place rules (VmapInplaceKernel) receive the unwrapped `self` and mutate it; they return
-// nothing. The plumbing rejects writing batched values into an unbatched `self`.
-// Register a family of ops sharing one rule template with FT_VMAP_FAMILY (one line per family).
+// In-place rules (registerVmapInplaceRule) receive the unwrapped `self` and mutate it; they return
+// nothing, or the new batch dim for in-place shape ops. The plumbing rejects writing batched
+// values into an unbatched `self`. A family of ops sharing one rule template is registered in
+// one line: registerFamily<Unary, at::_ops::sin, at::_ops::cos, ...>(m).
 #include <ATen/core/Tensor.h>
 #include <ATen/core/boxing/impl/boxing.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -43,6 +44,27 @@ std::string opName() {
   return n;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Helpers shared by rules.
+inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) { return t.dim() - (bd ? 1 : 0); }
+
+// Moves the batch dim to the front; unbatched tensors are returned as they are.
+Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
+// Like moveBdimToFront, but an unbatched tensor gets a size-1 (or size-`batch_size` when given)
+// leading dim, so that it broadcasts against batched tensors.
+Tensor bdimAtFrontOrUnsqueeze(const Tensor& t, bdim_t bd);
+// Pads a batch-dim-at-front tensor with size-1 dims right after the batch dim up to logical rank.
+Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank);
+// Wraps a logical dim (may be negative) against a logical rank and shifts it past a leading bdim.
+int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front);
+// Batch dim at the front; an unbatched tensor is expanded (not copied) to `batch_size` there.
+Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
+// [B, ...] -> [B, prod(...)], also for B == 0 or empty logical tensors.
+Tensor flattenAfterBatch(const Tensor& p);
+// Batch size of the first batched tensor.
+int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
+
+
 namespace detail {
 
 template <class T>
@@ -66,6 +88,43 @@ bool isBatchedArg(const T& arg, int64_t lvl) {
     return false;
   } else {
     return false;
+  }
+}
+
+// Dead wrappers (of transforms that already returned, e.g. the graph a vjp_fn runs) must become
+// their values before anything looks at levels: their values may be batched at the top level.
+inline bool isDeadTensor(const at::Tensor& t) {
+  auto* ft = asFt(t);
+  return ft && !ft->isAlive();
+}
+template <class T>
+bool isDeadArg(const T& arg) {
+  if constexpr (is_tensor_v<T>) {
+    return isDeadTensor(arg);
+  } else if constexpr (is_opt_tensor_v<T>) {
+    return arg.has_value() && isDeadTensor(*arg);
+  } else if constexpr (std::is_same_v<bare_t<T>, at::ITensorListRef> ||
+                       std::is_same_v<bare_t<T>, at::TensorList>) {
+    for (const at::Tensor& t : arg)
+      if (isDeadTensor(t)) return true;
+    return false;
+  } else {
+    return false;
+  }
+}
+template <class T>
+decltype(auto) reviveArg(const T& arg) {
+  if constexpr (is_tensor_v<T>) {
+    return unwrapIfDead(arg);
+  } else if constexpr (is_opt_tensor_v<T>) {
+    return arg.has_value() ? std::optional<at::Tensor>(unwrapIfDead(*arg)) : arg;
+  } else if constexpr (std::is_same_v<bare_t<T>, at::ITensorListRef> ||
+                       std::is_same_v<bare_t<T>, at::TensorList>) {
+    std::vector<at::Tensor> out;
+    for (const at::Tensor& t : arg) out.push_back(unwrapIfDead(t));
+    return out;
+  } else {
+    return (const T&)arg;
   }
 }
 
@@ -119,6 +178,7 @@ struct VmapKernelImpl;
 template <class Op, auto Rule, class Ret, class... Args>
 struct VmapKernelImpl<Op, Rule, Ret(Args...)> {
   static Ret fn(Args... args) {
+    if (C10_UNLIKELY((isDeadArg(args) || ...))) return Op::call(reviveArg(args)...);
     const Level* top = levelStack().top();
     if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
       return redirectToFront<Op, Ret, Args...>(args...);
@@ -139,6 +199,11 @@ struct VmapInplaceKernelImpl;
 template <class Op, auto Rule, class... Args>
 struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
   static at::Tensor& fn(at::Tensor& self, Args... args) {
+    if (C10_UNLIKELY(isDeadTensor(self) || (isDeadArg(args) || ...))) {
+      at::Tensor live = unwrapIfDead(self);
+      Op::call(live, reviveArg(args)...);
+      return self;
+    }
     const Level* top = levelStack().top();
     if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
       return redirectToFront<Op, at::Tensor&, at::Tensor&, Args...>(self, args...);
@@ -175,7 +240,67 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
   }
 };
 
+// ---- batch-native ops: every tensor argument takes any number of leading batch dims (linalg,
+// triu/tril, ...). All tensor arguments are brought to [B, ...] (unbatched ones expanded, not
+// copied) and every tensor output is batched at dim 0.
+template <class T>
+decltype(auto) materializeArg(const T& arg, int64_t lvl, int64_t B) {
+  if constexpr (is_tensor_v<T>) {
+    auto [v, bd] = unwrapAt(arg, lvl);
+    return materializeBdimFront(v, bd, B);
+  } else if constexpr (is_opt_tensor_v<T>) {
+    if (!arg.has_value() || !arg->defined()) return std::optional<at::Tensor>();
+    auto [v, bd] = unwrapAt(*arg, lvl);
+    return std::optional<at::Tensor>(materializeBdimFront(v, bd, B));
+  } else {
+    return (const T&)arg;
+  }
+}
+
+inline at::Tensor batchedAt0(at::Tensor t, const Level& lvl) {
+  return t.defined() ? makeBatched(std::move(t), 0, lvl) : t;
+}
+
+template <class Ret>
+Ret wrapAllAt0(Ret r, const Level& lvl) {
+  if constexpr (std::is_same_v<Ret, at::Tensor>) {
+    return batchedAt0(std::move(r), lvl);
+  } else if constexpr (std::is_same_v<Ret, std::vector<at::Tensor>>) {
+    for (auto& t : r) t = batchedAt0(std::move(t), lvl);
+    return r;
+  } else {
+    return std::apply([&](auto&&... ts) { return Ret(batchedAt0(std::move(ts), lvl)...); },
+                      std::move(r));
+  }
+}
+
+template <class Op, class Sig = typename Op::schema>
+struct BatchNativeKernelImpl;
+template <class Op, class Ret, class... Args>
+struct BatchNativeKernelImpl<Op, Ret(Args...)> {
+  static Ret fn(Args... args) {
+    if (C10_UNLIKELY((isDeadArg(args) || ...))) return Op::call(reviveArg(args)...);
+    const Level* top = levelStack().top();
+    if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
+      return redirectToFront<Op, Ret, Args...>(args...);
+    }
+    const int64_t lvl = top->id;
+    if (!(isBatchedArg(args, lvl) || ...)) {
+      HandDownGuard guard;
+      return Op::call(args...);
+    }
+    const int64_t B = top->batch_size;
+    HandDownGuard guard;
+    return wrapAllAt0<Ret>(Op::call(materializeArg(args, lvl, B)...), *top);
+  }
+};
+
 }  // namespace detail
+
+template <class... Ops>
+void registerBatchNative(torch::Library& m) {
+  (m.impl(opName<Ops>().c_str(), TORCH_FN((detail::BatchNativeKernelImpl<Ops>::fn))), ...);
+}
 
 template <class Op, auto Rule>
 void registerVmapRule(torch::Library& m) {
@@ -186,8 +311,8 @@ void registerVmapInplaceRule(torch::Library& m) {
   m.impl(opName<Op>().c_str(), TORCH_FN((detail::VmapInplaceKernelImpl<Op, Rule>::fn)));
 }
 
-// One line per family: FT_VMAP_FAMILY(m, UnaryPointwise, sin, cos, exp) registers
-// VmapKernel<at::_ops::sin, UnaryPointwise<at::_ops::sin>::rule> and so on.
+// One line per family: registerFamily<Unary, at::_ops::sin, at::_ops::cos>(m) registers
+// VmapKernelImpl<at::_ops::sin, &Unary<at::_ops::sin>::rule> and so on.
 template <template <class> class RuleT, class... Ops>
 void registerFamily(torch::Library& m) {
   (registerVmapRule<Ops, &RuleT<Ops>::rule>(m), ...);
@@ -196,23 +321,5 @@ template <template <class> class RuleT, class... Ops>
 void registerInplaceFamily(torch::Library& m) {
   (registerVmapInplaceRule<Ops, &RuleT<Ops>::rule>(m), ...);
 }
-
-// ------------------------------------------------------------------------------------------------
-// Helpers shared by rules.
-inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) { return t.dim() - (bd ? 1 : 0); }
-
-// Moves the batch dim to the front; unbatched tensors are returned as they are.
-Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
-// Like moveBdimToFront, but an unbatched tensor gets a size-1 (or size-`batch_size` when given)
-// leading dim, so that it broadcasts against batched tensors.
-Tensor bdimAtFrontOrUnsqueeze(const Tensor& t, bdim_t bd);
-// Pads a batch-dim-at-front tensor with size-1 dims right after the batch dim up to logical rank.
-Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank);
-// Wraps a logical dim (may be negative) against a logical rank and shifts it past a leading bdim.
-int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front);
-// Batch dim at the front; an unbatched tensor is expanded (not copied) to `batch_size` there.
-Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
-// Batch size of the first batched tensor.
-int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
 
 }  // namespace ftl

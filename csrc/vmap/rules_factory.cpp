@@ -86,6 +86,9 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
 // lives in a larger physical storage by construction (NOTE above); its logical layout is what
 // counts, and the size and stride checks that follow compare exactly that.
 bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
+  if (C10_UNLIKELY(detail::isDeadTensor(self) || detail::isDeadTensor(other))) {
+    return at::_ops::_has_same_storage_numel::call(unwrapIfDead(self), unwrapIfDead(other));
+  }
   const Level* top = levelStack().top();
   if (!top || top->kind != LevelKind::Vmap) {
     return detail::redirectToFront<at::_ops::_has_same_storage_numel, bool, const Tensor&,
@@ -98,6 +101,9 @@ bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
 
 // Batched tensors report their logical sizes, which is what the question is about.
 bool isSameSizeKernel(const Tensor& self, const Tensor& other) {
+  if (C10_UNLIKELY(detail::isDeadTensor(self) || detail::isDeadTensor(other))) {
+    return at::_ops::is_same_size::call(unwrapIfDead(self), unwrapIfDead(other));
+  }
   const Level* top = levelStack().top();
   if (!top || top->kind != LevelKind::Vmap) {
     return detail::redirectToFront<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(

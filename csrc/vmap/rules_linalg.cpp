@@ -1,5 +1,7 @@
-// Batching rules: matrix products (mm, bmm, mv, dot, addmm, matmul, linear). They all lower to
-// one at::matmul over bdim-front tensors, whose broadcasting over leading dims does the batching.
+// Batching rules: matrix products (mm, bmm, mv, dot, addmm, matmul, linear), which all lower to
+// one at::matmul over bdim-front tensors whose broadcasting over leading dims does the batching;
+// and the decompositions and solvers (inv, det, slogdet, cholesky, qr, eigh, svd, lu, solve, ...),
+// which natively accept leading batch dims (registerBatchNative), plus trace.
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
 
@@ -87,12 +89,21 @@ std::tuple<Tensor, bdim_t> linearRule(const Tensor& x, bdim_t xbd, const Tensor&
     Tensor x2 = moveBdimToFront(x, xbd);
     return {at::linear(x2, w, bias), 0};
   }
+  if (!xbd && !wbd) {
+    // Only the bias is batched: one product, then a broadcast add of [B, 1.., out].
+    Tensor out = at::linear(x, w);
+    return {at::add(padToLogicalRank(moveBdimToFront(*bias, bbd), true, out.dim()), out), 0};
+  }
   Tensor wt = wbd ? moveBdimToFront(w, wbd).transpose(-1, -2) : w.t();
   auto [out, obd] = matmulRule(x, xbd, wt, wbd ? bdim_t(0) : std::nullopt);
   if (!bias.has_value() || !bias->defined()) return {out, obd};
   const int64_t lr = out.dim() - 1;
   Tensor b = bbd ? padToLogicalRank(moveBdimToFront(*bias, bbd), true, lr) : *bias;
   return {out.add(b), 0};
+}
+
+std::tuple<Tensor, bdim_t> traceRule(const Tensor& x, bdim_t bd) {
+  return {moveBdimToFront(x, bd).diagonal(0, -2, -1).sum(-1), 0};
 }
 
 }  // namespace
@@ -105,6 +116,16 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::mv, &mvRule>(m);
   registerVmapRule<at::_ops::addmm, &addmmRule>(m);
   registerVmapRule<at::_ops::linear, &linearRule>(m);
+  registerVmapRule<at::_ops::trace, &traceRule>(m);
+  registerBatchNative<at::_ops::linalg_inv_ex, at::_ops::_linalg_det, at::_ops::_linalg_slogdet,
+                      at::_ops::linalg_cholesky_ex, at::_ops::linalg_qr, at::_ops::_linalg_eigh,
+                      at::_ops::_linalg_svd, at::_ops::linalg_lu_factor_ex, at::_ops::linalg_lu,
+                      at::_ops::_linalg_solve_ex, at::_ops::linalg_solve_triangular,
+                      at::_ops::triu, at::_ops::tril, at::_ops::linalg_matrix_exp,
+                      at::_ops::cholesky_solve, at::_ops::linalg_lu_solve, at::_ops::lu_unpack,
+                      at::_ops::linalg_eig, at::_ops::linalg_householder_product,
+                      at::_ops::linalg_ldl_factor_ex, at::_ops::linalg_ldl_solve,
+                      at::_ops::triangular_solve, at::_ops::cholesky_inverse>(m);
 }
 
 }  // namespace ftl

@@ -10,10 +10,7 @@
 namespace ftl {
 namespace {
 
-Tensor flatBatch(const Tensor& x, bdim_t bd) {
-  Tensor p = moveBdimToFront(x, bd);
-  return p.reshape({p.size(0), -1});
-}
+Tensor flatBatch(const Tensor& x, bdim_t bd) { return flattenAfterBatch(moveBdimToFront(x, bd)); }
 
 // Ops taking a list of dims as their second argument (int[]? or int[]); empty/None means all.
 template <class Op, class Sig = typename Op::schema>
@@ -102,7 +99,7 @@ struct ArgReduce {
     Tensor p = moveBdimToFront(x, bd);
     const int64_t lr = p.dim() - 1;
     if (!dim.has_value()) {
-      Tensor r = Op::call(p.reshape({p.size(0), -1}), 1, false);
+      Tensor r = Op::call(flattenAfterBatch(p), 1, false);
       if (keepdim) {
         c10::SmallVector<int64_t, 8> shape(lr + 1, 1);
         shape[0] = p.size(0);

@@ -4,6 +4,8 @@
 // the result is a view of the physical tensor exactly when the logical op returns a view.
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
+#include <ATen/InferSize.h>
+#include <ATen/TensorUtils.h>
 #include <ATen/WrapDimUtils.h>
 
 #include "vmap/plumbing.h"
@@ -21,17 +23,56 @@ SymIntVec withBatch(int64_t B, c10::SymIntArrayRef size) {
   return out;
 }
 
+// A view of the logical tensor is a view of the physical one with the batch dim kept whole: at
+// the front if the strides allow it, else at the back (e.g. flattening dims in front of a trailing
+// batch dim). Returns nullopt when neither layout can be viewed (then only a copy can reshape).
+std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd,
+                                                  c10::IntArrayRef size) {
+  const int64_t B = x.size(bd);
+  int64_t numel = 1;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (d != bd) numel *= x.size(d);
+  at::DimVector logical = at::infer_size_dv(size, numel);
+  at::DimVector front{B};
+  front.append(logical.begin(), logical.end());
+  Tensor f = moveBdimToFront(x, bd);
+  if (at::detail::computeStride(f.sizes(), f.strides(), front)) return std::make_tuple(f.view(front), bdim_t(0));
+  at::DimVector back(logical.begin(), logical.end());
+  back.push_back(B);
+  Tensor b = x.movedim(bd, -1);
+  if (at::detail::computeStride(b.sizes(), b.strides(), back)) {
+    return std::make_tuple(b.view(back), bdim_t(static_cast<int64_t>(logical.size())));
+  }
+  return std::nullopt;
+}
+
 std::tuple<Tensor, bdim_t> viewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
-  Tensor p = moveBdimToFront(x, bd);
-  return {at::_ops::view::call(p, withBatch(p.size(0), size)), 0};
+  auto r = tryView(x, *bd, C10_AS_INTARRAYREF_SLOW(size));
+  TORCH_CHECK(r.has_value(), "view size is not compatible with input tensor's size and stride (at "
+              "least one dimension spans across two contiguous subspaces). Use .reshape(...) "
+              "instead.");
+  return *r;
 }
 std::tuple<Tensor, bdim_t> unsafeViewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
   Tensor p = moveBdimToFront(x, bd);
   return {at::_ops::_unsafe_view::call(p, withBatch(p.size(0), size)), 0};
 }
 std::tuple<Tensor, bdim_t> reshapeRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
+  if (auto r = tryView(x, *bd, C10_AS_INTARRAYREF_SLOW(size))) return *r;
   Tensor p = moveBdimToFront(x, bd);
   return {at::_ops::reshape::call(p, withBatch(p.size(0), size)), 0};
+}
+// reshape's composite asks for _reshape_alias when the logical tensor can be viewed.
+std::tuple<Tensor, bdim_t> reshapeAliasRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
+                                            c10::SymIntArrayRef) {
+  return reshapeRule(x, bd, size);
+}
+
+// clone() with the batch dim at the front: clone(memory_format=contiguous), which contiguous()
+// uses, then gives a logically contiguous result.
+std::tuple<Tensor, bdim_t> cloneRule(const Tensor& x, bdim_t bd,
+                                     std::optional<c10::MemoryFormat> fmt) {
+  return {moveBdimToFront(x, bd).clone(fmt), 0};
 }
 
 std::tuple<Tensor, bdim_t> permuteRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
@@ -51,6 +92,8 @@ std::tuple<Tensor, bdim_t> transposeRule(const Tensor& x, bdim_t bd, int64_t d0,
 
 std::tuple<Tensor, bdim_t> tRule(const Tensor& x, bdim_t bd) {
   Tensor p = moveBdimToFront(x, bd);
+  TORCH_CHECK(p.dim() - 1 <= 2, "t() expects a tensor with <= 2 dimensions, but self is ",
+              p.dim() - 1, "D");
   if (p.dim() < 3) return {p, 0};
   return {p.transpose(1, 2), 0};
 }
@@ -146,7 +189,7 @@ std::tuple<Tensor, bdim_t> rollRule(const Tensor& x, bdim_t bd, c10::SymIntArray
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
   if (dims.empty()) {  // roll over the flattened tensor
-    Tensor flat = p.reshape({p.size(0), -1});
+    Tensor flat = flattenAfterBatch(p);
     return {at::_ops::roll::call(flat, shifts, {1}).view(p.sizes()), 0};
   }
   c10::SmallVector<int64_t, 8> phys;
@@ -181,6 +224,37 @@ int64_t squeezeDimInplaceRule(Tensor& x, bdim_t bd, int64_t dim) {
   x.squeeze_(pd);
   return pd < *bd ? *bd - 1 : *bd;
 }
+// squeeze_() and squeeze_(dims): remove logical size-1 dims, never the batch dim.
+int64_t squeezeDimsInplaceImpl(Tensor& x, int64_t bd, c10::IntArrayRef logical_dims) {
+  c10::SmallVector<int64_t, 8> phys;
+  for (int64_t d : logical_dims) {
+    const int64_t pd = d < bd ? d : d + 1;
+    if (x.size(pd) == 1) phys.push_back(pd);
+  }
+  int64_t new_bd = bd;
+  for (int64_t pd : phys) new_bd -= pd < bd ? 1 : 0;
+  if (!phys.empty()) x.squeeze_(phys);
+  return new_bd;
+}
+int64_t squeezeAllInplaceRule(Tensor& x, bdim_t bd) {
+  c10::SmallVector<int64_t, 8> dims;
+  for (int64_t d = 0; d < x.dim() - 1; ++d) dims.push_back(d);
+  return squeezeDimsInplaceImpl(x, *bd, dims);
+}
+int64_t squeezeDimsListInplaceRule(Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
+  const int64_t lr = x.dim() - 1;
+  if (lr == 0) return *bd;
+  c10::SmallVector<int64_t, 8> wrapped;
+  for (int64_t d : dims) wrapped.push_back(c10::maybe_wrap_dim(d, lr));
+  return squeezeDimsInplaceImpl(x, *bd, wrapped);
+}
+void tInplaceRule(Tensor& x, bdim_t bd) {
+  TORCH_CHECK(x.dim() - 1 <= 2, "t_() expects a tensor with <= 2 dimensions, but self is ",
+              x.dim() - 1, "D");
+  if (x.dim() - 1 < 2) return;
+  x.transpose_(0 < *bd ? 0 : 1, 1 < *bd ? 1 : 2);
+}
+
 void transposeInplaceRule(Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
   const int64_t lr = x.dim() - 1;
   if (lr == 0) return;
@@ -222,6 +296,7 @@ bool anyBatchedIn(const at::ITensorListRef& ts, int64_t lvl) {
 }
 
 Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
+  if (C10_UNLIKELY(detail::isDeadArg(tensors))) return at::_ops::cat::call(detail::reviveArg(tensors), dim);
   const Level* top = levelStack().top();
   if (!top || top->kind != LevelKind::Vmap)
     return detail::redirectToFront<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(tensors, dim);
@@ -246,6 +321,7 @@ Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
 }
 
 Tensor stackKernel(at::TensorList tensors, int64_t dim) {
+  if (C10_UNLIKELY(detail::isDeadArg(tensors))) return at::_ops::stack::call(detail::reviveArg(tensors), dim);
   const Level* top = levelStack().top();
   if (!top || top->kind != LevelKind::Vmap)
     return detail::redirectToFront<at::_ops::stack, Tensor, at::TensorList, int64_t>(tensors, dim);
@@ -271,6 +347,8 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::view, &viewRule>(m);
   registerVmapRule<at::_ops::_unsafe_view, &unsafeViewRule>(m);
   registerVmapRule<at::_ops::reshape, &reshapeRule>(m);
+  registerVmapRule<at::_ops::_reshape_alias, &reshapeAliasRule>(m);
+  registerVmapRule<at::_ops::clone, &cloneRule>(m);
   registerVmapRule<at::_ops::permute, &permuteRule>(m);
   registerVmapRule<at::_ops::transpose_int, &transposeRule>(m);
   registerVmapRule<at::_ops::t, &tRule>(m);
@@ -291,6 +369,9 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapInplaceRule<at::_ops::unsqueeze_, &unsqueezeInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::squeeze__dim, &squeezeDimInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::transpose_, &transposeInplaceRule>(m);
+  registerVmapInplaceRule<at::_ops::squeeze_, &squeezeAllInplaceRule>(m);
+  registerVmapInplaceRule<at::_ops::squeeze__dims, &squeezeDimsListInplaceRule>(m);
+  registerVmapInplaceRule<at::_ops::t_, &tInplaceRule>(m);
   registerVmapRule<at::_ops::select_backward, &selectBackwardRule>(m);
   registerVmapRule<at::_ops::slice_backward, &sliceBackwardRule>(m);
   registerVmapRule<at::_ops::diagonal_backward, &diagonalBackwardRule>(m);
