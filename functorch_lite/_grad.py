@@ -71,6 +71,9 @@ def _split_aux(output, has_aux, api):
     return output
 
 
+_ONE_TENSOR_SPEC = tree_flatten((torch.empty(0),))[1]
+
+
 def grad_and_value(func, argnums=0, has_aux=False):
     """Returns a function computing (gradient, value) of `func` w.r.t. the arguments `argnums`.
 
@@ -89,11 +92,17 @@ def grad_and_value(func, argnums=0, has_aux=False):
         level = _C._push_grad()
         try:
             with torch.enable_grad():
-                args = [tree_map(lambda x: _wrap(x, level), a) for a in args]
-                kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+                args = [_C._wrap_for_grad(a, level) if isinstance(a, torch.Tensor)
+                        else tree_map(lambda x: _wrap(x, level), a) for a in args]
+                if kwargs:
+                    kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
                 for i in idx:
-                    args[i] = _make_differentiable(
-                        args[i], level, api, f"the arguments selected by argnums={argnums!r}")
+                    a = args[i]
+                    if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
+                        a.requires_grad_()  # the common case, without the pytree walk
+                    else:
+                        args[i] = _make_differentiable(
+                            a, level, api, f"the arguments selected by argnums={argnums!r}")
                 diff = tuple(args[i] for i in idx)
                 output = func(*args, **kwargs)
                 output, aux = _split_aux(output, has_aux, api)
@@ -108,7 +117,10 @@ def grad_and_value(func, argnums=0, has_aux=False):
                         f"tensor of shape {tuple(output.shape)}. Use vjp or jacrev for "
                         f"non-scalar outputs."
                     )
-                flat_diff, spec = tree_flatten(diff)
+                if len(diff) == 1 and isinstance(diff[0], torch.Tensor):
+                    flat_diff, spec = list(diff), _ONE_TENSOR_SPEC
+                else:
+                    flat_diff, spec = tree_flatten(diff)
                 if output.requires_grad:
                     grads = torch.autograd.grad(output, flat_diff, allow_unused=True,
                                                 create_graph=create_graph)

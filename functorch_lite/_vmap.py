@@ -39,12 +39,51 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
       elements at a time and the results concatenated; 1 behaves like a for-loop.
     """
     _check_vmap_args(randomness, chunk_size)
+    simple_dims = (type(in_dims) is int and type(out_dims) is int and chunk_size is None)
 
     @functools.wraps(func)
     def wrapped(*args, **kwargs):
+        if simple_dims:
+            out = _vmap_fast(func, in_dims, out_dims, randomness, args, kwargs)
+            if out is not _SLOW:
+                return out
         return _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
 
     return wrapped
+
+
+_SLOW = object()
+
+
+def _vmap_fast(func, in_dim, out_dim, randomness, args, kwargs):
+    """The common case without pytree work: Tensor positional arguments, int in_dims and
+    out_dims, a Tensor output. Anything else (including every error) takes the general path."""
+    if not args:
+        return _SLOW
+    batch_size = None
+    for a in args:
+        if not isinstance(a, torch.Tensor):
+            return _SLOW
+        nd = a.dim()
+        if not -nd <= in_dim < nd:
+            return _SLOW
+        size = a.size(in_dim)
+        if batch_size is None:
+            batch_size = size
+        elif size != batch_size:
+            return _SLOW
+    level = _C._push_vmap(batch_size, randomness)
+    try:
+        batched = _C._vmap_wrap_inputs(list(args), [in_dim] * len(args), level)
+        out = func(*batched, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            flat_out, _, out_spec = _finish_outputs(func, out_dim, out, level, batch_size)
+            return tree_unflatten(flat_out, out_spec)
+        if not -(out.dim() + 1) <= out_dim <= out.dim():
+            _flatten_outputs(func, out_dim, out)  # raises the out_dims error
+        return _C._remove_batch_dim(out, level, batch_size, out_dim)
+    finally:
+        _C._pop(level)
 
 
 def _flatten_inputs(func, in_dims, args):
@@ -149,24 +188,29 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, r
     try:
         batched = _C._vmap_wrap_inputs(flat_args, flat_in_dims, level)
         out = func(*tree_unflatten(batched, args_spec), **kwargs)
-        flat_out, flat_out_dims, out_spec = _flatten_outputs(func, out_dims, out)
-        for i, (o, d) in enumerate(zip(flat_out, flat_out_dims)):
-            if d is None and isinstance(o, torch.Tensor) and _C._is_batched_at(o, level):
-                raise ValueError(
-                    f"vmap({_fn_name(func)}, ..., out_dims={out_dims!r}): flattened output {i} "
-                    f"depends on the mapped inputs, so it needs an int out_dim; out_dims=None is "
-                    f"only for outputs that are the same for the whole batch."
-                )
-        tensor_idx = [i for i, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
-        unwrapped = _C._vmap_unwrap_outputs(
-            [flat_out[i] for i in tensor_idx], [flat_out_dims[i] for i in tensor_idx], level,
-            batch_size,
-        )
-        for i, u in zip(tensor_idx, unwrapped):
-            flat_out[i] = u
-        return flat_out, flat_out_dims, out_spec
+        return _finish_outputs(func, out_dims, out, level, batch_size)
     finally:
         _C._pop(level)
+
+
+def _finish_outputs(func, out_dims, out, level, batch_size):
+    """Checks the outputs against out_dims and removes this level's batch dims (level live)."""
+    flat_out, flat_out_dims, out_spec = _flatten_outputs(func, out_dims, out)
+    for i, (o, d) in enumerate(zip(flat_out, flat_out_dims)):
+        if d is None and isinstance(o, torch.Tensor) and _C._is_batched_at(o, level):
+            raise ValueError(
+                f"vmap({_fn_name(func)}, ..., out_dims={out_dims!r}): flattened output {i} "
+                f"depends on the mapped inputs, so it needs an int out_dim; out_dims=None is "
+                f"only for outputs that are the same for the whole batch."
+            )
+    tensor_idx = [i for i, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
+    unwrapped = _C._vmap_unwrap_outputs(
+        [flat_out[i] for i in tensor_idx], [flat_out_dims[i] for i in tensor_idx], level,
+        batch_size,
+    )
+    for i, u in zip(tensor_idx, unwrapped):
+        flat_out[i] = u
+    return flat_out, flat_out_dims, out_spec
 
 
 def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
