@@ -10,6 +10,8 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 if ! python -c "import torch, pytest, expecttest, cmake, ninja" 2>/dev/null; then
+  # A current pip builds editable installs through pyproject.toml (PEP 660).
+  pip install --quiet --disable-pip-version-check --upgrade pip
   # torch==2.13.0 exactly: a bare `torch` would pull a multi-GB CUDA build.
   pip install --quiet --disable-pip-version-check torch==2.13.0 \
     "setuptools>=70" wheel cmake ninja pytest expecttest numpy

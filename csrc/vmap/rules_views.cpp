@@ -262,6 +262,22 @@ void transposeInplaceRule(Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
   x.transpose_(a < *bd ? a : a + 1, b < *bd ? b : b + 1);
 }
 
+// as_strided addresses the storage of batch element 0 (a BatchedTensor reports its value's offset);
+// element b sits one batch stride further, so the physical view prepends the batch dim's stride.
+// Forward AD uses this on batched tangents laid out batch-outermost (rules_factory.cpp).
+std::tuple<Tensor, bdim_t> asStridedRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
+                                         c10::SymIntArrayRef stride,
+                                         std::optional<c10::SymInt> offset) {
+  return {at::_ops::as_strided::call(x, withBatch(x.size(*bd), size),
+                                     [&] {
+                                       SymIntVec st{x.sym_stride(*bd)};
+                                       st.append(stride.begin(), stride.end());
+                                       return st;
+                                     }(),
+                                     offset),
+          0};
+}
+
 // ---- backward ops of views: scatter the batched gradient into zeros of [B, *input_sizes].
 std::tuple<Tensor, bdim_t> selectBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
                                               int64_t dim, c10::SymInt index) {
@@ -372,6 +388,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapInplaceRule<at::_ops::squeeze_, &squeezeAllInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::squeeze__dims, &squeezeDimsListInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::t_, &tInplaceRule>(m);
+  registerVmapRule<at::_ops::as_strided, &asStridedRule>(m);
   registerVmapRule<at::_ops::select_backward, &selectBackwardRule>(m);
   registerVmapRule<at::_ops::slice_backward, &sliceBackwardRule>(m);
   registerVmapRule<at::_ops::diagonal_backward, &diagonalBackwardRule>(m);
