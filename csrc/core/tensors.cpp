@@ -56,18 +56,14 @@ void BatchedTensorImpl::refreshMetadata() {
 
 c10::intrusive_ptr<c10::TensorImpl> BatchedTensorImpl::shallow_copy_and_detach(
     const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const {
-  auto impl = c10::make_intrusive<BatchedTensorImpl>(value_, bdim_, level_, alive_);
-  copy_tensor_metadata(this, impl.get(), version_counter, allow_tensor_metadata_change);
-  impl->refreshMetadata();
-  return impl;
+  return finishDetachedCopy(c10::make_intrusive<BatchedTensorImpl>(value_, bdim_, level_, alive_), this,
+                            version_counter, allow_tensor_metadata_change);
 }
 
 c10::intrusive_ptr<c10::TensorImpl> BatchedTensorImpl::shallow_copy_and_detach(
     c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const {
-  auto impl = c10::make_intrusive<BatchedTensorImpl>(value_, bdim_, level_, alive_);
-  copy_tensor_metadata(this, impl.get(), std::move(version_counter), allow_tensor_metadata_change);
-  impl->refreshMetadata();
-  return impl;
+  return finishDetachedCopy(c10::make_intrusive<BatchedTensorImpl>(value_, bdim_, level_, alive_), this,
+                            std::move(version_counter), allow_tensor_metadata_change);
 }
 
 void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
@@ -106,18 +102,14 @@ void GradWrapperImpl::refreshMetadata() {
 
 c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
     const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const {
-  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_, immutable_);
-  copy_tensor_metadata(this, impl.get(), version_counter, allow_tensor_metadata_change);
-  impl->refreshMetadata();
-  return impl;
+  return finishDetachedCopy(c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_, immutable_), this,
+                            version_counter, allow_tensor_metadata_change);
 }
 
 c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
     c10::VariableVersion&& version_counter, bool allow_tensor_metadata_change) const {
-  auto impl = c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_, immutable_);
-  copy_tensor_metadata(this, impl.get(), std::move(version_counter), allow_tensor_metadata_change);
-  impl->refreshMetadata();
-  return impl;
+  return finishDetachedCopy(c10::make_intrusive<GradWrapperImpl>(value_, level_, alive_, immutable_), this,
+                            std::move(version_counter), allow_tensor_metadata_change);
 }
 
 void GradWrapperImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {

@@ -56,6 +56,16 @@ class FtTensorImplBase : public c10::TensorImpl {
   at::Tensor value_;
   int64_t level_;
   std::shared_ptr<bool> alive_;
+
+  // The shared tail of shallow_copy_and_detach: torch's metadata copy, then our own refresh.
+  template <class Impl, class VersionCounter>
+  static c10::intrusive_ptr<c10::TensorImpl> finishDetachedCopy(c10::intrusive_ptr<Impl> impl,
+                                                                const c10::TensorImpl* src,
+                                                                VersionCounter&& vc, bool allow) {
+    copy_tensor_metadata(src, impl.get(), std::forward<VersionCounter>(vc), allow);
+    impl->refreshMetadata();
+    return impl;
+  }
 };
 
 class BatchedTensorImpl final : public FtTensorImplBase {

@@ -88,8 +88,8 @@ TEST(hand_down_guard_hides_and_restores) {
 
 TEST(batched_tensor_reports_logical_metadata) {
   auto& s = levelStack();
+  at::Tensor v = at::randn({3, 4, 5});  // random ops inside vmap follow its randomness mode
   int64_t a = s.push(LevelKind::Vmap, 4, Randomness::Error);
-  at::Tensor v = at::randn({3, 4, 5});
   at::Tensor b = makeBatched(v, 1, *s.top());
   CHECK(b.dim() == 2);
   CHECK(b.size(0) == 3 && b.size(1) == 5);
@@ -109,8 +109,8 @@ TEST(batched_tensor_reports_logical_metadata) {
 TEST(vmap_sin_through_dispatcher) {
   initializeDispatch();
   auto& s = levelStack();
-  int64_t a = s.push(LevelKind::Vmap, 3, Randomness::Error);
   at::Tensor v = at::randn({3, 2});
+  int64_t a = s.push(LevelKind::Vmap, 3, Randomness::Error);
   at::Tensor out = at::sin(makeBatched(v, 0, *s.top()));
   auto* bo = batchedAt(out, a);
   CHECK(bo != nullptr);
@@ -153,6 +153,19 @@ TEST(device_threads_see_the_callers_stack) {
   });
   t2.join();
   CHECK(seen == 0);
+}
+
+TEST(random_op_under_randomness_error_raises) {
+  auto& s = levelStack();
+  int64_t a = s.push(LevelKind::Vmap, 3, Randomness::Error);
+  bool threw = false;
+  try {
+    (void)at::randn({2});
+  } catch (const c10::Error&) {
+    threw = true;
+  }
+  CHECK(threw);
+  s.pop(a);
 }
 
 int main() {

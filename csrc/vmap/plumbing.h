@@ -75,20 +75,26 @@ constexpr bool is_tensor_v = std::is_same_v<bare_t<T>, at::Tensor>;
 template <class T>
 constexpr bool is_opt_tensor_v = std::is_same_v<bare_t<T>, std::optional<at::Tensor>>;
 
-template <class T>
-bool isBatchedArg(const T& arg, int64_t lvl) {
+// Whether `pred` holds for any tensor in an argument (Tensor, Tensor?, or a list of tensors).
+template <class T, class Pred>
+bool anyTensorIn(const T& arg, Pred&& pred) {
   if constexpr (is_tensor_v<T>) {
-    return batchedAt(arg, lvl) != nullptr;
+    return pred(arg);
   } else if constexpr (is_opt_tensor_v<T>) {
-    return arg.has_value() && batchedAt(*arg, lvl) != nullptr;
+    return arg.has_value() && pred(*arg);
   } else if constexpr (std::is_same_v<bare_t<T>, at::ITensorListRef> ||
                        std::is_same_v<bare_t<T>, at::TensorList>) {
     for (const at::Tensor& t : arg)
-      if (batchedAt(t, lvl)) return true;
+      if (pred(t)) return true;
     return false;
   } else {
     return false;
   }
+}
+
+template <class T>
+bool isBatchedArg(const T& arg, int64_t lvl) {
+  return anyTensorIn(arg, [lvl](const at::Tensor& t) { return batchedAt(t, lvl) != nullptr; });
 }
 
 // Dead wrappers (of transforms that already returned, e.g. the graph a vjp_fn runs) must become
@@ -99,18 +105,7 @@ inline bool isDeadTensor(const at::Tensor& t) {
 }
 template <class T>
 bool isDeadArg(const T& arg) {
-  if constexpr (is_tensor_v<T>) {
-    return isDeadTensor(arg);
-  } else if constexpr (is_opt_tensor_v<T>) {
-    return arg.has_value() && isDeadTensor(*arg);
-  } else if constexpr (std::is_same_v<bare_t<T>, at::ITensorListRef> ||
-                       std::is_same_v<bare_t<T>, at::TensorList>) {
-    for (const at::Tensor& t : arg)
-      if (isDeadTensor(t)) return true;
-    return false;
-  } else {
-    return false;
-  }
+  return anyTensorIn(arg, [](const at::Tensor& t) { return isDeadTensor(t); });
 }
 template <class T>
 decltype(auto) reviveArg(const T& arg) {
@@ -172,22 +167,39 @@ Ret wrapResult(Res&& res, const Level& lvl) {
   }
 }
 
+// The prologue shared by unboxed vmap kernels. Returns the top vmap level when the kernel's rule
+// must run; otherwise stores the op's result in `done` and returns nullptr: dead wrappers are
+// revived and the op re-dispatched, non-vmap top levels go to the boxed front kernel, and an op
+// with nothing batched at the top level is handed down unchanged.
+template <class Op, class Ret, class... Args>
+const Level* vmapPrologue(std::optional<Ret>& done, Args... args) {
+  if (C10_UNLIKELY((isDeadArg(args) || ...))) {
+    done.emplace(Op::call(reviveArg(args)...));
+    return nullptr;
+  }
+  const Level* top = levelStack().top();
+  if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
+    done.emplace(redirectToFront<Op, Ret, Args...>(args...));
+    return nullptr;
+  }
+  if (!(isBatchedArg(args, top->id) || ...)) {
+    HandDownGuard guard;
+    done.emplace(Op::call(args...));
+    return nullptr;
+  }
+  return top;
+}
+
 template <class Op, auto Rule, class Sig = typename Op::schema>
 struct VmapKernelImpl;
 
 template <class Op, auto Rule, class Ret, class... Args>
 struct VmapKernelImpl<Op, Rule, Ret(Args...)> {
   static Ret fn(Args... args) {
-    if (C10_UNLIKELY((isDeadArg(args) || ...))) return Op::call(reviveArg(args)...);
-    const Level* top = levelStack().top();
-    if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
-      return redirectToFront<Op, Ret, Args...>(args...);
-    }
+    std::optional<Ret> done;
+    const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
+    if (!top) return std::move(*done);
     const int64_t lvl = top->id;
-    if (!(isBatchedArg(args, lvl) || ...)) {
-      HandDownGuard guard;
-      return Op::call(args...);
-    }
     HandDownGuard guard;
     return wrapResult<Ret>(std::apply(Rule, std::tuple_cat(unwrapArg(args, lvl)...)), *top);
   }
@@ -279,16 +291,10 @@ struct BatchNativeKernelImpl;
 template <class Op, class Ret, class... Args>
 struct BatchNativeKernelImpl<Op, Ret(Args...)> {
   static Ret fn(Args... args) {
-    if (C10_UNLIKELY((isDeadArg(args) || ...))) return Op::call(reviveArg(args)...);
-    const Level* top = levelStack().top();
-    if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
-      return redirectToFront<Op, Ret, Args...>(args...);
-    }
+    std::optional<Ret> done;
+    const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
+    if (!top) return std::move(*done);
     const int64_t lvl = top->id;
-    if (!(isBatchedArg(args, lvl) || ...)) {
-      HandDownGuard guard;
-      return Op::call(args...);
-    }
     const int64_t B = top->batch_size;
     HandDownGuard guard;
     return wrapAllAt0<Ret>(Op::call(materializeArg(args, lvl, B)...), *top);
