@@ -188,7 +188,7 @@ def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_
         per_out, offset = [], 0
         for o in flat_out:
             n = o.numel()
-            blocks = [s[offset:offset + n].view(*o.shape, *p.shape)
+            blocks = [s[offset:offset + n].view(tuple(o.shape) + tuple(p.shape))
                       for s, p in zip(stacked, flat_primals)]
             blocks_tree = tree_unflatten(blocks, primals_spec)  # tuple over argnums
             per_out.append(blocks_tree if isinstance(argnums, tuple) else blocks_tree[0])
@@ -231,7 +231,7 @@ def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
             blocks, offset = [], 0
             for p in flat_primals:
                 n = p.numel()
-                blocks.append(moved[..., offset:offset + n].reshape(*out_shape, *p.shape))
+                blocks.append(moved[..., offset:offset + n].reshape(tuple(out_shape) + tuple(p.shape)))
                 offset += n
             blocks_tree = tree_unflatten(blocks, primals_spec)
             per_out.append(blocks_tree if isinstance(argnums, tuple) else blocks_tree[0])

@@ -17,10 +17,17 @@ _BATCHED_VALUE_ERROR = (
 )
 
 
+def _plain_repr(t, *args, **kwargs):
+    # torch's printer runs ops on the tensor; inside a transform those would be lifted to our
+    # wrappers, whose raw data the printer then cannot read. Print below all transforms.
+    with _C._BelowTransforms():
+        return _torch_repr(t, *args, **kwargs)
+
+
 def _describe(t):
     info = _C._wrapper_info(t)
     if info is None:
-        return _torch_repr(t)
+        return _plain_repr(t)
     kind, level, bdim, value, alive = info
     inner = _describe(value).replace("\n", "\n    ")
     dead = "" if alive else ", dead"
@@ -43,7 +50,9 @@ def _plain_value(t, what):
 
 def _repr(self, *args, **kwargs):
     if _C._wrapper_info(self) is None:
-        return _torch_repr(self, *args, **kwargs)
+        if _C._stack_depth() == 0:
+            return _torch_repr(self, *args, **kwargs)
+        return _plain_repr(self, *args, **kwargs)
     return _describe(self)
 
 

@@ -582,23 +582,11 @@ def test_grad_of_vmap_of_grad():
          atol=1e-4, rtol=1e-4)
 
 
-VMAP_VJP_BUG = pytest.mark.xfail(
-    reason="calling vjp_fn inside a vmap when the vjp was also taken inside that vmap raises "
-    "'functorch_lite: aten::cos reached a grad- or jvp-level tensor with no such transform active "
-    "on this thread (stack [])' (ft.vmap(lambda x: ft.vjp(torch.sin, x)[1](ct)[0])); torch.func "
-    "supports it (it is how vmap(jacrev(f)) works); vjp_fn called outside the vmap works",
-    raises=RuntimeError,
-    strict=True,
-)
-
-
-@VMAP_VJP_BUG
 def test_vmap_of_vjp_minimal():
     X, CT = torch.randn(5, 4), torch.randn(5, 4)
     both(lambda m: m.vmap(lambda x, c: m.vjp(torch.sin, x)[1](c)[0])(X, CT))
 
 
-@VMAP_VJP_BUG
 def test_vmap_of_vjp():
     X = torch.randn(5, 4)
     CT = torch.randn(5, 3)
@@ -620,7 +608,6 @@ def test_vjp_of_vmap():
     both(lambda m: m.vjp(m.vmap(torch.sin), X)[1](CT[:, :1].expand(5, 4)))
 
 
-@VMAP_VJP_BUG
 def test_nested_vmap_over_vjp_fn_batched_jacobians():
     X = torch.randn(5, 4)
     f = VJP_FUNCS["matmul_tanh"]
@@ -777,14 +764,6 @@ def test_no_grad_around_transform_with_requires_grad_input_matches_torch_func():
     torch.testing.assert_close(flags["functorch_lite"][1], flags["torch.func"][1])
 
 
-@pytest.mark.xfail(
-    reason="torch.no_grad inside the inner function of grad(grad) is only respected by the inner "
-    "level: the outer level still differentiates through the no_grad block (ft gives 3.0 for "
-    "grad(lambda x: grad(lambda y: c * y)(x)) with c = x * x computed under no_grad; torch.func "
-    "gives 0.0)",
-    raises=AssertionError,
-    strict=True,
-)
 def test_no_grad_inside_nested_levels_is_respected_by_outer_levels():
     x = torch.tensor(1.5)
 
@@ -803,8 +782,6 @@ def test_no_grad_inside_nested_levels_is_respected_by_outer_levels():
     assert ft.grad(mk(ft))(x).item() == 0.0
 
 
-@pytest.mark.xfail(reason="same bug as test_no_grad_inside_nested_levels_is_respected_by_outer_"
-                   "levels", raises=AssertionError, strict=True)
 def test_no_grad_inside_nested_levels():
     def outer(m):
         def f(x):
@@ -932,15 +909,6 @@ def test_inplace_on_captured_tensor_raises_in_vjp_and_nested():
     assert torch.equal(c, torch.zeros(4))
 
 
-@pytest.mark.xfail(
-    reason="in-place writes into a *view* of a captured tensor inside ft.grad (c[0] = ..., "
-    "c[0].add_(...), c.view(...).mul_(...)) are not detected: the view is lifted to the grad "
-    "level, so the mutation check passes and the captured tensor is silently modified "
-    "(torch.func raises 'attempted to call in-place operation ... that would mutate a captured "
-    "Tensor')",
-    raises=(pytest.fail.Exception, AssertionError),
-    strict=True,
-)
 @pytest.mark.parametrize("mutate", [
     pytest.param(lambda c, x: c.__setitem__(0, x[0]), id="setitem"),
     pytest.param(lambda c, x: c[0].add_(1), id="select_add_"),

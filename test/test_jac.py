@@ -102,14 +102,6 @@ def xf(reason, exc=Exception):
 # ------------------------------------------------------------------------------------------------
 # Known bugs (each with a minimal reproducer). Referenced by the xfails below.
 
-BUG_VMAP_VJP = (
-    "functorch_lite bug: calling a vjp_fn under a vmap when the vjp itself was taken under that "
-    "vmap raises 'functorch_lite: aten::<op> reached a grad- or jvp-level tensor with no such "
-    "transform active on this thread (stack [])' whenever the backward uses a saved tensor, so "
-    "vmap(jacrev(f)) fails for "
-    "every nonlinear f. Repro: ft.vmap(ft.jacrev(torch.sin))(torch.randn(2, 3)) "
-    "(same as test_seeds.py VMAP_OVER_VJP_BUG; linear f such as x[1:] or x.sum(0) work)"
-)
 BUG_INPLACE_JVP = (
     "functorch_lite bug: jvp under vmap with a batched tangent and an unbatched primal fails for "
     "softmax/log_softmax/logsumexp: torch's logsumexp_jvp does `self_p_exp *= self_t` because "
@@ -127,22 +119,10 @@ BUG_INPLACE_JVP_GRAD = (
     "(torch.randn(3))"
 )
 BUG_PROD_ITEM = (
-    "functorch_lite bug: vmap(jacfwd(prod)) / vmap(hessian(prod)) raise 'the function called "
-    ".item()': torch's prod formulas test `(input == 0).any().item()` unless "
+    "functorch_lite bug: vmap(jacrev(prod)) / vmap(jacfwd(prod)) / vmap(hessian(prod)) raise "
+    "'the function called .item()': torch's prod formulas test `(input == 0).any().item()` unless "
     "areAnyTensorSubclassLike() is true, which it is not for functorch_lite's wrappers. Repro: "
     "ft.vmap(ft.jacfwd(lambda x: x.prod(1)))(torch.randn(2, 3, 4))"
-)
-BUG_JACFWD_JACFWD = (
-    "functorch_lite bug: jacfwd(jacfwd(f)) of a non-scalar f needs aten::_reshape_alias, which "
-    "has no batching rule; with the fallback allowed it then hits torch's 'INTERNAL ASSERT "
-    "FAILED ... !this_view_meta->has_fw_view()' (a message with a C++ path). Repro: "
-    "ft.jacfwd(ft.jacfwd(torch.sin))(torch.randn(3)) (test_seeds.py JACFWD_OF_JACFWD_BUG)"
-)
-BUG_BMM_HESSIAN = (
-    "functorch_lite bug: hessian (jacfwd over jacrev) through torch.bmm needs aten::_reshape_alias "
-    "(no batching rule); with the fallback allowed it hits torch's INTERNAL ASSERT "
-    "'!this_view_meta->has_fw_view()'. Repro: ft.hessian(lambda x: torch.bmm(x[None], "
-    "x.t()[None]).sum())(torch.randn(3, 4))"
 )
 
 
@@ -188,8 +168,6 @@ FUNCS = {
     "bmm": lambda x: torch.bmm(x.unsqueeze(0), x.t().unsqueeze(0)),
 }
 
-# functions whose vmap(jacrev) works despite BUG_VMAP_VJP (their backward saves no tensor)
-LINEAR_BACKWARD = {"sum", "mean", "slice"}
 SOFTMAX_LIKE = {"softmax", "log_softmax", "logsumexp"}
 
 
@@ -226,22 +204,14 @@ SECOND_ORDER = {"hessian", "vmap_hessian", "jacfwd_jacrev", "jacrev_jacrev", "ja
 def _known_bug(transform, fname):
     """The strict xfail of (transform, function), or None. Keep in sync with reality: a strict
     xfail that passes fails the run."""
-    nonlinear = fname not in LINEAR_BACKWARD
-    if transform == "vmap_jacrev" and nonlinear:
-        return xf(BUG_VMAP_VJP, RuntimeError)
     if fname in SOFTMAX_LIKE:
         if transform in ("jacfwd", "vmap_jacfwd", "hessian", "vmap_hessian", "jacfwd_jacrev",
                          "jacfwd_jacfwd", "jacfwd_jacfwd_scalar"):
             return xf(BUG_INPLACE_JVP, RuntimeError)
         if transform == "grad_jvp":
             return xf(BUG_INPLACE_JVP_GRAD, RuntimeError)
-    if fname == "prod" and transform in ("vmap_jacfwd", "vmap_hessian"):
+    if fname == "prod" and transform in ("vmap_jacrev", "vmap_jacfwd", "vmap_hessian"):
         return xf(BUG_PROD_ITEM, RuntimeError)
-    if transform == "jacfwd_jacfwd" and fname not in ("mean", "norm", "sum", "amax", "slice"):
-        return xf(BUG_JACFWD_JACFWD, RuntimeError)
-    if fname == "bmm" and transform in ("hessian", "vmap_hessian", "jacfwd_jacrev",
-                                        "jacfwd_jacfwd_scalar"):
-        return xf(BUG_BMM_HESSIAN, RuntimeError)
     return None
 
 
@@ -417,15 +387,6 @@ def test_jac_has_aux(api):
     torch.testing.assert_close(aux["y"], torch.tanh(w @ x))
 
 
-BUG_ZERO_DIM = (
-    "functorch_lite bug: jacrev/jacfwd of a 0-d output w.r.t. a 0-d input raise TypeError: "
-    "jacrev builds each block with `.view(*out.shape, *primal.shape)`, i.e. view() with no "
-    "arguments, jacfwd with `.reshape()` likewise. Repro: ft.jacrev(lambda x: x ** 3)"
-    "(torch.tensor(2.0)) ('view() received an invalid combination of arguments - got ()'), "
-    "ft.jacfwd(lambda x: x ** 3)(torch.tensor(2.0)) ('reshape() missing 1 required positional "
-    "arguments'); also a 0-d leaf in a pytree argument with a 0-d output, and "
-    "ft.jacfwd(ft.jacfwd(f))(torch.tensor(1.0))"
-)
 
 
 @pytest.mark.parametrize("api", JAC_APIS)
@@ -441,13 +402,11 @@ def test_jac_vector_input_scalar_output(api):
 
 
 @pytest.mark.parametrize("api", JAC_APIS)
-@xf(BUG_ZERO_DIM, TypeError)
 def test_jac_scalar_input_scalar_output(api):
     both(lambda L: getattr(L, api)(lambda x: x ** 3)(torch.tensor(2.0)))
 
 
 @pytest.mark.parametrize("api", JAC_APIS)
-@xf(BUG_ZERO_DIM, TypeError)
 def test_jac_zero_dim_leaf_in_pytree(api):
     p = {"w": torch.randn(3), "s": torch.tensor(0.5)}
     both(lambda L: getattr(L, api)(lambda p: (p["w"] * p["s"]).sum())(p))
@@ -486,7 +445,7 @@ def test_jacrev_chunk_size_has_aux(chunk_size):
 
 @pytest.mark.parametrize("chunk_size", [1, 3])
 def test_jacrev_chunk_size_under_vmap_linear(chunk_size):
-    # a function with a linear backward: not affected by BUG_VMAP_VJP
+    # a function with a linear backward
     X_ = torch.randn(4, 5)
     both(lambda L: L.vmap(L.jacrev(lambda x: x[1:] * 3 + x.sum(), chunk_size=chunk_size))(X_))
 
@@ -570,8 +529,8 @@ def _net(w, x):
 
 COMPOSITIONS = {
     "vmap_jacrev": (lambda L: L.vmap(lambda w: L.jacrev(lambda x: _net(w, x))(XC))(WCB),
-                    xf(BUG_VMAP_VJP, RuntimeError)),
-    # the backward saves no tensor, so BUG_VMAP_VJP does not bite; w enters as a batched constant
+                    None),
+    # the backward saves no tensor; w enters as a batched constant
     "vmap_jacrev_saves_nothing": (
         lambda L: L.vmap(lambda w: L.jacrev(lambda x: x[1:] * 2 + x.sum() + w.sum(1))(XC))(WCB),
         None),
@@ -671,7 +630,7 @@ def test_perturbation_confusion_jvp_grad(lib):
 
 @pytest.mark.parametrize("lib", [ft, tf], ids=["ft", "torch.func"])
 def test_perturbation_confusion_jacfwd_jacfwd(lib):
-    one = torch.ones(1)  # 1-element vectors: see BUG_ZERO_DIM for 0-d ones
+    one = torch.ones(1)
 
     def f(x):
         return x * lib.jacfwd(lambda y: x + y)(one)[0]
@@ -700,7 +659,6 @@ def test_perturbation_confusion_vmap_jvp_jvp(lib):
     assert out.tolist() == [1.0, 1.0, 1.0]
 
 
-@xf(BUG_ZERO_DIM, TypeError)
 def test_perturbation_confusion_jacfwd_jacfwd_zero_dim():
     def f(x):
         return x * ft.jacfwd(lambda y: x + y)(ONE)
@@ -732,7 +690,7 @@ def test_nested_jvp_same_input_both_levels():
 
 LEGIT_FALLBACK_OPS = {
     "aten::gather", "aten::scatter_add_", "aten::index.Tensor", "aten::_index_put_impl_",
-    "aten::index_select", "aten::index_add_", "aten::mse_loss_backward",
+    "aten::index_select", "aten::index_add_", "aten::index_add", "aten::mse_loss_backward",
 }
 
 FALLBACK_CASES = {
@@ -748,14 +706,7 @@ FALLBACK_CASES = {
         lambda L: L.jacfwd(lambda x: x.index_select(0, torch.tensor([0, 2])).sin())(X), None),
     "index_select-hessian": (
         lambda L: L.hessian(lambda x: x.index_select(0, torch.tensor([0, 2])).sin().sum())(X),
-        xf("functorch_lite bug (silently wrong): hessian of x.index_select(...) is all zeros "
-           "when index_select's backward runs through the vmap fallback under jvp under vmap. "
-           "Repro: x = torch.randn(4); idx = torch.tensor([0, 2]); "
-           "ft.set_vmap_fallback('quiet'); ft.hessian(lambda x: x.index_select(0, idx).sin()"
-           ".sum())(x) is zeros (torch.func: diag(-sin(x)) at 0 and 2); minimal: "
-           "k = lambda x: ft.vmap(lambda g: torch.ops.aten.index_select_backward(g, [4], 0, "
-           "idx))(x[:2][None]); ft.vmap(lambda t: ft.jvp(k, (x,), (t,))[1])(torch.eye(4)) "
-           "is zeros", AssertionError)),
+        None),
     "gather-jacfwd": (
         lambda L: L.jacfwd(lambda x: x.gather(1, torch.tensor([[0], [1], [3]])).exp())(X), None),
     "gather-jacrev": (
@@ -818,10 +769,6 @@ def test_jacfwd_layer_norm():
     both(lambda L: L.jacfwd(lambda x: F.layer_norm(x, (4,)))(X))
 
 
-@xf("functorch_lite bug: jacrev of F.layer_norm: aten::native_layer_norm_backward has no batching "
-    "rule, and with the fallback allowed it raises 'tensor does not have a device'. Repro: "
-    "ft.set_vmap_fallback('quiet'); ft.jacrev(lambda x: F.layer_norm(x, (4,)))(torch.randn(3, 4))",
-    RuntimeError)
 def test_jacrev_layer_norm_with_fallback():
     with fallback("quiet"):
         both(lambda L: L.jacrev(lambda x: F.layer_norm(x, (4,)))(X))
@@ -1062,7 +1009,6 @@ def test_seed002_hessian_16():
     # jacfwd(jacfwd) of this non-scalar predict: see test_seed002_hessian_fwdfwd
 
 
-@xf(BUG_JACFWD_JACFWD, RuntimeError)
 def test_seed002_hessian_fwdfwd():
     din, dout = 16, 8
     weight, bias, x = torch.randn(dout, din), torch.randn(dout), torch.randn(din)
@@ -1070,7 +1016,6 @@ def test_seed002_hessian_fwdfwd():
          atol=ATOL2, rtol=RTOL2)
 
 
-@xf(BUG_VMAP_VJP, RuntimeError)
 def test_seed002_vmap_jacrev_b8():
     B, din, dout = 8, 7, 9
     weight, bias, x = torch.randn(dout, din), torch.randn(dout), torch.randn(B, din)

@@ -354,15 +354,6 @@ def _bn_eval(*pre):
     return nn.Sequential(*pre, bn).eval()
 
 
-UNDEFINED_GRAD_XFAIL = (
-    "C++ bug in vmap's for-loop fallback (csrc/vmap/fallback.cpp, forLoop/stackTensors): when an "
-    "op without a batching rule returns an undefined tensor (here native_layer_norm_backward / "
-    "native_batch_norm_backward with output_mask [False, True, True] "
-    "because the layer's input does not require grad), the fallback calls .sizes() on it and "
-    "raises 'RuntimeError: tensor does not have a device'. Minimal: ft.vmap(ft.grad(lambda x, w: "
-    "F.layer_norm(x, (4,), w).sum()), in_dims=(0, None))(torch.randn(3, 4), torch.randn(4)). The "
-    "fallback should return an undefined tensor when every batch element's result is undefined."
-)
 RNN_DEFAULT_H0_XFAIL = (
     "vmap of nn.RNN / nn.GRU without an explicit batched h0 raises 'aten::add_.Tensor writes "
     "batched values in place into self, which is not batched': there is no batching rule for "
@@ -405,8 +396,6 @@ LAYERS = {
 # arithmetic; both sides compute rounding noise of ~1e-5 there
 LAYER_ATOL = {"Conv2d+BatchNorm2d_no_running_stats_train": 1e-4}
 XFAILS = {
-    "LayerNorm": UNDEFINED_GRAD_XFAIL,
-    "BatchNorm2d_eval": UNDEFINED_GRAD_XFAIL,
     "RNN": RNN_DEFAULT_H0_XFAIL,
     "GRU": RNN_DEFAULT_H0_XFAIL,
 }
@@ -536,15 +525,6 @@ def test_batch_norm_train_outside_vmap_is_not_affected():
     assert_dicts_close(buffers, tbuffers)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs C++: ft.vmap(bn)(x) called directly (without functional_call / make_functional, whose "
-    "forward pre-hook raises) silently updates the unbatched running_mean/running_var once per "
-    "batch element: aten::native_batch_norm has no batching rule and its schema does not mark "
-    "running_mean/running_var as mutated, so the for-loop fallback's 'a mutated argument must "
-    "be batched' check does not fire. Needed in csrc/vmap: a batching rule for native_batch_norm "
-    "(and _native_batch_norm_legit / _batch_norm_with_update / batch_norm, cudnn/miopen variants) "
-    "that raises when training=True and running_mean/running_var are defined but not batched "
-    "while the input (or weight/bias) is, with the options listed by functional_call's error"))
 def test_batch_norm_train_direct_module_call_under_vmap_raises():
     bn = nn.BatchNorm1d(2, momentum=0.5)
     xs = torch.randn(4, 5, 2) + 10

@@ -44,22 +44,6 @@ def _is_stub(name):
     return False
 
 
-VMAP_OVER_VJP_BUG = (
-    "functorch_lite bug: calling vjp_fn inside a vmap when the vjp was taken inside that vmap "
-    "raises 'aten::cos reached a grad- or jvp-level tensor with no such transform active on this "
-    "thread (stack [])', so vmap(jacrev(f)) and vmap(hessian(f)) fail (see "
-    "test_grad.py::test_vmap_of_vjp_minimal)"
-)
-
-JACFWD_OF_JACFWD_BUG = (
-    "functorch_lite bug: jacfwd(jacfwd(f)) fails for every f tried (sin, tanh, x * x, W @ x) with "
-    "torch's 'INTERNAL ASSERT FAILED ... !this_view_meta->has_fw_view() ... Expected the output of "
-    "forward differentiable view operations to have the tangent have the same layout as primal' "
-    "(ft.jacfwd(ft.jacfwd(torch.sin))(torch.randn(3))); hessian (jacfwd(jacrev)) and "
-    "jvp(jvp) work"
-)
-
-
 def seed_example(*needs, bug=None):
     """Marks an example: a strict NotImplementedError xfail while a transform it needs is still a
     placeholder, else a strict xfail for `bug` (a known functorch_lite bug), else nothing."""
@@ -171,7 +155,7 @@ def test_seed000_ef0caa882b324910_jacrev():
     assert torch.allclose(jacobian, expected)
 
 
-@seed_example("jacrev", bug=VMAP_OVER_VJP_BUG)
+@seed_example("jacrev")
 def test_seed000_ef0caa882b324910_vmap_jacrev():
     from functorch_lite import jacrev, vmap  # from earlier examples
     x = torch.randn(64, 5)
@@ -300,7 +284,7 @@ def test_seed001_3afd711742fe1929_jacrev():
     assert torch.allclose(jacobian, expected)
 
 
-@seed_example("jacrev", bug=VMAP_OVER_VJP_BUG)
+@seed_example("jacrev")
 def test_seed001_3afd711742fe1929_vmap_jacrev():
     from functorch_lite import jacrev, vmap  # from earlier examples
     x = torch.randn(64, 5)
@@ -492,7 +476,7 @@ def test_seed002_7ded5c7210c8a2e8_in423_jacfwd_vs_jacrev_timing():
     get_perf(jacrev_timing, "jacrev", jacfwd_timing, "jacfwd")
 
 
-@seed_example("hessian", "jacfwd", "jacrev", bug=JACFWD_OF_JACFWD_BUG)
+@seed_example("hessian", "jacfwd", "jacrev")
 def test_seed002_7ded5c7210c8a2e8_in424_hessian():
     _cells_409_to_412()
     from functorch_lite import jacrev, jacfwd  # from In [423]
@@ -543,13 +527,13 @@ def _cell_425():
     return weight, bias, x, batch_jacobian0
 
 
-@seed_example("jacrev", bug=VMAP_OVER_VJP_BUG)
+@seed_example("jacrev")
 def test_seed002_7ded5c7210c8a2e8_in425_batched_jacobian():
     _cells_409_to_412()
     _cell_425()
 
 
-@seed_example("jacrev", bug=VMAP_OVER_VJP_BUG)
+@seed_example("jacrev")
 def test_seed002_7ded5c7210c8a2e8_in426_jacobian_of_summed_output():
     _cells_409_to_412()
     weight, bias, x, batch_jacobian0 = _cell_425()
@@ -567,7 +551,7 @@ def test_seed002_7ded5c7210c8a2e8_in426_jacobian_of_summed_output():
     assert batch_jacobian1.shape == (64, 33, 31)
 
 
-@seed_example("hessian", bug=VMAP_OVER_VJP_BUG)
+@seed_example("hessian")
 def test_seed002_7ded5c7210c8a2e8_in427_batched_hessian():
     _cells_409_to_412()
     weight, bias, x, batch_jacobian0 = _cell_425()
@@ -658,7 +642,7 @@ def test_seed003_2657b6e878e2f743_has_aux():
     assert torch.allclose(f_x, f(x))
 
 
-@seed_example("jacrev", bug=VMAP_OVER_VJP_BUG)
+@seed_example("jacrev")
 def test_seed003_2657b6e878e2f743_vmap_batched_jacobian():
     from functorch_lite import jacrev, vmap
     x = torch.randn(64, 5)

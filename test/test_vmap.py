@@ -371,11 +371,6 @@ def test_comparison(case, placement):
     run_case(case, placement)
 
 
-MASKED_FILL_XFAIL = xfail_bug((
-    "masked_fill.Tensor goes through the Ternary rule, which pads the batched 0-dim value to the "
-    "logical rank of self; aten then rejects it ('masked_fill_ only supports a 0-dimensional "
-    "value tensor, but got tensor with 3 dimension(s)')"
-), RuntimeError)
 TERNARY_PROMOTION_XFAIL = xfail_bug((
     "the Ternary and clamp.Tensor rules pad a batched logical scalar (physically 1-D) to a "
     "dimensioned tensor without the logical type-promotion fix that the Binary rule has, so "
@@ -396,8 +391,8 @@ TERNARY = [
     Case("addcmul", lambda a, b, c: torch.addcmul(a, b, c, value=0.5), [X, T((5,)), T((4, 1))]),
     Case("addcdiv", lambda a, b, c: torch.addcdiv(a, b, c, value=2), [X, X, T((5,), "pos")]),
     Case("masked_fill_scalar", lambda x, m: x.masked_fill(m, -1.0), [X, T((5,), "b")]),
-    Case("masked_fill_0d_tensor_value", lambda x, m, v: x.masked_fill(m, v), [X, T((4, 5), "b"), S],
-         xfail=MASKED_FILL_XFAIL),
+    Case("masked_fill_0d_tensor_value", lambda x, m, v: x.masked_fill(m, v),
+         [X, T((4, 5), "b"), S]),
     # Type promotion with a batched logical scalar, as for binary ops: a float64 0-dim tensor does
     # not make the result float64 when the other operands are dimensioned float32 tensors.
     Case("where_f64_0d_other", torch.where, [T((4, 5), "b"), X, T((), "d")],
@@ -415,7 +410,6 @@ def test_ternary(case, placement):
     run_case(case, placement)
 
 
-@pytest.mark.xfail(strict=True, reason=MASKED_FILL_XFAIL, raises=RuntimeError)
 def test_masked_fill_value_batched_only():
     # The value is the only batched input; masked_fill.Tensor must still see a 0-dim value.
     x, m, v = torch.randn(4, 5), torch.rand(4, 5) > 0.5, torch.randn(B)
@@ -547,14 +541,10 @@ def _setitem(x, y):
     return x
 
 
-RESHAPE_ALIAS_XFAIL = xfail_bug((
-    "flatten() of a BatchedTensor whose batch dim is not 0 reaches aten::_reshape_alias (through "
-    "the CompositeImplicit reshape), which has no batching rule: it runs the for-loop fallback, "
-    "so the result is a copy instead of a view (see test_flatten_is_a_view)"
-), RuntimeError)
-CONTIGUOUS_VIEW_XFAIL = xfail_bug((
-    "clone()/contiguous() of a BatchedTensor whose batch dim is not 0 keeps the batch dim in the "
-    "middle of the physical tensor, so the result is not contiguous in its logical dims and a "
+CLONE_VIEW_XFAIL = xfail_bug((
+    "clone() of a BatchedTensor whose batch dim is not 0 keeps the batch dim in the middle of the "
+    "physical tensor (contiguous() no longer does), so the result is not contiguous in its "
+    "logical dims and a "
     "following view() raises 'view size is not compatible with input tensor's size and stride'"
 ), RuntimeError)
 
@@ -568,9 +558,8 @@ VIEWS = [
     Case("reshape", lambda x: x.reshape(5, 4), [X]),
     Case("reshape_3d", lambda x: x.reshape(8, -1), [X3]),
     Case("reshape_0d", lambda x: x.reshape(-1), [S]),
-    Case("contiguous_view", lambda x: x.contiguous().view(-1), [X3],
-         xfail={"mid": CONTIGUOUS_VIEW_XFAIL}),
-    Case("clone_view", lambda x: x.clone().view(-1), [X3], xfail={"mid": CONTIGUOUS_VIEW_XFAIL}),
+    Case("contiguous_view", lambda x: x.contiguous().view(-1), [X3]),
+    Case("clone_view", lambda x: x.clone().view(-1), [X3], xfail={"mid": CLONE_VIEW_XFAIL}),
     Case("permute", lambda x: x.permute(1, 0), [X]),
     Case("permute_3d_neg", lambda x: x.permute(-1, 0, 1), [X3]),
     Case("transpose", lambda x: x.transpose(0, 1), [X]),
@@ -640,16 +629,13 @@ VIEWS = [
     Case("repeat", lambda x: x.repeat(2, 1), [X]),
     Case("repeat_more_dims", lambda x: x.repeat(2, 1, 3), [X]),
     Case("repeat_0d", lambda x: x.repeat(4), [S]),
-    Case("flatten", torch.flatten, [X3],
-         xfail={"mid": CONTIGUOUS_VIEW_XFAIL, "-1": RESHAPE_ALIAS_XFAIL}),
-    Case("flatten_partial", lambda x: x.flatten(0, 1), [X3],
-         xfail={"mid": CONTIGUOUS_VIEW_XFAIL, "-1": RESHAPE_ALIAS_XFAIL}),
-    Case("flatten_end", lambda x: x.flatten(1), [X3],
-         xfail={"mid": CONTIGUOUS_VIEW_XFAIL, "-1": RESHAPE_ALIAS_XFAIL}),
+    Case("flatten", torch.flatten, [X3]),
+    Case("flatten_partial", lambda x: x.flatten(0, 1), [X3]),
+    Case("flatten_end", lambda x: x.flatten(1), [X3]),
     Case("flatten_0d", torch.flatten, [S]),
     Case("unflatten", lambda x: x.unflatten(1, (5, 1)), [X]),
     Case("unflatten_neg_infer", lambda x: x.unflatten(-1, (-1, 1)), [X]),
-    Case("ravel", torch.ravel, [X], xfail={"mid": CONTIGUOUS_VIEW_XFAIL}),
+    Case("ravel", torch.ravel, [X]),
     Case("view_after_transpose_reshape", lambda x: x.t().reshape(-1), [X]),
     Case("setitem", lambda x, y: _setitem(x, y), [X, X], skip=["None@0"]),  # None@0: see
     # test_inplace_into_unbatched_raises
@@ -661,7 +647,6 @@ def test_view(case, placement):
     run_case(case, placement)
 
 
-@pytest.mark.xfail(strict=True, reason=RESHAPE_ALIAS_XFAIL, raises=AssertionError)
 @pytest.mark.parametrize("in_dim", [1, -1])
 def test_flatten_is_a_view(in_dim):
     # Per element, flatten(1) of x[:, i] is a view, so writing through it changes x.
@@ -724,13 +709,6 @@ def test_cat_stack_unbatched_inside():
 RANK_SHAPES = {1: (4,), 2: (5, 4), 3: (2, 5, 4)}  # left operand; its last dim (4) is contracted
 RIGHT_SHAPES = {1: (4,), 2: (4, 6), 3: (2, 4, 6)}
 
-LINEAR_BIAS_ONLY_XFAIL = (
-    "linearRule with only the bias batched (input and weight unbatched) calls matmulRule on two "
-    "unbatched tensors, which returns the product as if it had a batch dim at 0; the bias is then "
-    "added to the wrong dim (shape error, or a silently wrong shape when the batch size happens to "
-    "equal the input's first dim)"
-)
-
 LINALG = [
     Case(f"matmul_{ra}d_{rb}d", torch.matmul, [T(RANK_SHAPES[ra]), T(RIGHT_SHAPES[rb])])
     for ra in (1, 2, 3) for rb in (1, 2, 3)
@@ -784,15 +762,9 @@ def test_linalg(case, placement):
 
 
 def _linear_params():
-    out = []
-    for which in ["weight", "bias", "weight_and_bias", "input_and_bias"]:
-        for in_rank in [1, 2, 3]:
-            marks = []
-            if which == "bias" and in_rank > 1:
-                marks = [pytest.mark.xfail(strict=True, reason=LINEAR_BIAS_ONLY_XFAIL,
-                                           raises=RuntimeError)]
-            out.append(pytest.param(which, in_rank, id=f"{which}-input{in_rank}d", marks=marks))
-    return out
+    return [pytest.param(which, in_rank, id=f"{which}-input{in_rank}d")
+            for which in ["weight", "bias", "weight_and_bias", "input_and_bias"]
+            for in_rank in [1, 2, 3]]
 
 
 @pytest.mark.parametrize("which,in_rank", _linear_params())
@@ -810,7 +782,6 @@ def test_linear_batched_params(which, in_rank):
     check_vmap(F.linear, (x, w, b), tuple(in_dims))
 
 
-@pytest.mark.xfail(strict=True, reason=LINEAR_BIAS_ONLY_XFAIL, raises=AssertionError)
 def test_linear_bias_only_batched_batch_equals_rows():
     # The variant of the bug that gives a wrong shape silently (no exception), because the batch
     # size equals the number of input rows.
@@ -1033,17 +1004,15 @@ def test_get_set_vmap_fallback_roundtrip(fallback_mode):
 
 
 @pytest.mark.run_first
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "quiet mode consumes the once-per-op fallback warning: noteFallback inserts the op into the "
-    "'warned' set even when the mode is 'quiet', so after set_vmap_fallback('warn') the user is "
-    "never told that the op runs as a for-loop"))
-def test_fallback_warning_not_consumed_by_quiet_mode():
+def test_fallback_warning_not_consumed_by_quiet_mode(fallback_mode):
+    # Running an op through the fallback in 'quiet' mode must not use up its once-per-op
+    # warning: after switching back to 'warn', the first fallback of that op still warns.
     f = lambda a, b: torch.cdist(a, b)  # noqa: E731  (an op nothing else here uses)
     x = (torch.randn(B, 3, 2), torch.randn(B, 4, 2))
-    ft.set_vmap_fallback("quiet")
-    ft.vmap(f)(*x)
-    ft.set_vmap_fallback("warn")
-    with pytest.warns(UserWarning, match="no batching rule"):
+    with fallback_mode("quiet"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # quiet really is silent
+        ft.vmap(f)(*x)
+    with fallback_mode("warn"), pytest.warns(UserWarning, match="no batching rule"):
         ft.vmap(f)(*x)
 
 
@@ -1068,24 +1037,12 @@ def test_inplace_shape_op_without_rule_raises():
         ft.vmap(lambda x: x.clone().resize_(20))(torch.randn(B, 4, 5))
 
 
-T_3D_XFAIL = (
-    "the t() and t_() rules transpose the first two logical dims of a 3-D (or higher) logical "
-    "tensor instead of raising 't() expects a tensor with <= 2 dimensions' as torch (and the "
-    "for-loop, and torch.func) does"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=T_3D_XFAIL, raises=pytest.fail.Exception)
 @pytest.mark.parametrize("fn", [lambda x: x.t(), _inplace("t_")], ids=["t", "t_"])
 def test_t_of_3d_raises(fn):
     with pytest.raises(RuntimeError, match=r"expects a tensor with <= 2 dimensions"):
         ft.vmap(fn)(torch.randn(B, 2, 4, 5))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "as_strided has no batching rule; the for-loop fallback calls it on slices of the batched "
-    "tensor, where an explicit storage_offset is absolute in the shared batch storage: every "
-    "element reads element 0's data"))
 def test_as_strided_explicit_offset_is_per_element():
     x = torch.arange(12.0).view(3, 4)
     ft.set_vmap_fallback("quiet")
@@ -1095,10 +1052,6 @@ def test_as_strided_explicit_offset_is_per_element():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "max_pool1d is CompositeImplicit and its CPU path reads the data pointer directly; ft "
-    "decomposes it on BatchedTensors, which raises \"Cannot access data pointer of Tensor that "
-    "doesn't have storage\" instead of running the for-loop fallback (torch.func batches it)"))
 def test_max_pool1d():
     check_vmap(lambda a: F.max_pool1d(a, 2), (torch.randn(B, 2, 4),), rule=False)
 
@@ -1311,25 +1264,17 @@ def test_batch_size_one_and_large_in_dim():
     check_vmap(lambda a, b: a @ b, (torch.randn(4, 5, 1), torch.randn(1, 5, 2)), (2, 0))
 
 
-EMPTY_BATCH_XFAIL = (
-    "with an empty batch (batch size 0) the full-reduction rules (sum(), mean(), argmax(), all()) "
-    "and roll() without dims reshape the physical tensor to [0, -1], which raises 'cannot reshape "
-    "tensor of 0 elements into shape [0, -1]'; torch.func returns an empty result"
-)
-
-
 @pytest.mark.parametrize("fn", [
     pytest.param(torch.sin, id="sin"),
     pytest.param(lambda a: a.sum(0), id="sum_dim"),
     pytest.param(lambda a: a.amax(), id="amax"),
     pytest.param(lambda a: a.reshape(12), id="reshape"),
     pytest.param(lambda a: a @ a.t(), id="matmul"),
-] + [
-    pytest.param(fn, id=name, marks=pytest.mark.xfail(strict=True, reason=EMPTY_BATCH_XFAIL,
-                                                      raises=RuntimeError))
-    for name, fn in [("sum", lambda a: a.sum()), ("mean", lambda a: a.mean()),
-                     ("argmax", lambda a: a.argmax()), ("all", lambda a: (a > 0).all()),
-                     ("roll", lambda a: a.roll(1))]
+    pytest.param(lambda a: a.sum(), id="sum"),
+    pytest.param(lambda a: a.mean(), id="mean"),
+    pytest.param(lambda a: a.argmax(), id="argmax"),
+    pytest.param(lambda a: (a > 0).all(), id="all"),
+    pytest.param(lambda a: a.roll(1), id="roll"),
 ])
 def test_empty_batch(fn):
     x = torch.randn(0, 3, 4)

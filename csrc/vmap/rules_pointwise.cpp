@@ -87,6 +87,29 @@ Tensor alignTo(const Tensor& t, bdim_t bd, int64_t rank) {
   return padToLogicalRank(moveBdimToFront(t, bd), bd.has_value(), rank);
 }
 
+// N-ary form of the logical type-promotion fix of alignBinary: among the aligned non-bool
+// operands (a where's condition does not take part), cast to the logical result type when a
+// batched logical scalar would make the physical promotion differ.
+void promoteLogically(std::initializer_list<std::tuple<const Tensor*, bdim_t, Tensor*>> ops) {
+  bool logical_scalar = false;
+  at::native::ResultTypeState logical{}, physical{};
+  for (const auto& [orig, bd, aligned] : ops) {
+    if (!aligned->defined() || orig->scalar_type() == c10::ScalarType::Bool) continue;
+    logical_scalar |= bd.has_value() && orig->dim() == 1;
+    logical = logicalState(*orig, bd, logical);
+    physical = at::native::update_result_type_state(*aligned, physical);
+  }
+  if (!logical_scalar) return;
+  const auto want = at::native::result_type(logical);
+  if (want == at::native::result_type(physical)) return;
+  for (const auto& [orig, bd, aligned] : ops) {
+    if (aligned->defined() && orig->scalar_type() != c10::ScalarType::Bool &&
+        aligned->scalar_type() != want) {
+      *aligned = aligned->to(want);
+    }
+  }
+}
+
 template <class Op, class Sig = typename Op::schema>
 struct Ternary;
 template <class Op, class... Extra>
@@ -94,7 +117,9 @@ struct Ternary<Op, Tensor(const Tensor&, const Tensor&, const Tensor&, Extra...)
   static std::tuple<Tensor, bdim_t> rule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd,
                                          const Tensor& c, bdim_t cbd, Extra... e) {
     const int64_t r = std::max({rankWithoutBdim(a, abd), rankWithoutBdim(b, bbd), rankWithoutBdim(c, cbd)});
-    return {Op::call(alignTo(a, abd, r), alignTo(b, bbd, r), alignTo(c, cbd, r), e...), 0};
+    Tensor a2 = alignTo(a, abd, r), b2 = alignTo(b, bbd, r), c2 = alignTo(c, cbd, r);
+    promoteLogically({{&a, abd, &a2}, {&b, bbd, &b2}, {&c, cbd, &c2}});
+    return {Op::call(a2, b2, c2, e...), 0};
   }
 };
 
@@ -117,9 +142,14 @@ std::tuple<Tensor, bdim_t> clampTensorRule(const Tensor& x, bdim_t xbd,
   int64_t r = rankWithoutBdim(x, xbd);
   if (lo) r = std::max(r, rankWithoutBdim(*lo, lobd));
   if (hi) r = std::max(r, rankWithoutBdim(*hi, hibd));
-  std::optional<Tensor> lo2 = lo ? std::optional<Tensor>(alignTo(*lo, lobd, r)) : std::nullopt;
-  std::optional<Tensor> hi2 = hi ? std::optional<Tensor>(alignTo(*hi, hibd, r)) : std::nullopt;
-  return {at::_ops::clamp_Tensor::call(alignTo(x, xbd, r), lo2, hi2), 0};
+  Tensor x2 = alignTo(x, xbd, r), lo2, hi2;
+  const Tensor none;
+  if (lo) lo2 = alignTo(*lo, lobd, r);
+  if (hi) hi2 = alignTo(*hi, hibd, r);
+  promoteLogically({{&x, xbd, &x2}, {lo ? &*lo : &none, lobd, &lo2}, {hi ? &*hi : &none, hibd, &hi2}});
+  return {at::_ops::clamp_Tensor::call(x2, lo2.defined() ? std::optional<Tensor>(lo2) : std::nullopt,
+                                       hi2.defined() ? std::optional<Tensor>(hi2) : std::nullopt),
+          0};
 }
 
 // masked_fill.Tensor wants a 0-dim value; a batched one is one value per element: use where.

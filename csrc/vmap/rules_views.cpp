@@ -72,7 +72,14 @@ std::tuple<Tensor, bdim_t> reshapeAliasRule(const Tensor& x, bdim_t bd, c10::Sym
 // uses, then gives a logically contiguous result.
 std::tuple<Tensor, bdim_t> cloneRule(const Tensor& x, bdim_t bd,
                                      std::optional<c10::MemoryFormat> fmt) {
-  return {moveBdimToFront(x, bd).clone(fmt), 0};
+  Tensor p = moveBdimToFront(x, bd);
+  // preserve_format keeps the strides only of a dense tensor; ask the question of one logical
+  // element, not of the physical tensor (which is dense with any batch dim position).
+  if ((!fmt || *fmt == c10::MemoryFormat::Preserve) && p.size(0) > 0 &&
+      !p.select(0, 0).is_non_overlapping_and_dense()) {
+    fmt = c10::MemoryFormat::Contiguous;
+  }
+  return {p.clone(fmt), 0};
 }
 
 std::tuple<Tensor, bdim_t> permuteRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
