@@ -12,7 +12,7 @@ import torch
 import functorch_lite as ft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = ["per_sample_grads_cnn", "ensemble", "maml_sine"]
+EXAMPLES = ["per_sample_grads_cnn", "ensemble", "maml_sine", "jacobians_hessians"]
 
 
 def load(name):
@@ -31,6 +31,11 @@ def check_ensemble(result):
     same, different = result
     assert same.shape == different.shape == (4, 16, 3)
     assert not torch.allclose(same[0], same[1])  # different models give different outputs
+
+
+def check_jacobians_hessians(result):
+    jacobian, hess = result
+    assert jacobian.shape == (8, 8) and hess.shape == (4, 16, 16)
 
 
 def check_maml_sine(result):
