@@ -121,6 +121,10 @@ def _loop(fn, bargs, in_dims):
 
 
 def _is_random(op, sample):
+    # Ops returning uninitialized memory cannot be compared; detecting them by running twice is
+    # flaky (the allocator often hands back the same block), so name them.
+    if "empty" in op.name:
+        return "output is uninitialized memory"
     args, kwargs = (sample.input,) + tuple(sample.args), sample.kwargs
     try:
         torch.manual_seed(0)
