@@ -19,17 +19,46 @@ namespace {
 using c10::DispatchKey;
 using torch::jit::Stack;
 
-// Our tensors and torch.func's must never meet: torch.func's wrappers are handled by torch's own
-// FuncTorch* kernels, which know nothing of our levels.
-void rejectTorchFuncTensor(const at::Tensor& t, const c10::OperatorHandle& op) {
-  static const c10::DispatchKeySet theirs({DispatchKey::FuncTorchBatched,
-                                           DispatchKey::FuncTorchGradWrapper,
-                                           DispatchKey::BatchedNestedTensor});
-  TORCH_CHECK(!t.key_set().has_any(theirs), "functorch_lite: ", op.schema().operator_name(),
-              " received a tensor of a torch.func transform inside a functorch_lite transform. The "
-              "two libraries cannot be mixed in one computation: use functorch_lite (or torch.func) "
+// NOTE [Foreign transforms]
+// The functionality keys above autocast are where tensor-wrapping transforms live (ours is
+// DeferredInit). A tensor carrying any other of them belongs to another transform library (such
+// as torch's own), whose kernels know nothing of our levels, and an included one in the TLS means
+// such a transform is running. Neither can mix with ours; they are found by key position, not by
+// name, so no other library's keys are spelled out here.
+c10::DispatchKeySet wrapperRegionKeys(std::initializer_list<DispatchKey> except) {
+  c10::DispatchKeySet ks;
+  const auto first = static_cast<uint16_t>(DispatchKey::AutocastPrivateUse1) + 1;
+  const auto end = static_cast<uint16_t>(DispatchKey::EndOfFunctionalityKeys);
+  for (uint16_t k = first; k < end; ++k) ks = ks.add(static_cast<DispatchKey>(k));
+  for (DispatchKey k : except) ks = ks.remove(k);
+  return ks;
+}
+
+}  // namespace
+
+bool isForeignTransformTensor(const at::Tensor& t) {
+  static const c10::DispatchKeySet foreign = wrapperRegionKeys({DispatchKey::DeferredInit});
+  return t.defined() && t.key_set().has_any(foreign);
+}
+
+void rejectForeignTransformTensor(const at::Tensor& t, const char* api) {
+  TORCH_CHECK(!isForeignTransformTensor(t), "functorch_lite.", api, ": got a tensor of a "
+              "torch.func transform. functorch_lite and torch.func cannot be mixed in one "
+              "computation: use one library for every transform of it.");
+}
+
+void rejectForeignTransformActive(const char* where) {
+  // Python-mode keys are TLS bookkeeping of torch's Python dispatcher, not transforms.
+  static const c10::DispatchKeySet foreign = wrapperRegionKeys(
+      {DispatchKey::DeferredInit, DispatchKey::PythonTLSSnapshot, DispatchKey::PreDispatch,
+       DispatchKey::PythonDispatcher});
+  TORCH_CHECK(!c10::impl::tls_local_dispatch_key_set().included_.has_any(foreign),
+              "functorch_lite.", where, " was called inside a torch.func transform. "
+              "functorch_lite and torch.func cannot be mixed in one computation: use one library "
               "for every transform of it.");
 }
+
+namespace {
 
 bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
   const auto* alias = schema.arguments()[i].alias_info();
@@ -74,14 +103,18 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
   if (!any_tensor) {
     // A factory op: autograd has nothing to record at this level. Run it below and make the
     // result a tensor of this level, so that in-place writes into it are recorded here. torch's
-    // own tensor constructors (torch.tensor, as_tensor, ...) exclude functorch's front key while
-    // they allocate and then fill raw memory; honour that signal and return the plain tensor:
-    // they lift the filled tensor afterwards with lift_fresh, which comes through here wrapped.
+    // tensor constructors from data (torch.tensor, as_tensor, ...) allocate and then fill raw
+    // memory with both ADInplaceOrView and the Python key excluded (plain factories such as
+    // torch.ones exclude only the former). Return the plain tensor then: the constructors lift
+    // the filled tensor afterwards with lift_fresh, which comes through here and is wrapped.
     {
       HandDownGuard guard;
       op.callBoxed(stack);
     }
-    if (c10::impl::tls_is_dispatch_key_excluded(DispatchKey::FuncTorchDynamicLayerFrontMode)) return;
+    if (c10::impl::tls_is_dispatch_key_excluded(DispatchKey::ADInplaceOrView) &&
+        c10::impl::tls_is_dispatch_key_excluded(DispatchKey::Python)) {
+      return;
+    }
   } else {
     c10::impl::ExcludeDispatchKeyGuard no_front(DispatchKey::DeferredInit);
     op.callBoxed(stack);
@@ -213,7 +246,10 @@ void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
   const size_t nargs = op.schema().arguments().size();
   const size_t begin = stack->size() - nargs;
   forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) {
-    rejectTorchFuncTensor(t, op);
+    TORCH_CHECK(!isForeignTransformTensor(t), "functorch_lite: ", op.schema().operator_name(),
+                " received a tensor of a torch.func transform inside a functorch_lite transform. "
+                "The two libraries cannot be mixed in one computation: use functorch_lite (or "
+                "torch.func) for every transform of it.");
     return unwrapIfDead(t);
   });
   const Level* top = levelStack().top();

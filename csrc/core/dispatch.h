@@ -2,7 +2,7 @@
 // How functorch_lite plugs into torch's dispatcher.
 //
 // NOTE [Dispatch keys we own]
-// torch's own functorch owns the FuncTorch* keys; we never register on them. We use keys that
+// torch's own transform keys are not ours; we never register on them. We use keys that
 // torch leaves without a fallback (checked at import, see checkKeysAreFree):
 // - DeferredInit ("front"): a functionality key above autograd. It is in the TLS included set while
 //   any level is live and is carried by our wrappers. Its kernel runs the top level's logic first:
@@ -38,6 +38,12 @@ void frontFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack);
 // Boxed processing of an op whose top level is a vmap level and that has no unboxed rule
 // (vmap/fallback.cpp): randomness, data-dependent ops, composite decomposition, for-loop.
 void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top);
+
+// NOTE [Foreign transforms] in dispatch.cpp: our transforms refuse tensors of another transform
+// library and refuse to start inside one of its transforms, with a clear error.
+bool isForeignTransformTensor(const at::Tensor& t);
+void rejectForeignTransformTensor(const at::Tensor& t, const char* api);
+void rejectForeignTransformActive(const char* where);
 
 // Registers back kernels for ops defined since the last call. Cheap when there is nothing new.
 void flushPendingBackKernels();

@@ -31,23 +31,6 @@ Randomness parseRandomness(const std::string& r) {
   TORCH_CHECK_VALUE(false, "vmap: randomness must be 'error', 'different' or 'same', got '", r, "'");
 }
 
-void rejectTorchFunc(const at::Tensor& t, const char* where) {
-  static const c10::DispatchKeySet theirs({c10::DispatchKey::FuncTorchBatched,
-                                           c10::DispatchKey::FuncTorchGradWrapper,
-                                           c10::DispatchKey::BatchedNestedTensor});
-  TORCH_CHECK(!t.key_set().has_any(theirs), "functorch_lite.", where,
-              ": got a tensor of a torch.func transform. functorch_lite and torch.func cannot be "
-              "mixed in one computation: use one library for every transform of it.");
-}
-
-void checkNotInsideTorchFunc(const char* where) {
-  auto tls = c10::impl::tls_local_dispatch_key_set();
-  TORCH_CHECK(!tls.included_.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode),
-              "functorch_lite.", where, " was called inside a torch.func transform. "
-              "functorch_lite and torch.func cannot be mixed in one computation: use one library "
-              "for every transform of it.");
-}
-
 // Wraps flat_args[i] in a BatchedTensor at `level` along flat_in_dims[i] (None: unbatched).
 py::list vmapWrapInputs(const py::list& flat_args, const py::list& flat_in_dims, int64_t level_id) {
   const Level& level = liveLevel(level_id);
@@ -60,7 +43,7 @@ py::list vmapWrapInputs(const py::list& flat_args, const py::list& flat_in_dims,
       continue;
     }
     const at::Tensor& t = THPVariable_Unpack(arg.ptr());
-    rejectTorchFunc(t, "vmap");
+    rejectForeignTransformTensor(t, "vmap");
     int64_t bdim = d.cast<int64_t>();
     // A tensor of an enclosing vmap counts its logical dims; the value's extra dim is not ours.
     if (bdim < 0) bdim += t.dim();
@@ -108,15 +91,15 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- levels
   m.def("_push_vmap", torch::wrap_pybind_function([](int64_t batch_size, const std::string& randomness) {
-    checkNotInsideTorchFunc("vmap");
+    rejectForeignTransformActive("vmap");
     return ownLevelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
   }));
   m.def("_push_grad", torch::wrap_pybind_function([] {
-    checkNotInsideTorchFunc("grad");
+    rejectForeignTransformActive("grad");
     return ownLevelStack().push(LevelKind::Grad, 0, Randomness::Error);
   }));
   m.def("_push_jvp", torch::wrap_pybind_function([] {
-    checkNotInsideTorchFunc("jvp");
+    rejectForeignTransformActive("jvp");
     return ownLevelStack().push(LevelKind::Jvp, 0, Randomness::Error);
   }));
   m.def("_pop", torch::wrap_pybind_function([](int64_t id) { ownLevelStack().pop(id); }));
@@ -149,7 +132,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- grad wrappers
   m.def("_wrap_for_grad", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) {
-    rejectTorchFunc(t, "grad");
+    rejectForeignTransformTensor(t, "grad");
     return makeGradWrapper(t, liveLevel(level_id));
   }));
   m.def("_unwrap_for_grad", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) -> at::Tensor {
