@@ -192,20 +192,11 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
   {
     HandDownGuard guard;
     for (int64_t b = 0; b < top.batch_size; ++b) {
-      torch::jit::Stack slice;
-      slice.reserve(nargs);
-      for (const auto& iv : args) {
-        if (iv.isTensor() || iv.isTensorList() || iv.isList()) {
-          slice.push_back(iv);
-        } else {
-          slice.push_back(iv);
-          continue;
-        }
-        forEachTensorInplace(slice, slice.size() - 1, slice.size(), [&](const at::Tensor& t) {
-          if (auto* bt = batchedAt(t, lvl)) return at::_ops::select_int::call(bt->value(), bt->bdim(), b);
-          return t;
-        });
-      }
+      torch::jit::Stack slice(args.begin(), args.end());
+      forEachTensorInplace(slice, 0, nargs, [&](const at::Tensor& t) {
+        if (auto* bt = batchedAt(t, lvl)) return at::_ops::select_int::call(bt->value(), bt->bdim(), b);
+        return t;
+      });
       // An in-place op that changes its argument's shape (squeeze_, t_, resize_, ...) would
       // change only the slice, silently: refuse instead.
       c10::SmallVector<std::pair<at::Tensor, std::vector<int64_t>>, 2> mutated_slices;
@@ -295,9 +286,9 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
   }
 }
 
-bool anyBatched(const torch::jit::Stack& stack, size_t begin, int64_t lvl) {
+bool anyBatched(const torch::jit::Stack& stack, size_t begin, size_t end, int64_t lvl) {
   bool any = false;
-  forEachTensor(stack, begin, stack.size(), [&](const at::Tensor& t) { any |= batchedAt(t, lvl) != nullptr; });
+  forEachTensor(stack, begin, end, [&](const at::Tensor& t) { any |= batchedAt(t, lvl) != nullptr; });
   return any;
 }
 
@@ -312,10 +303,7 @@ void randomOp(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Lev
               "values outside of vmap.");
   const bool inplace = nargs > 0 && isMutated(schema, 0) && (*stack)[begin].isTensor();
   auto* self_batched = inplace ? batchedAt((*stack)[begin].toTensor(), top.id) : nullptr;
-  bool others_batched = false;
-  for (size_t i = inplace ? 1 : 0; i < nargs; ++i) {
-    others_batched |= anyBatched(std::vector<c10::IValue>{(*stack)[begin + i]}, 0, top.id);
-  }
+  const bool others_batched = anyBatched(*stack, begin + (inplace ? 1 : 0), stack->size(), top.id);
   // *_like draws depend only on the shape of their input: with a batched input, 'different'
   // draws on the physical value (independent per element) and 'same' draws one element's worth.
   if (isLikeOp(schema) && others_batched) {
@@ -407,7 +395,7 @@ void resetFallbackOpsSeen() {
 void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
   const auto& schema = op.schema();
   const size_t begin = stack->size() - schema.arguments().size();
-  const bool batched = anyBatched(*stack, begin, top.id);
+  const bool batched = anyBatched(*stack, begin, stack->size(), top.id);
   if (isRandomOp(op)) {
     randomOp(op, stack, top, batched);
     return;

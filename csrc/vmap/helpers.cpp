@@ -13,11 +13,6 @@ Tensor moveBdimToFront(const Tensor& t, bdim_t bd) {
   return at::_ops::movedim_int::call(t, *bd, 0);
 }
 
-Tensor bdimAtFrontOrUnsqueeze(const Tensor& t, bdim_t bd) {
-  if (bd) return moveBdimToFront(t, bd);
-  return at::_ops::unsqueeze::call(t, 0);
-}
-
 Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank) {
   if (!batched) return t;
   const int64_t have = t.dim() - 1;

@@ -50,9 +50,6 @@ inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) { return t.dim() - (b
 
 // Moves the batch dim to the front; unbatched tensors are returned as they are.
 Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
-// Like moveBdimToFront, but an unbatched tensor gets a size-1 (or size-`batch_size` when given)
-// leading dim, so that it broadcasts against batched tensors.
-Tensor bdimAtFrontOrUnsqueeze(const Tensor& t, bdim_t bd);
 // Pads a batch-dim-at-front tensor with size-1 dims right after the batch dim up to logical rank.
 Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank);
 // Wraps a logical dim (may be negative) against a logical rank and shifts it past a leading bdim.

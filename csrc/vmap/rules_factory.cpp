@@ -86,30 +86,22 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
 // lives in a larger physical storage by construction (NOTE above); its logical layout is what
 // counts, and the size and stride checks that follow compare exactly that.
 bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
-  if (C10_UNLIKELY(detail::isDeadTensor(self) || detail::isDeadTensor(other))) {
-    return at::_ops::_has_same_storage_numel::call(unwrapIfDead(self), unwrapIfDead(other));
+  std::optional<bool> done;
+  if (detail::vmapPrologue<at::_ops::_has_same_storage_numel, bool, const Tensor&, const Tensor&>(
+          done, self, other)) {
+    return true;  // a batched argument at the top vmap level: see above
   }
-  const Level* top = levelStack().top();
-  if (!top || top->kind != LevelKind::Vmap) {
-    return detail::redirectToFront<at::_ops::_has_same_storage_numel, bool, const Tensor&,
-                                   const Tensor&>(self, other);
-  }
-  if (batchedAt(self, top->id) || batchedAt(other, top->id)) return true;
-  HandDownGuard guard;
-  return at::_ops::_has_same_storage_numel::call(self, other);
+  return *done;
 }
 
 // Batched tensors report their logical sizes, which is what the question is about.
 bool isSameSizeKernel(const Tensor& self, const Tensor& other) {
-  if (C10_UNLIKELY(detail::isDeadTensor(self) || detail::isDeadTensor(other))) {
-    return at::_ops::is_same_size::call(unwrapIfDead(self), unwrapIfDead(other));
+  std::optional<bool> done;
+  if (detail::vmapPrologue<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(done, self,
+                                                                                       other)) {
+    return self.sym_sizes() == other.sym_sizes();
   }
-  const Level* top = levelStack().top();
-  if (!top || top->kind != LevelKind::Vmap) {
-    return detail::redirectToFront<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(
-        self, other);
-  }
-  return self.sym_sizes() == other.sym_sizes();
+  return *done;
 }
 
 }  // namespace

@@ -312,21 +312,11 @@ std::tuple<Tensor, bdim_t> diagonalBackwardRule(const Tensor& g, bdim_t bd,
 }
 
 // ---- cat / stack take a list of tensors, so they get their own plumbing.
-bool anyBatchedIn(const at::ITensorListRef& ts, int64_t lvl) {
-  for (const Tensor& t : ts)
-    if (batchedAt(t, lvl)) return true;
-  return false;
-}
-
 Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
-  if (C10_UNLIKELY(detail::isDeadArg(tensors))) return at::_ops::cat::call(detail::reviveArg(tensors), dim);
-  const Level* top = levelStack().top();
-  if (!top || top->kind != LevelKind::Vmap)
-    return detail::redirectToFront<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(tensors, dim);
-  if (!anyBatchedIn(tensors, top->id)) {
-    HandDownGuard guard;
-    return at::_ops::cat::call(tensors, dim);
-  }
+  std::optional<Tensor> done;
+  const Level* top =
+      detail::vmapPrologue<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(done, tensors, dim);
+  if (!top) return std::move(*done);
   const int64_t B = top->batch_size;
   std::vector<Tensor> phys;
   int64_t lr = -1;
@@ -344,14 +334,10 @@ Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
 }
 
 Tensor stackKernel(at::TensorList tensors, int64_t dim) {
-  if (C10_UNLIKELY(detail::isDeadArg(tensors))) return at::_ops::stack::call(detail::reviveArg(tensors), dim);
-  const Level* top = levelStack().top();
-  if (!top || top->kind != LevelKind::Vmap)
-    return detail::redirectToFront<at::_ops::stack, Tensor, at::TensorList, int64_t>(tensors, dim);
-  if (!anyBatchedIn(tensors, top->id)) {
-    HandDownGuard guard;
-    return at::_ops::stack::call(tensors, dim);
-  }
+  std::optional<Tensor> done;
+  const Level* top =
+      detail::vmapPrologue<at::_ops::stack, Tensor, at::TensorList, int64_t>(done, tensors, dim);
+  if (!top) return std::move(*done);
   const int64_t B = top->batch_size;
   std::vector<Tensor> phys;
   phys.reserve(tensors.size());
