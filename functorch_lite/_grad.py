@@ -122,8 +122,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
                 else:
                     flat_diff, spec = tree_flatten(diff)
                 if output.requires_grad:
-                    grads = torch.autograd.grad(output, flat_diff, allow_unused=True,
-                                                create_graph=create_graph)
+                    grads = _C._autograd_grad([output], flat_diff, [], None, create_graph)
                 else:
                     grads = (None,) * len(flat_diff)
                 grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat_diff)]
@@ -213,9 +212,9 @@ def vjp(func, *primals, has_aux=False):
                 )
         pairs = [(o, c) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
         if pairs:
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], flat_primals, [c for _, c in pairs],
-                retain_graph=retain_graph, create_graph=create_graph, allow_unused=True,
+            grads = _C._autograd_grad(
+                [o for o, _ in pairs], flat_primals, [c for _, c in pairs], retain_graph,
+                create_graph,
             )
         else:
             grads = (None,) * len(flat_primals)

@@ -198,17 +198,6 @@ FUNCS = {
     "max_prod": (f_max_prod, True),
 }
 
-VMAP_GRAD_BUG = pytest.mark.xfail(
-    reason="vmap(grad(f)) fails when the backward of f uses max()/min()/median()/prod() (full "
-    "reductions): torch's backward formulas (evenly_distribute_backward, prod_backward) only take "
-    "their vmap-safe branch for "
-    "tensors isTensorSubclassLike() recognises; functorch_lite's wrappers are not recognised, so "
-    "the backward calls .item()/nonzero on batched tensors and raises",
-    raises=RuntimeError,
-    strict=True,
-)
-
-
 def _x():
     return torch.randn(4)
 
@@ -516,8 +505,7 @@ def test_grad_of_vjp_fn():
 
 @pytest.mark.parametrize(
     "name",
-    [n if n != "max_prod" else pytest.param(n, marks=VMAP_GRAD_BUG) for n, (_, v) in FUNCS.items()
-     if v],
+    [n for n, (_, v) in FUNCS.items() if v],
 )
 def test_vmap_of_grad_per_sample(name):
     f, _ = FUNCS[name]
@@ -526,15 +514,11 @@ def test_vmap_of_grad_per_sample(name):
 
 
 @pytest.mark.parametrize("reduction", [
-    pytest.param(lambda x: x.max(), id="max", marks=VMAP_GRAD_BUG),
-    pytest.param(lambda x: x.min(), id="min", marks=VMAP_GRAD_BUG),
-    pytest.param(lambda x: x.prod(), id="prod", marks=VMAP_GRAD_BUG),
-    pytest.param(lambda x: x.median(), id="median", marks=VMAP_GRAD_BUG),
-    pytest.param(lambda x: x.max(0).values, id="max_dim", marks=pytest.mark.xfail(
-        reason="vmap(grad(lambda x: x.max(0).values)) raises 'aten::scatter_.src writes in place "
-        "into its argument self, which is not batched': value_selecting_reduction_backward takes "
-        "its in-place zeros().scatter_ branch because isTensorSubclassLike() does not recognise "
-        "functorch_lite's wrappers", raises=RuntimeError, strict=True)),
+    pytest.param(lambda x: x.max(), id="max"),
+    pytest.param(lambda x: x.min(), id="min"),
+    pytest.param(lambda x: x.prod(), id="prod"),
+    pytest.param(lambda x: x.median(), id="median"),
+    pytest.param(lambda x: x.max(0).values, id="max_dim"),
     pytest.param(lambda x: x.amax(), id="amax"),
     pytest.param(lambda x: x.norm(), id="norm"),
 ])

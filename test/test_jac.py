@@ -102,30 +102,6 @@ def xf(reason, exc=Exception):
 # ------------------------------------------------------------------------------------------------
 # Known bugs (each with a minimal reproducer). Referenced by the xfails below.
 
-BUG_INPLACE_JVP = (
-    "functorch_lite bug: jvp under vmap with a batched tangent and an unbatched primal fails for "
-    "softmax/log_softmax/logsumexp: torch's logsumexp_jvp does `self_p_exp *= self_t` because "
-    "at::areAnyTensorSubclassLike() does not recognise functorch_lite's wrappers (torch.func's "
-    "are recognised and take the out-of-place branch) -> 'aten::mul_.Tensor writes batched "
-    "values in place into 'self', which is not batched'. Repro: "
-    "ft.jacfwd(lambda x: x.softmax(0))(torch.randn(3)); also every jacfwd/hessian/vmap(jvp) of it"
-)
-BUG_INPLACE_JVP_GRAD = (
-    "functorch_lite bug: grad of a jvp through softmax/log_softmax/logsumexp raises 'one of the "
-    "variables needed for gradient computation has been modified by an inplace operation': same "
-    "root cause as BUG_INPLACE_JVP (torch's logsumexp_jvp takes its in-place branch because "
-    "areAnyTensorSubclassLike() is false for functorch_lite's wrappers). Repro: "
-    "ft.grad(lambda x: ft.jvp(lambda y: y.softmax(0), (x,), (torch.ones(3),))[1].sum())"
-    "(torch.randn(3))"
-)
-BUG_PROD_ITEM = (
-    "functorch_lite bug: vmap(jacrev(prod)) / vmap(jacfwd(prod)) / vmap(hessian(prod)) raise "
-    "'the function called .item()': torch's prod formulas test `(input == 0).any().item()` unless "
-    "areAnyTensorSubclassLike() is true, which it is not for functorch_lite's wrappers. Repro: "
-    "ft.vmap(ft.jacfwd(lambda x: x.prod(1)))(torch.randn(2, 3, 4))"
-)
-
-
 BUG_NEW_ZEROS_FEATURE_META = (
     "functorch_lite bug: vmap over w of jvp(grad(x -> g(w @ x))) (w batched, captured by the "
     "closure; x and its tangent unbatched) raises 'functorch_lite.vmap: "
@@ -204,14 +180,6 @@ SECOND_ORDER = {"hessian", "vmap_hessian", "jacfwd_jacrev", "jacrev_jacrev", "ja
 def _known_bug(transform, fname):
     """The strict xfail of (transform, function), or None. Keep in sync with reality: a strict
     xfail that passes fails the run."""
-    if fname in SOFTMAX_LIKE:
-        if transform in ("jacfwd", "vmap_jacfwd", "hessian", "vmap_hessian", "jacfwd_jacrev",
-                         "jacfwd_jacfwd", "jacfwd_jacfwd_scalar"):
-            return xf(BUG_INPLACE_JVP, RuntimeError)
-        if transform == "grad_jvp":
-            return xf(BUG_INPLACE_JVP_GRAD, RuntimeError)
-    if fname == "prod" and transform in ("vmap_jacrev", "vmap_jacfwd", "vmap_hessian"):
-        return xf(BUG_PROD_ITEM, RuntimeError)
     return None
 
 
@@ -691,6 +659,7 @@ def test_nested_jvp_same_input_both_levels():
 LEGIT_FALLBACK_OPS = {
     "aten::gather", "aten::scatter_add_", "aten::index.Tensor", "aten::_index_put_impl_",
     "aten::index_select", "aten::index_add_", "aten::index_add", "aten::mse_loss_backward",
+    "aten::index_put", "aten::scatter_add", "aten::scatter.src",
 }
 
 FALLBACK_CASES = {
@@ -714,18 +683,10 @@ FALLBACK_CASES = {
     "max_dim-jacfwd": (lambda L: L.jacfwd(lambda x: x.max(1).values)(X), None),
     "max_dim-jacrev": (
         lambda L: L.jacrev(lambda x: x.max(1).values)(X),
-        xf("functorch_lite bug: jacrev(lambda x: x.max(1).values)(torch.randn(3, 4)) fails even "
-           "with the fallback allowed: value_selecting_reduction_backward does "
-           "zeros(...).scatter_(dim, idx, grad) (its in-place branch, as "
-           "areAnyTensorSubclassLike() is false for functorch_lite's wrappers) -> 'aten::scatter_"
-           ".src writes in place into its argument 'self', which is not batched'", RuntimeError)),
+        None),
     "max_dim-jvp_grad": (
         lambda L: L.jvp(L.grad(lambda x: x.max(1).values.sin().sum()), (X,), (T,)),
-        xf("functorch_lite bug: jvp(grad(lambda x: x.max(1).values.sum())) raises "
-           "'functorch_lite.jvp: the function being transformed called the in-place operation "
-           "aten::scatter_...': max's backward writes the dual grad into a fresh zeros tensor in "
-           "place (areAnyTensorSubclassLike() is false for functorch_lite's wrappers)",
-           RuntimeError)),
+        None),
     "mse_loss-jacrev": (
         lambda L: L.jacrev(lambda x: F.mse_loss(x, torch.zeros(3, 4), reduction="none").sum(1))(X),
         None),
@@ -762,9 +723,6 @@ def test_jacrev_gelu():
     both(lambda L: L.jacrev(F.gelu)(X))
 
 
-@xf("functorch_lite bug: jacfwd of F.layer_norm fails (in-place aten::mul_ of a batched tangent "
-    "into an unbatched tensor in torch's layer_norm_jvp, same root cause as BUG_INPLACE_JVP). "
-    "Repro: ft.jacfwd(lambda x: F.layer_norm(x, (4,)))(torch.randn(3, 4))", RuntimeError)
 def test_jacfwd_layer_norm():
     both(lambda L: L.jacfwd(lambda x: F.layer_norm(x, (4,)))(X))
 
@@ -783,7 +741,6 @@ def test_hessian_mse_loss_with_fallback():
         both(lambda L: L.hessian(lambda x: F.mse_loss(x, torch.zeros(3, 4)))(X))
 
 
-@xf(BUG_INPLACE_JVP, RuntimeError)
 def test_jacfwd_cross_entropy():
     both(lambda L: L.jacfwd(lambda x: F.cross_entropy(x, torch.tensor([0, 1, 3])))(X))
 

@@ -57,12 +57,6 @@ RANDOM_OPS = {
 XFAIL = {
 }
 
-_INPLACE_MUL = (
-    "torch's forward-AD formula writes the (batched) tangent in place into an unbatched "
-    "temporary (aten::mul_.Tensor ... 'writes batched values in place into self, which is not "
-    "batched'): it takes its in-place branch because at::areAnyTensorSubclassLike() does not "
-    "recognise functorch_lite's wrappers, as it does torch.func's (test_jac.py BUG_INPLACE_JVP)"
-)
 _FW_VIEW_ASSERT = (
     "torch INTERNAL ASSERT '!this_view_meta->has_fw_view()' (autograd_meta.cpp): the batched "
     "tangent of a view of an unbatched primal does not have the primal's layout (the message "
@@ -82,39 +76,10 @@ _GELU = (
 # op name -> why ft.vmap(lambda t: ft.jvp(f, primals, t)) fails on it (the same list for jacfwd).
 # Must list exactly the ops classified 'failure' in the vmap_jvp mode.
 XFAIL_VMAP_JVP = {
-    "_batch_norm_with_update": _INPLACE_MUL,
-    "_native_batch_norm_legit": _INPLACE_MUL,
     "combinations": _MASKED_SELECT,
-    "linalg.householder_product": _INPLACE_MUL.replace("aten::mul_.Tensor", "aten::add_.Tensor"),
-    "log_softmax": _INPLACE_MUL,
-    "log_softmax.with_dtype": _INPLACE_MUL,
-    "logcumsumexp": _INPLACE_MUL,
-    "logsumexp": _INPLACE_MUL,
-    "masked.log_softmax": _INPLACE_MUL,
-    "masked.logsumexp": _INPLACE_MUL,
-    "masked.softmax": _INPLACE_MUL,
-    "masked.softmin": _INPLACE_MUL,
     "masked_select": _MASKED_SELECT,
-    "matrix_exp": _INPLACE_MUL.replace("aten::mul_.Tensor", "aten::copy_"),
-    "native_batch_norm": _INPLACE_MUL,
-    "native_group_norm": _INPLACE_MUL,
-    "nn.functional.batch_norm": _INPLACE_MUL,
-    "nn.functional.binary_cross_entropy": _INPLACE_MUL,
-    "nn.functional.cross_entropy": _INPLACE_MUL,
     "nn.functional.gelu": _GELU,
-    "nn.functional.group_norm": _INPLACE_MUL,
-    "nn.functional.instance_norm": _INPLACE_MUL,
-    "nn.functional.layer_norm": _INPLACE_MUL,
-    "nn.functional.linear_cross_entropy": _INPLACE_MUL,
-    "nn.functional.multi_head_attention_forward": _INPLACE_MUL,
-    "nn.functional.normalize": _INPLACE_MUL,
-    "nn.functional.softmin": _INPLACE_MUL,
-    "nn.functional.softmin.with_dtype": _INPLACE_MUL,
-    "renorm": _INPLACE_MUL,
-    "softmax": _INPLACE_MUL,
-    "softmax.with_dtype": _INPLACE_MUL,
     "stft": _FW_VIEW_ASSERT,
-    "torch.ops.aten._safe_softmax.default": _INPLACE_MUL,
     "unfold": _FW_VIEW_ASSERT,
 }
 

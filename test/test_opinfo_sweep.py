@@ -58,8 +58,6 @@ XFAIL = {
     "combinations": "torch.combinations calls masked_select with a mask that does not depend on "
                     "the data, but rejectDataDependent refuses aten::masked_select whenever an "
                     "argument is batched",
-    "linalg.matrix_rank": MATRIX_RANK_REASON,
-    "linalg.matrix_rank.hermitian": MATRIX_RANK_REASON,
     "resize_": "no batching rule; the for-loop fallback refuses in-place shape changes (a clear "
                "error, by design)",
     "as_strided_copy": "as_strided_copy has no batching rule (as_strided has one); the for-loop "

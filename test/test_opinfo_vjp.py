@@ -57,61 +57,17 @@ RANDOM_OPS = {
 
 # op name -> why ft.vjp fails on it. Must list exactly the ops classified 'failure'.
 XFAIL_VJP = {
-    "nn.functional.ctc_loss": (
-        "ft.vjp raises 'Cannot access data pointer of Tensor that doesn't have storage': "
-        "aten::_ctc_loss reads the data of a functorch_lite wrapper; torch.func runs it"),
 }
 
-_INPLACE_UNBATCHED = (
-    "a backward formula writes batched cotangent values in place into an unbatched temporary "
-    "(functorch_lite.vmap: aten::{op} writes ... into 'self', which is not batched); torch.func "
-    "batches these (its wrappers are recognised by at::areAnyTensorSubclassLike(), or its "
-    "batching rules handle the in-place op)"
-)
-_MASKED_FILL_VALUE = (
-    "the backward of an all-reduce max/min/median calls masked_fill_ with the cotangent as "
-    "value; under ft.vmap the value arrives batched (not 0-dimensional) and aten rejects it "
-    "('masked_fill_ only supports a 0-dimensional value tensor')"
-)
-_MASKED_SELECT = (
-    "ft.vmap refuses aten::masked_select ('returns a result whose shape depends on the data of "
-    "each batch element') although only the cotangent is batched and the mask is not; "
-    "torch.func runs it"
-)
 _GELU = (
     "vmap of aten::gelu_backward with one batched and one unbatched argument fails in oneDNN "
     "('could not create a primitive descriptor for the reorder primitive'); see test_jac.py "
     "test_jacrev_gelu"
 )
-_EIG = (
-    "linalg_eig_backward's check that the loss does not depend on the eigenvectors' phase "
-    "raises under ft.vmap ('The eigenvectors in the complex case are specified up to "
-    "multiplication by e^{i phi}') for the batched random cotangents; torch.func.vmap runs it"
-)
-
 # op name -> why ft.vmap(vjp_fn) over a batch of cotangents fails on it (jacrev's building
 # block). Must list exactly the ops classified 'failure' in the vmap_vjp mode.
 XFAIL_VMAP_VJP = {
-    "combinations": _INPLACE_UNBATCHED.format(op="masked_scatter_"),
-    "linalg.eig": _EIG,
-    "linalg.householder_product": _INPLACE_UNBATCHED.format(op="copy_"),
-    "masked.median": _INPLACE_UNBATCHED.format(op="scatter_.src"),
-    "masked_fill": _MASKED_SELECT,
-    "masked_select": _INPLACE_UNBATCHED.format(op="masked_scatter_"),
-    "matrix_exp": _INPLACE_UNBATCHED.format(op="copy_"),
-    "max.reduction_no_dim": _MASKED_FILL_VALUE,
-    "median": _MASKED_FILL_VALUE,
-    "min.reduction_no_dim": _MASKED_FILL_VALUE,
-    "msort": _INPLACE_UNBATCHED.format(op="scatter_.src"),
-    "nanmedian": _MASKED_FILL_VALUE,
-    "nanquantile": _INPLACE_UNBATCHED.format(op="scatter_.src"),
-    "nn.functional.binary_cross_entropy": _INPLACE_UNBATCHED.format(op="mul_.Tensor"),
-    "nn.functional.ctc_loss": XFAIL_VJP["nn.functional.ctc_loss"] + " (ft.vjp itself fails)",
     "nn.functional.gelu": _GELU,
-    "ormqr": _INPLACE_UNBATCHED.format(op="copy_"),
-    "quantile": _INPLACE_UNBATCHED.format(op="scatter_.src"),
-    "take": _INPLACE_UNBATCHED.format(op="put_"),
-    "trace": _INPLACE_UNBATCHED.format(op="index_fill_.int_Tensor"),
 }
 
 XFAILS = {"vjp": XFAIL_VJP, "vmap_vjp": XFAIL_VMAP_VJP}

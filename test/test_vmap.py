@@ -1056,10 +1056,6 @@ def test_max_pool1d():
     check_vmap(lambda a: F.max_pool1d(a, 2), (torch.randn(B, 2, 4),), rule=False)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "linalg_matrix_rank (CompositeImplicit) calls sum(out=...) into an unbatched tensor it "
-    "allocates itself; the for-loop fallback refuses writing batched values into an unbatched "
-    "out= argument"))
 def test_matrix_rank():
     check_vmap(torch.linalg.matrix_rank, (torch.randn(B, 4, 4),), rule=False)
 

@@ -37,8 +37,13 @@ c10::DispatchKeySet wrapperRegionKeys(std::initializer_list<DispatchKey> except)
 }  // namespace
 
 bool isForeignTransformTensor(const at::Tensor& t) {
-  static const c10::DispatchKeySet foreign = wrapperRegionKeys({DispatchKey::DeferredInit});
-  return t.defined() && t.key_set().has_any(foreign);
+  // Batched is our marker on our tensors; on a tensor without DeferredInit it is torch's legacy
+  // vmap, which is foreign too.
+  static const c10::DispatchKeySet foreign =
+      wrapperRegionKeys({DispatchKey::DeferredInit, DispatchKey::Batched});
+  if (!t.defined()) return false;
+  const auto ks = t.key_set();
+  return ks.has_any(foreign) || (ks.has(DispatchKey::Batched) && !ks.has(DispatchKey::DeferredInit));
 }
 
 void rejectForeignTransformTensor(const at::Tensor& t, const char* api) {
@@ -116,7 +121,7 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
       return;
     }
   } else {
-    c10::impl::ExcludeDispatchKeyGuard no_front(DispatchKey::DeferredInit);
+    c10::impl::ExcludeDispatchKeyGuard no_front(kFrontKeys);
     op.callBoxed(stack);
   }
   const size_t nrets = schema.returns().size();
@@ -255,7 +260,7 @@ void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
   const Level* top = levelStack().top();
   if (!top) {
     // Only escaped (dead) grad wrappers, now unwrapped, bring an op here with no level live.
-    c10::impl::ExcludeDispatchKeyGuard no_front(DispatchKey::DeferredInit);
+    c10::impl::ExcludeDispatchKeyGuard no_front(kFrontKeys);
     op.callBoxed(stack);
     return;
   }

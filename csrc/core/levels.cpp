@@ -77,6 +77,8 @@ int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomne
   depth_ = levels_.size();
   tls.included_ = tls.included_.add(c10::DispatchKey::DeferredInit);
   tls.excluded_ = tls.excluded_.remove(c10::DispatchKey::DeferredInit);
+  // The Batched marker on our tensors must never dispatch (NOTE [Dispatch keys of our tensors]).
+  tls.excluded_ = tls.excluded_.add(c10::DispatchKey::Batched);
   c10::impl::_force_tls_local_dispatch_key_set(tls);
   return levels_.back().id;
 }

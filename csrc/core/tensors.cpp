@@ -8,6 +8,7 @@ namespace ftl {
 c10::DispatchKeySet wrapperKeySet() {
   static const c10::DispatchKeySet ks = c10::DispatchKeySet({
       c10::DispatchKey::DeferredInit,
+      c10::DispatchKey::Batched,
       c10::DispatchKey::AutogradPrivateUse3,
       c10::DispatchKey::ADInplaceOrView,
       c10::DispatchKey::PrivateUse3,

@@ -13,7 +13,7 @@
 //   VariableType kernels record a separate graph per grad level.
 //
 // NOTE [Dispatch keys of our tensors]
-// Both carry {DeferredInit, AutogradPrivateUse3, ADInplaceOrView, PrivateUse3}:
+// Both carry {DeferredInit, Batched, AutogradPrivateUse3, ADInplaceOrView, PrivateUse3}:
 // - DeferredInit: the "front" key (dispatch.h). It is also in the TLS included set while any
 //   level is live, so tensors that escaped their transform still reach our code and can be
 //   unwrapped (grad) or rejected with a clear error (vmap) instead of reading missing storage.
@@ -21,6 +21,14 @@
 //   wrappers, and so batched tensors are never mistaken for inference tensors.
 // - PrivateUse3 (Dense): the "back" key. After autograd, grad wrappers reach our per-op PrivateUse3
 //   kernel, which unwraps them and hands the op to the level below.
+// - Batched: a marker, never dispatched to (its kernels are torch's legacy vmap). torch's autograd
+//   formulas choose between an in-place/.item() fast path and a composite-compliant path with
+//   at::isTensorSubclassLike(), which recognises tensor-wrapping transforms by this key among
+//   others; without it, backward of prod/max/median and the forward-mode formulas of softmax,
+//   logsumexp, layer_norm... would write into or read the data of our wrappers. Every dispatch on
+//   our tensors lands on DeferredInit first (it is higher), and Batched is in the TLS excluded set
+//   while any level is live and wherever DeferredInit is excluded (kFrontKeys), so the legacy
+//   kernels are never reached.
 // Device and dtype are the value's: a wrapper of a CUDA tensor reports device cuda:N.
 //
 // NOTE [Lifetime of wrappers]
@@ -41,6 +49,9 @@ namespace ftl {
 enum class WrapperKind : uint8_t { Batched, Grad };
 
 c10::DispatchKeySet wrapperKeySet();
+
+// Keys excluded together whenever code runs "below the front": DeferredInit and the Batched marker.
+constexpr c10::DispatchKeySet kFrontKeys({c10::DispatchKey::DeferredInit, c10::DispatchKey::Batched});
 
 class FtTensorImplBase : public c10::TensorImpl {
  public:

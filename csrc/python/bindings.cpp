@@ -1,6 +1,7 @@
 // functorch_lite._C: the Python entry points. Entering and leaving levels and moving batch dims
 // in and out happen here, in C++, for a whole flattened argument list per call.
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/headeronly/version.h>
@@ -72,7 +73,7 @@ at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, int64_t batch_s
 // memory (tolist, numpy) see plain tensors and nothing gets wrapped on the way.
 struct BelowTransforms {
   std::optional<c10::impl::ExcludeDispatchKeyGuard> guard;
-  void enter() { guard.emplace(c10::DispatchKey::DeferredInit); }
+  void enter() { guard.emplace(kFrontKeys); }
   void exit(const py::args&) { guard.reset(); }
 };
 
@@ -103,6 +104,18 @@ PYBIND11_MODULE(_C, m) {
     return ownLevelStack().push(LevelKind::Jvp, 0, Randomness::Error);
   }));
   m.def("_pop", torch::wrap_pybind_function([](int64_t id) { ownLevelStack().pop(id); }));
+  // torch.autograd.grad refuses outputs and inputs that carry the Batched key, which our tensors
+  // carry as a marker (NOTE [Dispatch keys of our tensors]); the C++ entry has no such check.
+  m.def("_autograd_grad", torch::wrap_pybind_function(
+      [](const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs,
+         const std::vector<at::Tensor>& grad_outputs, std::optional<bool> retain_graph,
+         bool create_graph) {
+        py::gil_scoped_release no_gil;
+        return torch::autograd::grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                                     /*allow_unused=*/true);
+      }),
+      "torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True) for our wrappers; "
+      "unused inputs give None.");
   m.def("_stack_depth", torch::wrap_pybind_function([] { return levelStack().depth(); }));
   m.def("_describe_stack", torch::wrap_pybind_function(&describeStack));
 
