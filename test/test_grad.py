@@ -915,10 +915,10 @@ def test_inplace_on_view_of_captured_tensor_raises(mutate):
 
 
 @pytest.mark.xfail(
-    reason=".backward() inside a function transformed by ft.grad is neither refused with a clear "
-    "error (torch.func: 'backward() called inside a functorch transform') nor supported: it runs "
-    "a backward over the grad level's graph and ft.grad then fails with autograd's unrelated "
-    "'Trying to backward through the graph a second time'",
+    reason=".backward() inside a function transformed by ft.grad is refused, but with torch's "
+    "misleading 'torch.autograd.grad(outputs, inputs, grad_outputs) called inside torch.vmap' "
+    "(torch's Python engine entry refuses tensors with the Batched key, our wrappers' marker) "
+    "instead of torch.func's 'backward() called inside a functorch transform'",
     raises=AssertionError,
     strict=True,
 )

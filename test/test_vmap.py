@@ -735,6 +735,10 @@ LINALG = [
     Case("tensordot", lambda a, b: torch.tensordot(a, b, dims=([1], [0])), [T((5, 4)), T((4, 6))]),
     # decompositions and solvers (batch-native kernels), triu/tril, trace
     Case("inv_ex", lambda a: torch.linalg.inv_ex(_spd(a)), [T((4, 4))]),
+    # inv/cholesky/solve check the *_ex kernels' `info` output (_linalg_check_errors)
+    Case("inv", lambda a: torch.linalg.inv(_spd(a)), [T((4, 4))]),
+    Case("cholesky", lambda a: torch.linalg.cholesky(_spd(a)), [T((4, 4))]),
+    Case("solve", lambda a, b: torch.linalg.solve(_spd(a), b), [T((4, 4)), T((4,))]),
     Case("det", lambda a: torch.linalg.det(a), [T((4, 4))]),
     Case("slogdet", lambda a: torch.linalg.slogdet(a), [T((4, 4))]),
     Case("logdet", lambda a: torch.logdet(_spd(a)), [T((4, 4))]),
@@ -918,24 +922,14 @@ NO_RULE = [
     (Case("diag", torch.diag, [T((4, 4))]), "aten::diagonal_copy"),
     (Case("diag_embed", torch.diag_embed, [T((4,))]), "aten::diag_embed"),
     (Case("unfold", lambda a: a.unfold(1, 2, 1), [X]), "aten::unfold"),
-    (Case("index_select", lambda a, i: a.index_select(1, i), [X, T((3,), "idx")]),
-     "aten::index_select"),
-    (Case("gather", lambda a, i: a.gather(1, i), [X, T((4, 2), "idx")]), "aten::gather"),
-    (Case("advanced_index", lambda a, i: a[i], [X, T((3,), "idx")]), "aten::index.Tensor"),
     (Case("kthvalue", lambda a: a.kthvalue(2, 1), [X]), "aten::kthvalue"),
     (Case("searchsorted", lambda s, v: torch.searchsorted(s.sort().values, v), [T((5,)), T((3,))]),
      "aten::searchsorted.Tensor"),
     (Case("pad", lambda a: F.pad(a, (1, 2)), [X]), "aten::constant_pad_nd"),
-    (Case("index_add_", lambda a, s: a.index_add_(0, torch.tensor([0, 2]), s), [X, T((2, 5))]),
-     "aten::index_add_"),
     (Case("setitem_scalar", lambda a: _setitem_scalar(a), [X]), "aten::fill_.Tensor"),
-    # torch.linalg.inv/cholesky/solve: the *_ex kernels have rules (see test_linalg), but the
-    # error check on their `info` output does not
-    (Case("inv", lambda a: torch.linalg.inv(_spd(a)), [T((4, 4))]), "aten::_linalg_check_errors"),
-    (Case("cholesky", lambda a: torch.linalg.cholesky(_spd(a)), [T((4, 4))]),
-     "aten::_linalg_check_errors"),
-    (Case("solve", lambda a, b: torch.linalg.solve(_spd(a), b), [T((4, 4)), T((4,))]),
-     "aten::_linalg_check_errors"),
+    (Case("take", lambda a, i: torch.take(a, i), [X, T((3,), "idx")]), "aten::take"),
+    (Case("put_", lambda a, s: a.clone().put_(torch.tensor([0, 7]), s), [X, T((2,))]),
+     "aten::put_"),
 ]
 
 
@@ -976,19 +970,19 @@ def test_no_rule_falls_back_with_warning(case, op):
 @pytest.mark.parametrize(
     "case,op,placement",
     [pytest.param(c, op, p, id=f"{c.name}-{p}") for c, op in NO_RULE for p in placements_for(c.specs)
-     if not (c.name == "index_add_" and p == "None@0")],
+     if not (c.name == "put_" and p == "None@0")],
 )
 def test_no_rule_fallback_placements(case, op, placement):
     args, in_dims = _build_no_rule(case, placement)
     ft._C._reset_fallback_ops_seen()
-    check_vmap(case.fn, args, in_dims, rule=False, torch_func=case.name != "index_add_")
+    check_vmap(case.fn, args, in_dims, rule=False, torch_func=case.name != "put_")
     assert op in ft._C._fallback_ops_seen()
 
 
 def test_fallback_error_mode_raises(fallback_mode):
     with fallback_mode("error"):
-        with pytest.raises(RuntimeError, match="no batching rule for aten::index_select"):
-            ft.vmap(lambda a: a.index_select(0, torch.tensor([0])))(torch.randn(B, 4))
+        with pytest.raises(RuntimeError, match="no batching rule for aten::kthvalue"):
+            ft.vmap(lambda a: a.kthvalue(1))(torch.randn(B, 4))
 
 
 def test_fallback_quiet_mode_is_silent(fallback_mode):
@@ -1562,12 +1556,10 @@ functorch_lite.vmap: data-dependent control flow (`if tensor:`, `while tensor:`,
 functorch_lite.vmap: aten::nonzero returns a result whose shape (or Python value) depends on the data of each batch element, which vmap cannot batch. Boolean-mask indexing (x[mask]) is the usual cause: use torch.where(mask, x, 0) or multiply by the mask instead.""")
 
     def test_boolean_mask_indexing(self):
-        # x[mask] has no rule; it reaches the for-loop fallback, where the per-element results
-        # have different shapes. (In 'error' fallback mode it is the fallback error instead.)
+        # A mask that differs per element: the index rule refuses it (data-dependent shape).
         x = torch.tensor([[1.0, -1.0, 2.0], [-1.0, -1.0, 3.0]])
         ft.set_vmap_fallback("quiet")
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a[a > 0])(x), """\
-functorch_lite.vmap: aten::index.Tensor returned tensors of different shapes for different batch elements ([2] and [1]). vmap needs every element to produce the same shape; operations whose output shape depends on the data cannot be batched.""")
+        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a[a > 0])(x), """functorch_lite.vmap: aten::index with a boolean mask that differs per batch element: the result's shape would depend on the data of each element, which vmap cannot batch. Use torch.where(mask, x, other), or multiply by the mask, instead.""")
 
     def test_random_op_under_randomness_error(self):
         x = torch.randn(B, 4)
@@ -1591,11 +1583,10 @@ functorch_lite.vmap: aten::add_.Tensor writes batched values in place into 'self
     def test_inplace_batched_into_unbatched_fallback_op(self):
         def f(a):
             z = torch.zeros(4)
-            z.index_add_(0, torch.tensor([0, 1]), a[:2])
+            z.put_(torch.tensor([0, 1]), a[:2])
             return z
         ft.set_vmap_fallback("quiet")
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(f)(torch.randn(B, 4)), """\
-functorch_lite.vmap: aten::index_add_ writes in place into its argument 'self', which is not batched, while other arguments are. The result would need one value per batch element. Use the out-of-place version of the operation, or make 'self' batched first (e.g. expand it over the batch and clone it).""")
+        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(f)(torch.randn(B, 4)), """functorch_lite.vmap: aten::put_ writes in place into its argument 'self', which is not batched, while other arguments are. The result would need one value per batch element. Use the out-of-place version of the operation, or make 'self' batched first (e.g. expand it over the batch and clone it).""")
 
     def test_inplace_shape_change_in_fallback(self):
         ft.set_vmap_fallback("quiet")

@@ -71,6 +71,11 @@ template <class T>
 constexpr bool is_tensor_v = std::is_same_v<bare_t<T>, at::Tensor>;
 template <class T>
 constexpr bool is_opt_tensor_v = std::is_same_v<bare_t<T>, std::optional<at::Tensor>>;
+// `Tensor?[]` (the indices of index/index_put): rules receive it as two vectors, the physical
+// tensors and their batch dims.
+template <class T>
+constexpr bool is_opt_tensor_list_v =
+    std::is_same_v<bare_t<T>, c10::List<std::optional<at::Tensor>>>;
 
 // Whether `pred` holds for any tensor in an argument (Tensor, Tensor?, or a list of tensors).
 template <class T, class Pred>
@@ -83,6 +88,10 @@ bool anyTensorIn(const T& arg, Pred&& pred) {
                        std::is_same_v<bare_t<T>, at::TensorList>) {
     for (const at::Tensor& t : arg)
       if (pred(t)) return true;
+    return false;
+  } else if constexpr (is_opt_tensor_list_v<T>) {
+    for (const std::optional<at::Tensor>& t : arg)
+      if (t.has_value() && t->defined() && pred(*t)) return true;
     return false;
   } else {
     return false;
@@ -115,6 +124,11 @@ decltype(auto) reviveArg(const T& arg) {
     std::vector<at::Tensor> out;
     for (const at::Tensor& t : arg) out.push_back(unwrapIfDead(t));
     return out;
+  } else if constexpr (is_opt_tensor_list_v<T>) {
+    c10::List<std::optional<at::Tensor>> out;
+    for (const std::optional<at::Tensor>& t : arg)
+      out.push_back(t.has_value() ? std::optional<at::Tensor>(unwrapIfDead(*t)) : t);
+    return out;
   } else {
     return (const T&)arg;
   }
@@ -129,6 +143,20 @@ auto unwrapArg(const T& arg, int64_t lvl) {
     if (!arg.has_value()) return std::make_tuple(std::optional<at::Tensor>(), bdim_t());
     auto [v, bd] = unwrapAt(*arg, lvl);
     return std::make_tuple(std::optional<at::Tensor>(std::move(v)), bd);
+  } else if constexpr (is_opt_tensor_list_v<T>) {
+    std::vector<std::optional<at::Tensor>> values;
+    std::vector<bdim_t> bdims;
+    for (const std::optional<at::Tensor>& t : arg) {
+      if (!t.has_value() || !t->defined()) {
+        values.emplace_back();
+        bdims.emplace_back();
+        continue;
+      }
+      auto [v, bd] = unwrapAt(*t, lvl);
+      values.emplace_back(std::move(v));
+      bdims.push_back(bd);
+    }
+    return std::make_tuple(std::move(values), std::move(bdims));
   } else {
     return std::tuple<const T&>(arg);
   }

@@ -106,9 +106,35 @@ std::tuple<Tensor, bdim_t> traceRule(const Tensor& x, bdim_t bd) {
   return {moveBdimToFront(x, bd).diagonal(0, -2, -1).sum(-1), 0};
 }
 
+// _linalg_check_errors(info, api, is_matrix) returns nothing, so it has no rule of the usual
+// shape. Batched `info` is checked as a batch of matrices (is_matrix=false), so an error names
+// the failing batch element like torch does for batched input.
+template <class Op, class Sig = typename Op::schema>
+struct CheckErrorsKernel;
+template <class Op, class Api>
+struct CheckErrorsKernel<Op, void(const Tensor&, Api, bool)> {
+  static void fn(const Tensor& info_in, Api api, bool is_matrix) {
+    const Tensor info = unwrapIfDead(info_in);
+    const Level* top = levelStack().top();
+    if (!top || top->kind != LevelKind::Vmap) {
+      detail::redirectToFront<Op, void, const Tensor&, Api, bool>(info, api, is_matrix);
+      return;
+    }
+    HandDownGuard guard;
+    auto [value, bd] = unwrapAt(info, top->id);
+    if (!bd) {
+      Op::call(value, api, is_matrix);
+      return;
+    }
+    Op::call(moveBdimToFront(value, bd), api, /*is_matrix=*/false);
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  m.impl("_linalg_check_errors",
+         TORCH_FN(CheckErrorsKernel<at::_ops::_linalg_check_errors>::fn));
   registerVmapRule<at::_ops::dot, &dotRule>(m);
   registerVmapRule<at::_ops::matmul, &matmulRule>(m);
   registerVmapRule<at::_ops::mm, &mmRule>(m);

@@ -372,6 +372,9 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::unbind_int, &unbindRule>(m);
   registerVmapRule<at::_ops::split_Tensor, &splitRule>(m);
   registerVmapRule<at::_ops::split_with_sizes, &splitSizesRule>(m);
+  // unsafe_split* only differ from split* in how autograd treats the outputs: same values.
+  registerVmapRule<at::_ops::unsafe_split_Tensor, &splitRule>(m);
+  registerVmapRule<at::_ops::unsafe_split_with_sizes, &splitSizesRule>(m);
   registerVmapRule<at::_ops::flip, &flipRule>(m);
   registerVmapRule<at::_ops::roll, &rollRule>(m);
   registerVmapRule<at::_ops::repeat, &repeatRule>(m);
