@@ -142,25 +142,6 @@ bool isLikeOp(const c10::FunctionSchema& schema) {
   return n.size() > 5 && n.compare(n.size() - 5, 5, "_like") == 0;
 }
 
-// native_batch_norm(input, weight, bias, running_mean, running_var, training, ...) updates the
-// running stats in training mode without saying so in its schema: one unbatched buffer cannot
-// take one update per batch element, and looping would silently apply B updates.
-void rejectBatchNormRunningStatsUpdate(const c10::FunctionSchema& schema,
-                                       const torch::jit::Stack& stack, size_t begin, int64_t lvl) {
-  if (schema.name() != "aten::native_batch_norm") return;
-  const auto& training = stack[begin + 5];
-  if (!training.isBool() || !training.toBool()) return;
-  for (size_t i : {size_t(3), size_t(4)}) {
-    const auto& stat = stack[begin + i];
-    if (!stat.isTensor() || !stat.toTensor().defined() || batchedAt(stat.toTensor(), lvl)) continue;
-    TORCH_CHECK(false, "functorch_lite.vmap: batch norm in training mode would update its "
-                "running_mean/running_var once per batch element, but they are not batched. "
-                "Options: call model.eval() (use the running stats), build the BatchNorm with "
-                "track_running_stats=False, use GroupNorm/LayerNorm instead, or pass batched "
-                "buffers (e.g. functional_call with stacked buffers).");
-  }
-}
-
 bool isMutated(const c10::FunctionSchema& schema, size_t i) {
   const auto* alias = schema.arguments()[i].alias_info();
   return alias && alias->isWrite();
@@ -406,7 +387,6 @@ void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Le
     return;
   }
   rejectDataDependent(schema.operator_name());
-  rejectBatchNormRunningStatsUpdate(schema, *stack, begin, top.id);
   // A few composite kernels read raw data (tensor lengths, a fast path); they must loop instead.
   static const std::unordered_set<std::string> no_decompose = {
       "aten::max_pool1d", "aten::ctc_loss", "aten::max_pool1d_with_indices"};

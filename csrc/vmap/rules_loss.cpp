@@ -1,6 +1,10 @@
-// Batching rules: loss functions and their backward ops (nll_loss, which cross_entropy uses).
+// Batching rules: loss functions and their backward ops (nll_loss, which cross_entropy uses, and
+// the pointwise losses: mse, smooth_l1, huber, binary_cross_entropy (+ with_logits)).
 // nll_loss is a gather along the class dim with per-target weights, so the batched rule does
 // exactly that over [B, N, C]; reductions then happen per batch element.
+// Pointwise losses run with reduction='none' on batch-first tensors and reduce per element
+// afterwards: the op's own 'mean'/'sum' would mix the batch elements.
+#include <ATen/ExpandUtils.h>
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
 
@@ -86,11 +90,114 @@ std::tuple<Tensor, bdim_t> nllBackwardRule(const Tensor& grad_out, bdim_t gbd, c
           0};
 }
 
+// ---- pointwise losses
+// Every defined tensor to one batch-first shape [B, *S], S the broadcast logical shape (unbatched
+// ones expanded, not copied). Expanding all of them, not just broadcasting, is what lets a
+// batched weight or grad_output meet unbatched inputs: the ops only broadcast weight into input.
+std::vector<Tensor> broadcastBatchFirst(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) {
+  int64_t r = 0;
+  for (const auto& [t, bd] : ts)
+    if (t && t->defined()) r = std::max(r, rankWithoutBdim(*t, bd));
+  std::vector<Tensor> out;
+  at::DimVector shape;
+  for (const auto& [t, bd] : ts) {
+    if (!t || !t->defined()) {
+      out.emplace_back();
+      continue;
+    }
+    out.push_back(padToLogicalRank(moveBdimToFront(*t, bd), bd.has_value(), r));
+    shape = at::infer_size_dimvector(shape, out.back().sizes());
+  }
+  for (auto& t : out)
+    if (t.defined()) t = t.expand(shape);
+  return out;
+}
+
+std::optional<Tensor> optTensor(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+const Tensor* ptrOf(const std::optional<Tensor>& t) { return t ? &*t : nullptr; }
+
+// [B, *S] per-element losses -> [B] for 'mean'/'sum' (a logical scalar still reduces to [B]).
+Tensor reducePerSample(const Tensor& loss, int64_t reduction) {
+  if (reduction == kNone) return loss;
+  Tensor flat = flattenAfterBatch(loss);
+  return reduction == kSum ? flat.sum(1) : flat.mean(1);
+}
+
+// A backward op run with reduction='none' and the per-element grad_output gives the 'sum'
+// gradient; 'mean' divides by each element's own numel, not the physical one.
+Tensor scaleForReduction(const Tensor& grad_input, int64_t reduction) {
+  if (reduction != kMean) return grad_input;
+  int64_t n = 1;
+  for (int64_t d = 1; d < grad_input.dim(); ++d) n *= grad_input.size(d);
+  return grad_input.div(n);
+}
+
+template <class Op, class Sig = typename Op::schema>
+struct PointwiseLoss;
+template <class Op, class... Extra>
+struct PointwiseLoss<Op, Tensor(const Tensor&, const Tensor&, int64_t, Extra...)> {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
+                                         int64_t reduction, Extra... e) {
+    auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}});
+    return {reducePerSample(Op::call(a[0], a[1], kNone, e...), reduction), 0};
+  }
+};
+
+// grad_output of a 'mean'/'sum' loss is a logical scalar; broadcastBatchFirst spreads it over S.
+template <class Op, class Sig = typename Op::schema>
+struct PointwiseLossBackward;
+template <class Op, class... Extra>
+struct PointwiseLossBackward<Op, Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, Extra...)> {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd,
+                                         const Tensor& t, bdim_t tbd, int64_t reduction, Extra... e) {
+    auto a = broadcastBatchFirst({{&g, gbd}, {&x, xbd}, {&t, tbd}});
+    return {scaleForReduction(Op::call(a[0], a[1], a[2], kNone, e...), reduction), 0};
+  }
+};
+
+std::tuple<Tensor, bdim_t> bceRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
+                                   const std::optional<Tensor>& w, bdim_t wbd, int64_t reduction) {
+  auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}});
+  return {reducePerSample(at::_ops::binary_cross_entropy::call(a[0], a[1], optTensor(a[2]), kNone),
+                          reduction),
+          0};
+}
+
+std::tuple<Tensor, bdim_t> bceBackwardRule(const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd,
+                                           const Tensor& t, bdim_t tbd,
+                                           const std::optional<Tensor>& w, bdim_t wbd,
+                                           int64_t reduction) {
+  auto a = broadcastBatchFirst({{&g, gbd}, {&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}});
+  return {scaleForReduction(at::_ops::binary_cross_entropy_backward::call(
+                                a[0], a[1], a[2], optTensor(a[3]), kNone),
+                            reduction),
+          0};
+}
+
+// pos_weight broadcasts against the class (last) dim, which right-aligned broadcasting keeps.
+std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
+                                         const std::optional<Tensor>& w, bdim_t wbd,
+                                         const std::optional<Tensor>& pw, bdim_t pwbd,
+                                         int64_t reduction) {
+  auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}, {ptrOf(pw), pwbd}});
+  return {reducePerSample(at::_ops::binary_cross_entropy_with_logits::call(
+                              a[0], a[1], optTensor(a[2]), optTensor(a[3]), kNone),
+                          reduction),
+          0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::nll_loss_forward, &nllForwardRule>(m);
   registerVmapRule<at::_ops::nll_loss_backward, &nllBackwardRule>(m);
+  registerFamily<PointwiseLoss, at::_ops::mse_loss, at::_ops::smooth_l1_loss, at::_ops::huber_loss>(m);
+  registerFamily<PointwiseLossBackward, at::_ops::mse_loss_backward, at::_ops::smooth_l1_loss_backward, at::_ops::huber_loss_backward>(m);
+  registerVmapRule<at::_ops::binary_cross_entropy, &bceRule>(m);
+  registerVmapRule<at::_ops::binary_cross_entropy_backward, &bceBackwardRule>(m);
+  registerVmapRule<at::_ops::binary_cross_entropy_with_logits, &bceLogitsRule>(m);
 }
 
 }  // namespace ftl

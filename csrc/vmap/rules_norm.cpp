@@ -1,6 +1,11 @@
-// Batching rules: normalization layers (layer_norm so far). Normalized dims are trailing, so the
-// batch dim at the front is one more leading dim, except for the per-element weight and bias
+// Batching rules: normalization layers. layer_norm: normalized dims are trailing, so the batch
+// dim at the front is one more leading dim, except for the per-element weight and bias
 // gradients, which must not sum over it: those are computed from x_hat = (x - mean) * rstd.
+// batch_norm and group_norm: statistics are per channel (per group of channels), taken over N and
+// the spatial dims, so the vmap batch moves into the channel dim: [B, N, C, *] -> [N, B*C, *]
+// (group norm: B*G groups). Each batch element then gets its own statistics, per-channel
+// arguments (weight, bias, running stats) may be batched themselves ([B, C] -> [B*C]), and the
+// per-channel gradients come back per element ([B*C] -> [B, C]).
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
 
@@ -66,11 +71,128 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormBackwardRule
   return {gi, gibd, gw, gwbd, gb, gbbd};
 }
 
+// ---- batch norm and group norm: the vmap batch folded into the channel dim.
+// [B, N, C, *] (or unbatched [N, C, *], copied B times) -> [N, B*C, *]. Also folds the group
+// norm statistics [B, N, G] -> [N, B*G]. The CPU kernels want dense inputs.
+Tensor batchIntoChannels(const Tensor& t, bdim_t bd, int64_t B) {
+  return materializeBdimFront(t, bd, B).movedim(0, 1).flatten(1, 2).contiguous();
+}
+
+// Per-channel [B, C] or unbatched [C] -> [B*C]. Eval-mode batch norm saves empty statistics,
+// which stay as they are.
+std::optional<Tensor> perChannelFlat(const std::optional<Tensor>& t, bdim_t bd, int64_t B) {
+  if (!t || !t->defined()) return std::nullopt;
+  if (!bd && t->numel() == 0) return t;
+  return materializeBdimFront(*t, bd, B).reshape({-1});
+}
+
+// [B*C] -> [B, C] at bdim 0; anything else (empty eval-mode statistics, undefined) unbatched.
+std::tuple<Tensor, bdim_t> perChannelOut(const Tensor& t, int64_t B, int64_t C) {
+  if (!t.defined() || t.dim() != 1 || t.numel() != B * C) return {t, std::nullopt};
+  return {t.view({B, C}), 0};
+}
+
+// [N, B*C, *] -> [N, B, C, *] at bdim 1.
+std::tuple<Tensor, bdim_t> channelsOut(const Tensor& t, int64_t B, int64_t C) {
+  if (!t.defined()) return {t, std::nullopt};
+  return {t.unflatten(1, {B, C}), 1};
+}
+
+int64_t channelsOf(const Tensor& x, bdim_t xbd, const char* op) {
+  TORCH_CHECK(rankWithoutBdim(x, xbd) >= 2, op, " under vmap: expected an input of at least 2 "
+              "dims (N, C, ...) per batch element, got ", rankWithoutBdim(x, xbd));
+  return moveBdimToFront(x, xbd).size(xbd ? 2 : 1);
+}
+
+// Training mode updates running_mean/running_var in place, and the schema does not say so (so
+// the fallback's mutated-argument check cannot see it): an unbatched buffer cannot take one
+// update per batch element.
+void checkRunningStatsBatched(bool training, const std::optional<Tensor>& rm, bdim_t rmbd,
+                              const std::optional<Tensor>& rv, bdim_t rvbd) {
+  if (!training) return;
+  const bool unbatched = (rm && rm->defined() && !rmbd) || (rv && rv->defined() && !rvbd);
+  TORCH_CHECK(!unbatched, "functorch_lite.vmap: batch norm in training mode would update its "
+              "running_mean/running_var once per batch element, but they are not batched. "
+              "Options: call model.eval() (use the running stats), build the BatchNorm with "
+              "track_running_stats=False, use GroupNorm/LayerNorm instead, or pass batched "
+              "buffers (e.g. functional_call with stacked buffers).");
+}
+
+// The op updated the flat [B*C] copy; when reshaping could not give a view, copy it back.
+void writeBackRunningStat(const std::optional<Tensor>& stat, bdim_t bd,
+                          const std::optional<Tensor>& flat, int64_t B, int64_t C) {
+  if (!stat || !stat->defined() || !bd || flat->is_alias_of(*stat)) return;
+  moveBdimToFront(*stat, bd).copy_(flat->view({B, C}));
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormRule(
+    const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd,
+    const std::optional<Tensor>& b, bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd,
+    const std::optional<Tensor>& rv, bdim_t rvbd, bool training, double momentum, double eps) {
+  checkRunningStatsBatched(training, rm, rmbd, rv, rvbd);
+  const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd},
+                                 {rm ? &*rm : &x, rmbd}, {rv ? &*rv : &x, rvbd}});
+  const int64_t C = channelsOf(x, xbd, "native_batch_norm");
+  auto rmf = perChannelFlat(rm, rmbd, B), rvf = perChannelFlat(rv, rvbd, B);
+  auto [y, mean, invstd] = at::native_batch_norm(batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
+                                                 perChannelFlat(b, bbd, B), rmf, rvf, training,
+                                                 momentum, eps);
+  if (training) {
+    writeBackRunningStat(rm, rmbd, rmf, B, C);
+    writeBackRunningStat(rv, rvbd, rvf, B, C);
+  }
+  return std::tuple_cat(channelsOut(y, B, C), perChannelOut(mean, B, C), perChannelOut(invstd, B, C));
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormBackwardRule(
+    const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w,
+    bdim_t wbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv,
+    bdim_t rvbd, const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si,
+    bdim_t sibd, bool train, double eps, std::array<bool, 3> mask) {
+  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {w ? &*w : &x, wbd}, {rm ? &*rm : &x, rmbd},
+                                 {rv ? &*rv : &x, rvbd}, {sm ? &*sm : &x, smbd}, {si ? &*si : &x, sibd}});
+  const int64_t C = channelsOf(x, xbd, "native_batch_norm_backward");
+  auto [gi, gw, gb] = at::native_batch_norm_backward(
+      batchIntoChannels(g, gbd, B), batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
+      perChannelFlat(rm, rmbd, B), perChannelFlat(rv, rvbd, B), perChannelFlat(sm, smbd, B),
+      perChannelFlat(si, sibd, B), train, eps, mask);
+  return std::tuple_cat(channelsOut(gi, B, C), perChannelOut(gw, B, C), perChannelOut(gb, B, C));
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormRule(
+    const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd,
+    const std::optional<Tensor>& b, bdim_t bbd, c10::SymInt N, c10::SymInt C, c10::SymInt HxW,
+    int64_t group, double eps) {
+  const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
+  const int64_t c = C.expect_int();
+  auto [y, mean, rstd] = at::native_group_norm_symint(
+      batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B), perChannelFlat(b, bbd, B), N,
+      C * B, HxW, group * B, eps);
+  return std::tuple_cat(channelsOut(y, B, c), channelsOut(mean, B, group), channelsOut(rstd, B, group));
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormBackwardRule(
+    const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const Tensor& mean, bdim_t mbd,
+    const Tensor& rstd, bdim_t rbd, const std::optional<Tensor>& w, bdim_t wbd, c10::SymInt N,
+    c10::SymInt C, c10::SymInt HxW, int64_t group, std::array<bool, 3> mask) {
+  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd},
+                                 {w ? &*w : &x, wbd}});
+  const int64_t c = C.expect_int();
+  auto [gi, gw, gb] = at::native_group_norm_backward_symint(
+      batchIntoChannels(g, gbd, B), batchIntoChannels(x, xbd, B), batchIntoChannels(mean, mbd, B),
+      batchIntoChannels(rstd, rbd, B), perChannelFlat(w, wbd, B), N, C * B, HxW, group * B, mask);
+  return std::tuple_cat(channelsOut(gi, B, c), perChannelOut(gw, B, c), perChannelOut(gb, B, c));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::native_layer_norm, &layerNormRule>(m);
   registerVmapRule<at::_ops::native_layer_norm_backward, &layerNormBackwardRule>(m);
+  registerVmapRule<at::_ops::native_batch_norm, &batchNormRule>(m);
+  registerVmapRule<at::_ops::native_batch_norm_backward, &batchNormBackwardRule>(m);
+  registerVmapRule<at::_ops::native_group_norm, &groupNormRule>(m);
+  registerVmapRule<at::_ops::native_group_norm_backward, &groupNormBackwardRule>(m);
 }
 
 }  // namespace ftl
