@@ -8,8 +8,7 @@ small sizes.
 
 Unless a test says otherwise it runs with ft.set_vmap_fallback('error'): jacrev/jacfwd/hessian
 are vmaps, and the ops used here should have batching rules, so no for-loop fallback may hide in
-them. Ops that legitimately lack a rule are tested separately (LEGIT_FALLBACK_OPS) with the
-fallback allowed.
+them.
 
 Strict xfails mark real functorch_lite bugs; their reasons say what is wrong and how to reproduce.
 """
@@ -653,16 +652,9 @@ def test_nested_jvp_same_input_both_levels():
 
 
 # ------------------------------------------------------------------------------------------------
-# ops that legitimately lack a batching rule: tested with the fallback allowed; the ops that fell
-# back must be in this list (a new one fails the test)
-
-LEGIT_FALLBACK_OPS = {
-    "aten::gather", "aten::scatter_add_", "aten::index.Tensor", "aten::_index_put_impl_",
-    "aten::index_select", "aten::index_add_", "aten::index_add", "aten::mse_loss_backward",
-    "aten::index_put", "aten::scatter_add", "aten::scatter.src",
-}
-
-FALLBACK_CASES = {
+# indexing, reductions that select, and losses: their derivative formulas use gather, scatter,
+# index_put and the loss backward ops under vmap, which must all have batching rules
+INDEXING_CASES = {
     "index_list-jacrev": (lambda L: L.jacrev(lambda x: x[[0, 2]].sin())(X), None),
     "index_list-jacfwd": (lambda L: L.jacfwd(lambda x: x[[0, 2]].sin())(X), None),
     "index_list-vmap_jvp": (lambda L: L.vmap(
@@ -695,13 +687,12 @@ FALLBACK_CASES = {
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[m] if m is not None else []) for n, (_, m) in FALLBACK_CASES.items()])
-def test_ops_without_batching_rule_use_fallback(name):
+    pytest.param(n, marks=[m] if m is not None else []) for n, (_, m) in INDEXING_CASES.items()])
+def test_indexing_and_loss_ops_have_rules_under_jacobians(name):
     ft._C._reset_fallback_ops_seen()
-    with fallback("quiet"):
-        both(FALLBACK_CASES[name][0], atol=ATOL2, rtol=RTOL2)
-    seen = set(ft._C._fallback_ops_seen())
-    assert seen <= LEGIT_FALLBACK_OPS, f"unexpected fallback ops: {seen - LEGIT_FALLBACK_OPS}"
+    with fallback("error"):
+        both(INDEXING_CASES[name][0], atol=ATOL2, rtol=RTOL2)
+    assert ft._C._fallback_ops_seen() == []
 
 
 def test_fallback_disabled_raises_clear_error():
@@ -732,10 +723,6 @@ def test_jacrev_layer_norm_with_fallback():
         both(lambda L: L.jacrev(lambda x: F.layer_norm(x, (4,)))(X))
 
 
-@xf("functorch_lite bug: hessian of F.mse_loss with the fallback allowed raises 'ZeroTensors are "
-    "immutable' (aten::mse_loss_backward through the for-loop fallback under jvp). Repro: "
-    "ft.set_vmap_fallback('quiet'); ft.hessian(lambda x: F.mse_loss(x, torch.zeros(3, 4)))"
-    "(torch.randn(3, 4))", RuntimeError)
 def test_hessian_mse_loss_with_fallback():
     with fallback("quiet"):
         both(lambda L: L.hessian(lambda x: F.mse_loss(x, torch.zeros(3, 4)))(X))

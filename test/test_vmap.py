@@ -915,7 +915,6 @@ def test_inplace_unbatched_into_unbatched_is_fine():
 
 NO_RULE = [
     # (case, the op that falls back)
-    (Case("lerp_scalar_weight", lambda a, b: torch.lerp(a, b, 0.3), [X, X]), "aten::lerp.Scalar"),
     (Case("std_mean", lambda a: torch.std_mean(a, 1), [X]), "aten::std_mean.correction"),
     (Case("var_mean", lambda a: torch.var_mean(a, -1, keepdim=True), [X]),
      "aten::var_mean.correction"),
