@@ -99,19 +99,6 @@ def xf(reason, exc=Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# Known bugs (each with a minimal reproducer). Referenced by the xfails below.
-
-BUG_NEW_ZEROS_FEATURE_META = (
-    "functorch_lite bug: vmap over w of jvp(grad(x -> g(w @ x))) (w batched, captured by the "
-    "closure; x and its tangent unbatched) raises 'functorch_lite.vmap: "
-    "_new_zeros_with_same_feature_meta with a batched primal is not supported (please report "
-    "this use)'. Repro: x, t, W = torch.randn(4), torch.randn(4), torch.randn(5, 3, 4); "
-    "ft.vmap(lambda w: ft.jvp(ft.grad(lambda x: (w @ x).sin().sum()), (x,), (t,)))(W) "
-    "(elementwise (w * x) works, and so does vmap(hessian) of the same function)"
-)
-
-
-# ------------------------------------------------------------------------------------------------
 # Functions of x (shape 3x4) used for the transform matrix
 
 W1 = torch.randn(5, 4)
@@ -530,7 +517,7 @@ COMPOSITIONS = {
                         (TW,)), None),
     "vmap_jvp_grad": (
         lambda L: L.vmap(lambda w: L.jvp(L.grad(lambda x: _net(w, x).sum()), (XC,), (TX,)))(WCB),
-        xf(BUG_NEW_ZEROS_FEATURE_META, RuntimeError)),
+        None),
     "vmap_jvp_grad_elementwise": (
         lambda L: L.vmap(lambda w: L.jvp(L.grad(lambda x: (w[0] * x).sin().sum()), (XC,),
                                          (TX,)))(WCB), None),
@@ -705,11 +692,6 @@ def test_fallback_disabled_raises_clear_error():
 
 # Further bugs found around these transforms (ops outside the core list)
 
-@xf("functorch_lite bug: vmap over aten::gelu_backward with one batched and one unbatched "
-    "argument fails inside oneDNN ('could not create a primitive descriptor for the reorder "
-    "primitive'), so jacfwd/jacrev/hessian of F.gelu all fail. Repro: x = torch.randn(3, 4); "
-    "ft.vmap(lambda g: torch.ops.aten.gelu_backward(g, x))(torch.randn(2, 3, 4)) "
-    "(approximate='tanh' works)", RuntimeError)
 def test_jacrev_gelu():
     both(lambda L: L.jacrev(F.gelu)(X))
 

@@ -354,16 +354,6 @@ def _bn_eval(*pre):
     return nn.Sequential(*pre, bn).eval()
 
 
-RNN_DEFAULT_H0_XFAIL = (
-    "vmap of nn.RNN / nn.GRU without an explicit batched h0 raises 'aten::add_.Tensor writes "
-    "batched values in place into self, which is not batched': there is no batching rule for "
-    "aten::rnn_tanh.input / aten::gru.input, so their CompositeImplicitAutograd decomposition "
-    "runs, and its cell (SimpleCell / GRUCell in ATen's RNN.cpp) does linear_hh(h).add_(...) with "
-    "h = the unbatched zeros h0 that nn.RNN creates. Needs a C++ batching rule (or a for-loop "
-    "fallback over the whole op) for rnn_tanh/rnn_relu/gru .input/.data. torch.func.vmap fails "
-    "here too ('Batching rule not implemented for aten::rnn_tanh.input'). Workaround: pass h0 "
-    "batched (tested below)."
-)
 
 # name -> (make module, make a batch of inputs (B, ...), extra per-sample args, marks)
 LAYERS = {
@@ -396,8 +386,6 @@ LAYERS = {
 # arithmetic; both sides compute rounding noise of ~1e-5 there
 LAYER_ATOL = {"Conv2d+BatchNorm2d_no_running_stats_train": 1e-4}
 XFAILS = {
-    "RNN": RNN_DEFAULT_H0_XFAIL,
-    "GRU": RNN_DEFAULT_H0_XFAIL,
 }
 
 

@@ -62,23 +62,10 @@ _FW_VIEW_ASSERT = (
     "tangent of a view of an unbatched primal does not have the primal's layout (the message "
     "shows a C++ path)"
 )
-_MASKED_SELECT = (
-    "ft.vmap refuses aten::masked_select ('returns a result whose shape depends on the data of "
-    "each batch element') although only the tangent is batched and the mask is not; torch.func "
-    "runs it"
-)
-_GELU = (
-    "vmap of aten::gelu_backward with one batched and one unbatched argument fails in oneDNN "
-    "('could not create a primitive descriptor for the reorder primitive'); see test_jac.py "
-    "test_jacrev_gelu"
-)
 
 # op name -> why ft.vmap(lambda t: ft.jvp(f, primals, t)) fails on it (the same list for jacfwd).
 # Must list exactly the ops classified 'failure' in the vmap_jvp mode.
 XFAIL_VMAP_JVP = {
-    "combinations": _MASKED_SELECT,
-    "masked_select": _MASKED_SELECT,
-    "nn.functional.gelu": _GELU,
     "stft": _FW_VIEW_ASSERT,
     "unfold": _FW_VIEW_ASSERT,
 }

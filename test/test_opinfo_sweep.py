@@ -51,19 +51,10 @@ MATRIX_RANK_REASON = (
 
 # op name -> why ft.vmap fails on it. Must list exactly the ops classified 'failure'.
 XFAIL = {
-    "argwhere": "rejected as data-dependent (rejectDataDependent lists aten::argwhere); torch.func "
-                "runs it through its for-loop when every element has as many nonzeros",
-    "nonzero_static": "rejected as data-dependent (rejectDataDependent lists "
-                      "aten::nonzero_static) although its output shape is fixed by `size`",
-    "combinations": "torch.combinations calls masked_select with a mask that does not depend on "
-                    "the data, but rejectDataDependent refuses aten::masked_select whenever an "
-                    "argument is batched",
+    "argwhere": "decomposes into aten::nonzero, rejected as data-dependent; torch.func runs it "
+                "through its for-loop when every element has as many nonzeros",
     "resize_": "no batching rule; the for-loop fallback refuses in-place shape changes (a clear "
                "error, by design)",
-    "as_strided_copy": "as_strided_copy has no batching rule (as_strided has one); the for-loop "
-                       "fallback calls it on slices of the batched tensor, where an explicit "
-                       "storage_offset is absolute in the shared batch storage, so the values "
-                       "differ (torch.func treats each element as its own tensor)",
 }
 
 

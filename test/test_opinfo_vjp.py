@@ -59,15 +59,9 @@ RANDOM_OPS = {
 XFAIL_VJP = {
 }
 
-_GELU = (
-    "vmap of aten::gelu_backward with one batched and one unbatched argument fails in oneDNN "
-    "('could not create a primitive descriptor for the reorder primitive'); see test_jac.py "
-    "test_jacrev_gelu"
-)
 # op name -> why ft.vmap(vjp_fn) over a batch of cotangents fails on it (jacrev's building
 # block). Must list exactly the ops classified 'failure' in the vmap_vjp mode.
 XFAIL_VMAP_VJP = {
-    "nn.functional.gelu": _GELU,
 }
 
 XFAILS = {"vjp": XFAIL_VJP, "vmap_vjp": XFAIL_VMAP_VJP}

@@ -91,6 +91,10 @@ CASES = {
     "index_unbatched_mask": (lambda a, m: a[m], [F_(4, 5), ("mask", (4, 5))]),
     "index_mask_rows": (lambda a, m: a[m], [F_(4, 5), ("mask", (4,))]),
     "index_mask_then_idx": (lambda a, m, i: a[m, i], [F_(4, 5), ("mask", (4,)), I_(5, 1)]),
+    "masked_select": (lambda a, m: torch.masked_select(a, m), [F_(4, 5), ("mask", (4, 5))]),
+    "masked_select_broadcast": (lambda a, m: a.masked_select(m), [F_(4, 5), ("mask", (5,))]),
+    "masked_select_mask_of_higher_rank": (lambda a, m: a.masked_select(m),
+                                          [F_(5), ("mask", (4, 5))]),
     # writes
     "setitem_1d": (_setitem(lambda i: i), [F_(5, 4), I_(5, 3), F_(4)]),
     "setitem_dim1": (_setitem(lambda i: (slice(None), i)), [F_(3, 5), I_(5, 2), F_(3, 2)]),
@@ -208,6 +212,12 @@ def test_batched_mask_index_is_a_clear_error():
     ft.set_vmap_fallback("error")
     with pytest.raises(RuntimeError, match=r"boolean mask that differs per batch element"):
         ft.vmap(lambda a: a[a > 0])(x)
+
+
+def test_batched_mask_masked_select_is_a_clear_error():
+    x = torch.randn(B, 4)
+    with pytest.raises(RuntimeError, match=r"masked_select with a mask that differs per batch"):
+        ft.vmap(lambda a: a.masked_select(a > 0))(x)
 
 
 def test_setitem_batched_value_into_unbatched_tensor_is_a_clear_error():

@@ -97,9 +97,8 @@ void rejectDataDependent(const c10::OperatorName& name) {
               "bool(tensor)) is not supported on batched tensors: each batch element could take a "
               "different branch. Use torch.where or compute both branches.");
   static const std::unordered_set<std::string> dynamic_shape = {
-      "aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::unique_dim",
-      "aten::_unique", "aten::_unique2", "aten::unique_consecutive", "aten::argwhere",
-      "aten::nonzero_numpy", "aten::equal"};
+      "aten::nonzero", "aten::masked_select", "aten::unique_dim", "aten::_unique",
+      "aten::_unique2", "aten::unique_consecutive", "aten::nonzero_numpy", "aten::equal"};
   TORCH_CHECK(!dynamic_shape.count(n), "functorch_lite.vmap: ", c10::toString(name),
               " returns a result whose shape (or Python value) depends on the data of each batch "
               "element, which vmap cannot batch. Boolean-mask indexing (x[mask]) is the usual "

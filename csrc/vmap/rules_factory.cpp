@@ -67,8 +67,18 @@ std::tuple<Tensor, bdim_t> newFullRule(const Tensor& self, bdim_t bd, c10::SymIn
 std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_t sbd,
                                                        const Tensor& other, bdim_t obd,
                                                        int64_t self_num_batch_dims) {
-  TORCH_CHECK(!obd, "functorch_lite.vmap: _new_zeros_with_same_feature_meta with a batched "
-              "primal is not supported (please report this use)");
+  if (obd) {
+    // Only `other`'s logical sizes and strides matter, and every element has the same: any one
+    // element stands for all (a view with exactly the logical layout).
+    TORCH_CHECK(other.size(*obd) > 0, "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
+                "over an empty batch is not supported");
+    Tensor one = other.select(*obd, 0);
+    if (!sbd) {
+      return {at::_ops::_new_zeros_with_same_feature_meta::call(self, one, self_num_batch_dims),
+              std::nullopt};
+    }
+    return newZerosSameFeatureMetaRule(self, sbd, one, std::nullopt, self_num_batch_dims);
+  }
   TORCH_CHECK(self_num_batch_dims == 0, "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
               "with batch dims is not supported (please report this use)");
   const int64_t B = self.size(*sbd);

@@ -1,6 +1,6 @@
 // Batching rules: indexing ops. Embedding and its backward; advanced indexing (index, index_put
-// and the ops built on it: index_select, index_add, index_copy, index_fill); gather and the
-// scatter family.
+// and the ops built on it: index_select, index_add, index_copy, index_fill, masked_select with an
+// unbatched mask); gather and the scatter family.
 #include <ATen/ExpandUtils.h>
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
@@ -317,6 +317,23 @@ std::tuple<Tensor, bdim_t> indexFillScalarRule(const Tensor& self, bdim_t sbd, i
   return {s, 0};
 }
 
+// masked_select with one mask for the whole batch selects the same positions of every element.
+std::tuple<Tensor, bdim_t> maskedSelectRule(const Tensor& self, bdim_t sbd, const Tensor& mask,
+                                            bdim_t mbd) {
+  TORCH_CHECK(!mbd, "functorch_lite.vmap: aten::masked_select with a mask that differs per batch "
+              "element returns a result whose shape depends on the data of each element, which "
+              "vmap cannot batch. Use torch.where(mask, x, 0), or multiply by the mask, instead.");
+  Tensor s = moveBdimToFront(self, sbd);
+  auto shape = at::infer_size(s.sizes().slice(1), mask.sizes());
+  s = padToLogicalRank(s, true, static_cast<int64_t>(shape.size()));
+  std::vector<int64_t> bshape{s.size(0)};
+  bshape.insert(bshape.end(), shape.begin(), shape.end());
+  c10::List<std::optional<Tensor>> idx;
+  idx.push_back(std::nullopt);
+  idx.push_back(mask.expand(shape));
+  return {at::_ops::index_Tensor::call(s.expand(bshape), idx), 0};
+}
+
 // ---- gather / scatter: every tensor argument brought to [B, ...] (unbatched ones expanded, never
 // copied), dim shifted past the batch dim; logical 0-dim tensors become [B, 1].
 struct GatherArgs {
@@ -426,6 +443,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::index_fill_int_Tensor, &indexFillTensorRule>(m);
   registerVmapRule<at::_ops::index_fill_int_Scalar, &indexFillScalarRule>(m);
 
+  registerVmapRule<at::_ops::masked_select, &maskedSelectRule>(m);
   registerVmapRule<at::_ops::gather, &gatherRule>(m);
   registerFamily<Scatter, at::_ops::scatter_src, at::_ops::scatter_value, at::_ops::scatter_reduce,
                  at::_ops::scatter_value_reduce, at::_ops::scatter_add,

@@ -1,5 +1,6 @@
 // Batching rules: pointwise ops (unary, binary with broadcasting and type promotion, ternary,
 // comparisons, logical ops, activations and their backward ops, *_like factories, in-place forms).
+#include <ATen/ExpandUtils.h>
 #include <ATen/Operators.h>
 #include <ATen/native/TypeProperties.h>
 
@@ -152,6 +153,19 @@ std::tuple<Tensor, bdim_t> clampTensorRule(const Tensor& x, bdim_t xbd,
           0};
 }
 
+// gelu_backward's oneDNN kernel cannot broadcast (it fails to build a reorder primitive), and
+// aligning a batched with an unbatched operand broadcasts: expand both to one shape first.
+std::tuple<Tensor, bdim_t> geluBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& self,
+                                            bdim_t sbd, c10::string_view approximate) {
+  auto [g, x] = alignBinary(grad, gbd, self, sbd, /*promote=*/true);
+  if (!g.sizes().equals(x.sizes())) {
+    const auto shape = at::infer_size(g.sizes(), x.sizes());
+    g = g.expand(shape);
+    x = x.expand(shape);
+  }
+  return {at::_ops::gelu_backward::call(g, x, approximate), 0};
+}
+
 // masked_fill.Tensor wants a 0-dim value; a batched one is one value per element: use where.
 std::tuple<Tensor, bdim_t> maskedFillTensorRule(const Tensor& x, bdim_t xbd, const Tensor& mask,
                                                 bdim_t mbd, const Tensor& value, bdim_t vbd) {
@@ -166,10 +180,11 @@ std::tuple<Tensor, bdim_t> maskedFillTensorRule(const Tensor& x, bdim_t xbd, con
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerFamily<Unary, at::_ops::abs, at::_ops::acos, at::_ops::acosh, at::_ops::asin, at::_ops::asinh, at::_ops::atan, at::_ops::atanh, at::_ops::ceil, at::_ops::cos, at::_ops::cosh, at::_ops::deg2rad, at::_ops::digamma, at::_ops::erf, at::_ops::erfc, at::_ops::erfinv, at::_ops::exp, at::_ops::exp2, at::_ops::expm1, at::_ops::floor, at::_ops::frac, at::_ops::lgamma, at::_ops::log, at::_ops::log10, at::_ops::log1p, at::_ops::log2, at::_ops::logit, at::_ops::neg, at::_ops::rad2deg, at::_ops::reciprocal, at::_ops::round, at::_ops::round_decimals, at::_ops::rsqrt, at::_ops::sgn, at::_ops::sigmoid, at::_ops::sign, at::_ops::signbit, at::_ops::sin, at::_ops::sinc, at::_ops::sinh, at::_ops::sqrt, at::_ops::square, at::_ops::tan, at::_ops::tanh, at::_ops::trunc, at::_ops::relu, at::_ops::gelu, at::_ops::silu, at::_ops::mish, at::_ops::elu, at::_ops::selu, at::_ops::celu, at::_ops::leaky_relu, at::_ops::hardtanh, at::_ops::hardsigmoid, at::_ops::hardswish, at::_ops::softplus, at::_ops::logical_not, at::_ops::bitwise_not, at::_ops::isnan, at::_ops::isinf, at::_ops::isfinite, at::_ops::isposinf, at::_ops::isneginf, at::_ops::nan_to_num, at::_ops::positive, at::_ops::conj_physical, at::_ops::angle, at::_ops::real, at::_ops::imag, at::_ops::i0, at::_ops::special_i1, at::_ops::special_ndtri, at::_ops::threshold, at::_ops::pow_Tensor_Scalar, at::_ops::clamp, at::_ops::clamp_min, at::_ops::clamp_max, at::_ops::add_Scalar, at::_ops::sub_Scalar, at::_ops::mul_Scalar, at::_ops::div_Scalar, at::_ops::div_Scalar_mode, at::_ops::remainder_Scalar, at::_ops::fmod_Scalar, at::_ops::eq_Scalar, at::_ops::ne_Scalar, at::_ops::lt_Scalar, at::_ops::le_Scalar, at::_ops::gt_Scalar, at::_ops::ge_Scalar, at::_ops::bitwise_and_Scalar, at::_ops::bitwise_or_Scalar, at::_ops::bitwise_xor_Scalar, at::_ops::rsub_Scalar, at::_ops::_to_copy, at::_ops::zeros_like, at::_ops::ones_like, at::_ops::empty_like, at::_ops::full_like, at::_ops::fill_Scalar, at::_ops::lift_fresh, at::_ops::_conj, at::_ops::_neg_view, at::_ops::alias, at::_ops::detach, at::_ops::hardshrink, at::_ops::softshrink, at::_ops::mvlgamma, at::_ops::xlogy_Scalar_Other>(m);
-  registerFamily<Binary, at::_ops::add_Tensor, at::_ops::sub_Tensor, at::_ops::mul_Tensor, at::_ops::div_Tensor, at::_ops::div_Tensor_mode, at::_ops::pow_Tensor_Tensor, at::_ops::atan2, at::_ops::maximum, at::_ops::minimum, at::_ops::fmax, at::_ops::fmin, at::_ops::remainder_Tensor, at::_ops::fmod_Tensor, at::_ops::floor_divide, at::_ops::eq_Tensor, at::_ops::ne_Tensor, at::_ops::lt_Tensor, at::_ops::le_Tensor, at::_ops::gt_Tensor, at::_ops::ge_Tensor, at::_ops::bitwise_and_Tensor, at::_ops::bitwise_or_Tensor, at::_ops::bitwise_xor_Tensor, at::_ops::hypot, at::_ops::copysign_Tensor, at::_ops::xlogy_Tensor, at::_ops::special_xlog1py, at::_ops::nextafter, at::_ops::rsub_Tensor, at::_ops::threshold_backward, at::_ops::sigmoid_backward, at::_ops::tanh_backward, at::_ops::gelu_backward, at::_ops::silu_backward, at::_ops::leaky_relu_backward, at::_ops::hardtanh_backward, at::_ops::hardsigmoid_backward, at::_ops::hardswish_backward, at::_ops::softplus_backward, at::_ops::logit_backward, at::_ops::logical_and, at::_ops::logical_or, at::_ops::logical_xor, at::_ops::heaviside, at::_ops::igamma, at::_ops::igammac, at::_ops::logaddexp, at::_ops::logaddexp2, at::_ops::ldexp_Tensor, at::_ops::masked_fill_Scalar, at::_ops::isclose, at::_ops::lerp_Scalar>(m);
+  registerFamily<Binary, at::_ops::add_Tensor, at::_ops::sub_Tensor, at::_ops::mul_Tensor, at::_ops::div_Tensor, at::_ops::div_Tensor_mode, at::_ops::pow_Tensor_Tensor, at::_ops::atan2, at::_ops::maximum, at::_ops::minimum, at::_ops::fmax, at::_ops::fmin, at::_ops::remainder_Tensor, at::_ops::fmod_Tensor, at::_ops::floor_divide, at::_ops::eq_Tensor, at::_ops::ne_Tensor, at::_ops::lt_Tensor, at::_ops::le_Tensor, at::_ops::gt_Tensor, at::_ops::ge_Tensor, at::_ops::bitwise_and_Tensor, at::_ops::bitwise_or_Tensor, at::_ops::bitwise_xor_Tensor, at::_ops::hypot, at::_ops::copysign_Tensor, at::_ops::xlogy_Tensor, at::_ops::special_xlog1py, at::_ops::nextafter, at::_ops::rsub_Tensor, at::_ops::threshold_backward, at::_ops::sigmoid_backward, at::_ops::tanh_backward, at::_ops::silu_backward, at::_ops::leaky_relu_backward, at::_ops::hardtanh_backward, at::_ops::hardsigmoid_backward, at::_ops::hardswish_backward, at::_ops::softplus_backward, at::_ops::logit_backward, at::_ops::logical_and, at::_ops::logical_or, at::_ops::logical_xor, at::_ops::heaviside, at::_ops::igamma, at::_ops::igammac, at::_ops::logaddexp, at::_ops::logaddexp2, at::_ops::ldexp_Tensor, at::_ops::masked_fill_Scalar, at::_ops::isclose, at::_ops::lerp_Scalar>(m);
   registerFamily<Ternary, at::_ops::where_self, at::_ops::lerp_Tensor, at::_ops::addcmul, at::_ops::addcdiv>(m);
   registerVmapRule<at::_ops::clamp_Tensor, &clampTensorRule>(m);
   registerVmapRule<at::_ops::masked_fill_Tensor, &maskedFillTensorRule>(m);
+  registerVmapRule<at::_ops::gelu_backward, &geluBackwardRule>(m);
   registerInplaceFamily<UnaryInplace, at::_ops::abs_, at::_ops::cos_, at::_ops::exp_, at::_ops::log_, at::_ops::neg_, at::_ops::sigmoid_, at::_ops::sin_, at::_ops::sqrt_, at::_ops::tanh_, at::_ops::relu_, at::_ops::zero_, at::_ops::fill__Scalar, at::_ops::clamp_, at::_ops::clamp_min_, at::_ops::clamp_max_, at::_ops::add__Scalar, at::_ops::sub__Scalar, at::_ops::mul__Scalar, at::_ops::div__Scalar, at::_ops::pow__Scalar, at::_ops::floor_, at::_ops::ceil_, at::_ops::round_, at::_ops::reciprocal_, at::_ops::rsqrt_, at::_ops::leaky_relu_, at::_ops::hardtanh_, at::_ops::elu_, at::_ops::nan_to_num_, at::_ops::exp2_, at::_ops::log1p_, at::_ops::expm1_, at::_ops::erf_, at::_ops::trunc_, at::_ops::frac_, at::_ops::sign_, at::_ops::square_, at::_ops::logical_not_>(m);
   registerInplaceFamily<BinaryInplace, at::_ops::add__Tensor, at::_ops::sub__Tensor, at::_ops::mul__Tensor, at::_ops::div__Tensor, at::_ops::div__Tensor_mode, at::_ops::pow__Tensor, at::_ops::copy_, at::_ops::masked_fill__Scalar, at::_ops::atan2_, at::_ops::remainder__Tensor, at::_ops::fmod__Tensor, at::_ops::eq__Tensor, at::_ops::ne__Tensor, at::_ops::lt__Tensor, at::_ops::le__Tensor, at::_ops::gt__Tensor, at::_ops::ge__Tensor, at::_ops::logical_and_, at::_ops::logical_or_, at::_ops::hypot_, at::_ops::xlogy__Tensor, at::_ops::copysign__Tensor, at::_ops::lerp__Scalar>(m);
   registerInplaceFamily<TernaryInplace, at::_ops::lerp__Tensor, at::_ops::addcmul_, at::_ops::addcdiv_, at::_ops::masked_fill__Tensor>(m);

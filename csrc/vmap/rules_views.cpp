@@ -285,6 +285,13 @@ std::tuple<Tensor, bdim_t> asStridedRule(const Tensor& x, bdim_t bd, c10::SymInt
           0};
 }
 
+std::tuple<Tensor, bdim_t> asStridedCopyRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
+                                             c10::SymIntArrayRef stride,
+                                             std::optional<c10::SymInt> offset) {
+  auto [view, vbd] = asStridedRule(x, bd, size, stride, std::move(offset));
+  return {view.clone(at::MemoryFormat::Contiguous), vbd};
+}
+
 // ---- backward ops of views: scatter the batched gradient into zeros of [B, *input_sizes].
 std::tuple<Tensor, bdim_t> selectBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
                                               int64_t dim, c10::SymInt index) {
@@ -385,6 +392,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapInplaceRule<at::_ops::squeeze__dims, &squeezeDimsListInplaceRule>(m);
   registerVmapInplaceRule<at::_ops::t_, &tInplaceRule>(m);
   registerVmapRule<at::_ops::as_strided, &asStridedRule>(m);
+  registerVmapRule<at::_ops::as_strided_copy, &asStridedCopyRule>(m);
   registerVmapRule<at::_ops::select_backward, &selectBackwardRule>(m);
   registerVmapRule<at::_ops::slice_backward, &sliceBackwardRule>(m);
   registerVmapRule<at::_ops::diagonal_backward, &diagonalBackwardRule>(m);

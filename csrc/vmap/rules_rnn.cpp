@@ -1,0 +1,46 @@
+// Recurrent layers under vmap (rnn_tanh, rnn_relu, gru with a single hidden-state tensor).
+//
+// nn.RNN and nn.GRU create their default h0 with torch.zeros inside forward(): a tensor that is
+// not batched, while the input is. torch's decomposition of these ops then computes
+// linear(h, w_hh).add_(linear(x, w_ih)), an in-place write of batched values into an unbatched
+// tensor, which vmap must refuse. Giving h0 the input's batching first, h0 + input.new_zeros(...)
+// (new_* of a batched tensor is batched), changes no value and makes every intermediate batched
+// like the input. The op then takes the usual path: the boxed front decomposes it at every level.
+// LSTM needs nothing: its cell writes no unbatched temporary in place.
+#include <ATen/Operators.h>
+
+#include "vmap/plumbing.h"
+
+namespace ftl {
+namespace {
+
+bool anyVmapLevel() {
+  const auto& s = levelStack();
+  for (size_t i = 0; i < s.depth(); ++i)
+    if (s.at(i).kind == LevelKind::Vmap) return true;
+  return false;
+}
+
+template <class Op, class Sig = typename Op::schema>
+struct RnnKernel;
+template <class Op, class Ret, class... Rest>
+struct RnnKernel<Op, Ret(const Tensor&, const Tensor&, Rest...)> {
+  static Ret fn(const Tensor& input, const Tensor& hx, Rest... rest) {
+    Tensor h = hx;
+    if (asFt(input) && hx.defined() && anyVmapLevel()) {
+      h = hx.add(input.new_zeros(hx.sizes()));
+    }
+    return detail::redirectToFront<Op, Ret, const Tensor&, const Tensor&, Rest...>(input, h,
+                                                                                  rest...);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  m.impl("rnn_tanh.input", TORCH_FN(RnnKernel<at::_ops::rnn_tanh_input>::fn));
+  m.impl("rnn_relu.input", TORCH_FN(RnnKernel<at::_ops::rnn_relu_input>::fn));
+  m.impl("gru.input", TORCH_FN(RnnKernel<at::_ops::gru_input>::fn));
+}
+
+}  // namespace ftl
