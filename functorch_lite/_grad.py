@@ -3,7 +3,8 @@ wrappers (see docs/design.md). Entering/leaving levels and wrapping happen in C+
 import functools
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import (
+    keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten)
 
 from ._load import _C
 
@@ -41,21 +42,29 @@ def _unwrap(x, level):
     return _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
 
 
-def _make_differentiable(tree, level, api, what):
-    def mark(t):
+def _make_differentiable(tree, api, what):
+    """Marks every tensor of `tree` as requiring grad; `what` names the argument in errors
+    (e.g. "argument 1 (argnums=(0, 1))"), followed by the pytree path of a bad leaf."""
+    leaves, spec = tree_flatten_with_path(tree)
+    out = []
+    for path, t in leaves:
+        where = what + (f" at {keystr(path)}" if path else "")
         if not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"{api}: {what} must be Tensors or pytrees of Tensors, but got a "
-                f"{type(t).__name__}."
+                f"{api}: {where} must be a Tensor (or a pytree of Tensors), got "
+                f"{_a(type(t).__name__)}."
             )
         if not (t.is_floating_point() or t.is_complex()):
             raise TypeError(
-                f"{api}: {what} must be floating-point or complex Tensors to be differentiated, "
-                f"got one of dtype {t.dtype}."
+                f"{api}: {where} must be a floating-point or complex Tensor to be "
+                f"differentiated, got a Tensor of dtype {t.dtype}."
             )
-        return t.requires_grad_()
+        out.append(t.requires_grad_())
+    return tree_unflatten(out, spec)
 
-    return tree_map(mark, tree)
+
+def _a(noun):
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
 
 def _split_aux(output, has_aux, api):
@@ -102,7 +111,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
                         a.requires_grad_()  # the common case, without the pytree walk
                     else:
                         args[i] = _make_differentiable(
-                            a, level, api, f"the arguments selected by argnums={argnums!r}")
+                            a, api, f"argument {i} (argnums={argnums!r})")
                 diff = tuple(args[i] for i in idx)
                 output = func(*args, **kwargs)
                 output, aux = _split_aux(output, has_aux, api)
@@ -171,7 +180,8 @@ def vjp(func, *primals, has_aux=False):
     try:
         with torch.enable_grad():
             wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
-            wrapped = [_make_differentiable(p, level, api, "primals") for p in wrapped]
+            wrapped = [_make_differentiable(p, api, f"primals[{i}]")
+                       for i, p in enumerate(wrapped)]
             output = func(*wrapped)
             output, aux = _split_aux(output, has_aux, api)
             flat_out, out_spec = tree_flatten(output)
