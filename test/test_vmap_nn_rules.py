@@ -16,9 +16,10 @@ import torch
 import torch.func as tf
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
 import functorch_lite as ft
+from conftest import vmap_fallback
+from test_vmap import assert_same, check_vmap, clone_args, loop_vmap
 
 # Different from every logical size below, so confusing the batch dim with another one fails.
 B = 3
@@ -33,51 +34,19 @@ REDUCTIONS = ["none", "mean", "sum"]
 @contextlib.contextmanager
 def rules_only():
     """Fallback mode 'error', and no op may have taken the for-loop: a rule handled each one."""
-    old = ft.get_vmap_fallback()
-    ft.set_vmap_fallback("error")
     ft._C._reset_fallback_ops_seen()
-    try:
+    with vmap_fallback("error"):
         yield
-    finally:
-        ft.set_vmap_fallback(old)
     assert ft._C._fallback_ops_seen() == []
 
 
-def loop_vmap(fn, in_dims):
-    def run(*args):
-        size = next(a.size(d) for a, d in zip(args, in_dims) if d is not None)
-        outs = [fn(*[a if d is None else a.select(d, i) for a, d in zip(args, in_dims)])
-                for i in range(size)]
-        if isinstance(outs[0], torch.Tensor):
-            return torch.stack(outs)
-        return type(outs[0])(torch.stack(o) for o in zip(*outs))
-    return run
-
-
-def assert_close(a, b, atol=ATOL, rtol=RTOL, what=""):
-    fa, fb = tree_flatten(a)[0], tree_flatten(b)[0]
-    assert len(fa) == len(fb), what
-    for x, y in zip(fa, fb):
-        assert ft._C._wrapper_info(x) is None, f"{what}: a functorch_lite wrapper escaped"
-        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, equal_nan=True,
-                                   msg=lambda m: f"{what}: {m}")
-
-
-def clone(args):
-    return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, args)
+assert_close = assert_same
+clone = clone_args
 
 
 def check(fn, args, in_dims, torch_func=True, atol=ATOL, rtol=RTOL):
     """ft.vmap(fn) with rules only == for-loop == torch.func.vmap."""
-    with rules_only():
-        got = ft.vmap(fn, in_dims)(*clone(args))
-    assert_close(got, loop_vmap(fn, in_dims)(*clone(args)), atol, rtol, "ft.vmap vs for-loop")
-    if torch_func:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            expected = tf.vmap(fn, in_dims)(*clone(args))
-        assert_close(got, expected, atol, rtol, "ft.vmap vs torch.func.vmap")
-    return got
+    return check_vmap(fn, tuple(args), in_dims, torch_func=torch_func, atol=atol, rtol=rtol)
 
 
 def batched(shape, d, kind="f"):
