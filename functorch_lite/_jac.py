@@ -22,18 +22,30 @@ def _jvp_nesting():
     return getattr(_state, "jvp_nesting", 0)
 
 
+_decompositions_loaded = False
+
+
 class _DualLevel:
     """Enters torch's dual level for the outermost jvp of this thread only."""
 
     def __enter__(self):
+        global _decompositions_loaded
+        if not _decompositions_loaded:
+            # fwAD.make_dual does this on every call; jvp calls torch._make_dual directly (it
+            # skips that and an export-mode lookup, ~3 us per tensor), so it loads them once.
+            # Without them, forward AD of ops that rely on jvp decompositions would fail.
+            fwAD._maybe_load_decompositions()
+            _decompositions_loaded = True
         self.outer = _jvp_nesting() == 0
         _state.jvp_nesting = _jvp_nesting() + 1
         if self.outer:
             try:
-                self.level = fwAD.enter_dual_level()
+                self.level = _state.dual_level = fwAD.enter_dual_level()
             except Exception:
                 _state.jvp_nesting -= 1
                 raise
+        else:
+            self.level = _state.dual_level
         return self
 
     def __exit__(self, *exc):
@@ -89,12 +101,14 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 f"jvp(f, primals, tangents): primal {i} has dtype {p.dtype} but its tangent has "
                 f"dtype {t.dtype}; they must match."
             )
-    with _DualLevel():
+    with _DualLevel() as dual:
+        dual_level = dual.level
         level = _C._push_jvp()
         try:
             with fwAD._set_fwd_grad_enabled(True):
                 duals = [
-                    fwAD.make_dual(_C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level))
+                    torch._make_dual(_C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level),
+                                     level=dual_level)
                     for p, t in zip(flat_p, flat_t)
                 ]
                 result = func(*tree_unflatten(duals, p_spec))
@@ -107,7 +121,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                             f"jvp(f, primals, tangents): f must return a Tensor or a pytree of "
                             f"Tensors, got a {type(o).__name__} in its output."
                         )
-                    primal, tangent = fwAD.unpack_dual(o)
+                    primal, tangent = torch._unpack_dual(o, level=dual_level)
                     if tangent is None:
                         tangent = torch.zeros_like(primal)
                     primals_out.append(_C._unwrap_for_grad(primal, level))
