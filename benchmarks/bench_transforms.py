@@ -271,8 +271,91 @@ def wl_psg_cnn(device):
                 rtol=1e-4, atol=1e-5, kind="psg")
 
 
+# seed 002 (the Jacobians/Hessians tutorial): predict(weight, bias, x) = tanh(x @ weight.T + bias)
+# with weight of shape (Dout, Din), differentiated w.r.t. x (argnums=2) at the seed's sizes.
+
+
+def predict(weight, bias, x):
+    return F.linear(x, weight, bias).tanh()
+
+
+def _predict_inputs(device, dout, din, batch=None):
+    weight = torch.randn(dout, din, device=device)
+    bias = torch.randn(dout, device=device)
+    x = torch.randn(din, device=device) if batch is None else torch.randn(batch, din, device=device)
+    return weight, bias, x
+
+
+def _wl_jac(device, api, dout, din, name):
+    weight, bias, x = _predict_inputs(device, dout, din)
+    f_ft = getattr(ft, api)(predict, argnums=2)
+    f_tf = getattr(tf, api)(predict, argnums=2)
+    return dict(name=name, ft=lambda: f_ft(weight, bias, x), tf=lambda: f_tf(weight, bias, x),
+                direct=None, rtol=1e-4, atol=1e-5, kind="jac")
+
+
+def wl_jacrev_d16(device):
+    return _wl_jac(device, "jacrev", 16, 16, "jacrev(predict), D=16 (weight 16x16)")
+
+
+def wl_jacfwd_tall(device):
+    return _wl_jac(device, "jacfwd", 2048, 32, "jacfwd(predict), Din=32, Dout=2048 (weight 2048x32)")
+
+
+def wl_jacrev_tall(device):
+    return _wl_jac(device, "jacrev", 2048, 32, "jacrev(predict), Din=32, Dout=2048 (weight 2048x32)")
+
+
+def wl_jacfwd_wide(device):
+    return _wl_jac(device, "jacfwd", 32, 2048, "jacfwd(predict), Din=2048, Dout=32 (weight 32x2048)")
+
+
+def wl_jacrev_wide(device):
+    return _wl_jac(device, "jacrev", 32, 2048, "jacrev(predict), Din=2048, Dout=32 (weight 32x2048)")
+
+
+def wl_hessian_512(device):
+    weight, bias, x = _predict_inputs(device, 32, 512)
+    f_ft = ft.hessian(predict, argnums=2)
+    f_tf = tf.hessian(predict, argnums=2)
+    return dict(name="hessian(predict), Din=512, Dout=32",
+                ft=lambda: f_ft(weight, bias, x), tf=lambda: f_tf(weight, bias, x), direct=None,
+                rtol=1e-3, atol=1e-4, kind="jac")
+
+
+def _wl_batched_jac(device, api, name):
+    weight, bias, x = _predict_inputs(device, 33, 31, batch=64)
+    f_ft = ft.vmap(getattr(ft, api)(predict, argnums=2), in_dims=(None, None, 0))
+    f_tf = tf.vmap(getattr(tf, api)(predict, argnums=2), in_dims=(None, None, 0))
+    return dict(name=name, ft=lambda: f_ft(weight, bias, x), tf=lambda: f_tf(weight, bias, x),
+                direct=None, rtol=1e-3, atol=1e-4, kind="jac")
+
+
+def wl_vmap_jacrev_b64(device):
+    return _wl_batched_jac(device, "jacrev", "vmap(jacrev(predict)), B=64, Din=31, Dout=33")
+
+
+def wl_vmap_hessian_b64(device):
+    return _wl_batched_jac(device, "hessian", "vmap(hessian(predict)), B=64, Din=31, Dout=33")
+
+
+def _sin_sum(x):
+    return x.sin().sum()
+
+
+def wl_hvp_2048(device):
+    x = torch.randn(2048, device=device)
+    t = torch.randn(2048, device=device)
+    g_ft, g_tf = ft.grad(_sin_sum), tf.grad(_sin_sum)
+    return dict(name="hvp = jvp(grad(sin().sum())), 2048 elements",
+                ft=lambda: ft.jvp(g_ft, (x,), (t,))[1], tf=lambda: tf.jvp(g_tf, (x,), (t,))[1],
+                direct=None, rtol=1e-4, atol=1e-5, kind="jac")
+
+
 WORKLOADS = [wl_vmap_sin, wl_grad_sin, wl_vmap_mm, wl_vmap_conv,
-             wl_psg_mlp64, wl_psg_mlp256, wl_psg_cnn]
+             wl_psg_mlp64, wl_psg_mlp256, wl_psg_cnn,
+             wl_jacrev_d16, wl_jacfwd_tall, wl_jacrev_tall, wl_jacfwd_wide, wl_jacrev_wide,
+             wl_hessian_512, wl_vmap_jacrev_b64, wl_vmap_hessian_b64, wl_hvp_2048]
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +459,9 @@ def main(argv=None):
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch.set_num_threads(N) first (default: torch's default)")
-    p.add_argument("--only", metavar="SUBSTR", help="run only the workloads whose function name (wl_...) contains SUBSTR")
+    p.add_argument("--only", metavar="SUBSTR[,SUBSTR...]",
+                   help="run only the workloads whose function name (wl_...) contains one of the "
+                        "comma-separated SUBSTRs (e.g. --only jac,hessian,hvp)")
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -402,7 +487,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         for make in WORKLOADS:
-            if args.only and args.only not in make.__name__:
+            if args.only and not any(o in make.__name__ for o in args.only.split(",")):
                 continue
             t1 = time.perf_counter()
             try:

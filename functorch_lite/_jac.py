@@ -22,18 +22,30 @@ def _jvp_nesting():
     return getattr(_state, "jvp_nesting", 0)
 
 
+_decompositions_loaded = False
+
+
 class _DualLevel:
     """Enters torch's dual level for the outermost jvp of this thread only."""
 
     def __enter__(self):
+        global _decompositions_loaded
+        if not _decompositions_loaded:
+            # fwAD.make_dual does this on every call; jvp calls torch._make_dual directly (it
+            # skips that and an export-mode lookup, ~3 us per tensor), so it loads them once.
+            # Without them, forward AD of ops that rely on jvp decompositions would fail.
+            fwAD._maybe_load_decompositions()
+            _decompositions_loaded = True
         self.outer = _jvp_nesting() == 0
         _state.jvp_nesting = _jvp_nesting() + 1
         if self.outer:
             try:
-                self.level = fwAD.enter_dual_level()
+                self.level = _state.dual_level = fwAD.enter_dual_level()
             except Exception:
                 _state.jvp_nesting -= 1
                 raise
+        else:
+            self.level = _state.dual_level
         return self
 
     def __exit__(self, *exc):
@@ -89,12 +101,14 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 f"jvp(f, primals, tangents): primal {i} has dtype {p.dtype} but its tangent has "
                 f"dtype {t.dtype}; they must match."
             )
-    with _DualLevel():
+    with _DualLevel() as dual:
+        dual_level = dual.level
         level = _C._push_jvp()
         try:
             with fwAD._set_fwd_grad_enabled(True):
                 duals = [
-                    fwAD.make_dual(_C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level))
+                    torch._make_dual(_C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level),
+                                     level=dual_level)
                     for p, t in zip(flat_p, flat_t)
                 ]
                 result = func(*tree_unflatten(duals, p_spec))
@@ -107,7 +121,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                             f"jvp(f, primals, tangents): f must return a Tensor or a pytree of "
                             f"Tensors, got a {type(o).__name__} in its output."
                         )
-                    primal, tangent = fwAD.unpack_dual(o)
+                    primal, tangent = torch._unpack_dual(o, level=dual_level)
                     if tangent is None:
                         tangent = torch.zeros_like(primal)
                     primals_out.append(_C._unwrap_for_grad(primal, level))
@@ -149,6 +163,64 @@ def _basis(flat, total):
     return out
 
 
+def _fn_name(func):
+    return getattr(func, "__name__", repr(func))
+
+
+def _check_diff_args(flat_primals, api, name, argnums):
+    """jacrev/jacfwd check their inputs themselves: the vjp/jvp they are built on would name
+    themselves in the error, not the transform the user called."""
+    for t in flat_primals:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{api}({name}, argnums={argnums!r}): the arguments selected by argnums must be "
+                f"Tensors or pytrees of Tensors, got a {type(t).__name__}."
+            )
+        raise TypeError(
+            f"{api}({name}, argnums={argnums!r}): the arguments selected by argnums must be "
+            f"floating-point or complex Tensors to be differentiated, got one of dtype {t.dtype}."
+        )
+
+
+def _checked(func, has_aux, api, name):
+    """func, checking its result before vjp/jvp (or vmap) see it, for the same reason."""
+
+    def checked(*args):
+        result = func(*args)
+        if not has_aux and isinstance(result, torch.Tensor):
+            return result
+        if has_aux:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise TypeError(
+                    f"{api}({name}, has_aux=True): {name} must return a tuple (output, aux), got "
+                    f"{type(result).__name__}"
+                    + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+                    + "."
+                )
+            output, aux = result
+        else:
+            output = result
+        for o in tree_flatten(output)[0]:
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(
+                    f"{api}({name}): {name} must return a Tensor or a pytree of Tensors, got a "
+                    f"{type(o).__name__} in its output."
+                )
+        if has_aux:
+            for a in tree_flatten(aux)[0]:
+                if not isinstance(a, torch.Tensor):
+                    # torch.func refuses these too; jacfwd could not return them through vmap
+                    raise ValueError(
+                        f"{api}({name}, has_aux=True): the aux output of {name} must be a Tensor "
+                        f"or a pytree of Tensors, but it holds a value of type {type(a).__name__}."
+                    )
+        return result
+
+    return checked
+
+
 def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_copy=False):
     """Jacobian of func w.r.t. the arguments argnums, by reverse mode (vjp + vmap).
 
@@ -156,18 +228,24 @@ def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_
     The result has the structure of func's output on the outside and of argnums inside.
     """
     _check_chunk_size(chunk_size, "jacrev")
+    return _jacrev(func, argnums, has_aux, chunk_size, "jacrev", _fn_name(func))
+
+
+def _jacrev(func, argnums, has_aux, chunk_size, api, name):
+    checked_func = _checked(func, has_aux, api, name)
 
     @functools.wraps(func)
     def wrapper(*args):
-        idx = _normalize_argnums(argnums, len(args), "jacrev")
+        idx = _normalize_argnums(argnums, len(args), api)
 
         def f_diff(*diff):
-            return func(*_replace_args(args, idx, diff))
+            return checked_func(*_replace_args(args, idx, diff))
 
+        flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
+        _check_diff_args(flat_primals, api, name, argnums)
         vjp_out = vjp(f_diff, *(args[i] for i in idx), has_aux=has_aux)
         output, vjp_fn = vjp_out[0], vjp_out[1]
         flat_out, out_spec = tree_flatten(output)
-        flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
         total = sum(o.numel() for o in flat_out)
         basis = tree_unflatten(_basis(flat_out, total), out_spec)
 
@@ -201,20 +279,34 @@ def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_
     return wrapper
 
 
+_RANDOMNESS = ("error", "different", "same")
+
+
 def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
     """Jacobian of func w.r.t. the arguments argnums, by forward mode (jvp + vmap)."""
+    if randomness not in _RANDOMNESS:
+        raise ValueError(
+            f"jacfwd: randomness must be one of 'error', 'different' or 'same', got "
+            f"{randomness!r}"
+        )
+    return _jacfwd(func, argnums, has_aux, randomness, "jacfwd", _fn_name(func))
+
+
+def _jacfwd(func, argnums, has_aux, randomness, api, name):
+    checked_func = _checked(func, has_aux, api, name)
 
     @functools.wraps(func)
     def wrapper(*args):
-        idx = _normalize_argnums(argnums, len(args), "jacfwd")
+        idx = _normalize_argnums(argnums, len(args), api)
         primals = tuple(args[i] for i in idx)
         flat_primals, primals_spec = tree_flatten(primals)
+        _check_diff_args(flat_primals, api, name, argnums)
         total = sum(p.numel() for p in flat_primals)
         basis = tree_unflatten(_basis(flat_primals, total), primals_spec)
 
         def push_jvp(tangents):
             def f_diff(*diff):
-                return func(*_replace_args(args, idx, diff))
+                return checked_func(*_replace_args(args, idx, diff))
 
             out = jvp(f_diff, primals, tangents, has_aux=has_aux)
             return (out[1], out[2]) if has_aux else out[1]
@@ -243,4 +335,6 @@ def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
 
 def hessian(func, argnums=0):
     """Hessian of func w.r.t. the arguments argnums: jacfwd(jacrev(func))."""
-    return jacfwd(jacrev(func, argnums), argnums)
+    name = _fn_name(func)
+    return _jacfwd(_jacrev(func, argnums, False, None, "hessian", name), argnums, False, "error",
+                   "hessian", name)
