@@ -66,15 +66,15 @@ XFAIL_VMAP_JVP = {
     "unfold": _FW_VIEW_ASSERT,
 }
 
+XFAILS = {"jvp": XFAIL, "vmap_jvp": XFAIL_VMAP_JVP}
+XFAIL_NAMES = {"jvp": "XFAIL", "vmap_jvp": "XFAIL_VMAP_JVP"}
+
 MODES = ("jvp", "vmap_jvp")
 TITLES = {
     "jvp": "ft.jvp(f, primals, tangents)",
     "vmap_jvp": f"ft.vmap over a batch of {BATCH} tangents of ft.jvp at fixed primals (jacfwd's "
                 "building block; vmap for-loop fallback allowed)",
 }
-
-XFAILS = {"jvp": XFAIL, "vmap_jvp": XFAIL_VMAP_JVP}
-XFAIL_NAMES = {"jvp": "XFAIL", "vmap_jvp": "XFAIL_VMAP_JVP"}
 
 
 def _close(a, b):

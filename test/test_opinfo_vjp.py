@@ -62,15 +62,15 @@ XFAIL_VJP = {
 XFAIL_VMAP_VJP = {
 }
 
+XFAILS = {"vjp": XFAIL_VJP, "vmap_vjp": XFAIL_VMAP_VJP}
+XFAIL_NAMES = {"vjp": "XFAIL_VJP", "vmap_vjp": "XFAIL_VMAP_VJP"}
+
 MODES = ("vjp", "vmap_vjp")
 TITLES = {
     "vjp": "ft.vjp(f, *primals) and its vjp_fn(cotangents)",
     "vmap_vjp": f"ft.vmap of ft.vjp's vjp_fn over a batch of {BATCH} cotangents (jacrev's "
                 "building block; vmap for-loop fallback allowed)",
 }
-
-XFAILS = {"vjp": XFAIL_VJP, "vmap_vjp": XFAIL_VMAP_VJP}
-XFAIL_NAMES = {"vjp": "XFAIL_VJP", "vmap_vjp": "XFAIL_VMAP_VJP"}
 
 
 def _close(a, b):
