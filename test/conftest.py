@@ -6,6 +6,10 @@ import torch
 
 import functorch_lite as ft
 
+# The OpInfo sweeps' checks assert in this helper module: rewritten, their failures show the
+# compared values as they did when the checks lived in the test files.
+pytest.register_assert_rewrite("_opinfo_common")
+
 
 def pytest_configure(config):
     config.addinivalue_line(

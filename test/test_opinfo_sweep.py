@@ -11,18 +11,15 @@ skipped; where it disagrees with a plain for-loop, the for-loop decides). Each o
 
 The test checks that the fraction of correct samples stays >= MIN_CORRECT_FRACTION and that
 XFAIL lists exactly the failing ops. FT_SWEEP_REPORT=1 writes test/opinfo_sweep_report.md.
+The loop over op_db, the comparison, the report and the tests are _opinfo_common.py's, shared
+with the vjp and jvp sweeps; this file says what runs on a sample and what is expected.
 """
-import collections
 import os
-import time
-import warnings
-import zlib
 
-import pytest
 import torch
-from torch.testing._internal.common_methods_invocations import op_db
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+import _opinfo_common as common
 import functorch_lite as ft
 
 # Measured: see the report (FT_SWEEP_REPORT=1). Set just below the measured value so that a
@@ -58,10 +55,6 @@ XFAIL = {
 }
 
 
-def op_name(op):
-    return op.name + ("." + op.variant_test_name if op.variant_test_name else "")
-
-
 def _batch(t):
     if not isinstance(t, torch.Tensor):
         return t
@@ -72,61 +65,20 @@ def _batch(t):
 
 
 def _close(a, b):
-    fa, sa = tree_flatten(a)
-    fb, sb = tree_flatten(b)
-    if sa != sb:
-        return f"output structure {sa} != {sb}"
-    for i, (x, y) in enumerate(zip(fa, fb)):
-        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
-            return f"output {i}: {type(x).__name__} vs {type(y).__name__}"
-        if not isinstance(x, torch.Tensor):
-            if x != y:
-                return f"output {i}: {x!r} != {y!r}"
-            continue
-        if ft._C._wrapper_info(x) is not None:
-            return f"output {i}: a functorch_lite wrapper escaped vmap"
-        if x.layout != torch.strided or y.layout != torch.strided:
-            x, y = x.to_dense(), y.to_dense()
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return f"output {i}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
-        if not torch.allclose(x, y, rtol=RTOL, atol=ATOL, equal_nan=True):
-            return f"output {i}: values differ (max abs diff {(x - y).abs().max().item():.3g})"
-    return None
+    return common.close(a, b, RTOL, ATOL)
 
 
 def _loop(fn, bargs, in_dims):
     flat, spec = tree_flatten(bargs)
     flat_dims, _ = tree_flatten(in_dims, is_leaf=lambda x: x is None)
-    outs = []
-    for b in range(BATCH):
+
+    def row(b):
         # clone: each element is a tensor of its own, as vmap promises (as_strided offsets are
         # relative to the element, not to the stacked batch)
         sliced = [t[b].clone() if d == 0 else t for t, d in zip(flat, flat_dims)]
-        outs.append(fn(*tree_unflatten(sliced, spec)))
-    flat0, ospec = tree_flatten(outs[0])
-    leaves = list(zip(*[tree_flatten(o)[0] for o in outs]))
-    return tree_unflatten(
-        [torch.stack(ls) if isinstance(ls[0], torch.Tensor) else ls[0] for ls in leaves], ospec)
+        return fn(*tree_unflatten(sliced, spec))
 
-
-def _is_random(op, sample):
-    # Ops returning uninitialized memory cannot be compared; detecting them by running twice is
-    # flaky (the allocator often hands back the same block), so name them.
-    if "empty" in op.name:
-        return "output is uninitialized memory"
-    args, kwargs = (sample.input,) + tuple(sample.args), sample.kwargs
-    try:
-        torch.manual_seed(0)
-        r1 = op(*args, **kwargs)
-        torch.manual_seed(0)
-        r2 = op(*args, **kwargs)
-        torch.manual_seed(1)
-        r3 = op(*args, **kwargs)
-        if _close(r1, r2) is not None or _close(r1, r3) is not None:
-            return "output differs between runs (random, or uninitialized memory)"
-    except Exception:  # noqa: BLE001  (the sample itself fails: _run_sample will tell)
-        return None
-    return None
+    return [row(b) for b in range(BATCH)]
 
 
 def _run_sample(op, sample):
@@ -157,13 +109,7 @@ def _run_sample(op, sample):
     diff = _close(actual, expected)
     note = ""
     if diff is not None:
-        # torch.func is wrong now and then (e.g. argmax(keepdim=True) with dim=None): the
-        # for-loop, which is vmap's definition, breaks the tie.
-        try:
-            loop_diff = _close(actual, _loop(fn, bargs, in_dims))
-        except Exception:  # noqa: BLE001
-            loop_diff = diff
-        if loop_diff is not None:
+        if not common.loop_agrees(actual, lambda: _loop(fn, bargs, in_dims), _close):
             return "failure", f"mismatch: {diff}"
         note = f" (torch.func disagrees with the for-loop: {diff})"
     if fallback:
@@ -171,139 +117,49 @@ def _run_sample(op, sample):
     return "rule", note.strip()
 
 
-def run_sweep():
-    results = collections.OrderedDict()  # name -> (status, [(sample status, detail)], reason)
-    old_mode = ft.get_vmap_fallback()
-    ft.set_vmap_fallback("quiet")
-    start = time.time()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for op in op_db:
-                name = op_name(op)
-                if name in results:
-                    continue
-                if torch.float32 not in op.supported_dtypes("cpu"):
-                    results[name] = ("skipped", [], "no float32 on CPU")
-                    continue
-                if name in RANDOM_OPS or name.split(".")[0] in RANDOM_OPS:
-                    results[name] = ("skipped", [], "random op")
-                    continue
-                torch.manual_seed(zlib.crc32(name.encode()))
-                try:
-                    samples = []
-                    for s in op.sample_inputs("cpu", torch.float32, requires_grad=False):
-                        samples.append(s)
-                        if len(samples) == SAMPLES_PER_OP:
-                            break
-                except Exception as e:  # noqa: BLE001
-                    results[name] = ("skipped", [], f"sample_inputs fails: {type(e).__name__}")
-                    continue
-                random_reason = next((r for r in map(lambda s: _is_random(op, s), samples) if r),
-                                     None)
-                if random_reason:
-                    results[name] = ("skipped", [], random_reason)
-                    continue
-                per_sample = []
-                for s in samples:
-                    torch.manual_seed(0)
-                    per_sample.append(_run_sample(op, s))
-                statuses = {st for st, _ in per_sample if st != "oracle"}
-                if not statuses:
-                    results[name] = ("skipped", per_sample, "torch.func cannot vmap any sample")
-                elif "failure" in statuses:
-                    results[name] = ("failure", per_sample, "")
-                elif "fallback" in statuses:
-                    results[name] = ("fallback", per_sample, "")
-                else:
-                    results[name] = ("rule", per_sample, "")
-    finally:
-        ft.set_vmap_fallback(old_mode)
-    return results, time.time() - start
+def _run(op, sample, seed):
+    torch.manual_seed(0)
+    return {"vmap": _run_sample(op, sample)}
 
 
-def summarize(results):
-    counts = collections.Counter(st for st, _, _ in results.values())
-    samples = collections.Counter(s for _, ps, _ in results.values() for s, _ in ps)
-    tried = samples["rule"] + samples["fallback"] + samples["failure"]
-    correct = samples["rule"] + samples["fallback"]
-    return counts, samples, (correct / tried if tried else 0.0)
+def _breakdown(sweep, mode, samples):
+    return (f"{samples['rule']} by batching rules, {samples['fallback']} through the for-loop "
+            f"fallback, {samples['failure']} failing; {samples['oracle']} samples skipped because "
+            f"torch.func cannot vmap them")
 
 
-def write_report(results, seconds):
-    counts, samples, fraction = summarize(results)
-    lines = [
-        "# functorch_lite OpInfo sweep",
-        "",
-        f"torch {torch.__version__}; op_db float32 CPU samples, first {SAMPLES_PER_OP} per op, "
-        f"batch of {BATCH} perturbed copies; oracle torch.func.vmap (for-loop on disagreement). "
-        f"Generated by `FT_SWEEP_REPORT=1 python -m pytest test/test_opinfo_sweep.py` in "
-        f"{seconds:.1f} s.",
-        "",
-        f"**Correct samples: {samples['rule'] + samples['fallback']} / "
-        f"{samples['rule'] + samples['fallback'] + samples['failure']} = {100 * fraction:.2f}%** "
-        f"({samples['rule']} by batching rules, {samples['fallback']} through the for-loop "
-        f"fallback, {samples['failure']} failing; {samples['oracle']} samples skipped because "
-        f"torch.func cannot vmap them).",
-        "",
-        "| ops | count |", "|---|---|",
-    ]
-    for k in ("rule", "fallback", "failure", "skipped"):
-        lines.append(f"| {k} | {counts[k]} |")
-    lines += ["", "## Failures", "", "| op | xfail reason | first failing sample |", "|---|---|---|"]
-    for name, (st, ps, _) in results.items():
-        if st == "failure":
-            first = next(d for s, d in ps if s == "failure").replace("|", "\\|")
-            lines.append(f"| `{name}` | {XFAIL.get(name, '**not in XFAIL**')} | {first} |")
-    lines += ["", "## Through the for-loop fallback", "", "| op | fallback ops |", "|---|---|"]
+def _fallback_and_rules(results, h):
+    lines = ["", f"{h} Through the for-loop fallback", "", "| op | fallback ops |", "|---|---|"]
     for name, (st, ps, _) in results.items():
         if st == "fallback":
-            ops = sorted({o for s, d in ps if s == "fallback" for o in d.split(" (")[0].split(", ")})
+            ops = sorted({o for s, d in ps if s == "fallback"
+                          for o in d.split(" (")[0].split(", ")})
             lines.append(f"| `{name}` | {', '.join(ops)} |")
-    lines += ["", "## By batching rules", ""]
+    lines += ["", f"{h} By batching rules", ""]
     lines.append(", ".join(f"`{n}`" for n, (st, _, _) in results.items() if st == "rule"))
-    notes = [(n, d) for n, (_, ps, _) in results.items() for s, d in ps if "torch.func disagrees" in d]
+    notes = [(n, d) for n, (_, ps, _) in results.items() for s, d in ps
+             if "torch.func disagrees" in d]
     if notes:
-        lines += ["", "## Samples where torch.func disagrees with the for-loop (ft matches the loop)",
-                  ""]
+        lines += ["", f"{h} Samples where torch.func disagrees with the for-loop (ft matches the "
+                  "loop)", ""]
         lines += [f"- `{n}`: {d.split('(torch.func disagrees with the for-loop: ')[1][:-1]}"
                   for n, d in notes]
-    lines += ["", "## Skipped", "", "| op | reason |", "|---|---|"]
-    for name, (st, _, reason) in results.items():
-        if st == "skipped":
-            lines.append(f"| `{name}` | {reason} |")
-    with open(REPORT_PATH, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    return lines
 
 
-@pytest.fixture(scope="module")
-def sweep():
-    results, seconds = run_sweep()
-    if os.environ.get("FT_SWEEP_REPORT") == "1":
-        write_report(results, seconds)
-    return results
+SWEEP = common.Sweep(
+    file="test/test_opinfo_sweep.py", report_path=REPORT_PATH, title="functorch_lite OpInfo sweep",
+    description=f"batch of {BATCH} perturbed copies; oracle torch.func.vmap (for-loop on "
+                "disagreement).",
+    modes={"vmap": common.Mode("ft.vmap", MIN_CORRECT_FRACTION, XFAIL, "XFAIL")},
+    run_sample=_run, close=_close, random_ops=RANDOM_OPS, samples_per_op=SAMPLES_PER_OP,
+    min_samples=1000, correct=("rule", "fallback"),
+    # the variants of an op in RANDOM_OPS are swept, unless named too (a variant may not draw)
+    is_random_op=lambda op, name: name in RANDOM_OPS or name.split(".")[0] in RANDOM_OPS,
+    random_all_samples=True,
+    random_one_reason="output differs between runs (random, or uninitialized memory)",
+    no_sample=lambda per_sample: "torch.func cannot vmap any sample",
+    breakdown=_breakdown, middle=_fallback_and_rules)
 
-
-def test_sweep_correct_fraction(sweep):
-    counts, samples, fraction = summarize(sweep)
-    assert samples["rule"] + samples["fallback"] > 1000, samples  # the sweep really ran
-    assert fraction >= MIN_CORRECT_FRACTION, (
-        f"{100 * fraction:.2f}% of OpInfo samples are correct under ft.vmap, below the "
-        f"{100 * MIN_CORRECT_FRACTION:.2f}% threshold ({samples})")
-
-
-def test_sweep_xfail_list_is_exact(sweep):
-    failing = {n for n, (st, _, _) in sweep.items() if st == "failure"}
-    unexpected = {n: next(d for s, d in sweep[n][1] if s == "failure")
-                  for n in sorted(failing - set(XFAIL))}
-    stale = sorted(set(XFAIL) - failing)
-    msgs = []
-    if unexpected:
-        msgs.append("ops failing under ft.vmap that are not in XFAIL (fix them or add them with a "
-                    "reason):\n" + "\n".join(f"  {n}: {d}" for n, d in unexpected.items()))
-    if stale:
-        msgs.append("stale XFAIL entries: these ops now pass (or are no longer swept), remove them "
-                    "from XFAIL in test/test_opinfo_sweep.py:\n" + "\n".join(
-                        f"  {n} (now {sweep[n][0] if n in sweep else 'not in op_db'})"
-                        for n in stale))
-    assert not msgs, "\n".join(msgs)
+# pytest collects the fixture and the tests under these names
+sweep, test_sweep_correct_fraction, test_sweep_xfail_list_is_exact = common.define_tests(SWEEP)
