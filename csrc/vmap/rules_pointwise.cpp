@@ -213,6 +213,17 @@ std::tuple<Tensor, bdim_t> gluRule(const Tensor& x, bdim_t bd, int64_t dim) {
   return {at::_ops::glu::call(p, physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
+// glu's forward-mode formula: the output and both inputs share every dim but the halved one.
+std::tuple<Tensor, bdim_t> gluJvpRule(const Tensor& glu, bdim_t gbd, const Tensor& x, bdim_t xbd,
+                                      const Tensor& dx, bdim_t dbd, int64_t dim) {
+  const int64_t B = batchSizeOf({{&glu, gbd}, {&x, xbd}, {&dx, dbd}});
+  Tensor x2 = materializeBdimFront(x, xbd, B);
+  return {at::_ops::glu_jvp::call(materializeBdimFront(glu, gbd, B), x2,
+                                  materializeBdimFront(dx, dbd, B),
+                                  physicalDim(dim, x2.dim() - 1, true)),
+          0};
+}
+
 // _prelu_kernel's output is empty_like(self) and only the weight broadcasts into it, so self
 // must carry the batch dim even when only the weight is batched.
 std::tuple<Tensor, bdim_t> preluKernelRule(const Tensor& x, bdim_t xbd, const Tensor& w,
@@ -242,6 +253,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerFamily<Ternary, at::_ops::where_self, at::_ops::lerp_Tensor, at::_ops::addcmul, at::_ops::addcdiv, at::_ops::log_sigmoid_backward>(m);
   registerVmapRule<at::_ops::log_sigmoid_forward, &logSigmoidForwardRule>(m);
   registerVmapRule<at::_ops::glu, &gluRule>(m);
+  registerVmapRule<at::_ops::glu_jvp, &gluJvpRule>(m);
   registerVmapRule<at::_ops::_prelu_kernel, &preluKernelRule>(m);
   registerVmapRule<at::_ops::_prelu_kernel_backward, &preluKernelBackwardRule>(m);
   registerVmapRule<at::_ops::clamp_Tensor, &clampTensorRule>(m);

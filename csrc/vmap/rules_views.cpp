@@ -413,8 +413,8 @@ std::tuple<Tensor, bdim_t> viewAsComplexRule(const Tensor& x, bdim_t bd) {
 // one more; only their rank check has to see the logical rank.
 std::tuple<Tensor, bdim_t> channelShuffleRule(const Tensor& x, bdim_t bd, c10::SymInt groups) {
   Tensor p = moveBdimToFront(x, bd);
-  TORCH_CHECK(p.dim() > 3, "channel_shuffle expects input to have at least 3 dimensions, but got "
-              "input with sizes ", p.sizes().slice(1));
+  TORCH_CHECK(p.dim() > 3, "channel_shuffle expects input with > 2 dims, but got input with sizes ",
+              p.sizes().slice(1));
   Tensor r = at::_ops::channel_shuffle::call(p.flatten(0, 1), groups);
   return {r.unflatten(0, {p.size(0), p.size(1)}), 0};
 }
