@@ -1,5 +1,5 @@
 """vmap batching rules for ops that used to run as for-loops: the special functions, polygamma,
-clamp_min/max with tensor bounds, glu, log_sigmoid, prelu, frexp, polar/complex,
+clamp_min/max with tensor bounds, glu, log_sigmoid, prelu, frexp, complex,
 native_dropout_backward; var_mean/std_mean, aminmax, count_nonzero, dist, the aten::norm
 overloads, full median/nanmedian, stable sort, _safe_softmax, renorm, logcumsumexp; unfold,
 diag_embed, rot90, the *_scatter ops, view_as_real/view_as_complex, channel/pixel shuffles and the
@@ -143,7 +143,6 @@ POINTWISE = {
     "prelu_kernel_backward": (aten._prelu_kernel_backward, [F_(2, 3, 4), F_(2, 3, 4), F_(3, 1)]),
     "frexp": (torch.frexp, [F_(3, 4)]),
     "frexp_0d": (torch.frexp, [F_()]),
-    "polar": (torch.polar, [K("pos", 3, 4), F_(4)]),
     "complex": (torch.complex, [F_(3, 4), F_(3, 4)]),
     "native_dropout_backward": (lambda g, m: aten.native_dropout_backward(g, m, 2.0),
                                 [F_(3, 4), K("b", 3, 4)]),
@@ -400,3 +399,12 @@ def test_transforms(fname, tname):
     ft.set_vmap_fallback("warn")
     expected = t(torch.func, f, x)
     assert_same(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_jacrev_through_unfold_of_a_scalar():
+    """unfold_backward of a 0-d input: its rule handles a logical scalar separately."""
+    f = lambda x: (x.sin().unfold(0, 1, 1) * 2).exp()
+    x = torch.randn(B)
+    ft.set_vmap_fallback("error")
+    actual = ft.vmap(ft.jacrev(f))(x)
+    assert_same(actual, torch.func.vmap(torch.func.jacrev(f))(x))

@@ -173,7 +173,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> aminmaxRule(const Tensor& x, bdim_t b
   const int64_t lr = p.dim() - 1;
   if (!dim.has_value() || lr == 0) {
     auto [lo, hi] = at::aminmax(flattenAfterBatch(p), 1, false);
-    if (keepdim && dim.has_value() == false) {
+    if (keepdim && !dim.has_value()) {
       c10::SmallVector<int64_t, 8> shape(lr + 1, 1);
       shape[0] = p.size(0);
       lo = lo.view(shape);
