@@ -53,17 +53,9 @@ RANDOM_OPS = {
 XFAIL = {
 }
 
-_FW_VIEW_ASSERT = (
-    "torch INTERNAL ASSERT '!this_view_meta->has_fw_view()' (autograd_meta.cpp): the batched "
-    "tangent of a view of an unbatched primal does not have the primal's layout (the message "
-    "shows a C++ path)"
-)
-
 # op name -> why ft.vmap(lambda t: ft.jvp(f, primals, t)) fails on it (the same list for jacfwd).
 # Must list exactly the ops classified 'failure' in the vmap_jvp mode.
 XFAIL_VMAP_JVP = {
-    "stft": _FW_VIEW_ASSERT,
-    "unfold": _FW_VIEW_ASSERT,
 }
 
 XFAILS = {"jvp": XFAIL, "vmap_jvp": XFAIL_VMAP_JVP}

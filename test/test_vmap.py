@@ -900,12 +900,6 @@ def test_inplace_unbatched_into_unbatched_is_fine():
 
 NO_RULE = [
     # (case, the op that falls back)
-    (Case("std_mean", lambda a: torch.std_mean(a, 1), [X]), "aten::std_mean.correction"),
-    (Case("var_mean", lambda a: torch.var_mean(a, -1, keepdim=True), [X]),
-     "aten::var_mean.correction"),
-    (Case("diag", torch.diag, [T((4, 4))]), "aten::diagonal_copy"),
-    (Case("diag_embed", torch.diag_embed, [T((4,))]), "aten::diag_embed"),
-    (Case("unfold", lambda a: a.unfold(1, 2, 1), [X]), "aten::unfold"),
     (Case("kthvalue", lambda a: a.kthvalue(2, 1), [X]), "aten::kthvalue"),
     (Case("searchsorted", lambda s, v: torch.searchsorted(s.sort().values, v), [T((5,)), T((3,))]),
      "aten::searchsorted.Tensor"),

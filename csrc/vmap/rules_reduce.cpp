@@ -1,5 +1,6 @@
 // Batching rules: reductions and scans over dims (sum, mean, prod, amax/amin, max/min with indices,
-// argmax/argmin, var/std, logsumexp, all/any, cumsum/cumprod, softmax and their backward ops).
+// argmax/argmin, var/std and var_mean/std_mean, norms, median, aminmax, count_nonzero, renorm,
+// logsumexp, all/any, cumsum/cumprod, sort, softmax and their backward ops).
 // The batch dim goes to the front and every logical dim shifts by one. A logical scalar (0-dim)
 // is first given a unit dim so that "reduce every dim" never reduces the batch dim.
 #include <ATen/Functions.h>
@@ -12,32 +13,50 @@ namespace {
 
 Tensor flatBatch(const Tensor& x, bdim_t bd) { return flattenAfterBatch(moveBdimToFront(x, bd)); }
 
+// A logical scalar is reduced as a [B, 1] tensor; a kept unit dim is dropped again.
+inline Tensor dropScalarDim(const Tensor& t) { return t.dim() == 2 ? t.squeeze(1) : t; }
+template <class Ret>
+auto pairsAt0(Ret r, bool scalar) {
+  auto fix = [&](Tensor t) { return scalar ? dropScalarDim(t) : t; };
+  if constexpr (std::is_same_v<Ret, Tensor>) {
+    return std::make_tuple(fix(r), bdim_t(0));
+  } else {
+    return std::make_tuple(fix(std::get<0>(r)), bdim_t(0), fix(std::get<1>(r)), bdim_t(0));
+  }
+}
+
+// Logical dims to physical ones past a leading batch dim; none (or empty) means all of them.
+c10::SmallVector<int64_t, 8> physicalDims(at::OptionalIntArrayRef dim, int64_t lr) {
+  c10::SmallVector<int64_t, 8> dims;
+  if (!dim.has_value() || dim->empty()) {
+    for (int64_t d = 1; d <= lr; ++d) dims.push_back(d);
+  } else {
+    for (int64_t d : *dim) dims.push_back(physicalDim(d, lr, true));
+  }
+  return dims;
+}
+
 // Ops taking a list of dims as their second argument (int[]? or int[]); empty/None means all.
+// One output (sum, var, ...) or two (var_mean, std_mean).
 template <class Op, class Sig = typename Op::schema>
 struct ReduceDims;
-template <class Op, class DimT, class... Extra>
-struct ReduceDims<Op, Tensor(const Tensor&, DimT, Extra...)> {
-  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t bd, DimT dim, Extra... e) {
+template <class Op, class Ret, class DimT, class... Extra>
+struct ReduceDims<Op, Ret(const Tensor&, DimT, Extra...)> {
+  static auto rule(const Tensor& x, bdim_t bd, DimT dim, Extra... e) {
     Tensor p = moveBdimToFront(x, bd);
     const int64_t lr = p.dim() - 1;
-    c10::IntArrayRef given;
-    if constexpr (std::is_same_v<DimT, at::OptionalIntArrayRef>) {
-      if (dim.has_value()) given = *dim;
-    } else {
-      given = dim;
-    }
     if (lr == 0) {
       const int64_t one[] = {1};
-      Tensor r = Op::call(p.unsqueeze(-1), DimT(c10::IntArrayRef(one)), e...);
-      return {r.dim() == 2 ? r.squeeze(1) : r, 0};
+      return pairsAt0<Ret>(Op::call(p.unsqueeze(-1), DimT(c10::IntArrayRef(one)), e...), true);
     }
-    c10::SmallVector<int64_t, 8> dims;
-    if (given.empty()) {
-      for (int64_t d = 1; d <= lr; ++d) dims.push_back(d);
+    at::OptionalIntArrayRef given;
+    if constexpr (std::is_same_v<DimT, at::OptionalIntArrayRef>) {
+      given = dim;
     } else {
-      for (int64_t d : given) dims.push_back(physicalDim(d, lr, true));
+      given = c10::IntArrayRef(dim);
     }
-    return {Op::call(p, DimT(c10::IntArrayRef(dims)), e...), 0};
+    const auto dims = physicalDims(given, lr);
+    return pairsAt0<Ret>(Op::call(p, DimT(c10::IntArrayRef(dims)), e...), false);
   }
 };
 
@@ -51,13 +70,7 @@ struct ReduceDim<Op, Ret(const Tensor&, int64_t, Extra...)> {
     const int64_t lr = p.dim() - 1;
     const bool scalar = lr == 0;
     if (scalar) p = p.unsqueeze(-1);
-    Ret r = Op::call(p, scalar ? 1 : physicalDim(dim, lr, true), e...);
-    auto fix = [&](Tensor t) { return scalar && t.dim() == 2 ? t.squeeze(1) : t; };
-    if constexpr (std::is_same_v<Ret, Tensor>) {
-      return std::make_tuple(fix(r), bdim_t(0));
-    } else {
-      return std::make_tuple(fix(std::get<0>(r)), bdim_t(0), fix(std::get<1>(r)), bdim_t(0));
-    }
+    return pairsAt0<Ret>(Op::call(p, scalar ? 1 : physicalDim(dim, lr, true), e...), scalar);
   }
 };
 
@@ -112,32 +125,109 @@ struct ArgReduce {
   }
 };
 
-// linalg_vector_norm(self, ord, dim?, keepdim, dtype): dims are the third argument.
-std::tuple<Tensor, bdim_t> vectorNormRule(const Tensor& x, bdim_t bd, const c10::Scalar& ord,
-                                          at::OptionalIntArrayRef dim, bool keepdim,
-                                          std::optional<c10::ScalarType> dt) {
-  Tensor p = moveBdimToFront(x, bd);
-  const int64_t lr = p.dim() - 1;
-  if (lr == 0) {
-    return {at::linalg_vector_norm(p.unsqueeze(-1), ord, c10::IntArrayRef{1}, false, dt), 0};
+// linalg_vector_norm(self, ord, dim?, keepdim, dtype) and norm(self, p?, dim, keepdim[, dtype]):
+// dims are the third argument.
+template <class Op, class Sig = typename Op::schema>
+struct NormDims;
+template <class Op, class P, class DimT, class... Extra>
+struct NormDims<Op, Tensor(const Tensor&, P, DimT, bool, Extra...)> {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t bd, P ord, DimT dim, bool keepdim,
+                                         Extra... e) {
+    Tensor p = moveBdimToFront(x, bd);
+    const int64_t lr = p.dim() - 1;
+    if (lr == 0) return {Op::call(p.unsqueeze(-1), ord, c10::IntArrayRef{1}, false, e...), 0};
+    const auto dims = physicalDims(at::OptionalIntArrayRef(dim), lr);
+    return {Op::call(p, ord, c10::IntArrayRef(dims), keepdim, e...), 0};
   }
-  c10::SmallVector<int64_t, 8> dims;
-  if (!dim.has_value() || dim->empty()) {
-    for (int64_t d = 1; d <= lr; ++d) dims.push_back(d);
-  } else {
-    for (int64_t d : *dim) dims.push_back(physicalDim(d, lr, true));
-  }
-  return {at::linalg_vector_norm(p, ord, c10::IntArrayRef(dims), keepdim, dt), 0};
+};
+
+// Full norms: the norm over every logical dim of the flattened element.
+std::tuple<Tensor, bdim_t> normAllRule(const Tensor& x, bdim_t bd, const c10::Scalar& ord) {
+  return {at::_ops::norm_ScalarOpt_dim::call(flatBatch(x, bd), ord, {1}, false), 0};
+}
+std::tuple<Tensor, bdim_t> normAllDtypeRule(const Tensor& x, bdim_t bd,
+                                            const std::optional<c10::Scalar>& ord,
+                                            c10::ScalarType dt) {
+  return {at::_ops::norm_ScalarOpt_dim_dtype::call(flatBatch(x, bd), ord, {1}, false, dt), 0};
+}
+// dist(a, b, p) is the norm of the broadcast difference; sub brings both to a common batch.
+std::tuple<Tensor, bdim_t> distRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd,
+                                    const c10::Scalar& ord) {
+  const int64_t r = std::max(rankWithoutBdim(a, abd), rankWithoutBdim(b, bbd));
+  Tensor a2 = padToLogicalRank(moveBdimToFront(a, abd), abd.has_value(), r);
+  Tensor b2 = padToLogicalRank(moveBdimToFront(b, bbd), bbd.has_value(), r);
+  return {at::linalg_vector_norm(flattenAfterBatch(at::sub(a2, b2)), ord, c10::IntArrayRef{1}), 0};
 }
 
-// sort(self, dim, descending) and topk(self, k, dim, largest, sorted).
-std::tuple<Tensor, bdim_t, Tensor, bdim_t> sortRule(const Tensor& x, bdim_t bd, int64_t dim,
-                                                    bool descending) {
+std::tuple<Tensor, bdim_t> medianAll(const Tensor& x, bdim_t bd) {
+  return {std::get<0>(at::median(flatBatch(x, bd), 1)), 0};
+}
+std::tuple<Tensor, bdim_t> nanmedianAll(const Tensor& x, bdim_t bd) {
+  return {std::get<0>(at::nanmedian(flatBatch(x, bd), 1)), 0};
+}
+
+// aminmax(self, *, dim?, keepdim): no dim means over the flattened tensor.
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> aminmaxRule(const Tensor& x, bdim_t bd,
+                                                       std::optional<int64_t> dim, bool keepdim) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  if (!dim.has_value() || lr == 0) {
+    auto [lo, hi] = at::aminmax(flattenAfterBatch(p), 1, false);
+    if (keepdim && !dim.has_value()) {
+      c10::SmallVector<int64_t, 8> shape(lr + 1, 1);
+      shape[0] = p.size(0);
+      lo = lo.view(shape);
+      hi = hi.view(shape);
+    }
+    return {lo, 0, hi, 0};
+  }
+  auto [lo, hi] = at::aminmax(p, physicalDim(*dim, lr, true), keepdim);
+  return {lo, 0, hi, 0};
+}
+
+// count_nonzero(self, dim?): no dim means every dim.
+std::tuple<Tensor, bdim_t> countNonzeroRule(const Tensor& x, bdim_t bd, std::optional<int64_t> dim) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  if (!dim.has_value() || lr == 0) return {at::count_nonzero(flattenAfterBatch(p), c10::IntArrayRef{1}), 0};
+  return {at::count_nonzero(p, c10::IntArrayRef{physicalDim(*dim, lr, true)}), 0};
+}
+
+// renorm rescales each slice along `dim` by the norm over all its other dims. Merging the batch
+// dim into `dim` makes each (batch element, slice) pair one slice, so torch's kernel does it all.
+Tensor renormPhysical(const Tensor& p, const c10::Scalar& ord, int64_t dim, const c10::Scalar& maxnorm) {
+  const int64_t lr = p.dim() - 1;
+  TORCH_CHECK(lr > 1, "renorm: input needs at least 2 dimensions, got ", lr, " dimensions");
+  const int64_t pd = physicalDim(dim, lr, true);
+  Tensor moved = p.movedim(pd, 1);
+  Tensor merged = moved.flatten(0, 1);
+  Tensor r = at::renorm(merged, ord, 0, maxnorm);
+  return r.view(moved.sizes()).movedim(1, pd);
+}
+std::tuple<Tensor, bdim_t> renormRule(const Tensor& x, bdim_t bd, const c10::Scalar& ord,
+                                      int64_t dim, const c10::Scalar& maxnorm) {
+  return {renormPhysical(moveBdimToFront(x, bd), ord, dim, maxnorm), 0};
+}
+void renormInplaceRule(Tensor& x, bdim_t bd, const c10::Scalar& ord, int64_t dim,
+                       const c10::Scalar& maxnorm) {
+  Tensor p = moveBdimToFront(x, bd);
+  p.copy_(renormPhysical(p, ord, dim, maxnorm));
+}
+
+// sort(self, dim, descending), sort.stable(self, *, stable?, dim, descending) and
+// topk(self, k, dim, largest, sorted).
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> sortStableRule(const Tensor& x, bdim_t bd,
+                                                          std::optional<bool> stable, int64_t dim,
+                                                          bool descending) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
   if (lr == 0) return {p, 0, at::zeros_like(p, at::kLong), 0};
-  auto [v, i] = at::sort(p, physicalDim(dim, lr, true), descending);
+  auto [v, i] = at::sort(p, stable, physicalDim(dim, lr, true), descending);
   return {v, 0, i, 0};
+}
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> sortRule(const Tensor& x, bdim_t bd, int64_t dim,
+                                                    bool descending) {
+  return sortStableRule(x, bd, false, dim, descending);
 }
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> topkRule(const Tensor& x, bdim_t bd, c10::SymInt k,
                                                     int64_t dim, bool largest, bool sorted) {
@@ -154,9 +244,11 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> topkRule(const Tensor& x, bdim_t bd, 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerFamily<ReduceDims, at::_ops::sum_dim_IntList, at::_ops::mean_dim, at::_ops::amax, at::_ops::amin, at::_ops::logsumexp, at::_ops::var_correction, at::_ops::std_correction, at::_ops::all_dims, at::_ops::any_dims, at::_ops::nansum>(m);
-  registerFamily<ReduceDim, at::_ops::prod_dim_int, at::_ops::max_dim, at::_ops::min_dim, at::_ops::all_dim, at::_ops::any_dim, at::_ops::cumsum, at::_ops::cumprod, at::_ops::logcumsumexp, at::_ops::_softmax, at::_ops::_log_softmax, at::_ops::cummax, at::_ops::cummin, at::_ops::median_dim, at::_ops::nanmedian_dim, at::_ops::mode>(m);
-  registerFamily<BinaryDim, at::_ops::_softmax_backward_data, at::_ops::_log_softmax_backward_data>(m);
+  registerFamily<ReduceDims, at::_ops::sum_dim_IntList, at::_ops::mean_dim, at::_ops::amax, at::_ops::amin, at::_ops::logsumexp, at::_ops::var_correction, at::_ops::std_correction, at::_ops::all_dims, at::_ops::any_dims, at::_ops::nansum, at::_ops::var_mean_correction, at::_ops::std_mean_correction, at::_ops::count_nonzero_dim_IntList>(m);
+  registerFamily<ReduceDim, at::_ops::prod_dim_int, at::_ops::max_dim, at::_ops::min_dim, at::_ops::all_dim, at::_ops::any_dim, at::_ops::cumsum, at::_ops::cumprod, at::_ops::logcumsumexp, at::_ops::_softmax, at::_ops::_log_softmax, at::_ops::cummax, at::_ops::cummin, at::_ops::median_dim, at::_ops::nanmedian_dim, at::_ops::mode, at::_ops::_safe_softmax>(m);
+  // glu_backward(grad, self, dim) has the same shape: a dim shifted past both batch dims.
+  registerFamily<BinaryDim, at::_ops::_softmax_backward_data, at::_ops::_log_softmax_backward_data, at::_ops::glu_backward>(m);
+  registerFamily<NormDims, at::_ops::linalg_vector_norm, at::_ops::norm_ScalarOpt_dim, at::_ops::norm_ScalarOpt_dim_dtype>(m);
   registerVmapRule<at::_ops::sum, &sumAll>(m);
   registerVmapRule<at::_ops::mean, &meanAll>(m);
   registerVmapRule<at::_ops::prod, &prodAll>(m);
@@ -166,8 +258,17 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::any, &anyAll>(m);
   registerVmapRule<at::_ops::argmax, &ArgReduce<at::_ops::argmax>::rule>(m);
   registerVmapRule<at::_ops::argmin, &ArgReduce<at::_ops::argmin>::rule>(m);
-  registerVmapRule<at::_ops::linalg_vector_norm, &vectorNormRule>(m);
   registerVmapRule<at::_ops::sort, &sortRule>(m);
+  registerVmapRule<at::_ops::sort_stable, &sortStableRule>(m);
+  registerVmapRule<at::_ops::norm_Scalar, &normAllRule>(m);
+  registerVmapRule<at::_ops::norm_ScalarOpt_dtype, &normAllDtypeRule>(m);
+  registerVmapRule<at::_ops::dist, &distRule>(m);
+  registerVmapRule<at::_ops::median, &medianAll>(m);
+  registerVmapRule<at::_ops::nanmedian, &nanmedianAll>(m);
+  registerVmapRule<at::_ops::aminmax, &aminmaxRule>(m);
+  registerVmapRule<at::_ops::count_nonzero, &countNonzeroRule>(m);
+  registerVmapRule<at::_ops::renorm, &renormRule>(m);
+  registerVmapInplaceRule<at::_ops::renorm_, &renormInplaceRule>(m);
   registerVmapRule<at::_ops::topk, &topkRule>(m);
 }
 

@@ -1,7 +1,9 @@
 // Batching rules: views and shape ops (view, reshape, permute, transpose, t, squeeze/unsqueeze
-// and their in-place forms, expand, select, slice, diagonal, unbind, split, flip, roll, repeat)
-// and cat/stack. Every rule moves the batch dim to the front and shifts logical dims by one, so
-// the result is a view of the physical tensor exactly when the logical op returns a view.
+// and their in-place forms, expand, select, slice, diagonal, unbind, split, flip, roll, repeat,
+// unfold, diag_embed, rot90, the *_scatter ops, complex views, channel/pixel shuffles), their
+// *_copy variants, and cat/stack. Almost every rule moves the batch dim to the front and shifts
+// logical dims by one, so the result is a view of the physical tensor exactly when the logical op
+// returns a view.
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
 #include <ATen/InferSize.h>
@@ -318,6 +320,142 @@ std::tuple<Tensor, bdim_t> diagonalBackwardRule(const Tensor& g, bdim_t bd,
           0};
 }
 
+std::tuple<Tensor, bdim_t> identityRule(const Tensor& x, bdim_t bd) { return {x, bd}; }
+
+// narrow is composite (it becomes slice); this rule only serves narrow_copy below.
+std::tuple<Tensor, bdim_t> narrowRule(const Tensor& x, bdim_t bd, int64_t dim, c10::SymInt start,
+                                      c10::SymInt length) {
+  Tensor p = moveBdimToFront(x, bd);
+  return {at::_ops::narrow::call(p, physicalDim(dim, p.dim() - 1, true), start, length), 0};
+}
+
+// unfold of a logical scalar gives one window of size 1: shape [1], not [1, 1].
+std::tuple<Tensor, bdim_t> unfoldRule(const Tensor& x, bdim_t bd, int64_t dim, int64_t size,
+                                      int64_t step) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  const int64_t pd = physicalDim(dim, lr, true);
+  if (lr == 0) return {p.unsqueeze(-1).unfold(1, size, step).squeeze(1), 0};
+  return {p.unfold(pd, size, step), 0};
+}
+std::tuple<Tensor, bdim_t> unfoldBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
+                                              int64_t dim, int64_t size, int64_t step) {
+  Tensor p = moveBdimToFront(g, bd);
+  const int64_t lr = static_cast<int64_t>(sizes.size());
+  if (lr == 0) {
+    const SymIntVec one{c10::SymInt(p.size(0)), c10::SymInt(1)};
+    return {at::_ops::unfold_backward::call(p.unsqueeze(1), one, 1, size, step).squeeze(1), 0};
+  }
+  return {at::_ops::unfold_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true),
+                                          size, step), 0};
+}
+
+// diag_embed's dims index its output, one rank above the input.
+std::tuple<Tensor, bdim_t> diagEmbedRule(const Tensor& x, bdim_t bd, int64_t offset, int64_t d1,
+                                         int64_t d2) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t out_rank = p.dim();
+  return {at::_ops::diag_embed::call(p, offset, physicalDim(d1, out_rank, true),
+                                     physicalDim(d2, out_rank, true)), 0};
+}
+
+std::tuple<Tensor, bdim_t> rot90Rule(const Tensor& x, bdim_t bd, int64_t k, c10::IntArrayRef dims) {
+  Tensor p = moveBdimToFront(x, bd);
+  const int64_t lr = p.dim() - 1;
+  TORCH_CHECK(dims.size() == 2, "expected total rotation dims == 2, but got dims = ", dims.size());
+  TORCH_CHECK(lr >= 2, "expected total dims >= 2, but got total dims = ", lr);
+  const int64_t phys[] = {physicalDim(dims[0], lr, true), physicalDim(dims[1], lr, true)};
+  return {at::_ops::rot90::call(p, k, phys), 0};
+}
+
+// ---- *_scatter: the result is a new batched self with src written into one of its views, so
+// both are brought to [B, ...] (the op clones self itself) and the view's dims shift by one.
+std::tuple<Tensor, Tensor> scatterOperands(const Tensor& self, bdim_t sbd, const Tensor& src,
+                                           bdim_t cbd) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&src, cbd}});
+  return {materializeBdimFront(self, sbd, B), materializeBdimFront(src, cbd, B)};
+}
+std::tuple<Tensor, bdim_t> sliceScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
+                                            bdim_t cbd, int64_t dim,
+                                            std::optional<c10::SymInt> start,
+                                            std::optional<c10::SymInt> end, c10::SymInt step) {
+  auto [s, c] = scatterOperands(self, sbd, src, cbd);
+  return {at::_ops::slice_scatter::call(s, c, physicalDim(dim, s.dim() - 1, true), start, end, step),
+          0};
+}
+std::tuple<Tensor, bdim_t> selectScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
+                                             bdim_t cbd, int64_t dim, c10::SymInt index) {
+  auto [s, c] = scatterOperands(self, sbd, src, cbd);
+  return {at::_ops::select_scatter::call(s, c, physicalDim(dim, s.dim() - 1, true), index), 0};
+}
+std::tuple<Tensor, bdim_t> diagonalScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
+                                               bdim_t cbd, int64_t offset, int64_t d1, int64_t d2) {
+  auto [s, c] = scatterOperands(self, sbd, src, cbd);
+  const int64_t lr = s.dim() - 1;
+  return {at::_ops::diagonal_scatter::call(s, c, offset, physicalDim(d1, lr, true),
+                                           physicalDim(d2, lr, true)), 0};
+}
+
+// ---- complex views. view_as_real appends a dim, so the batch dim keeps its index.
+std::tuple<Tensor, bdim_t> viewAsRealRule(const Tensor& x, bdim_t bd) {
+  return {at::_ops::view_as_real::call(x), bd};
+}
+// view_as_complex consumes the physical last dim (size 2, stride 1), which must be the logical
+// last dim: a trailing batch dim goes to the front first.
+std::tuple<Tensor, bdim_t> viewAsComplexRule(const Tensor& x, bdim_t bd) {
+  TORCH_CHECK(x.dim() > 1, "Input tensor must have one or more dimensions");
+  if (*bd != x.dim() - 1) return {at::_ops::view_as_complex::call(x), bd};
+  return {at::_ops::view_as_complex::call(moveBdimToFront(x, bd)), 0};
+}
+
+// ---- channel/pixel shuffles. channel_shuffle's channels are dim 1 of (N, C, *): the batch dim
+// folds into N. pixel_(un)shuffle take any number of leading dims, so the batch dim in front is
+// one more; only their rank check has to see the logical rank.
+std::tuple<Tensor, bdim_t> channelShuffleRule(const Tensor& x, bdim_t bd, c10::SymInt groups) {
+  Tensor p = moveBdimToFront(x, bd);
+  TORCH_CHECK(p.dim() > 3, "channel_shuffle expects input with > 2 dims, but got input with sizes ",
+              p.sizes().slice(1));
+  Tensor r = at::_ops::channel_shuffle::call(p.flatten(0, 1), groups);
+  return {r.unflatten(0, {p.size(0), p.size(1)}), 0};
+}
+template <class Op>
+struct PixelShuffleLike {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t bd, int64_t factor) {
+    Tensor p = moveBdimToFront(x, bd);
+    TORCH_CHECK(p.dim() > 3, std::string(Op::name).substr(6), " expects input to have at least 3 "
+                "dimensions, but got input with ", p.dim() - 1, " dimension(s)");
+    return {Op::call(p, factor), 0};
+  }
+};
+
+// ---- *_copy ops: the view rule, then a copy with the batch dim in front so that every element
+// comes out contiguous, as the op's own result does. One CopyOf<op, view rule> per op.
+Tensor contiguousCopy(const Tensor& t, bdim_t bd) {
+  return moveBdimToFront(t, bd).clone(at::MemoryFormat::Contiguous);
+}
+template <auto ViewRule, class Sig = decltype(ViewRule)>
+struct Copied;
+template <auto ViewRule, class R, class... A>
+struct Copied<ViewRule, R (*)(A...)> {
+  static R rule(A... a) {
+    auto [v, bd] = ViewRule(a...);
+    if constexpr (std::is_same_v<decltype(v), std::vector<Tensor>>) {
+      for (Tensor& t : v) t = contiguousCopy(t, bd);
+    } else {
+      v = contiguousCopy(v, bd);
+    }
+    return {std::move(v), bd ? bdim_t(0) : bd};
+  }
+};
+template <class Op, auto ViewRule>
+struct CopyOf {
+  static void registerIn(torch::Library& m) { registerVmapRule<Op, &Copied<ViewRule>::rule>(m); }
+};
+template <class... Copies>
+void registerCopies(torch::Library& m) {
+  (Copies::registerIn(m), ...);
+}
+
 // ---- cat / stack take a list of tensors, so they get their own plumbing.
 Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
   std::optional<Tensor> done;
@@ -396,6 +534,19 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::select_backward, &selectBackwardRule>(m);
   registerVmapRule<at::_ops::slice_backward, &sliceBackwardRule>(m);
   registerVmapRule<at::_ops::diagonal_backward, &diagonalBackwardRule>(m);
+  registerVmapRule<at::_ops::unfold, &unfoldRule>(m);
+  registerVmapRule<at::_ops::unfold_backward, &unfoldBackwardRule>(m);
+  registerVmapRule<at::_ops::diag_embed, &diagEmbedRule>(m);
+  registerVmapRule<at::_ops::rot90, &rot90Rule>(m);
+  registerVmapRule<at::_ops::slice_scatter, &sliceScatterRule>(m);
+  registerVmapRule<at::_ops::select_scatter, &selectScatterRule>(m);
+  registerVmapRule<at::_ops::diagonal_scatter, &diagonalScatterRule>(m);
+  registerVmapRule<at::_ops::view_as_real, &viewAsRealRule>(m);
+  registerVmapRule<at::_ops::view_as_complex, &viewAsComplexRule>(m);
+  registerVmapRule<at::_ops::channel_shuffle, &channelShuffleRule>(m);
+  registerFamily<PixelShuffleLike, at::_ops::pixel_shuffle, at::_ops::pixel_unshuffle>(m);
+  // view_copy is reshape-then-copy when the element cannot be viewed (torch does the same).
+  registerCopies<CopyOf<at::_ops::view_copy, &reshapeRule>, CopyOf<at::_ops::unsqueeze_copy, &unsqueezeRule>, CopyOf<at::_ops::squeeze_copy, &squeezeAllRule>, CopyOf<at::_ops::squeeze_copy_dim, &squeezeDimRule>, CopyOf<at::_ops::squeeze_copy_dims, &squeezeDimsRule>, CopyOf<at::_ops::transpose_copy_int, &transposeRule>, CopyOf<at::_ops::t_copy, &tRule>, CopyOf<at::_ops::permute_copy, &permuteRule>, CopyOf<at::_ops::expand_copy, &expandRule>, CopyOf<at::_ops::alias_copy, &identityRule>, CopyOf<at::_ops::detach_copy, &identityRule>, CopyOf<at::_ops::narrow_copy, &narrowRule>, CopyOf<at::_ops::unbind_copy_int, &unbindRule>, CopyOf<at::_ops::split_copy_Tensor, &splitRule>, CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule>, CopyOf<at::_ops::unfold_copy, &unfoldRule>, CopyOf<at::_ops::diagonal_copy, &diagonalRule>, CopyOf<at::_ops::select_copy_int, &selectRule>, CopyOf<at::_ops::slice_copy_Tensor, &sliceRule>>(m);
   m.impl("cat", TORCH_FN(catKernel));
   m.impl("stack", TORCH_FN(stackKernel));
 }
