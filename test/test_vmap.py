@@ -909,7 +909,6 @@ NO_RULE = [
     (Case("kthvalue", lambda a: a.kthvalue(2, 1), [X]), "aten::kthvalue"),
     (Case("searchsorted", lambda s, v: torch.searchsorted(s.sort().values, v), [T((5,)), T((3,))]),
      "aten::searchsorted.Tensor"),
-    (Case("pad", lambda a: F.pad(a, (1, 2)), [X]), "aten::constant_pad_nd"),
     (Case("setitem_scalar", lambda a: _setitem_scalar(a), [X]), "aten::fill_.Tensor"),
     (Case("take", lambda a, i: torch.take(a, i), [X, T((3,), "idx")]), "aten::take"),
     (Case("put_", lambda a, s: a.clone().put_(torch.tensor([0, 7]), s), [X, T((2,))]),

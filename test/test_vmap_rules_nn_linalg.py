@@ -1,0 +1,192 @@
+"""vmap batching rules for padding, pooling (1d, adaptive max 3d, max_unpool, im2col/col2im),
+upsampling and grid_sample, the add* matrix products (baddbmm, addbmm, addmv, addr), vdot,
+linalg_cross/lstsq/pinv and the old-API decompositions, cdist/pdist, _trilinear and the
+remaining losses (nll_loss2d, multi_margin, multilabel_margin, soft_margin).
+
+Every case runs under ft.set_vmap_fallback('error') (so a real rule must have run) and is compared
+with a Python for-loop and with torch.func.vmap, for each placement of the batch dim over the
+arguments (0, -1, a middle dim, and None for each argument in turn). Gradients go through the
+backward ops under vmap: ft.vmap(ft.grad), ft.jacrev and ft.jacfwd against torch.func."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import functorch_lite as ft
+from test_vmap import B, assert_same, check_vmap
+from test_vmap_indexing import F_, I_, _make, _placements
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.cholesky is deprecated")
+
+# ------------------------------------------------------------------------------------------------
+# Argument specs (from test_vmap_indexing): F_(*shape) a float tensor, I_(high, *shape) integer
+# indices in [0, high). Extra kinds here: ("sign", shape) +-1, ("unit", shape) inside (-1, 1).
+
+_NAN = float("nan")
+
+
+def S_(*shape):
+    return ("sign", shape)
+
+
+def _make_any(spec, batched_at):
+    if spec[0] in ("sign", "unit"):
+        t = _make(("f", spec[1]), batched_at)
+        return (t >= 0).float() * 2 - 1 if spec[0] == "sign" else t.tanh() * 0.95
+    return _make(spec, batched_at)
+
+
+def _maxpool_unpool2d(x):
+    y, i = F.max_pool2d(x, 2, return_indices=True)
+    return F.max_unpool2d(y, i, 2)
+
+
+def _maxpool_unpool3d(x):
+    y, i = F.max_pool3d(x, 2, return_indices=True)
+    return F.max_unpool3d(y, i, 2)
+
+
+def _interp(mode, **kw):
+    return lambda a: F.interpolate(a, mode=mode, **kw)
+
+
+def _spd(a):
+    return a @ a.transpose(-1, -2) + 4 * torch.eye(a.size(-1))
+
+
+CASES = {
+    # padding
+    "pad_const_1": (lambda a: F.pad(a, (1, 2)), [F_(4, 5)]),
+    "pad_const_2_value": (lambda a: F.pad(a, (1, 0, 2, 1), value=0.5), [F_(2, 4, 5)]),
+    "pad_const_negative": (lambda a: F.pad(a, (-1, 2, 0, -2)), [F_(4, 5)]),
+    "pad_const_all_dims": (lambda a: F.pad(a, (1, 1, 2, 0)), [F_(4, 5)]),
+    "pad_const_1d": (lambda a: F.pad(a, (2, 1)), [F_(5)]),
+    "pad_reflect1d": (lambda a: F.pad(a, (2, 1), mode="reflect"), [F_(2, 4, 5)]),
+    "pad_reflect1d_no_n": (lambda a: F.pad(a, (2, 1), mode="reflect"), [F_(4, 5)]),
+    "pad_reflect2d": (lambda a: F.pad(a, (2, 1, 1, 2), mode="reflect"), [F_(2, 2, 4, 5)]),
+    "pad_reflect2d_no_n": (lambda a: F.pad(a, (2, 1, 1, 2), mode="reflect"), [F_(2, 4, 5)]),
+    "pad_reflect3d": (lambda a: F.pad(a, (1, 1, 1, 0, 0, 1), mode="reflect"), [F_(2, 2, 4, 5, 4)]),
+    "pad_replicate1d": (lambda a: F.pad(a, (2, 3), mode="replicate"), [F_(4, 5)]),
+    "pad_replicate2d": (lambda a: F.pad(a, (2, 1, 0, 2), mode="replicate"), [F_(2, 2, 4, 5)]),
+    "pad_replicate3d": (lambda a: F.pad(a, (1, 2, 0, 1, 2, 0), mode="replicate"), [F_(2, 4, 5, 4)]),
+    "pad_circular": (lambda a: F.pad(a, (2, 1), mode="circular"), [F_(2, 4, 5)]),
+    # pooling
+    "max_pool1d": (lambda a: F.max_pool1d(a, 2), [F_(2, 4, 5)]),
+    "max_pool1d_no_n": (lambda a: F.max_pool1d(a, 3, 2, padding=1), [F_(4, 5)]),
+    "max_pool1d_indices": (lambda a: F.max_pool1d(a, 2, return_indices=True), [F_(2, 4, 5)]),
+    "avg_pool1d": (lambda a: F.avg_pool1d(a, 2), [F_(2, 4, 5)]),
+    "adaptive_avg_pool1d": (lambda a: F.adaptive_avg_pool1d(a, 3), [F_(2, 4, 5)]),
+    "adaptive_max_pool1d": (lambda a: F.adaptive_max_pool1d(a, 3, return_indices=True),
+                            [F_(2, 4, 5)]),
+    "adaptive_max_pool3d": (lambda a: F.adaptive_max_pool3d(a, (2, 3, 2), return_indices=True),
+                            [F_(2, 2, 4, 5, 4)]),
+    "adaptive_max_pool3d_no_n": (lambda a: F.adaptive_max_pool3d(a, 2), [F_(2, 4, 5, 4)]),
+    "max_unpool2d": (_maxpool_unpool2d, [F_(2, 2, 4, 6)]),
+    "max_unpool2d_no_n": (_maxpool_unpool2d, [F_(2, 4, 6)]),
+    "max_unpool3d": (_maxpool_unpool3d, [F_(2, 2, 4, 6, 4)]),
+    "max_unpool2d_given": (lambda y, i: F.max_unpool2d(y, i, 2, output_size=(4, 4)),
+                           [F_(2, 2, 2, 2), I_(16, 2, 2, 2, 2)]),
+    "unfold": (lambda a: F.unfold(a, 2, padding=1), [F_(2, 2, 4, 5)]),
+    "unfold_no_n": (lambda a: F.unfold(a, (2, 3), stride=2), [F_(2, 4, 5)]),
+    "fold": (lambda a: F.fold(a, (4, 5), 2), [F_(2, 8, 12)]),
+    "fold_no_n": (lambda a: F.fold(a, (3, 4), 2, padding=1), [F_(8, 20)]),
+    # upsampling
+    "nearest1d": (_interp("nearest", scale_factor=2), [F_(2, 4, 5)]),
+    "nearest2d": (_interp("nearest", size=(5, 7)), [F_(2, 2, 4, 5)]),
+    "nearest3d": (_interp("nearest", scale_factor=(2, 1, 2)), [F_(2, 2, 4, 5, 2)]),
+    "nearest_exact1d": (_interp("nearest-exact", size=7), [F_(2, 4, 5)]),
+    "nearest_exact2d": (_interp("nearest-exact", scale_factor=1.5), [F_(2, 2, 4, 5)]),
+    "nearest_exact3d": (_interp("nearest-exact", size=(3, 6, 4)), [F_(2, 2, 4, 5, 2)]),
+    "linear1d": (_interp("linear", scale_factor=2, align_corners=False), [F_(2, 4, 5)]),
+    "linear1d_ac": (_interp("linear", size=8, align_corners=True), [F_(2, 4, 5)]),
+    "bilinear2d": (_interp("bilinear", scale_factor=2), [F_(2, 2, 4, 5)]),
+    "bicubic2d": (_interp("bicubic", size=(6, 7), align_corners=True), [F_(2, 2, 4, 5)]),
+    "trilinear3d": (_interp("trilinear", scale_factor=2), [F_(2, 2, 4, 5, 2)]),
+    "bilinear2d_aa": (_interp("bilinear", size=(2, 3), antialias=True), [F_(2, 2, 4, 5)]),
+    "bicubic2d_aa": (_interp("bicubic", size=(3, 2), antialias=True), [F_(2, 2, 4, 5)]),
+    "grid_sample2d": (lambda a, g: F.grid_sample(a, g, align_corners=False),
+                      [F_(2, 2, 4, 5), ("unit", (2, 3, 4, 2))]),
+    "grid_sample2d_nearest": (lambda a, g: F.grid_sample(a, g, mode="nearest",
+                                                         padding_mode="border",
+                                                         align_corners=True),
+                              [F_(2, 2, 4, 5), ("unit", (2, 3, 4, 2))]),
+    "grid_sample3d": (lambda a, g: F.grid_sample(a, g, align_corners=False),
+                      [F_(2, 2, 4, 5, 2), ("unit", (2, 3, 2, 2, 3))]),
+    # matrix products
+    "baddbmm": (torch.baddbmm, [F_(2, 4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "baddbmm_broadcast_self": (lambda s, a, b: torch.baddbmm(s, a, b, beta=0.5, alpha=2),
+                               [F_(5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "baddbmm_beta0": (lambda s, a, b: torch.baddbmm(s.log(), a, b, beta=0),
+                      [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "addbmm": (torch.addbmm, [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "addbmm_broadcast_self": (lambda s, a, b: torch.addbmm(s, a, b, beta=2, alpha=0.5),
+                              [F_(1, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "addbmm_beta0": (lambda s, a, b: torch.addbmm(s.log(), a, b, beta=0),
+                     [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "addbmm_alpha0": (lambda s, a, b: torch.addbmm(s, a.log(), b, alpha=0),
+                      [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "addmv": (torch.addmv, [F_(4), F_(4, 6), F_(6)]),
+    "addmv_scalars": (lambda s, a, b: torch.addmv(s, a, b, beta=0.5, alpha=-2),
+                      [F_(), F_(4, 6), F_(6)]),
+    "addmv_beta0": (lambda s, a, b: torch.addmv(s.log(), a, b, beta=0), [F_(4), F_(4, 6), F_(6)]),
+    "addmv_alpha0": (lambda s, a, b: torch.addmv(s, a.log(), b, alpha=0),
+                     [F_(4), F_(4, 6), F_(6)]),
+    "addr": (torch.addr, [F_(4, 5), F_(4), F_(5)]),
+    "addr_broadcast_self": (lambda s, a, b: torch.addr(s, a, b, beta=2, alpha=0.5),
+                            [F_(5), F_(4), F_(5)]),
+    "addr_beta0": (lambda s, a, b: torch.addr(s.log(), a, b, beta=0), [F_(4, 5), F_(4), F_(5)]),
+    "addr_alpha0": (lambda s, a, b: torch.addr(s, a.log(), b, alpha=0), [F_(4, 5), F_(4), F_(5)]),
+    "vdot": (torch.vdot, [F_(5), F_(5)]),
+    "vdot_complex": (lambda a, b: torch.vdot(a + 1j * b, b - 2j * a),
+                     [F_(5), F_(5)]),
+    "cross": (lambda a, b: torch.linalg.cross(a, b), [F_(4, 3), F_(4, 3)]),
+    "cross_dim0": (lambda a, b: torch.linalg.cross(a, b, dim=0), [F_(3, 4), F_(3, 4)]),
+    "cross_broadcast": (lambda a, b: torch.linalg.cross(a, b), [F_(4, 3), F_(1, 3)]),
+    "lstsq": (lambda a, b: torch.linalg.lstsq(a, b), [F_(6, 4), F_(6, 2)]),
+    "lstsq_gelsd": (lambda a, b: torch.linalg.lstsq(a, b, driver="gelsd"), [F_(6, 4), F_(6, 2)]),
+    "lstsq_vector": (lambda a, b: torch.linalg.lstsq(a, b).solution, [F_(2, 6, 4), F_(2, 6)]),
+    "pinv": (torch.linalg.pinv, [F_(4, 6)]),
+    "pinv_hermitian": (lambda a: torch.linalg.pinv(_spd(a), hermitian=True), [F_(4, 4)]),
+    "pinv_atol": (lambda a, t: torch.linalg.pinv(a, atol=t.abs()), [F_(2, 4, 6), F_()]),
+    "pinv_rtol": (lambda a, t: torch.linalg.pinv(a, rtol=t.abs(),
+                                                       atol=torch.tensor(0.1)), [F_(2, 4, 6), F_(2)]),
+    "cholesky": (lambda a: torch.cholesky(_spd(a)), [F_(4, 4)]),
+    "cholesky_upper": (lambda a: torch.cholesky(_spd(a), upper=True), [F_(2, 4, 4)]),
+    "geqrf": (torch.geqrf, [F_(5, 4)]),
+    "ormqr": (lambda a, c: torch.ormqr(*torch.geqrf(a), c), [F_(5, 4), F_(5, 3)]),
+    "ormqr_transpose_right": (lambda a, c: torch.ormqr(*torch.geqrf(a), c, left=False,
+                                                       transpose=True), [F_(5, 4), F_(3, 5)]),
+}
+
+# Cases where torch.func.vmap disagrees with the for-loop (ours is compared with the loop only
+# there): name -> (placements, or None for all; why).
+TORCH_FUNC_WRONG = {
+    "addbmm_alpha0": (None, "propagates NaNs of the product, which addbmm with alpha=0 ignores"),
+    "addmv_alpha0": (None, "propagates NaNs of the product, which addmv with alpha=0 ignores"),
+    "lstsq_vector": ({"0", "-1", "mid", "None@0"}, "raises 'input.size(-2) should match "
+                     "other.size(-2)': a batched vector right-hand side is taken as a matrix"),
+}
+
+# Placements where the function itself is invalid for the for-loop as well.
+SKIP = {}
+
+ATOL = {"lstsq": 1e-4, "lstsq_gelsd": 1e-4, "lstsq_vector": 1e-4, "pinv": 1e-4,
+        "pinv_atol": 1e-4, "pinv_rtol": 1e-4, "pinv_hermitian": 1e-4, "ormqr": 1e-4,
+        "ormqr_transpose_right": 1e-4, "bicubic2d_aa": 1e-4, "bilinear2d_aa": 1e-4}
+
+
+def _params():
+    for name, (fn, specs) in CASES.items():
+        for pname, in_dims in _placements(specs):
+            if pname in SKIP.get(name, ()):
+                continue
+            yield pytest.param(name, in_dims, pname, id=f"{name}-{pname}")
+
+
+@pytest.mark.parametrize("name,in_dims,pname", list(_params()))
+def test_rule(name, in_dims, pname):
+    fn, specs = CASES[name]
+    where, _ = TORCH_FUNC_WRONG.get(name, (set(), ""))
+    args = [_make_any(s, d) for s, d in zip(specs, in_dims)]
+    atol = ATOL.get(name, 1e-5)
+    check_vmap(fn, tuple(args), in_dims, torch_func=not (where is None or pname in where),
+               atol=atol, rtol=atol)
