@@ -155,6 +155,44 @@ CASES = {
     "ormqr": (lambda a, c: torch.ormqr(*torch.geqrf(a), c), [F_(5, 4), F_(5, 3)]),
     "ormqr_transpose_right": (lambda a, c: torch.ormqr(*torch.geqrf(a), c, left=False,
                                                        transpose=True), [F_(5, 4), F_(3, 5)]),
+    # distances and bilinear
+    "cdist": (torch.cdist, [F_(4, 3), F_(5, 3)]),
+    "cdist_p1_batch": (lambda a, b: torch.cdist(a, b, p=1), [F_(2, 4, 3), F_(5, 3)]),
+    "cdist_pinf_broadcast": (lambda a, b: torch.cdist(a, b, p=float("inf")),
+                             [F_(4, 3), F_(2, 5, 3)]),
+    "cdist_p0.5_mm": (lambda a, b: torch.cdist(a, b, p=0.5), [F_(30, 3), F_(27, 3)]),
+    "cdist_mm": (lambda a, b: torch.cdist(a, b, compute_mode="use_mm_for_euclid_dist"),
+                 [F_(4, 3), F_(5, 3)]),
+    "pdist": (F.pdist, [F_(5, 3)]),
+    "pdist_p1": (lambda a: F.pdist(a, p=1), [F_(5, 3)]),
+    "pdist_pinf": (lambda a: F.pdist(a, p=float("inf")), [F_(4, 2)]),
+    "bilinear": (F.bilinear, [F_(2, 4), F_(2, 5), F_(6, 4, 5)]),
+    "bilinear_bias": (F.bilinear, [F_(4), F_(5), F_(6, 4, 5), F_(6)]),
+    # losses
+    "nll_loss2d": (F.nll_loss, [F_(2, 4, 5, 2), I_(4, 2, 5, 2)]),
+    "nll_loss2d_none": (lambda a, t: F.nll_loss(a, t, reduction="none", ignore_index=1),
+                        [F_(2, 4, 5, 2), I_(4, 2, 5, 2)]),
+    "nll_loss2d_weight_sum": (lambda a, t, w: F.nll_loss(a, t, w.exp(), reduction="sum"),
+                              [F_(2, 4, 5, 2), I_(4, 2, 5, 2), F_(4)]),
+    "nll_loss2d_weight_mean": (lambda a, t, w: F.nll_loss(a, t, w.exp(), ignore_index=0),
+                               [F_(2, 4, 5, 2), I_(4, 2, 5, 2), F_(4)]),
+    "cross_entropy_3d": (lambda a, t: F.cross_entropy(a, t), [F_(2, 4, 5), I_(4, 2, 5)]),
+    "soft_margin": (F.soft_margin_loss, [F_(4, 5), S_(4, 5)]),
+    "soft_margin_none": (lambda a, t: F.soft_margin_loss(a, t, reduction="none"),
+                         [F_(4, 5), S_(4, 5)]),
+    "multi_margin": (F.multi_margin_loss, [F_(4, 5), I_(5, 4)]),
+    "multi_margin_1d": (F.multi_margin_loss, [F_(5), I_(5)]),
+    "multi_margin_p2_none": (lambda a, t: F.multi_margin_loss(a, t, p=2, margin=0.5,
+                                                              reduction="none"),
+                             [F_(4, 5), I_(5, 4)]),
+    "multi_margin_weight_sum": (lambda a, t, w: F.multi_margin_loss(a, t, weight=w.exp(),
+                                                                    reduction="sum"),
+                                [F_(4, 5), I_(5, 4), F_(5)]),
+    "multilabel_margin": (F.multilabel_margin_loss, [F_(4, 5), I_(5, 4, 5)]),
+    "multilabel_margin_1d_none": (lambda a, t: F.multilabel_margin_loss(a, t, reduction="none"),
+                                  [F_(5), I_(5, 5)]),
+    "multilabel_margin_sum": (lambda a, t: F.multilabel_margin_loss(a, t, reduction="sum"),
+                              [F_(4, 5), I_(5, 4, 5)]),
 }
 
 # Cases where torch.func.vmap disagrees with the for-loop (ours is compared with the loop only
@@ -171,7 +209,8 @@ SKIP = {}
 
 ATOL = {"lstsq": 1e-4, "lstsq_gelsd": 1e-4, "lstsq_vector": 1e-4, "pinv": 1e-4,
         "pinv_atol": 1e-4, "pinv_rtol": 1e-4, "pinv_hermitian": 1e-4, "ormqr": 1e-4,
-        "ormqr_transpose_right": 1e-4, "bicubic2d_aa": 1e-4, "bilinear2d_aa": 1e-4}
+        "ormqr_transpose_right": 1e-4, "bicubic2d_aa": 1e-4, "bilinear2d_aa": 1e-4,
+        "cdist_mm": 1e-4, "cdist_p0.5_mm": 1e-4}
 
 
 def _params():
