@@ -229,3 +229,122 @@ def test_rule(name, in_dims, pname):
     atol = ATOL.get(name, 1e-5)
     check_vmap(fn, tuple(args), in_dims, torch_func=not (where is None or pname in where),
                atol=atol, rtol=atol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms: vmap(grad), jacrev and jacfwd run the ops' backward ops (and forward-mode formulas)
+# under vmap, so those need rules too. All under the fallback's 'error' mode.
+
+_D = torch.float64
+_W = torch.randn(6, 5, 5, dtype=_D)
+_T2D = torch.randint(0, 4, (2, 5, 2))
+_T1 = torch.randint(0, 5, (4,))
+_TML = torch.tensor([[1, 3, -1, 0, 0], [0, -1, 2, 2, 2], [4, 2, 1, 0, -1], [2, -1, 0, 0, 0]])
+_GRID = torch.rand(2, 3, 4, 2, dtype=_D) * 1.8 - 0.9
+_M2 = torch.randn(2, 6, 5, dtype=_D)
+_V = torch.randn(6, dtype=_D)
+_IMG = torch.randn(2, 2, 4, 5, dtype=_D)
+
+DIFF_FUNCS = {
+    # name: (f, input shape)
+    "pad_const": (lambda x: F.pad(x, (1, 2, 0, 1), value=0.3), (2, 4, 5)),
+    "pad_reflect2d": (lambda x: F.pad(x, (2, 1, 1, 2), mode="reflect"), (2, 2, 4, 5)),
+    "pad_reflect1d_no_n": (lambda x: F.pad(x, (2, 1), mode="reflect"), (4, 5)),
+    "pad_replicate3d": (lambda x: F.pad(x, (1, 2, 0, 1, 2, 0), mode="replicate"), (2, 4, 5, 4)),
+    "pad_replicate1d": (lambda x: F.pad(x, (3, 1), mode="replicate"), (2, 4, 5)),
+    "max_pool1d": (lambda x: F.max_pool1d(x, 2), (2, 4, 6)),
+    "adaptive_max_pool3d": (lambda x: F.adaptive_max_pool3d(x, 2), (2, 4, 5, 4)),
+    "max_unpool2d": (_maxpool_unpool2d, (2, 2, 4, 6)),
+    "unfold": (lambda x: F.unfold(x, 2, padding=1), (2, 2, 4, 5)),
+    "fold": (lambda x: F.fold(x, (4, 5), 2), (2, 8, 12)),
+    "nearest2d": (_interp("nearest", scale_factor=2), (2, 2, 4, 5)),
+    "nearest_exact1d": (_interp("nearest-exact", size=7), (2, 4, 5)),
+    "linear1d": (_interp("linear", scale_factor=2), (2, 4, 5)),
+    "bilinear2d": (_interp("bilinear", size=(5, 7), align_corners=True), (2, 2, 4, 5)),
+    "bicubic2d": (_interp("bicubic", scale_factor=2), (2, 2, 4, 5)),
+    "trilinear3d": (_interp("trilinear", scale_factor=2), (2, 2, 4, 5, 2)),
+    "bilinear2d_aa": (_interp("bilinear", size=(2, 3), antialias=True), (2, 2, 4, 5)),
+    "grid_sample_input": (lambda x: F.grid_sample(x, _GRID, align_corners=False), (2, 2, 4, 5)),
+    "grid_sample_grid": (lambda g: F.grid_sample(_IMG, g.tanh(), align_corners=True), (2, 3, 4, 2)),
+    "baddbmm": (lambda x: torch.baddbmm(x[:, :, :5], x, _M2, beta=0.5), (2, 4, 6)),
+    "addbmm": (lambda x: torch.addbmm(x[0, :, :5], x, _M2, alpha=2), (2, 4, 6)),
+    "addmv": (lambda x: torch.addmv(x[:, 0], x, _V, beta=2), (4, 6)),
+    "addr": (lambda x: torch.addr(x[:, :3], x[:, 0], x[0, :3], alpha=0.5), (4, 6)),
+    "vdot": (lambda x: torch.vdot(x[0], x[1]), (2, 6)),
+    "cross": (lambda x: torch.linalg.cross(x[:, :3], x[:, 3:]), (4, 6)),
+    "lstsq": (lambda x: torch.linalg.lstsq(x, x[:, :2].sin()).solution, (6, 4)),
+    "pinv": (torch.linalg.pinv, (4, 6)),
+    "cholesky": (lambda x: torch.cholesky(_spd(x)), (4, 4)),
+    "cdist": (lambda x: torch.cdist(x, x[:3].cos()), (4, 3)),
+    "cdist_p1": (lambda x: torch.cdist(x, x[:3].cos(), p=1), (4, 3)),
+    "cdist_mm": (lambda x: torch.cdist(x, x.cos(), compute_mode="use_mm_for_euclid_dist"), (4, 3)),
+    "pdist": (F.pdist, (5, 3)),
+    "pdist_p3": (lambda x: F.pdist(x, p=3), (5, 3)),
+    "bilinear": (lambda x: F.bilinear(x, x.sin()[:, :5], _W), (2, 5)),
+    "nll_loss2d": (lambda x: F.nll_loss(x.log_softmax(1), _T2D), (2, 4, 5, 2)),
+    "nll_loss2d_none": (lambda x: F.nll_loss(x, _T2D, reduction="none"), (2, 4, 5, 2)),
+    "soft_margin": (lambda x: F.soft_margin_loss(x, x.sign().detach()), (4, 5)),
+    "multi_margin": (lambda x: F.multi_margin_loss(x, _T1), (4, 5)),
+    "multi_margin_p2_none": (lambda x: F.multi_margin_loss(x, _T1, p=2, reduction="none"), (4, 5)),
+    "multi_margin_weight": (lambda x: F.multi_margin_loss(x, _T1, weight=x[0].exp().detach()), (4, 5)),
+    "multilabel_margin": (lambda x: F.multilabel_margin_loss(x, _TML), (4, 5)),
+    "multilabel_margin_none": (lambda x: F.multilabel_margin_loss(x, _TML, reduction="none"),
+                               (4, 5)),
+}
+TRANSFORMS = {
+    "vmap_grad": lambda L, f, x: L.vmap(L.grad(lambda y: f(y).sin().sum()))(
+        x.unsqueeze(0) * torch.tensor([1.0, -0.5, 2.0]).view(3, *[1] * x.dim())),
+    "jacrev": lambda L, f, x: L.jacrev(f)(x),
+    "jacfwd": lambda L, f, x: L.jacfwd(f)(x),
+}
+# (function, transform) pairs torch cannot run (neither can we: forward AD uses torch's formulas).
+TRANSFORM_SKIP = {
+    ("lstsq", "jacfwd"): "forward AD of linalg_lstsq is not implemented in torch",
+    ("cholesky", "jacfwd"): "forward AD of cholesky is not implemented in torch",
+    ("multi_margin", "jacfwd"): "forward AD of multi_margin_loss is not implemented in torch",
+    ("multi_margin_p2_none", "jacfwd"): "forward AD of multi_margin_loss is not implemented",
+    ("multi_margin_weight", "jacfwd"): "forward AD of multi_margin_loss is not implemented",
+    ("multilabel_margin", "jacfwd"): "forward AD of multilabel_margin_loss is not implemented",
+    ("multilabel_margin_none", "jacfwd"): "forward AD of multilabel_margin_loss is not "
+                                          "implemented",
+    ("pdist", "jacfwd"): "forward AD of _pdist_forward is not implemented in torch",
+    ("pdist_p3", "jacfwd"): "forward AD of _pdist_forward is not implemented in torch",
+    ("bilinear2d_aa", "jacfwd"): "forward AD of _upsample_bilinear2d_aa is not implemented",
+    ("cdist", "jacfwd"): "forward AD of _cdist_forward is not implemented in torch",
+    ("cdist_p1", "jacfwd"): "forward AD of _cdist_forward is not implemented in torch",
+    ("cdist_mm", "jacfwd"): "forward AD of _euclidean_dist is not implemented in torch",
+    ("grid_sample_input", "jacfwd"): "forward AD of grid_sampler_2d is not implemented in torch",
+    ("grid_sample_grid", "jacfwd"): "forward AD of grid_sampler_2d is not implemented in torch",
+}
+# Where torch.func's jacrev is wrong (checked against torch.autograd.functional.jacobian, which
+# ours is compared with instead): name -> what torch.func gets wrong.
+JACREV_TORCH_FUNC_WRONG = {
+    "cdist": "torch.func's _cdist_backward batching rule gives a wrong Jacobian for p=2",
+    "cdist_p1": "same for p=1",
+}
+
+
+def _transform_params():
+    for fname in DIFF_FUNCS:
+        for tname in TRANSFORMS:
+            marks = ()
+            if (fname, tname) in TRANSFORM_SKIP:
+                marks = pytest.mark.skip(reason=TRANSFORM_SKIP[(fname, tname)])
+            yield pytest.param(fname, tname, id=f"{fname}-{tname}", marks=marks)
+
+
+@pytest.mark.parametrize("fname,tname", list(_transform_params()))
+def test_transforms(fname, tname):
+    f, shape = DIFF_FUNCS[fname]
+    x = torch.randn(shape, dtype=torch.float64)
+    t = TRANSFORMS[tname]
+    ft._C._reset_fallback_ops_seen()
+    ft.set_vmap_fallback("error")
+    actual = t(ft, f, x)
+    assert ft._C._fallback_ops_seen() == []
+    ft.set_vmap_fallback("warn")
+    if tname == "jacrev" and fname in JACREV_TORCH_FUNC_WRONG:
+        expected = torch.autograd.functional.jacobian(f, x)
+    else:
+        expected = t(torch.func, f, x)
+    assert_same(actual, expected, atol=1e-6, rtol=1e-6)
