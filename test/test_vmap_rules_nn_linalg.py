@@ -79,6 +79,13 @@ CASES = {
                             [F_(2, 4, 5)]),
     "adaptive_max_pool3d": (lambda a: F.adaptive_max_pool3d(a, (2, 3, 2), return_indices=True),
                             [F_(2, 2, 4, 5, 4)]),
+    # N = 1 made the expanded unbatched indices a stride-0 view after folding (a crash), and
+    # permuted indices were read as dense by the CPU kernel
+    "adaptive_max_pool3d_backward": (
+        lambda g, x: torch.ops.aten.adaptive_max_pool3d_backward(
+            g, x, F.adaptive_max_pool3d(x, 2, return_indices=True)[1].transpose(0, 1)
+            .contiguous().transpose(0, 1)),
+        [F_(1, 2, 2, 2, 2), F_(1, 2, 4, 5, 4)]),
     "adaptive_max_pool3d_no_n": (lambda a: F.adaptive_max_pool3d(a, 2), [F_(2, 4, 5, 4)]),
     "max_unpool2d": (_maxpool_unpool2d, [F_(2, 2, 4, 6)]),
     "max_unpool2d_no_n": (_maxpool_unpool2d, [F_(2, 4, 6)]),
@@ -188,7 +195,9 @@ CASES = {
     "multi_margin_weight_sum": (lambda a, t, w: F.multi_margin_loss(a, t, weight=w.exp(),
                                                                     reduction="sum"),
                                 [F_(4, 5), I_(5, 4), F_(5)]),
+    "multi_margin_0d": (lambda a, t: F.multi_margin_loss(a, t, reduction="none"), [F_(), I_(1)]),
     "multilabel_margin": (F.multilabel_margin_loss, [F_(4, 5), I_(5, 4, 5)]),
+    "multilabel_margin_0d": (F.multilabel_margin_loss, [F_(), I_(1)]),
     "multilabel_margin_1d_none": (lambda a, t: F.multilabel_margin_loss(a, t, reduction="none"),
                                   [F_(5), I_(5, 5)]),
     "multilabel_margin_sum": (lambda a, t: F.multilabel_margin_loss(a, t, reduction="sum"),
@@ -290,6 +299,8 @@ DIFF_FUNCS = {
     "multilabel_margin": (lambda x: F.multilabel_margin_loss(x, _TML), (4, 5)),
     "multilabel_margin_none": (lambda x: F.multilabel_margin_loss(x, _TML, reduction="none"),
                                (4, 5)),
+    "multi_margin_0d": (lambda x: F.multi_margin_loss(x, torch.tensor(0)), ()),
+    "multilabel_margin_0d": (lambda x: F.multilabel_margin_loss(x, torch.tensor(0)), ()),
 }
 TRANSFORMS = {
     "vmap_grad": lambda L, f, x: L.vmap(L.grad(lambda y: f(y).sin().sum()))(
@@ -305,6 +316,8 @@ TRANSFORM_SKIP = {
     ("multi_margin_p2_none", "jacfwd"): "forward AD of multi_margin_loss is not implemented",
     ("multi_margin_weight", "jacfwd"): "forward AD of multi_margin_loss is not implemented",
     ("multilabel_margin", "jacfwd"): "forward AD of multilabel_margin_loss is not implemented",
+    ("multi_margin_0d", "jacfwd"): "forward AD of multi_margin_loss is not implemented",
+    ("multilabel_margin_0d", "jacfwd"): "forward AD of multilabel_margin_loss is not implemented",
     ("multilabel_margin_none", "jacfwd"): "forward AD of multilabel_margin_loss is not "
                                           "implemented",
     ("pdist", "jacfwd"): "forward AD of _pdist_forward is not implemented in torch",

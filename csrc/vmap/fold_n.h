@@ -3,9 +3,9 @@
 // [C, *spatial], with K trailing dims fixed by the op (pooling, padding, im2col, ...): the vmap
 // batch folds into N ([B, N, ...] -> [B*N, ...]) or, for logical tensors without N, becomes N;
 // outputs have the same layout and unfold the same way. Unbatched tensors are expanded to the
-// batch first, so every output is batched; the expansion is copied, since some CPU kernels
-// (adaptive_max_pool3d_backward's indices) index raw data as if it were dense and crash on
-// stride-0 dims.
+// batch first, so every output is batched. Every tensor is made contiguous: some CPU kernels
+// (adaptive_max_pool3d_backward's indices) index raw data as if it were dense, which reads the
+// wrong elements of a permuted tensor and crashes on an expanded one.
 #include "vmap/plumbing.h"
 
 namespace ftl {
@@ -16,12 +16,12 @@ decltype(auto) foldArg(const T& arg, int64_t lvl, int64_t B, bool fold) {
   if constexpr (detail::is_tensor_v<T>) {
     auto [v, bd] = unwrapAt(arg, lvl);
     Tensor t = materializeBdimFront(v, bd, B);
-    return fold ? t.flatten(0, 1) : bd ? t : t.contiguous();
+    return (fold ? t.flatten(0, 1) : t).contiguous();
   } else if constexpr (detail::is_opt_tensor_v<T>) {
     if (!arg.has_value() || !arg->defined()) return std::optional<Tensor>();
     auto [v, bd] = unwrapAt(*arg, lvl);
     Tensor t = materializeBdimFront(v, bd, B);
-    return std::optional<Tensor>(fold ? t.flatten(0, 1) : bd ? t : t.contiguous());
+    return std::optional<Tensor>((fold ? t.flatten(0, 1) : t).contiguous());
   } else {
     return (const T&)arg;
   }

@@ -230,22 +230,29 @@ struct Folded {
   Tensor x;   // [B*N, C]
   Tensor t;   // multi_margin: [B*N]; multilabel: [B*N, C]
   int64_t B, N;
-  bool one_d;  // logical input was [C]
+  bool one_d;   // logical input was [C] (no N)
+  bool zero_d;  // logical input was a scalar: one class
 };
 
+// target_like_input: multilabel targets have the input's shape, multi_margin ones lack C.
 Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd, int64_t B,
-                  const char* op) {
+                  bool target_like_input, const char* op) {
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
+  TORCH_CHECK(x.dim() <= 3, op, ": expected input of at most 2 dims per batch element, got ",
+              x.dim() - 1);
+  const bool zero_d = x.dim() == 1;
+  if (zero_d) {
+    x = x.unsqueeze(1);
+    if (target_like_input) t = t.unsqueeze(1);
+  }
   const bool one_d = x.dim() == 2;
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": expected input of 1 or 2 dims per batch "
-              "element, got ", x.dim() - 1);
   if (one_d) {
     x = x.unsqueeze(1);
     t = t.unsqueeze(1);
   }
   const int64_t N = x.size(1);
-  return {x.flatten(0, 1), t.flatten(0, 1), B, N, one_d};
+  return {x.flatten(0, 1), t.flatten(0, 1), B, N, one_d, zero_d};
 }
 
 // [B*N] per-row losses -> the op's output for `reduction`, per batch element.
@@ -265,6 +272,7 @@ Tensor rowsGrad(const Tensor& grad_out, bdim_t gbd, const Folded& f, int64_t red
 }
 
 Tensor unfoldRows(const Tensor& grad, const Folded& f) {
+  if (f.zero_d) return grad.reshape({f.B});
   Tensor g = grad.view({f.B, f.N, -1});
   return f.one_d ? g.squeeze(1) : g;
 }
@@ -282,7 +290,7 @@ std::tuple<Tensor, bdim_t> multiMarginRule(const Tensor& self, bdim_t sbd, const
                                            const std::optional<Tensor>& weight, bdim_t wbd,
                                            int64_t reduction) {
   const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
-  Folded f = foldMargin(self, sbd, target, tbd, B, "multi_margin_loss");
+  Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss");
   Tensor rows = at::_ops::multi_margin_loss::call(f.x, f.t, p, margin, wbd ? std::nullopt : weight,
                                                   kNone);
   if (wbd) rows = rows.mul(targetWeight(weight, wbd, f));
@@ -295,7 +303,7 @@ std::tuple<Tensor, bdim_t> multiMarginBackwardRule(
     const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction) {
   const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd},
                                  {weight ? &*weight : &self, wbd}});
-  Folded f = foldMargin(self, sbd, target, tbd, B, "multi_margin_loss_backward");
+  Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss_backward");
   Tensor g = rowsGrad(grad_out, gbd, f, reduction);
   if (wbd) g = g.mul(targetWeight(weight, wbd, f));
   Tensor grad = at::_ops::multi_margin_loss_backward::call(g, f.x, f.t, p, margin,
@@ -307,7 +315,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> multilabelMarginRule(const Tensor& se
                                                                 const Tensor& target, bdim_t tbd,
                                                                 int64_t reduction) {
   const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}});
-  Folded f = foldMargin(self, sbd, target, tbd, B, "multilabel_margin_loss");
+  Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss");
   auto [rows, is_target] = at::_ops::multilabel_margin_loss_forward::call(f.x, f.t, kNone);
   return {reduceRows(rows, f, reduction), 0, unfoldRows(is_target, f), 0};
 }
@@ -319,7 +327,7 @@ std::tuple<Tensor, bdim_t> multilabelMarginBackwardRule(const Tensor& grad_out, 
                                                         const Tensor& is_target, bdim_t ibd) {
   const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd},
                                  {&is_target, ibd}});
-  Folded f = foldMargin(self, sbd, target, tbd, B, "multilabel_margin_loss_backward");
+  Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss_backward");
   Tensor it = materializeBdimFront(is_target, ibd, B).reshape(f.x.sizes());
   Tensor grad = at::_ops::multilabel_margin_loss_backward::call(
       rowsGrad(grad_out, gbd, f, reduction), f.x, f.t, kNone, it);
