@@ -189,6 +189,7 @@ CASES = {
                          [F_(4, 5), S_(4, 5)]),
     "multi_margin": (F.multi_margin_loss, [F_(4, 5), I_(5, 4)]),
     "multi_margin_1d": (F.multi_margin_loss, [F_(5), I_(5)]),
+    "multi_margin_1d_target_1": (F.multi_margin_loss, [F_(5), I_(5, 1)]),
     "multi_margin_p2_none": (lambda a, t: F.multi_margin_loss(a, t, p=2, margin=0.5,
                                                               reduction="none"),
                              [F_(4, 5), I_(5, 4)]),

@@ -242,17 +242,14 @@ Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t t
   TORCH_CHECK(x.dim() <= 3, op, ": expected input of at most 2 dims per batch element, got ",
               x.dim() - 1);
   const bool zero_d = x.dim() == 1;
-  if (zero_d) {
-    x = x.unsqueeze(1);
-    if (target_like_input) t = t.unsqueeze(1);
-  }
+  if (zero_d) x = x.unsqueeze(1);
   const bool one_d = x.dim() == 2;
-  if (one_d) {
-    x = x.unsqueeze(1);
-    t = t.unsqueeze(1);
-  }
+  if (one_d) x = x.unsqueeze(1);
   const int64_t N = x.size(1);
-  return {x.flatten(0, 1), t.flatten(0, 1), B, N, one_d, zero_d};
+  x = x.flatten(0, 1);
+  // Reshaped rather than unsqueezed: torch also takes a [1] target for a [C] input.
+  t = target_like_input ? t.reshape(x.sizes()) : t.reshape({B * N});
+  return {x, t, B, N, one_d, zero_d};
 }
 
 // [B*N] per-row losses -> the op's output for `reduction`, per batch element.
