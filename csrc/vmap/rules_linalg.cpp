@@ -1,7 +1,8 @@
-// Batching rules: matrix products (mm, bmm, mv, dot, addmm, matmul, linear), which all lower to
-// one at::matmul over bdim-front tensors whose broadcasting over leading dims does the batching;
+// Batching rules: matrix products (mm, bmm, mv, dot, vdot, addmm, matmul, linear), which all lower
+// to one at::matmul over bdim-front tensors whose broadcasting over leading dims does the batching;
 // and the decompositions and solvers (inv, det, slogdet, cholesky, qr, eigh, svd, lu, solve, ...),
-// which natively accept leading batch dims (registerBatchNative), plus trace.
+// which natively accept leading batch dims (registerBatchNative), plus trace, linalg_cross,
+// lstsq and pinv; and baddbmm, addbmm, addmv, addr.
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
 
@@ -102,6 +103,157 @@ std::tuple<Tensor, bdim_t> linearRule(const Tensor& x, bdim_t xbd, const Tensor&
   return {out.add(b), 0};
 }
 
+// ---- add*(self, ..., beta, alpha): beta == 0 must ignore self (NaNs included), so the batched
+// forms run the ops themselves, or baddbmm, whose beta/alpha semantics are the same.
+
+// Tensors of logical rank r (<= r_out) to [B, *out] for out = the op's logical output shape.
+Tensor expandToBatchedShape(const Tensor& t, bdim_t bd, int64_t B, at::IntArrayRef out) {
+  const int64_t r = static_cast<int64_t>(out.size());
+  Tensor p;
+  if (bd) {
+    p = padToLogicalRank(moveBdimToFront(t, bd), true, r);
+  } else {
+    p = t;
+    while (p.dim() < r) p = p.unsqueeze(0);
+    p = p.unsqueeze(0);
+  }
+  c10::SmallVector<int64_t, 5> sizes{B};
+  sizes.append(out.begin(), out.end());
+  return p.expand(sizes);
+}
+
+// baddbmm's own batch dim takes the vmap batch: [B, b, ...] -> [B*b, ...].
+std::tuple<Tensor, bdim_t> baddbmmRule(const Tensor& self, bdim_t sbd, const Tensor& b1,
+                                       bdim_t b1bd, const Tensor& b2, bdim_t b2bd,
+                                       const c10::Scalar& beta, const c10::Scalar& alpha) {
+  TORCH_CHECK(rankWithoutBdim(b1, b1bd) == 3 && rankWithoutBdim(b2, b2bd) == 3,
+              "baddbmm: batch1 and batch2 must be 3D tensors");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 3, "baddbmm: self must be broadcastable to the "
+              "result, but it has ", rankWithoutBdim(self, sbd), " dims");
+  const int64_t B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
+  Tensor m1 = materializeBdimFront(b1, b1bd, B), m2 = materializeBdimFront(b2, b2bd, B);
+  const int64_t b = m1.size(1);
+  Tensor s = expandToBatchedShape(self, sbd, B, {b, m1.size(2), m2.size(3)});
+  Tensor out = at::baddbmm(s.flatten(0, 1), m1.flatten(0, 1), m2.flatten(0, 1), beta, alpha);
+  return {out.unflatten(0, {B, b}), 0};
+}
+
+// sum_i b1[i] @ b2[i] is one product over the concatenated inner dims:
+// [n, b*m] @ [b*m, p], so the batched addbmm is a baddbmm over the vmap batch. addbmm with
+// alpha == 0 ignores NaNs of the product, which baddbmm would propagate.
+std::tuple<Tensor, bdim_t> addbmmRule(const Tensor& self, bdim_t sbd, const Tensor& b1,
+                                      bdim_t b1bd, const Tensor& b2, bdim_t b2bd,
+                                      const c10::Scalar& beta, const c10::Scalar& alpha) {
+  TORCH_CHECK(rankWithoutBdim(b1, b1bd) == 3 && rankWithoutBdim(b2, b2bd) == 3,
+              "addbmm: batch1 and batch2 must be 3D tensors");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 2, "addbmm: self must be broadcastable to the "
+              "result, but it has ", rankWithoutBdim(self, sbd), " dims");
+  const int64_t B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
+  Tensor m1 = materializeBdimFront(b1, b1bd, B), m2 = materializeBdimFront(b2, b2bd, B);
+  const int64_t n = m1.size(2), p = m2.size(3);
+  m1 = m1.permute({0, 2, 1, 3}).reshape({B, n, -1});
+  m2 = m2.reshape({B, -1, p});
+  if (alpha.equal(0)) m1 = at::zeros_like(m1);
+  Tensor s = sbd ? padToLogicalRank(moveBdimToFront(self, sbd), true, 2) : self;
+  return {at::baddbmm(s, m1, m2, beta, alpha), 0};
+}
+
+// mat @ vec as a baddbmm of [B, n, m] @ [B, m, 1]; addmv, like addbmm, ignores NaNs of the
+// product when alpha == 0.
+std::tuple<Tensor, bdim_t> addmvRule(const Tensor& self, bdim_t sbd, const Tensor& mat,
+                                     bdim_t mbd, const Tensor& vec, bdim_t vbd,
+                                     const c10::Scalar& beta, const c10::Scalar& alpha) {
+  TORCH_CHECK(rankWithoutBdim(mat, mbd) == 2 && rankWithoutBdim(vec, vbd) == 1,
+              "addmv: expected a matrix and a vector, got ", rankWithoutBdim(mat, mbd), "D and ",
+              rankWithoutBdim(vec, vbd), "D");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 1, "addmv: self must be broadcastable to the "
+              "result, but it has ", rankWithoutBdim(self, sbd), " dims");
+  const int64_t B = batchSizeOf({{&self, sbd}, {&mat, mbd}, {&vec, vbd}});
+  Tensor m = materializeBdimFront(mat, mbd, B);
+  Tensor v = materializeBdimFront(vec, vbd, B).unsqueeze(-1);
+  if (alpha.equal(0)) m = at::zeros_like(m);
+  Tensor s = expandToBatchedShape(self, sbd, B, {m.size(1)}).unsqueeze(-1);
+  return {at::baddbmm(s, m, v, beta, alpha).squeeze(-1), 0};
+}
+
+// addr propagates NaNs of the outer product even when alpha == 0 (unlike addmv); booleans use
+// and/or for */+.
+std::tuple<Tensor, bdim_t> addrRule(const Tensor& self, bdim_t sbd, const Tensor& v1, bdim_t v1bd,
+                                    const Tensor& v2, bdim_t v2bd, const c10::Scalar& beta,
+                                    const c10::Scalar& alpha) {
+  TORCH_CHECK(rankWithoutBdim(v1, v1bd) == 1 && rankWithoutBdim(v2, v2bd) == 1,
+              "addr: vec1 and vec2 must be 1D, got ", rankWithoutBdim(v1, v1bd), "D and ",
+              rankWithoutBdim(v2, v2bd), "D");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 2, "addr: self must be broadcastable to the result, "
+              "but it has ", rankWithoutBdim(self, sbd), " dims");
+  Tensor a = moveBdimToFront(v1, v1bd).unsqueeze(-1), b = moveBdimToFront(v2, v2bd).unsqueeze(-2);
+  if (v1bd && !v2bd) b = b.unsqueeze(0);
+  if (v2bd && !v1bd) a = a.unsqueeze(0);
+  const bool prod_batched = v1bd || v2bd;
+  Tensor s = sbd ? padToLogicalRank(moveBdimToFront(self, sbd), true, 2) : self;
+  Tensor out;
+  if (self.scalar_type() == at::kBool && v1.scalar_type() == at::kBool &&
+      v2.scalar_type() == at::kBool) {
+    out = alpha.to<bool>() ? at::logical_and(a, b) : at::zeros_like(at::logical_and(a, b));
+    if (beta.to<bool>()) out = at::logical_or(out, s);
+  } else {
+    out = a.mul(b);
+    if (!alpha.equal(1)) out = out.mul(alpha);
+    if (!beta.equal(0)) out = at::add(out, s, beta);
+  }
+  // With beta == 0 and only self batched, the result does not depend on the batch.
+  return {out, prod_batched || (sbd && !beta.equal(0)) ? bdim_t(0) : std::nullopt};
+}
+
+std::tuple<Tensor, bdim_t> vdotRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
+  TORCH_CHECK(rankWithoutBdim(a, abd) == 1 && rankWithoutBdim(b, bbd) == 1,
+              "vdot: 1D tensors expected, but got ", rankWithoutBdim(a, abd), "D and ",
+              rankWithoutBdim(b, bbd), "D tensors");
+  return dotRule(a.is_complex() ? a.conj() : a, abd, b, bbd);
+}
+
+// linalg_cross wants equal ranks (it broadcasts size-1 dims): unbatched arguments get a size-1
+// batch dim instead of being expanded.
+std::tuple<Tensor, bdim_t> crossRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd,
+                                     int64_t dim) {
+  const int64_t ra = rankWithoutBdim(a, abd), rb = rankWithoutBdim(b, bbd);
+  TORCH_CHECK(ra == rb, "linalg.cross: inputs must have the same number of dimensions.");
+  Tensor x = abd ? moveBdimToFront(a, abd) : a.unsqueeze(0);
+  Tensor y = bbd ? moveBdimToFront(b, bbd) : b.unsqueeze(0);
+  return {at::linalg_cross(x, y, physicalDim(dim, ra, true)), 0};
+}
+
+// Outputs torch leaves empty (residuals, rank, singular values, depending on the driver and the
+// shapes) come back as [0] whatever the batch: those are not batched.
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> lstsqRule(
+    const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd, std::optional<double> rcond,
+    std::optional<c10::string_view> driver) {
+  const int64_t B = batchSizeOf({{&a, abd}, {&b, bbd}});
+  auto [x, res, rank, sv] = at::_ops::linalg_lstsq::call(materializeBdimFront(a, abd, B),
+                                                         materializeBdimFront(b, bbd, B), rcond,
+                                                         driver);
+  auto bd = [B](const Tensor& t) {
+    return t.dim() == 1 && t.size(0) == 0 && B != 0 ? bdim_t() : bdim_t(0);
+  };
+  return {x, 0, res, bd(res), rank, bd(rank), sv, bd(sv)};
+}
+
+// atol/rtol broadcast against self's own batch dims: batched ones get size-1 dims up to those.
+std::tuple<Tensor, bdim_t> pinvRule(const Tensor& a, bdim_t abd, const std::optional<Tensor>& atol,
+                                    bdim_t atbd, const std::optional<Tensor>& rtol, bdim_t rtbd,
+                                    bool hermitian) {
+  const int64_t B = batchSizeOf({{&a, abd}, {atol ? &*atol : &a, atbd}, {rtol ? &*rtol : &a, rtbd}});
+  const int64_t r = std::max<int64_t>(rankWithoutBdim(a, abd) - 2, 0);
+  auto tol = [r](const std::optional<Tensor>& t, bdim_t bd) -> std::optional<Tensor> {
+    if (!t || !t->defined() || !bd) return t;
+    return padToLogicalRank(moveBdimToFront(*t, bd), true, r);
+  };
+  return {at::_ops::linalg_pinv_atol_rtol_tensor::call(materializeBdimFront(a, abd, B),
+                                                       tol(atol, atbd), tol(rtol, rtbd),
+                                                       hermitian),
+          0};
+}
+
 std::tuple<Tensor, bdim_t> traceRule(const Tensor& x, bdim_t bd) {
   return {moveBdimToFront(x, bd).diagonal(0, -2, -1).sum(-1), 0};
 }
@@ -143,6 +295,14 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::addmm, &addmmRule>(m);
   registerVmapRule<at::_ops::linear, &linearRule>(m);
   registerVmapRule<at::_ops::trace, &traceRule>(m);
+  registerVmapRule<at::_ops::baddbmm, &baddbmmRule>(m);
+  registerVmapRule<at::_ops::addbmm, &addbmmRule>(m);
+  registerVmapRule<at::_ops::addmv, &addmvRule>(m);
+  registerVmapRule<at::_ops::addr, &addrRule>(m);
+  registerVmapRule<at::_ops::vdot, &vdotRule>(m);
+  registerVmapRule<at::_ops::linalg_cross, &crossRule>(m);
+  registerVmapRule<at::_ops::linalg_lstsq, &lstsqRule>(m);
+  registerVmapRule<at::_ops::linalg_pinv_atol_rtol_tensor, &pinvRule>(m);
   registerBatchNative<at::_ops::linalg_inv_ex, at::_ops::_linalg_det, at::_ops::_linalg_slogdet,
                       at::_ops::linalg_cholesky_ex, at::_ops::linalg_qr, at::_ops::_linalg_eigh,
                       at::_ops::_linalg_svd, at::_ops::linalg_lu_factor_ex, at::_ops::linalg_lu,
@@ -151,7 +311,8 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
                       at::_ops::cholesky_solve, at::_ops::linalg_lu_solve, at::_ops::lu_unpack,
                       at::_ops::linalg_eig, at::_ops::linalg_householder_product,
                       at::_ops::linalg_ldl_factor_ex, at::_ops::linalg_ldl_solve,
-                      at::_ops::triangular_solve, at::_ops::cholesky_inverse>(m);
+                      at::_ops::triangular_solve, at::_ops::cholesky_inverse,
+                      at::_ops::cholesky, at::_ops::geqrf, at::_ops::ormqr>(m);
 }
 
 }  // namespace ftl

@@ -1,5 +1,6 @@
-// Batching rules: loss functions and their backward ops (nll_loss, which cross_entropy uses, and
-// the pointwise losses: mse, smooth_l1, huber, binary_cross_entropy (+ with_logits)).
+// Batching rules: loss functions and their backward ops (nll_loss and nll_loss2d, which
+// cross_entropy uses, the pointwise losses: mse, smooth_l1, huber, soft_margin,
+// binary_cross_entropy (+ with_logits), and the margin losses multi_margin, multilabel_margin).
 // nll_loss is a gather along the class dim with per-target weights, so the batched rule does
 // exactly that over [B, N, C]; reductions then happen per batch element.
 // Pointwise losses run with reduction='none' on batch-first tensors and reduce per element
@@ -188,13 +189,163 @@ std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tens
           0};
 }
 
+// ---- nll_loss2d: [N, C, H, W] scores and [N, H, W] targets are nll_loss over N*H*W rows.
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(
+    const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
+    const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction, c10::SymInt ignore_index) {
+  TORCH_CHECK(rankWithoutBdim(self, sbd) == 4 && rankWithoutBdim(target, tbd) == 3,
+              "nll_loss2d: expected input of 4 dims and target of 3 dims per batch element");
+  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
+  Tensor x = materializeBdimFront(self, sbd, B);
+  Tensor t = materializeBdimFront(target, tbd, B);
+  auto [out, obd, total, twbd] =
+      nllForwardRule(x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0, t.reshape({B, -1}), 0,
+                     weight, wbd, reduction, std::move(ignore_index));
+  if (reduction == kNone) out = out.view(t.sizes());
+  return {out, obd, total, twbd};
+}
+
+std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
+                                             const Tensor& self, bdim_t sbd, const Tensor& target,
+                                             bdim_t tbd, const std::optional<Tensor>& weight,
+                                             bdim_t wbd, int64_t reduction,
+                                             c10::SymInt ignore_index, const Tensor& total_weight,
+                                             bdim_t twbd) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {&grad_out, gbd},
+                                 {&total_weight, twbd}, {weight ? &*weight : &self, wbd}});
+  Tensor x = materializeBdimFront(self, sbd, B);
+  Tensor t = materializeBdimFront(target, tbd, B);
+  Tensor g = materializeBdimFront(grad_out, gbd, B);
+  if (reduction == kNone) g = g.reshape({B, -1});
+  Tensor grad = nllBackwardRule_(g, 0, x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0,
+                                 t.reshape({B, -1}), 0, weight, wbd, reduction,
+                                 ignore_index.expect_int(), total_weight, twbd);
+  const auto s = x.sizes();
+  return {grad.view({B, s[1], s[3], s[4], s[2]}).movedim(-1, 2), 0};
+}
+
+// ---- margin losses over [N, C] (or [C]) scores: the vmap batch folds into N, the op runs with
+// reduction='none' and each element reduces its own N afterwards.
+struct Folded {
+  Tensor x;   // [B*N, C]
+  Tensor t;   // multi_margin: [B*N]; multilabel: [B*N, C]
+  int64_t B, N;
+  bool one_d;   // logical input was [C] (no N)
+  bool zero_d;  // logical input was a scalar: one class
+};
+
+// target_like_input: multilabel targets have the input's shape, multi_margin ones lack C.
+Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd, int64_t B,
+                  bool target_like_input, const char* op) {
+  Tensor x = materializeBdimFront(self, sbd, B);
+  Tensor t = materializeBdimFront(target, tbd, B);
+  TORCH_CHECK(x.dim() <= 3, op, ": expected input of at most 2 dims per batch element, got ",
+              x.dim() - 1);
+  const bool zero_d = x.dim() == 1;
+  if (zero_d) x = x.unsqueeze(1);
+  const bool one_d = x.dim() == 2;
+  if (one_d) x = x.unsqueeze(1);
+  const int64_t N = x.size(1);
+  x = x.flatten(0, 1);
+  // Reshaped rather than unsqueezed: torch also takes a [1] target for a [C] input.
+  t = target_like_input ? t.reshape(x.sizes()) : t.reshape({B * N});
+  return {x, t, B, N, one_d, zero_d};
+}
+
+// [B*N] per-row losses -> the op's output for `reduction`, per batch element.
+Tensor reduceRows(const Tensor& rows, const Folded& f, int64_t reduction) {
+  Tensor l = rows.view({f.B, f.N});
+  if (reduction == kNone) return f.one_d ? l.squeeze(1) : l;
+  return reduction == kSum ? l.sum(1) : l.mean(1);
+}
+
+// grad_output of the op for `reduction` -> the per-row grad_output of reduction='none', [B*N].
+Tensor rowsGrad(const Tensor& grad_out, bdim_t gbd, const Folded& f, int64_t reduction) {
+  Tensor g = materializeBdimFront(grad_out, gbd, f.B);
+  if (reduction == kNone) return g.reshape({f.B * f.N});
+  g = g.reshape({f.B, 1}).expand({f.B, f.N});
+  if (reduction == kMean) g = g.div(f.N);
+  return g.reshape({f.B * f.N});
+}
+
+Tensor unfoldRows(const Tensor& grad, const Folded& f) {
+  if (f.zero_d) return grad.reshape({f.B});
+  Tensor g = grad.view({f.B, f.N, -1});
+  return f.one_d ? g.squeeze(1) : g;
+}
+
+// The CPU kernel scales each row's loss (and gradient) by weight[target]: a batched weight is that
+// factor applied after an unweighted run.
+Tensor targetWeight(const std::optional<Tensor>& weight, bdim_t wbd, const Folded& f) {
+  Tensor w = moveBdimToFront(*weight, wbd);  // [B, C]
+  return w.gather(1, f.t.view({f.B, f.N})).reshape({f.B * f.N});
+}
+
+std::tuple<Tensor, bdim_t> multiMarginRule(const Tensor& self, bdim_t sbd, const Tensor& target,
+                                           bdim_t tbd, const c10::Scalar& p,
+                                           const c10::Scalar& margin,
+                                           const std::optional<Tensor>& weight, bdim_t wbd,
+                                           int64_t reduction) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
+  Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss");
+  Tensor rows = at::_ops::multi_margin_loss::call(f.x, f.t, p, margin, wbd ? std::nullopt : weight,
+                                                  kNone);
+  if (wbd) rows = rows.mul(targetWeight(weight, wbd, f));
+  return {reduceRows(rows, f, reduction), 0};
+}
+
+std::tuple<Tensor, bdim_t> multiMarginBackwardRule(
+    const Tensor& grad_out, bdim_t gbd, const Tensor& self, bdim_t sbd, const Tensor& target,
+    bdim_t tbd, const c10::Scalar& p, const c10::Scalar& margin,
+    const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction) {
+  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd},
+                                 {weight ? &*weight : &self, wbd}});
+  Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss_backward");
+  Tensor g = rowsGrad(grad_out, gbd, f, reduction);
+  if (wbd) g = g.mul(targetWeight(weight, wbd, f));
+  Tensor grad = at::_ops::multi_margin_loss_backward::call(g, f.x, f.t, p, margin,
+                                                           wbd ? std::nullopt : weight, kNone);
+  return {unfoldRows(grad, f), 0};
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> multilabelMarginRule(const Tensor& self, bdim_t sbd,
+                                                                const Tensor& target, bdim_t tbd,
+                                                                int64_t reduction) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}});
+  Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss");
+  auto [rows, is_target] = at::_ops::multilabel_margin_loss_forward::call(f.x, f.t, kNone);
+  return {reduceRows(rows, f, reduction), 0, unfoldRows(is_target, f), 0};
+}
+
+std::tuple<Tensor, bdim_t> multilabelMarginBackwardRule(const Tensor& grad_out, bdim_t gbd,
+                                                        const Tensor& self, bdim_t sbd,
+                                                        const Tensor& target, bdim_t tbd,
+                                                        int64_t reduction,
+                                                        const Tensor& is_target, bdim_t ibd) {
+  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd},
+                                 {&is_target, ibd}});
+  Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss_backward");
+  Tensor it = materializeBdimFront(is_target, ibd, B).reshape(f.x.sizes());
+  Tensor grad = at::_ops::multilabel_margin_loss_backward::call(
+      rowsGrad(grad_out, gbd, f, reduction), f.x, f.t, kNone, it);
+  return {unfoldRows(grad, f), 0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::nll_loss_forward, &nllForwardRule>(m);
   registerVmapRule<at::_ops::nll_loss_backward, &nllBackwardRule>(m);
-  registerFamily<PointwiseLoss, at::_ops::mse_loss, at::_ops::smooth_l1_loss, at::_ops::huber_loss>(m);
-  registerFamily<PointwiseLossBackward, at::_ops::mse_loss_backward, at::_ops::smooth_l1_loss_backward, at::_ops::huber_loss_backward>(m);
+  registerVmapRule<at::_ops::nll_loss2d_forward, &nll2dForwardRule>(m);
+  registerVmapRule<at::_ops::nll_loss2d_backward, &nll2dBackwardRule>(m);
+  registerFamily<PointwiseLoss, at::_ops::mse_loss, at::_ops::smooth_l1_loss, at::_ops::huber_loss,
+                 at::_ops::soft_margin_loss>(m);
+  registerFamily<PointwiseLossBackward, at::_ops::mse_loss_backward, at::_ops::smooth_l1_loss_backward,
+                 at::_ops::huber_loss_backward, at::_ops::soft_margin_loss_backward>(m);
+  registerVmapRule<at::_ops::multi_margin_loss, &multiMarginRule>(m);
+  registerVmapRule<at::_ops::multi_margin_loss_backward, &multiMarginBackwardRule>(m);
+  registerVmapRule<at::_ops::multilabel_margin_loss_forward, &multilabelMarginRule>(m);
+  registerVmapRule<at::_ops::multilabel_margin_loss_backward, &multilabelMarginBackwardRule>(m);
   registerVmapRule<at::_ops::binary_cross_entropy, &bceRule>(m);
   registerVmapRule<at::_ops::binary_cross_entropy_backward, &bceBackwardRule>(m);
   registerVmapRule<at::_ops::binary_cross_entropy_with_logits, &bceLogitsRule>(m);
