@@ -1,7 +1,6 @@
 // Batching rules: pointwise ops (unary, binary with broadcasting and type promotion, ternary,
 // comparisons, logical ops, activations and their backward ops, *_like factories, in-place forms).
 #include <ATen/ExpandUtils.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/Operators.h>
 #include <ATen/native/TypeProperties.h>
 
@@ -91,12 +90,6 @@ struct Binary<Op, Tensor(const Tensor&, const Tensor&, Extra...)> {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd,
                                          Extra... e) {
     auto [a2, b2] = alignBinary(a, abd, b, bbd, /*promote=*/true);
-    // Forward AD passes an efficient ZeroTensor for an undefined tangent (e.g. of a constant
-    // bias). torch's kernels for it find the output shape through a Meta re-dispatch that lands
-    // in a Python reference (torch._refs), about 15x slower, and the first one imports
-    // torch._dynamo (about a second). Real zeros of the aligned shape cost next to nothing.
-    if (C10_UNLIKELY(a2._is_zerotensor())) a2 = at::zeros(a2.sizes(), a2.options());
-    if (C10_UNLIKELY(b2._is_zerotensor())) b2 = at::zeros(b2.sizes(), b2.options());
     return {Op::call(a2, b2, e...), 0};
   }
 };
