@@ -3,7 +3,7 @@ clamp_min/max with tensor bounds, glu, log_sigmoid, prelu, frexp, complex,
 native_dropout_backward; var_mean/std_mean, aminmax, count_nonzero, dist, the aten::norm
 overloads, full median/nanmedian, stable sort, _safe_softmax, renorm, logcumsumexp; unfold,
 diag_embed, rot90, the *_scatter ops, view_as_real/view_as_complex, channel/pixel shuffles and the
-*_copy variants of the views.
+*_copy variants of the views; the FFT primitives behind torch.fft.
 
 Every case runs under ft.set_vmap_fallback('error') (so a real rule must have run) and is compared
 with a Python for-loop and with torch.func.vmap, for each placement of the batch dim over the
@@ -251,7 +251,22 @@ VIEWS = {
     "pixel_unshuffle_4d": (lambda a: F.pixel_unshuffle(a, 2), [F_(2, 1, 4, 2)]),
 }
 
-CASES = {**POINTWISE, **REDUCTIONS, **VIEWS}
+# torch.fft lowers to _fft_r2c / _fft_c2c / _fft_c2r (rules_fft.cpp)
+FFT = {
+    "rfft": (lambda a: torch.fft.rfft(a), [F_(4, 6)]),
+    "rfft_dim0_n": (lambda a: torch.fft.rfft(a, n=5, dim=0, norm="ortho"), [F_(4, 6)]),
+    "fft_complex": (lambda a: torch.fft.fft(a), [K("c", 4, 6)]),
+    "ifft_neg_dim": (lambda a: torch.fft.ifft(a, dim=-2), [K("c", 4, 6)]),
+    "fft2": (lambda a: torch.fft.fft2(a), [K("c", 3, 4, 6)]),
+    "fftn_real": (lambda a: torch.fft.fftn(a, dim=(0, 2)), [F_(3, 4, 6)]),
+    "irfft": (lambda a: torch.fft.irfft(a, n=8), [K("c", 4, 5)]),
+    "irfftn": (lambda a: torch.fft.irfftn(a, dim=(0, 1)), [K("c", 4, 5)]),
+    "hfft": (lambda a: torch.fft.hfft(a), [K("c", 4, 5)]),
+    "ihfft": (lambda a: torch.fft.ihfft(a), [F_(4, 6)]),
+    "fft_0d_dims_of_1d": (lambda a: torch.fft.fft(a), [F_(6)]),
+}
+
+CASES = {**POINTWISE, **REDUCTIONS, **VIEWS, **FFT}
 
 # (name, placement) pairs where the function itself is invalid per element, as in the loop:
 # view_as_complex needs the last dim to have stride 1, and an element of a tensor batched at its
@@ -350,6 +365,8 @@ def test_nested_vmap():
 # (glu_backward, log_sigmoid_backward, _prelu_kernel_backward, unfold_backward, ...).
 
 DIFF_FUNCS = {
+    "rfft_abs": lambda x: torch.fft.rfft(x).abs(),
+    "fft2_real": lambda x: torch.view_as_real(torch.fft.fft2(x)),
     "glu": lambda x: F.glu(x, 0),
     "logsigmoid": lambda x: F.logsigmoid(x),
     "prelu": lambda x: F.prelu(x.unsqueeze(0), torch.tensor([0.25])),
