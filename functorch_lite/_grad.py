@@ -42,37 +42,40 @@ def _unwrap(x, level):
     return _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
 
 
-def _make_differentiable(tree, api, what):
-    """Marks every tensor of `tree` as requiring grad; `what` names the argument in errors
-    (e.g. "argument 1 (argnums=(0, 1))"), followed by the pytree path of a bad leaf."""
-    leaves, spec = tree_flatten_with_path(tree)
-    out = []
-    for path, t in leaves:
+def _check_differentiable(tree, api, what):
+    """Raises unless every leaf of `tree` is a floating-point or complex Tensor. `what` names the
+    argument in the error (e.g. "argument 1 (argnums=(0, 1))"), followed by the pytree path of
+    the bad leaf."""
+    for path, t in tree_flatten_with_path(tree)[0]:
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            continue
         where = what + (f" at {keystr(path)}" if path else "")
         if not isinstance(t, torch.Tensor):
             raise TypeError(
                 f"{api}: {where} must be a Tensor (or a pytree of Tensors), got "
                 f"{_a(type(t).__name__)}."
             )
-        if not (t.is_floating_point() or t.is_complex()):
-            raise TypeError(
-                f"{api}: {where} must be a floating-point or complex Tensor to be "
-                f"differentiated, got a Tensor of dtype {t.dtype}."
-            )
-        out.append(t.requires_grad_())
-    return tree_unflatten(out, spec)
+        raise TypeError(
+            f"{api}: {where} must be a floating-point or complex Tensor to be differentiated, got "
+            f"a Tensor of dtype {t.dtype}."
+        )
+
+
+def _make_differentiable(tree, api, what):
+    _check_differentiable(tree, api, what)
+    return tree_map(lambda t: t.requires_grad_(), tree)
 
 
 def _a(noun):
     return ("an " if noun[:1] in "aeiou" else "a ") + noun
 
 
-def _split_aux(output, has_aux, api):
+def _split_aux(output, has_aux, api, name="f"):
     if not has_aux:
         return output, None
     if not (isinstance(output, tuple) and len(output) == 2):
         raise TypeError(
-            f"{api}(f, has_aux=True): f must return a tuple (output, aux), got "
+            f"{api}({name}, has_aux=True): {name} must return a tuple (output, aux), got "
             f"{type(output).__name__}"
             + (f" of length {len(output)}" if isinstance(output, tuple) else "")
             + "."

@@ -11,7 +11,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._grad import _normalize_argnums, _split_aux, vjp
+from ._grad import _check_differentiable, _normalize_argnums, _split_aux, vjp
 from ._load import _C
 from ._vmap import vmap
 
@@ -167,21 +167,11 @@ def _fn_name(func):
     return getattr(func, "__name__", repr(func))
 
 
-def _check_diff_args(flat_primals, api, name, argnums):
+def _check_diff_args(args, idx, api, name, argnums):
     """jacrev/jacfwd check their inputs themselves: the vjp/jvp they are built on would name
     themselves in the error, not the transform the user called."""
-    for t in flat_primals:
-        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"{api}({name}, argnums={argnums!r}): the arguments selected by argnums must be "
-                f"Tensors or pytrees of Tensors, got a {type(t).__name__}."
-            )
-        raise TypeError(
-            f"{api}({name}, argnums={argnums!r}): the arguments selected by argnums must be "
-            f"floating-point or complex Tensors to be differentiated, got one of dtype {t.dtype}."
-        )
+    for i in idx:
+        _check_differentiable(args[i], f"{api}({name})", f"argument {i} (argnums={argnums!r})")
 
 
 def _checked(func, has_aux, api, name):
@@ -191,17 +181,7 @@ def _checked(func, has_aux, api, name):
         result = func(*args)
         if not has_aux and isinstance(result, torch.Tensor):
             return result
-        if has_aux:
-            if not (isinstance(result, tuple) and len(result) == 2):
-                raise TypeError(
-                    f"{api}({name}, has_aux=True): {name} must return a tuple (output, aux), got "
-                    f"{type(result).__name__}"
-                    + (f" of length {len(result)}" if isinstance(result, tuple) else "")
-                    + "."
-                )
-            output, aux = result
-        else:
-            output = result
+        output, aux = _split_aux(result, has_aux, api, name)
         for o in tree_flatten(output)[0]:
             if not isinstance(o, torch.Tensor):
                 raise TypeError(
@@ -242,7 +222,7 @@ def _jacrev(func, argnums, has_aux, chunk_size, api, name):
             return checked_func(*_replace_args(args, idx, diff))
 
         flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
-        _check_diff_args(flat_primals, api, name, argnums)
+        _check_diff_args(args, idx, api, name, argnums)
         vjp_out = vjp(f_diff, *(args[i] for i in idx), has_aux=has_aux)
         output, vjp_fn = vjp_out[0], vjp_out[1]
         flat_out, out_spec = tree_flatten(output)
@@ -300,7 +280,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
         idx = _normalize_argnums(argnums, len(args), api)
         primals = tuple(args[i] for i in idx)
         flat_primals, primals_spec = tree_flatten(primals)
-        _check_diff_args(flat_primals, api, name, argnums)
+        _check_diff_args(args, idx, api, name, argnums)
         total = sum(p.numel() for p in flat_primals)
         basis = tree_unflatten(_basis(flat_primals, total), primals_spec)
 

@@ -890,11 +890,11 @@ jacrev: chunk_size must be None or a positive int, got True""")
 jacrev(sin, has_aux=True): sin must return a tuple (output, aux), got Tensor.
 jacfwd(sin, has_aux=True): sin must return a tuple (output, aux), got Tensor.
 jacrev(<lambda>, has_aux=True): <lambda> must return a tuple (output, aux), got tuple of length 3.
-jacrev(sin, argnums=0): the arguments selected by argnums must be floating-point or complex Tensors to be differentiated, got one of dtype torch.int64.
-jacfwd(sin, argnums=0): the arguments selected by argnums must be floating-point or complex Tensors to be differentiated, got one of dtype torch.int64.
-hessian(sin, argnums=0): the arguments selected by argnums must be floating-point or complex Tensors to be differentiated, got one of dtype torch.int64.
-jacrev(my_fn, argnums=1): the arguments selected by argnums must be Tensors or pytrees of Tensors, got a float.
-jacfwd(my_fn, argnums=(0, 1)): the arguments selected by argnums must be Tensors or pytrees of Tensors, got a float.
+jacrev(sin): argument 0 (argnums=0) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.
+jacfwd(sin): argument 0 (argnums=0) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.
+hessian(sin): argument 0 (argnums=0) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.
+jacrev(my_fn): argument 1 (argnums=1) must be a Tensor (or a pytree of Tensors), got a float.
+jacfwd(my_fn): argument 1 (argnums=(0, 1)) at [1] must be a Tensor (or a pytree of Tensors), got a float.
 jacrev(<lambda>): <lambda> must return a Tensor or a pytree of Tensors, got a float in its output.
 jacfwd(<lambda>): <lambda> must return a Tensor or a pytree of Tensors, got a float in its output.
 hessian(<lambda>): <lambda> must return a Tensor or a pytree of Tensors, got a float in its output.
