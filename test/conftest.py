@@ -9,6 +9,8 @@ import functorch_lite as ft
 # The OpInfo sweeps' checks assert in this helper module: rewritten, their failures show the
 # compared values as they did when the checks lived in the test files.
 pytest.register_assert_rewrite("_opinfo_common")
+# Likewise for the placements harness of the batching-rule case tables.
+pytest.register_assert_rewrite("_placements")
 
 
 def pytest_configure(config):

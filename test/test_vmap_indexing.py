@@ -11,59 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import functorch_lite as ft
-from test_vmap import B, assert_same, check_vmap
+from _placements import F_, I_, case_params, run, torch_func_agrees
+from test_vmap import B, assert_same
 
 # ------------------------------------------------------------------------------------------------
-# Argument specs: ("f", shape) a float tensor, ("idx", shape, high) integer indices in [0, high),
-# ("mask", shape) a boolean mask (always unbatched: a batched one is data-dependent).
-
-
-def F_(*shape):
-    return ("f", shape)
-
-
-def I_(high, *shape):
-    return ("idx", shape, high)
-
-
-def _make(spec, batched_at):
-    kind, shape = spec[0], spec[1]
-    full = shape if batched_at is None else (B,) + shape
-    if kind == "f":
-        t = torch.randn(full)
-    elif kind == "idx":
-        t = torch.randint(0, spec[2], full)
-    elif kind == "mask":
-        t = torch.rand(full) > 0.4
-    else:
-        raise AssertionError(kind)
-    if batched_at is None:
-        return t
-    return t.movedim(0, batched_at if batched_at >= 0 else len(shape) + 1 + batched_at)
-
-
-def _dims(placement, spec):
-    rank = len(spec[1])
-    return {"0": 0, "-1": -1, "mid": (rank + 1) // 2}[placement]
-
-
-def _placements(specs):
-    """(name, in_dims) pairs: every argument batched at 0 / -1 / a middle dim, then each
-    argument in turn unbatched (masks are never batched)."""
-    out = []
-    mappable = [i for i, s in enumerate(specs) if s[0] != "mask"]
-    for p in ("0", "-1", "mid"):
-        out.append((p, tuple(None if s[0] == "mask" else _dims(p, s) for s in specs)))
-    if len(mappable) >= 2:
-        for i in mappable:
-            out.append((f"None@{i}", tuple(
-                None if (j == i or s[0] == "mask") else 0 for j, s in enumerate(specs))))
-    return out
-
-
-def _run(fn, specs, in_dims, torch_func=True, atol=1e-5):
-    args = [_make(s, d) for s, d in zip(specs, in_dims)]
-    check_vmap(fn, tuple(args), in_dims, torch_func=torch_func, atol=atol, rtol=atol)
+# Argument specs (see _placements): F_(*shape) a float tensor, I_(high, *shape) integer indices in
+# [0, high), ("mask", shape) a boolean mask (never batched).
 
 
 def _setitem(idx, value_from_arg=True):
@@ -172,24 +125,11 @@ TORCH_FUNC_WRONG = {
 }
 
 
-def _params():
-    for name, (fn, specs) in CASES.items():
-        for pname, in_dims in _placements(specs):
-            if name in _INPLACE_INTO_ARG0 and pname == "None@0":
-                continue
-            yield pytest.param(name, in_dims, id=f"{name}-{pname}")
-
-
-def _placement_name(name, in_dims):
-    return next(p for p, d in _placements(CASES[name][1]) if d == in_dims)
-
-
-@pytest.mark.parametrize("name,in_dims", list(_params()))
-def test_indexing_rule(name, in_dims):
+@pytest.mark.parametrize("name,pname,in_dims", list(case_params(
+    CASES, skip=lambda name, pname: name in _INPLACE_INTO_ARG0 and pname == "None@0")))
+def test_indexing_rule(name, pname, in_dims):
     fn, specs = CASES[name]
-    where, _ = TORCH_FUNC_WRONG.get(name, (set(), ""))
-    pname = _placement_name(name, in_dims)
-    _run(fn, specs, in_dims, torch_func=not (where is None or pname in where))
+    run(fn, specs, in_dims, torch_func=torch_func_agrees(TORCH_FUNC_WRONG, name, pname))
 
 
 def test_nested_vmap_index():

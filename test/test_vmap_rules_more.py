@@ -16,72 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import functorch_lite as ft
-from test_vmap import B, assert_same, check_vmap
+from _placements import F_, K, case_params, run, torch_func_agrees
+from test_vmap import B, assert_same
 
 aten = torch.ops.aten
 
 # ------------------------------------------------------------------------------------------------
-# Argument specs: (kind, shape). Kinds: "f" standard normal, "pos" in [0.5, 1.5), "gt1" in
-# [1.5, 2.5), "n" small non-negative integers stored as floats (polynomial degrees; ties for the
-# stable sort), "c" complex, "b" a boolean mask, "nan" normal with some NaNs, "ninf" normal with
-# whole rows of -inf (for _safe_softmax).
-
-
-def F_(*shape):
-    return ("f", shape)
-
-
-def K(kind, *shape):
-    return (kind, shape)
-
-
-def _make(spec, batched_at):
-    kind, shape = spec
-    full = shape if batched_at is None else (B,) + shape
-    if kind == "f":
-        t = torch.randn(full)
-    elif kind == "pos":
-        t = torch.rand(full) + 0.5
-    elif kind == "gt1":
-        t = torch.rand(full) + 1.5
-    elif kind == "n":
-        t = torch.randint(0, 4, full).float()
-    elif kind == "c":
-        t = torch.randn(full, dtype=torch.cfloat)
-    elif kind == "b":
-        t = torch.rand(full) > 0.4
-    elif kind == "nan":
-        t = torch.randn(full)
-        t[torch.rand(full) > 0.7] = math.nan
-    elif kind == "ninf":
-        t = torch.randn(full)
-        if t.dim() >= 2:
-            t.select(-2, 0).fill_(-math.inf)
-    else:
-        raise AssertionError(kind)
-    if batched_at is None:
-        return t
-    return t.movedim(0, batched_at if batched_at >= 0 else len(shape) + 1 + batched_at)
-
-
-def _dims(placement, spec):
-    rank = len(spec[1])
-    return {"0": 0, "-1": -1, "mid": (rank + 1) // 2}[placement]
-
-
-def _placements(specs):
-    """(name, in_dims) pairs: every argument batched at 0 / -1 / a middle dim, then each argument
-    in turn unbatched."""
-    out = [(p, tuple(_dims(p, s) for s in specs)) for p in ("0", "-1", "mid")]
-    if len(specs) >= 2:
-        for i in range(len(specs)):
-            out.append((f"None@{i}", tuple(None if j == i else 0 for j in range(len(specs)))))
-    return out
-
-
-def _run(fn, specs, in_dims, torch_func=True, atol=1e-5):
-    args = [_make(s, d) for s, d in zip(specs, in_dims)]
-    check_vmap(fn, tuple(args), in_dims, torch_func=torch_func, atol=atol, rtol=atol)
+# Argument specs (see _placements): F_(*shape) standard normal, K(kind, *shape) any other kind:
+# "pos", "gt1", "n", "c", "b", "nan", "ninf".
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,19 +232,14 @@ TORCH_FUNC_WRONG = {
 }
 
 
-def _params():
-    for name, (fn, specs) in CASES.items():
-        for pname, in_dims in _placements(specs):
-            if (name, pname) in INVALID or (name in INPLACE_INTO_ARG0 and pname == "None@0"):
-                continue
-            yield pytest.param(name, pname, in_dims, id=f"{name}-{pname}")
+def _skip(name, pname):
+    return (name, pname) in INVALID or (name in INPLACE_INTO_ARG0 and pname == "None@0")
 
 
-@pytest.mark.parametrize("name,pname,in_dims", list(_params()))
+@pytest.mark.parametrize("name,pname,in_dims", list(case_params(CASES, skip=_skip)))
 def test_rule(name, pname, in_dims):
     fn, specs = CASES[name]
-    where, _ = TORCH_FUNC_WRONG.get(name, (set(), ""))
-    _run(fn, specs, in_dims, torch_func=not (where is None or pname in where))
+    run(fn, specs, in_dims, torch_func=torch_func_agrees(TORCH_FUNC_WRONG, name, pname))
 
 
 def test_in_place_into_unbatched_self_is_a_clear_error():

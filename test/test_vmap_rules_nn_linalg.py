@@ -12,27 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import functorch_lite as ft
-from test_vmap import B, assert_same, check_vmap
-from test_vmap_indexing import F_, I_, _make, _placements
+from _placements import F_, I_, S_, case_params, run, torch_func_agrees
+from test_vmap import assert_same
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.cholesky is deprecated")
 
 # ------------------------------------------------------------------------------------------------
-# Argument specs (from test_vmap_indexing): F_(*shape) a float tensor, I_(high, *shape) integer
-# indices in [0, high). Extra kinds here: ("sign", shape) +-1, ("unit", shape) inside (-1, 1).
+# Argument specs (see _placements): F_(*shape) a float tensor, I_(high, *shape) integer indices in
+# [0, high), S_(*shape) +-1, ("unit", shape) inside (-1, 1).
 
 _NAN = float("nan")
-
-
-def S_(*shape):
-    return ("sign", shape)
-
-
-def _make_any(spec, batched_at):
-    if spec[0] in ("sign", "unit"):
-        t = _make(("f", spec[1]), batched_at)
-        return (t >= 0).float() * 2 - 1 if spec[0] == "sign" else t.tanh() * 0.95
-    return _make(spec, batched_at)
 
 
 def _maxpool_unpool2d(x):
@@ -223,22 +212,12 @@ ATOL = {"lstsq": 1e-4, "lstsq_gelsd": 1e-4, "lstsq_vector": 1e-4, "pinv": 1e-4,
         "cdist_mm": 1e-4, "cdist_p0.5_mm": 1e-4}
 
 
-def _params():
-    for name, (fn, specs) in CASES.items():
-        for pname, in_dims in _placements(specs):
-            if pname in SKIP.get(name, ()):
-                continue
-            yield pytest.param(name, in_dims, pname, id=f"{name}-{pname}")
-
-
-@pytest.mark.parametrize("name,in_dims,pname", list(_params()))
-def test_rule(name, in_dims, pname):
+@pytest.mark.parametrize("name,pname,in_dims", list(case_params(
+    CASES, skip=lambda name, pname: pname in SKIP.get(name, ()))))
+def test_rule(name, pname, in_dims):
     fn, specs = CASES[name]
-    where, _ = TORCH_FUNC_WRONG.get(name, (set(), ""))
-    args = [_make_any(s, d) for s, d in zip(specs, in_dims)]
-    atol = ATOL.get(name, 1e-5)
-    check_vmap(fn, tuple(args), in_dims, torch_func=not (where is None or pname in where),
-               atol=atol, rtol=atol)
+    run(fn, specs, in_dims, torch_func=torch_func_agrees(TORCH_FUNC_WRONG, name, pname),
+        atol=ATOL.get(name, 1e-5))
 
 
 # ------------------------------------------------------------------------------------------------
