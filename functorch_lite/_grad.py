@@ -6,6 +6,7 @@ import torch
 from torch.utils._pytree import (
     keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten)
 
+from ._call import call_transformed
 from ._load import _C
 
 
@@ -116,7 +117,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
                         args[i] = _make_differentiable(
                             a, api, f"argument {i} (argnums={argnums!r})")
                 diff = tuple(args[i] for i in idx)
-                output = func(*args, **kwargs)
+                output = call_transformed(func, args, kwargs, api)
                 output, aux = _split_aux(output, has_aux, api)
                 if not isinstance(output, torch.Tensor):
                     raise TypeError(
@@ -185,7 +186,7 @@ def vjp(func, *primals, has_aux=False):
             wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
             wrapped = [_make_differentiable(p, api, f"primals[{i}]")
                        for i, p in enumerate(wrapped)]
-            output = func(*wrapped)
+            output = call_transformed(func, wrapped, {}, api)
             output, aux = _split_aux(output, has_aux, api)
             flat_out, out_spec = tree_flatten(output)
             for o in flat_out:

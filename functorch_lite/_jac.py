@@ -11,6 +11,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from ._call import call_transformed
 from ._grad import _check_differentiable, _normalize_argnums, _split_aux, vjp
 from ._load import _C
 from ._vmap import vmap
@@ -111,7 +112,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                                      level=dual_level)
                     for p, t in zip(flat_p, flat_t)
                 ]
-                result = func(*tree_unflatten(duals, p_spec))
+                result = call_transformed(func, tree_unflatten(duals, p_spec), {}, api)
                 output, aux = _split_aux(result, has_aux, api)
                 flat_out, out_spec = tree_flatten(output)
                 primals_out, tangents_out = [], []

@@ -5,6 +5,7 @@ import functools
 import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
+from ._call import call_transformed
 from ._load import _C
 
 _RANDOMNESS = ("error", "different", "same")
@@ -75,7 +76,7 @@ def _vmap_fast(func, in_dim, out_dim, randomness, args, kwargs):
     level = _C._push_vmap(batch_size, randomness)
     try:
         batched = _C._vmap_wrap_inputs(list(args), [in_dim] * len(args), level)
-        out = func(*batched, **kwargs)
+        out = call_transformed(func, batched, kwargs, "vmap")
         if not isinstance(out, torch.Tensor):
             flat_out, _, out_spec = _finish_outputs(func, out_dim, out, level, batch_size)
             return tree_unflatten(flat_out, out_spec)
@@ -187,7 +188,7 @@ def _vmap_once(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, r
     level = _C._push_vmap(batch_size, randomness)
     try:
         batched = _C._vmap_wrap_inputs(flat_args, flat_in_dims, level)
-        out = func(*tree_unflatten(batched, args_spec), **kwargs)
+        out = call_transformed(func, tree_unflatten(batched, args_spec), kwargs, "vmap")
         return _finish_outputs(func, out_dims, out, level, batch_size)
     finally:
         _C._pop(level)

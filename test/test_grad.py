@@ -914,14 +914,6 @@ def test_inplace_on_view_of_captured_tensor_raises(mutate):
     assert torch.equal(c, torch.ones(4)), "the captured tensor was mutated"
 
 
-@pytest.mark.xfail(
-    reason=".backward() inside a function transformed by ft.grad is refused, but with torch's "
-    "misleading 'torch.autograd.grad(outputs, inputs, grad_outputs) called inside torch.vmap' "
-    "(torch's Python engine entry refuses tensors with the Batched key, our wrappers' marker) "
-    "instead of torch.func's 'backward() called inside a functorch transform'",
-    raises=AssertionError,
-    strict=True,
-)
 def test_backward_inside_f_raises_clear_error():
     x = _x()
 
@@ -936,14 +928,6 @@ def test_backward_inside_f_raises_clear_error():
         ft.grad(f)(x)
 
 
-@pytest.mark.xfail(
-    reason=".backward() on a captured requires_grad tensor inside ft.grad raises autograd's "
-    "misleading 'element 0 of tensors does not require grad and does not have a grad_fn' (the "
-    "captured weight is lifted to a grad-level wrapper that does not require grad) instead of "
-    "a clear error or the plain-autograd result",
-    raises=AssertionError,
-    strict=True,
-)
 def test_backward_on_captured_inside_f_is_clear_or_correct():
     x = _x()
     w = torch.randn(4, requires_grad=True)
@@ -961,6 +945,40 @@ def test_backward_on_captured_inside_f_is_clear_or_correct():
         torch.testing.assert_close(w.grad, 2 * w.detach())
 
 
+@pytest.mark.parametrize("transform", ["vjp", "jvp", "vmap", "vmap_grad", "grad_grad"])
+def test_backward_inside_other_transforms_raises_clear_error(transform):
+    x = _x()
+
+    def f(t):
+        y = (t * t).sum()
+        y.backward()
+        return y
+
+    run = {
+        "vjp": lambda: ft.vjp(f, x),
+        "jvp": lambda: ft.jvp(f, (x,), (torch.ones(4),)),
+        "vmap": lambda: ft.vmap(f)(torch.randn(3, 4, requires_grad=True)),
+        "vmap_grad": lambda: ft.vmap(ft.grad(f))(torch.randn(3, 4)),
+        "grad_grad": lambda: ft.grad(lambda t: ft.grad(f)(t).sum())(x),
+    }[transform]
+    with pytest.raises(RuntimeError, match=r"called \.backward\(\) or torch\.autograd\.grad\(\) on "
+                                           r"tensors of the transform"):
+        run()
+    assert ft._C._stack_depth() == 0
+
+
+def test_autograd_grad_inside_grad_raises_clear_error():
+    w = torch.randn(4, requires_grad=True)
+
+    def f(t):
+        y = (t * w).sum()
+        return torch.autograd.grad(y, w)[0].sum()
+
+    with pytest.raises(RuntimeError, match=r"functorch_lite\.grad: the function being transformed "
+                                           r"called \.backward\(\) or torch\.autograd\.grad\(\)"):
+        ft.grad(f)(_x())
+
+
 # ------------------------------------------------------------------------------------------------
 # error messages (exact text; regenerate with EXPECTTEST_ACCEPT=1 and review)
 
@@ -975,6 +993,13 @@ class TestGradErrorMessages(expecttest.TestCase):
 
     def tearDown(self):
         self.assertEqual(ft._C._stack_depth(), 0)
+
+    def test_backward_inside_grad(self):
+        def f(t):
+            y = (t * t).sum()
+            y.backward()
+            return y
+        self.assertExpectedInline(self.msg(RuntimeError, lambda: ft.grad(f)(self.x)), """functorch_lite.grad: the function being transformed called .backward() or torch.autograd.grad() on tensors of the transform, which is not supported. Use functorch_lite.grad or functorch_lite.vjp instead (they compose with every transform), or call it outside the transform.""")
 
     def msg(self, exc_type, fn):
         with self.assertRaises(exc_type) as ctx:
