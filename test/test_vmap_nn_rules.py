@@ -544,3 +544,58 @@ def test_composite_losses_need_no_rule():
                                                           "CompositeImplicitAutograd")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(
         "aten::binary_cross_entropy_with_logits", "CompositeImplicitAutograd")
+
+
+# ------------------------------------------------------------------------------------------------
+# cudnn_batch_norm / miopen_batch_norm: what F.batch_norm reaches on CUDA / ROCm. Their rules run
+# them as native_batch_norm on the folded tensors, so they can be checked here on CPU by calling
+# the ops directly under vmap (outside vmap they have no CPU kernel: the oracle is
+# native_batch_norm per element).
+
+_BN_DEVICE_OPS = {
+    "cudnn": (torch.ops.aten.cudnn_batch_norm, torch.ops.aten.cudnn_batch_norm_backward),
+    "miopen": (torch.ops.aten.miopen_batch_norm, torch.ops.aten.miopen_batch_norm_backward),
+}
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("kind", list(_BN_DEVICE_OPS))
+def test_device_batch_norm_ops_run_as_native(kind, training):
+    fwd, _ = _BN_DEVICE_OPS[kind]
+    x, w, b = torch.randn(B, 4, 3, 5), torch.randn(3), torch.randn(3)
+    rm, rv = torch.randn(B, 3), torch.rand(B, 3) + 0.5
+    with rules_only():
+        got = ft.vmap(lambda x, rm, rv: fwd(x, w, b, rm, rv, training, 0.1, 1e-5)[:3])(
+            x, rm.clone(), rv.clone())
+    for i in range(B):
+        y, mean, invstd = torch.native_batch_norm(x[i], w, b, rm[i], rv[i], training, 0.1, 1e-5)
+        assert_close(got[0][i], y, what="output")
+        if training:
+            assert_close(got[1][i], mean, what="save_mean")
+            assert_close(got[2][i], invstd, what="save_invstd")
+
+
+@pytest.mark.parametrize("kind", list(_BN_DEVICE_OPS))
+def test_device_batch_norm_training_with_unbatched_running_stats_raises(kind):
+    fwd, _ = _BN_DEVICE_OPS[kind]
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="running_mean/running_var once per batch element"):
+        ft.vmap(lambda x: fwd(x, torch.ones(3), None, rm, rv, True, 0.1, 1e-5)[0])(
+            torch.randn(B, 4, 3))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("kind", list(_BN_DEVICE_OPS))
+def test_device_batch_norm_backward_runs_as_native(kind):
+    _, bwd = _BN_DEVICE_OPS[kind]
+    x, g, w = torch.randn(B, 4, 3, 5), torch.randn(B, 4, 3, 5), torch.randn(3)
+    mean, invstd = torch.randn(B, 3), torch.rand(B, 3) + 0.5
+    extra = (torch.empty(0, dtype=torch.uint8),) if kind == "cudnn" else ()
+    with rules_only():
+        got = ft.vmap(lambda x, g, m, s: bwd(x, g, w, None, None, m, s, 1e-5, *extra))(
+            x, g, mean, invstd)
+    for i in range(B):
+        ref = torch.ops.aten.native_batch_norm_backward(
+            g[i], x[i], w, None, None, mean[i], invstd[i], True, 1e-5, [True, True, True])
+        for k in range(3):
+            assert_close(got[k][i], ref[k], what=f"output {k}")

@@ -159,6 +159,48 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormBackwardRule
   return std::tuple_cat(channelsOut(gi, B, C), perChannelOut(gw, B, C), perChannelOut(gb, B, C));
 }
 
+// On CUDA (ROCm) torch's batch_norm picks cudnn_batch_norm (miopen_batch_norm) when it can: the
+// same math, with save_var holding the inverse std like native_batch_norm's invstd. Under vmap
+// they run as native_batch_norm on the folded tensors (cuDNN would see B*C channels, fine, but
+// its workspace would belong to the folded call anyway), so the running-stats check and the
+// per-element statistics are the same on every device. The cuDNN workspace comes back empty;
+// our backward rule does not need it.
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> cudnnBatchNormRule(
+    const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd, const std::optional<Tensor>& b,
+    bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv,
+    bdim_t rvbd, bool training, double factor, double eps) {
+  return std::tuple_cat(batchNormRule(x, xbd, w, wbd, b, bbd, rm, rmbd, rv, rvbd, training,
+                                      factor, eps),
+                        std::make_tuple(at::empty({0}, x.options().dtype(at::kByte)), bdim_t()));
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> miopenBatchNormRule(
+    const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd, const std::optional<Tensor>& b,
+    bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv,
+    bdim_t rvbd, bool training, double factor, double eps) {
+  return batchNormRule(x, xbd, w, wbd, b, bbd, rm, rmbd, rv, rvbd, training, factor, eps);
+}
+
+// Only the training-mode backward goes through these (torch's formula uses
+// native_batch_norm_backward in eval mode).
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> miopenBatchNormBackwardRule(
+    const Tensor& x, bdim_t xbd, const Tensor& g, bdim_t gbd, const Tensor& w, bdim_t wbd,
+    const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
+    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd,
+    double eps) {
+  return batchNormBackwardRule(g, gbd, x, xbd, w, wbd, rm, rmbd, rv, rvbd, sm, smbd, si, sibd,
+                               /*train=*/true, eps, {true, true, true});
+}
+
+std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> cudnnBatchNormBackwardRule(
+    const Tensor& x, bdim_t xbd, const Tensor& g, bdim_t gbd, const Tensor& w, bdim_t wbd,
+    const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
+    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd,
+    double eps, const Tensor& /*workspace*/, bdim_t) {
+  return miopenBatchNormBackwardRule(x, xbd, g, gbd, w, wbd, rm, rmbd, rv, rvbd, sm, smbd, si,
+                                     sibd, eps);
+}
+
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormRule(
     const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd,
     const std::optional<Tensor>& b, bdim_t bbd, c10::SymInt N, c10::SymInt C, c10::SymInt HxW,
@@ -191,6 +233,10 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::native_layer_norm_backward, &layerNormBackwardRule>(m);
   registerVmapRule<at::_ops::native_batch_norm, &batchNormRule>(m);
   registerVmapRule<at::_ops::native_batch_norm_backward, &batchNormBackwardRule>(m);
+  registerVmapRule<at::_ops::cudnn_batch_norm, &cudnnBatchNormRule>(m);
+  registerVmapRule<at::_ops::cudnn_batch_norm_backward, &cudnnBatchNormBackwardRule>(m);
+  registerVmapRule<at::_ops::miopen_batch_norm, &miopenBatchNormRule>(m);
+  registerVmapRule<at::_ops::miopen_batch_norm_backward, &miopenBatchNormBackwardRule>(m);
   registerVmapRule<at::_ops::native_group_norm, &groupNormRule>(m);
   registerVmapRule<at::_ops::native_group_norm_backward, &groupNormBackwardRule>(m);
 }
