@@ -24,18 +24,12 @@ RTOL = 1.3e-6
 # helpers (local to this file on purpose: test/conftest.py belongs to another suite)
 
 @pytest.fixture(autouse=True)
-def _fresh_state():
-    """Deterministic inputs; vmap's for-loop fallback allowed silently (these tests are about
-    grad semantics, not about which ops have batching rules); no level may leak out of a test,
-    not even one that raised inside a transform."""
-    torch.manual_seed(0)
-    mode = ft.get_vmap_fallback()
+def _fresh_state(_seed_and_restore):
+    """vmap's for-loop fallback allowed silently (these tests are about grad semantics, not about
+    which ops have batching rules). conftest's fixture, which runs first, seeds, restores the
+    mode afterwards and checks that no level leaked, even from a test that raised inside a
+    transform."""
     ft.set_vmap_fallback("quiet")
-    try:
-        yield
-    finally:
-        ft.set_vmap_fallback(mode)
-    assert ft._C._stack_depth() == 0, ft._C._describe_stack()
 
 
 def is_plain(t):

@@ -12,7 +12,6 @@ them.
 
 Strict xfails mark real functorch_lite bugs; their reasons say what is wrong and how to reproduce.
 """
-import contextlib
 
 import expecttest
 import pytest
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 import functorch_lite as ft
+from conftest import vmap_fallback
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -34,26 +34,13 @@ RTOL2 = 1e-3
 # helpers
 
 @pytest.fixture(autouse=True)
-def _no_fallback():
-    """Every test starts with the vmap for-loop fallback disabled, and may not leak a level."""
-    torch.manual_seed(0)
-    mode = ft.get_vmap_fallback()
+def _no_fallback(_seed_and_restore):
+    """Every test starts with the vmap for-loop fallback disabled (conftest's fixture, which
+    runs first, seeds, restores the mode afterwards and checks that no level leaked)."""
     ft.set_vmap_fallback("error")
-    try:
-        yield
-    finally:
-        ft.set_vmap_fallback(mode)
-    assert ft._C._stack_depth() == 0, ft._C._describe_stack()
 
 
-@contextlib.contextmanager
-def fallback(mode):
-    old = ft.get_vmap_fallback()
-    ft.set_vmap_fallback(mode)
-    try:
-        yield
-    finally:
-        ft.set_vmap_fallback(old)
+fallback = vmap_fallback
 
 
 def is_plain(t):
