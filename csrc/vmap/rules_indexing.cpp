@@ -195,12 +195,17 @@ void indexPutInto(Tensor& s, const IndexList& idx, const BdimList& ibd, const Te
   at::_ops::index_put_::call(p.self, p.indices, v, accumulate);
 }
 
+// The out-of-place forms write into a fresh [B, ...] copy of self.
+Tensor freshBatchedCopy(const Tensor& self, bdim_t sbd, int64_t B) {
+  return materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
+}
+
 template <class Op>
 std::tuple<Tensor, bdim_t> indexPutRule(const Tensor& self, bdim_t sbd, const IndexList& idx,
                                         const BdimList& ibd, const Tensor& values, bdim_t vbd,
                                         bool accumulate) {
   const int64_t B = sbd || !vbd ? batchSizeOfIndexing(self, sbd, idx, ibd) : values.size(*vbd);
-  Tensor s = materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
+  Tensor s = freshBatchedCopy(self, sbd, B);
   indexPutInto(s, idx, ibd, values, vbd, accumulate, Op::name);
   return {s, 0};
 }
@@ -263,6 +268,16 @@ void indexAlongDimInto(Tensor& s, int64_t dim, const Tensor& index, bdim_t ibd,
   indexPutInto(s, idx, bds, source, srcbd, accumulate, op);
 }
 
+std::tuple<Tensor, bdim_t> alongDimIntoCopy(const Tensor& self, bdim_t sbd, int64_t dim,
+                                            const Tensor& index, bdim_t ibd,
+                                            const Tensor& source, bdim_t srcbd, bool accumulate,
+                                            const char* op) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}});
+  Tensor s = freshBatchedCopy(self, sbd, B);
+  indexAlongDimInto(s, dim, index, ibd, source, srcbd, accumulate, op);
+  return {s, 0};
+}
+
 Tensor scaled(const Tensor& source, const c10::Scalar& alpha) {
   return alpha.equal(1) ? source : source.mul(alpha);
 }
@@ -270,10 +285,8 @@ Tensor scaled(const Tensor& source, const c10::Scalar& alpha) {
 std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                         const Tensor& index, bdim_t ibd, const Tensor& source,
                                         bdim_t srcbd, const c10::Scalar& alpha) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}});
-  Tensor s = materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
-  indexAlongDimInto(s, dim, index, ibd, scaled(source, alpha), srcbd, true, "aten::index_add");
-  return {s, 0};
+  return alongDimIntoCopy(self, sbd, dim, index, ibd, scaled(source, alpha), srcbd, true,
+                          "aten::index_add");
 }
 
 void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
@@ -285,10 +298,7 @@ void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& in
 std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd, const Tensor& source,
                                          bdim_t srcbd) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}});
-  Tensor s = materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
-  indexAlongDimInto(s, dim, index, ibd, source, srcbd, false, "aten::index_copy");
-  return {s, 0};
+  return alongDimIntoCopy(self, sbd, dim, index, ibd, source, srcbd, false, "aten::index_copy");
 }
 
 void indexCopyInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
@@ -300,21 +310,15 @@ void indexCopyInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& i
 std::tuple<Tensor, bdim_t> indexFillTensorRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                                const Tensor& index, bdim_t ibd,
                                                const Tensor& value, bdim_t vbd) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&value, vbd}});
-  Tensor s = materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
-  indexAlongDimInto(s, dim, index, ibd, value.to(s.scalar_type()), vbd, false,
-                    "aten::index_fill");
-  return {s, 0};
+  return alongDimIntoCopy(self, sbd, dim, index, ibd, value.to(self.scalar_type()), vbd, false,
+                          "aten::index_fill");
 }
 
 std::tuple<Tensor, bdim_t> indexFillScalarRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                                const Tensor& index, bdim_t ibd,
                                                const c10::Scalar& value) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
-  Tensor s = materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
-  indexAlongDimInto(s, dim, index, ibd, at::scalar_tensor(value, s.options()), std::nullopt,
-                    false, "aten::index_fill");
-  return {s, 0};
+  return alongDimIntoCopy(self, sbd, dim, index, ibd, at::scalar_tensor(value, self.options()),
+                          std::nullopt, false, "aten::index_fill");
 }
 
 // masked_select with one mask for the whole batch selects the same positions of every element.
