@@ -1,5 +1,6 @@
 """ft.grad, ft.grad_and_value and ft.vjp: grad levels that run torch's own autograd on our
 wrappers (see docs/design.md). Entering/leaving levels and wrapping happen in C++ (_C)."""
+import contextlib
 import functools
 
 import torch
@@ -8,6 +9,10 @@ from torch.utils._pytree import (
 
 from ._call import call_transformed
 from ._load import _C
+
+# torch.Tensor.requires_grad_ refuses calls inside transforms (as torch.func's does); the
+# transforms mark their own inputs with torch's method itself.
+_requires_grad = torch._C.TensorBase.requires_grad_
 
 
 def _fn_name(func):
@@ -64,7 +69,7 @@ def _check_differentiable(tree, api, what):
 
 def _make_differentiable(tree, api, what):
     _check_differentiable(tree, api, what)
-    return tree_map(lambda t: t.requires_grad_(), tree)
+    return tree_map(_requires_grad, tree)
 
 
 def _a(noun):
@@ -112,7 +117,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
                 for i in idx:
                     a = args[i]
                     if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
-                        a.requires_grad_()  # the common case, without the pytree walk
+                        _requires_grad(a)  # the common case, without the pytree walk
                     else:
                         args[i] = _make_differentiable(
                             a, api, f"argument {i} (argnums={argnums!r})")
@@ -176,7 +181,8 @@ def grad(func, argnums=0, has_aux=False):
 def vjp(func, *primals, has_aux=False):
     """Returns (func(*primals), vjp_fn[, aux]); vjp_fn(cotangents) gives one gradient per primal.
 
-    cotangents must have the structure, shapes and dtypes of func's output. vjp_fn may be called
+    cotangents must have the structure and shapes of func's output (another floating dtype is
+    cast to the output's, as torch.autograd.grad does). vjp_fn may be called
     several times and composes with vmap (that is how jacrev batches over cotangents).
     """
     api = "vjp"
@@ -219,17 +225,20 @@ def vjp(func, *primals, has_aux=False):
                     f"vjp_fn: cotangent {i} has shape {tuple(c.shape)}, but the corresponding "
                     f"output has shape {tuple(o.shape)}."
                 )
-            if c.dtype != o.dtype:
-                raise ValueError(
-                    f"vjp_fn: cotangent {i} has dtype {c.dtype}, but the corresponding output has "
-                    f"dtype {o.dtype}."
-                )
+            # A cotangent of another dtype is cast to the output's by torch's autograd engine
+            # (torch.autograd.grad and torch.func accept it); a complex/real mismatch is refused
+            # there with torch's own error.
         pairs = [(o, c) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
         if pairs:
-            grads = _C._autograd_grad(
-                [o for o, _ in pairs], flat_primals, [c for _, c in pairs], retain_graph,
-                create_graph,
-            )
+            # Under torch.inference_mode() the engine would hand back inference tensors, which
+            # nothing can differentiate later; torch.func's vjp_fn returns normal tensors.
+            with contextlib.ExitStack() as stack:
+                if torch.is_inference_mode_enabled():
+                    stack.enter_context(torch.inference_mode(False))
+                grads = _C._autograd_grad(
+                    [o for o, _ in pairs], flat_primals, [c for _, c in pairs], retain_graph,
+                    create_graph,
+                )
         else:
             grads = (None,) * len(flat_primals)
         grads = [

@@ -1,6 +1,11 @@
-"""Python-level methods that read raw storage and so cannot work on our wrapper tensors as they
-are: repr() shows the level structure instead; tolist()/numpy() work on grad-level tensors (they
-read the value) and raise a clear error on batched ones; deepcopy raises a clear error."""
+"""Python-level Tensor methods that cannot work on our wrapper tensors as they are: repr() shows
+the level structure instead of reading raw storage; tolist()/numpy() work on grad-level tensors
+(they read the value) and raise a clear error on batched ones; deepcopy raises a clear error;
+new_tensor()/new() take their device from the tensor's dispatch keys, where our front key would
+be mistaken for a backend, so they run on a plain prototype of the same dtype and device;
+requires_grad_()/retain_grad() are refused inside a transform, as torch.func does: autograd of
+the level below cannot see through a transform's tensors, so the gradients a user (or
+torch.autograd.functional) asked for that way would silently be zeros."""
 import torch
 
 from ._load import _C
@@ -9,6 +14,11 @@ _torch_repr = torch.Tensor.__repr__
 _torch_tolist = torch.Tensor.tolist
 _torch_numpy = torch.Tensor.numpy
 _torch_deepcopy = torch.Tensor.__deepcopy__
+_torch_new_tensor = torch.Tensor.new_tensor
+_torch_new = torch.Tensor.new
+# The transforms themselves mark their inputs through these, never through the patched methods.
+_torch_requires_grad_ = torch._C.TensorBase.requires_grad_
+_torch_retain_grad = torch.Tensor.retain_grad
 
 _BATCHED_VALUE_ERROR = (
     "functorch_lite.vmap: {what} was called on a batched tensor. A batched tensor holds one "
@@ -81,9 +91,58 @@ def _deepcopy(self, memo):
     )
 
 
+def _prototype(self):
+    """An empty plain tensor with self's dtype and device. torch's legacy constructors derive the
+    backend from the tensor's highest dispatch key, which on our wrappers is the front key, not a
+    backend ("DispatchKey DeferredInit doesn't correspond to a device")."""
+    with _C._BelowTransforms():
+        return torch.empty(0, dtype=self.dtype, device=self.device)
+
+
+def _new_tensor(self, *args, **kwargs):
+    # The data is filled outside of any transform logic, exactly as torch.tensor(...) would be:
+    # the factories it runs still go through the live levels.
+    if _C._wrapper_info(self) is not None:
+        self = _prototype(self)
+    return _torch_new_tensor(self, *args, **kwargs)
+
+
+def _new(self, *args, **kwargs):
+    if _C._wrapper_info(self) is not None:
+        self = _prototype(self)
+    return _torch_new(self, *args, **kwargs)
+
+
+def _requires_grad_(self, requires_grad=True):
+    # torch.func transforms inside ours mark their own wrappers; mixing is refused by the next op.
+    if _C._stack_depth() and not _C._is_foreign_transform_tensor(self):
+        raise RuntimeError(
+            "functorch_lite: you are attempting to call Tensor.requires_grad_() (or perhaps using "
+            "torch.autograd.functional.* APIs) inside of a function being transformed by a "
+            "functorch_lite transform. This is unsupported: use the transforms (grad, vjp, jacrev, "
+            "jacfwd, hessian) to differentiate, or call requires_grad_() outside of the function "
+            "being transformed."
+        )
+    return _torch_requires_grad_(self, requires_grad)
+
+
+def _retain_grad(self):
+    if _C._stack_depth():
+        raise RuntimeError(
+            "functorch_lite: you are attempting to call Tensor.retain_grad() inside of a function "
+            "being transformed by a functorch_lite transform. This is unsupported: use grad or vjp "
+            "with has_aux=True to return the intermediate gradient you need."
+        )
+    return _torch_retain_grad(self)
+
+
 def install():
     if torch.Tensor.__repr__ is not _repr:
         torch.Tensor.__repr__ = _repr
         torch.Tensor.tolist = _tolist
         torch.Tensor.numpy = _numpy
         torch.Tensor.__deepcopy__ = _deepcopy
+        torch.Tensor.new_tensor = _new_tensor
+        torch.Tensor.new = _new
+        torch.Tensor.requires_grad_ = _requires_grad_
+        torch.Tensor.retain_grad = _retain_grad

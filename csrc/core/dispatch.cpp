@@ -245,9 +245,31 @@ void flushPendingBackKernels() {
 
 int64_t numBackKernels() { return backRegistry().count.load(); }
 
+namespace {
+
+// NOTE [torch's legacy vmap]
+// torch's legacy vmap (torch._vmap_internals, which torch.autograd.functional.jacobian/hessian use
+// with vectorize=True) decides that a tensor is one of its own at::BatchedTensorImpl by the
+// Batched key alone, and then casts it. Our tensors carry Batched as a marker (NOTE [Dispatch keys
+// of our tensors]), so its entry ops would read our impl as theirs: unrelated memory, taken as
+// batch-dim bookkeeping. Its kernels cannot run inside our levels anyway (Batched is excluded
+// there), so its entry and exit ops are refused on our tensors and while any level is live.
+bool isLegacyVmapOp(const c10::OperatorHandle& op) {
+  static const auto add = c10::Dispatcher::singleton().findSchemaOrThrow("aten::_add_batch_dim", "");
+  static const auto remove =
+      c10::Dispatcher::singleton().findSchemaOrThrow("aten::_remove_batch_dim", "");
+  return op == add || op == remove;
+}
+
+}  // namespace
+
 // ----------------------------------------------------------------------------------------------
 void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
   flushPendingBackKernels();
+  TORCH_CHECK(!isLegacyVmapOp(op), "functorch_lite: torch's legacy vmap (", op.schema().name(),
+              ", used by torch.autograd.functional.jacobian/hessian with vectorize=True and by "
+              "torch._vmap_internals) cannot run inside a functorch_lite transform or on its "
+              "tensors. Use vectorize=False, or functorch_lite's jacrev/jacfwd/hessian/vmap.");
   const size_t nargs = op.schema().arguments().size();
   const size_t begin = stack->size() - nargs;
   forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) {

@@ -71,7 +71,16 @@ int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomne
               at::GradMode::is_enabled(),
               c10::AutogradState::get_tls_state().get_fw_grad_mode(),
               tls,
+              /*lifted_inference_mode=*/false,
               std::make_shared<bool>(true)};
+  auto autograd_state = c10::AutogradState::get_tls_state();
+  if (kind != LevelKind::Vmap && autograd_state.get_inference_mode()) {
+    level.lifted_inference_mode = true;
+    autograd_state.set_inference_mode(false);
+    c10::AutogradState::set_tls_state(autograd_state);
+    tls.excluded_ = tls.excluded_ - c10::autograd_dispatch_keyset;
+    tls.included_ = tls.included_.add(c10::DispatchKey::ADInplaceOrView);
+  }
   if (levels_.empty()) c10::ThreadLocalDebugInfo::_push(kStackInfo, std::make_shared<StackInfo>(this));
   levels_.push_back(std::move(level));
   depth_ = levels_.size();
@@ -90,6 +99,11 @@ void LevelStack::pop(int64_t id) {
   Level& level = levels_.back();
   *level.alive = false;
   c10::impl::_force_tls_local_dispatch_key_set(level.saved_tls);
+  if (level.lifted_inference_mode) {
+    auto autograd_state = c10::AutogradState::get_tls_state();
+    autograd_state.set_inference_mode(true);
+    c10::AutogradState::set_tls_state(autograd_state);
+  }
   levels_.pop_back();
   depth_ = levels_.size();
   if (levels_.empty()) c10::ThreadLocalDebugInfo::_pop(kStackInfo);

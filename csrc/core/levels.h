@@ -21,6 +21,16 @@
 // transform (torch.func's rule). jvp levels do the same with the forward-AD grad mode. The guard
 // restores all of it on exit, also on exceptions.
 //
+// NOTE [Inference mode around a transform]
+// torch.inference_mode() around a grad or jvp transform acts like torch.no_grad() around it (the
+// torch.func rule): the transform still differentiates its own function, and only the levels
+// below it (outer transforms, torch's own autograd) stop recording. push() of a Grad/Jvp level
+// therefore lifts inference mode while the level is live: the autograd keys leave the TLS excluded
+// set and the inference-mode flag is cleared, so the level's wrappers get graphs and new tensors
+// are normal tensors. saved_tls keeps the inference-mode TLS, so handing an op down restores it for
+// the levels below; pop() restores the flag. An inference_mode *inside* the function is left alone:
+// it hides ops from every level, as in eager torch.
+//
 // NOTE [Stack invariants]
 // - levels_[0, depth_) are visible to dispatch; levels_[depth_, size) are hidden while an op is
 //   being handed down. Only the Python entry points push and pop, always at the true top, and
@@ -49,6 +59,7 @@ struct Level {
   bool prev_grad_mode;     // GradMode in force when the level was entered
   bool prev_fw_grad_mode;  // forward-AD grad mode in force when the level was entered
   c10::impl::LocalDispatchKeySet saved_tls;  // dispatch-key TLS in force when the level was entered
+  bool lifted_inference_mode;  // NOTE [Inference mode around a transform]
   std::shared_ptr<bool> alive;
 };
 

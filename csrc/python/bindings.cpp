@@ -168,6 +168,9 @@ PYBIND11_MODULE(_C, m) {
                           ft->level(), bdim, ft->value(), ft->isAlive());
   }));
 
+  // A tensor of another transform library (torch.func): its own checks apply to it, not ours.
+  m.def("_is_foreign_transform_tensor", torch::wrap_pybind_function(&isForeignTransformTensor));
+
   // ---- fallback settings
   m.def("_set_fallback_mode", torch::wrap_pybind_function([](const std::string& mode) {
     if (mode == "warn") setFallbackMode(FallbackMode::Warn);

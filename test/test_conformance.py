@@ -1,0 +1,230 @@
+"""Conformance with torch.func (issue 12): the silent wrong results and internal errors found by
+running torch's own functorch tests and by differential fuzzing. Every test compares with
+torch.func on the same inputs (and with plain torch.autograd or a for-loop where that is the
+referee); each one failed before its fix.
+"""
+import pytest
+import torch
+import torch.func as tf
+import torch.nn.functional as F
+
+import functorch_lite as ft
+
+X = torch.tensor([1.0, 2.0, 3.0])
+
+
+def sq(x):
+    return (x ** 2).sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 1: torch.inference_mode() around a transform acts like torch.no_grad() around it.
+
+INFERENCE_CASES = {
+    "grad": lambda lib: lib.grad(sq)(X),
+    "grad_and_value": lambda lib: lib.grad_and_value(sq)(X),
+    "vjp": lambda lib: lib.vjp(torch.sin, X)[1](torch.ones(3)),
+    "jvp": lambda lib: lib.jvp(torch.sin, (X,), (torch.ones(3),)),
+    "jacrev": lambda lib: lib.jacrev(torch.sin)(X),
+    "jacfwd": lambda lib: lib.jacfwd(torch.sin)(X),
+    "hessian": lambda lib: lib.hessian(lambda x: x.sin().sum())(X),
+    "vmap_grad": lambda lib: lib.vmap(lib.grad(sq))(torch.stack([X, 2 * X])),
+    "grad_grad": lambda lib: lib.grad(lib.grad(lambda x: x.sin().sum()))(torch.tensor(1.0)),
+    "grad_vmap": lambda lib: lib.grad(lambda x: lib.vmap(torch.sin)(x).sum())(X),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INFERENCE_CASES))
+def test_inference_mode_around_transform(case):
+    with torch.inference_mode():
+        got = INFERENCE_CASES[case](ft)
+        want = INFERENCE_CASES[case](tf)
+    torch.testing.assert_close(got, want)
+    for t in torch.utils._pytree.tree_leaves(got):
+        assert not t.is_inference(), "results of a transform are normal tensors, as in torch.func"
+    assert torch.is_inference_mode_enabled() is False
+
+
+def test_inference_mode_restored_after_transform():
+    with torch.inference_mode():
+        ft.grad(sq)(X)
+        assert torch.is_inference_mode_enabled()
+        assert torch.ones(1).is_inference()
+        assert not torch.is_grad_enabled()
+
+
+def test_inference_mode_inside_transform_around_inner_grad():
+    # The inner grad differentiates its own function; the outer grad does not see through the
+    # inference_mode block (it hides the computation from outer levels): zeros, as torch.func.
+    def inner(lib):
+        def h(x):
+            with torch.inference_mode():
+                return lib.grad(sq)(x)
+        return h
+
+    for outer in ("vmap", "grad"):
+        results = []
+        for lib in (ft, tf):
+            if outer == "vmap":
+                results.append(lib.vmap(inner(lib))(X[None]))
+            else:
+                results.append(lib.grad(lambda x: inner(lib)(x).sum())(X))
+        torch.testing.assert_close(results[0], results[1])
+
+
+def test_inference_tensor_inside_function_is_refused_like_torch_func():
+    def g(x):
+        with torch.inference_mode():
+            y = x * 2
+        return (y * x).sum()
+
+    for lib in (ft, tf):
+        with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+            lib.grad(g)(X)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 3: torch's legacy vmap (torch.autograd.functional.jacobian(vectorize=True)) reinterpreted
+# our tensors as its own BatchedTensorImpl (they carry the Batched marker key).
+
+# reverse-mode marks its inputs with requires_grad_() first, which is refused (item 11 below).
+@pytest.mark.parametrize("strategy,match", [("forward-mode", "torch's legacy vmap"),
+                                            ("reverse-mode", r"Tensor.requires_grad_\(\)")])
+def test_legacy_vmap_inside_transform_is_a_clear_error(strategy, match):
+    def f(x):
+        return torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x, strategy=strategy,
+                                                  vectorize=True)
+
+    with pytest.raises(RuntimeError, match=match):
+        ft.vmap(f)(torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match=match):
+        ft.grad(lambda x: f(x).sum())(torch.randn(3))
+    assert ft._C._stack_depth() == 0
+
+
+def test_legacy_vmap_on_our_tensor_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="torch's legacy vmap"):
+        ft.vmap(lambda x: torch._add_batch_dim(x, 0, 1))(torch.randn(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 4: legacy constructors (new_tensor, new) derived a device from our front key.
+
+CTOR_CASES = {
+    "new_tensor_scalar": lambda x: x + x.new_tensor(0.5),
+    "new_tensor_list": lambda x: x * x.new_tensor([0.5, 1.0, 2.0]),
+    "new_tensor_dtype": lambda x: x + x.new_tensor(1, dtype=torch.float64).to(x.dtype),
+    "new_sizes": lambda x: x + x.new(3).fill_(1.0),
+    "new_data": lambda x: x + x.new([1.0, 2.0, 3.0]),
+    "new_zeros": lambda x: x + x.new_zeros(3),
+    "new_full": lambda x: x * x.new_full((3,), 2.0),
+    "tensor_device": lambda x: x + torch.tensor(0.5, device=x.device, dtype=x.dtype),
+    "as_tensor_device": lambda x: x + torch.as_tensor([0.5], device=x.device),
+    "zeros_device": lambda x: x + torch.zeros(3, device=x.device, dtype=x.dtype),
+    "generator_device": lambda x: x * torch.Generator(device=x.device).manual_seed(3).initial_seed(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CTOR_CASES))
+@pytest.mark.parametrize("transform", ["grad", "vmap", "jvp", "vmap_grad", "jacrev"])
+def test_constructors_taking_device_from_a_transformed_tensor(case, transform):
+    f = CTOR_CASES[case]
+    x = torch.rand(2, 3)
+
+    def run(lib):
+        if transform == "grad":
+            return lib.grad(lambda y: f(y).sum())(x[0])
+        if transform == "vmap":
+            return lib.vmap(f)(x)
+        if transform == "jvp":
+            return lib.jvp(f, (x[0],), (x[1],))
+        if transform == "vmap_grad":
+            return lib.vmap(lib.grad(lambda y: f(y).sum()))(x)
+        return lib.jacrev(f)(x[0])
+
+    torch.testing.assert_close(run(ft), run(tf))
+
+
+def test_new_tensor_outside_transforms_is_torchs_own():
+    x = torch.ones(2, dtype=torch.float64)
+    y = x.new_tensor([1, 2], requires_grad=True)
+    assert y.dtype == torch.float64 and y.requires_grad and y.is_leaf
+    assert x.new(2, 3).shape == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 6: a cotangent of another floating dtype is cast, as torch.autograd.grad does.
+
+@pytest.mark.parametrize("ct_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_vjp_accepts_cotangent_of_another_floating_dtype(ct_dtype):
+    x = torch.randn(3, dtype=torch.float64)
+    ct = torch.randn(3).to(ct_dtype)
+    (got,) = ft.vjp(torch.sin, x)[1](ct)
+    (want,) = tf.vjp(torch.sin, x)[1](ct)
+    (ref,) = torch.autograd.grad(torch.sin(x.requires_grad_()), x, ct)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, ref)
+
+
+def test_vjp_float_output_double_cotangent_and_softmax():
+    x = torch.randn(4, dtype=torch.float64)
+    for f in (lambda x: x.float(), lambda x: F.softmax(x, 0, dtype=torch.float32)):
+        ct = torch.randn(4, dtype=torch.float64)
+        torch.testing.assert_close(ft.vjp(f, x)[1](ct), tf.vjp(f, x)[1](ct))
+        # and under vmap over the cotangents (how jacrev uses it)
+        cts = torch.randn(2, 4, dtype=torch.float64)
+        torch.testing.assert_close(ft.vmap(ft.vjp(f, x)[1])(cts), tf.vmap(tf.vjp(f, x)[1])(cts))
+
+
+def test_vjp_complex_cotangent_for_real_output_is_torchs_error():
+    x = torch.randn(3, dtype=torch.float64)
+    ct = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        tf.vjp(torch.sin, x)[1](ct)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ft.vjp(torch.sin, x)[1](ct)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 11 (found with item 3): requires_grad_() inside a transform made torch.autograd.functional
+# return zeros silently under vmap; torch.func refuses it, and so do we.
+
+REQUIRES_GRAD_CASES = {
+    "vmap_input": lambda lib, x: lib.vmap(lambda x: x.requires_grad_())(x),
+    "vmap_fresh": lambda lib, x: lib.vmap(lambda x: x + torch.ones(3).requires_grad_())(x),
+    "grad_input": lambda lib, x: lib.grad(lambda x: x.requires_grad_().sum())(x[0]),
+    "grad_fresh": lambda lib, x: lib.grad(lambda x: (x * torch.ones(3).requires_grad_()).sum())(x[0]),
+    "jvp_input": lambda lib, x: lib.jvp(lambda x: x.requires_grad_(), (x,), (x,)),
+    "jacobian_vmap": lambda lib, x: lib.vmap(
+        lambda x: torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x))(x),
+    "jacobian_grad": lambda lib, x: lib.grad(
+        lambda x: torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x).sum())(x[0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REQUIRES_GRAD_CASES))
+def test_requires_grad_inside_transform_is_refused(case):
+    x = torch.randn(2, 3)
+    for lib in (tf, ft):
+        with pytest.raises(RuntimeError, match=r"attempting to call Tensor.requires_grad_\(\)"):
+            REQUIRES_GRAD_CASES[case](lib, x)
+
+
+def test_retain_grad_inside_grad_is_refused():
+    f = lambda x: (x * 2).retain_grad() or x.sum()  # noqa: E731
+    for lib in (tf, ft):
+        with pytest.raises(RuntimeError, match=r"Tensor.retain_grad\(\)"):
+            lib.grad(f)(torch.randn(3))
+
+
+def test_requires_grad_outside_transforms_still_works():
+    x = torch.randn(3).requires_grad_()
+    y = (x * 2)
+    y.retain_grad()
+    y.sum().backward()
+    torch.testing.assert_close(y.grad, torch.ones(3))
+    # and stack_module_state / make_functional mark parameters outside transforms
+    w = torch.nn.Linear(2, 2)
+    params, _ = ft.stack_module_state([w, torch.nn.Linear(2, 2)])
+    assert all(p.requires_grad for p in params.values())
