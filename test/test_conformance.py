@@ -228,3 +228,59 @@ def test_requires_grad_outside_transforms_still_works():
     w = torch.nn.Linear(2, 2)
     params, _ = ft.stack_module_state([w, torch.nn.Linear(2, 2)])
     assert all(p.requires_grad for p in params.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 15: forward AD through a view of a primal with a nonzero storage offset (one chunk of a
+# chunked vmap, or a slice passed in) hit torch's "tangent ... same layout as primal" assert:
+# batched tangents ignored the primal's storage offset.
+
+VIEW_FNS = {
+    "slice_last": lambda h: h[..., -1],
+    "slice_range": lambda h: h[1:, :2],
+    "select": lambda h: h.select(0, 1),
+    "expand": lambda h: h[:, :1].expand(3, 4),
+    "chunk": lambda h: h.chunk(2, dim=1)[1],
+    "transpose": lambda h: h.transpose(0, 1),
+    "permute": lambda h: h.permute(1, 0),
+    "squeeze": lambda h: h[:1].squeeze(0),
+    "unsqueeze": lambda h: h.unsqueeze(1),
+    "narrow": lambda h: h.narrow(1, 1, 2),
+    "diagonal": lambda h: h.diagonal(),
+    "view": lambda h: h.reshape(-1)[2:5].view(3, 1),
+    "unbind": lambda h: h.unbind(1)[2],
+    "split": lambda h: h.split([1, 3], dim=1)[1],
+    "as_strided": lambda h: h.contiguous().as_strided((2, 2), (1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_FNS))
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_chunked_vmap_of_forward_ad_through_views(name, chunk_size):
+    f = VIEW_FNS[name]
+    x = torch.randn(3, 3, 4, dtype=torch.float64)
+    t = torch.randn(3, 3, 4, dtype=torch.float64)
+
+    def scalar(h):
+        return f(h).sin().sum()
+
+    cases = [
+        (lambda lib: lib.vmap(lib.jacfwd(f), chunk_size=chunk_size), (x,)),
+        (lambda lib: lib.vmap(lib.hessian(scalar), chunk_size=chunk_size), (x,)),
+        (lambda lib: lib.vmap(lambda p, q: lib.jvp(f, (p,), (q,)), chunk_size=chunk_size), (x, t)),
+        (lambda lib: lib.vmap(lib.jacfwd(lib.jacrev(scalar)), chunk_size=chunk_size), (x,)),
+    ]
+    for make, args in cases:
+        torch.testing.assert_close(make(ft)(*args), make(tf)(*args))
+
+
+@pytest.mark.parametrize("name", ["slice_last", "select", "transpose", "diagonal"])
+def test_forward_ad_through_views_of_sliced_primals(name):
+    f = VIEW_FNS[name]
+    base = torch.randn(4, 3, 4, dtype=torch.float64)
+    for x in (base[1], base[1:], base[:, 1:, 1:]):
+        if x.dim() == 3:
+            got, want = ft.vmap(ft.jacfwd(f))(x), tf.vmap(tf.jacfwd(f))(x)
+        else:
+            got, want = ft.jacfwd(f)(x), tf.jacfwd(f)(x)
+        torch.testing.assert_close(got, want)

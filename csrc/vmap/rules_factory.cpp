@@ -6,8 +6,9 @@
 // torch's forward AD requires a view's tangent to have exactly the view's sizes, strides and
 // storage offset. It gets there by re-allocating tangents with new_empty_strided(primal sizes,
 // primal strides). For a batched tangent we therefore allocate the physical tensor with the batch
-// dim outermost, strided by the size of one logical element's storage: then the logical strides
-// and offsets of every view equal the primal's, and the layout checks pass.
+// dim outermost, strided by the size of one logical element's storage (plus the primal's storage
+// offset, which element 0 starts at): then the logical strides and offsets of every view equal
+// the primal's, and the layout checks pass.
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
 
@@ -81,15 +82,19 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
   }
   TORCH_CHECK(self_num_batch_dims == 0, "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
               "with batch dims is not supported (please report this use)");
+  // `other`'s storage offset is part of the layout forward AD compares (a primal that is a slice,
+  // such as one chunk of a chunked vmap, has a nonzero one): every element gets a slot of
+  // offset + storage size, and element 0 starts at the offset, which is what the batched tensor
+  // reports as its own (tensors.cpp).
   const int64_t B = self.size(*sbd);
   auto sizes = other.sym_sizes();
   auto strides = other.sym_strides();
+  const c10::SymInt offset = other.sym_storage_offset();
   auto phys_stride = prependBatch(0, strides);
-  phys_stride[0] = storageSize(sizes, strides);
-  Tensor out = at::_ops::new_empty_strided::call(self, prependBatch(B, sizes), phys_stride,
-                                                 self.scalar_type(), std::nullopt, std::nullopt,
-                                                 std::nullopt);
-  return {out.zero_(), 0};
+  phys_stride[0] = storageSize(sizes, strides) + offset;
+  Tensor flat = at::_ops::new_zeros::call(self, {phys_stride[0] * B}, self.scalar_type(),
+                                          std::nullopt, std::nullopt, std::nullopt);
+  return {flat.as_strided_symint(prependBatch(B, sizes), phys_stride, offset), 0};
 }
 
 // Asked by forward AD whether a tangent can share its primal's storage layout. A batched tangent
