@@ -64,6 +64,31 @@ def _check_tuple(x, what, api):
         )
 
 
+def _vmap_levels(t):
+    """Ids of the vmap levels at which t is batched (anywhere in its chain of wrappers)."""
+    levels = set()
+    info = _C._wrapper_info(t)
+    while info is not None:
+        kind, lvl, _, value, _ = info
+        if kind == "batched":
+            levels.add(lvl)
+        info = _C._wrapper_info(value)
+    return levels
+
+
+def _promote_tangent(primal, tangent):
+    """The tangent, batched at least wherever the primal is (torch.func's invariant).
+
+    Under vmap(jacfwd(f)) the primal is batched by the outer vmap and the tangent (a basis vector)
+    only by jacfwd's own: an in-place op of f on a fresh tensor then writes a value batched by the
+    outer vmap into a tangent that is not, which no in-place rule can do. torch.func's forward AD
+    re-lays such tangents out like their primal when making duals; an add does the same here.
+    """
+    if _C._wrapper_info(primal) is None or _vmap_levels(primal) <= _vmap_levels(tangent):
+        return tangent
+    return tangent + torch.zeros_like(primal)
+
+
 def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     """Jacobian-vector product: returns (func(*primals), J @ tangents) [, aux].
 
@@ -102,6 +127,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 f"jvp(f, primals, tangents): primal {i} has dtype {p.dtype} but its tangent has "
                 f"dtype {t.dtype}; they must match."
             )
+    flat_t = [_promote_tangent(p, t) for p, t in zip(flat_p, flat_t)]
     with _DualLevel() as dual:
         dual_level = dual.level
         level = _C._push_jvp()

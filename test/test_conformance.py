@@ -284,3 +284,69 @@ def test_forward_ad_through_views_of_sliced_primals(name):
         else:
             got, want = ft.jacfwd(f)(x), tf.jacfwd(f)(x)
         torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 16: in-place ops on fresh tensors under vmap of forward-mode transforms. The outer vmap
+# batches the primal but not jacfwd's basis tangent; tangents are now laid out batched wherever
+# their primal is (torch.func's invariant), so forward AD's in-place tangent update can write.
+
+def _sin_(h):
+    return h.clone().sin_()
+
+
+def _self_add(h):
+    y = h.clone()
+    y += y
+    return y
+
+
+def _clamp_(h):
+    return h.clone().clamp_(-0.5, 0.5)
+
+
+def _exp_mul_(h):
+    y = h.clone().mul_(h)
+    return y.exp_()
+
+
+def _setitem(h):
+    y = torch.zeros_like(h)
+    y[0] = h[1].sin()
+    return y
+
+
+INPLACE_FNS = {"sin_": _sin_, "self_add": _self_add, "clamp_": _clamp_, "exp_mul_": _exp_mul_,
+               "setitem": _setitem}
+
+
+@pytest.mark.parametrize("name", sorted(INPLACE_FNS))
+@pytest.mark.parametrize("transform", ["jacfwd", "jacrev", "hessian", "jacfwd_jacrev"])
+def test_inplace_on_fresh_tensors_under_vmap_of_jacobians(name, transform):
+    f = INPLACE_FNS[name]
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+
+    def make(lib):
+        if transform == "hessian":
+            return lib.vmap(lib.hessian(lambda h: f(h).sum()))
+        if transform == "jacfwd_jacrev":
+            return lib.vmap(lib.jacfwd(lib.jacrev(lambda h: f(h).sum())))
+        return lib.vmap(getattr(lib, transform)(f))
+
+    torch.testing.assert_close(make(ft)(x), make(tf)(x))
+
+
+def test_trace_under_vmap_of_hessian():
+    x = torch.randn(2, 3, 3, dtype=torch.float64)
+    g = lambda h: torch.trace(h.sin())  # noqa: E731
+    torch.testing.assert_close(ft.vmap(ft.hessian(g))(x), tf.vmap(tf.hessian(g))(x))
+
+
+def test_inplace_under_vmap_of_jvp_with_unbatched_tangent():
+    # torch.func refuses this one ("inplace arithmetic ... not possible"): its make_dual leaves a
+    # tangent that is not batched like its primal. The for-loop is the referee.
+    x = torch.randn(3, 3, 3, dtype=torch.float64)
+    t = torch.ones(3, 3, dtype=torch.float64)
+    got = ft.vmap(lambda h: ft.jvp(_sin_, (h,), (t,))[1])(x)
+    want = torch.stack([torch.func.jvp(_sin_, (h,), (t,))[1] for h in x])
+    torch.testing.assert_close(got, want)
