@@ -350,3 +350,70 @@ def test_inplace_under_vmap_of_jvp_with_unbatched_tangent():
     got = ft.vmap(lambda h: ft.jvp(_sin_, (h,), (t,))[1])(x)
     want = torch.stack([torch.func.jvp(_sin_, (h,), (t,))[1] for h in x])
     torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 5 (part): squeeze of a per-example scalar (nothing to squeeze) returned the input itself,
+# not a view of it; anomaly mode's NaN check (.item() on _is_any_true) failed under vmap(grad).
+
+SQUEEZES = {
+    "all": torch.squeeze,
+    "dim0": lambda x: torch.squeeze(x, 0),
+    "dim-1": lambda x: torch.squeeze(x, -1),
+    "dims": lambda x: torch.squeeze(x, (0,)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SQUEEZES))
+@pytest.mark.parametrize("shape", [(2,), (2, 1), (2, 2, 1), (2, 1, 1, 2), (1,), (1, 1), (1, 2, 1)])
+def test_squeeze_under_vmap_is_a_view(name, shape):
+    f = SQUEEZES[name]
+    x = torch.rand(shape)
+    got = ft.vmap(f)(x)
+    # torch.func refuses squeeze(x, -1) of a per-example scalar; eager torch (the for-loop)
+    # accepts it, so the loop is the referee for values.
+    torch.testing.assert_close(got, torch.stack([f(r) for r in x]))
+    assert got._base is x
+    y = x.clone()
+    ft.vmap(lambda r: f(r).add_(1))(y)
+    torch.testing.assert_close(y, x + 1)
+
+
+def test_squeeze_of_per_example_scalar_checks_the_dim():
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        torch.rand(()).squeeze(1)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        ft.vmap(lambda r: r.squeeze(1))(torch.rand(3))
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        ft.vmap(lambda r: r.squeeze((2,)))(torch.rand(3))
+
+
+ANOMALY_CASES = {
+    "vmap_grad": lambda lib, x: lib.vmap(lib.grad(lambda r: r.sin().sum()))(x),
+    "vmap_jacrev": lambda lib, x: lib.vmap(lib.jacrev(torch.sin))(x),
+    "grad_vmap": lambda lib, x: lib.grad(lambda r: lib.vmap(torch.sin)(r).sum())(x),
+    "vmap_hessian": lambda lib, x: lib.vmap(lib.hessian(lambda r: r.sin().sum()))(x),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ANOMALY_CASES))
+def test_transforms_under_anomaly_detection(case):
+    x = torch.randn(3, 4)
+    with torch.autograd.set_detect_anomaly(True):
+        torch.testing.assert_close(ANOMALY_CASES[case](ft, x), ANOMALY_CASES[case](tf, x))
+
+
+def test_anomaly_detection_reports_nan_under_vmap_grad():
+    x = -torch.rand(3, 4) - 0.1
+    with torch.autograd.set_detect_anomaly(True):
+        for lib in (tf, ft):
+            with pytest.raises(RuntimeError, match="returned nan values"):
+                lib.vmap(lib.grad(lambda r: r.sqrt().sum()))(x)
+
+
+def test_is_any_true_and_is_all_true_answer_for_the_whole_batch():
+    x = torch.tensor([[1.0, -1.0], [-1.0, -1.0]])
+    for op in (torch._is_any_true, torch._is_all_true):
+        for thresh in (0.0, -2.0, 2.0):
+            g = lambda r: op(r > thresh)  # noqa: E731
+            torch.testing.assert_close(ft.vmap(g)(x), tf.vmap(g)(x))

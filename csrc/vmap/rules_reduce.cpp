@@ -241,6 +241,14 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> topkRule(const Tensor& x, bdim_t bd, 
   return {v, 0, i, 0};
 }
 
+// _is_any_true / _is_all_true exist for checks that end in .item() (torch._assert, autograd's
+// anomaly-mode NaN check): the answer for the whole batch is one unbatched boolean, as in
+// torch.func, so such checks work under vmap instead of raising vmap's data-dependent error.
+template <class Op>
+struct WholeBatchTruth {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t) { return {Op::call(x), std::nullopt}; }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
@@ -270,6 +278,8 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::renorm, &renormRule>(m);
   registerVmapInplaceRule<at::_ops::renorm_, &renormInplaceRule>(m);
   registerVmapRule<at::_ops::topk, &topkRule>(m);
+  registerVmapRule<at::_ops::_is_any_true, &WholeBatchTruth<at::_ops::_is_any_true>::rule>(m);
+  registerVmapRule<at::_ops::_is_all_true, &WholeBatchTruth<at::_ops::_is_all_true>::rule>(m);
 }
 
 }  // namespace ftl

@@ -115,14 +115,22 @@ std::tuple<Tensor, bdim_t> unsqueezeRule(const Tensor& x, bdim_t bd, int64_t dim
 std::tuple<Tensor, bdim_t> squeezeDimRule(const Tensor& x, bdim_t bd, int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
-  if (lr == 0) return {p, 0};
+  // A logical scalar has nothing to squeeze, but the dim is still checked and the result is
+  // still a view (an alias), as torch.squeeze gives on a 0-dim tensor.
+  if (lr == 0) {
+    c10::maybe_wrap_dim(dim, 0);
+    return {p.alias(), 0};
+  }
   return {p.squeeze(physicalDim(dim, lr, true)), 0};
 }
 
 std::tuple<Tensor, bdim_t> squeezeDimsRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
-  if (lr == 0) return {p, 0};
+  if (lr == 0) {
+    for (int64_t d : dims) c10::maybe_wrap_dim(d, 0);
+    return {p.alias(), 0};
+  }
   c10::SmallVector<int64_t, 8> phys;
   for (int64_t d : dims) phys.push_back(physicalDim(d, lr, true));
   return {p.squeeze(phys), 0};
@@ -134,7 +142,7 @@ std::tuple<Tensor, bdim_t> squeezeAllRule(const Tensor& x, bdim_t bd) {
   c10::SmallVector<int64_t, 8> phys;
   for (int64_t d = 1; d < p.dim(); ++d)
     if (p.size(d) == 1) phys.push_back(d);
-  if (phys.empty()) return {p, 0};
+  if (phys.empty()) return {p.alias(), 0};  // still a view of the input, as in torch
   return {p.squeeze(phys), 0};
 }
 
