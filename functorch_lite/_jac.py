@@ -99,6 +99,10 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
         raise NotImplementedError("jvp: strict=True is not supported (torch.func neither)")
     _check_tuple(primals, "primals", api)
     _check_tuple(tangents, "tangents", api)
+    if not tree_flatten(primals)[0]:
+        raise RuntimeError(
+            "jvp(f, primals, tangents): Expected primals to contain at least one Tensor."
+        )
     flat_p, p_spec = tree_flatten(primals)
     flat_t, t_spec = tree_flatten(tangents)
     if p_spec != t_spec:
@@ -161,6 +165,18 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
             _C._pop(level)
     out = (tree_unflatten(primals_out, out_spec), tree_unflatten(tangents_out, out_spec))
     return (*out, aux) if has_aux else out
+
+
+def _own_args(args):
+    """args, their tensors wrapped at the vjp/jvp level the function now runs in.
+
+    As in torch.func, every argument of a jacrev/jacfwd'd function belongs to the transform, not
+    only the differentiated ones: writing into a non-differentiated argument in place (an output
+    buffer, say) is then allowed, where a captured tensor would be refused.
+    """
+    level = _C._top_level_id()
+    return [tree_map(lambda x: _C._wrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x, a)
+            for a in args]
 
 
 def _replace_args(args, idx, values):
@@ -246,7 +262,7 @@ def _jacrev(func, argnums, has_aux, chunk_size, api, name):
         idx = _normalize_argnums(argnums, len(args), api)
 
         def f_diff(*diff):
-            return checked_func(*_replace_args(args, idx, diff))
+            return checked_func(*_replace_args(_own_args(args), idx, diff))
 
         flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
         _check_diff_args(args, idx, api, name, argnums)
@@ -313,7 +329,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
 
         def push_jvp(tangents):
             def f_diff(*diff):
-                return checked_func(*_replace_args(args, idx, diff))
+                return checked_func(*_replace_args(_own_args(args), idx, diff))
 
             out = jvp(f_diff, primals, tangents, has_aux=has_aux)
             return (out[1], out[2]) if has_aux else out[1]

@@ -40,10 +40,13 @@ def _describe(t):
         return _plain_repr(t)
     kind, level, bdim, value, alive = info
     inner = _describe(value).replace("\n", "\n    ")
-    dead = "" if alive else ", dead"
+    # torch.func's format: the level is the nesting depth (1 = outermost transform). A wrapper
+    # whose transform has returned has no depth any more: its level id is shown, marked dead.
+    depth = _C._level_depth(level)
+    lvl = f"{depth}" if depth else f"{level}, dead" if not alive else f"{level}"
     if kind == "batched":
-        return f"BatchedTensor(lvl={level}, bdim={bdim}{dead}, value=\n    {inner}\n)"
-    return f"GradTrackingTensor(lvl={level}{dead}, value=\n    {inner}\n)"
+        return f"BatchedTensor(lvl={lvl}, bdim={bdim}, value=\n    {inner}\n)"
+    return f"GradTrackingTensor(lvl={lvl}, value=\n    {inner}\n)"
 
 
 def _plain_value(t, what):

@@ -155,6 +155,10 @@ def _flatten_outputs(func, out_dims, out):
             f"pytree matching the outputs, got {type(out_dims).__name__}."
         )
     flat_out_dims = _broadcast_to_and_flatten(out_dims, out_spec)
+    if flat_out_dims is None and isinstance(out, torch.Tensor) and isinstance(out_dims, tuple) \
+            and len(out_dims) == 1:
+        # torch.func accepts out_dims=(d,) for a function returning one Tensor.
+        flat_out_dims = [out_dims[0]]
     if flat_out_dims is None:
         raise ValueError(
             f"vmap({name}, ..., out_dims={out_dims!r}): out_dims is not compatible with the "

@@ -417,3 +417,94 @@ def test_is_any_true_and_is_all_true_answer_for_the_whole_batch():
         for thresh in (0.0, -2.0, 2.0):
             g = lambda r: op(r > thresh)  # noqa: E731
             torch.testing.assert_close(ft.vmap(g)(x), tf.vmap(g)(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 10: accept what torch.func accepts.
+
+def test_out_dims_one_tuple_for_a_single_tensor_output():
+    x = torch.randn(2, 3)
+    for od in ((1,), (0,), (-1,)):
+        torch.testing.assert_close(ft.vmap(lambda r: r * 2, out_dims=od)(x),
+                                   tf.vmap(lambda r: r * 2, out_dims=od)(x))
+    with pytest.raises(ValueError, match="out_dims"):
+        ft.vmap(lambda r: r * 2, out_dims=(0, 1))(x)
+
+
+@pytest.mark.parametrize("in_dim", [0, 1])
+def test_one_hot_under_vmap_has_a_rule(in_dim, fallback_mode):
+    idx = torch.tensor([[1, 2, 0], [3, 4, 4]])
+    with fallback_mode("error"):
+        got = ft.vmap(lambda i: F.one_hot(i, 5), in_dims=in_dim)(idx)
+        nested = ft.vmap(ft.vmap(lambda i: F.one_hot(i, 5)))(idx)
+    torch.testing.assert_close(got, tf.vmap(lambda i: F.one_hot(i, 5), in_dims=in_dim)(idx))
+    torch.testing.assert_close(nested, F.one_hot(idx, 5))
+
+
+def test_one_hot_under_vmap_errors():
+    idx = torch.tensor([[1, -2], [3, 4]])
+    with pytest.raises(RuntimeError, match="explicit positive num_classes"):
+        ft.vmap(lambda i: F.one_hot(i))(idx)
+    # torch.func returns all-zero rows for out-of-range classes under vmap; the for-loop raises,
+    # and so do we.
+    with pytest.raises(RuntimeError, match="non-negative"):
+        ft.vmap(lambda i: F.one_hot(i, 5))(idx)
+    with pytest.raises(RuntimeError, match="smaller than num_classes"):
+        ft.vmap(lambda i: F.one_hot(i, 3))(idx.abs())
+
+
+def _write_into(x, out):
+    out.copy_(x.sin())
+    return x.cos() * 2
+
+
+@pytest.mark.parametrize("api", ["jacrev", "jacfwd"])
+def test_jacobian_of_function_writing_into_a_non_differentiated_argument(api):
+    x = torch.randn(3)
+    results = []
+    for lib in (ft, tf):
+        out = torch.zeros(3)
+        jac = getattr(lib, api)(_write_into)(x, out)
+        results.append((jac, out))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][1], x.sin())
+
+
+def test_hessian_and_vmap_jacrev_with_an_output_buffer_argument():
+    x = torch.randn(2, 3)
+    f = lambda r, buf: buf.copy_(r).mul(r).sum()  # noqa: E731
+    got = ft.vmap(ft.jacrev(f))(x, torch.zeros(2, 3))
+    want = tf.vmap(tf.jacrev(f))(x, torch.zeros(2, 3))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ft.hessian(f)(x[0], torch.zeros(3)),
+                               tf.hessian(f)(x[0], torch.zeros(3)))
+
+
+def test_jvp_with_empty_primals_is_an_error():
+    for lib in (tf, ft):
+        with pytest.raises(RuntimeError, match="at least one Tensor"):
+            lib.jvp(lambda: torch.ones(3), (), ())
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 12: reprs print the nesting depth as the level, like torch.func.
+
+def test_repr_levels_are_nesting_depths():
+    seen = {}
+
+    def record(lib):
+        def inner(r):
+            seen.setdefault(lib.__name__, []).append(repr(r))
+            return r.sin().sum()
+        return inner
+
+    x = torch.randn(2, 3)
+    for lib in (tf, ft):
+        lib.vmap(lib.grad(record(lib)))(x)
+        lib.vmap(record(lib))(x)  # a fresh transform: depth 1 again, whatever ran before
+    for text in seen["torch.func"] + seen["functorch_lite"]:
+        assert "lvl=1" in text
+    assert "GradTrackingTensor(lvl=2" in seen["functorch_lite"][0]
+    assert "GradTrackingTensor(lvl=2" in seen["torch.func"][0]
+    assert seen["functorch_lite"][1].startswith("BatchedTensor(lvl=1, bdim=0")

@@ -118,6 +118,20 @@ PYBIND11_MODULE(_C, m) {
       "unused inputs give None.");
   m.def("_stack_depth", torch::wrap_pybind_function([] { return levelStack().depth(); }));
   m.def("_describe_stack", torch::wrap_pybind_function(&describeStack));
+  // The id of the innermost visible level (0 when none): jacrev/jacfwd wrap their
+  // non-differentiated arguments at the vjp/jvp level they run in.
+  m.def("_top_level_id", torch::wrap_pybind_function([] {
+    const Level* top = levelStack().top();
+    return top ? top->id : int64_t{0};
+  }));
+  // 1-based nesting depth of a live level (0 if it is not on the visible stack): reprs print it,
+  // as torch.func prints its levels, instead of the process-wide id.
+  m.def("_level_depth", torch::wrap_pybind_function([](int64_t id) -> int64_t {
+    const auto& s = levelStack();
+    for (size_t i = 0; i < s.depth(); ++i)
+      if (s.at(i).id == id) return static_cast<int64_t>(i) + 1;
+    return 0;
+  }));
 
   // ---- vmap in/out
   m.def("_vmap_wrap_inputs", torch::wrap_pybind_function(&vmapWrapInputs));

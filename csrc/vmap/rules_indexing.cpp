@@ -426,10 +426,22 @@ using Scatter = ScatterLike<Op>;
 template <class Op>
 using ScatterInplace = ScatterLikeInplace<Op>;
 
+// one_hot appends the class dim, so the batch dim stays where it is. torch's kernel checks the
+// class values with .item(), which is fine on the physical tensor (below this level); torch.func
+// skips that check under vmap and silently returns all-zero rows for out-of-range values, so here
+// the for-loop's errors are kept. num_classes=-1 would need the maximum of every element at once.
+std::tuple<Tensor, bdim_t> oneHotRule(const Tensor& self, bdim_t bd, int64_t num_classes) {
+  TORCH_CHECK(num_classes != -1, "When vmap-ing torch.nn.functional.one_hot, please provide an "
+              "explicit positive num_classes argument (functorch_lite.vmap cannot infer it from "
+              "the data of all batch elements at once).");
+  return {at::one_hot(self, num_classes), bd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::embedding, &embeddingRule>(m);
+  registerVmapRule<at::_ops::one_hot, &oneHotRule>(m);
   registerVmapRule<at::_ops::embedding_dense_backward, &embeddingDenseBackwardRule>(m);
 
   registerVmapRule<at::_ops::index_Tensor, &indexRule>(m);
