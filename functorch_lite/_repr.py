@@ -19,6 +19,10 @@ _torch_new = torch.Tensor.new
 # The transforms themselves mark their inputs through these, never through the patched methods.
 _torch_requires_grad_ = torch._C.TensorBase.requires_grad_
 _torch_retain_grad = torch.Tensor.retain_grad
+_torch_is_conj = torch.Tensor.is_conj
+_torch_is_neg = torch.Tensor.is_neg
+_torch_resolve_conj = torch.Tensor.resolve_conj
+_torch_resolve_neg = torch.Tensor.resolve_neg
 
 _BATCHED_VALUE_ERROR = (
     "functorch_lite.vmap: {what} was called on a batched tensor. A batched tensor holds one "
@@ -139,6 +143,42 @@ def _retain_grad(self):
     return _torch_retain_grad(self)
 
 
+def _innermost(self):
+    info = _C._wrapper_info(self)
+    while info is not None:
+        self = info[3]
+        info = _C._wrapper_info(self)
+    return self
+
+
+def _is_conj(self):
+    # The conjugate and negative bits live on the plain tensor under our wrappers (its kernels
+    # honour them); the wrappers themselves carry no such key, so ask the plain tensor.
+    if _C._wrapper_info(self) is None:
+        return _torch_is_conj(self)
+    return _torch_is_conj(_innermost(self))
+
+
+def _is_neg(self):
+    if _C._wrapper_info(self) is None:
+        return _torch_is_neg(self)
+    return _torch_is_neg(_innermost(self))
+
+
+def _resolve_conj(self):
+    # torch's resolve_conj asks the wrapper, which has no conjugate key, and returns it as it is;
+    # an arithmetic no-op materialises the conjugation of the plain tensor underneath instead.
+    if _C._wrapper_info(self) is None or not _is_conj(self):
+        return _torch_resolve_conj(self)
+    return self * 1
+
+
+def _resolve_neg(self):
+    if _C._wrapper_info(self) is None or not _is_neg(self):
+        return _torch_resolve_neg(self)
+    return self * 1
+
+
 def install():
     if torch.Tensor.__repr__ is not _repr:
         torch.Tensor.__repr__ = _repr
@@ -149,3 +189,7 @@ def install():
         torch.Tensor.new = _new
         torch.Tensor.requires_grad_ = _requires_grad_
         torch.Tensor.retain_grad = _retain_grad
+        torch.Tensor.is_conj = _is_conj
+        torch.Tensor.is_neg = _is_neg
+        torch.Tensor.resolve_conj = _resolve_conj
+        torch.Tensor.resolve_neg = _resolve_neg

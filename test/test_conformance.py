@@ -508,3 +508,35 @@ def test_repr_levels_are_nesting_depths():
     assert "GradTrackingTensor(lvl=2" in seen["functorch_lite"][0]
     assert "GradTrackingTensor(lvl=2" in seen["torch.func"][0]
     assert seen["functorch_lite"][1].startswith("BatchedTensor(lvl=1, bdim=0")
+
+
+# ------------------------------------------------------------------------------------------------
+# Item 5 (part): the conjugate bit inside transforms. The bit lives on the plain tensor under our
+# wrappers; is_conj()/is_neg()/resolve_conj() answer for it.
+
+CONJ_CASES = {
+    "vmap": lambda lib, f, x: lib.vmap(f)(x),
+    "grad": lambda lib, f, x: lib.grad(lambda r: f(r).abs().sum())(x[0]),
+    "vmap_grad": lambda lib, f, x: lib.vmap(lib.grad(lambda r: f(r).abs().sum()))(x),
+    "jvp": lambda lib, f, x: lib.jvp(f, (x[0],), (x[1],)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONJ_CASES))
+def test_conj_bit_inside_transforms(case):
+    x = torch.randn(2, 3, dtype=torch.complex128)
+    seen = {}
+
+    def record(name):
+        def f(r):
+            c = r.conj()
+            seen.setdefault(name, []).append((c.is_conj(), r.is_conj(), c.resolve_conj().is_conj(),
+                                              c.conj().is_conj()))
+            return c.resolve_conj() * r
+        return f
+
+    got = CONJ_CASES[case](ft, record("ft"), x)
+    want = CONJ_CASES[case](tf, record("tf"), x)
+    torch.testing.assert_close(got, want)
+    assert seen["ft"] == seen["tf"]
+    assert seen["ft"][0] == (True, False, False, False)
