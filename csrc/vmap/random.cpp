@@ -446,7 +446,80 @@ void otherRule(Call& c) {
   vmapForLoop(c.op, c.stack, c.top);
 }
 
+// ---- The dropout family under vmap.
+//
+// torch's own decomposition of dropout draws in place into `empty_like(input)`: into an unbatched
+// tensor when the input does not depend on the mapped inputs (which 'different' must refuse), and
+// in the input's memory layout otherwise. torch.func replaces the decomposition while a transform
+// is live (aten/src/ATen/functorch/PyTorchOperatorHacks.cpp): the mask is an out-of-place
+// bernoulli of a fresh tensor of the logical shape (the feature-noise shape for feature dropout),
+// which the bernoulli rule above turns into one [B, ...] draw or one shared draw. We decompose the
+// same way while a vmap level is live, at every level kind (so vmap(grad(f)) draws alike), and
+// leave it to torch otherwise, where it matches eager mode.
+
+bool vmapLevelLive() {
+  const LevelStack& levels = levelStack();
+  for (size_t i = 0; i < levels.depth(); ++i)
+    if (levels.at(i).kind == LevelKind::Vmap) return true;
+  return false;
+}
+
+template <bool feature, bool alpha, bool inplace>
+Tensor dropoutDecomposed(const Tensor& input, double p, bool train) {
+  TORCH_CHECK(p >= 0 && p <= 1, "dropout probability has to be between 0 and 1, but got ", p);
+  if (!inplace && !feature && !alpha && train && p > 0 && p < 1 && input.sym_numel() > 0 &&
+      (input.is_cuda() || input.is_xpu() || input.is_lazy())) {
+    return std::get<0>(at::native_dropout(input, p, train));  // the fused kernel, as torch does
+  }
+  if (p == 0 || !train || input.sym_numel() == 0) return input;
+  auto mul = [&](const Tensor& noise) { return inplace ? input.mul_(noise) : input.mul(noise); };
+  // The mask is real-valued also for complex inputs (bernoulli has no complex kernel).
+  const auto options = input.options().dtype(c10::toRealValueType(input.scalar_type()));
+  if (p == 1) return mul(at::zeros({}, options));
+  Tensor empty;
+  if (feature) {
+    TORCH_CHECK(input.dim() >= 2, "Feature dropout requires at least 2 dimensions in the input");
+    std::vector<int64_t> sizes(input.dim(), 1);
+    sizes[0] = input.size(0);
+    sizes[1] = input.size(1);
+    empty = at::empty(sizes, options);
+  } else {
+    empty = at::empty({}, options).expand(input.sizes());
+  }
+  Tensor noise = at::bernoulli(empty, 1 - p);
+  if (!alpha) return mul(noise.div_(1 - p));
+  constexpr double kAlpha = 1.7580993408473766;
+  const double a = 1. / std::sqrt((kAlpha * kAlpha * p + 1) * (1 - p));
+  Tensor b = noise.add(-1).mul_(kAlpha * a).add_(kAlpha * a * p);
+  noise.mul_(a);
+  return mul(noise).add_(b);
+}
+
+template <bool feature, bool alpha, bool inplace>
+void dropoutKernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const size_t n = stack->size();
+  if (!vmapLevelLive() || isForeignTransformTensor((*stack)[n - 3].toTensor()))
+    return frontFallback(op, stack);
+  const Tensor input = unwrapIfDead((*stack)[n - 3].toTensor());
+  const double p = (*stack)[n - 2].toDouble();
+  const bool train = (*stack)[n - 1].toBool();
+  Tensor out = dropoutDecomposed<feature, alpha, inplace>(input, p, train);
+  torch::jit::drop(*stack, 3);
+  stack->push_back(inplace ? input : out);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  m.impl("dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, false, false>>());
+  m.impl("dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, false, true>>());
+  m.impl("feature_dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, false, false>>());
+  m.impl("feature_dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, false, true>>());
+  m.impl("alpha_dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, true, false>>());
+  m.impl("alpha_dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, true, true>>());
+  m.impl("feature_alpha_dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, true, false>>());
+  m.impl("feature_alpha_dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, true, true>>());
+}
 
 bool vmapRandom(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
   const auto& schema = op.schema();
