@@ -60,6 +60,14 @@ CASES = {
     "dropout1d": (lambda g: lambda x: F.dropout1d(x, 0.4), [_x], False),
     "dropout2d": (lambda g: lambda x: F.dropout2d(x.reshape(1, 5, 7, 1), 0.4), [_x], False),
     "dropout3d": (lambda g: lambda x: F.dropout3d(x.reshape(5, 7, 1, 1), 0.4), [_x], False),
+    "alpha_dropout_inplace": (
+        lambda g: lambda x: F.alpha_dropout(x * 1, 0.4, training=True, inplace=True), [_x], False),
+    "feature_alpha_dropout_inplace": (
+        lambda g: lambda x: F.feature_alpha_dropout(x * 1, 0.4, training=True, inplace=True),
+        [_x], False),
+    "dropout2d_inplace": (
+        lambda g: lambda x: F.dropout2d((x * 1).reshape(1, 5, 7, 1), 0.4, inplace=True),
+        [_x], False),
     "native_dropout": (lambda g: lambda x: torch.native_dropout(x, 0.4, True), [_x], False),
     "bernoulli": (lambda g: lambda p: torch.bernoulli(p, **_kw(g)), [_p], True),
     "bernoulli_p": (lambda g: lambda x: torch.bernoulli(x, 0.3, **_kw(g)), [_x], True),
@@ -144,7 +152,8 @@ def _assert_same_result(ours, theirs, what):
 
 INPLACE = {"uniform_", "normal_", "random_", "random_to", "random_from_to", "exponential_",
            "geometric_", "cauchy_", "log_normal_", "bernoulli_inplace_float",
-           "bernoulli_inplace_tensor", "dropout_inplace"}
+           "bernoulli_inplace_tensor", "dropout_inplace", "alpha_dropout_inplace",
+           "feature_alpha_dropout_inplace", "dropout2d_inplace"}
 # Inputs whose values parametrize the draw (not only its shape): under 'same' they must not be
 # batched, as one draw cannot serve different parameters (torch.func raises too).
 PARAMETERS = {"bernoulli": [0], "bernoulli_inplace_tensor": [1], "multinomial_1d": [0],
