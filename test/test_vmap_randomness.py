@@ -446,3 +446,22 @@ def test_same_with_chunks_and_an_explicit_generator():
     out = ft.vmap(lambda t: torch.rand(3, generator=g) + t, randomness="same", chunk_size=2)(
         torch.zeros(4, 3))
     assert all(torch.equal(out[0], out[i]) for i in range(1, 4))
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+@pytest.mark.parametrize("program", ["grad_of_vmap", "vmap_of_jacrev", "vmap_of_jvp"])
+def test_other_compositions(program, randomness):
+    w, xs = torch.randn(7), torch.randn(B, 5, 7)
+
+    def run(lib):
+        torch.manual_seed(1)
+        if program == "grad_of_vmap":
+            return lib.grad(lambda w: lib.vmap(lambda x: F.dropout(x * w, 0.5).sum(),
+                                               randomness=randomness)(xs).sum())(w)
+        if program == "vmap_of_jacrev":
+            return lib.vmap(lib.jacrev(lambda x: F.dropout(x, 0.5).sum(0)),
+                            randomness=randomness)(xs[:, :2, :3])
+        return lib.vmap(lambda x: lib.jvp(lambda y: F.alpha_dropout(y, 0.5, True), (x,),
+                                          (torch.ones_like(x),))[1], randomness=randomness)(xs)
+
+    assert torch.equal(run(ft), run(torch.func))
