@@ -45,7 +45,7 @@ enum class Kind : uint8_t {
   Factory,          // a `size` argument: rand, randn, randint, normal.float_float
   Randperm,         // one permutation per element
   Inplace,          // draws into `self`: uniform_, normal_, random_, bernoulli_, ...
-  Pointwise,        // one tensor gives shape and parameters: bernoulli, poisson, normal(Tensor, float)
+  Pointwise,        // one tensor gives shape and parameters: bernoulli, poisson, normal(T, float)
   Binary,           // two broadcast tensors: normal(Tensor, Tensor), binomial
   Like,             // rand_like, randn_like, randint_like, bernoulli.p: only self's shape matters
   BernoulliTensor,  // bernoulli.Tensor: the shape of `self`, the probabilities of `p`
@@ -119,8 +119,10 @@ bool hasGeneratorArg(const c10::FunctionSchema& schema) {
     const auto& type = arg.type();
     if (type->kind() == c10::TypeKind::GeneratorType) return true;
     if (type->kind() == c10::TypeKind::OptionalType &&
-        type->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::GeneratorType)
+        type->castRaw<c10::OptionalType>()->getElementType()->kind() ==
+            c10::TypeKind::GeneratorType) {
       return true;
+    }
   }
   return false;
 }
@@ -508,17 +510,22 @@ void dropoutKernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   stack->push_back(inplace ? input : out);
 }
 
+template <bool feature, bool alpha, bool inplace>
+torch::CppFunction dropoutFn() {
+  return torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<feature, alpha, inplace>>();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  m.impl("dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, false, false>>());
-  m.impl("dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, false, true>>());
-  m.impl("feature_dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, false, false>>());
-  m.impl("feature_dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, false, true>>());
-  m.impl("alpha_dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, true, false>>());
-  m.impl("alpha_dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<false, true, true>>());
-  m.impl("feature_alpha_dropout", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, true, false>>());
-  m.impl("feature_alpha_dropout_", torch::CppFunction::makeFromBoxedFunction<&dropoutKernel<true, true, true>>());
+  m.impl("dropout", dropoutFn<false, false, false>());
+  m.impl("dropout_", dropoutFn<false, false, true>());
+  m.impl("feature_dropout", dropoutFn<true, false, false>());
+  m.impl("feature_dropout_", dropoutFn<true, false, true>());
+  m.impl("alpha_dropout", dropoutFn<false, true, false>());
+  m.impl("alpha_dropout_", dropoutFn<false, true, true>());
+  m.impl("feature_alpha_dropout", dropoutFn<true, true, false>());
+  m.impl("feature_alpha_dropout_", dropoutFn<true, true, true>());
 }
 
 bool vmapRandom(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
@@ -533,8 +540,10 @@ bool vmapRandom(const c10::OperatorHandle& op, torch::jit::Stack* stack, const L
   }
   if (inEvalMode(schema, *stack, c.begin)) return false;
   // A composite random op (rrelu) draws in its decomposition, whose pieces come back here.
-  if (kind == Kind::Other && op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd))
+  if (kind == Kind::Other &&
+      op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
     return false;
+  }
   TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: the function called the "
               "random operation ", schema.operator_name(), " while vmap's randomness is 'error'. "
               "Pass randomness='different' (independent draws per batch element) or "
