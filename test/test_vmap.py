@@ -1542,7 +1542,7 @@ functorch_lite.vmap: aten::nonzero returns a result whose shape (or Python value
     def test_random_op_under_randomness_error(self):
         x = torch.randn(B, 4)
         self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: F.dropout(a, 0.5))(x), """\
-functorch_lite.vmap: the function called the random operation aten::bernoulli_.float while vmap's randomness is 'error'. Pass randomness='different' (independent draws per batch element) or randomness='same' (one draw shared by the batch) to vmap, or draw the random values outside of vmap.""")
+functorch_lite.vmap: the function called the random operation aten::bernoulli.p while vmap's randomness is 'error'. Pass randomness='different' (independent draws per batch element) or randomness='same' (one draw shared by the batch) to vmap, or draw the random values outside of vmap.""")
 
     def test_randomness_same_with_batched_input(self):
         x = torch.randn(B, 4)

@@ -1,7 +1,8 @@
 // The boxed path of a vmap level: ops without an unboxed batching rule come here (from the
-// DeferredInit fallback). In order: random ops follow the level's randomness (even when nothing
-// is batched: a factory draw must honour 'different'); ops with nothing batched at this level are
-// handed down; data-dependent ops raise; CompositeImplicitAutograd ops are decomposed so that their
+// DeferredInit fallback). In order: random ops follow the level's randomness (random.cpp; even
+// when nothing is batched: a factory draw must honour 'different'); ops with nothing batched at
+// this level are handed down (composite ones decompose unless randomness is 'same': their pieces
+// may draw); data-dependent ops raise; CompositeImplicitAutograd ops are decomposed so that their
 // pieces are batched; everything else runs the for-loop fallback.
 #include "vmap/fallback.h"
 
@@ -18,6 +19,7 @@
 
 #include "core/dispatch.h"
 #include "core/tensors.h"
+#include "vmap/random.h"
 
 namespace ftl {
 
@@ -103,42 +105,6 @@ void rejectDataDependent(const c10::OperatorName& name) {
               " returns a result whose shape (or Python value) depends on the data of each batch "
               "element, which vmap cannot batch. Boolean-mask indexing (x[mask]) is the usual "
               "cause: use torch.where(mask, x, 0) or multiply by the mask instead.");
-}
-
-// Random ops: those taking a Generator, plus the overloads and ops that draw without taking one.
-bool isRandomOp(const c10::OperatorHandle& op) {
-  const auto& schema = op.schema();
-  for (const auto& arg : schema.arguments()) {
-    const auto& type = arg.type();
-    if (type->kind() == c10::TypeKind::OptionalType) {
-      if (type->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::GeneratorType)
-        return true;
-    } else if (type->kind() == c10::TypeKind::GeneratorType) {
-      return true;
-    }
-  }
-  static const std::unordered_set<std::string> names = {
-      "aten::rand", "aten::randn", "aten::randint", "aten::randperm", "aten::rand_like",
-      "aten::randn_like", "aten::randint_like", "aten::native_dropout", "aten::bernoulli",
-      "aten::normal", "aten::poisson", "aten::multinomial", "aten::random_", "aten::uniform_",
-      "aten::normal_", "aten::bernoulli_", "aten::exponential_", "aten::geometric_",
-      "aten::log_normal_", "aten::cauchy_", "aten::rrelu", "aten::rrelu_with_noise",
-      "aten::_standard_gamma", "aten::_sample_dirichlet", "aten::binomial"};
-  return names.count(schema.name()) > 0;
-}
-
-// Index of the `size` argument of a random factory (rand, randn, randint, ...), or -1.
-int64_t sizeArgIndex(const c10::FunctionSchema& schema) {
-  const auto& args = schema.arguments();
-  for (size_t i = 0; i < args.size(); ++i) {
-    if (args[i].name() == "size" && args[i].type()->kind() == c10::TypeKind::ListType) return i;
-  }
-  return -1;
-}
-
-bool isLikeOp(const c10::FunctionSchema& schema) {
-  const std::string& n = schema.name();
-  return n.size() > 5 && n.compare(n.size() - 5, 5, "_like") == 0;
 }
 
 bool isMutated(const c10::FunctionSchema& schema, size_t i) {
@@ -272,92 +238,6 @@ bool anyBatched(const torch::jit::Stack& stack, size_t begin, size_t end, int64_
   return any;
 }
 
-void randomOp(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top, bool batched) {
-  const auto& schema = op.schema();
-  const size_t nargs = schema.arguments().size();
-  const size_t begin = stack->size() - nargs;
-  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: the function called the "
-              "random operation ", schema.operator_name(), " while vmap's randomness is 'error'. "
-              "Pass randomness='different' (independent draws per batch element) or "
-              "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
-              "values outside of vmap.");
-  const bool inplace = nargs > 0 && isMutated(schema, 0) && (*stack)[begin].isTensor();
-  auto* self_batched = inplace ? batchedAt((*stack)[begin].toTensor(), top.id) : nullptr;
-  const bool others_batched = anyBatched(*stack, begin + (inplace ? 1 : 0), stack->size(), top.id);
-  // *_like draws depend only on the shape of their input: with a batched input, 'different'
-  // draws on the physical value (independent per element) and 'same' draws one element's worth.
-  if (isLikeOp(schema) && others_batched) {
-    auto* bt = batchedAt((*stack)[begin].toTensor(), top.id);
-    const at::Tensor self = (*stack)[begin].toTensor();
-    HandDownGuard guard;
-    if (top.randomness == Randomness::Different) {
-      (*stack)[begin] = bt->value();
-      op.callBoxed(stack);
-      (*stack)[stack->size() - 1] = makeBatched((*stack)[stack->size() - 1].toTensor(), bt->bdim(), top);
-    } else {
-      (*stack)[begin] = bt->value().select(bt->bdim(), 0);
-      op.callBoxed(stack);
-    }
-    return;
-  }
-  if (top.randomness == Randomness::Same) {
-    if (!batched) {
-      HandDownGuard guard;
-      op.callBoxed(stack);
-      return;
-    }
-    // In-place draw into a batched tensor whose other arguments are not batched: draw once for
-    // one element, then copy that draw to every element.
-    TORCH_CHECK(self_batched && !others_batched, "functorch_lite.vmap: randomness='same' cannot be "
-                "honoured by ", schema.operator_name(), " when its inputs differ between batch "
-                "elements. Use randomness='different', or draw outside of vmap.");
-    at::Tensor self = (*stack)[begin].toTensor();
-    {
-      HandDownGuard guard;
-      at::Tensor one = self_batched->value().select(self_batched->bdim(), 0);
-      (*stack)[begin] = one;
-      op.callBoxed(stack);
-      self_batched->value().copy_(one.unsqueeze(self_batched->bdim()).expand_as(self_batched->value()).clone());
-    }
-    torch::jit::drop(*stack, schema.returns().size());
-    for (size_t r = 0; r < schema.returns().size(); ++r) stack->push_back(self);
-    return;
-  }
-  // 'different'
-  TORCH_CHECK(!inplace || self_batched, "functorch_lite.vmap: randomness='different' needs one draw "
-              "per batch element, but ", schema.operator_name(), " draws in place into a tensor "
-              "that is not batched (it was created outside vmap or does not depend on the mapped "
-              "inputs), which can hold only one. Draw into a batched tensor (e.g. torch.empty_like "
-              "of a mapped input), or use randomness='same'.");
-  const int64_t size_idx = sizeArgIndex(schema);
-  if (!batched && size_idx >= 0) {
-    // A random factory: draw [batch_size, *size] at once.
-    auto& iv = (*stack)[begin + size_idx];
-    std::vector<int64_t> size{top.batch_size};
-    for (const auto& d : iv.toListRef()) size.push_back(d.toInt());
-    iv = c10::IValue(size);
-    {
-      HandDownGuard guard;
-      op.callBoxed(stack);
-    }
-    (*stack)[stack->size() - 1] = makeBatched((*stack)[stack->size() - 1].toTensor(), 0, top);
-    return;
-  }
-  if (self_batched && !others_batched) {
-    // In-place draw into a batched tensor: the physical value holds one draw per element already.
-    const at::Tensor self = (*stack)[begin].toTensor();
-    {
-      HandDownGuard guard;
-      (*stack)[begin] = self_batched->value();
-      op.callBoxed(stack);
-    }
-    torch::jit::drop(*stack, schema.returns().size());
-    for (size_t r = 0; r < schema.returns().size(); ++r) stack->push_back(self);
-    return;
-  }
-  forLoop(op, stack, top);
-}
-
 }  // namespace
 
 FallbackMode fallbackMode() { return modeRef().load(std::memory_order_relaxed); }
@@ -372,25 +252,37 @@ void resetFallbackOpsSeen() {
   seen().ops.clear();
 }
 
+void vmapForLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  forLoop(op, stack, top);
+}
+
 void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  if (vmapRandom(op, stack, top)) return;
   const auto& schema = op.schema();
   const size_t begin = stack->size() - schema.arguments().size();
   const bool batched = anyBatched(*stack, begin, stack->size(), top.id);
-  if (isRandomOp(op)) {
-    randomOp(op, stack, top, batched);
-    return;
-  }
+  // A few composite kernels read raw data (tensor lengths, a fast path); they must loop instead.
+  static const std::unordered_set<std::string> no_decompose = {
+      "aten::max_pool1d", "aten::ctc_loss", "aten::max_pool1d_with_indices"};
+  const bool decomposable =
+      op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
+      !no_decompose.count(schema.name());
   if (!batched) {
+    // A composite op may draw in its decomposition (dropout, alpha_dropout, feature_dropout, ...
+    // on a tensor that does not depend on the mapped inputs). Handed down whole, its draw would
+    // not see this level: 'error' would not raise and 'different' would draw once for the whole
+    // batch. So it decomposes, and its pieces come back here (as under torch.func, whose vmap
+    // mode key sees them). Under 'same', one draw below is exactly right.
+    if (decomposable && top.randomness != Randomness::Same) {
+      op.callBoxedForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd, *stack);
+      return;
+    }
     HandDownGuard guard;
     op.callBoxed(stack);
     return;
   }
   rejectDataDependent(schema.operator_name());
-  // A few composite kernels read raw data (tensor lengths, a fast path); they must loop instead.
-  static const std::unordered_set<std::string> no_decompose = {
-      "aten::max_pool1d", "aten::ctc_loss", "aten::max_pool1d_with_indices"};
-  if (op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
-      !no_decompose.count(schema.name())) {
+  if (decomposable) {
     op.callBoxedForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd, *stack);
     return;
   }
