@@ -1167,7 +1167,7 @@ vjp_fn: Expected pytree structure of cotangents to be the same as pytree structu
 
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(f)(x)),
-            """functorch_lite.grad: the function being transformed called the in-place operation aten::add_.Tensor on a tensor it captured from outside the transform (or on an input not being differentiated in an outer transform). This would mutate a captured tensor, which is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""")
+            """functorch_lite.grad: the function being transformed called the in-place operation aten::add_.Tensor, which would mutate a captured Tensor (one captured from outside the transform, or an input not being differentiated in an outer transform). This is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""")
 
         def g(a):
             c.copy_(a)
@@ -1175,7 +1175,7 @@ vjp_fn: Expected pytree structure of cotangents to be the same as pytree structu
 
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(g, x)),
-            """functorch_lite.grad: the function being transformed called the in-place operation aten::copy_ on a tensor it captured from outside the transform (or on an input not being differentiated in an outer transform). This would mutate a captured tensor, which is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""")
+            """functorch_lite.grad: the function being transformed called the in-place operation aten::copy_, which would mutate a captured Tensor (one captured from outside the transform, or an input not being differentiated in an outer transform). This is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""")
 
     def test_which_argument_is_not_differentiable(self):
         x = self.x

@@ -58,8 +58,10 @@ c10::WarningHandler* baseWarningHandler() {
 void noteFallback(const c10::OperatorName& name) {
   std::string op = c10::toString(name);
   const auto mode = fallbackMode();
-  TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: there is no batching rule for ",
-              op, " and the for-loop fallback is disabled (set_vmap_fallback('error') or "
+  // "Batching rule not implemented": torch.func's phrase for a missing rule, so that code
+  // matching its errors matches ours.
+  TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: Batching rule not implemented "
+              "for ", op, ", and the for-loop fallback is disabled (set_vmap_fallback('error') or "
               "FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.");
   bool first = false;
   {
@@ -276,8 +278,9 @@ void randomOp(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Lev
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;
-  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: the function called the "
-              "random operation ", schema.operator_name(), " while vmap's randomness is 'error'. "
+  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: called random "
+              "operation ", schema.operator_name(), " while in randomness error mode "
+              "(randomness='error'). "
               "Pass randomness='different' (independent draws per batch element) or "
               "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
               "values outside of vmap.");
