@@ -682,7 +682,7 @@ def test_fallback_disabled_raises_clear_error():
     with pytest.raises(RuntimeError) as info:
         ft.jacfwd(lambda x: torch.take(x, torch.tensor([0, 2])))(X)
     msg = str(info.value)
-    assert "no batching rule for aten::take" in msg and "set_vmap_fallback" in msg
+    assert "Batching rule not implemented for aten::take" in msg and "set_vmap_fallback" in msg
     assert_clean_message(msg)
 
 

@@ -958,7 +958,7 @@ def test_no_rule_fallback_placements(case, op, placement):
 
 def test_fallback_error_mode_raises(fallback_mode):
     with fallback_mode("error"):
-        with pytest.raises(RuntimeError, match="no batching rule for aten::kthvalue"):
+        with pytest.raises(RuntimeError, match="Batching rule not implemented for aten::kthvalue"):
             ft.vmap(lambda a: a.kthvalue(1))(torch.randn(B, 4))
 
 
