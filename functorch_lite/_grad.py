@@ -4,6 +4,7 @@ import contextlib
 import functools
 
 import torch
+from torch.utils.checkpoint import CheckpointError
 from torch.utils._pytree import (
     keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten)
 
@@ -45,6 +46,19 @@ def _normalize_argnums(argnums, nargs, api):
     if len(set(out)) != len(out):
         raise RuntimeError(f"{api}: argnums elements must be unique, got {argnums!r}")
     return out
+
+
+def _refuse_nested(api, tree):
+    """Called when wrapping the inputs failed: a nested tensor (torch.nested) is a Python tensor
+    subclass, which the C++ side takes for a tensor of another transform library; say what it is."""
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor) and t.is_nested:
+            raise RuntimeError(
+                f"{api}: got a nested tensor (torch.nested, layout={t.layout}), which "
+                f"functorch_lite's transforms do not support (a known limitation). Differentiate "
+                f"with respect to its components (t.unbind()) or a padded dense tensor "
+                f"(t.to_padded_tensor(0.0))."
+            )
 
 
 def _wrap(x, level):
@@ -119,10 +133,15 @@ def grad_and_value(func, argnums=0, has_aux=False):
         level = _C._push_grad()
         try:
             with torch.enable_grad():
-                args = [_C._wrap_for_grad(a, level) if isinstance(a, torch.Tensor)
-                        else tree_map(lambda x: _wrap(x, level), a) for a in args]
-                if kwargs:
-                    kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+                try:
+                    wrapped = [_C._wrap_for_grad(a, level) if isinstance(a, torch.Tensor)
+                               else tree_map(lambda x: _wrap(x, level), a) for a in args]
+                    if kwargs:
+                        kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+                except RuntimeError:
+                    _refuse_nested(api, (args, kwargs))
+                    raise
+                args = wrapped
                 for i in idx:
                     a = args[i]
                     if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
@@ -198,7 +217,11 @@ def vjp(func, *primals, has_aux=False):
     level = _C._push_grad()
     try:
         with torch.enable_grad():
-            wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
+            try:
+                wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
+            except RuntimeError:
+                _refuse_nested(api, primals)
+                raise
             wrapped = [_make_differentiable(p, api, f"primals[{i}]")
                        for i, p in enumerate(wrapped)]
             output = call_transformed(func, wrapped, {}, api)
@@ -255,10 +278,21 @@ def vjp(func, *primals, has_aux=False):
             with contextlib.ExitStack() as stack:
                 if torch.is_inference_mode_enabled():
                     stack.enter_context(torch.inference_mode(False))
-                grads = _C._autograd_grad(
-                    [o for o, _ in pairs], flat_primals, [c for _, c in pairs], retain_graph,
-                    create_graph,
-                )
+                try:
+                    grads = _C._autograd_grad(
+                        [o for o, _ in pairs], flat_primals, [c for _, c in pairs],
+                        retain_graph, create_graph,
+                    )
+                except CheckpointError as e:
+                    # vjp_fn runs the backward after vjp's level has returned: checkpoint's
+                    # recomputation then runs outside the transform and records nothing.
+                    raise RuntimeError(
+                        "functorch_lite.vjp: torch.utils.checkpoint inside vjp (or jacrev, "
+                        "hessian) is not supported: vjp_fn runs the backward after vjp has "
+                        "returned, when the checkpointed function can no longer be recomputed "
+                        "inside the transform. Use grad (its backward runs inside the "
+                        "transform), or call the function without checkpoint."
+                    ) from e
         else:
             grads = (None,) * len(flat_primals)
         grads = [

@@ -114,6 +114,12 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 f"jvp(f, primals, tangents): primals and tangents must be Tensors or pytrees of "
                 f"Tensors; entry {i} is a {type(p).__name__} / {type(t).__name__}."
             )
+        if p.is_nested:
+            raise RuntimeError(
+                f"jvp(f, primals, tangents): primal {i} is a nested tensor (torch.nested, "
+                f"layout={p.layout}), which functorch_lite's transforms do not support (a known "
+                f"limitation). Use its components (p.unbind()) or a padded dense tensor."
+            )
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(
                 f"jvp(f, primals, tangents): primal {i} must be a floating-point or complex "
@@ -225,7 +231,15 @@ def _check_diff_args(args, idx, api, name, argnums, forward):
     for i in idx:
         _check_differentiable(args[i], f"{api}({name})", f"argument {i} (argnums={argnums!r})",
                               dtype_error=ValueError if forward else RuntimeError)
-    _check_real(tree_flatten([args[i] for i in idx])[0], api, name, "inputs")
+    flat = tree_flatten([args[i] for i in idx])[0]
+    for t in flat:
+        if t.is_nested:
+            raise RuntimeError(
+                f"{api}({name}): got a nested tensor (torch.nested, layout={t.layout}), which "
+                f"functorch_lite's transforms do not support (a known limitation). Use its "
+                f"components (t.unbind()) or a padded dense tensor (t.to_padded_tensor(0.0))."
+            )
+    _check_real(flat, api, name, "inputs")
 
 
 def _check_real(flat, api, name, what):
