@@ -746,3 +746,43 @@ def test_nested_tensor_under_differentiation_is_a_clear_error(layout, api):
     else:
         assert isinstance(theirs, RuntimeError)
     assert ft._C._stack_depth() == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# make_functional(_with_buffers): torch.func has no such function; functorch (deprecated) does.
+# Where functorch raises the same type we do; elsewhere its errors are incidental ones from inside
+# its implementation (a meta-device RuntimeError, AttributeError, a shape error of the model), and
+# ours name the misuse instead.
+
+def _fmodel(L, with_buffers=False):
+    m = nn.Linear(3, 3)
+    return (L.make_functional_with_buffers if with_buffers else L.make_functional)(m)
+
+
+# name -> (call(lib), our type, functorch's type, or None where its error is incidental)
+MAKE_FUNCTIONAL_CASES = {
+    "model_with_buffers": (lambda L: L.make_functional(nn.BatchNorm1d(3)), RuntimeError,
+                           RuntimeError),
+    "param_not_a_tensor": (lambda L: _fmodel(L)[0]((1.0, _fmodel(L)[1][1]), x), TypeError,
+                           TypeError),
+    "not_a_module": (lambda L: L.make_functional(lambda a: a), TypeError, None),
+    "wrong_number_of_params": (lambda L: _fmodel(L)[0](_fmodel(L)[1][:1], x), ValueError, None),
+    "params_not_a_sequence": (lambda L: _fmodel(L)[0](_fmodel(L)[1][0], x), TypeError, None),
+    "wrong_number_of_buffers": (
+        lambda L: L.make_functional_with_buffers(nn.BatchNorm1d(3))[0](
+            tuple(nn.BatchNorm1d(3).parameters()), (), torch.randn(2, 3)), ValueError, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MAKE_FUNCTIONAL_CASES))
+def test_make_functional_misuse(name):
+    functorch = pytest.importorskip("functorch")
+    call, ours_type, theirs_type = MAKE_FUNCTIONAL_CASES[name]
+    ours, theirs = _run(lambda: call(ft)), _run(lambda: call(functorch))
+    assert type(ours) is ours_type, repr(ours)
+    assert theirs is not None
+    if theirs_type is not None:
+        assert isinstance(ours, type(theirs)), (ours, theirs)
+    else:
+        # incidental: functorch's text does not name the misuse
+        assert "make_functional" not in str(theirs)
