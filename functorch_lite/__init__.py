@@ -13,9 +13,10 @@ from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._grad import grad, grad_and_value, vjp
 from ._jac import hessian, jacfwd, jacrev, jvp
 from ._vmap import vmap
-from . import _repr
+from . import _guards, _repr
 
 _repr.install()
+_guards.install()
 
 
 def _not_yet(name, issue):

@@ -4,6 +4,7 @@ import contextlib
 import functools
 
 import torch
+from torch.utils.checkpoint import CheckpointError
 from torch.utils._pytree import (
     keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten)
 
@@ -20,24 +21,44 @@ def _fn_name(func):
 
 
 def _normalize_argnums(argnums, nargs, api):
+    # RuntimeError throughout, as torch.func raises for every argnums misuse.
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
-        raise TypeError(f"{api}: argnums must be an int or a tuple of ints, got {argnums!r}")
+        raise RuntimeError(
+            f"{api}: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got "
+            f"{argnums!r}."
+        )
     items = argnums if isinstance(argnums, tuple) else (argnums,)
     if len(items) == 0:
-        raise ValueError(f"{api}: argnums must be non-empty")
+        raise RuntimeError(f"{api}: argnums must be non-empty")
     out = []
     for a in items:
         if isinstance(a, bool) or not isinstance(a, int):
-            raise TypeError(f"{api}: argnums must be an int or a tuple of ints, got {argnums!r}")
+            raise RuntimeError(
+                f"{api}: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got "
+                f"{argnums!r}."
+            )
         if not -nargs <= a < nargs:
-            raise ValueError(
-                f"{api}: got argnums={argnums!r}, but the function was called with {nargs} "
-                f"positional argument(s), so each argnum must be in [{-nargs}, {nargs})."
+            raise RuntimeError(
+                f"{api}: got argnums={argnums!r}, but only {nargs} positional inputs, so each "
+                f"argnum must be in [{-nargs}, {nargs})."
             )
         out.append(a % nargs)
     if len(set(out)) != len(out):
-        raise ValueError(f"{api}: argnums must not contain duplicates, got {argnums!r}")
+        raise RuntimeError(f"{api}: argnums elements must be unique, got {argnums!r}")
     return out
+
+
+def _refuse_nested(api, tree):
+    """Called when wrapping the inputs failed: a nested tensor (torch.nested) is a Python tensor
+    subclass, which the C++ side takes for a tensor of another transform library; say what it is."""
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor) and t.is_nested:
+            raise RuntimeError(
+                f"{api}: got a nested tensor (torch.nested, layout={t.layout}), which "
+                f"functorch_lite's transforms do not support (a known limitation). Differentiate "
+                f"with respect to its components (t.unbind()) or a padded dense tensor "
+                f"(t.to_padded_tensor(0.0))."
+            )
 
 
 def _wrap(x, level):
@@ -48,20 +69,22 @@ def _unwrap(x, level):
     return _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
 
 
-def _check_differentiable(tree, api, what):
+def _check_differentiable(tree, api, what, dtype_error=RuntimeError, type_error=ValueError):
     """Raises unless every leaf of `tree` is a floating-point or complex Tensor. `what` names the
     argument in the error (e.g. "argument 1 (argnums=(0, 1))"), followed by the pytree path of
-    the bad leaf."""
+    the bad leaf. The exception types are torch.func's for the same misuse: the reverse-mode
+    transforms raise RuntimeError for an integer Tensor, the forward-mode ones ValueError; a
+    non-Tensor is a ValueError (a RuntimeError for jvp's primals)."""
     for path, t in tree_flatten_with_path(tree)[0]:
         if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
             continue
         where = what + (f" at {keystr(path)}" if path else "")
         if not isinstance(t, torch.Tensor):
-            raise TypeError(
+            raise type_error(
                 f"{api}: {where} must be a Tensor (or a pytree of Tensors), got "
                 f"{_a(type(t).__name__)}."
             )
-        raise TypeError(
+        raise dtype_error(
             f"{api}: {where} must be a floating-point or complex Tensor to be differentiated, got "
             f"a Tensor of dtype {t.dtype}."
         )
@@ -80,9 +103,9 @@ def _split_aux(output, has_aux, api, name="f"):
     if not has_aux:
         return output, None
     if not (isinstance(output, tuple) and len(output) == 2):
-        raise TypeError(
-            f"{api}({name}, has_aux=True): {name} must return a tuple (output, aux), got "
-            f"{type(output).__name__}"
+        raise RuntimeError(
+            f"{api}({name}, has_aux=True): output of function {name} should be a tuple: "
+            f"(output, aux) if has_aux is True; got {type(output).__name__}"
             + (f" of length {len(output)}" if isinstance(output, tuple) else "")
             + "."
         )
@@ -110,10 +133,15 @@ def grad_and_value(func, argnums=0, has_aux=False):
         level = _C._push_grad()
         try:
             with torch.enable_grad():
-                args = [_C._wrap_for_grad(a, level) if isinstance(a, torch.Tensor)
-                        else tree_map(lambda x: _wrap(x, level), a) for a in args]
-                if kwargs:
-                    kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+                try:
+                    wrapped = [_C._wrap_for_grad(a, level) if isinstance(a, torch.Tensor)
+                               else tree_map(lambda x: _wrap(x, level), a) for a in args]
+                    if kwargs:
+                        kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+                except RuntimeError:
+                    _refuse_nested(api, (args, kwargs))
+                    raise
+                args = wrapped
                 for i in idx:
                     a = args[i]
                     if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
@@ -125,7 +153,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
                 output = call_transformed(func, args, kwargs, api)
                 output, aux = _split_aux(output, has_aux, api)
                 if not isinstance(output, torch.Tensor):
-                    raise TypeError(
+                    raise RuntimeError(
                         f"{api}(f)(*args): expected f(*args) to return a Tensor, got "
                         f"{type(output).__name__}."
                     )
@@ -189,7 +217,11 @@ def vjp(func, *primals, has_aux=False):
     level = _C._push_grad()
     try:
         with torch.enable_grad():
-            wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
+            try:
+                wrapped = [tree_map(lambda x: _wrap(x, level), p) for p in primals]
+            except RuntimeError:
+                _refuse_nested(api, primals)
+                raise
             wrapped = [_make_differentiable(p, api, f"primals[{i}]")
                        for i, p in enumerate(wrapped)]
             output = call_transformed(func, wrapped, {}, api)
@@ -197,9 +229,10 @@ def vjp(func, *primals, has_aux=False):
             flat_out, out_spec = tree_flatten(output)
             for o in flat_out:
                 if not isinstance(o, torch.Tensor):
-                    raise TypeError(
-                        f"vjp(f, *primals): f must return a Tensor or a pytree of Tensors, got a "
-                        f"{type(o).__name__} in its output."
+                    raise RuntimeError(
+                        f"vjp(f, *primals): expected f(*primals) to return only tensors (a "
+                        f"Tensor or a pytree of Tensors), got {_a(type(o).__name__)} in its "
+                        f"output."
                     )
             flat_primals, primals_spec = tree_flatten(wrapped)
             primals_out = tree_unflatten([_unwrap(o, level) for o in flat_out], out_spec)
@@ -211,19 +244,29 @@ def vjp(func, *primals, has_aux=False):
     def vjp_fn(cotangents, *, retain_graph=True, create_graph=None):
         if create_graph is None:
             create_graph = torch.is_grad_enabled()
+        if cotangents is None:
+            # torch.func passes no grad_outputs then: an implicit 1 for scalar outputs.
+            for i, o in enumerate(flat_out):
+                if o.numel() != 1:
+                    raise RuntimeError(
+                        f"vjp_fn(None): grad can be implicitly created only for scalar outputs, "
+                        f"but output {i} has shape {tuple(o.shape)}; pass its cotangent."
+                    )
+            cotangents = tree_unflatten(
+                [torch.ones(o.shape, dtype=o.dtype, device=o.device) for o in flat_out], out_spec)
         flat_ct, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
-            raise ValueError(
-                f"vjp_fn: expected cotangents with the structure of the function's output "
-                f"({out_spec}), got {ct_spec}."
+            raise RuntimeError(
+                f"vjp_fn: Expected pytree structure of cotangents to be the same as pytree "
+                f"structure of outputs to the function ({out_spec}), got {ct_spec}."
             )
         for i, (c, o) in enumerate(zip(flat_ct, flat_out)):
             if not isinstance(c, torch.Tensor):
                 raise TypeError(f"vjp_fn: cotangent {i} must be a Tensor, got {type(c).__name__}")
             if c.shape != o.shape:
-                raise ValueError(
-                    f"vjp_fn: cotangent {i} has shape {tuple(c.shape)}, but the corresponding "
-                    f"output has shape {tuple(o.shape)}."
+                raise RuntimeError(
+                    f"vjp_fn: Mismatch in shape: cotangent {i} has shape {tuple(c.shape)}, but the "
+                    f"corresponding output has shape {tuple(o.shape)}."
                 )
             # A cotangent of another dtype is cast to the output's by torch's autograd engine
             # (torch.autograd.grad and torch.func accept it); a complex/real mismatch is refused
@@ -235,10 +278,21 @@ def vjp(func, *primals, has_aux=False):
             with contextlib.ExitStack() as stack:
                 if torch.is_inference_mode_enabled():
                     stack.enter_context(torch.inference_mode(False))
-                grads = _C._autograd_grad(
-                    [o for o, _ in pairs], flat_primals, [c for _, c in pairs], retain_graph,
-                    create_graph,
-                )
+                try:
+                    grads = _C._autograd_grad(
+                        [o for o, _ in pairs], flat_primals, [c for _, c in pairs],
+                        retain_graph, create_graph,
+                    )
+                except CheckpointError as e:
+                    # vjp_fn runs the backward after vjp's level has returned: checkpoint's
+                    # recomputation then runs outside the transform and records nothing.
+                    raise RuntimeError(
+                        "functorch_lite.vjp: torch.utils.checkpoint inside vjp (or jacrev, "
+                        "hessian) is not supported: vjp_fn runs the backward after vjp has "
+                        "returned, when the checkpointed function can no longer be recomputed "
+                        "inside the transform. Use grad (its backward runs inside the "
+                        "transform), or call the function without checkpoint."
+                    ) from e
         else:
             grads = (None,) * len(flat_primals)
         grads = [

@@ -58,8 +58,8 @@ class _DualLevel:
 
 def _check_tuple(x, what, api):
     if not isinstance(x, tuple):
-        raise TypeError(
-            f"{api}(f, primals, tangents): expected {what} to be a tuple (f is called as "
+        raise RuntimeError(
+            f"{api}(f, primals, tangents): Expected {what} to be a tuple (f is called as "
             f"f(*primals)), got {type(x).__name__}."
         )
 
@@ -95,8 +95,6 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     primals and tangents are tuples of the same structure, shapes and dtypes (pytrees allowed).
     """
     api = "jvp"
-    if strict:
-        raise NotImplementedError("jvp: strict=True is not supported (torch.func neither)")
     _check_tuple(primals, "primals", api)
     _check_tuple(tangents, "tangents", api)
     if not tree_flatten(primals)[0]:
@@ -106,31 +104,36 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     flat_p, p_spec = tree_flatten(primals)
     flat_t, t_spec = tree_flatten(tangents)
     if p_spec != t_spec:
-        raise ValueError(
-            f"jvp(f, primals, tangents): expected primals and tangents to have the same "
+        raise RuntimeError(
+            f"jvp(f, primals, tangents): Expected primals and tangents to have the same python "
             f"structure, got {p_spec} and {t_spec}."
         )
     for i, (p, t) in enumerate(zip(flat_p, flat_t)):
         if not isinstance(p, torch.Tensor) or not isinstance(t, torch.Tensor):
-            raise TypeError(
+            raise RuntimeError(
                 f"jvp(f, primals, tangents): primals and tangents must be Tensors or pytrees of "
                 f"Tensors; entry {i} is a {type(p).__name__} / {type(t).__name__}."
             )
+        if p.is_nested:
+            raise RuntimeError(
+                f"jvp(f, primals, tangents): primal {i} is a nested tensor (torch.nested, "
+                f"layout={p.layout}), which functorch_lite's transforms do not support (a known "
+                f"limitation). Use its components (p.unbind()) or a padded dense tensor."
+            )
         if not (p.is_floating_point() or p.is_complex()):
-            raise TypeError(
+            raise ValueError(
                 f"jvp(f, primals, tangents): primal {i} must be a floating-point or complex "
                 f"Tensor, got dtype {p.dtype}."
             )
         if p.shape != t.shape:
-            raise ValueError(
+            raise RuntimeError(
                 f"jvp(f, primals, tangents): primal {i} has shape {tuple(p.shape)} but its "
                 f"tangent has shape {tuple(t.shape)}; they must match."
             )
-        if p.dtype != t.dtype:
-            raise ValueError(
-                f"jvp(f, primals, tangents): primal {i} has dtype {p.dtype} but its tangent has "
-                f"dtype {t.dtype}; they must match."
-            )
+    # A tangent of another floating dtype is kept (torch's forward AD accepts it, as torch.func
+    # does); a complex tangent of a real primal is cast to the primal's dtype, as torch.func's is.
+    flat_t = [t.to(p.dtype) if t.is_complex() and not p.is_complex() else t
+              for p, t in zip(flat_p, flat_t)]
     flat_t = [_promote_tangent(p, t) for p, t in zip(flat_p, flat_t)]
     with _DualLevel() as dual:
         dual_level = dual.level
@@ -148,11 +151,17 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 primals_out, tangents_out = [], []
                 for o in flat_out:
                     if not isinstance(o, torch.Tensor):
-                        raise TypeError(
-                            f"jvp(f, primals, tangents): f must return a Tensor or a pytree of "
-                            f"Tensors, got a {type(o).__name__} in its output."
+                        raise RuntimeError(
+                            f"jvp(f, primals, tangents): expected f(*primals) to return only "
+                            f"tensors (a Tensor or a pytree of Tensors), got a "
+                            f"{type(o).__name__} in its output."
                         )
                     primal, tangent = torch._unpack_dual(o, level=dual_level)
+                    if tangent is None and strict:
+                        raise RuntimeError(
+                            "jvp(f, primals, tangents, strict=True): The output of f is "
+                            "independent of the inputs. This is not allowed with strict=True."
+                        )
                     if tangent is None:
                         tangent = torch.zeros_like(primal)
                     primals_out.append(_C._unwrap_for_grad(primal, level))
@@ -187,10 +196,15 @@ def _replace_args(args, idx, values):
 
 
 def _check_chunk_size(chunk_size, api):
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-    ):
-        raise ValueError(f"{api}: chunk_size must be None or a positive int, got {chunk_size!r}")
+    # torch.func: TypeError for a chunk_size that is not an int, ValueError for one <= 0.
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"{api}: chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size <= 0:
+        raise ValueError(
+            f"{api}: chunk_size should be None or greater than 0 (a positive int), got "
+            f"{chunk_size!r}")
 
 
 def _basis(flat, total):
@@ -210,11 +224,34 @@ def _fn_name(func):
     return getattr(func, "__name__", repr(func))
 
 
-def _check_diff_args(args, idx, api, name, argnums):
+def _check_diff_args(args, idx, api, name, argnums, forward):
     """jacrev/jacfwd check their inputs themselves: the vjp/jvp they are built on would name
-    themselves in the error, not the transform the user called."""
+    themselves in the error, not the transform the user called. Exception types are those of
+    torch.func's vjp (reverse) or jvp (forward), on which its jacrev/jacfwd are built."""
     for i in idx:
-        _check_differentiable(args[i], f"{api}({name})", f"argument {i} (argnums={argnums!r})")
+        _check_differentiable(args[i], f"{api}({name})", f"argument {i} (argnums={argnums!r})",
+                              dtype_error=ValueError if forward else RuntimeError)
+    flat = tree_flatten([args[i] for i in idx])[0]
+    for t in flat:
+        if t.is_nested:
+            raise RuntimeError(
+                f"{api}({name}): got a nested tensor (torch.nested, layout={t.layout}), which "
+                f"functorch_lite's transforms do not support (a known limitation). Use its "
+                f"components (t.unbind()) or a padded dense tensor (t.to_padded_tensor(0.0))."
+            )
+    _check_real(flat, api, name, "inputs")
+
+
+def _check_real(flat, api, name, what):
+    """torch.func's jacrev/jacfwd refuse complex inputs and outputs (the Jacobian of a function
+    that is not holomorphic is not one complex matrix); so do ours."""
+    for i, t in enumerate(flat):
+        if isinstance(t, torch.Tensor) and t.is_complex():
+            raise RuntimeError(
+                f"{api}({name}): Expected all {what} to be real but received complex tensor at "
+                f"flattened input idx: {i}. Use vjp/jvp (which accept complex tensors), or "
+                f"split real and imaginary parts (torch.view_as_real)."
+            )
 
 
 def _checked(func, has_aux, api, name):
@@ -227,17 +264,18 @@ def _checked(func, has_aux, api, name):
         output, aux = _split_aux(result, has_aux, api, name)
         for o in tree_flatten(output)[0]:
             if not isinstance(o, torch.Tensor):
-                raise TypeError(
-                    f"{api}({name}): {name} must return a Tensor or a pytree of Tensors, got a "
-                    f"{type(o).__name__} in its output."
+                raise RuntimeError(
+                    f"{api}({name}): expected {name} to return only tensors (a Tensor or a "
+                    f"pytree of Tensors), got a {type(o).__name__} in its output."
                 )
         if has_aux:
             for a in tree_flatten(aux)[0]:
                 if not isinstance(a, torch.Tensor):
                     # torch.func refuses these too; jacfwd could not return them through vmap
-                    raise ValueError(
-                        f"{api}({name}, has_aux=True): the aux output of {name} must be a Tensor "
-                        f"or a pytree of Tensors, but it holds a value of type {type(a).__name__}."
+                    raise RuntimeError(
+                        f"{api}({name}, has_aux=True): Expected tensors, got unsupported type "
+                        f"{type(a).__name__} in the aux output of {name} (it must be a Tensor "
+                        f"or a pytree of Tensors)."
                     )
         return result
 
@@ -265,10 +303,11 @@ def _jacrev(func, argnums, has_aux, chunk_size, api, name):
             return checked_func(*_replace_args(_own_args(args), idx, diff))
 
         flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
-        _check_diff_args(args, idx, api, name, argnums)
+        _check_diff_args(args, idx, api, name, argnums, forward=False)
         vjp_out = vjp(f_diff, *(args[i] for i in idx), has_aux=has_aux)
         output, vjp_fn = vjp_out[0], vjp_out[1]
         flat_out, out_spec = tree_flatten(output)
+        _check_real(flat_out, api, name, "outputs")
         total = sum(o.numel() for o in flat_out)
         basis = tree_unflatten(_basis(flat_out, total), out_spec)
 
@@ -308,9 +347,9 @@ _RANDOMNESS = ("error", "different", "same")
 def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
     """Jacobian of func w.r.t. the arguments argnums, by forward mode (jvp + vmap)."""
     if randomness not in _RANDOMNESS:
-        raise ValueError(
-            f"jacfwd: randomness must be one of 'error', 'different' or 'same', got "
-            f"{randomness!r}"
+        raise RuntimeError(
+            f"jacfwd: Only allowed values for randomness are 'error', 'different', or 'same'. "
+            f"Got {randomness!r}."
         )
     return _jacfwd(func, argnums, has_aux, randomness, "jacfwd", _fn_name(func))
 
@@ -323,7 +362,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
         idx = _normalize_argnums(argnums, len(args), api)
         primals = tuple(args[i] for i in idx)
         flat_primals, primals_spec = tree_flatten(primals)
-        _check_diff_args(args, idx, api, name, argnums)
+        _check_diff_args(args, idx, api, name, argnums, forward=True)
         total = sum(p.numel() for p in flat_primals)
         basis = tree_unflatten(_basis(flat_primals, total), primals_spec)
 
@@ -339,6 +378,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
             results, aux = results
             aux = tree_map(lambda a: a[0] if isinstance(a, torch.Tensor) else a, aux)
         flat_res, out_spec = tree_flatten(results)
+        _check_real(flat_res, api, name, "outputs")
         per_out = []
         for r in flat_res:
             moved = r.movedim(0, -1)  # out.shape + (total,)

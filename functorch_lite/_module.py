@@ -28,6 +28,10 @@ __all__ = ["functional_call", "stack_module_state", "make_functional",
 _MISSING = object()
 
 
+def _a(noun):
+    return ("an " if noun[:1] in "aeiou" else "a ") + noun
+
+
 def _quote_list(names):
     return ", ".join(repr(n) for n in names)
 
@@ -49,7 +53,8 @@ def _resolve(module, name, api):
             )
         sub = child
     if attr in sub._modules:
-        raise ValueError(
+        # TypeError, as torch.func ("... is not an instance of torch.Tensor").
+        raise TypeError(
             f"{api}: the key {name!r} names a submodule ({type(sub._modules[attr]).__name__}), "
             f"not a parameter or buffer; give one value per tensor (e.g. {name + '.weight'!r})."
         )
@@ -200,16 +205,16 @@ def _merge_dicts(parameter_and_buffer_dicts, api):
     elif isinstance(parameter_and_buffer_dicts, (tuple, list)):
         dicts = tuple(parameter_and_buffer_dicts)
     else:
-        raise TypeError(
-            f"{api}: parameter_and_buffer_dicts must be a dict (name -> Tensor) or a tuple/list "
-            f"of such dicts, got {type(parameter_and_buffer_dicts).__name__}."
+        raise ValueError(
+            f"{api}: Expected parameter_and_buffer_dicts to be a dict (name -> Tensor), or a "
+            f"list/tuple of dicts, but got {type(parameter_and_buffer_dicts).__name__}."
         )
     merged, seen_in = {}, {}
     for i, d in enumerate(dicts):
         if not isinstance(d, dict):
-            raise TypeError(
-                f"{api}: parameter_and_buffer_dicts[{i}] must be a dict (name -> Tensor), got "
-                f"{type(d).__name__}."
+            raise ValueError(
+                f"{api}: Expected all elements of parameter_and_buffer_dicts to be dictionaries "
+                f"(name -> Tensor), but element {i} is {_a(type(d).__name__)}."
             )
         for k, v in d.items():
             if not isinstance(k, str):
@@ -226,7 +231,8 @@ def _merge_dicts(parameter_and_buffer_dicts, api):
     for k, v in merged.items():
         if not isinstance(v, torch.Tensor):
             raise TypeError(
-                f"{api}: the value given for {k!r} must be a Tensor, got {type(v).__name__}."
+                f"{api}: the value given for {k!r} is not an instance of torch.Tensor: got "
+                f"{_a(type(v).__name__)}."
             )
     return merged
 
@@ -323,16 +329,16 @@ def _stack_leaves(kind, name, tensors):
                            ("dtype", first.dtype, t.dtype),
                            ("device", first.device, t.device)):
             if a != b:
-                raise ValueError(
+                raise RuntimeError(
                     f"stack_module_state: {kind} {name!r} has {what} {a} in model 0 but {b} in "
                     f"model {i}; all models must have the same structure, dtypes and devices."
                 )
     rg = {t.requires_grad for t in tensors}
     if len(rg) > 1:
         flags = ", ".join(f"model {i}: {t.requires_grad}" for i, t in enumerate(tensors))
-        raise ValueError(
-            f"stack_module_state: {kind} {name!r} must have the same requires_grad in every "
-            f"model, got {flags}."
+        raise RuntimeError(
+            f"stack_module_state: Expected {kind} {name!r} from each model to have the same "
+            f".requires_grad, got {flags}."
         )
     with torch.no_grad():
         stacked = torch.stack([t.detach() for t in tensors])
@@ -355,22 +361,22 @@ def stack_module_state(models):
         )
     models = list(models)
     if not models:
-        raise ValueError(f"{api}: expected at least one model, got an empty sequence.")
+        raise RuntimeError(f"{api}: Expected at least one model, got 0 (an empty sequence).")
     for i, m in enumerate(models):
         if not isinstance(m, nn.Module):
             raise TypeError(f"{api}: models[{i}] is a {type(m).__name__}, not an nn.Module.")
     cls = type(models[0])
     for i, m in enumerate(models[1:], 1):
         if type(m) is not cls:
-            raise ValueError(
-                f"{api}: all models must be of the same class, but model 0 is a {cls.__name__} "
-                f"and model {i} is a {type(m).__name__}."
+            raise RuntimeError(
+                f"{api}: Expected all models to be of the same class, but model 0 is a "
+                f"{cls.__name__} and model {i} is a {type(m).__name__}."
             )
         if m.training != models[0].training:
             modes = ["training" if x.training else "eval" for x in (models[0], m)]
-            raise ValueError(
-                f"{api}: all models must be in the same mode (train/eval), but model 0 is in "
-                f"{modes[0]} mode and model {i} in {modes[1]} mode."
+            raise RuntimeError(
+                f"{api}: Expected all models to have the same training/eval mode, but model 0 "
+                f"is in {modes[0]} mode and model {i} in {modes[1]} mode."
             )
     out = []
     for kind, getter in (("parameter", lambda m: dict(m.named_parameters())),
@@ -382,11 +388,11 @@ def stack_module_state(models):
                 extra = [k for k in named if k not in all_named[0]]
                 lacking = [k for k in keys if k not in named]
                 if not extra and not lacking:
-                    raise ValueError(
+                    raise RuntimeError(
                         f"{api}: model {i} registers its {kind}s in another order than model 0 "
                         f"({_quote_list(named)} vs {_quote_list(keys)})."
                     )
-                raise ValueError(
+                raise RuntimeError(
                     f"{api}: all models must have the same {kind}s, but "
                     f"{_describe_keys(kind, i, extra, lacking)}."
                 )

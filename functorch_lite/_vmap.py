@@ -16,14 +16,20 @@ def _fn_name(func):
 
 
 def _check_vmap_args(randomness, chunk_size):
+    # The exception types are torch.func's for the same misuse.
     if randomness not in _RANDOMNESS:
-        raise ValueError(
-            f"vmap: randomness must be one of 'error', 'different' or 'same', got {randomness!r}"
+        raise RuntimeError(
+            f"vmap: Only allowed values for randomness are 'error', 'different', or 'same'. Got "
+            f"{randomness!r}."
         )
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
-    ):
-        raise ValueError(f"vmap: chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"vmap: chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size <= 0:
+        raise ValueError(
+            f"vmap: chunk_size should be None or greater than 0 (a positive int), got "
+            f"{chunk_size!r}")
 
 
 def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
@@ -63,7 +69,7 @@ def _vmap_fast(func, in_dim, out_dim, randomness, args, kwargs):
         return _SLOW
     batch_size = None
     for a in args:
-        if not isinstance(a, torch.Tensor):
+        if not isinstance(a, torch.Tensor) or a.is_nested:
             return _SLOW
         nd = a.dim()
         if not -nd <= in_dim < nd:
@@ -123,6 +129,16 @@ def _flatten_inputs(func, in_dims, args):
                 f"input {i}, which is a {type(arg).__name__}, not a Tensor. vmap can only map over "
                 f"Tensors: use None as the in_dim of this input."
             )
+        if arg.is_nested:
+            # torch.func maps over the components of a NestedTensor (in_dim 0 only); our batched
+            # tensors need one size per dim, which a jagged batch does not have.
+            raise RuntimeError(
+                f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): flattened input {i} is a "
+                f"nested tensor (torch.nested, layout={arg.layout}), which functorch_lite.vmap "
+                f"does not support (a known limitation; torch.func maps over its components "
+                f"with in_dim=0). Map over a list of its components (t.unbind()) instead, or pad "
+                f"it to a dense tensor (t.to_padded_tensor(0.0))."
+            )
         if not -arg.dim() <= d < arg.dim():
             raise ValueError(
                 f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): got in_dim={d} for flattened "
@@ -180,8 +196,10 @@ def _flatten_outputs(func, out_dims, out):
                 f"out_dim to None if it is the same for the whole batch."
             )
         if d is not None and not -(o.dim() + 1) <= d <= o.dim():
-            raise ValueError(
-                f"vmap({name}, ..., out_dims={out_dims!r}): got out_dim={d} for flattened output "
+            # IndexError, as torch.func (torch's own "Dimension out of range" error).
+            raise IndexError(
+                f"vmap({name}, ..., out_dims={out_dims!r}): Dimension out of range: got "
+                f"out_dim={d} for flattened output "
                 f"{i}, a Tensor of dimensionality {o.dim()} per batch element, so out_dim must be "
                 f"in [{-(o.dim() + 1)}, {o.dim()}]."
             )

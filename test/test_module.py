@@ -738,14 +738,14 @@ class TestModuleErrorMessages(expecttest.TestCase):
     def test_functional_call_bad_dicts(self):
         m, x = MLP(), torch.randn(4)
         self.assertExpectedInline(
-            self.msg(TypeError, lambda: ft.functional_call(m, [("fc1.weight", x)], (x,))),
-            """functional_call: parameter_and_buffer_dicts[0] must be a dict (name -> Tensor), got tuple.""")
+            self.msg(ValueError, lambda: ft.functional_call(m, [("fc1.weight", x)], (x,))),
+            """functional_call: Expected all elements of parameter_and_buffer_dicts to be dictionaries (name -> Tensor), but element 0 is a tuple.""")
         self.assertExpectedInline(
-            self.msg(TypeError, lambda: ft.functional_call(m, x, (x,))),
-            """functional_call: parameter_and_buffer_dicts must be a dict (name -> Tensor) or a tuple/list of such dicts, got Tensor.""")
+            self.msg(ValueError, lambda: ft.functional_call(m, x, (x,))),
+            """functional_call: Expected parameter_and_buffer_dicts to be a dict (name -> Tensor), or a list/tuple of dicts, but got Tensor.""")
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.functional_call(m, {"fc1.weight": 3.0}, (x,))),
-            """functional_call: the value given for 'fc1.weight' must be a Tensor, got float.""")
+            """functional_call: the value given for 'fc1.weight' is not an instance of torch.Tensor: got a float.""")
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.functional_call(m, {0: x}, (x,))),
             """functional_call: keys must be str (dotted names), got 0.""")
@@ -762,7 +762,7 @@ class TestModuleErrorMessages(expecttest.TestCase):
             self.msg(AttributeError, lambda: ft.functional_call(m, {"fc1.inner.w": x}, (x,))),
             """functional_call: the key 'fc1.inner.w' names a submodule 'fc1.inner', but fc1 (Linear) has no submodule called 'inner'.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.functional_call(m, {"fc1": x}, (x,))),
+            self.msg(TypeError, lambda: ft.functional_call(m, {"fc1": x}, (x,))),
             """functional_call: the key 'fc1' names a submodule (Linear), not a parameter or buffer; give one value per tensor (e.g. 'fc1.weight').""")
         assert m.fc1.weight is dict(m.named_parameters())["fc1.weight"]
 
@@ -841,8 +841,8 @@ functional_call: the BatchNorm1d is in training mode with track_running_stats=Tr
 
     def test_stack_module_state_errors(self):
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([])),
-            """stack_module_state: expected at least one model, got an empty sequence.""")
+            self.msg(RuntimeError, lambda: ft.stack_module_state([])),
+            """stack_module_state: Expected at least one model, got 0 (an empty sequence).""")
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.stack_module_state(nn.Linear(2, 2))),
             """stack_module_state: expected a list or tuple of nn.Modules, got Linear.""")
@@ -850,35 +850,35 @@ functional_call: the BatchNorm1d is in training mode with track_running_stats=Tr
             self.msg(TypeError, lambda: ft.stack_module_state([nn.Linear(2, 2), torch.ones(2)])),
             """stack_module_state: models[1] is a Tensor, not an nn.Module.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Conv1d(2, 2, 1)])),
-            """stack_module_state: all models must be of the same class, but model 0 is a Linear and model 1 is a Conv1d.""")
+            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Conv1d(2, 2, 1)])),
+            """stack_module_state: Expected all models to be of the same class, but model 0 is a Linear and model 1 is a Conv1d.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).eval()])),
-            """stack_module_state: all models must be in the same mode (train/eval), but model 0 is in training mode and model 1 in eval mode.""")
+            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).eval()])),
+            """stack_module_state: Expected all models to have the same training/eval mode, but model 0 is in training mode and model 1 in eval mode.""")
 
     def test_stack_module_state_structure_errors(self):
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state(
+            self.msg(RuntimeError, lambda: ft.stack_module_state(
                 [nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2, bias=False)])),
             """stack_module_state: all models must have the same parameters, but model 2 lacks parameter(s) 'bias' that model 0 has.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state(
+            self.msg(RuntimeError, lambda: ft.stack_module_state(
                 [nn.BatchNorm1d(2, track_running_stats=False), nn.BatchNorm1d(2)])),
             """stack_module_state: all models must have the same buffers, but model 1 has buffer(s) 'running_mean', 'running_var', 'num_batches_tracked' that model 0 does not have.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 3)])),
+            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 3)])),
             """stack_module_state: parameter 'weight' has shape (2, 2) in model 0 but (3, 2) in model 1; all models must have the same structure, dtypes and devices.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).double()])),
+            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).double()])),
             """stack_module_state: parameter 'weight' has dtype torch.float32 in model 0 but torch.float64 in model 1; all models must have the same structure, dtypes and devices.""")
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2, device="meta")])),
+            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2, device="meta")])),
             """stack_module_state: parameter 'weight' has device cpu in model 0 but meta in model 1; all models must have the same structure, dtypes and devices.""")
         frozen = nn.Linear(2, 2)
         frozen.bias.requires_grad_(False)
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.stack_module_state([nn.Linear(2, 2), frozen])),
-            """stack_module_state: parameter 'bias' must have the same requires_grad in every model, got model 0: True, model 1: False.""")
+            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), frozen])),
+            """stack_module_state: Expected parameter 'bias' from each model to have the same .requires_grad, got model 0: True, model 1: False.""")
 
     def test_make_functional_errors(self):
         self.assertExpectedInline(

@@ -116,7 +116,7 @@ def test_env_var_fallback_error_is_honoured():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "mode error"
-    assert lines[1].startswith("raised functorch_lite.vmap: there is no batching rule for "
+    assert lines[1].startswith("raised functorch_lite.vmap: Batching rule not implemented for "
                                "ftl_test_pkg::twice"), lines[1]
 
 

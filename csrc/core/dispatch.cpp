@@ -90,9 +90,9 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
     TORCH_CHECK(gw && gw->level() == top.id && !gw->immutable(),
                 "functorch_lite.", levelKindName(top.kind), ": the function being transformed called "
                 "the in-place operation ",
-                schema.operator_name(), " on a tensor it captured from outside the transform (or "
-                "on an input not being differentiated in an outer transform). This would mutate a "
-                "captured tensor, which is not supported: pass the tensor as an argument of the "
+                schema.operator_name(), ", which would mutate a captured Tensor (one captured "
+                "from outside the transform, or an input not being differentiated in an outer "
+                "transform). This is not supported: pass the tensor as an argument of the "
                 "function, or use the out-of-place version of the operation.");
   }
 

@@ -60,8 +60,10 @@ c10::WarningHandler* baseWarningHandler() {
 void noteFallback(const c10::OperatorName& name) {
   std::string op = c10::toString(name);
   const auto mode = fallbackMode();
-  TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: there is no batching rule for ",
-              op, " and the for-loop fallback is disabled (set_vmap_fallback('error') or "
+  // "Batching rule not implemented": torch.func's phrase for a missing rule, so that code
+  // matching its errors matches ours.
+  TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: Batching rule not implemented "
+              "for ", op, ", and the for-loop fallback is disabled (set_vmap_fallback('error') or "
               "FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.");
   bool first = false;
   {

@@ -544,9 +544,9 @@ bool vmapRandom(const c10::OperatorHandle& op, torch::jit::Stack* stack, const L
       op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
     return false;
   }
-  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: the function called the "
-              "random operation ", schema.operator_name(), " while vmap's randomness is 'error'. "
-              "Pass randomness='different' (independent draws per batch element) or "
+  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: called random "
+              "operation ", schema.operator_name(), " while in randomness error mode "
+              "(randomness='error'). Pass randomness='different' (independent draws per batch element) or "
               "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
               "values outside of vmap.");
   switch (kind) {

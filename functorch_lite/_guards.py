@@ -1,0 +1,106 @@
+"""What torch.func refuses inside its transforms and ours would otherwise accept silently
+(issue 12, item 11). Each guard is a patch of a torch Python entry point that only acts while a
+functorch_lite transform is active (or on our wrapper tensors), so code outside transforms runs
+torch's own path unchanged:
+
+- `tensor.data = value` on, or with, a tensor of a transform: it swaps the wrapper's contents
+  behind autograd's back (a captured tensor would take in the transform's inner value), so it is
+  refused as in torch.func. Reading `.data` stays allowed.
+- an autograd.Function without setup_context (forward(ctx, ...), the old style): torch.func
+  refuses it under every transform; so do we, with the same exception and first sentence.
+- a saved-tensor pack hook that keeps a reference to a tensor of a transform (stores it in a
+  global list, say): the wrapper would outlive its transform. Unlike torch.func, which refuses
+  saved-tensor hooks altogether, hooks that do not keep the tensor (torch.utils.checkpoint with
+  use_reentrant=False, save_on_cpu) work under our transforms and give the right gradients.
+  Checkpointing under two or more differentiating levels (grad of grad, jvp of grad) is refused:
+  its recomputation gives zero higher-order gradients there.
+"""
+import sys
+
+import torch
+from torch.autograd.function import _is_setup_context_defined
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.checkpoint import _checkpoint_hook
+from torch.utils._pytree import tree_leaves
+
+from ._load import _C
+
+_data = torch._C.TensorBase.__dict__["data"]
+_function_apply = torch.autograd.Function.__dict__["apply"].__func__
+_hooks_init = saved_tensors_hooks.__init__
+
+
+def _is_ours(t):
+    return isinstance(t, torch.Tensor) and _C._wrapper_info(t) is not None
+
+
+def _get_data(self):
+    return _data.__get__(self, type(self))
+
+
+def _set_data(self, value):
+    if _C._stack_depth() and (_is_ours(self) or _is_ours(value)):
+        raise RuntimeError(
+            "functorch_lite: mutating directly with `.data` inside functorch transform is not "
+            "allowed (here a functorch_lite transform): it would swap a tensor's contents behind "
+            "autograd's back. Use an in-place operation under torch.no_grad() (e.g. "
+            "t.copy_(value)) outside the transform, or return the new value."
+        )
+    _data.__set__(self, value)
+
+
+def _apply(cls, *args, **kwargs):
+    if _C._stack_depth() and not _is_setup_context_defined(cls.setup_context):
+        raise RuntimeError(
+            f"In order to use an autograd.Function with functorch transforms (vmap, grad, jvp, "
+            f"jacrev, ...), it must override the setup_context staticmethod. "
+            f"functorch_lite: {cls.__name__} defines forward(ctx, ...) without setup_context; "
+            f"move the ctx work of forward into setup_context(ctx, inputs, output). For more "
+            f"details, please see https://pytorch.org/docs/main/notes/extending.func.html"
+        )
+    return _function_apply(cls, *args, **kwargs)
+
+
+def _differentiating_levels():
+    stack = _C._describe_stack()
+    return stack.count("grad(") + stack.count("jvp(")
+
+
+def _guard_pack(pack_hook, recomputes):
+    def pack(t):
+        if not _is_ours(t):
+            return pack_hook(t)
+        if recomputes and _differentiating_levels() > 1:
+            raise RuntimeError(
+                "functorch_lite: torch.utils.checkpoint inside two or more nested grad/jvp "
+                "transforms (e.g. grad of grad, hessian) is not supported: its recomputation "
+                "would give wrong higher-order derivatives. Checkpointing works under one grad "
+                "level (grad, vmap(grad)); call the function without checkpoint here."
+            )
+        before = sys.getrefcount(t)
+        packed = pack_hook(t)
+        # References to t the returned object holds are the graph's own; any other new one was
+        # stored elsewhere by the hook.
+        held = sum(1 for leaf in tree_leaves(packed) if leaf is t)
+        if sys.getrefcount(t) - held > before:
+            raise RuntimeError(
+                "functorch_lite: a saved-tensor pack hook kept a reference to a tensor of a "
+                "functorch_lite transform (e.g. stored it in a list), which would leak the "
+                "transform's wrapper out of it. Return what the hook packs instead of storing "
+                "it, or store a plain copy (t.detach().clone() outside the transform)."
+            )
+        return packed
+
+    pack.__wrapped__ = pack_hook
+    return pack
+
+
+def _init_hooks(self, pack_hook, unpack_hook):
+    _hooks_init(self, _guard_pack(pack_hook, isinstance(self, _checkpoint_hook)), unpack_hook)
+
+
+def install():
+    if torch.autograd.Function.__dict__["apply"].__func__ is not _apply:
+        torch.Tensor.data = property(_get_data, _set_data, doc=_data.__doc__)
+        torch.autograd.Function.apply = classmethod(_apply)
+        saved_tensors_hooks.__init__ = _init_hooks
