@@ -69,6 +69,22 @@ def _unwrap(x, level):
     return _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
 
 
+def _refuse_sparse(api, tree, what):
+    """Differentiated inputs must be strided. Our grad wrappers report a strided layout whatever
+    their value's, so a sparse input would lose its layout inside the function and torch's sparse
+    gradient (masked to the input's nonzeros) would come back dense: refused rather than wrong.
+    Captured sparse tensors (constants) are fine."""
+    for path, t in tree_flatten_with_path(tree)[0]:
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided and not t.is_nested:
+            where = what + (f" at {keystr(path)}" if path else "")
+            raise RuntimeError(
+                f"{api}: {where} has layout {t.layout}; functorch_lite differentiates strided "
+                f"tensors only (a known limitation: torch.func keeps sparse layouts). Pass "
+                f"t.to_dense(), or differentiate the values of the sparse tensor and build it "
+                f"inside the function (torch.sparse_coo_tensor(indices, values, size))."
+            )
+
+
 def _check_differentiable(tree, api, what, dtype_error=RuntimeError, type_error=ValueError):
     """Raises unless every leaf of `tree` is a floating-point or complex Tensor. `what` names the
     argument in the error (e.g. "argument 1 (argnums=(0, 1))"), followed by the pytree path of
@@ -127,6 +143,10 @@ def grad_and_value(func, argnums=0, has_aux=False):
     def wrapper(*args, **kwargs):
         api = "grad_and_value" if not getattr(wrapper, "_ft_is_grad", False) else "grad"
         idx = _normalize_argnums(argnums, len(args), api)
+        for i in idx:
+            a = args[i]
+            if not (isinstance(a, torch.Tensor) and a.layout is torch.strided):
+                _refuse_sparse(api, a, f"argument {i} (argnums={argnums!r})")
         # The backward must be recorded by the levels below (outer grad transforms, or torch's
         # own autograd for captured tensors that require grad) whenever they record at all.
         create_graph = torch.is_grad_enabled()
@@ -214,6 +234,8 @@ def vjp(func, *primals, has_aux=False):
     several times and composes with vmap (that is how jacrev batches over cotangents).
     """
     api = "vjp"
+    for i, p in enumerate(primals):
+        _refuse_sparse(api, p, f"primals[{i}]")
     level = _C._push_grad()
     try:
         with torch.enable_grad():

@@ -12,7 +12,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._call import call_transformed
-from ._grad import _check_differentiable, _normalize_argnums, _split_aux, vjp
+from ._grad import _check_differentiable, _refuse_sparse, _normalize_argnums, _split_aux, vjp
 from ._load import _C
 from ._vmap import vmap
 
@@ -120,6 +120,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 f"layout={p.layout}), which functorch_lite's transforms do not support (a known "
                 f"limitation). Use its components (p.unbind()) or a padded dense tensor."
             )
+        _refuse_sparse("jvp(f, primals, tangents)", p, f"primal {i}")
         if not (p.is_floating_point() or p.is_complex()):
             raise ValueError(
                 f"jvp(f, primals, tangents): primal {i} must be a floating-point or complex "
