@@ -79,11 +79,13 @@ Tensor batchIntoChannels(const Tensor& t, bdim_t bd, int64_t B) {
 }
 
 // Per-channel [B, C] or unbatched [C] -> [B*C]. Eval-mode batch norm saves empty statistics,
-// which stay as they are.
+// which stay as they are. Dense, always: the CPU kernels read these as plain buffers, and an
+// unbatched [1] expanded to [B, 1] reshapes to a stride-0 view (no copy), from which
+// native_batch_norm_backward read past the one element (garbage in jacrev of batch norm, C == 1).
 std::optional<Tensor> perChannelFlat(const std::optional<Tensor>& t, bdim_t bd, int64_t B) {
   if (!t || !t->defined()) return std::nullopt;
   if (!bd && t->numel() == 0) return t;
-  return materializeBdimFront(*t, bd, B).reshape({-1});
+  return materializeBdimFront(*t, bd, B).reshape({-1}).contiguous();
 }
 
 // [B*C] -> [B, C] at bdim 0; anything else (empty eval-mode statistics, undefined) unbatched.
