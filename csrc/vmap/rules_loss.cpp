@@ -141,6 +141,15 @@ template <class Op, class... Extra>
 struct PointwiseLoss<Op, Tensor(const Tensor&, const Tensor&, int64_t, Extra...)> {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                          int64_t reduction, Extra... e) {
+    if constexpr (std::is_same_v<Op, at::_ops::soft_margin_loss>) {
+      // soft_margin_loss writes into a tensor of the input's shape: a target that broadcasts
+      // to more than that is torch's error (the others broadcast both)
+      Tensor xe = xbd ? exampleOf(x, *xbd, 0) : x, te = tbd ? exampleOf(t, *tbd, 0) : t;
+      if (at::infer_size(xe.sizes(), te.sizes()) != xe.sizes().vec()) {
+        raiseForElement([&] { Op::call(xe, te, reduction, e...); }, "soft_margin_loss",
+                        "the target must broadcast to the input's shape");
+      }
+    }
     auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}});
     return {reducePerSample(Op::call(a[0], a[1], kNone, e...), reduction), 0};
   }

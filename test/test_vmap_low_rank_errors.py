@@ -1,0 +1,112 @@
+"""Batching rules outside linear algebra on per-example inputs of too few dims (issue 12, item 2's
+audit of the other families).
+
+An OpInfo sweep giving every op 0-d and 1-d per-example inputs found rules that assumed a
+minimum logical rank: they returned a result where torch raises (softmax/sort/max/logsumexp/
+transpose/squeeze with a dim a scalar does not have, max_pool1d of a vector, layer_norm of a
+scalar, soft_margin_loss with a larger target), or raised another exception type than torch
+(permute, split, narrow, unbind, batch/group norm, mv, trace). Each case runs vmap over a batch of
+such inputs and checks it raises what the unbatched call on one example raises: same type, same
+first line, never an internal assert; with the for-loop fallback set to 'error'.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import functorch_lite as ft
+
+DT = torch.float64
+
+
+def _s():  # one example: a scalar
+    return torch.tensor(0.5, dtype=DT)
+
+
+def _v(n=4):  # one example: a vector
+    return torch.arange(1.0, n + 1, dtype=DT)
+
+
+# name -> (function of the per-example tensor, the per-example tensor)
+CASES = {
+    "softmax_dim2": (lambda x: torch.softmax(x, 2), _s),
+    "log_softmax_dim2": (lambda x: torch.log_softmax(x, 2), _s),
+    "softmin_dim1": (lambda x: F.softmin(x, 1), _s),
+    "max_dim1": (lambda x: torch.max(x, 1), _s),
+    "min_dim_neg2": (lambda x: torch.min(x, -2), _s),
+    "cumsum_dim1": (lambda x: torch.cumsum(x, 1), _s),
+    "logsumexp_dim1": (lambda x: torch.logsumexp(x, 1), _s),
+    "sum_dims": (lambda x: x.sum((0, 1)), _s),
+    "sort_dim_neg3": (lambda x: torch.sort(x, -3), _s),
+    "argsort_dim_neg3": (lambda x: torch.argsort(x, -3), _s),
+    "topk_dim2": (lambda x: torch.topk(x, 1, 2), _s),
+    "normalize": (lambda x: F.normalize(x), _s),
+    "transpose": (lambda x: x.transpose(-2, -1), _s),
+    "squeeze_dim2": (lambda x: x.squeeze(2), _s),
+    "squeeze_dims": (lambda x: x.squeeze((0, 1)), _s),
+    "permute_scalar": (lambda x: x.permute(1, 0), _s),
+    "permute_vector": (lambda x: x.permute(1, 0), _v),
+    "split": (lambda x: x.split(1), _s),
+    "split_sizes": (lambda x: x.split([1]), _s),
+    "unbind": (lambda x: x.unbind(), _s),
+    "narrow_copy": (lambda x: x.narrow_copy(0, 0, 1), _s),
+    "max_pool1d_vector": (lambda x: F.max_pool1d(x, 2), _v),
+    "max_pool2d_vector": (lambda x: F.max_pool2d(x, 2), _v),
+    "avg_pool1d_vector": (lambda x: F.avg_pool1d(x, 2), _v),
+    "pad_reflect_vector": (lambda x: F.pad(x, (1, 1), mode="reflect"), _v),
+    "layer_norm_scalar": (lambda x: F.layer_norm(x, (2,)), _s),
+    "layer_norm_wrong_size": (lambda x: F.layer_norm(x, (3,)), _v),
+    "soft_margin_larger_target": (lambda x: F.soft_margin_loss(x, torch.ones(5, 5, dtype=DT)), _s),
+    "batch_norm_scalar": (lambda x: torch.native_batch_norm(x, None, None, None, None, True, 0.1,
+                                                            1e-5), _s),
+    "batch_norm_vector": (lambda x: torch.native_batch_norm(x, None, None, None, None, True, 0.1,
+                                                            1e-5), _v),
+    "group_norm_scalar": (lambda x: torch.native_group_norm(x, None, None, 2, 2, 1, 1, 1e-5), _s),
+    "trace_vector": (torch.trace, _v),
+    "trace_scalar": (torch.trace, _s),
+    "mv_scalar": (lambda x: torch.mv(x, _v(2)), _s),
+    "matmul_size_mismatch": (lambda x: torch.matmul(x, torch.ones(3, 2, dtype=DT)), _v),
+    "tril_vector": (torch.tril, _v),
+    "geqrf_vector": (torch.geqrf, _v),
+}
+
+
+def _error_of(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test compares whatever torch raises
+        return e
+    return None
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vmap_raises_what_one_example_raises(name, fallback_mode):
+    fn, example = CASES[name]
+    x = example()
+    ref = _error_of(fn, x)
+    assert ref is not None, f"{name}: torch accepts the example; the case checks nothing"
+    batch = torch.stack([x, x + 1, x + 2])
+    with fallback_mode("error"):
+        got = _error_of(ft.vmap(fn), batch)
+    assert got is not None, f"{name}: torch raises {ref!r}, vmap returned a result"
+    assert "INTERNAL ASSERT" not in str(got), got
+    assert type(got) is type(ref), f"{name}: {got!r} vs torch's {ref!r}"
+    first = str(ref).strip().splitlines()[0]
+    assert str(got).strip().splitlines()[0] == first, f"{name}: {got!r} vs torch's {ref!r}"
+
+
+@pytest.mark.parametrize("fn", [lambda x: torch.softmax(x, 0), lambda x: torch.softmax(x, -1),
+                                lambda x: x.transpose(0, -1), lambda x: x.squeeze(0),
+                                lambda x: torch.sort(x, 0), lambda x: torch.max(x, -1),
+                                lambda x: torch.topk(x, 1, 0), lambda x: x.sum((-1,))],
+                         ids=["softmax0", "softmax-1", "transpose", "squeeze", "sort", "max",
+                              "topk", "sum"])
+def test_dims_a_scalar_has_still_work(fn, fallback_mode):
+    """dims -1 and 0 are valid on a scalar (torch wraps them): the checks must not reject them."""
+    xs = torch.randn(3, dtype=DT)
+    with fallback_mode("error"):
+        got = ft.vmap(fn)(xs)
+    rows = [fn(x) for x in xs]
+    flat = torch.utils._pytree.tree_leaves(got)
+    for j, g in enumerate(flat):
+        torch.testing.assert_close(g, torch.stack([torch.utils._pytree.tree_leaves(r)[j]
+                                                   for r in rows]))
