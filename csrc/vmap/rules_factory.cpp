@@ -86,10 +86,11 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
   auto strides = other.sym_strides();
   auto phys_stride = prependBatch(0, strides);
   phys_stride[0] = storageSize(sizes, strides);
-  Tensor out = at::_ops::new_empty_strided::call(self, prependBatch(B, sizes), phys_stride,
-                                                 self.scalar_type(), std::nullopt, std::nullopt,
-                                                 std::nullopt);
-  return {out.zero_(), 0};
+  // Zeros over the whole storage, like torch's own: zero_() on the strided view would leave
+  // the gaps between its elements uninitialised, and forward AD may view that storage again.
+  Tensor flat = at::_ops::new_zeros::call(self, {phys_stride[0] * B}, self.scalar_type(),
+                                          std::nullopt, std::nullopt, std::nullopt);
+  return {flat.as_strided_symint(prependBatch(B, sizes), phys_stride), 0};
 }
 
 // Asked by forward AD whether a tangent can share its primal's storage layout. A batched tangent
