@@ -4,8 +4,9 @@ audit of the other families).
 An OpInfo sweep giving every op 0-d and 1-d per-example inputs found rules that assumed a
 minimum logical rank: they returned a result where torch raises (softmax/sort/max/logsumexp/
 transpose/squeeze with a dim a scalar does not have, max_pool1d of a vector, layer_norm of a
-scalar, soft_margin_loss with a larger target), or raised another exception type than torch
-(permute, split, narrow, unbind, batch/group norm, mv, trace). Each case runs vmap over a batch of
+scalar, soft_margin_loss with a larger target, index_add with a source of another shape), or
+raised another exception type than torch (permute, split, narrow, unbind, batch/group norm, mv,
+trace, embedding, nll_loss, index_copy). Each case runs vmap over a batch of
 such inputs and checks it raises what the unbatched call on one example raises: same type, same
 first line, never an internal assert; with the for-loop fallback set to 'error'.
 """
@@ -66,6 +67,15 @@ CASES = {
     "mv_scalar": (lambda x: torch.mv(x, _v(2)), _s),
     "matmul_size_mismatch": (lambda x: torch.matmul(x, torch.ones(3, 2, dtype=DT)), _v),
     "tril_vector": (torch.tril, _v),
+    "narrow_copy_dim1": (lambda x: x.narrow_copy(1, 0, 1), _v),
+    "embedding_weight_vector": (lambda w: F.embedding(torch.tensor([0, 1]), w), _v),
+    "nll_loss_1d_target_size2": (lambda x: F.nll_loss(x, torch.tensor([0, 1])), _v),
+    "index_add_scalar_self": (lambda x: x.index_add(0, torch.tensor([0]), torch.ones(3, dtype=DT)),
+                              _s),
+    "index_add_size_mismatch": (lambda x: x.view(2, 2).index_add(0, torch.tensor([0]),
+                                                                 torch.ones(1, 3, dtype=DT)), _v),
+    "index_copy_rank_mismatch": (lambda x: x.index_copy(0, torch.tensor([0]),
+                                                        torch.ones(1, 2, dtype=DT)), _v),
     "geqrf_vector": (torch.geqrf, _v),
 }
 
@@ -110,3 +120,19 @@ def test_dims_a_scalar_has_still_work(fn, fallback_mode):
     for j, g in enumerate(flat):
         torch.testing.assert_close(g, torch.stack([torch.utils._pytree.tree_leaves(r)[j]
                                                    for r in rows]))
+
+
+@pytest.mark.parametrize("case", ["index_add_scalar", "index_copy_scalar", "nll_1d_target_1"])
+def test_shapes_torch_accepts_still_work(case, fallback_mode):
+    """Shapes the new checks send per element, or let through, that torch accepts."""
+    fns = {
+        "index_add_scalar": lambda x: x.index_add(0, torch.tensor([0]), torch.ones((), dtype=DT)),
+        "index_copy_scalar": lambda x: x.index_copy(0, torch.tensor(0), torch.full((), 2.0,
+                                                                                   dtype=DT)),
+        "nll_1d_target_1": lambda x: F.nll_loss(x.log_softmax(-1), torch.tensor([1])),
+    }
+    fn = fns[case]
+    xs = torch.randn(3, 4, dtype=DT) if case.startswith("nll") else torch.randn(3, dtype=DT)
+    with fallback_mode("error"):
+        got = ft.vmap(fn)(xs)
+    torch.testing.assert_close(got, torch.stack([fn(x) for x in xs]))

@@ -282,9 +282,37 @@ Tensor scaled(const Tensor& source, const c10::Scalar& alpha) {
   return alpha.equal(1) ? source : source.mul(alpha);
 }
 
+// index_add/index_copy want source to match self outside `dim` (scalars aside); the batched
+// write would broadcast instead. Other shapes run per element (torch's result or error).
+bool alongDimShapesMatch(const Tensor& self, bdim_t sbd, const Tensor& source, bdim_t srcbd,
+                         int64_t dim) {
+  Tensor s = sbd ? exampleOf(self, *sbd, 0) : self, src = srcbd ? exampleOf(source, *srcbd, 0) : source;
+  if (s.dim() != src.dim()) return false;
+  if (s.dim() == 0) return true;
+  const int64_t d = c10::maybe_wrap_dim(dim, s.dim());
+  for (int64_t k = 0; k < s.dim(); ++k)
+    if (k != d && s.size(k) != src.size(k)) return false;
+  return true;
+}
+
+template <class F>
+std::tuple<Tensor, bdim_t> perElement(int64_t B, F&& call) {
+  std::vector<Tensor> rows;
+  for (int64_t i = 0; i < B; ++i) rows.push_back(call(i));
+  return {stackRows(rows, B > 0 ? rows[0] : call(0)), 0};
+}
+
+Tensor elementOf(const Tensor& t, bdim_t bd, int64_t i) { return bd ? exampleOf(t, *bd, i) : t; }
+
 std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                         const Tensor& index, bdim_t ibd, const Tensor& source,
                                         bdim_t srcbd, const c10::Scalar& alpha) {
+  if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
+    return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
+      return at::_ops::index_add::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
+                                       elementOf(source, srcbd, i), alpha);
+    });
+  }
   return alongDimIntoCopy(self, sbd, dim, index, ibd, scaled(source, alpha), srcbd, true,
                           "aten::index_add");
 }
@@ -298,6 +326,12 @@ void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& in
 std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd, const Tensor& source,
                                          bdim_t srcbd) {
+  if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
+    return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
+      return at::_ops::index_copy::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
+                                        elementOf(source, srcbd, i));
+    });
+  }
   return alongDimIntoCopy(self, sbd, dim, index, ibd, source, srcbd, false, "aten::index_copy");
 }
 
@@ -429,7 +463,8 @@ using ScatterInplace = ScatterLikeInplace<Op>;
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerVmapRule<at::_ops::embedding, &embeddingRule>(m);
+  // a weight that is not a matrix runs per element: torch raises its own error
+  registerVmapRule<at::_ops::embedding, &embeddingRule, RankIn<R<2>, R<0, kAnyRank>>>(m);
   registerVmapRule<at::_ops::embedding_dense_backward, &embeddingDenseBackwardRule>(m);
 
   registerVmapRule<at::_ops::index_Tensor, &indexRule>(m);

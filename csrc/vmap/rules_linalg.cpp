@@ -313,42 +313,83 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::linalg_pinv_atol_rtol_tensor, &pinvRule,
                    RankIn<R<2, kAnyRank>, Any, Any>>(m);
   // Batch-native ops, grouped by the core rank of each tensor argument (schema order).
-  registerBatchNative<CoreRanks<2>, at::_ops::linalg_inv_ex, at::_ops::_linalg_det,
-                      at::_ops::_linalg_slogdet, at::_ops::linalg_cholesky_ex,
-                      at::_ops::linalg_qr, at::_ops::_linalg_eigh, at::_ops::_linalg_svd,
-                      at::_ops::linalg_lu_factor_ex, at::_ops::linalg_lu, at::_ops::triu,
-                      at::_ops::tril, at::_ops::linalg_matrix_exp, at::_ops::linalg_eig,
-                      at::_ops::_linalg_eigvals, at::_ops::linalg_ldl_factor_ex,
-                      at::_ops::cholesky_inverse, at::_ops::cholesky, at::_ops::geqrf>(m);
-  registerBatchNative<CoreRanks<2, 2>, at::_ops::linalg_solve_triangular,
-                      at::_ops::cholesky_solve, at::_ops::triangular_solve>(m);
-  registerBatchNative<CoreRanks<2, 1>, at::_ops::lu_unpack,
+  registerBatchNative<CoreRanks<2>,
+                      at::_ops::linalg_inv_ex,
+                      at::_ops::_linalg_det,
+                      at::_ops::_linalg_slogdet,
+                      at::_ops::linalg_cholesky_ex,
+                      at::_ops::linalg_qr,
+                      at::_ops::_linalg_eigh,
+                      at::_ops::_linalg_svd,
+                      at::_ops::linalg_lu_factor_ex,
+                      at::_ops::linalg_lu,
+                      at::_ops::triu,
+                      at::_ops::tril,
+                      at::_ops::linalg_matrix_exp,
+                      at::_ops::linalg_eig,
+                      at::_ops::_linalg_eigvals,
+                      at::_ops::linalg_ldl_factor_ex,
+                      at::_ops::cholesky_inverse,
+                      at::_ops::cholesky,
+                      at::_ops::geqrf>(m);
+  registerBatchNative<CoreRanks<2, 2>,
+                      at::_ops::linalg_solve_triangular,
+                      at::_ops::cholesky_solve,
+                      at::_ops::triangular_solve>(m);
+  registerBatchNative<CoreRanks<2, 1>,
+                      at::_ops::lu_unpack,
                       at::_ops::linalg_householder_product>(m);
-  registerBatchNative<CoreRanks<2, 1, 2>, at::_ops::linalg_lu_solve, at::_ops::linalg_ldl_solve,
+  registerBatchNative<CoreRanks<2, 1, 2>,
+                      at::_ops::linalg_lu_solve,
+                      at::_ops::linalg_ldl_solve,
                       at::_ops::ormqr>(m);
-  registerBatchNative<SolveSpec, at::_ops::_linalg_solve_ex, at::_ops::linalg_lstsq>(m);
+  registerBatchNative<SolveSpec,
+                      at::_ops::_linalg_solve_ex,
+                      at::_ops::linalg_lstsq>(m);
   // Composite entry points whose rank checks live in the ops they decompose into (under another
   // name: linalg.eigvals would report linalg.eig's error): checked here against logical ranks.
-  registerCheckedComposite<CoreRanks<2>, at::_ops::det, at::_ops::inverse, at::_ops::logdet,
-                           at::_ops::slogdet, at::_ops::linalg_det, at::_ops::linalg_inv,
-                           at::_ops::linalg_cholesky, at::_ops::linalg_slogdet,
-                           at::_ops::linalg_eigh, at::_ops::linalg_eigvalsh,
-                           at::_ops::linalg_eigvals, at::_ops::linalg_svd,
-                           at::_ops::linalg_svdvals, at::_ops::svd, at::_ops::qr,
-                           at::_ops::linalg_lu_factor, at::_ops::linalg_ldl_factor,
-                           at::_ops::linalg_matrix_power, at::_ops::matrix_power,
-                           at::_ops::linalg_pinv, at::_ops::linalg_pinv_atol_rtol_float,
-                           at::_ops::linalg_pinv_rcond_tensor, at::_ops::pinverse,
+  registerCheckedComposite<CoreRanks<2>,
+                           at::_ops::det,
+                           at::_ops::inverse,
+                           at::_ops::logdet,
+                           at::_ops::slogdet,
+                           at::_ops::linalg_det,
+                           at::_ops::linalg_inv,
+                           at::_ops::linalg_cholesky,
+                           at::_ops::linalg_slogdet,
+                           at::_ops::linalg_eigh,
+                           at::_ops::linalg_eigvalsh,
+                           at::_ops::linalg_eigvals,
+                           at::_ops::linalg_svd,
+                           at::_ops::linalg_svdvals,
+                           at::_ops::svd,
+                           at::_ops::qr,
+                           at::_ops::linalg_lu_factor,
+                           at::_ops::linalg_ldl_factor,
+                           at::_ops::linalg_matrix_power,
+                           at::_ops::matrix_power,
+                           at::_ops::linalg_pinv,
+                           at::_ops::linalg_pinv_atol_rtol_float,
+                           at::_ops::linalg_pinv_rcond_tensor,
+                           at::_ops::pinverse,
                            at::_ops::linalg_matrix_rank,
                            at::_ops::linalg_matrix_rank_atol_rtol_float,
                            at::_ops::linalg_matrix_rank_atol_rtol_tensor,
-                           at::_ops::linalg_matrix_rank_tol_tensor, at::_ops::linalg_cond,
-                           at::_ops::linalg_cond_p_str, at::_ops::linalg_matrix_norm,
-                           at::_ops::linalg_matrix_norm_str_ord, at::_ops::matrix_exp,
-                           at::_ops::_lu_with_info, at::_ops::nuclear_norm>(m);
-  registerCheckedComposite<CoreRanks<2, 1>, at::_ops::orgqr>(m);
-  registerCheckedComposite<CoreRanks<2, 2, 1>, at::_ops::lu_solve>(m);
-  registerCheckedComposite<SolveSpec, at::_ops::linalg_solve, at::_ops::linalg_solve_ex>(m);
+                           at::_ops::linalg_matrix_rank_tol_tensor,
+                           at::_ops::linalg_cond,
+                           at::_ops::linalg_cond_p_str,
+                           at::_ops::linalg_matrix_norm,
+                           at::_ops::linalg_matrix_norm_str_ord,
+                           at::_ops::matrix_exp,
+                           at::_ops::_lu_with_info,
+                           at::_ops::nuclear_norm>(m);
+  registerCheckedComposite<CoreRanks<2, 1>,
+                           at::_ops::orgqr>(m);
+  registerCheckedComposite<CoreRanks<2, 2, 1>,
+                           at::_ops::lu_solve>(m);
+  registerCheckedComposite<SolveSpec,
+                           at::_ops::linalg_solve,
+                           at::_ops::linalg_solve_ex>(m);
 }
 
 }  // namespace ftl

@@ -344,9 +344,9 @@ std::tuple<Tensor, bdim_t> identityRule(const Tensor& x, bdim_t bd) { return {x,
 std::tuple<Tensor, bdim_t> narrowRule(const Tensor& x, bdim_t bd, int64_t dim, c10::SymInt start,
                                       c10::SymInt length) {
   Tensor p = moveBdimToFront(x, bd);
-  if (p.dim() == 1) {
+  if (p.dim() == 1 || dim >= p.dim() - 1 || dim < -(p.dim() - 1)) {
     raiseForElement([&] { at::_ops::narrow_copy::call(exampleOf(p, 0, 0), dim, start, length); },
-                    "narrow", "cannot be applied to a 0-dim tensor");
+                    "narrow", "dim out of range for the input");
   }
   return {at::_ops::narrow::call(p, physicalDim(dim, p.dim() - 1, true), start, length), 0};
 }
