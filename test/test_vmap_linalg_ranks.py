@@ -273,3 +273,16 @@ def test_issue_examples():
                                            "2 dimensions"):
         ft.vmap(torch.linalg.det)(x)
 
+
+
+def test_batched_tensor_invariant_is_a_clear_error():
+    """BatchedTensorImpl asserts that its batch dim names a dim of its value (an internal
+    invariant): the entry points that build one check it first and name the problem."""
+    x = torch.randn(2)
+    level = ft._C._push_vmap(2, "error")
+    try:
+        with pytest.raises(RuntimeError, match="out of range") as info:
+            ft._C._add_batch_dim(x, 1, level)
+        assert "INTERNAL ASSERT" not in str(info.value)
+    finally:
+        ft._C._pop(level)
