@@ -6,7 +6,7 @@ minimum logical rank: they returned a result where torch raises (softmax/sort/ma
 transpose/squeeze with a dim a scalar does not have, max_pool1d of a vector, layer_norm of a
 scalar, soft_margin_loss with a larger target, index_add with a source of another shape), or
 raised another exception type than torch (permute, split, narrow, unbind, batch/group norm, mv,
-trace, embedding, nll_loss, index_copy). Each case runs vmap over a batch of
+trace, embedding, nll_loss, index_copy, index_put). Each case runs vmap over a batch of
 such inputs and checks it raises what the unbatched call on one example raises: same type, same
 first line, never an internal assert; with the for-loop fallback set to 'error'.
 """
@@ -67,6 +67,8 @@ CASES = {
     "mv_scalar": (lambda x: torch.mv(x, _v(2)), _s),
     "matmul_size_mismatch": (lambda x: torch.matmul(x, torch.ones(3, 2, dtype=DT)), _v),
     "tril_vector": (torch.tril, _v),
+    "index_put_scalar": (lambda x: torch.index_put(x, (torch.tensor([0]),),
+                                                   torch.tensor(1.0, dtype=DT)), _s),
     "narrow_copy_dim1": (lambda x: x.narrow_copy(1, 0, 1), _v),
     "embedding_weight_vector": (lambda w: F.embedding(torch.tensor([0, 1]), w), _v),
     "nll_loss_1d_target_size2": (lambda x: F.nll_loss(x, torch.tensor([0, 1])), _v),

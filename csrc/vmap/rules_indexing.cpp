@@ -113,8 +113,8 @@ IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const 
       ++pos;
     }
   }
-  TORCH_CHECK(pos <= L, "functorch_lite.vmap: ", op, ": too many indices for a tensor of "
-              "dimension ", L, " (got ", pos, ")");
+  // torch's IndexError and message (for one element's dims, which is what the user indexes)
+  TORCH_CHECK_INDEX(pos <= L, "too many indices for tensor of dimension ", L, " (got ", pos, ")");
 
   IndexPlan plan;
   bool adjacent = true;
