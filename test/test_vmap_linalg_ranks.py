@@ -286,3 +286,56 @@ def test_batched_tensor_invariant_is_a_clear_error():
         assert "INTERNAL ASSERT" not in str(info.value)
     finally:
         ft._C._pop(level)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same check over torch's OpInfo samples of every linalg op (and the old-API aliases): the
+# sample's input given 0 or 1 dims per example (other arguments as the sample has them).
+
+def _linalg_opinfos():
+    from torch.testing._internal.common_methods_invocations import op_db
+    names = {"det", "logdet", "slogdet", "inverse", "cholesky", "cholesky_solve",
+             "cholesky_inverse", "qr", "svd", "pinverse", "lu", "lu_solve", "lu_unpack",
+             "triangular_solve", "matrix_exp", "geqrf", "ormqr", "trace", "mm", "mv", "bmm",
+             "dot", "vdot", "addmm", "addmv", "addr", "baddbmm", "addbmm", "triu", "tril"}
+    return [op for op in op_db
+            if (op.name.startswith("linalg.") or op.name in names)
+            and torch.float64 in op.supported_dtypes("cpu")]
+
+
+_OPINFOS = {op.name + ("." + op.variant_test_name if op.variant_test_name else ""): op
+            for op in _linalg_opinfos()}
+
+
+@pytest.mark.parametrize("name", sorted(_OPINFOS))
+def test_opinfo_samples_with_too_few_dims(name):
+    op = _OPINFOS[name]
+    checked = set()
+    for s in list(op.sample_inputs("cpu", DT))[:12]:
+        x = s.input
+        if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.numel() == 0:
+            continue
+        for rank in range(min(x.dim(), 2)):
+            if (x.dim(), rank) in checked:
+                continue
+            checked.add((x.dim(), rank))
+            low = _lower(x, rank)
+            batch = torch.stack([low, low + 0.5])
+
+            def fn(t, s=s):
+                return op(t, *s.args, **s.kwargs)
+
+            ref = _error_of(fn, batch[0])
+            got = _error_of(ft.vmap(fn), batch)
+            where = f"{name}: input with {rank} dims (sample input {list(x.shape)})"
+            if got is not None:
+                assert "INTERNAL ASSERT" not in str(got), f"{where}: {got}"
+            if ref is None:
+                assert got is None, f"{where}: torch accepts it, vmap raised {got!r}"
+                _assert_rows(ft.vmap(fn)(batch), [fn(b) for b in batch], where)
+                continue
+            assert got is not None, f"{where}: torch raises {ref!r}, vmap returned a result"
+            assert type(got) is type(ref), f"{where}: {got!r} vs torch's {ref!r}"
+            assert _first_line(ref) == _first_line(got), f"{where}: {got!r} vs torch's {ref!r}"
+    if not checked:
+        pytest.skip("no sample whose input is a non-empty tensor with dims to take away")
