@@ -6,7 +6,8 @@ minimum logical rank: they returned a result where torch raises (softmax/sort/ma
 transpose/squeeze with a dim a scalar does not have, max_pool1d of a vector, layer_norm of a
 scalar, soft_margin_loss with a larger target, index_add with a source of another shape), or
 raised another exception type than torch (permute, split, narrow, unbind, batch/group norm, mv,
-trace, embedding, nll_loss, index_copy, index_put). Each case runs vmap over a batch of
+trace, embedding, nll_loss, index_copy, index_put, convolution with a scalar weight, gather and
+scatter, max_unpool with scalar indices; layer_norm and conv3d accepted a scalar weight or bias). Each case runs vmap over a batch of
 such inputs and checks it raises what the unbatched call on one example raises: same type, same
 first line, never an internal assert; with the for-loop fallback set to 'error'.
 """
@@ -69,6 +70,21 @@ CASES = {
     "tril_vector": (torch.tril, _v),
     "index_put_scalar": (lambda x: torch.index_put(x, (torch.tensor([0]),),
                                                    torch.tensor(1.0, dtype=DT)), _s),
+    # too few dims in an argument other than the first
+    "layer_norm_scalar_weight": (lambda w: F.layer_norm(torch.ones(2, 3, dtype=DT), (3,), w), _s),
+    "layer_norm_scalar_bias": (lambda b: F.layer_norm(torch.ones(2, 3, dtype=DT), (3,), None, b),
+                               _s),
+    "conv1d_scalar_weight": (lambda w: F.conv1d(torch.ones(1, 1, 4, dtype=DT), w), _s),
+    "conv2d_vector_weight": (lambda w: F.conv2d(torch.ones(1, 1, 4, 4, dtype=DT), w), _v),
+    "conv3d_scalar_bias": (lambda b: F.conv3d(torch.ones(1, 1, 2, 2, 2, dtype=DT),
+                                              torch.ones(1, 1, 1, 1, 1, dtype=DT), b), _s),
+    "max_unpool2d_scalar_indices": (lambda i: F.max_unpool2d(torch.ones(1, 1, 2, 2, dtype=DT),
+                                                             i.long(), 2), _s),
+    "gather_scalar_index": (lambda i: torch.gather(torch.ones(2, 2, dtype=DT), 0, i.long()), _s),
+    "scatter_scalar_src": (lambda s: torch.zeros(2, 2, dtype=DT).scatter(
+        0, torch.zeros(1, 2, dtype=torch.long), s), _s),
+    "scatter_add_vector_index": (lambda i: torch.zeros(2, 2, dtype=DT).scatter_add(
+        0, i.long(), torch.ones(2, 2, dtype=DT)), lambda: torch.zeros(2)),
     "narrow_copy_dim1": (lambda x: x.narrow_copy(1, 0, 1), _v),
     "embedding_weight_vector": (lambda w: F.embedding(torch.tensor([0, 1]), w), _v),
     "nll_loss_1d_target_size2": (lambda x: F.nll_loss(x, torch.tensor([0, 1])), _v),
@@ -96,7 +112,7 @@ def test_vmap_raises_what_one_example_raises(name, fallback_mode):
     x = example()
     ref = _error_of(fn, x)
     assert ref is not None, f"{name}: torch accepts the example; the case checks nothing"
-    batch = torch.stack([x, x + 1, x + 2])
+    batch = torch.stack([x, x, x])
     with fallback_mode("error"):
         got = _error_of(ft.vmap(fn), batch)
     assert got is not None, f"{name}: torch raises {ref!r}, vmap returned a result"

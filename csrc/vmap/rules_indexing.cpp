@@ -397,8 +397,25 @@ GatherArgs prepGather(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor&
   return a;
 }
 
+// torch's gather/scatter want self, index (and src) of one rank, a scalar counting as 1-d.
+bool sameGatherRank(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) {
+  std::optional<int64_t> r;
+  for (const auto& [t, bd] : ts) {
+    const int64_t k = std::max<int64_t>(rankWithoutBdim(*t, bd), 1);
+    if (r && *r != k) return false;
+    r = k;
+  }
+  return true;
+}
+
+Tensor one(const Tensor& t, bdim_t bd) { return bd ? exampleOf(t, *bd, 0) : t; }
+
 std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                       const Tensor& index, bdim_t ibd, bool sparse_grad) {
+  if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
+    raiseForElement([&] { at::_ops::gather::call(one(self, sbd), dim, one(index, ibd), sparse_grad); },
+                    "gather", "index must have self's number of dims");
+  }
   const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
   const int64_t index_rank = rankWithoutBdim(index, ibd);
   GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
@@ -414,6 +431,10 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const Tenso
   static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd, const Tensor& src,
                                          bdim_t srcbd, Extra... extra) {
+    if (!sameGatherRank({{&self, sbd}, {&index, ibd}, {&src, srcbd}})) {
+      raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), one(src, srcbd), extra...); },
+                      Op::name, "self, index and src must have the same number of dims");
+    }
     const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&src, srcbd}});
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, &src, srcbd, B, false);
     Tensor out = Op::call(a.self, a.dim, a.index, a.src, extra...);
@@ -426,6 +447,10 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const c10::
   static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd,
                                          const c10::Scalar& value, Extra... extra) {
+    if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
+      raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), value, extra...); },
+                      Op::name, "index must have self's number of dims");
+    }
     const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
     Tensor out = Op::call(a.self, a.dim, a.index, value, extra...);

@@ -20,14 +20,21 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormRule(
   const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
   Tensor xp = materializeBdimFront(x, xbd, B);
   const int64_t k = static_cast<int64_t>(shape.size());
-  if (xp.dim() - 1 < k || xp.sym_sizes().slice(xp.dim() - k) != shape) {
+  // weight and bias have exactly normalized_shape, for every element
+  auto fits = [&](const std::optional<Tensor>& t, bdim_t bd) {
+    if (!t || !t->defined()) return true;
+    Tensor e = bd ? exampleOf(*t, *bd, 0) : *t;
+    return e.sym_sizes() == shape;
+  };
+  if (xp.dim() - 1 < k || xp.sym_sizes().slice(xp.dim() - k) != shape || !fits(w, wbd) ||
+      !fits(b, bbd)) {
     // torch's error names the input's size: that of one element, not the batch
     auto one = [](const std::optional<Tensor>& t, bdim_t bd) {
       return t && t->defined() && bd ? std::optional<Tensor>(exampleOf(*t, *bd, 0)) : t;
     };
     raiseForElement([&] {
       at::native_layer_norm_symint(exampleOf(xp, 0, 0), shape, one(w, wbd), one(b, bbd), eps);
-    }, "layer_norm", "the input's trailing dims must equal normalized_shape");
+    }, "layer_norm", "the input's trailing dims, weight and bias must have normalized_shape");
   }
   if (!wbd && !bbd) {
     auto [out, mean, rstd] = at::native_layer_norm_symint(xp, shape, w, b, eps);
