@@ -10,6 +10,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "core/jvp_decomps.h"
 #include "core/tensors.h"
 
 namespace ftl {
@@ -73,6 +74,8 @@ bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
 // ----------------------------------------------------------------------------------------------
 // grad levels: lift, then let torch's autograd run on our wrappers.
 void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) {
+  // Backward ops without a forward-AD formula (NOTE [Decompositions for forward AD]).
+  if (top.kind == LevelKind::Jvp && runJvpDecomposition(op, stack)) return;
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;

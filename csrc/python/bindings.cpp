@@ -48,6 +48,9 @@ py::list vmapWrapInputs(const py::list& flat_args, const py::list& flat_in_dims,
     int64_t bdim = d.cast<int64_t>();
     // A tensor of an enclosing vmap counts its logical dims; the value's extra dim is not ours.
     if (bdim < 0) bdim += t.dim();
+    // _vmap.py validates in_dims first; this keeps BatchedTensorImpl's invariant unreachable
+    TORCH_CHECK(bdim >= 0 && bdim < t.dim(), "functorch_lite.vmap: in_dim ", d.cast<int64_t>(),
+                " is out of range for an input with ", t.dim(), " dims");
     out[i] = py::reinterpret_steal<py::object>(THPVariable_Wrap(makeBatched(t, bdim, level)));
   }
   return out;
@@ -150,6 +153,8 @@ PYBIND11_MODULE(_C, m) {
     return out;
   }));
   m.def("_add_batch_dim", torch::wrap_pybind_function([](const at::Tensor& t, int64_t bdim, int64_t level_id) {
+    TORCH_CHECK(bdim >= 0 && bdim < t.dim(), "functorch_lite._add_batch_dim: batch dim ", bdim,
+                " is out of range for a tensor with ", t.dim(), " dims");
     return makeBatched(t, bdim, liveLevel(level_id));
   }));
   m.def("_remove_batch_dim", torch::wrap_pybind_function(&removeBatchDim));

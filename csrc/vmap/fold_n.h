@@ -45,7 +45,15 @@ struct Kernel<Op, K, Ret(Args...)> {
     // The first argument (self or grad_output) tells whether the logical tensors have N.
     const at::Tensor& first = std::get<0>(std::forward_as_tuple(args...));
     const bool fold = first.dim() == K + 2;  // logical rank: BatchedTensors report it
+    bool same_layout = true;  // every tensor shares the layout (indices of max_unpool, ...)
+    for (const at::Tensor* t : detail::logicalTensors(args...))
+      same_layout &= !t || t->dim() == first.dim();
     HandDownGuard guard;
+    if ((first.dim() != K + 1 && !fold) || !same_layout) {
+      // Not a layout the op takes: [B, ...] could pass for one (max_pool1d would pool a batch
+      // of vectors as one [C, L] tensor). Per element, torch raises its own error.
+      return detail::wrapAllAt0<Ret>(detail::runPerElement<Op, Ret>(lvl, B, args...), *top);
+    }
     Ret r = Op::call(foldArg(args, lvl, B, fold)...);
     if constexpr (std::is_same_v<Ret, Tensor>) {
       return unfoldOut(std::move(r), B, fold, *top);

@@ -1,6 +1,9 @@
 // Shape helpers shared by batching rules (declared in plumbing.h).
 #include <ATen/WrapDimUtils.h>
 #include <ATen/ops/movedim_ops.h>
+#include <ATen/ops/new_zeros_ops.h>
+#include <ATen/ops/select_ops.h>
+#include <ATen/ops/stack_ops.h>
 #include <ATen/ops/unsqueeze_ops.h>
 #include <ATen/ops/view_ops.h>
 
@@ -44,6 +47,27 @@ int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) 
   for (const auto& [t, bd] : ts)
     if (bd) return t->size(*bd);
   TORCH_INTERNAL_ASSERT(false, "batchSizeOf: no batched tensor");
+}
+
+Tensor exampleOf(const Tensor& value, int64_t bdim, int64_t i) {
+  if (i < value.size(bdim)) return value.select(bdim, i);
+  c10::SmallVector<int64_t, 8> sizes(value.sizes().begin(), value.sizes().end());
+  sizes.erase(sizes.begin() + bdim);
+  return value.new_zeros(sizes);
+}
+
+Tensor stackRows(const std::vector<Tensor>& rows, const Tensor& like) {
+  if (!like.defined()) return like;
+  if (rows.empty()) return like.unsqueeze(0).narrow(0, 0, 0).contiguous();
+  return at::_ops::stack::call(rows, 0);
+}
+
+void checkResultBdim(const Tensor& t, bdim_t bd, const char* op) {
+  if (!bd || !t.defined()) return;
+  TORCH_CHECK(*bd >= 0 && *bd < t.dim(), "functorch_lite.vmap: the batching rule of ", op,
+              " returned batch dim ", *bd, " for a result with ", t.dim(), " dims (sizes ",
+              t.sizes(), "). This is a bug in functorch_lite's rule for this op; please report "
+              "it.");
 }
 
 }  // namespace ftl

@@ -60,6 +60,28 @@ Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
 Tensor flattenAfterBatch(const Tensor& p);
 // Batch size of the first batched tensor.
 int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
+// Batch element i of a physical tensor; for an empty batch (no element i), zeros of the logical
+// shape, so that an op can still be run on "one example" to raise torch's own error.
+Tensor exampleOf(const Tensor& value, int64_t bdim, int64_t i);
+// Per-element results stacked at dim 0; undefined results stay undefined. With no rows, `like`
+// (a result for one example) gives the shape: [0, *like.shape].
+Tensor stackRows(const std::vector<Tensor>& rows, const Tensor& like);
+
+// For a rule that finds arguments its op rejects for one batch element (too few dims, say): the
+// op on element 0 (`call`) raises torch's own error, type and message; should torch accept it
+// after all, the rule's own reason (`what`) is raised.
+template <class F>
+[[noreturn]] void raiseForElement(F&& call, const char* op, const char* what) {
+  call();
+  TORCH_CHECK(false, "functorch_lite.vmap: ", op, ": ", what);
+}
+
+// NOTE [Result batch dims]
+// A rule's result batch dim must name a dim of its physical result. BatchedTensorImpl asserts it
+// (an internal invariant); the plumbing checks it first, so that a rule bug reaches the user as
+// an error naming the op, never as an internal assert. Rules themselves check the logical ranks
+// they need (and raise torch's own error) before computing anything.
+void checkResultBdim(const Tensor& t, bdim_t bd, const char* op);
 
 
 namespace detail {
@@ -171,24 +193,30 @@ Ret redirectToFront(Args... args) {
       boxed, handle, c10::DispatchKeySet(c10::DispatchKey::DeferredInit), args...);
 }
 
-template <class Ret, class Res, size_t... I>
-Ret wrapTuple(Res&& res, const Level& lvl, std::index_sequence<I...>) {
-  return Ret(makeBatched(std::move(std::get<2 * I>(res)), std::get<2 * I + 1>(res), lvl)...);
+template <class Op>
+at::Tensor makeBatchedChecked(at::Tensor value, bdim_t bd, const Level& lvl) {
+  checkResultBdim(value, bd, Op::name);
+  return makeBatched(std::move(value), bd, lvl);
 }
 
-template <class Ret, class Res>
+template <class Op, class Ret, class Res, size_t... I>
+Ret wrapTuple(Res&& res, const Level& lvl, std::index_sequence<I...>) {
+  return Ret(makeBatchedChecked<Op>(std::move(std::get<2 * I>(res)), std::get<2 * I + 1>(res), lvl)...);
+}
+
+template <class Op, class Ret, class Res>
 Ret wrapResult(Res&& res, const Level& lvl) {
   if constexpr (std::is_same_v<Ret, at::Tensor>) {
-    return makeBatched(std::move(std::get<0>(res)), std::get<1>(res), lvl);
+    return makeBatchedChecked<Op>(std::move(std::get<0>(res)), std::get<1>(res), lvl);
   } else if constexpr (std::is_same_v<Ret, std::vector<at::Tensor>>) {
     auto& [values, bd] = res;
     std::vector<at::Tensor> out;
     out.reserve(values.size());
-    for (auto& v : values) out.push_back(makeBatched(std::move(v), bd, lvl));
+    for (auto& v : values) out.push_back(makeBatchedChecked<Op>(std::move(v), bd, lvl));
     return out;
   } else {
-    return wrapTuple<Ret>(std::forward<Res>(res), lvl,
-                          std::make_index_sequence<std::tuple_size_v<Ret>>());
+    return wrapTuple<Op, Ret>(std::forward<Res>(res), lvl,
+                              std::make_index_sequence<std::tuple_size_v<Ret>>());
   }
 }
 
@@ -215,18 +243,155 @@ const Level* vmapPrologue(std::optional<Ret>& done, Args... args) {
   return top;
 }
 
-template <class Op, auto Rule, class Sig = typename Op::schema>
+// NOTE [Batch-native ops and logical ranks] is below, with the batch-native kernel.
+template <int... R>
+struct CoreRanks {
+  static constexpr bool always = false;
+  static bool fast(const std::vector<const at::Tensor*>& ts) {
+    constexpr int r[] = {R...};
+    std::optional<int64_t> batch_rank;
+    for (size_t i = 0; i < ts.size() && i < sizeof...(R); ++i) {
+      if (!ts[i] || r[i] < 0) continue;
+      const int64_t k = ts[i]->dim() - r[i];  // wrappers report logical dims
+      if (k < 0 || (batch_rank && *batch_rank != k)) return false;
+      batch_rank = k;
+    }
+    return true;
+  }
+};
+
+template <class T>
+void collectTensor(std::vector<const at::Tensor*>& out, const T& arg) {
+  if constexpr (is_tensor_v<T>) {
+    out.push_back(arg.defined() ? &arg : nullptr);
+  } else if constexpr (is_opt_tensor_v<T>) {
+    out.push_back(arg.has_value() && arg->defined() ? &*arg : nullptr);
+  }
+}
+
+template <class... Args>
+std::vector<const at::Tensor*> logicalTensors(const Args&... args) {
+  std::vector<const at::Tensor*> out;
+  (collectTensor(out, args), ...);
+  return out;
+}
+
+template <class T>
+decltype(auto) materializeArg(const T& arg, int64_t lvl, int64_t B) {
+  if constexpr (is_tensor_v<T>) {
+    auto [v, bd] = unwrapAt(arg, lvl);
+    return materializeBdimFront(v, bd, B);
+  } else if constexpr (is_opt_tensor_v<T>) {
+    if (!arg.has_value() || !arg->defined()) return std::optional<at::Tensor>();
+    auto [v, bd] = unwrapAt(*arg, lvl);
+    return std::optional<at::Tensor>(materializeBdimFront(v, bd, B));
+  } else {
+    return (const T&)arg;
+  }
+}
+
+// Batch element i of an argument (the argument itself when it is not batched at `lvl`).
+template <class T>
+decltype(auto) sliceArg(const T& arg, int64_t lvl, int64_t i) {
+  if constexpr (is_tensor_v<T>) {
+    auto [v, bd] = unwrapAt(arg, lvl);
+    return bd ? exampleOf(v, *bd, i) : v;
+  } else if constexpr (is_opt_tensor_v<T>) {
+    if (!arg.has_value() || !arg->defined()) return std::optional<at::Tensor>(arg);
+    auto [v, bd] = unwrapAt(*arg, lvl);
+    return std::optional<at::Tensor>(bd ? exampleOf(v, *bd, i) : v);
+  } else {
+    return (const T&)arg;
+  }
+}
+
+template <class Ret, size_t... I>
+Ret stackTupleRows(const std::vector<Ret>& rows, const Ret& like, std::index_sequence<I...>) {
+  auto column = [&](auto index) {
+    std::vector<at::Tensor> c;
+    c.reserve(rows.size());
+    for (const auto& r : rows) c.push_back(std::get<decltype(index)::value>(r));
+    return stackRows(c, std::get<decltype(index)::value>(like));
+  };
+  return Ret(column(std::integral_constant<size_t, I>())...);
+}
+
+// The op once per batch element (with the level hidden), results stacked at dim 0. Over an empty
+// batch it still runs once, on zeros of the logical shapes, for torch's error and the shapes.
+template <class Op, class Ret, class... Args>
+Ret runPerElement(int64_t lvl, int64_t B, const Args&... args) {
+  std::vector<Ret> rows;
+  rows.reserve(B);
+  for (int64_t i = 0; i < B; ++i) rows.push_back(Op::call(sliceArg(args, lvl, i)...));
+  const Ret like = B > 0 ? rows[0] : Ret(Op::call(sliceArg(args, lvl, 0)...));
+  if constexpr (std::is_same_v<Ret, at::Tensor>) {
+    return stackRows(rows, like);
+  } else {
+    return stackTupleRows(rows, like, std::make_index_sequence<std::tuple_size_v<Ret>>());
+  }
+}
+
+// Batch-native outputs are [B, ...]; a placeholder torch returns whatever the batch (the empty
+// eigenvectors of eigvalsh, U and Vh of svdvals) is not batched: it has no batch dim to name.
+inline at::Tensor batchedAt0(at::Tensor t, const Level& lvl) {
+  if (!t.defined() || t.dim() == 0 || t.size(0) != lvl.batch_size) return t;
+  return makeBatched(std::move(t), 0, lvl);
+}
+
+template <class Ret>
+Ret wrapAllAt0(Ret r, const Level& lvl) {
+  if constexpr (std::is_same_v<Ret, at::Tensor>) {
+    return batchedAt0(std::move(r), lvl);
+  } else if constexpr (std::is_same_v<Ret, std::vector<at::Tensor>>) {
+    for (auto& t : r) t = batchedAt0(std::move(t), lvl);
+    return r;
+  } else {
+    return std::apply([&](auto&&... ts) { return Ret(batchedAt0(std::move(ts), lvl)...); },
+                      std::move(r));
+  }
+}
+
+// Specs for rules with a fixed logical rank per tensor argument: RankIn<R<2>, R<0, 2>> says
+// the first tensor argument must be a matrix and the second have at most 2 dims. The rule runs
+// only when they hold; otherwise the op runs per element (and raises torch's own error there).
+struct AnyRanks {
+  static constexpr bool always = true;
+  static bool fast(const std::vector<const at::Tensor*>&) { return true; }
+};
+template <int Lo, int Hi = Lo>
+struct R {};
+template <class... Rs>
+struct RankIn;
+template <int... Lo, int... Hi>
+struct RankIn<R<Lo, Hi>...> {
+  static constexpr bool always = false;
+  static bool fast(const std::vector<const at::Tensor*>& ts) {
+    constexpr int lo[] = {Lo...}, hi[] = {Hi...};
+    for (size_t i = 0; i < ts.size() && i < sizeof...(Lo); ++i)
+      if (ts[i] && (ts[i]->dim() < lo[i] || ts[i]->dim() > hi[i])) return false;
+    return true;
+  }
+};
+constexpr int kAnyRank = 1 << 20;
+
+template <class Op, auto Rule, class Spec = AnyRanks, class Sig = typename Op::schema>
 struct VmapKernelImpl;
 
-template <class Op, auto Rule, class Ret, class... Args>
-struct VmapKernelImpl<Op, Rule, Ret(Args...)> {
+template <class Op, auto Rule, class Spec, class Ret, class... Args>
+struct VmapKernelImpl<Op, Rule, Spec, Ret(Args...)> {
   static Ret fn(Args... args) {
     std::optional<Ret> done;
     const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
     if (!top) return std::move(*done);
     const int64_t lvl = top->id;
+    if constexpr (!Spec::always) {
+      if (!Spec::fast(logicalTensors(args...))) {
+        HandDownGuard guard;
+        return wrapAllAt0<Ret>(runPerElement<Op, Ret>(lvl, top->batch_size, args...), *top);
+      }
+    }
     HandDownGuard guard;
-    return wrapResult<Ret>(std::apply(Rule, std::tuple_cat(unwrapArg(args, lvl)...)), *top);
+    return wrapResult<Op, Ret>(std::apply(Rule, std::tuple_cat(unwrapArg(args, lvl)...)), *top);
   }
 };
 
@@ -269,7 +434,9 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
       if constexpr (std::is_void_v<decltype(call())>) {
         call();
       } else {
-        bself->setBdim(call());
+        const int64_t bd = call();
+        checkResultBdim(value, bd, Op::name);
+        bself->setBdim(bd);
       }
     }
     bself->refreshMetadata();
@@ -278,64 +445,73 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
 };
 
 // ---- batch-native ops: every tensor argument takes any number of leading batch dims (linalg,
-// triu/tril, ...). All tensor arguments are brought to [B, ...] (unbatched ones expanded, not
-// copied) and every tensor output is batched at dim 0.
-template <class T>
-decltype(auto) materializeArg(const T& arg, int64_t lvl, int64_t B) {
-  if constexpr (is_tensor_v<T>) {
-    auto [v, bd] = unwrapAt(arg, lvl);
-    return materializeBdimFront(v, bd, B);
-  } else if constexpr (is_opt_tensor_v<T>) {
-    if (!arg.has_value() || !arg->defined()) return std::optional<at::Tensor>();
-    auto [v, bd] = unwrapAt(*arg, lvl);
-    return std::optional<at::Tensor>(materializeBdimFront(v, bd, B));
-  } else {
-    return (const T&)arg;
-  }
-}
-
-inline at::Tensor batchedAt0(at::Tensor t, const Level& lvl) {
-  return t.defined() ? makeBatched(std::move(t), 0, lvl) : t;
-}
-
-template <class Ret>
-Ret wrapAllAt0(Ret r, const Level& lvl) {
-  if constexpr (std::is_same_v<Ret, at::Tensor>) {
-    return batchedAt0(std::move(r), lvl);
-  } else if constexpr (std::is_same_v<Ret, std::vector<at::Tensor>>) {
-    for (auto& t : r) t = batchedAt0(std::move(t), lvl);
-    return r;
-  } else {
-    return std::apply([&](auto&&... ts) { return Ret(batchedAt0(std::move(ts), lvl)...); },
-                      std::move(r));
-  }
-}
-
-template <class Op, class Sig = typename Op::schema>
+// triu/tril, ...). NOTE [Batch-native ops and logical ranks]
+// Such an op works on the trailing dims of each tensor argument (its core rank: 2 for a matrix, 1
+// for a vector such as pivots or tau) and broadcasts the leading (batch) dims between arguments.
+// Handing it [B, *logical] tensors (unbatched ones expanded, not copied; every output batched at
+// dim 0) is right only when (1) each argument has at least its core rank logically, or the vmap
+// dim would silently become a matrix dim, and (2) all arguments have the same number of logical
+// batch dims, or broadcasting would align the vmap dim of one argument with a logical batch dim
+// of another. A Spec says when that holds (CoreRanks<r...>: one core rank per tensor argument in
+// schema order, -1 for one that is not checked). Otherwise the op runs once per batch element and
+// the results are stacked: that is vmap's definition, gives exactly torch's own error (raised by
+// element 0) for too few dims, and torch's broadcasting of mixed batch ranks.
+template <class Op, class Spec, class Sig = typename Op::schema>
 struct BatchNativeKernelImpl;
-template <class Op, class Ret, class... Args>
-struct BatchNativeKernelImpl<Op, Ret(Args...)> {
+template <class Op, class Spec, class Ret, class... Args>
+struct BatchNativeKernelImpl<Op, Spec, Ret(Args...)> {
   static Ret fn(Args... args) {
     std::optional<Ret> done;
     const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
     if (!top) return std::move(*done);
     const int64_t lvl = top->id;
     const int64_t B = top->batch_size;
+    const bool fast = Spec::fast(logicalTensors(args...));
     HandDownGuard guard;
+    if (!fast) return wrapAllAt0<Ret>(runPerElement<Op, Ret>(lvl, B, args...), *top);
     return wrapAllAt0<Ret>(Op::call(materializeArg(args, lvl, B)...), *top);
+  }
+};
+
+// A CompositeImplicitAutograd entry point (torch.linalg.eigvals, det, ...) whose argument checks
+// live in the op it decomposes into, under another API name: it is checked here, against the
+// logical ranks, so that the error names the function the user called. When the Spec holds it
+// decomposes as usual (the boxed front kernel); otherwise it runs once per batch element.
+template <class Op, class Spec, class Sig = typename Op::schema>
+struct CheckedCompositeKernelImpl;
+template <class Op, class Spec, class Ret, class... Args>
+struct CheckedCompositeKernelImpl<Op, Spec, Ret(Args...)> {
+  static Ret fn(Args... args) {
+    std::optional<Ret> done;
+    const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
+    if (!top) return std::move(*done);
+    if (Spec::fast(logicalTensors(args...))) return redirectToFront<Op, Ret, Args...>(args...);
+    HandDownGuard guard;
+    return wrapAllAt0<Ret>(runPerElement<Op, Ret>(top->id, top->batch_size, args...), *top);
   }
 };
 
 }  // namespace detail
 
-template <class... Ops>
+// registerBatchNative<CoreRanks<2, 1>, at::_ops::A, at::_ops::B>(m): ops sharing one Spec (see
+// NOTE [Batch-native ops and logical ranks]).
+template <class Spec, class... Ops>
 void registerBatchNative(torch::Library& m) {
-  (m.impl(opName<Ops>().c_str(), TORCH_FN((detail::BatchNativeKernelImpl<Ops>::fn))), ...);
+  (m.impl(opName<Ops>().c_str(), TORCH_FN((detail::BatchNativeKernelImpl<Ops, Spec>::fn))), ...);
 }
+template <class Spec, class... Ops>
+void registerCheckedComposite(torch::Library& m) {
+  (m.impl(opName<Ops>().c_str(), TORCH_FN((detail::CheckedCompositeKernelImpl<Ops, Spec>::fn))), ...);
+}
+using detail::CoreRanks;
+using detail::kAnyRank;
+using detail::R;
+using detail::RankIn;
 
-template <class Op, auto Rule>
+// Spec: see RankIn (a rule that needs fixed logical ranks) and CoreRanks.
+template <class Op, auto Rule, class Spec = detail::AnyRanks>
 void registerVmapRule(torch::Library& m) {
-  m.impl(opName<Op>().c_str(), TORCH_FN((detail::VmapKernelImpl<Op, Rule>::fn)));
+  m.impl(opName<Op>().c_str(), TORCH_FN((detail::VmapKernelImpl<Op, Rule, Spec>::fn)));
 }
 template <class Op, auto Rule>
 void registerVmapInplaceRule(torch::Library& m) {

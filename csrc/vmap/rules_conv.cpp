@@ -127,8 +127,12 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> convolutionBackwardRu
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerVmapRule<at::_ops::convolution, &convolutionRule>(m);
-  registerVmapRule<at::_ops::convolution_backward, &convolutionBackwardRule>(m);
+  // Other ranks (a weight of fewer than 3 dims, a bias that is not a vector) run per element,
+  // where torch raises its own error.
+  using AtLeast3 = R<3, kAnyRank>;
+  registerVmapRule<at::_ops::convolution, &convolutionRule, RankIn<AtLeast3, AtLeast3, R<1>>>(m);
+  registerVmapRule<at::_ops::convolution_backward, &convolutionBackwardRule,
+                   RankIn<AtLeast3, AtLeast3, AtLeast3>>(m);
 }
 
 }  // namespace ftl

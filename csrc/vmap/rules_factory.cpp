@@ -92,6 +92,8 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
   const c10::SymInt offset = other.sym_storage_offset();
   auto phys_stride = prependBatch(0, strides);
   phys_stride[0] = storageSize(sizes, strides) + offset;
+  // Zeros over the whole storage, like torch's own: zero_() on the strided view would leave the
+  // gaps between its elements uninitialised, and forward AD may view that storage again.
   Tensor flat = at::_ops::new_zeros::call(self, {phys_stride[0] * B}, self.scalar_type(),
                                           std::nullopt, std::nullopt, std::nullopt);
   return {flat.as_strided_symint(prependBatch(B, sizes), phys_stride, offset), 0};

@@ -113,8 +113,8 @@ IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const 
       ++pos;
     }
   }
-  TORCH_CHECK(pos <= L, "functorch_lite.vmap: ", op, ": too many indices for a tensor of "
-              "dimension ", L, " (got ", pos, ")");
+  // torch's IndexError and message (for one element's dims, which is what the user indexes)
+  TORCH_CHECK_INDEX(pos <= L, "too many indices for tensor of dimension ", L, " (got ", pos, ")");
 
   IndexPlan plan;
   bool adjacent = true;
@@ -282,9 +282,37 @@ Tensor scaled(const Tensor& source, const c10::Scalar& alpha) {
   return alpha.equal(1) ? source : source.mul(alpha);
 }
 
+// index_add/index_copy want source to match self outside `dim` (scalars aside); the batched
+// write would broadcast instead. Other shapes run per element (torch's result or error).
+bool alongDimShapesMatch(const Tensor& self, bdim_t sbd, const Tensor& source, bdim_t srcbd,
+                         int64_t dim) {
+  Tensor s = sbd ? exampleOf(self, *sbd, 0) : self, src = srcbd ? exampleOf(source, *srcbd, 0) : source;
+  if (s.dim() != src.dim()) return false;
+  if (s.dim() == 0) return true;
+  const int64_t d = c10::maybe_wrap_dim(dim, s.dim());
+  for (int64_t k = 0; k < s.dim(); ++k)
+    if (k != d && s.size(k) != src.size(k)) return false;
+  return true;
+}
+
+template <class F>
+std::tuple<Tensor, bdim_t> perElement(int64_t B, F&& call) {
+  std::vector<Tensor> rows;
+  for (int64_t i = 0; i < B; ++i) rows.push_back(call(i));
+  return {stackRows(rows, B > 0 ? rows[0] : call(0)), 0};
+}
+
+Tensor elementOf(const Tensor& t, bdim_t bd, int64_t i) { return bd ? exampleOf(t, *bd, i) : t; }
+
 std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                         const Tensor& index, bdim_t ibd, const Tensor& source,
                                         bdim_t srcbd, const c10::Scalar& alpha) {
+  if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
+    return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
+      return at::_ops::index_add::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
+                                       elementOf(source, srcbd, i), alpha);
+    });
+  }
   return alongDimIntoCopy(self, sbd, dim, index, ibd, scaled(source, alpha), srcbd, true,
                           "aten::index_add");
 }
@@ -298,6 +326,12 @@ void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& in
 std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd, const Tensor& source,
                                          bdim_t srcbd) {
+  if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
+    return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
+      return at::_ops::index_copy::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
+                                        elementOf(source, srcbd, i));
+    });
+  }
   return alongDimIntoCopy(self, sbd, dim, index, ibd, source, srcbd, false, "aten::index_copy");
 }
 
@@ -363,8 +397,25 @@ GatherArgs prepGather(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor&
   return a;
 }
 
+// torch's gather/scatter want self, index (and src) of one rank, a scalar counting as 1-d.
+bool sameGatherRank(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) {
+  std::optional<int64_t> r;
+  for (const auto& [t, bd] : ts) {
+    const int64_t k = std::max<int64_t>(rankWithoutBdim(*t, bd), 1);
+    if (r && *r != k) return false;
+    r = k;
+  }
+  return true;
+}
+
+Tensor one(const Tensor& t, bdim_t bd) { return bd ? exampleOf(t, *bd, 0) : t; }
+
 std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t dim,
                                       const Tensor& index, bdim_t ibd, bool sparse_grad) {
+  if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
+    raiseForElement([&] { at::_ops::gather::call(one(self, sbd), dim, one(index, ibd), sparse_grad); },
+                    "gather", "index must have self's number of dims");
+  }
   const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
   const int64_t index_rank = rankWithoutBdim(index, ibd);
   GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
@@ -380,6 +431,10 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const Tenso
   static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd, const Tensor& src,
                                          bdim_t srcbd, Extra... extra) {
+    if (!sameGatherRank({{&self, sbd}, {&index, ibd}, {&src, srcbd}})) {
+      raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), one(src, srcbd), extra...); },
+                      Op::name, "self, index and src must have the same number of dims");
+    }
     const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&src, srcbd}});
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, &src, srcbd, B, false);
     Tensor out = Op::call(a.self, a.dim, a.index, a.src, extra...);
@@ -392,6 +447,10 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const c10::
   static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim,
                                          const Tensor& index, bdim_t ibd,
                                          const c10::Scalar& value, Extra... extra) {
+    if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
+      raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), value, extra...); },
+                      Op::name, "index must have self's number of dims");
+    }
     const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
     Tensor out = Op::call(a.self, a.dim, a.index, value, extra...);
@@ -440,7 +499,8 @@ std::tuple<Tensor, bdim_t> oneHotRule(const Tensor& self, bdim_t bd, int64_t num
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerVmapRule<at::_ops::embedding, &embeddingRule>(m);
+  // a weight that is not a matrix runs per element: torch raises its own error
+  registerVmapRule<at::_ops::embedding, &embeddingRule, RankIn<R<2>, R<0, kAnyRank>>>(m);
   registerVmapRule<at::_ops::one_hot, &oneHotRule>(m);
   registerVmapRule<at::_ops::embedding_dense_backward, &embeddingDenseBackwardRule>(m);
 

@@ -25,8 +25,14 @@ std::tuple<Tensor, bdim_t> matmulRule(const Tensor& a, bdim_t abd, const Tensor&
   int64_t ra = rankWithoutBdim(a, abd), rb = rankWithoutBdim(b, bbd);
   TORCH_CHECK(ra > 0 && rb > 0, "both arguments to matmul need to be at least 1D, but they are ",
               ra, "D and ", rb, "D");
-  if (ra == 1 && rb == 1) return dotRule(a, abd, b, bbd);
   Tensor A = moveBdimToFront(a, abd), Bm = moveBdimToFront(b, bbd);
+  const int64_t ka = A.size(-1), kb = Bm.size(rb == 1 ? -1 : -2);
+  if (ka != kb) {
+    // torch's message names one element's shapes, not the batch's
+    raiseForElement([&] { at::matmul(abd ? exampleOf(A, 0, 0) : A, bbd ? exampleOf(Bm, 0, 0) : Bm); },
+                    "matmul", "the contracted dims differ");
+  }
+  if (ra == 1 && rb == 1) return dotRule(a, abd, b, bbd);
   bool squeeze_a = false, squeeze_b = false;
   if (abd && ra == 1) {
     A = A.unsqueeze(-2);
@@ -223,27 +229,26 @@ std::tuple<Tensor, bdim_t> crossRule(const Tensor& a, bdim_t abd, const Tensor& 
   return {at::linalg_cross(x, y, physicalDim(dim, ra, true)), 0};
 }
 
-// Outputs torch leaves empty (residuals, rank, singular values, depending on the driver and the
-// shapes) come back as [0] whatever the batch: those are not batched.
-std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> lstsqRule(
-    const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd, std::optional<double> rcond,
-    std::optional<c10::string_view> driver) {
-  const int64_t B = batchSizeOf({{&a, abd}, {&b, bbd}});
-  auto [x, res, rank, sv] = at::_ops::linalg_lstsq::call(materializeBdimFront(a, abd, B),
-                                                         materializeBdimFront(b, bbd, B), rcond,
-                                                         driver);
-  auto bd = [B](const Tensor& t) {
-    return t.dim() == 1 && t.size(0) == 0 && B != 0 ? bdim_t() : bdim_t(0);
-  };
-  return {x, 0, res, bd(res), rank, bd(rank), sv, bd(sv)};
-}
+// linalg.solve and linalg.lstsq take B as a vector (one per matrix of A) when B is 1-D or
+// B.shape == A.shape[:-1], else as matrices. On [vmap, *logical] tensors torch sees the same case
+// as the unbatched call exactly when B and A have equal ranks (matrices, equal batch ranks) or B
+// is that vector: anything else runs per element (NOTE [Batch-native ops and logical ranks]).
+struct SolveSpec {
+  static constexpr bool always = false;
+  static bool fast(const std::vector<const Tensor*>& ts) {
+    const Tensor *A = ts[0], *Bm = ts[1];
+    if (A->dim() < 2 || Bm->dim() < 1) return false;
+    return Bm->dim() == A->dim() ||
+           (Bm->dim() == A->dim() - 1 && Bm->sizes() == A->sizes().slice(0, A->dim() - 1));
+  }
+};
 
 // atol/rtol broadcast against self's own batch dims: batched ones get size-1 dims up to those.
 std::tuple<Tensor, bdim_t> pinvRule(const Tensor& a, bdim_t abd, const std::optional<Tensor>& atol,
                                     bdim_t atbd, const std::optional<Tensor>& rtol, bdim_t rtbd,
                                     bool hermitian) {
   const int64_t B = batchSizeOf({{&a, abd}, {atol ? &*atol : &a, atbd}, {rtol ? &*rtol : &a, rtbd}});
-  const int64_t r = std::max<int64_t>(rankWithoutBdim(a, abd) - 2, 0);
+  const int64_t r = rankWithoutBdim(a, abd) - 2;
   auto tol = [r](const std::optional<Tensor>& t, bdim_t bd) -> std::optional<Tensor> {
     if (!t || !t->defined() || !bd) return t;
     return padToLogicalRank(moveBdimToFront(*t, bd), true, r);
@@ -287,32 +292,104 @@ struct CheckErrorsKernel<Op, void(const Tensor&, Api, bool)> {
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   m.impl("_linalg_check_errors",
          TORCH_FN(CheckErrorsKernel<at::_ops::_linalg_check_errors>::fn));
-  registerVmapRule<at::_ops::dot, &dotRule>(m);
-  registerVmapRule<at::_ops::matmul, &matmulRule>(m);
-  registerVmapRule<at::_ops::mm, &mmRule>(m);
-  registerVmapRule<at::_ops::bmm, &bmmRule>(m);
-  registerVmapRule<at::_ops::mv, &mvRule>(m);
-  registerVmapRule<at::_ops::addmm, &addmmRule>(m);
-  registerVmapRule<at::_ops::linear, &linearRule>(m);
-  registerVmapRule<at::_ops::trace, &traceRule>(m);
-  registerVmapRule<at::_ops::baddbmm, &baddbmmRule>(m);
-  registerVmapRule<at::_ops::addbmm, &addbmmRule>(m);
-  registerVmapRule<at::_ops::addmv, &addmvRule>(m);
-  registerVmapRule<at::_ops::addr, &addrRule>(m);
-  registerVmapRule<at::_ops::vdot, &vdotRule>(m);
-  registerVmapRule<at::_ops::linalg_cross, &crossRule>(m);
-  registerVmapRule<at::_ops::linalg_lstsq, &lstsqRule>(m);
-  registerVmapRule<at::_ops::linalg_pinv_atol_rtol_tensor, &pinvRule>(m);
-  registerBatchNative<at::_ops::linalg_inv_ex, at::_ops::_linalg_det, at::_ops::_linalg_slogdet,
-                      at::_ops::linalg_cholesky_ex, at::_ops::linalg_qr, at::_ops::_linalg_eigh,
-                      at::_ops::_linalg_svd, at::_ops::linalg_lu_factor_ex, at::_ops::linalg_lu,
-                      at::_ops::_linalg_solve_ex, at::_ops::linalg_solve_triangular,
-                      at::_ops::triu, at::_ops::tril, at::_ops::linalg_matrix_exp,
-                      at::_ops::cholesky_solve, at::_ops::linalg_lu_solve, at::_ops::lu_unpack,
-                      at::_ops::linalg_eig, at::_ops::linalg_householder_product,
-                      at::_ops::linalg_ldl_factor_ex, at::_ops::linalg_ldl_solve,
-                      at::_ops::triangular_solve, at::_ops::cholesky_inverse,
-                      at::_ops::cholesky, at::_ops::geqrf, at::_ops::ormqr>(m);
+  // Each rule runs only on the logical ranks torch accepts; anything else runs per element, so
+  // that torch's own error is raised (NOTE [Batch-native ops and logical ranks]).
+  using Any = R<0, kAnyRank>;
+  using AtLeast1 = R<1, kAnyRank>;
+  registerVmapRule<at::_ops::dot, &dotRule, RankIn<R<1>, R<1>>>(m);
+  registerVmapRule<at::_ops::vdot, &vdotRule, RankIn<R<1>, R<1>>>(m);
+  registerVmapRule<at::_ops::matmul, &matmulRule, RankIn<AtLeast1, AtLeast1>>(m);
+  registerVmapRule<at::_ops::mm, &mmRule, RankIn<R<2>, R<2>>>(m);
+  registerVmapRule<at::_ops::bmm, &bmmRule, RankIn<R<3>, R<3>>>(m);
+  registerVmapRule<at::_ops::mv, &mvRule, RankIn<R<2>, R<1>>>(m);
+  registerVmapRule<at::_ops::addmm, &addmmRule, RankIn<R<0, 2>, R<2>, R<2>>>(m);
+  registerVmapRule<at::_ops::linear, &linearRule, RankIn<AtLeast1, R<1, 2>, Any>>(m);
+  registerVmapRule<at::_ops::trace, &traceRule, RankIn<R<2>>>(m);
+  registerVmapRule<at::_ops::baddbmm, &baddbmmRule, RankIn<R<0, 3>, R<3>, R<3>>>(m);
+  registerVmapRule<at::_ops::addbmm, &addbmmRule, RankIn<R<0, 2>, R<3>, R<3>>>(m);
+  registerVmapRule<at::_ops::addmv, &addmvRule, RankIn<R<0, 1>, R<2>, R<1>>>(m);
+  registerVmapRule<at::_ops::addr, &addrRule, RankIn<R<0, 2>, R<1>, R<1>>>(m);
+  registerVmapRule<at::_ops::linalg_cross, &crossRule, RankIn<AtLeast1, AtLeast1>>(m);
+  registerVmapRule<at::_ops::linalg_pinv_atol_rtol_tensor, &pinvRule,
+                   RankIn<R<2, kAnyRank>, Any, Any>>(m);
+  // Batch-native ops, grouped by the core rank of each tensor argument (schema order).
+  registerBatchNative<CoreRanks<2>,
+                      at::_ops::linalg_inv_ex,
+                      at::_ops::_linalg_det,
+                      at::_ops::_linalg_slogdet,
+                      at::_ops::linalg_cholesky_ex,
+                      at::_ops::linalg_qr,
+                      at::_ops::_linalg_eigh,
+                      at::_ops::_linalg_svd,
+                      at::_ops::linalg_lu_factor_ex,
+                      at::_ops::linalg_lu,
+                      at::_ops::triu,
+                      at::_ops::tril,
+                      at::_ops::linalg_matrix_exp,
+                      at::_ops::linalg_eig,
+                      at::_ops::_linalg_eigvals,
+                      at::_ops::linalg_ldl_factor_ex,
+                      at::_ops::cholesky_inverse,
+                      at::_ops::cholesky,
+                      at::_ops::geqrf>(m);
+  registerBatchNative<CoreRanks<2, 2>,
+                      at::_ops::linalg_solve_triangular,
+                      at::_ops::cholesky_solve,
+                      at::_ops::triangular_solve>(m);
+  registerBatchNative<CoreRanks<2, 1>,
+                      at::_ops::lu_unpack,
+                      at::_ops::linalg_householder_product>(m);
+  registerBatchNative<CoreRanks<2, 1, 2>,
+                      at::_ops::linalg_lu_solve,
+                      at::_ops::linalg_ldl_solve,
+                      at::_ops::ormqr>(m);
+  registerBatchNative<SolveSpec,
+                      at::_ops::_linalg_solve_ex,
+                      at::_ops::linalg_lstsq>(m);
+  // Composite entry points whose rank checks live in the ops they decompose into (under another
+  // name: linalg.eigvals would report linalg.eig's error): checked here against logical ranks.
+  registerCheckedComposite<CoreRanks<2>,
+                           at::_ops::det,
+                           at::_ops::inverse,
+                           at::_ops::logdet,
+                           at::_ops::slogdet,
+                           at::_ops::linalg_det,
+                           at::_ops::linalg_inv,
+                           at::_ops::linalg_cholesky,
+                           at::_ops::linalg_slogdet,
+                           at::_ops::linalg_eigh,
+                           at::_ops::linalg_eigvalsh,
+                           at::_ops::linalg_eigvals,
+                           at::_ops::linalg_svd,
+                           at::_ops::linalg_svdvals,
+                           at::_ops::svd,
+                           at::_ops::qr,
+                           at::_ops::linalg_lu_factor,
+                           at::_ops::linalg_ldl_factor,
+                           at::_ops::linalg_matrix_power,
+                           at::_ops::matrix_power,
+                           at::_ops::linalg_pinv,
+                           at::_ops::linalg_pinv_atol_rtol_float,
+                           at::_ops::linalg_pinv_rcond_tensor,
+                           at::_ops::pinverse,
+                           at::_ops::linalg_matrix_rank,
+                           at::_ops::linalg_matrix_rank_atol_rtol_float,
+                           at::_ops::linalg_matrix_rank_atol_rtol_tensor,
+                           at::_ops::linalg_matrix_rank_tol_tensor,
+                           at::_ops::linalg_cond,
+                           at::_ops::linalg_cond_p_str,
+                           at::_ops::linalg_matrix_norm,
+                           at::_ops::linalg_matrix_norm_str_ord,
+                           at::_ops::matrix_exp,
+                           at::_ops::_lu_with_info,
+                           at::_ops::nuclear_norm>(m);
+  registerCheckedComposite<CoreRanks<2, 1>,
+                           at::_ops::orgqr>(m);
+  registerCheckedComposite<CoreRanks<2, 2, 1>,
+                           at::_ops::lu_solve>(m);
+  registerCheckedComposite<SolveSpec,
+                           at::_ops::linalg_solve,
+                           at::_ops::linalg_solve_ex>(m);
 }
 
 }  // namespace ftl

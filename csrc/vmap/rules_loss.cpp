@@ -33,7 +33,7 @@ NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_
               "batch element (use nll_loss2d-style reshapes for more), got ", logp.dim() - 1);
   if (one_d) {
     logp = logp.unsqueeze(1);
-    t = t.unsqueeze(1);
+    if (t.dim() == 1) t = t.unsqueeze(1);  // a 0-D target, or torch's accepted [1]: [B, 1] both
   }
   Tensor valid = t.ne(ignore_index);
   Tensor tc = at::where(valid, t, at::zeros_like(t));
@@ -51,6 +51,17 @@ NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(
     const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
     const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction, c10::SymInt ignore_index) {
+  const int64_t rt = rankWithoutBdim(target, tbd);
+  if (rankWithoutBdim(self, sbd) == 1 && rt != 0 &&
+      (rt != 1 || target.size(tbd && *tbd == 0 ? 1 : 0) != 1)) {
+    auto one = [](const Tensor& t, bdim_t bd) { return bd ? exampleOf(t, *bd, 0) : t; };
+    raiseForElement([&] {
+      at::_ops::nll_loss_forward::call(
+          one(self, sbd), one(target, tbd),
+          weight && weight->defined() ? std::optional<Tensor>(one(*weight, wbd)) : weight,
+          reduction, ignore_index);
+    }, "nll_loss", "a 1-D input takes a 0-D target");
+  }
   auto in = prepareNll(self, sbd, target, tbd, weight, wbd, ignore_index.expect_int());
   Tensor picked = in.logp.gather(2, in.target.unsqueeze(2)).squeeze(2).neg().mul(in.weight);  // [B,N]
   if (reduction == kNone) {
@@ -141,6 +152,15 @@ template <class Op, class... Extra>
 struct PointwiseLoss<Op, Tensor(const Tensor&, const Tensor&, int64_t, Extra...)> {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                          int64_t reduction, Extra... e) {
+    if constexpr (std::is_same_v<Op, at::_ops::soft_margin_loss>) {
+      // soft_margin_loss writes into a tensor of the input's shape: a target that broadcasts
+      // to more than that is torch's error (the others broadcast both)
+      Tensor xe = xbd ? exampleOf(x, *xbd, 0) : x, te = tbd ? exampleOf(t, *tbd, 0) : t;
+      if (at::infer_size(xe.sizes(), te.sizes()) != xe.sizes().vec()) {
+        raiseForElement([&] { Op::call(xe, te, reduction, e...); }, "soft_margin_loss",
+                        "the target must broadcast to the input's shape");
+      }
+    }
     auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}});
     return {reducePerSample(Op::call(a[0], a[1], kNone, e...), reduction), 0};
   }

@@ -19,6 +19,23 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormRule(
     bdim_t wbd, const std::optional<Tensor>& b, bdim_t bbd, double eps) {
   const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
   Tensor xp = materializeBdimFront(x, xbd, B);
+  const int64_t k = static_cast<int64_t>(shape.size());
+  // weight and bias have exactly normalized_shape, for every element
+  auto fits = [&](const std::optional<Tensor>& t, bdim_t bd) {
+    if (!t || !t->defined()) return true;
+    Tensor e = bd ? exampleOf(*t, *bd, 0) : *t;
+    return e.sym_sizes() == shape;
+  };
+  if (xp.dim() - 1 < k || xp.sym_sizes().slice(xp.dim() - k) != shape || !fits(w, wbd) ||
+      !fits(b, bbd)) {
+    // torch's error names the input's size: that of one element, not the batch
+    auto one = [](const std::optional<Tensor>& t, bdim_t bd) {
+      return t && t->defined() && bd ? std::optional<Tensor>(exampleOf(*t, *bd, 0)) : t;
+    };
+    raiseForElement([&] {
+      at::native_layer_norm_symint(exampleOf(xp, 0, 0), shape, one(w, wbd), one(b, bbd), eps);
+    }, "layer_norm", "the input's trailing dims, weight and bias must have normalized_shape");
+  }
   if (!wbd && !bbd) {
     auto [out, mean, rstd] = at::native_layer_norm_symint(xp, shape, w, b, eps);
     return {out, 0, mean, 0, rstd, 0};
@@ -79,11 +96,13 @@ Tensor batchIntoChannels(const Tensor& t, bdim_t bd, int64_t B) {
 }
 
 // Per-channel [B, C] or unbatched [C] -> [B*C]. Eval-mode batch norm saves empty statistics,
-// which stay as they are.
+// which stay as they are. Dense, always: the CPU kernels read these as plain buffers, and an
+// unbatched [1] expanded to [B, 1] reshapes to a stride-0 view (no copy), from which
+// native_batch_norm_backward read past the one element (garbage in jacrev of batch norm, C == 1).
 std::optional<Tensor> perChannelFlat(const std::optional<Tensor>& t, bdim_t bd, int64_t B) {
   if (!t || !t->defined()) return std::nullopt;
   if (!bd && t->numel() == 0) return t;
-  return materializeBdimFront(*t, bd, B).reshape({-1});
+  return materializeBdimFront(*t, bd, B).reshape({-1}).contiguous();
 }
 
 // [B*C] -> [B, C] at bdim 0; anything else (empty eval-mode statistics, undefined) unbatched.
@@ -231,14 +250,16 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormBackwardRule
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::native_layer_norm, &layerNormRule>(m);
   registerVmapRule<at::_ops::native_layer_norm_backward, &layerNormBackwardRule>(m);
-  registerVmapRule<at::_ops::native_batch_norm, &batchNormRule>(m);
-  registerVmapRule<at::_ops::native_batch_norm_backward, &batchNormBackwardRule>(m);
-  registerVmapRule<at::_ops::cudnn_batch_norm, &cudnnBatchNormRule>(m);
-  registerVmapRule<at::_ops::cudnn_batch_norm_backward, &cudnnBatchNormBackwardRule>(m);
-  registerVmapRule<at::_ops::miopen_batch_norm, &miopenBatchNormRule>(m);
-  registerVmapRule<at::_ops::miopen_batch_norm_backward, &miopenBatchNormBackwardRule>(m);
-  registerVmapRule<at::_ops::native_group_norm, &groupNormRule>(m);
-  registerVmapRule<at::_ops::native_group_norm_backward, &groupNormBackwardRule>(m);
+  // Inputs of fewer than 2 dims (N, C) per element run per element: torch raises its own error.
+  using NC = R<2, kAnyRank>;
+  registerVmapRule<at::_ops::native_batch_norm, &batchNormRule, RankIn<NC>>(m);
+  registerVmapRule<at::_ops::native_batch_norm_backward, &batchNormBackwardRule, RankIn<NC, NC>>(m);
+  registerVmapRule<at::_ops::cudnn_batch_norm, &cudnnBatchNormRule, RankIn<NC>>(m);
+  registerVmapRule<at::_ops::cudnn_batch_norm_backward, &cudnnBatchNormBackwardRule, RankIn<NC, NC>>(m);
+  registerVmapRule<at::_ops::miopen_batch_norm, &miopenBatchNormRule, RankIn<NC>>(m);
+  registerVmapRule<at::_ops::miopen_batch_norm_backward, &miopenBatchNormBackwardRule, RankIn<NC, NC>>(m);
+  registerVmapRule<at::_ops::native_group_norm, &groupNormRule, RankIn<NC>>(m);
+  registerVmapRule<at::_ops::native_group_norm_backward, &groupNormBackwardRule, RankIn<NC, NC>>(m);
 }
 
 }  // namespace ftl

@@ -5,6 +5,7 @@
 // is first given a unit dim so that "reduce every dim" never reduces the batch dim.
 #include <ATen/Functions.h>
 #include <ATen/Operators.h>
+#include <ATen/WrapDimUtils.h>
 
 #include "vmap/plumbing.h"
 
@@ -46,6 +47,13 @@ struct ReduceDims<Op, Ret(const Tensor&, DimT, Extra...)> {
     Tensor p = moveBdimToFront(x, bd);
     const int64_t lr = p.dim() - 1;
     if (lr == 0) {
+      // torch accepts dims -1 and 0 on a scalar: anything else is its IndexError
+      if constexpr (std::is_same_v<DimT, at::OptionalIntArrayRef>) {
+        if (dim.has_value())
+          for (int64_t d : *dim) c10::maybe_wrap_dim(d, 0);
+      } else {
+        for (int64_t d : dim) c10::maybe_wrap_dim(d, 0);
+      }
       const int64_t one[] = {1};
       return pairsAt0<Ret>(Op::call(p.unsqueeze(-1), DimT(c10::IntArrayRef(one)), e...), true);
     }
@@ -69,8 +77,9 @@ struct ReduceDim<Op, Ret(const Tensor&, int64_t, Extra...)> {
     Tensor p = moveBdimToFront(x, bd);
     const int64_t lr = p.dim() - 1;
     const bool scalar = lr == 0;
+    const int64_t pd = physicalDim(dim, lr, true);  // on a scalar: -1 and 0 only, as in torch
     if (scalar) p = p.unsqueeze(-1);
-    return pairsAt0<Ret>(Op::call(p, scalar ? 1 : physicalDim(dim, lr, true), e...), scalar);
+    return pairsAt0<Ret>(Op::call(p, pd, e...), scalar);
   }
 };
 
@@ -84,8 +93,9 @@ struct BinaryDim<Op, Tensor(const Tensor&, const Tensor&, int64_t, Extra...)> {
     const int64_t B = batchSizeOf({{&a, abd}, {&b, bbd}});
     Tensor a2 = materializeBdimFront(a, abd, B), b2 = materializeBdimFront(b, bbd, B);
     const int64_t lr = a2.dim() - 1;
+    const int64_t pd = physicalDim(dim, lr, true);  // on a scalar: -1 and 0 only, as in torch
     if (lr == 0) return {Op::call(a2.unsqueeze(-1), b2.unsqueeze(-1), 1, e...).squeeze(1), 0};
-    return {Op::call(a2, b2, physicalDim(dim, lr, true), e...), 0};
+    return {Op::call(a2, b2, pd, e...), 0};
   }
 };
 
@@ -135,8 +145,8 @@ struct NormDims<Op, Tensor(const Tensor&, P, DimT, bool, Extra...)> {
                                          Extra... e) {
     Tensor p = moveBdimToFront(x, bd);
     const int64_t lr = p.dim() - 1;
+    const auto dims = physicalDims(at::OptionalIntArrayRef(dim), lr);  // torch's check on scalars too
     if (lr == 0) return {Op::call(p.unsqueeze(-1), ord, c10::IntArrayRef{1}, false, e...), 0};
-    const auto dims = physicalDims(at::OptionalIntArrayRef(dim), lr);
     return {Op::call(p, ord, c10::IntArrayRef(dims), keepdim, e...), 0};
   }
 };
@@ -221,8 +231,9 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> sortStableRule(const Tensor& x, bdim_
                                                           bool descending) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
+  const int64_t pd = physicalDim(dim, lr, true);  // on a scalar: -1 and 0 only, as in torch
   if (lr == 0) return {p, 0, at::zeros_like(p, at::kLong), 0};
-  auto [v, i] = at::sort(p, stable, physicalDim(dim, lr, true), descending);
+  auto [v, i] = at::sort(p, stable, pd, descending);
   return {v, 0, i, 0};
 }
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> sortRule(const Tensor& x, bdim_t bd, int64_t dim,
@@ -233,11 +244,12 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> topkRule(const Tensor& x, bdim_t bd, 
                                                     int64_t dim, bool largest, bool sorted) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
+  const int64_t pd = physicalDim(dim, lr, true);  // on a scalar: -1 and 0 only, as in torch
   if (lr == 0) {
     auto [v, i] = at::topk_symint(p.unsqueeze(-1), k, 1, largest, sorted);
     return {v.squeeze(1), 0, i.squeeze(1), 0};
   }
-  auto [v, i] = at::topk_symint(p, k, physicalDim(dim, lr, true), largest, sorted);
+  auto [v, i] = at::topk_symint(p, k, pd, largest, sorted);
   return {v, 0, i, 0};
 }
 

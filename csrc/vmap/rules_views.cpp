@@ -87,6 +87,10 @@ std::tuple<Tensor, bdim_t> cloneRule(const Tensor& x, bdim_t bd,
 std::tuple<Tensor, bdim_t> permuteRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
+  if (static_cast<int64_t>(dims.size()) != lr) {
+    raiseForElement([&] { at::_ops::permute::call(exampleOf(p, 0, 0), dims); }, "permute",
+                    "the number of dims must equal the tensor's");
+  }
   c10::SmallVector<int64_t, 8> phys{0};
   for (int64_t d : dims) phys.push_back(physicalDim(d, lr, true));
   return {p.permute(phys), 0};
@@ -95,8 +99,9 @@ std::tuple<Tensor, bdim_t> permuteRule(const Tensor& x, bdim_t bd, c10::IntArray
 std::tuple<Tensor, bdim_t> transposeRule(const Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
+  const int64_t p0 = physicalDim(d0, lr, true), p1 = physicalDim(d1, lr, true);  // torch's check
   if (lr == 0) return {p, 0};
-  return {p.transpose(physicalDim(d0, lr, true), physicalDim(d1, lr, true)), 0};
+  return {p.transpose(p0, p1), 0};
 }
 
 std::tuple<Tensor, bdim_t> tRule(const Tensor& x, bdim_t bd) {
@@ -178,18 +183,30 @@ std::tuple<Tensor, bdim_t> diagonalRule(const Tensor& x, bdim_t bd, int64_t offs
 
 std::tuple<std::vector<Tensor>, bdim_t> unbindRule(const Tensor& x, bdim_t bd, int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
+  if (p.dim() == 1) {
+    raiseForElement([&] { at::_ops::unbind_int::call(exampleOf(p, 0, 0), dim); }, "unbind",
+                    "a scalar cannot be unbound");
+  }
   return {p.unbind(physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
 std::tuple<std::vector<Tensor>, bdim_t> splitRule(const Tensor& x, bdim_t bd, c10::SymInt size,
                                                   int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
+  if (p.dim() == 1) {
+    raiseForElement([&] { at::_ops::split_Tensor::call(exampleOf(p, 0, 0), size, dim); }, "split",
+                    "expects at least a 1-dimensional tensor");
+  }
   return {at::_ops::split_Tensor::call(p, size, physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
 std::tuple<std::vector<Tensor>, bdim_t> splitSizesRule(const Tensor& x, bdim_t bd,
                                                        c10::SymIntArrayRef sizes, int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
+  if (p.dim() == 1) {
+    raiseForElement([&] { at::_ops::split_with_sizes::call(exampleOf(p, 0, 0), sizes, dim); },
+                    "split_with_sizes", "expects at least a 1-dimensional tensor");
+  }
   return {at::_ops::split_with_sizes::call(p, sizes, physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
@@ -334,6 +351,10 @@ std::tuple<Tensor, bdim_t> identityRule(const Tensor& x, bdim_t bd) { return {x,
 std::tuple<Tensor, bdim_t> narrowRule(const Tensor& x, bdim_t bd, int64_t dim, c10::SymInt start,
                                       c10::SymInt length) {
   Tensor p = moveBdimToFront(x, bd);
+  if (p.dim() == 1 || dim >= p.dim() - 1 || dim < -(p.dim() - 1)) {
+    raiseForElement([&] { at::_ops::narrow_copy::call(exampleOf(p, 0, 0), dim, start, length); },
+                    "narrow", "dim out of range for the input");
+  }
   return {at::_ops::narrow::call(p, physicalDim(dim, p.dim() - 1, true), start, length), 0};
 }
 

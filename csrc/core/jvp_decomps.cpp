@@ -1,0 +1,58 @@
+// Decompositions of backward ops that have no forward-AD formula in torch (NOTE [Decompositions
+// for forward AD] in jvp_decomps.h). Each is the op's math in differentiable at:: ops, with the
+// op's own result shape and dtype.
+#include "core/jvp_decomps.h"
+
+#include <ATen/Functions.h>
+#include <ATen/core/Reduction.h>
+
+#include <string>
+#include <unordered_map>
+
+namespace ftl {
+namespace {
+
+using at::Tensor;
+using torch::jit::Stack;
+
+// The scale a reduction puts on each element's gradient.
+double reductionScale(const Tensor& self, int64_t reduction) {
+  return reduction == at::Reduction::Mean ? 1.0 / static_cast<double>(self.numel()) : 1.0;
+}
+
+// huber_loss_backward(grad_output, self, target, reduction, delta): the loss is quadratic
+// (0.5 d^2) within delta of the target and linear (delta * (|d| - 0.5 delta)) outside, so the
+// gradient is d inside and delta * sign(d) outside.
+void huberLossBackward(Stack* stack) {
+  auto a = torch::jit::pop(*stack, 5);
+  const Tensor g = a[0].toTensor(), self = a[1].toTensor(), target = a[2].toTensor();
+  const double delta = a[4].toDouble();
+  const Tensor scaled = g.mul(reductionScale(self, a[3].toInt()));
+  const Tensor d = self.sub(target);
+  const Tensor clipped = at::clamp(d, -delta, delta);  // d inside, +-delta outside
+  // clamp's own derivative is 0 outside [-delta, delta] and 1 inside, as the gradient's is
+  torch::jit::push(*stack, clipped.mul(scaled).to(self.scalar_type()));
+}
+
+using Decomposition = void (*)(Stack*);
+
+const std::unordered_map<std::string, Decomposition>& decompositions() {
+  static const std::unordered_map<std::string, Decomposition> table = {
+      {"aten::huber_loss_backward", &huberLossBackward},
+  };
+  return table;
+}
+
+}  // namespace
+
+bool runJvpDecomposition(const c10::OperatorHandle& op, Stack* stack) {
+  const auto& name = op.operator_name();
+  if (!name.overload_name.empty()) return false;  // out= overloads: not differentiable anyway
+  const auto& table = decompositions();
+  auto it = table.find(name.name);
+  if (it == table.end()) return false;
+  it->second(stack);
+  return true;
+}
+
+}  // namespace ftl
