@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import functorch_lite as ft
+from test_vmap_linalg_ranks import _error_of
 
 DT = torch.float64
 
@@ -96,14 +97,6 @@ CASES = {
                                                         torch.ones(1, 2, dtype=DT)), _v),
     "geqrf_vector": (torch.geqrf, _v),
 }
-
-
-def _error_of(fn, *args):
-    try:
-        fn(*args)
-    except Exception as e:  # noqa: BLE001 - the test compares whatever torch raises
-        return e
-    return None
 
 
 @pytest.mark.parametrize("name", list(CASES))
