@@ -98,14 +98,14 @@ class PrivateTrainer:
 
         if self._sums is None:
             self._sums = {}
-        n = len(inputs)
+        n = len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
         if n == 0:
             return
         size = self.max_physical_batch_size or n
         known = dict(self._params())
         for start in range(0, n, size):
-            sums = clipped_grad_module(self.module, self.loss_fn, inputs[start:start + size],
-                                       targets[start:start + size], max_norm=self.max_grad_norm,
+            sums = clipped_grad_module(self.module, self.loss_fn, _rows(inputs, start, size),
+                                       _rows(targets, start, size), max_norm=self.max_grad_norm,
                                        method=self.clipping)
             for name, g in sums.items():
                 if name not in known:
@@ -155,3 +155,10 @@ def _noise(like, std, generator):
     device = generator.device if generator is not None else like.device
     noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
     return noise.mul_(std).to(like.device)
+
+
+def _rows(batch, start, size):
+    """Examples start:start+size of a tensor or a tuple/list of tensors (a physical batch)."""
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(t[start:start + size] for t in batch)
+    return batch[start:start + size]
