@@ -6,6 +6,8 @@ We build that event and let dp-accounting compute epsilon: no hand-written formu
 dp-accounting is an optional dependency (`pip install functorch_lite[dp]`), imported on first use
 so that `import functorch_lite.dp` works without it.
 """
+import contextlib
+import logging
 import math
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -117,7 +119,8 @@ def get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=None,
     steps = steps_for(sample_rate, epochs=epochs, steps=steps)
 
     def eps(sigma):
-        return _epsilon([(sigma, sample_rate, steps)], target_delta, accountant)
+        with _quiet_absl():
+            return _epsilon([(sigma, sample_rate, steps)], target_delta, accountant)
 
     hi_limit = 1e4
     lo, hi = 0.0, 10.0
@@ -140,6 +143,19 @@ def get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=None,
                 return hi
         if hi - lo < 1e-6:
             return hi
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp-accounting logs a warning when an RDP order does not converge, which the extreme
+    sigmas the bisection probes provoke; that order is then just left out of the minimum."""
+    logger = logging.getLogger("absl")
+    old = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def steps_for(sample_rate, *, epochs=None, steps=None):
