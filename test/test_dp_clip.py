@@ -5,8 +5,6 @@ clip done by hand. Every method of clipped_grad_module ("vmap", "ghost", "auto")
 type with a rule, on mixed and weight-tied models, and on modules that take the per-layer
 vmap(grad) fallback. max_norm is chosen between the smallest and largest per-example norm, so
 the clip binds for some examples and not for others."""
-import math
-
 import pytest
 import torch
 import torch.func as tf
@@ -368,8 +366,11 @@ def _functional_reference(model, inputs, targets, loss_fn, max_norm):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("case", CASES)
-def test_clipped_grad_module_matches_loop_and_clipped_grad(case, method):
+def test_clipped_grad_module_matches_loop_and_clipped_grad(case, method, monkeypatch):
     model, x, y, lf = _case(case)
+    if method != "vmap":  # every case here must stay on the per-layer path, not fall back
+        from functorch_lite.dp import _clip
+        monkeypatch.setattr(_clip, "vmap_clipped_grad", None)
     max_norm = _middle_norm(_loop_reference(model, x, y, lf, None))
     ref, ref_norms = _loop_reference(model, x, y, lf, max_norm)
     assert (ref_norms > max_norm).any() and (ref_norms < max_norm).any()
@@ -418,7 +419,8 @@ def test_ghost_never_materialises_linear_weight_grads(monkeypatch):
 
 
 def test_auto_chooses_per_layer():
-    """T=5: the wide layer (2*25 < 4*24) is ghosted, the narrow one (2*25 > 24*3 is false...)."""
+    """Mixed ghost clipping at T=5 (2T^2 = 50): a 24x4 weight (96) is ghosted, a 3x4 one (12) is
+    materialised; "ghost" and "inst" override the cost model."""
     from functorch_lite.dp import _ghost
     assert _ghost._use_ghost("auto", 5, 24, 4)  # 50 < 96
     assert not _ghost._use_ghost("auto", 5, 3, 4)  # 50 > 12
@@ -441,6 +443,37 @@ def test_clipped_grad_module_leaves_module_and_grads_untouched():
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+
+
+class TimeMajor(nn.Module):
+    """Runs its Linear on a (T, B, d) layout: not batch-first inside, so the per-layer path
+    cannot read per-example rows; clipped_grad_module falls back to the whole-model vmap."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.lin(x.transpose(0, 1)).transpose(0, 1).sum(1)
+
+
+@pytest.mark.parametrize("method", ("ghost", "auto"))
+def test_layer_that_is_not_batch_first_falls_back_to_vmap(method, monkeypatch):
+    from functorch_lite.dp import _clip
+    fell_back = []
+    real = _clip.vmap_clipped_grad
+    monkeypatch.setattr(_clip, "vmap_clipped_grad", lambda *a: fell_back.append(1) or real(*a))
+    model = TimeMajor().double()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 6, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (5,), generator=g)
+    ref, ref_norms = _loop_reference(model, x, y, _ce, 0.3)
+    got, norms = clipped_grad_module(model, _ce, x, y, max_norm=0.3, method=method,
+                                     return_norms=True)
+    assert fell_back
+    for n in ref:
+        _assert_close(got[n], ref[n], 1e-9)
+    _assert_close(norms, ref_norms, 1e-9)
 
 
 def test_parameter_used_in_loss_fn_is_refused():
@@ -523,4 +556,3 @@ def test_reachable_from_the_package():
     assert ft.dp.clipped_grad is clipped_grad
     assert ft.dp.clipped_grad_module is clipped_grad_module
     assert "clipped_grad" in ft.dp.__all__ and "clipped_grad_module" in ft.dp.__all__
-    assert math.isclose(1.0, 1.0)
