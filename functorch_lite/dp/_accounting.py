@@ -124,6 +124,12 @@ def get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=None,
 
     hi_limit = 1e4
     lo, hi = 0.0, 10.0
+    if accountant == "pld":
+        # PLD is tighter than RDP, so RDP's sigma (found fast) bounds PLD's from above, and PLD's
+        # is rarely below half of it: a short bracket for the slow PLD evaluations.
+        hi = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps,
+                                  accountant="rdp", epsilon_tolerance=epsilon_tolerance)
+        lo = hi / 2 if eps(hi / 2) > target_epsilon else 0.0
     while eps(hi) > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > hi_limit:
