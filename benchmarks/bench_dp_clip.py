@@ -10,7 +10,7 @@ not included: see benchmarks/bench_dp.py for whole steps). Times are medians ove
 rounds; ratio = row / non-private.
 
     python benchmarks/bench_dp_clip.py                  # all three models
-    python benchmarks/bench_dp_clip.py --models mlp --rounds 5
+    python benchmarks/bench_dp_clip.py --models mlp --rounds 5 --min-time 0.5
     python benchmarks/bench_dp_clip.py --markdown docs/dp_clipping.md
 
 With --markdown the table replaces the text between <!-- bench_dp_clip:begin --> and
@@ -166,7 +166,7 @@ def _check(results, reference):
     return f"max rel diff {worst:.1e}" if worst > 1e-4 else ""
 
 
-def bench(name_fn, rounds, repeat):
+def bench(name_fn, rounds, min_time):
     title, model, x, y, loss_fn = name_fn()
     torch.manual_seed(0)
     fns = rows(model, x, y, loss_fn)
@@ -180,14 +180,19 @@ def bench(name_fn, rounds, repeat):
             del fns[k]
             continue
         notes[k] = "" if out is None else _check(out, reference)
+    repeats = {}
+    for k, fn in fns.items():  # enough calls per measurement to last min_time
+        t0 = time.perf_counter()
+        fn()
+        repeats[k] = max(1, round(min_time / (time.perf_counter() - t0)))
     times = {k: [] for k in fns}
     order = list(fns)
     for r in range(rounds):
         for k in order[r % len(order):] + order[:r % len(order)]:
             t0 = time.perf_counter()
-            for _ in range(repeat):
+            for _ in range(repeats[k]):
                 fns[k]()
-            times[k].append((time.perf_counter() - t0) / repeat)
+            times[k].append((time.perf_counter() - t0) / repeats[k])
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["non-private fwd+bwd"]
     return title, [(k, med[k] * 1e3 if k in med else float("nan"),
@@ -213,13 +218,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=0.3,
+                    help="seconds per measurement (fast rows are repeated to last this long)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--markdown", help="write the table between the markers in this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ft.set_vmap_fallback("quiet")
-    results = [bench(MODELS[m], args.rounds, args.repeat) for m in args.models]
+    results = [bench(MODELS[m], args.rounds, args.min_time) for m in args.models]
     text = markdown(results)
     print(text)
     if args.markdown:

@@ -552,6 +552,13 @@ def test_bad_method():
                             torch.zeros(3, dtype=torch.long), max_norm=1.0, method="fast")
 
 
+def test_docstring_examples_run():
+    import doctest
+    from functorch_lite.dp import _clip
+    result = doctest.testmod(_clip)
+    assert result.attempted >= 8 and result.failed == 0
+
+
 def test_reachable_from_the_package():
     assert ft.dp.clipped_grad is clipped_grad
     assert ft.dp.clipped_grad_module is clipped_grad_module
