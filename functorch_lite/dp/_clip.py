@@ -208,12 +208,14 @@ def check_module_args(model, loss_fn, inputs, targets, method, api):
     if method not in _METHODS:
         raise ValueError(f"{api}: method must be one of 'auto', 'ghost', 'vmap', got {method!r}.")
     for name, m in model.named_modules():
-        if isinstance(m, _BatchNorm) and m.training:
+        # without running statistics batch norm uses batch statistics in eval mode too
+        if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+            mode = "in training mode" if m.training else "without running statistics"
             raise ValueError(
-                f"{api}: the model has a {type(m).__name__} in training mode ({name or 'model'!r}). "
-                f"Batch norm in training mode normalises with statistics of the whole batch, so it "
-                f"mixes examples and per-example gradients do not exist: it is not "
-                f"DP-compatible. Use nn.GroupNorm or nn.LayerNorm instead (or put the batch norm "
+                f"{api}: the model has a {type(m).__name__} {mode} ({name or 'model'!r}). "
+                f"Batch norm then normalises with statistics of the whole batch, so it mixes "
+                f"examples and per-example gradients do not exist: it is not DP-compatible. Use "
+                f"nn.GroupNorm or nn.LayerNorm instead (or a batch norm with running statistics "
                 f"in eval mode, which is fine).")
     return _batch_size_of([("inputs", inputs), ("targets", targets)], api, "")
 

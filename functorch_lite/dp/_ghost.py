@@ -104,7 +104,8 @@ class _Recorder(TorchFunctionMode):
 
     def _post(self, module, args, kwargs, output):
         self.stack.pop()
-        self.calls.setdefault(module, []).append(_Call(args, kwargs, output))
+        with torch._C.DisableTorchFunction():  # our own attribute reads are no uses (and slow)
+            self.calls.setdefault(module, []).append(_Call(args, kwargs, output))
 
     def __enter__(self):
         for m in self.model.modules():
