@@ -8,8 +8,9 @@ import pytest
 
 import functorch_lite.dp as dp
 
-needs_dpa = pytest.mark.skipif(importlib.util.find_spec("dp_accounting") is None,
-                               reason="dp-accounting is not installed (pip install functorch_lite[dp])")
+needs_dpa = pytest.mark.skipif(
+    importlib.util.find_spec("dp_accounting") is None,
+    reason="dp-accounting is not installed (pip install functorch_lite[dp])")
 
 # (sample_rate, noise_multiplier, steps, delta) -> (RDP epsilon, PLD epsilon); docs/dp.md
 REFERENCE = [

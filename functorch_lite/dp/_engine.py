@@ -7,7 +7,8 @@ layer). Nothing here hooks the optimizer or the model: the trainer writes `.grad
 """
 import torch
 
-from ._accounting import PrivacyAccountant, get_noise_multiplier, _check_accountant, _check_sample_rate
+from ._accounting import (PrivacyAccountant, _check_accountant, _check_sample_rate,
+                          get_noise_multiplier)
 from . import _ddp
 
 
@@ -84,7 +85,8 @@ class PrivateTrainer:
         self.generator = generator
         self.distributed = _ddp.is_distributed() if distributed is None else bool(distributed)
         if self.distributed and not _ddp.is_distributed(min_world_size=1):
-            raise ValueError("distributed=True needs an initialised torch.distributed process group")
+            raise ValueError("distributed=True needs an initialised torch.distributed process "
+                             "group")
         self.accountant = PrivacyAccountant(accountant)
         self._sums = None
 
@@ -109,7 +111,8 @@ class PrivateTrainer:
                                        method=self.clipping)
             for name, g in sums.items():
                 if name not in known:
-                    raise RuntimeError(f"clipped_grad_module returned an unknown parameter {name!r}")
+                    raise RuntimeError(
+                        f"clipped_grad_module returned an unknown parameter {name!r}")
                 prev = self._sums.get(name)
                 self._sums[name] = g.detach() if prev is None else prev + g.detach()
 
