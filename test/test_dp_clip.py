@@ -237,6 +237,21 @@ class Attention(nn.Module):
         return self.head(a + h)
 
 
+class Recurrent(nn.Module):
+    """nn.GRU (per-layer vmap(grad)); its final state h_n (layers, B, H) is not batch-first but
+    does not reach the loss."""
+
+    def __init__(self, vocab=13, d=5):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.rnn = nn.GRU(d, 6, batch_first=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.emb(ids))
+        return self.head(out[:, -1])
+
+
 def _transformer(vocab=13, d=8):
     return nn.Sequential(
         nn.Embedding(vocab, d),
@@ -308,6 +323,8 @@ def _case(name):
         x, y, lf = torch.randn(n, 4, generator=g), cls(3), _ce
     elif name == "multihead_attention":
         m, x, y, lf = Attention(), _ids(n, 4, 13, g), _ids(n, 4, 13, g), _token_ce
+    elif name == "gru":
+        m, x, y, lf = Recurrent(), _ids(n, 4, 13, g), cls(3), _ce
     elif name == "transformer_encoder":
         m, x, y, lf = _transformer(), _ids(n, 5, 13, g), _ids(n, 5, 13, g), _token_ce
     elif name == "tied_embedding_head_and_reused_module":
@@ -328,8 +345,9 @@ def _case(name):
 
 CASES = ["mlp", "linear_seq", "conv2d_groupnorm", "conv2d_padding_modes", "conv1d",
          "embedding_layernorm_seq", "rmsnorm", "eval_batchnorm", "generic_module",
-         "multihead_attention", "transformer_encoder", "tied_embedding_head_and_reused_module",
-         "parent_uses_child_weight", "frozen_and_inplace", "two_inputs"]
+         "multihead_attention", "gru", "transformer_encoder",
+         "tied_embedding_head_and_reused_module", "parent_uses_child_weight", "frozen_and_inplace",
+         "two_inputs"]
 
 
 def _loop_reference(model, inputs, targets, loss_fn, max_norm):
@@ -490,8 +508,9 @@ def test_parameter_used_in_loss_fn_is_refused():
 # ------------------------------------------------------------------------------------------------
 # bad input
 
-@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
-                                     ("1", TypeError), (None, TypeError), (True, TypeError)])
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1.0, ValueError),
+                                     (float("nan"), ValueError), ("1", TypeError),
+                                     (None, TypeError), (True, TypeError)])
 def test_bad_max_norm(bad, exc):
     w, (x, y) = _params(), _batch()
     with pytest.raises(exc, match="max_norm"):

@@ -406,10 +406,13 @@ def _generic_contributions(module, ids, call, grads_at, size):
             for t in leaves]
     if not any(d == 0 for d in dims):
         raise _Fallback("a module call has no per-example (batch-first) argument")
-    outs = [k for k, t in enumerate(call.outputs) if t is not None]
+    # outputs the loss does not depend on (an RNN's final state, often) contribute nothing
+    outs = [k for k, t in enumerate(call.outputs) if grads_at.get((id(call), k)) is not None]
     if any(call.outputs[k].dim() == 0 or call.outputs[k].shape[0] != size for k in outs):
         raise _Fallback("a module output is not batch-first")
-    bs = [_output_grad(call, grads_at, k) for k in outs]
+    if not outs:
+        return []
+    bs = [grads_at[(id(call), k)] for k in outs]
     names = {}
     for n, p in module.named_parameters():
         names.setdefault(id(p), (n, p))
