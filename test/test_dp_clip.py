@@ -446,6 +446,73 @@ def test_auto_chooses_per_layer():
     assert not _ghost._use_ghost("inst", 1, 100, 100)
 
 
+class CrossAttention(nn.Module):
+    """MultiheadAttention variants: cross-attention with a shorter memory, padding mask, float
+    or bool masks, is_causal, attention weights returned (unused) or used in the output."""
+
+    def __init__(self, variant, d=8):
+        super().__init__()
+        self.variant = variant
+        self.emb = nn.Embedding(13, d)
+        self.mem = nn.Linear(3, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True, bias=variant != "no_bias")
+        self.head = nn.Linear(d, 13)
+
+    def forward(self, ids, memory):
+        h = self.emb(ids)
+        t = ids.shape[1]
+        v = self.variant
+        if v == "cross":
+            kv = self.mem(memory)
+            pad = memory[:, :, 0] > 0.3  # per example, from the data; key 0 always attended
+            pad[:, 0] = False
+            a, _ = self.attn(h, kv, kv, key_padding_mask=pad)
+        elif v == "float_mask":
+            mask = torch.randn(t, t, generator=torch.Generator().manual_seed(0), dtype=h.dtype)
+            a, _ = self.attn(h, h, h, attn_mask=mask, need_weights=False)
+        elif v == "causal":
+            mask = nn.Transformer.generate_square_subsequent_mask(t, dtype=h.dtype)
+            a, _ = self.attn(h, h, h, attn_mask=mask, is_causal=True, need_weights=False)
+        elif v == "weights_used":
+            a, w = self.attn(h, h, h)
+            a = a + w @ h
+        else:  # "no_bias": packed in_proj without biases, default need_weights=True unused
+            a, _ = self.attn(h, h, h)
+        return self.head(a)
+
+
+@pytest.mark.parametrize("variant", ["cross", "float_mask", "causal", "weights_used", "no_bias"])
+@pytest.mark.parametrize("method", ("ghost", "auto"))
+def test_multihead_attention_rule(variant, method, monkeypatch):
+    """The attention rule (no per-layer vmap) on every mask/argument variant; attention weights
+    that reach the loss send the model to the whole-model path instead."""
+    from functorch_lite.dp import _ghost
+    if variant != "weights_used":
+        monkeypatch.setattr(_ghost, "_generic_contributions", None)
+    model = CrossAttention(variant).double()
+    g = torch.Generator().manual_seed(7)
+    x = (_ids(6, 4, 13, g), torch.randn(6, 3, 3, generator=g, dtype=torch.float64))
+    y = _ids(6, 4, 13, g)
+    max_norm = _middle_norm(_loop_reference(model, x, y, _token_ce, None))
+    ref, ref_norms = _loop_reference(model, x, y, _token_ce, max_norm)
+    got, norms = clipped_grad_module(model, _token_ce, x, y, max_norm=max_norm, method=method,
+                                     return_norms=True)
+    for n in ref:
+        _assert_close(got[n], ref[n], 1e-9)
+    _assert_close(norms, ref_norms, 1e-9)
+
+
+def test_transformer_uses_rules_only(monkeypatch):
+    from functorch_lite.dp import _clip, _ghost
+    monkeypatch.setattr(_ghost, "_generic_contributions", None)
+    monkeypatch.setattr(_clip, "vmap_clipped_grad", None)
+    model, x, y, lf = _case("transformer_encoder")
+    fref, _ = _functional_reference(model, x, y, lf, 0.5)
+    got = clipped_grad_module(model, lf, x, y, max_norm=0.5)
+    for n in fref:
+        _assert_close(got[n], fref[n], 1e-9)
+
+
 def test_clipped_grad_module_empty_batch():
     model = nn.Sequential(nn.Linear(3, 2))
     g, n = clipped_grad_module(model, _ce, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long),

@@ -25,6 +25,8 @@ modified in place, a layer input that is not batch-first) the caller falls back 
 whole-model vmap path: slower, same result. A parameter used in loss_fn is refused
 (ValueError): every method differentiates through the model's forward only.
 """
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,41 +133,43 @@ def _use_ghost(policy, t, p, d):
 
 
 def _matmul_weight(name, a, b, policy):
-    """Weight gradient of an (optionally grouped) matmul layer: a (B, G, T, d), b (B, G, T, p),
-    per-example gradient b_i^T a_i per group, (B, G, p, d)."""
-    _, groups, t, d = a.shape
-    p = b.shape[-1]
+    """Weight gradient of a matmul layer from a (B, T, d) and b (B, T, p), or per group from
+    a (B, G, T, d) and b (B, G, T, p): per-example gradient b_i^T a_i, (B, [G,] p, d). Kept 3-D
+    when there are no groups so that the batched products take the transposes without copies."""
+    n, t, d, p = a.shape[0], a.shape[-2], a.shape[-1], b.shape[-1]
     if not _use_ghost(policy, t, p, d):
         return ("inst", name, b.transpose(-1, -2) @ a)
     if t == 1:
         sq = (torch.linalg.vector_norm(a, dim=(-1, -2)).square()
-              * torch.linalg.vector_norm(b, dim=(-1, -2)).square()).sum(1)
+              * torch.linalg.vector_norm(b, dim=(-1, -2)).square())
     else:
-        sq = ((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((1, 2, 3))
+        sq = ((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((-1, -2))
+    sq = sq.reshape(n, -1).sum(1)
 
     def finish(c):
-        if groups == 1:  # one matmul over all examples and positions, scaling the thinner side
+        if a.dim() == 3:  # one matmul over all examples and positions, scaling the thinner side
             a2, b2 = a.reshape(-1, d), b.reshape(-1, p)
-            if p <= d:
-                return (b2 * c.repeat_interleave(t)[:, None]).T @ a2
-            return b2.T @ (a2 * c.repeat_interleave(t)[:, None])
+            w = c.repeat_interleave(t)[:, None]
+            return (b2 * w).T @ a2 if p <= d else b2.T @ (a2 * w)
         return torch.einsum("bgtp,bgtd->gpd", b * c[:, None, None, None], a)
 
     return ("ghost", name, sq, finish)
 
 
-def _linear(module, a, b, policy):
+def _linear(module, call, b, policy):
+    a = _input(call)
     n = a.shape[0]
-    a = a.reshape(n, 1, -1, a.shape[-1])
-    b = b.reshape(n, 1, -1, b.shape[-1])
-    out = [_matmul_weight("weight", a, b, policy("weight", a.shape[2], b.shape[-1], a.shape[-1]))]
+    a = a.reshape(n, -1, a.shape[-1])
+    b = b.reshape(n, -1, b.shape[-1])
+    out = [_matmul_weight("weight", a, b, policy("weight", a.shape[1], b.shape[-1], a.shape[-1]))]
     if module.bias is not None:
-        out.append(("inst", "bias", b.sum(2).reshape(n, -1)))
+        out.append(("inst", "bias", b.sum(1)))
     return out
 
 
-def _conv(module, a, b, policy):
+def _conv(module, call, b, policy):
     """Conv1d/Conv2d via unfold: the L output positions play the role of T."""
+    a = _input(call)
     one_d = isinstance(module, nn.Conv1d)
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -182,9 +186,10 @@ def _conv(module, a, b, policy):
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
     n, groups = a.shape[0], module.groups
     cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-    a_t = cols.reshape(n, groups, cols.shape[1] // groups, -1).transpose(-1, -2)
-    b_t = b.reshape(n, groups, b.shape[1] // groups, -1).transpose(-1, -2)
-    choice = policy("weight", a_t.shape[2], b_t.shape[-1], a_t.shape[-1])
+    lead = (n,) if groups == 1 else (n, groups)
+    a_t = cols.reshape(*lead, cols.shape[1] // groups, -1).transpose(-1, -2)
+    b_t = b.reshape(*lead, b.shape[1] // groups, -1).transpose(-1, -2)
+    choice = policy("weight", a_t.shape[-2], b_t.shape[-1], a_t.shape[-1])
     weight = _matmul_weight("weight", a_t, b_t, choice)
     if weight[0] == "inst":
         weight = ("inst", "weight", weight[2].reshape(n, *module.weight.shape))
@@ -197,7 +202,8 @@ def _conv(module, a, b, policy):
     return out
 
 
-def _embedding(module, ids, b, policy):
+def _embedding(module, call, b, policy):
+    ids = _input(call)
     n, vocab, dim = ids.shape[0], module.num_embeddings, module.embedding_dim
     ids = ids.reshape(n, -1)
     b = b.reshape(n, -1, dim)
@@ -242,32 +248,115 @@ def _channels(t):
     return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
 
 
-def _layer_norm(module, a, b, policy):
+def _layer_norm(module, call, b, policy):
+    a = _input(call)
     x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
     return _affine(module, b, x_hat, _trailing(module.normalized_shape))
 
 
-def _rms_norm(module, a, b, policy):
+def _rms_norm(module, call, b, policy):
+    a = _input(call)
     x_hat = F.rms_norm(a, module.normalized_shape, eps=module.eps)
     return _affine(module, b, x_hat, _trailing(module.normalized_shape))
 
 
-def _group_norm(module, a, b, policy):
+def _group_norm(module, call, b, policy):
+    a = _input(call)
     x_hat = F.group_norm(a, module.num_groups, eps=module.eps)
     return _affine(module, b, x_hat, _channels)
 
 
-def _batch_norm_eval(module, a, b, policy):
+def _batch_norm_eval(module, call, b, policy):
+    a = _input(call)
     x_hat = F.batch_norm(a, module.running_mean, module.running_var, training=False,
                          eps=module.eps)
     return _affine(module, b, x_hat, _channels)
 
 
+def _float_mask(mask, dtype):
+    """MultiheadAttention's masks as additive float masks (bool True = not attended)."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _mha(module, call, b, policy):
+    """nn.MultiheadAttention (batch_first, packed in_proj, no bias_k/add_zero_attn, no dropout):
+    the attention is re-run from the recorded inputs to get the context (out_proj's input) and,
+    by one batched backward of b through it, the gradients at q, k and v (in_proj's outputs);
+    both projections are then matmul layers like Linear."""
+    bound = _MHA_SIGNATURE.bind(module, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    arg = bound.arguments
+    query, key, value = (arg[k].detach() for k in ("query", "key", "value"))
+    n, t, e = query.shape
+    heads, hd = module.num_heads, module.embed_dim // module.num_heads
+    kpm = _float_mask(arg["key_padding_mask"], query.dtype)
+    causal = arg["is_causal"] and kpm is None and not arg["need_weights"]
+    mask = None if causal else _float_mask(arg["attn_mask"], query.dtype)
+    if mask is not None:
+        mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask.view(n, heads,
+                                                                             *mask.shape[1:])
+    if kpm is not None:
+        kpm = kpm.view(n, 1, 1, -1)
+        mask = kpm if mask is None else mask + kpm
+    w = module.in_proj_weight.detach()
+    bias = module.in_proj_bias.detach() if module.in_proj_bias is not None else None
+    with torch.enable_grad():
+        proj = [F.linear(x, w[i * e:(i + 1) * e], None if bias is None else bias[i * e:(i + 1) * e])
+                .requires_grad_() for i, x in enumerate((query, key, value))]
+        split = [x.view(n, x.shape[1], heads, hd).transpose(1, 2) for x in proj]
+        ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
+        ctx = ctx.transpose(1, 2).reshape(n, t, e)
+        grads = torch.autograd.grad(ctx, proj, b @ module.out_proj.weight.detach())
+    out = [_matmul_weight("out_proj.weight", ctx.detach(), b,
+                          policy("out_proj.weight", t, e, e))]
+    if module.out_proj.bias is not None:
+        out.append(("inst", "out_proj.bias", b.sum(1)))
+    choice = policy("in_proj_weight", max(query.shape[1], key.shape[1]), e, e)
+    if query is key and key is value:  # self-attention: one input, b of all three stacked
+        out.append(_matmul_weight("in_proj_weight", query, torch.cat(grads, -1), choice))
+    else:  # three row blocks of one weight: squared norms add, the sums stack
+        parts = [_matmul_weight("in_proj_weight", x, g, choice)
+                 for x, g in zip((query, key, value), grads)]
+        if parts[0][0] == "inst":
+            out.append(("inst", "in_proj_weight", torch.cat([q[2] for q in parts], 1)))
+        else:
+            out.append(("ghost", "in_proj_weight", sum(q[2] for q in parts),
+                        lambda c: torch.cat([q[3](c) for q in parts])))
+    if bias is not None:
+        out.append(("inst", "in_proj_bias", torch.cat([g.sum(1) for g in grads], -1)))
+    return out
+
+
+def _mha_supported(module):
+    return (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
+            and not module.add_zero_attn and (module.dropout == 0 or not module.training))
+
+
 _RULES = {nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Embedding: _embedding,
           nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm, nn.BatchNorm1d: _batch_norm_eval,
-          nn.BatchNorm2d: _batch_norm_eval, nn.BatchNorm3d: _batch_norm_eval}
+          nn.BatchNorm2d: _batch_norm_eval, nn.BatchNorm3d: _batch_norm_eval,
+          nn.MultiheadAttention: _mha}
 if hasattr(nn, "RMSNorm"):
     _RULES[nn.RMSNorm] = _rms_norm
+
+
+def _input(call):
+    """A layer's (first) input, detached: the rules compute from values only."""
+    return (call.args[0] if call.args else next(iter(call.kwargs.values()))).detach()
+
+
+def _rule_parameters(module):
+    """The parameters a layer's rule computes: its own (and MultiheadAttention's out_proj's,
+    which it uses directly rather than calling out_proj)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return [p for p in (module.in_proj_weight, module.in_proj_bias, module.out_proj.weight,
+                            module.out_proj.bias) if p is not None]
+    return [p for p in module._parameters.values() if p is not None]
 
 
 def _rule_for(module):
@@ -280,6 +369,8 @@ def _rule_for(module):
                 return None  # renormalising/rescaling lookups: the per-layer vmap handles them
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
                     module.training or module.running_mean is None or not module.affine):
+                return None
+            if isinstance(module, nn.MultiheadAttention) and not _mha_supported(module):
                 return None
             return rule
     return None
@@ -304,7 +395,7 @@ def _plan(recorder, params):
                 f"outside the model's forward; per-example gradients are taken through the "
                 f"model only. Use it inside the model's forward (or freeze it).")
         owners = {s[-1] for s in stacks}
-        if all(_rule_for(m) is not None and any(q is p for q in m._parameters.values())
+        if all(_rule_for(m) is not None and any(q is p for q in _rule_parameters(m))
                for m in owners):
             rule_params[id(p)] = sum(len(recorder.calls.get(m, ())) for m in owners)
             continue
@@ -343,7 +434,7 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
 
     # the calls whose output gradients we need, then one backward for all of them
     rule_calls = [(m, c) for m, calls in recorder.calls.items() if _rule_for(m) is not None
-                  and any(id(q) in rule_params for q in m._parameters.values() if q is not None)
+                  and any(id(q) in rule_params for q in _rule_parameters(m))
                   for c in calls]
     generic_calls = [(m, c) for m in generic for c in recorder.calls.get(m, ())]
     used = set(rule_params) | {i for ids in generic.values() for i in ids}
@@ -380,20 +471,22 @@ def _output_grad(call, grads_at, k=0):
 
 
 def _rule_contributions(module, call, grads_at, rule_params, size, force_ghost):
-    a = call.args[0] if call.args else call.kwargs["input"]
+    a = _input(call)
     if a.dim() == 0 or a.shape[0] != size or call.outputs[0] is None:
         raise _Fallback("a layer's input is not batch-first")
+    if any(grads_at.get((id(call), k)) is not None for k in range(1, len(call.outputs))):
+        raise _Fallback("attention weights reach the loss")
     b = _output_grad(call, grads_at)
 
     def policy(name, t, p, d):
-        pid = id(module._parameters[name])
+        pid = id(module.get_parameter(name))
         if pid not in rule_params or rule_params[pid] > 1:
             return "inst"  # several uses: materialise and sum them so the norm stays exact
         return "ghost" if force_ghost else "auto"
 
     out = []
-    for kind, name, *rest in _rule_for(module)(module, a.detach(), b, policy):
-        pid = id(module._parameters[name])
+    for kind, name, *rest in _rule_for(module)(module, call, b, policy):
+        pid = id(module.get_parameter(name))
         if pid in rule_params:  # a parameter also used elsewhere is the per-layer vmap's
             out.append((kind, pid, *rest))
     return out
