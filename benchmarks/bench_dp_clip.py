@@ -161,9 +161,12 @@ def _check(results, reference):
     common = [k for k in reference if k in results]
     if len(common) < len(reference):  # Opacus' ModuleValidator.fix made new attention layers
         return "DPMultiheadAttention in place of nn.MultiheadAttention: values not compared"
-    worst = max(((results[k] - reference[k]).abs().max()
-                 / reference[k].abs().max().clamp(min=1e-12)).item() for k in common)
-    return f"max rel diff {worst:.1e}" if worst > 1e-4 else ""
+    # one relative difference over all parameters together: a float32 sum of 64-256 clipped
+    # gradients that nearly cancel (a bias at initialisation) differs by summation order alone
+    diff = sum((results[k] - reference[k]).double().square().sum() for k in common).sqrt()
+    size = sum(reference[k].double().square().sum() for k in common).sqrt()
+    rel = (diff / size.clamp(min=1e-30)).item()
+    return f"rel. diff {rel:.1e}" if rel > 1e-4 else ""
 
 
 def bench(name_fn, rounds, min_time):
