@@ -7,7 +7,7 @@ ft.dp.clipped_grad_module with method auto / ghost / vmap; Opacus' hooks (GradSa
 ghost clipping rows only if opacus is importable. Every row computes the same clipped sum (checked
 once against clipped_grad_module's auto result before timing; noise and the optimizer step are
 not included: see benchmarks/bench_dp.py for whole steps). Times are medians over interleaved
-rounds; ratio = row / non-private.
+rounds; ratio = median over rounds of row / non-private in the same round.
 
     python benchmarks/bench_dp_clip.py                  # all three models
     python benchmarks/bench_dp_clip.py --models mlp --rounds 5 --min-time 0.5
@@ -17,6 +17,7 @@ With --markdown the table replaces the text between <!-- bench_dp_clip:begin -->
 <!-- bench_dp_clip:end --> in that file.
 """
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -197,19 +198,28 @@ def bench(name_fn, rounds, min_time):
                 fns[k]()
             times[k].append((time.perf_counter() - t0) / repeats[k])
     med = {k: statistics.median(v) for k, v in times.items()}
-    base = med["non-private fwd+bwd"]
+    base = times["non-private fwd+bwd"]
+    # paired: each round's time over the same round's baseline, so drifting load cancels
+    ratio = {k: statistics.median(t / b for t, b in zip(v, base)) for k, v in times.items()}
     return title, [(k, med[k] * 1e3 if k in med else float("nan"),
-                    med[k] / base if k in med else float("nan"), notes[k]) for k in notes]
+                    ratio.get(k, float("nan")), notes[k]) for k in notes]
 
 
 def machine():
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s), "
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (f"{cpu} ({os.cpu_count()} cores{load}), {torch.get_num_threads()} thread(s), "
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
 def markdown(results):
     lines = [f"Machine: {machine()}; medians of interleaved rounds; ratio = time / non-private "
-             f"forward+backward of the same model.", ""]
+             f"forward+backward of the same model in the same round (median).", ""]
     for title, table in results:
         lines += [f"**{title}**", "", "| method | ms | ratio | note |", "|---|---|---|---|"]
         lines += [f"| {k} | {ms:.1f} | {ratio:.2f}x | {note} |" for k, ms, ratio, note in table]

@@ -81,7 +81,9 @@ def clip_factors(norms, max_norm):
 def weighted_sum(factors, per_example):
     """sum_i factors[i] * per_example[i] as one matrix-vector product."""
     flat = per_example.reshape(per_example.shape[0], -1)
-    return (factors.to(flat.dtype) @ flat).reshape(per_example.shape[1:])
+    if factors.dtype != flat.dtype:
+        factors = factors.to(flat.dtype)
+    return (factors @ flat).reshape(per_example.shape[1:])
 
 
 def per_example_sq_norms(per_example):
@@ -207,9 +209,10 @@ def check_module_args(model, loss_fn, inputs, targets, method, api):
                         f"of shape (B,), got {type(loss_fn).__name__}.")
     if method not in _METHODS:
         raise ValueError(f"{api}: method must be one of 'auto', 'ghost', 'vmap', got {method!r}.")
-    for name, m in model.named_modules():
+    for m in model.modules():
         # without running statistics batch norm uses batch statistics in eval mode too
         if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None):
+            name = next(n for n, q in model.named_modules() if q is m)
             mode = "in training mode" if m.training else "without running statistics"
             raise ValueError(
                 f"{api}: the model has a {type(m).__name__} {mode} ({name or 'model'!r}). "

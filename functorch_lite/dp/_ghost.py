@@ -149,7 +149,7 @@ def _matmul_weight(name, a, b, policy):
     def finish(c):
         if a.dim() == 3:  # one matmul over all examples and positions, scaling the thinner side
             a2, b2 = a.reshape(-1, d), b.reshape(-1, p)
-            w = c.repeat_interleave(t)[:, None]
+            w = (c if t == 1 else c.repeat_interleave(t))[:, None]
             return (b2 * w).T @ a2 if p <= d else b2.T @ (a2 * w)
         return torch.einsum("bgtp,bgtd->gpd", b * c[:, None, None, None], a)
 
@@ -351,12 +351,14 @@ def _input(call):
 
 
 def _rule_parameters(module):
-    """The parameters a layer's rule computes: its own (and MultiheadAttention's out_proj's,
-    which it uses directly rather than calling out_proj)."""
+    """name -> parameter for the parameters a layer's rule computes: its own (and
+    MultiheadAttention's out_proj's, which it uses directly rather than calling out_proj)."""
     if isinstance(module, nn.MultiheadAttention):
-        return [p for p in (module.in_proj_weight, module.in_proj_bias, module.out_proj.weight,
-                            module.out_proj.bias) if p is not None]
-    return [p for p in module._parameters.values() if p is not None]
+        named = {"in_proj_weight": module.in_proj_weight, "in_proj_bias": module.in_proj_bias,
+                 "out_proj.weight": module.out_proj.weight, "out_proj.bias": module.out_proj.bias}
+    else:
+        named = module._parameters
+    return {n: p for n, p in named.items() if p is not None}
 
 
 def _rule_for(module):
@@ -379,7 +381,7 @@ def _rule_for(module):
 # ------------------------------------------------------------------------------------------------
 # planning: which parameters a rule covers, which get a per-layer vmap(grad)
 
-def _plan(recorder, params):
+def _plan(recorder, params, rules):
     """Returns (rule_params, generic): rule_params maps id(param) -> number of calls that use it
     (all inside rule layers owning it); generic maps a module -> [id(param)] of the parameters it
     differentiates with a per-layer vmap(grad)."""
@@ -395,7 +397,7 @@ def _plan(recorder, params):
                 f"outside the model's forward; per-example gradients are taken through the "
                 f"model only. Use it inside the model's forward (or freeze it).")
         owners = {s[-1] for s in stacks}
-        if all(_rule_for(m) is not None and any(q is p for q in _rule_parameters(m))
+        if all(rules.get(m) is not None and any(q is p for q in _rule_parameters(m).values())
                for m in owners):
             rule_params[id(p)] = sum(len(recorder.calls.get(m, ())) for m in owners)
             continue
@@ -430,11 +432,12 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
         outputs = model(*_as_tuple(inputs))
         losses = loss_fn(outputs, targets)
     check_per_example_loss(losses, size, api)
-    rule_params, generic = _plan(recorder, params)
+    rules = {m: _rule_for(m) for m in recorder.calls}
+    rule_params, generic = _plan(recorder, params, rules)
 
     # the calls whose output gradients we need, then one backward for all of them
-    rule_calls = [(m, c) for m, calls in recorder.calls.items() if _rule_for(m) is not None
-                  and any(id(q) in rule_params for q in _rule_parameters(m))
+    rule_calls = [(m, c) for m, calls in recorder.calls.items() if rules[m] is not None
+                  and any(id(q) in rule_params for q in _rule_parameters(m).values())
                   for c in calls]
     generic_calls = [(m, c) for m in generic for c in recorder.calls.get(m, ())]
     used = set(rule_params) | {i for ids in generic.values() for i in ids}
@@ -455,8 +458,8 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
     contributions = []
     with torch.no_grad():
         for module, call in rule_calls:
-            contributions += _rule_contributions(module, call, grads_at, rule_params, size,
-                                                 force_ghost)
+            contributions += _rule_contributions(module, rules[module], call, grads_at,
+                                                 rule_params, size, force_ghost)
     for module, ids in generic.items():
         for call in recorder.calls.get(module, ()):
             contributions += _generic_contributions(module, ids, call, grads_at, size)
@@ -470,23 +473,24 @@ def _output_grad(call, grads_at, k=0):
     return torch.zeros_like(call.outputs[k]) if g is None else g
 
 
-def _rule_contributions(module, call, grads_at, rule_params, size, force_ghost):
+def _rule_contributions(module, rule, call, grads_at, rule_params, size, force_ghost):
     a = _input(call)
     if a.dim() == 0 or a.shape[0] != size or call.outputs[0] is None:
         raise _Fallback("a layer's input is not batch-first")
     if any(grads_at.get((id(call), k)) is not None for k in range(1, len(call.outputs))):
         raise _Fallback("attention weights reach the loss")
     b = _output_grad(call, grads_at)
+    owned = _rule_parameters(module)
 
     def policy(name, t, p, d):
-        pid = id(module.get_parameter(name))
+        pid = id(owned[name])
         if pid not in rule_params or rule_params[pid] > 1:
             return "inst"  # several uses: materialise and sum them so the norm stays exact
         return "ghost" if force_ghost else "auto"
 
     out = []
-    for kind, name, *rest in _rule_for(module)(module, call, b, policy):
-        pid = id(module.get_parameter(name))
+    for kind, name, *rest in rule(module, call, b, policy):
+        pid = id(owned[name])
         if pid in rule_params:  # a parameter also used elsewhere is the per-layer vmap's
             out.append((kind, pid, *rest))
     return out
@@ -526,24 +530,23 @@ def _generic_contributions(module, ids, call, grads_at, size):
 
 def _combine(contributions, params, max_norm, size, losses):
     inst, ghosts = {}, []
-    shapes = {id(p): p.shape for p in params.values()}
+    shapes = {id(p): (p.shape, p.dtype) for p in params.values()}
     for kind, pid, *rest in contributions:
         if kind == "inst":
-            g = rest[0].reshape(size, *shapes[pid])  # uses of a tied weight by different layers
+            g = rest[0].reshape(size, *shapes[pid][0])  # uses of a tied weight by different layers
             inst[pid] = g if pid not in inst else inst[pid] + g
         else:
             ghosts.append((pid, *rest))
-    sq = losses.new_zeros(size)
-    for g in inst.values():
-        sq = sq + per_example_sq_norms(g).to(sq.dtype)
-    for _, s, _ in ghosts:
-        sq = sq + s.to(sq.dtype)
-    norms = sq.sqrt()
+    parts = [per_example_sq_norms(g) for g in inst.values()] + [sq for _, sq, _ in ghosts]
+    dtype = losses.dtype
+    norms = (sum(q if q.dtype == dtype else q.to(dtype) for q in parts) if parts
+             else losses.new_zeros(size)).sqrt()
     c = clip_factors(norms, max_norm)
-    by_id = {id(p): p for p in params.values()}
+    factors = {dtype: c}  # in each parameter's dtype, converted once
     sums = {pid: weighted_sum(c, g) for pid, g in inst.items()}
     for pid, _, finish in ghosts:
-        sums[pid] = finish(c.to(by_id[pid].dtype))
+        d = shapes[pid][1]
+        sums[pid] = finish(factors.setdefault(d, c.to(d)))
     grads = {n: sums[id(p)].reshape(p.shape) if id(p) in sums else torch.zeros_like(p)
              for n, p in params.items()}
     return grads, norms
