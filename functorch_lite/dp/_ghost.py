@@ -8,7 +8,8 @@ backward of sum_i loss_i asks autograd only for the gradients at the recorded ou
 for any parameter gradient. Then, per parameter:
 
 - used only inside calls of a layer with a rule (Linear, Conv1d/2d, Embedding, LayerNorm,
-  GroupNorm, RMSNorm, eval-mode BatchNorm) that own it: from that layer's input a and b. For a
+  GroupNorm, RMSNorm, eval-mode BatchNorm, MultiheadAttention) that own it: from that layer's
+  input a and b (attention re-runs its core to get its projections' a and b). For a
   weight used by exactly one call, ghost norm (||G_i||^2 from a and b, then the clipped sum as
   one reweighted product (c*b)^T a) or materialised per-example gradients (b_i^T a_i), chosen by
   cost; a weight used by several calls (tied weights, a module called twice) is materialised and
