@@ -148,6 +148,8 @@ def test_clipped_grad_empty_batch():
     w, (x, y) = _params(), _batch(n=0)
     g, n = clipped_grad(_mse, max_norm=1.0, batch_argnums=(1, 2), return_norms=True)(w, x, y)
     assert n.shape == (0,) and torch.equal(g["a"], torch.zeros(5, 3, dtype=torch.float64))
+    g, n = clipped_grad(lambda w, xy: _mse(w, *xy), max_norm=1.0, return_norms=True)(w, (x, y))
+    assert n.shape == (0,) and torch.equal(g["b"], torch.zeros(3, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------------------------------------

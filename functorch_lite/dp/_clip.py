@@ -176,7 +176,8 @@ def _clipped_grad(func, argnums, *, max_norm, batch_argnums, has_aux, chunk_size
             auxes.append(aux)
         if total is None:  # an empty batch: nothing to differentiate, the sum is zero
             total, spec = _zeros_like_argnums(args, argnums)
-            norms_out, aux_out = args[batched[0]].new_zeros(0), None
+            first = tree_flatten(args[batched[0]])[0][0]
+            norms_out, aux_out = torch.zeros(0, device=first.device), None
         else:
             norms_out = torch.cat(norms)
             aux_out = auxes[0] if len(auxes) == 1 or not has_aux else tree_map(
@@ -287,7 +288,8 @@ def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="au
         if size != 0:  # still check the loss, so a wrong loss_fn fails on every batch
             with torch.no_grad():
                 check_per_example_loss(loss_fn(model(*_as_tuple(inputs)), targets), size, api)
-        norms = torch.zeros(size)
+        first = next(iter(params.values()), None)
+        norms = torch.zeros(size, device=None if first is None else first.device)
         return (grads, norms) if return_norms else grads
     if method != "vmap":
         from ._ghost import ghost_clipped_grad
