@@ -169,7 +169,8 @@ def _linear(module, call, b, policy):
 
 
 def _conv(module, call, b, policy):
-    """Conv1d/Conv2d via unfold: the L output positions play the role of T."""
+    """Conv1d (as a 2-D conv of height 1) and Conv2d: the L output positions play the role of T;
+    ghost norms from the unfolded input, per-example gradients by a grouped convolution."""
     a = _input(call)
     one_d = isinstance(module, nn.Conv1d)
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
@@ -185,18 +186,24 @@ def _conv(module, call, b, policy):
         padding = (0,) + tuple(padding)
     else:
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    n, groups = a.shape[0], module.groups
-    cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-    lead = (n,) if groups == 1 else (n, groups)
-    a_t = cols.reshape(*lead, cols.shape[1] // groups, -1).transpose(-1, -2)
-    b_t = b.reshape(*lead, b.shape[1] // groups, -1).transpose(-1, -2)
-    choice = policy("weight", a_t.shape[-2], b_t.shape[-1], a_t.shape[-1])
-    weight = _matmul_weight("weight", a_t, b_t, choice)
-    if weight[0] == "inst":
-        weight = ("inst", "weight", weight[2].reshape(n, *module.weight.shape))
+    n, groups, c_in, c_out = a.shape[0], module.groups, a.shape[1], b.shape[1]
+    t, p, d = b[0, 0].numel(), c_out // groups, c_in // groups * kernel[0] * kernel[1]
+    choice = policy("weight", t, p, d)
+    if not _use_ghost(choice, t, p, d):
+        # per-example weight gradients as one weight gradient of a convolution whose groups are
+        # the examples: no unfolded copy of the input (which costs more than the products)
+        g = torch.nn.grad.conv2d_weight(a.reshape(1, n * c_in, *a.shape[2:]),
+                                        (n * c_out, c_in // groups, *kernel),
+                                        b.reshape(1, n * c_out, *b.shape[2:]), stride=stride,
+                                        padding=padding, dilation=dilation, groups=n * groups)
+        weight = ("inst", "weight", g.reshape(n, *module.weight.shape))
     else:
-        kind, name, sq, finish = weight
-        weight = (kind, name, sq, lambda c: finish(c).reshape(module.weight.shape))
+        cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+        lead = (n,) if groups == 1 else (n, groups)
+        a_t = cols.reshape(*lead, d, -1).transpose(-1, -2)
+        b_t = b.reshape(*lead, p, -1).transpose(-1, -2)
+        _, name, sq, finish = _matmul_weight("weight", a_t, b_t, "ghost")
+        weight = ("ghost", name, sq, lambda c: finish(c).reshape(module.weight.shape))
     out = [weight]
     if module.bias is not None:
         out.append(("inst", "bias", b.reshape(n, b.shape[1], -1).sum(-1)))
