@@ -256,29 +256,23 @@ def _channels(t):
     return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
 
 
-def _layer_norm(module, call, b, policy):
-    a = _input(call)
-    x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
-    return _affine(module, b, x_hat, _trailing(module.normalized_shape))
+def _norm_rule(normalize, positions):
+    """The rule of a norm layer y = normalize(a) * weight + bias; positions(module) sums the
+    per-position products over the positions that share a weight entry."""
+    def rule(module, call, b, policy):
+        return _affine(module, b, normalize(module, _input(call)), positions(module))
+    return rule
 
 
-def _rms_norm(module, call, b, policy):
-    a = _input(call)
-    x_hat = F.rms_norm(a, module.normalized_shape, eps=module.eps)
-    return _affine(module, b, x_hat, _trailing(module.normalized_shape))
-
-
-def _group_norm(module, call, b, policy):
-    a = _input(call)
-    x_hat = F.group_norm(a, module.num_groups, eps=module.eps)
-    return _affine(module, b, x_hat, _channels)
-
-
-def _batch_norm_eval(module, call, b, policy):
-    a = _input(call)
-    x_hat = F.batch_norm(a, module.running_mean, module.running_var, training=False,
-                         eps=module.eps)
-    return _affine(module, b, x_hat, _channels)
+_layer_norm = _norm_rule(lambda m, a: F.layer_norm(a, m.normalized_shape, eps=m.eps),
+                         lambda m: _trailing(m.normalized_shape))
+_rms_norm = _norm_rule(lambda m, a: F.rms_norm(a, m.normalized_shape, eps=m.eps),
+                       lambda m: _trailing(m.normalized_shape))
+_group_norm = _norm_rule(lambda m, a: F.group_norm(a, m.num_groups, eps=m.eps),
+                         lambda m: _channels)
+_batch_norm_eval = _norm_rule(lambda m, a: F.batch_norm(a, m.running_mean, m.running_var,
+                                                        training=False, eps=m.eps),
+                              lambda m: _channels)
 
 
 def _float_mask(mask, dtype):
