@@ -11,7 +11,7 @@ rounds; ratio = median over rounds of row / non-private in the same round.
 
     python benchmarks/bench_dp_clip.py                  # all three models
     python benchmarks/bench_dp_clip.py --models mlp --rounds 5 --min-time 0.5
-    python benchmarks/bench_dp_clip.py --markdown docs/dp_clipping.md
+    python benchmarks/bench_dp_clip.py --memory --markdown docs/dp_clipping.md
 
 With --markdown the table replaces the text between <!-- bench_dp_clip:begin --> and
 <!-- bench_dp_clip:end --> in that file.
@@ -205,6 +205,45 @@ def bench(name_fn, rounds, min_time):
                     ratio.get(k, float("nan")), notes[k]) for k in notes]
 
 
+MEMORY_ROWS = ("non-private fwd+bwd", "clipped_grad_module auto", "clipped_grad_module vmap",
+               "torch.func vmap(grad)+clip")
+
+
+def peak_rss_child(model_name, row):
+    """In a fresh process: the growth of peak RSS (MB) over three calls of one row."""
+    import resource
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ft.set_vmap_fallback("quiet")
+    _, model, x, y, loss_fn = MODELS[model_name]()
+    fn = rows(model, x, y, loss_fn)[row]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def memory(model_names):
+    """Peak extra memory per row, each in its own process (peak RSS is per process)."""
+    import subprocess
+    import sys
+    lines = ["Peak extra memory (growth of the process' peak RSS over three calls, each row in a "
+             "fresh process; MB, and ratio to non-private):", "",
+             "| model | " + " | ".join(MEMORY_ROWS) + " |", "|---" * (len(MEMORY_ROWS) + 1) + "|"]
+    for m in model_names:
+        mb = {}
+        for row in MEMORY_ROWS:
+            code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                    f"import bench_dp_clip as b; print(b.peak_rss_child({m!r}, {row!r}))")
+            out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True,
+                                 capture_output=True, text=True).stdout
+            mb[row] = float(out.split()[-1])
+        base = mb[MEMORY_ROWS[0]]
+        lines.append(f"| {m} | " + " | ".join(f"{mb[r]:.0f} ({mb[r] / base:.2f}x)"
+                                              for r in MEMORY_ROWS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -234,12 +273,16 @@ def main():
     ap.add_argument("--min-time", type=float, default=0.3,
                     help="seconds per measurement (fast rows are repeated to last this long)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--memory", action="store_true",
+                    help="also measure peak extra memory (one fresh process per row)")
     ap.add_argument("--markdown", help="write the table between the markers in this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ft.set_vmap_fallback("quiet")
     results = [bench(MODELS[m], args.rounds, args.min_time) for m in args.models]
     text = markdown(results)
+    if args.memory:
+        text += "\n" + memory(args.models)
     print(text)
     if args.markdown:
         with open(args.markdown) as f:
