@@ -70,7 +70,7 @@ def _params(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def rows(model, x, y, loss_fn):
+def rows(model, x, y, loss_fn, opacus=True):
     """name -> zero-argument callable returning name -> clipped sum (or None for the baseline)."""
     params = _params(model)
     detached = {n: p.detach() for n, p in params.items()}
@@ -101,7 +101,8 @@ def rows(model, x, y, loss_fn):
         out[f"clipped_grad_module {method}"] = (
             lambda m=method: ft.dp.clipped_grad_module(model, loss_fn, x, y, max_norm=MAX_NORM,
                                                        method=m))
-    out.update(_opacus_rows(model, x, y, loss_fn))
+    if opacus:
+        out.update(_opacus_rows(model, x, y, loss_fn))
     return out
 
 
@@ -216,7 +217,7 @@ def peak_rss_child(model_name, row):
     torch.manual_seed(0)
     ft.set_vmap_fallback("quiet")
     _, model, x, y, loss_fn = MODELS[model_name]()
-    fn = rows(model, x, y, loss_fn)[row]
+    fn = rows(model, x, y, loss_fn, opacus=False)[row]  # nothing else allocated before
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(3):
         fn()
@@ -239,8 +240,9 @@ def memory(model_names):
                                  capture_output=True, text=True).stdout
             mb[row] = float(out.split()[-1])
         base = mb[MEMORY_ROWS[0]]
-        lines.append(f"| {m} | " + " | ".join(f"{mb[r]:.0f} ({mb[r] / base:.2f}x)"
-                                              for r in MEMORY_ROWS) + " |")
+        lines.append(f"| {m} | " + " | ".join(
+            f"{mb[r]:.0f} ({mb[r] / base:.2f}x)" if base > 0 else f"{mb[r]:.0f}"
+            for r in MEMORY_ROWS) + " |")
     return "\n".join(lines) + "\n"
 
 
