@@ -210,26 +210,33 @@ MEMORY_ROWS = ("non-private fwd+bwd", "clipped_grad_module auto", "clipped_grad_
                "torch.func vmap(grad)+clip")
 
 
+def _status_mb(field):
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024
+
+
 def peak_rss_child(model_name, row):
-    """In a fresh process: the growth of peak RSS (MB) over three calls of one row."""
-    import resource
+    """In a fresh process: peak RSS (VmHWM, reset first) over three calls of one row, minus the
+    RSS before them, in MB. (ru_maxrss would carry the parent's peak across exec.)"""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ft.set_vmap_fallback("quiet")
     _, model, x, y, loss_fn = MODELS[model_name]()
-    fn = rows(model, x, y, loss_fn, opacus=False)[row]  # nothing else allocated before
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn = rows(model, x, y, loss_fn, opacus=False)[row]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak RSS to the current RSS
+    base = _status_mb("VmRSS")
     for _ in range(3):
         fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return _status_mb("VmHWM") - base
 
 
 def memory(model_names):
     """Peak extra memory per row, each in its own process (peak RSS is per process)."""
     import subprocess
     import sys
-    lines = ["Peak extra memory (growth of the process' peak RSS over three calls, each row in a "
-             "fresh process; MB, and ratio to non-private):", "",
+    lines = ["Peak extra memory (peak RSS over three calls minus the RSS before them, each row in "
+             "a fresh process; MB, and ratio to non-private):", "",
              "| model | " + " | ".join(MEMORY_ROWS) + " |", "|---" * (len(MEMORY_ROWS) + 1) + "|"]
     for m in model_names:
         mb = {}
