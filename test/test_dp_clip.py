@@ -484,17 +484,19 @@ class CrossAttention(nn.Module):
 
 
 @pytest.mark.parametrize("variant", ["cross", "float_mask", "causal", "weights_used", "no_bias"])
-@pytest.mark.parametrize("method", ("ghost", "auto"))
-def test_multihead_attention_rule(variant, method, monkeypatch):
+@pytest.mark.parametrize("method,seq", [("ghost", 4), ("auto", 4), ("auto", 9)])
+def test_multihead_attention_rule(variant, method, seq, monkeypatch):
     """The attention rule (no per-layer vmap) on every mask/argument variant; attention weights
-    that reach the loss send the model to the whole-model path instead."""
+    that reach the loss send the model to the whole-model path instead. With 9 positions auto
+    materialises out_proj's and the cross-attention blocks' per-example gradients (2*81 > 8*8),
+    with 4 it ghosts them."""
     from functorch_lite.dp import _ghost
     if variant != "weights_used":
         monkeypatch.setattr(_ghost, "_generic_contributions", None)
     model = CrossAttention(variant).double()
     g = torch.Generator().manual_seed(7)
-    x = (_ids(6, 4, 13, g), torch.randn(6, 3, 3, generator=g, dtype=torch.float64))
-    y = _ids(6, 4, 13, g)
+    x = (_ids(6, seq, 13, g), torch.randn(6, seq - 1, 3, generator=g, dtype=torch.float64))
+    y = _ids(6, seq, 13, g)
     max_norm = _middle_norm(_loop_reference(model, x, y, _token_ce, None))
     ref, ref_norms = _loop_reference(model, x, y, _token_ce, max_norm)
     got, norms = clipped_grad_module(model, _token_ce, x, y, max_norm=max_norm, method=method,

@@ -307,21 +307,28 @@ def _mha(module, call, b, policy):
         mask = kpm if mask is None else mask + kpm
     w = module.in_proj_weight.detach()
     bias = module.in_proj_bias.detach() if module.in_proj_bias is not None else None
+    self_attention = query is key and key is value
     with torch.enable_grad():
-        proj = [F.linear(x, w[i * e:(i + 1) * e], None if bias is None else bias[i * e:(i + 1) * e])
-                .requires_grad_() for i, x in enumerate((query, key, value))]
-        split = [x.view(n, x.shape[1], heads, hd).transpose(1, 2) for x in proj]
+        if self_attention:  # one projection; its gradient holds the q, k, v blocks side by side
+            leaves = [F.linear(query, w, bias).requires_grad_()]
+            proj = leaves[0].chunk(3, -1)
+        else:
+            leaves = proj = [F.linear(x, w[i * e:(i + 1) * e],
+                                      None if bias is None else bias[i * e:(i + 1) * e])
+                             .requires_grad_() for i, x in enumerate((query, key, value))]
+        split = [x.unflatten(-1, (heads, hd)).transpose(1, 2) for x in proj]
         ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
         ctx = ctx.transpose(1, 2).reshape(n, t, e)
-        grads = torch.autograd.grad(ctx, proj, b @ module.out_proj.weight.detach())
+        grads = torch.autograd.grad(ctx, leaves, b @ module.out_proj.weight.detach())
     out = [_matmul_weight("out_proj.weight", ctx.detach(), b,
                           policy("out_proj.weight", t, e, e))]
     if module.out_proj.bias is not None:
         out.append(("inst", "out_proj.bias", b.sum(1)))
-    choice = policy("in_proj_weight", max(query.shape[1], key.shape[1]), e, e)
-    if query is key and key is value:  # self-attention: one input, b of all three stacked
-        out.append(_matmul_weight("in_proj_weight", query, torch.cat(grads, -1), choice))
+    if self_attention:
+        out.append(_matmul_weight("in_proj_weight", query, grads[0],
+                                  policy("in_proj_weight", t, 3 * e, e)))
     else:  # three row blocks of one weight: squared norms add, the sums stack
+        choice = policy("in_proj_weight", max(t, key.shape[1]), e, e)
         parts = [_matmul_weight("in_proj_weight", x, g, choice)
                  for x, g in zip((query, key, value), grads)]
         if parts[0][0] == "inst":
