@@ -262,12 +262,13 @@ def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="au
 
     method: "vmap" runs the model per example (functional_call + clipped_grad); "ghost" computes
     per-example gradient norms from layer inputs and output gradients wherever a layer has a
-    ghost rule (Linear, Conv1d/2d, Embedding) and the clipped sum by one reweighted product per
-    layer, never materialising those layers' per-example gradients; "auto" chooses per layer
-    between ghost norms and materialised per-example gradients by their cost. Norm layers
-    (LayerNorm, GroupNorm, eval-mode BatchNorm) form their small per-example gradients
-    directly; any other module with trainable parameters gets a per-layer vmap(grad). All
-    methods give the same result. Batch norm in training mode is refused (it mixes examples).
+    ghost rule (Linear, Conv1d/2d, Embedding, MultiheadAttention's projections) and the clipped
+    sum by one reweighted product per layer, never materialising those layers' per-example
+    gradients; "auto" chooses per layer between ghost norms and materialised per-example
+    gradients by their cost. Norm layers (LayerNorm, RMSNorm, GroupNorm, eval-mode BatchNorm)
+    form their small per-example gradients directly; any other module with trainable
+    parameters gets a per-layer vmap(grad). All methods give the same result (see
+    docs/dp_clipping.md). Batch norm in training mode is refused (it mixes examples).
 
     Example:
         >>> import torch, torch.nn as nn, torch.nn.functional as F, functorch_lite as ft
