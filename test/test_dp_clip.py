@@ -657,3 +657,54 @@ def test_reachable_from_the_package():
     assert ft.dp.clipped_grad is clipped_grad
     assert ft.dp.clipped_grad_module is clipped_grad_module
     assert "clipped_grad" in ft.dp.__all__ and "clipped_grad_module" in ft.dp.__all__
+
+
+@pytest.mark.parametrize("method", ("ghost", "auto"))
+@pytest.mark.parametrize("need_weights", (False, True))
+def test_attention_dropout_in_training_is_replayed(method, need_weights, monkeypatch):
+    """MultiheadAttention with dropout in training mode: the rule redraws the forward's dropout
+    mask from the recorded generator state. Oracle: per-example gradients of the same batched
+    forward (same seed, so the same masks), one torch.autograd.grad per example."""
+    from functorch_lite.dp import _clip, _ghost
+    monkeypatch.setattr(_ghost, "_generic_contributions", None)
+    monkeypatch.setattr(_clip, "vmap_clipped_grad", None)  # a failed replay would fall back
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(13, 8), nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.3, batch_first=True, norm_first=True),
+        nn.Linear(8, 13)).double().train()
+    if need_weights:  # the explicit-softmax path of multi_head_attention_forward
+        attn = model[1].self_attn
+        forward = attn.forward
+        attn.forward = lambda *a, **k: forward(*a, **{**k, "need_weights": True})
+    g = torch.Generator().manual_seed(8)
+    x, y = _ids(6, 5, 13, g), _ids(6, 5, 13, g)
+    torch.manual_seed(123)
+    got, norms = clipped_grad_module(model, _token_ce, x, y, max_norm=0.05, method=method,
+                                     return_norms=True)
+    torch.manual_seed(123)
+    losses = _token_ce(model(x), y)
+    params = {n: p for n, p in model.named_parameters()}
+    per = [torch.autograd.grad(losses[i], list(params.values()), retain_graph=True)
+           for i in range(6)]
+    per = [torch.stack([gs[j] for gs in per]) for j in range(len(params))]
+    sums, ref_norms = _clip_sum(per, 0.05)
+    assert (ref_norms > 0.05).any()
+    _assert_close(norms, ref_norms, 1e-9)
+    for n, s in zip(params, sums):
+        _assert_close(got[n], s, 1e-9)
+
+
+def test_attention_dropout_replay_is_checked(monkeypatch):
+    """A replay from the wrong generator state is caught by comparing the recomputed output with
+    the recorded one, and the call goes to the whole-model path instead of using other masks."""
+    from functorch_lite.dp import _clip, _ghost
+    real = _ghost._rng_state
+    monkeypatch.setattr(_ghost, "_rng_state",
+                        lambda args: (real(args)[0], torch.Generator().manual_seed(99).get_state()))
+    fell_back = []
+    monkeypatch.setattr(_clip, "vmap_clipped_grad", lambda *a: fell_back.append(1) or ({}, None))
+    model = nn.Sequential(nn.Embedding(13, 8), nn.TransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.3, batch_first=True), nn.Linear(8, 13)).train()
+    g = torch.Generator().manual_seed(8)
+    clipped_grad_module(model, _token_ce, _ids(6, 5, 13, g), _ids(6, 5, 13, g), max_norm=1.0)
+    assert fell_back

@@ -26,6 +26,7 @@ modified in place, a layer input that is not batch-first) the caller falls back 
 whole-model vmap path: slower, same result. A parameter used in loss_fn is refused
 (ValueError): every method differentiates through the model's forward only.
 """
+import contextlib
 import inspect
 
 import torch
@@ -51,6 +52,30 @@ class _Fallback(Exception):
 # ------------------------------------------------------------------------------------------------
 # recording: module calls (inputs, output edges) and which calls use each parameter
 
+def _draws_dropout(module):
+    return isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0
+
+
+def _rng_state(args):
+    """The state of the generator that a call on these inputs draws from."""
+    device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
+    if device.type == "cuda":
+        return device, torch.cuda.get_rng_state(device)
+    return device, torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replaying(rng):
+    """The generator set to the recorded state, restored afterwards."""
+    device, state = rng
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        yield
+
+
 def _tensors(args, kwargs):
     for x in (*args, *kwargs.values()):
         if isinstance(x, (list, tuple)):
@@ -66,10 +91,10 @@ def _carries_grad(out):
 
 
 class _Call:
-    __slots__ = ("args", "kwargs", "outputs", "edges", "versions")
+    __slots__ = ("args", "kwargs", "outputs", "edges", "versions", "rng")
 
-    def __init__(self, args, kwargs, output):
-        self.args, self.kwargs = args, kwargs
+    def __init__(self, args, kwargs, output, rng=None):
+        self.args, self.kwargs, self.rng = args, kwargs, rng
         leaves, _ = tree_flatten(output)
         # b is needed for every output that carries gradient; others (None, masks) get none
         self.outputs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None
@@ -85,7 +110,7 @@ class _Recorder(TorchFunctionMode):
         super().__init__()
         self.model = model
         self.param_ids = {id(p) for p in params.values()}
-        self.stack = []
+        self.stack, self.rng = [], []
         self.calls = {}  # module -> [_Call]
         self.uses = {}  # id(param) -> [tuple of the modules active at the use, outermost first]
         self.handles = []
@@ -104,11 +129,14 @@ class _Recorder(TorchFunctionMode):
 
     def _pre(self, module, args, kwargs):
         self.stack.append(module)
+        # attention dropout is replayed by the rule from the generator state at the call
+        self.rng.append(_rng_state(args) if _draws_dropout(module) else None)
 
     def _post(self, module, args, kwargs, output):
         self.stack.pop()
+        rng = self.rng.pop()
         with torch._C.DisableTorchFunction():  # our own attribute reads are no uses (and slow)
-            self.calls.setdefault(module, []).append(_Call(args, kwargs, output))
+            self.calls.setdefault(module, []).append(_Call(args, kwargs, output, rng))
 
     def __enter__(self):
         for m in self.model.modules():
@@ -286,10 +314,11 @@ _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
 def _mha(module, call, b, policy):
-    """nn.MultiheadAttention (batch_first, packed in_proj, no bias_k/add_zero_attn, no dropout):
+    """nn.MultiheadAttention (batch_first, packed in_proj, no bias_k/add_zero_attn):
     the attention is re-run from the recorded inputs to get the context (out_proj's input) and,
     by one batched backward of b through it, the gradients at q, k and v (in_proj's outputs);
-    both projections are then matmul layers like Linear."""
+    both projections are then matmul layers like Linear. Attention dropout in training is
+    replayed from the generator state recorded at the call, and checked against the output."""
     bound = _MHA_SIGNATURE.bind(module, *call.args, **call.kwargs)
     bound.apply_defaults()
     arg = bound.arguments
@@ -317,9 +346,16 @@ def _mha(module, call, b, policy):
                                       None if bias is None else bias[i * e:(i + 1) * e])
                              .requires_grad_() for i, x in enumerate((query, key, value))]
         split = [x.unflatten(-1, (heads, hd)).transpose(1, 2) for x in proj]
-        ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
+        if call.rng is None:
+            ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
+        else:
+            with _replaying(call.rng):
+                ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal,
+                                                     dropout_p=module.dropout)
         ctx = ctx.transpose(1, 2).reshape(n, t, e)
         grads = torch.autograd.grad(ctx, leaves, b @ module.out_proj.weight.detach())
+    if call.rng is not None:
+        _check_replay(module, call, ctx)
     out = [_matmul_weight("out_proj.weight", ctx.detach(), b,
                           policy("out_proj.weight", t, e, e))]
     if module.out_proj.bias is not None:
@@ -341,9 +377,22 @@ def _mha(module, call, b, policy):
     return out
 
 
+def _check_replay(module, call, ctx):
+    """The replayed dropout must be the one drawn in the forward: the output, recomputed from
+    the replayed context, must match the recorded one (a different mask differs by O(1))."""
+    y = call.outputs[0]
+    if y._version != call.versions[0]:
+        raise _Fallback("attention output modified in place: dropout replay unchecked")
+    again = F.linear(ctx.detach(), module.out_proj.weight.detach(),
+                     None if module.out_proj.bias is None else module.out_proj.bias.detach())
+    tol = 1e-3 if y.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    if not torch.allclose(again, y.detach(), rtol=tol, atol=tol * float(y.detach().abs().max())):
+        raise _Fallback("attention dropout could not be replayed")
+
+
 def _mha_supported(module):
     return (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
-            and not module.add_zero_attn and (module.dropout == 0 or not module.training))
+            and not module.add_zero_attn)
 
 
 _RULES = {nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Embedding: _embedding,
