@@ -61,10 +61,16 @@ setup(
     name="functorch_lite",
     version=_version(),
     description="JAX-like composable function transforms for PyTorch, as a C++ extension",
-    packages=["functorch_lite"],
+    packages=["functorch_lite", "functorch_lite.dp"],
     ext_modules=[CMakeExtension("functorch_lite._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
+    extras_require={
+        # privacy accounting for functorch_lite.dp (imported lazily: ft.dp works without it)
+        "dp": ["dp-accounting>=0.4"],
+        # the main job, examples/demo.py
+        "demo": ["dp-accounting>=0.4", "scikit-learn", "tqdm", "matplotlib"],
+    },
     zip_safe=False,
 )

@@ -34,6 +34,7 @@ from ._module import functional_call
 from ._module import stack_module_state
 from ._module import make_functional
 from ._module import make_functional_with_buffers
+from . import dp  # DP-SGD toolkit (functorch_lite.dp, docs/dp.md)
 
 __all__ = [
     "__version__", "vmap", "grad", "grad_and_value", "vjp", "jvp", "jacfwd", "jacrev", "hessian",

@@ -9,14 +9,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
-if ! python -c "import torch, pytest, expecttest, cmake, ninja" 2>/dev/null; then
+if ! python -c "import torch, pytest, expecttest, cmake, ninja, sklearn, tqdm, matplotlib" 2>/dev/null; then
   # A current pip builds editable installs through pyproject.toml (PEP 660).
   pip install --quiet --disable-pip-version-check --upgrade pip
-  # torch==2.13.0 exactly: a bare `torch` would pull a multi-GB CUDA build.
+  # torch==2.13.0 exactly (in every pip command, so nothing upgrades it): a bare `torch` would
+  # pull a multi-GB CUDA build. scikit-learn, tqdm and matplotlib are the demo's.
   pip install --quiet --disable-pip-version-check torch==2.13.0 \
-    "setuptools>=70" wheel cmake ninja pytest expecttest numpy
+    "setuptools>=70" wheel cmake ninja pytest expecttest numpy scikit-learn tqdm matplotlib
 fi
 # ccache (if installed) keys on paths relative to the checkout, so fresh clones share the cache.
 export CCACHE_BASEDIR="$ROOT"
 cd "$ROOT"
-pip install --quiet --disable-pip-version-check --no-build-isolation -e .
+# The `dp` extra: dp-accounting, for functorch_lite.dp's privacy accounting.
+pip install --quiet --disable-pip-version-check --no-build-isolation -e ".[dp]" torch==2.13.0

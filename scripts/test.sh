@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: set up everything needed, then the Python tests and the C++ tests.
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+# Opacus is a test-only oracle (its RDP accountant cross-checks functorch_lite.dp's); never
+# imported by the package. Pinned together with torch so it cannot upgrade torch.
+python -c "import opacus" 2>/dev/null ||
+  pip install --quiet --disable-pip-version-check torch==2.13.0 opacus==1.6.0
 cmake --build build/cmake --target functorch_lite_cpptest -j "$(nproc)" >/dev/null
 # Both suites always run; the script fails if either does.
 status=0

@@ -1,0 +1,74 @@
+"""Poisson sampling: the batches DP-SGD's privacy analysis assumes.
+
+Every batch includes each example independently with probability `sample_rate`, so batch sizes
+vary and a batch can be empty. An epoch is round(1 / sample_rate) batches (each example is seen
+once per epoch on average). Fixed-size shuffled batches would not match the accountant's
+PoissonSampledDpEvent.
+"""
+import torch
+
+from ._accounting import _check_sample_rate, batches_per_epoch
+
+
+class PoissonSampler(torch.utils.data.Sampler):
+    """A batch sampler yielding lists of example indices (for DataLoader(batch_sampler=...) or
+    your own indexing). `num_batches` defaults to round(1 / sample_rate): one epoch."""
+
+    def __init__(self, num_examples, sample_rate, *, num_batches=None, generator=None):
+        _check_sample_rate(sample_rate)
+        if not (isinstance(num_examples, int) and num_examples > 0):
+            raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
+        self.num_examples = num_examples
+        self.sample_rate = sample_rate
+        self.num_batches = batches_per_epoch(sample_rate) if num_batches is None else num_batches
+        self.generator = generator
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        for _ in range(self.num_batches):
+            mask = torch.rand(self.num_examples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+
+def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
+    """Iterates over one epoch (or `num_batches`) of Poisson-sampled batches of `data`.
+
+    data: a tensor, a tuple/list of tensors with the same first dimension (e.g. `(inputs,
+    targets)`), or a map-style Dataset whose items are tensors or tuples of tensors. Yields what
+    `data` holds, indexed by the batch's examples: a tensor or a tuple of tensors whose first
+    dimension is the (random) batch size. An empty batch is yielded as tensors with 0 rows and
+    the right trailing shape and dtype. Seeded by `generator` (a torch.Generator).
+    """
+    single = isinstance(data, torch.Tensor)
+    if single or isinstance(data, (tuple, list)):
+        tensors = (data,) if single else tuple(data)
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError("data must be a tensor, a tuple of tensors or a Dataset")
+        n = len(tensors[0])
+        if any(len(t) != n for t in tensors):
+            raise ValueError("data: the tensors must have the same first dimension, got "
+                             f"{[len(t) for t in tensors]}")
+
+        def take(idx):
+            index = torch.tensor(idx, dtype=torch.long, device=tensors[0].device)
+            return tuple(t[index.to(t.device)] for t in tensors)
+    else:
+        n = len(data)
+        first = data[0]
+        single = isinstance(first, torch.Tensor)
+        template = (first,) if single else tuple(torch.as_tensor(x) for x in first)
+
+        def take(idx):
+            if not idx:
+                return tuple(t.new_empty((0, *t.shape)) for t in template)
+            items = [data[i] for i in idx]
+            items = [(it,) if single else it for it in items]
+            return tuple(torch.stack([torch.as_tensor(it[j]) for it in items])
+                         for j in range(len(template)))
+
+    sampler = PoissonSampler(n, sample_rate, num_batches=num_batches, generator=generator)
+    for idx in sampler:
+        batch = take(idx)
+        yield batch[0] if single else batch
