@@ -19,17 +19,6 @@ _repr.install()
 _guards.install()
 
 
-def _not_yet(name, issue):
-    def missing(*args, **kwargs):
-        raise NotImplementedError(
-            f"functorch_lite.{name} is not implemented yet (tracked in issue #{issue}); "
-            f"torch.func.{name} has the same signature in the meantime."
-        )
-
-    missing.__name__ = name
-    return missing
-
-
 from ._module import functional_call
 from ._module import stack_module_state
 from ._module import make_functional
@@ -39,5 +28,5 @@ from . import dp  # DP-SGD toolkit (functorch_lite.dp, docs/dp.md)
 __all__ = [
     "__version__", "vmap", "grad", "grad_and_value", "vjp", "jvp", "jacfwd", "jacrev", "hessian",
     "functional_call", "stack_module_state", "make_functional", "make_functional_with_buffers",
-    "show_config", "set_vmap_fallback", "get_vmap_fallback",
+    "show_config", "set_vmap_fallback", "get_vmap_fallback", "dp",
 ]
