@@ -79,11 +79,12 @@ Tensor batchIntoChannels(const Tensor& t, bdim_t bd, int64_t B) {
 }
 
 // Per-channel [B, C] or unbatched [C] -> [B*C]. Eval-mode batch norm saves empty statistics,
-// which stay as they are.
+// which stay as they are. Dense, because the CPU kernels read these as plain buffers: an
+// unbatched [C] expanded to [B, C] reshapes to a stride-0 view when C == 1.
 std::optional<Tensor> perChannelFlat(const std::optional<Tensor>& t, bdim_t bd, int64_t B) {
   if (!t || !t->defined()) return std::nullopt;
   if (!bd && t->numel() == 0) return t;
-  return materializeBdimFront(*t, bd, B).reshape({-1});
+  return materializeBdimFront(*t, bd, B).reshape({-1}).contiguous();
 }
 
 // [B*C] -> [B, C] at bdim 0; anything else (empty eval-mode statistics, undefined) unbatched.
