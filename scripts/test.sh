@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: set up everything needed, then the Python tests and the C++ tests.
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
+# The fuzzer's test dependency (test/test_fuzz.py), kept here so setup_env.sh stays as it is.
+python -c "import hypothesis" 2>/dev/null || pip install --quiet --disable-pip-version-check torch==2.13.0 hypothesis
 cmake --build build/cmake --target functorch_lite_cpptest -j "$(nproc)" >/dev/null
 # Both suites always run; the script fails if either does.
 status=0

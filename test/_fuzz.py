@@ -14,6 +14,7 @@ transforms through torch.autograd.grad with create_graph=True). Outcomes (see `r
   agree        both libraries return equal values (float64 tolerances)
   both_raise   both raise (exception types may differ: recorded, not a failure)
   ours_right   torch.func raises, or returns other values, and the referee agrees with us
+  known        a failure with a strict-xfail reproducer in test_fuzz_regressions.py (KNOWN)
   failure      anything else
 
 test/test_fuzz.py drives it with hypothesis (CI and long profiles); `python test/_fuzz.py N`
@@ -686,14 +687,45 @@ def _same(a, b):
     return None
 
 
+# Failures not fixed yet, each with its strict-xfail reproducer in test/test_fuzz_regressions.py:
+# a program whose failure matches one is counted as "known" instead of failing the fuzzer.
+KNOWN = {
+    "test_hessian_of_loss_without_forward_ad_backward":
+        r"we raise where torch.func returns: NotImplementedError: Trying to use forward AD with "
+        r"(huber|soft_margin)_loss_backward",
+    "test_vmap_jacrev_inplace_on_view_with_differentiated_operand":
+        r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::copy_ "
+        r"writes batched values in place into 'self'",
+    "test_vmap_jacfwd_index_put_into_fresh_clone":
+        r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::index_put_ "
+        r"writes batched values in place into 'self'",
+}
+
+
+def known(outcome):
+    """The regression test that covers this failure, or None."""
+    import re
+    for test, pattern in KNOWN.items():
+        if re.match(pattern, outcome.detail):
+            return test
+    return None
+
+
 @dataclass
 class Outcome:
-    kind: str                      # agree | both_raise | ours_right | failure
+    kind: str                      # agree | both_raise | ours_right | known | failure
     detail: str = ""
     types: tuple = ()              # (our exception type, torch.func's) when both raise
 
 
 def run_case(prog):
+    out = _run_case(prog)
+    if out.kind == "failure" and known(out):
+        return Outcome("known", out.detail)
+    return out
+
+
+def _run_case(prog):
     ok_ours, ours = _run(prog, OURS)
     if ft._C._stack_depth() != 0:
         return Outcome("failure", f"functorch_lite left {ft._C._stack_depth()} level(s) on the stack")
@@ -822,6 +854,7 @@ class Stats:
         self.type_mismatch = collections.Counter()
         self.ours_right = collections.Counter()
         self.failures = {}          # signature -> (program, outcome)
+        self.known = collections.Counter()
 
     def add(self, prog, out):
         self.counts[out.kind] += 1
@@ -829,6 +862,8 @@ class Stats:
             self.type_mismatch[out.types] += 1
         if out.kind == "ours_right":
             self.ours_right[out.detail[:120]] += 1
+        if out.kind == "known":
+            self.known[known(out)] += 1
         if out.kind == "failure":
             self.failures.setdefault(signature(prog, out), (prog, out))
 
@@ -836,12 +871,15 @@ class Stats:
         n = sum(self.counts.values())
         lines = [f"functorch_lite fuzzer: {n} programs run: {self.counts['agree']} agreed, "
                  f"{self.counts['both_raise']} both raised, {self.counts['ours_right']} "
-                 f"ours right where torch.func is wrong, {self.counts['failure']} failures "
+                 f"ours right where torch.func is wrong, {self.counts['known']} known failures "
+                 f"(strict xfails), {self.counts['failure']} failures "
                  f"({len(self.failures)} distinct)"]
         for (a, b), c in self.type_mismatch.most_common():
             lines.append(f"  both raised, exception types differ ({c}x): ours {a}, torch.func {b}")
         for d, c in self.ours_right.most_common():
             lines.append(f"  ours right ({c}x): {d}")
+        for test, c in self.known.most_common():
+            lines.append(f"  known failure ({c}x): test_fuzz_regressions.py::{test}")
         for sig, (prog, out) in self.failures.items():
             lines.append(f"  FAILURE {sig}\n    {prog}")
         return "\n".join(lines)

@@ -69,3 +69,75 @@ def test_vmap_batch_norm_one_channel_unbatched_weight_and_bias():
     ours = ft.vmap(f)(x)
     torch.testing.assert_close(ours, torch.func.vmap(f)(x))
     torch.testing.assert_close(ours, torch.stack([f(xi) for xi in x]))
+
+
+# ---- not fixed (strict xfails; each needs more than a batching rule)
+
+@pytest.mark.xfail(strict=True, raises=NotImplementedError, reason=(
+    "hessian/jacfwd(jacrev) of huber_loss and soft_margin_loss: forward AD of "
+    "huber_loss_backward / soft_margin_loss_backward is not implemented in torch, and we run "
+    "torch's forward AD on the backward op; torch.func decomposes these backward ops under its "
+    "vmap (torch/_functorch/predispatch.py) and returns the hessian"))
+@pytest.mark.parametrize("loss", ["huber", "soft_margin"])
+def test_hessian_of_loss_without_forward_ad_backward(loss):
+    # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('huber', 0),), layers=(('hessian', 0),))
+    x, y = torch.randn(3, **D), torch.randn(3, **D)
+    if loss == "huber":
+        def f(x):
+            return F.huber_loss(x, y, delta=0.5)
+    else:
+        def f(x):
+            return F.soft_margin_loss(x, y.sign())
+    expected = torch.func.hessian(f)(x)
+    # The referee: double backward, one row at a time.
+    xr = x.detach().requires_grad_()
+    g = torch.autograd.grad(f(xr), xr, create_graph=True)[0]
+    rows = [torch.autograd.grad(g[k], xr, retain_graph=True, allow_unused=True)[0]
+            for k in range(3)]
+    rows = [torch.zeros_like(x) if r is None else r for r in rows]
+    torch.testing.assert_close(expected, torch.stack(rows))
+    torch.testing.assert_close(ft.hessian(f)(x), expected)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "vmap(jacrev(f)) where f writes in place into a view (z[0].mul_(y[0])) with a "
+    "differentiated operand: the backward of the in-place view update (torch's CopySlices) "
+    "copies a gradient batched at the outer vmap level into a buffer batched only at jacrev's "
+    "level, and our copy_ rule refuses ('writes batched values in place into self, which is "
+    "not batched'); torch.func and the for-loop over jacrev return the per-sample jacobian"))
+def test_vmap_jacrev_inplace_on_view_with_differentiated_operand():
+    # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('addcdiv', 0), ('inplace_view', 0)),
+    #                 layers=(('vmap', 0, -1, 0, None, 2), ('hessian', 1)))
+    y = torch.randn(2, 3, **D)
+
+    def f(y):
+        z = y.clone()
+        z[0].mul_(y[0])
+        return z.sum()
+
+    expected = torch.func.vmap(torch.func.jacrev(f))(y)
+    torch.testing.assert_close(expected, torch.stack([torch.func.jacrev(f)(yi) for yi in y]))
+    torch.testing.assert_close(ft.vmap(ft.jacrev(f))(y), expected)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "vmap(jacfwd(f)) where f does z = x.clone(); z[idx] = y (index_put_) and y is the "
+    "differentiated input: z has no tangent, torch's forward AD makes a zeros tangent for it "
+    "and index_put_s y's tangent (batched at jacfwd's vmap level) into it, which our "
+    "index_put_ rule refuses as an in-place write of batched values into an unbatched tensor; "
+    "torch.func and the for-loop return the jacobian"))
+def test_vmap_jacfwd_index_put_into_fresh_clone():
+    # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('setitem_adv', 0),),
+    #                 layers=(('vmap', 0, 0, 0, None, 2), ('jacfwd', 1)))
+    x, y = torch.randn(2, 2, 1, **D), torch.randn(2, 1, 1, **D)
+    i = torch.tensor([0])
+
+    def f(x, y):
+        z = x.clone()
+        z[i] = y
+        return z
+
+    expected = torch.func.vmap(torch.func.jacfwd(f, argnums=1))(x, y)
+    torch.testing.assert_close(
+        expected, torch.stack([torch.func.jacfwd(f, argnums=1)(a, b) for a, b in zip(x, y)]))
+    torch.testing.assert_close(ft.vmap(ft.jacfwd(f, argnums=1))(x, y), expected)
