@@ -141,3 +141,57 @@ def test_vmap_jacfwd_index_put_into_fresh_clone():
     torch.testing.assert_close(
         expected, torch.stack([torch.func.jacfwd(f, argnums=1)(a, b) for a, b in zip(x, y)]))
     torch.testing.assert_close(ft.vmap(ft.jacfwd(f, argnums=1))(x, y), expected)
+
+
+_HESSIAN_OF_INDEXING_XFAIL = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "Same root cause as test_vmap_jacfwd_index_put_into_fresh_clone, reached through the "
+    "backward of indexing: per-sample hessians (vmap(hessian)) of index_select and x[idx] "
+    "raise 'aten::index_put_ writes batched values in place into self, which is not batched' "
+    "(their backward writes into a fresh zeros tensor, whose forward-AD tangent is not batched "
+    "at jacfwd's vmap level); torch.func and the for-loop return the hessians"))
+
+
+@pytest.mark.parametrize("op", [
+    pytest.param("index_select", marks=_HESSIAN_OF_INDEXING_XFAIL),
+    pytest.param("advanced_index", marks=_HESSIAN_OF_INDEXING_XFAIL),
+    "embedding",
+    "gather",
+])
+def test_vmap_hessian_of_indexing(op):
+    # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('index_select', 0),),
+    #                 layers=(('vmap', 0, None, 0, None, 2), ('hessian', 0), ('vjp',)))
+    x = torch.randn(2, 3, 2, **D)
+    i = torch.tensor([0, 2, 2])
+
+    def f(x):
+        if op == "index_select":
+            return x.index_select(0, i).cos().sum()
+        if op == "advanced_index":
+            return x[i].cos().sum()
+        if op == "gather":
+            return x.gather(0, i[:2].reshape(2, 1).expand(2, 2)).cos().sum()
+        return F.embedding(i, x).cos().sum()
+
+    expected = torch.func.vmap(torch.func.hessian(f))(x)
+    torch.testing.assert_close(expected, torch.stack([torch.func.hessian(f)(xi) for xi in x]))
+    torch.testing.assert_close(ft.vmap(ft.hessian(f))(x), expected)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "jvp of hessian(hessian(f)) (fourth order, forward over reverse four times) of an "
+    "rms-norm followed by abs raises 'more than one element of the written-to tensor refers "
+    "to a single memory location' (an in-place write into an expanded tensor somewhere in "
+    "the nested derivative formulas); torch.func returns the values, and jacfwd(jacfwd("
+    "hessian(f))) works in both"))
+def test_jvp_of_hessian_of_hessian_rms_abs():
+    # fuzzer: Program(x_shape=(2,), y_shape=(1,), ops=(('rms_norm', 0), ('abs', 0)),
+    #                 layers=(('jvp',), ('hessian', 0), ('hessian', 0)))
+    x = torch.randn(2, **D)
+
+    def f(x):
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).abs().sum()
+
+    _, expected = torch.func.jvp(torch.func.hessian(torch.func.hessian(f)), (x,), (x,))
+    via_jacfwd = torch.func.jacfwd(torch.func.hessian(torch.func.hessian(f)))(x) @ x
+    torch.testing.assert_close(expected, via_jacfwd)
+    torch.testing.assert_close(ft.jvp(ft.hessian(ft.hessian(f)), (x,), (x,))[1], expected)
