@@ -25,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import _fuzz  # noqa: E402
 
-CI_EXAMPLES = 300
+CI_EXAMPLES = 1500
 LONG = int(os.environ.get("FUNCTORCH_LITE_FUZZ_EXAMPLES", "0"))
 SEED = int(os.environ.get("FUNCTORCH_LITE_FUZZ_SEED", "0"))
 
