@@ -919,6 +919,7 @@ class Stats:
         self.ours_right = collections.Counter()
         self.failures = {}          # signature -> (program, outcome)
         self.known = collections.Counter()
+        self.ours_right_example = {}
 
     def add(self, prog, out):
         self.counts[out.kind] += 1
@@ -926,6 +927,7 @@ class Stats:
             self.type_mismatch[out.types] += 1
         if out.kind == "ours_right":
             self.ours_right[out.detail[:120]] += 1
+            self.ours_right_example.setdefault(out.detail[:120], prog)
         if out.kind == "known":
             self.known[known(out)] += 1
         if out.kind == "failure":
@@ -941,7 +943,7 @@ class Stats:
         for (a, b), c in self.type_mismatch.most_common():
             lines.append(f"  both raised, exception types differ ({c}x): ours {a}, torch.func {b}")
         for d, c in self.ours_right.most_common():
-            lines.append(f"  ours right ({c}x): {d}")
+            lines.append(f"  ours right ({c}x): {d}\n    e.g. {self.ours_right_example[d]}")
         for test, c in self.known.most_common():
             lines.append(f"  known failure ({c}x): test_fuzz_regressions.py::{test}")
         for sig, (prog, out) in self.failures.items():

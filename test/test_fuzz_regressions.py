@@ -195,3 +195,31 @@ def test_jvp_of_hessian_of_hessian_rms_abs():
     via_jacfwd = torch.func.jacfwd(torch.func.hessian(torch.func.hessian(f)))(x) @ x
     torch.testing.assert_close(expected, via_jacfwd)
     torch.testing.assert_close(ft.jvp(ft.hessian(ft.hessian(f)), (x,), (x,))[1], expected)
+
+
+# ---- where torch.func is wrong (the fuzzer counts these as "ours right"): against the for-loop
+
+def test_vmap_negative_out_dims_of_an_unbatched_output():
+    # torch.func 2.13 returns a tensor of shape [34359738369, 3] here (the negative out_dim is
+    # not wrapped for an output that does not depend on the mapped input).
+    x, y = torch.randn(3, **D), torch.randn(2, **D)
+
+    def f(x, y):
+        return x * 2
+
+    ours = ft.vmap(f, in_dims=(None, 0), out_dims=-1)(x, y)
+    torch.testing.assert_close(ours, torch.stack([f(x, yi) for yi in y], -1))
+
+
+def test_jacrev_of_vmap_negative_dims_with_unbatched_output():
+    # torch.func 2.13 raises "Storage size calculation overflowed" (same cause as above).
+    x, y = torch.randn(2, 3, **D), torch.randn(3, 3, **D)
+
+    def f(x, y):
+        return x.abs().rsqrt()
+
+    def looped(x):
+        return torch.stack([f(x, y.select(-1, i)) for i in range(3)], -1)
+
+    ours = ft.jacrev(ft.vmap(f, in_dims=(None, -1), out_dims=-1))(x, y)
+    torch.testing.assert_close(ours, torch.func.jacrev(looped)(x))
