@@ -857,14 +857,14 @@ def _candidates(prog):
         yield replace(prog, seed=0)
 
 
-def shrink(prog, outcome):
+def shrink(prog, outcome, timeout_s=60):
     """Greedy shrinking that keeps the failure's signature."""
     sig = signature(prog, outcome)
     improved = True
     while improved:
         improved = False
         for cand in _candidates(prog):
-            out = run_case(cand)
+            out = run_case_limited(cand, timeout_s)
             if out.kind == "failure" and signature(cand, out) == sig:
                 prog, outcome, improved = cand, out, True
                 break
@@ -951,17 +951,39 @@ class Stats:
         return "\n".join(lines)
 
 
-def main(n, seed=0, do_shrink=True):
+class _Timeout(Exception):
+    pass
+
+
+def run_case_limited(prog, timeout_s):
+    """run_case, reported as a failure when it takes longer than timeout_s (main thread only)."""
+    import signal
+
+    def alarm(*_):
+        raise _Timeout()
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(timeout_s)
+    try:
+        return run_case(prog)
+    except _Timeout:
+        return Outcome("failure", f"the program took longer than {timeout_s} s (levels left "
+                       f"on the stack after the interrupt: {ft._C._stack_depth()})")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def main(n, seed=0, do_shrink=True, timeout_s=60):
     ft.set_vmap_fallback("quiet")
     rng = random.Random(seed)
     stats = Stats()
     for i in range(n):
         prog = make_program(rng.randint, lambda: rng.choice(OP_NAMES))
-        stats.add(prog, run_case(prog))
+        stats.add(prog, run_case_limited(prog, timeout_s))
     print(stats.summary())
     if do_shrink:
         for sig, (prog, out) in stats.failures.items():
-            small, sout = shrink(prog, out)
+            small, sout = shrink(prog, out, timeout_s)
             print(f"\nSHRUNK {sig}\n  {small}\n  {sout.detail[:600]}")
     return stats
 
