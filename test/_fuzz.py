@@ -779,6 +779,11 @@ def run_case(prog):
     return out
 
 
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"
+
+
 def _referee(prog, ours):
     """The first referee that runs and agrees with us, else the last one's result."""
     result = None
@@ -808,11 +813,11 @@ def _run_case(prog):
         ok_ref, ref = _referee(prog, ours)
         if ok_ref and _same(ours, ref) is None:
             return Outcome("ours_right", f"torch.func raises {type(theirs).__name__}: "
-                           + str(theirs).splitlines()[0][:200])
+                           + _first_line(theirs))
         why = ("the referees raise " + type(ref).__name__ if not ok_ref
                else "the referees' values differ from ours")
         return Outcome("failure", f"torch.func raises {type(theirs).__name__}: "
-                       f"{str(theirs).splitlines()[0][:200]}; we return values; {why}")
+                       f"{_first_line(theirs)}; we return values; {why}")
     tb = "".join(traceback.format_exception_only(type(ours), ours)).strip()
     return Outcome("failure", "we raise where torch.func returns: " + tb[:400])
 
