@@ -223,3 +223,26 @@ def test_jacrev_of_vmap_negative_dims_with_unbatched_output():
 
     ours = ft.jacrev(ft.vmap(f, in_dims=(None, -1), out_dims=-1))(x, y)
     torch.testing.assert_close(ours, torch.func.jacrev(looped)(x))
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "vmap(..., chunk_size=1) of an in-place write of a value batched at that level into a "
+    "tensor that is not (x.clone().add_(y) with x unbatched there): we refuse ('aten::add_ "
+    "writes batched values in place into self, which is not batched') whatever the chunk size; "
+    "torch.func refuses too without chunk_size, but with chunk_size=1 each chunk has batch size "
+    "1, its check passes, and it returns the for-loop's values. Arguably an accident of "
+    "torch.func; kept as a known difference"))
+def test_vmap_chunk_size_1_inplace_into_unbatched():
+    # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('clone_add_', 0),),
+    #                 layers=(('vmap', 0, None, 0, None, 2), ('vmap', None, 1, 0, 1, 2)))
+    x, y = torch.randn(2, 1, **D), torch.randn(1, 2, **D)
+
+    def f(x, y):
+        return x.clone().add_(y)
+
+    expected = torch.func.vmap(torch.func.vmap(f, in_dims=(None, 1), chunk_size=1),
+                               in_dims=(0, None))(x, y)
+    looped = torch.stack([torch.stack([f(x[i], y[:, j]) for j in range(2)]) for i in range(2)])
+    torch.testing.assert_close(expected, looped)
+    ours = ft.vmap(ft.vmap(f, in_dims=(None, 1), chunk_size=1), in_dims=(0, None))(x, y)
+    torch.testing.assert_close(ours, expected)
