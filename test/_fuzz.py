@@ -479,7 +479,8 @@ class Program:
     x_shape: tuple           # per-sample shape of x (innermost)
     y_shape: tuple           # per-sample shape of y
     ops: tuple               # ((name, param), ...)
-    layers: tuple            # outermost first: ("vmap", dx, dy, out_dims, chunk, B) | ("grad", argnums) ...
+    # outermost first: ("vmap", dx, dy, out_dims, chunk, B), ("grad", argnums), ("vjp",), ...
+    layers: tuple
     seed: int = 0
 
     def input_shapes(self):
@@ -505,7 +506,7 @@ class Program:
 
 
 def chain(ops):
-    """The program's innermost function: the op chain, kept at rank 1-4 and <= MAX_NUMEL elements."""
+    """The program's innermost function: the op chain, at rank 1-4 and <= MAX_NUMEL elements."""
     def f(x, y):
         for name, p in ops:
             x = CATALOGUE[name](x, y, p)
@@ -544,7 +545,8 @@ class FuncTransforms:
             _, dx, dy, od, chunk, _ = layer
             return T.vmap(g, in_dims=(dx, dy), out_dims=od, chunk_size=chunk, randomness="error")
         if kind == "grad":
-            return lambda x, y: _tuple(T.grad(lambda a, b: _scalar(g(a, b)), argnums=layer[1])(x, y))
+            return lambda x, y: _tuple(
+                T.grad(lambda a, b: _scalar(g(a, b)), argnums=layer[1])(x, y))
         if kind == "vjp":
             def h(x, y):
                 out, fn = T.vjp(g, x, y)
@@ -808,7 +810,8 @@ def _referee(prog, ours):
 def _run_case(prog):
     ok_ours, ours = _run(prog, OURS)
     if ft._C._stack_depth() != 0:
-        return Outcome("failure", f"functorch_lite left {ft._C._stack_depth()} level(s) on the stack")
+        return Outcome("failure",
+                       f"functorch_lite left {ft._C._stack_depth()} level(s) on the stack")
     ok_theirs, theirs = _run(prog, THEIRS)
     if not ok_ours and not ok_theirs:
         return Outcome("both_raise", types=(type(ours).__name__, type(theirs).__name__))
