@@ -5,6 +5,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 # imported by the package. Pinned together with torch so it cannot upgrade torch.
 python -c "import opacus" 2>/dev/null ||
   pip install --quiet --disable-pip-version-check torch==2.13.0 opacus==1.6.0
+# The fuzzer's test dependency (test/test_fuzz.py), kept here so setup_env.sh stays as it is.
+python -c "import hypothesis" 2>/dev/null || pip install --quiet --disable-pip-version-check torch==2.13.0 hypothesis
 cmake --build build/cmake --target functorch_lite_cpptest -j "$(nproc)" >/dev/null
 # Both suites always run; the script fails if either does.
 status=0
