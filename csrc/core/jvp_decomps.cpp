@@ -34,11 +34,22 @@ void huberLossBackward(Stack* stack) {
   torch::jit::push(*stack, clipped.mul(scaled).to(self.scalar_type()));
 }
 
+// soft_margin_loss_backward(grad_output, self, target, reduction): the loss is
+// log(1 + exp(-y x)), whose derivative in x is -y * sigmoid(-y x).
+void softMarginLossBackward(Stack* stack) {
+  auto a = torch::jit::pop(*stack, 4);
+  const Tensor g = a[0].toTensor(), self = a[1].toTensor(), target = a[2].toTensor();
+  const Tensor scaled = g.mul(reductionScale(self, a[3].toInt()));
+  const Tensor grad = target.neg().mul(at::sigmoid(target.neg().mul(self))).mul(scaled);
+  torch::jit::push(*stack, grad.to(self.scalar_type()));
+}
+
 using Decomposition = void (*)(Stack*);
 
 const std::unordered_map<std::string, Decomposition>& decompositions() {
   static const std::unordered_map<std::string, Decomposition> table = {
       {"aten::huber_loss_backward", &huberLossBackward},
+      {"aten::soft_margin_loss_backward", &softMarginLossBackward},
   };
   return table;
 }
