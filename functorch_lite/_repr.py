@@ -23,6 +23,10 @@ _torch_is_conj = torch.Tensor.is_conj
 _torch_is_neg = torch.Tensor.is_neg
 _torch_resolve_conj = torch.Tensor.resolve_conj
 _torch_resolve_neg = torch.Tensor.resolve_neg
+_torch_fn_is_conj = torch.is_conj
+_torch_fn_is_neg = torch.is_neg
+_torch_fn_resolve_conj = torch.resolve_conj
+_torch_fn_resolve_neg = torch.resolve_neg
 
 _BATCHED_VALUE_ERROR = (
     "functorch_lite.vmap: {what} was called on a batched tensor. A batched tensor holds one "
@@ -179,6 +183,18 @@ def _resolve_neg(self):
     return self * 1
 
 
+def _fn(method, torch_fn):
+    """The torch.* function form of a patched method: same answer on our wrappers."""
+    def fn(input):
+        if isinstance(input, torch.Tensor) and _C._wrapper_info(input) is not None:
+            return method(input)
+        return torch_fn(input)
+
+    fn.__name__ = torch_fn.__name__
+    fn.__doc__ = torch_fn.__doc__
+    return fn
+
+
 def install():
     if torch.Tensor.__repr__ is not _repr:
         torch.Tensor.__repr__ = _repr
@@ -193,3 +209,7 @@ def install():
         torch.Tensor.is_neg = _is_neg
         torch.Tensor.resolve_conj = _resolve_conj
         torch.Tensor.resolve_neg = _resolve_neg
+        torch.is_conj = _fn(_is_conj, _torch_fn_is_conj)
+        torch.is_neg = _fn(_is_neg, _torch_fn_is_neg)
+        torch.resolve_conj = _fn(_resolve_conj, _torch_fn_resolve_conj)
+        torch.resolve_neg = _fn(_resolve_neg, _torch_fn_resolve_neg)

@@ -531,7 +531,8 @@ def test_conj_bit_inside_transforms(case):
         def f(r):
             c = r.conj()
             seen.setdefault(name, []).append((c.is_conj(), r.is_conj(), c.resolve_conj().is_conj(),
-                                              c.conj().is_conj()))
+                                              c.conj().is_conj(), torch.is_conj(c),
+                                              torch.is_conj(torch.resolve_conj(c))))
             return c.resolve_conj() * r
         return f
 
@@ -539,7 +540,7 @@ def test_conj_bit_inside_transforms(case):
     want = CONJ_CASES[case](tf, record("tf"), x)
     torch.testing.assert_close(got, want)
     assert seen["ft"] == seen["tf"]
-    assert seen["ft"][0] == (True, False, False, False)
+    assert seen["ft"][0] == (True, False, False, False, True, False)
 
 
 # ------------------------------------------------------------------------------------------------
