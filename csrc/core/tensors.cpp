@@ -69,7 +69,8 @@ c10::intrusive_ptr<c10::TensorImpl> BatchedTensorImpl::shallow_copy_and_detach(
 
 void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
   auto* other = dynamic_cast<BatchedTensorImpl*>(impl.get());
-  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a BatchedTensor (did you assign `.data` across a vmap boundary?)");
+  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a BatchedTensor "
+              "(did you assign `.data` across a vmap boundary?)");
   value_ = other->value_;
   bdim_ = other->bdim_;
   level_ = other->level_;
@@ -115,7 +116,8 @@ c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
 
 void GradWrapperImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
   auto* other = dynamic_cast<GradWrapperImpl*>(impl.get());
-  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a grad-level tensor (did you assign `.data` across a transform boundary?)");
+  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a grad-level tensor "
+              "(did you assign `.data` across a transform boundary?)");
   value_ = other->value_;
   level_ = other->level_;
   alive_ = other->alive_;

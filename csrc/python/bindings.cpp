@@ -127,6 +127,13 @@ PYBIND11_MODULE(_C, m) {
     const Level* top = levelStack().top();
     return top ? top->id : int64_t{0};
   }));
+  // How many visible levels differentiate (grad and jvp levels).
+  m.def("_num_differentiating_levels", torch::wrap_pybind_function([] {
+    const auto& s = levelStack();
+    int64_t n = 0;
+    for (size_t i = 0; i < s.depth(); ++i) n += s.at(i).kind != LevelKind::Vmap;
+    return n;
+  }));
   // 1-based nesting depth of a live level (0 if it is not on the visible stack): reprs print it,
   // as torch.func prints its levels, instead of the process-wide id.
   m.def("_level_depth", torch::wrap_pybind_function([](int64_t id) -> int64_t {

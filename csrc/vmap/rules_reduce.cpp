@@ -264,8 +264,37 @@ struct WholeBatchTruth {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerFamily<ReduceDims, at::_ops::sum_dim_IntList, at::_ops::mean_dim, at::_ops::amax, at::_ops::amin, at::_ops::logsumexp, at::_ops::var_correction, at::_ops::std_correction, at::_ops::all_dims, at::_ops::any_dims, at::_ops::nansum, at::_ops::var_mean_correction, at::_ops::std_mean_correction, at::_ops::count_nonzero_dim_IntList>(m);
-  registerFamily<ReduceDim, at::_ops::prod_dim_int, at::_ops::max_dim, at::_ops::min_dim, at::_ops::all_dim, at::_ops::any_dim, at::_ops::cumsum, at::_ops::cumprod, at::_ops::logcumsumexp, at::_ops::_softmax, at::_ops::_log_softmax, at::_ops::cummax, at::_ops::cummin, at::_ops::median_dim, at::_ops::nanmedian_dim, at::_ops::mode, at::_ops::_safe_softmax>(m);
+  registerFamily<ReduceDims,
+      at::_ops::sum_dim_IntList,
+      at::_ops::mean_dim,
+      at::_ops::amax,
+      at::_ops::amin,
+      at::_ops::logsumexp,
+      at::_ops::var_correction,
+      at::_ops::std_correction,
+      at::_ops::all_dims,
+      at::_ops::any_dims,
+      at::_ops::nansum,
+      at::_ops::var_mean_correction,
+      at::_ops::std_mean_correction,
+      at::_ops::count_nonzero_dim_IntList>(m);
+  registerFamily<ReduceDim,
+      at::_ops::prod_dim_int,
+      at::_ops::max_dim,
+      at::_ops::min_dim,
+      at::_ops::all_dim,
+      at::_ops::any_dim,
+      at::_ops::cumsum,
+      at::_ops::cumprod,
+      at::_ops::logcumsumexp,
+      at::_ops::_softmax,
+      at::_ops::_log_softmax,
+      at::_ops::cummax,
+      at::_ops::cummin,
+      at::_ops::median_dim,
+      at::_ops::nanmedian_dim,
+      at::_ops::mode,
+      at::_ops::_safe_softmax>(m);
   // glu_backward(grad, self, dim) has the same shape: a dim shifted past both batch dims.
   registerFamily<BinaryDim, at::_ops::_softmax_backward_data, at::_ops::_log_softmax_backward_data, at::_ops::glu_backward>(m);
   registerFamily<NormDims, at::_ops::linalg_vector_norm, at::_ops::norm_ScalarOpt_dim, at::_ops::norm_ScalarOpt_dim_dtype>(m);

@@ -575,7 +575,26 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::channel_shuffle, &channelShuffleRule>(m);
   registerFamily<PixelShuffleLike, at::_ops::pixel_shuffle, at::_ops::pixel_unshuffle>(m);
   // view_copy is reshape-then-copy when the element cannot be viewed (torch does the same).
-  registerCopies<CopyOf<at::_ops::view_copy, &reshapeRule>, CopyOf<at::_ops::unsqueeze_copy, &unsqueezeRule>, CopyOf<at::_ops::squeeze_copy, &squeezeAllRule>, CopyOf<at::_ops::squeeze_copy_dim, &squeezeDimRule>, CopyOf<at::_ops::squeeze_copy_dims, &squeezeDimsRule>, CopyOf<at::_ops::transpose_copy_int, &transposeRule>, CopyOf<at::_ops::t_copy, &tRule>, CopyOf<at::_ops::permute_copy, &permuteRule>, CopyOf<at::_ops::expand_copy, &expandRule>, CopyOf<at::_ops::alias_copy, &identityRule>, CopyOf<at::_ops::detach_copy, &identityRule>, CopyOf<at::_ops::narrow_copy, &narrowRule>, CopyOf<at::_ops::unbind_copy_int, &unbindRule>, CopyOf<at::_ops::split_copy_Tensor, &splitRule>, CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule>, CopyOf<at::_ops::unfold_copy, &unfoldRule>, CopyOf<at::_ops::diagonal_copy, &diagonalRule>, CopyOf<at::_ops::select_copy_int, &selectRule>, CopyOf<at::_ops::slice_copy_Tensor, &sliceRule>>(m);
+  registerCopies<
+      CopyOf<at::_ops::view_copy, &reshapeRule>,
+      CopyOf<at::_ops::unsqueeze_copy, &unsqueezeRule>,
+      CopyOf<at::_ops::squeeze_copy, &squeezeAllRule>,
+      CopyOf<at::_ops::squeeze_copy_dim, &squeezeDimRule>,
+      CopyOf<at::_ops::squeeze_copy_dims, &squeezeDimsRule>,
+      CopyOf<at::_ops::transpose_copy_int, &transposeRule>,
+      CopyOf<at::_ops::t_copy, &tRule>,
+      CopyOf<at::_ops::permute_copy, &permuteRule>,
+      CopyOf<at::_ops::expand_copy, &expandRule>,
+      CopyOf<at::_ops::alias_copy, &identityRule>,
+      CopyOf<at::_ops::detach_copy, &identityRule>,
+      CopyOf<at::_ops::narrow_copy, &narrowRule>,
+      CopyOf<at::_ops::unbind_copy_int, &unbindRule>,
+      CopyOf<at::_ops::split_copy_Tensor, &splitRule>,
+      CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule>,
+      CopyOf<at::_ops::unfold_copy, &unfoldRule>,
+      CopyOf<at::_ops::diagonal_copy, &diagonalRule>,
+      CopyOf<at::_ops::select_copy_int, &selectRule>,
+      CopyOf<at::_ops::slice_copy_Tensor, &sliceRule>>(m);
   m.impl("cat", TORCH_FN(catKernel));
   m.impl("stack", TORCH_FN(stackKernel));
 }
