@@ -61,16 +61,11 @@ def _apply(cls, *args, **kwargs):
     return _function_apply(cls, *args, **kwargs)
 
 
-def _differentiating_levels():
-    stack = _C._describe_stack()
-    return stack.count("grad(") + stack.count("jvp(")
-
-
 def _guard_pack(pack_hook, recomputes):
     def pack(t):
         if not _is_ours(t):
             return pack_hook(t)
-        if recomputes and _differentiating_levels() > 1:
+        if recomputes and _C._num_differentiating_levels() > 1:
             raise RuntimeError(
                 "functorch_lite: torch.utils.checkpoint inside two or more nested grad/jvp "
                 "transforms (e.g. grad of grad, hessian) is not supported: its recomputation "

@@ -177,16 +177,18 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     return (*out, aux) if has_aux else out
 
 
-def _own_args(args):
-    """args, their tensors wrapped at the vjp/jvp level the function now runs in.
+def _own_args(args, idx, diff):
+    """args with the differentiated ones (at idx) replaced by diff, and the others' tensors
+    wrapped at the vjp/jvp level the function now runs in.
 
     As in torch.func, every argument of a jacrev/jacfwd'd function belongs to the transform, not
     only the differentiated ones: writing into a non-differentiated argument in place (an output
     buffer, say) is then allowed, where a captured tensor would be refused.
     """
     level = _C._top_level_id()
-    return [tree_map(lambda x: _C._wrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x, a)
-            for a in args]
+    own = [tree_map(lambda x: _C._wrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x, a)
+           if i not in idx else a for i, a in enumerate(args)]
+    return _replace_args(own, idx, diff)
 
 
 def _replace_args(args, idx, values):
@@ -301,7 +303,7 @@ def _jacrev(func, argnums, has_aux, chunk_size, api, name):
         idx = _normalize_argnums(argnums, len(args), api)
 
         def f_diff(*diff):
-            return checked_func(*_replace_args(_own_args(args), idx, diff))
+            return checked_func(*_own_args(args, idx, diff))
 
         flat_primals, primals_spec = tree_flatten(tuple(args[i] for i in idx))
         _check_diff_args(args, idx, api, name, argnums, forward=False)
@@ -369,7 +371,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
 
         def push_jvp(tangents):
             def f_diff(*diff):
-                return checked_func(*_replace_args(_own_args(args), idx, diff))
+                return checked_func(*_own_args(args, idx, diff))
 
             out = jvp(f_diff, primals, tangents, has_aux=has_aux)
             return (out[1], out[2]) if has_aux else out[1]

@@ -155,32 +155,30 @@ def _innermost(self):
     return self
 
 
-def _is_conj(self):
-    # The conjugate and negative bits live on the plain tensor under our wrappers (its kernels
-    # honour them); the wrappers themselves carry no such key, so ask the plain tensor.
-    if _C._wrapper_info(self) is None:
-        return _torch_is_conj(self)
-    return _torch_is_conj(_innermost(self))
+def _bit_query(torch_query):
+    """is_conj/is_neg: the conjugate and negative bits live on the plain tensor under our
+    wrappers (its kernels honour them); the wrappers carry no such key, so ask the plain tensor."""
+    def query(self):
+        return torch_query(_innermost(self))
+
+    return query
 
 
-def _is_neg(self):
-    if _C._wrapper_info(self) is None:
-        return _torch_is_neg(self)
-    return _torch_is_neg(_innermost(self))
+def _bit_resolver(torch_resolve, query):
+    """resolve_conj/resolve_neg: torch's asks the wrapper, which has no such key, and returns it
+    as it is; an arithmetic no-op materialises the bit of the plain tensor underneath instead."""
+    def resolve(self):
+        if _C._wrapper_info(self) is None or not query(self):
+            return torch_resolve(self)
+        return self * 1
+
+    return resolve
 
 
-def _resolve_conj(self):
-    # torch's resolve_conj asks the wrapper, which has no conjugate key, and returns it as it is;
-    # an arithmetic no-op materialises the conjugation of the plain tensor underneath instead.
-    if _C._wrapper_info(self) is None or not _is_conj(self):
-        return _torch_resolve_conj(self)
-    return self * 1
-
-
-def _resolve_neg(self):
-    if _C._wrapper_info(self) is None or not _is_neg(self):
-        return _torch_resolve_neg(self)
-    return self * 1
+_is_conj = _bit_query(_torch_is_conj)
+_is_neg = _bit_query(_torch_is_neg)
+_resolve_conj = _bit_resolver(_torch_resolve_conj, _is_conj)
+_resolve_neg = _bit_resolver(_torch_resolve_neg, _is_neg)
 
 
 def _fn(method, torch_fn):
