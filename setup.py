@@ -4,6 +4,7 @@ There is exactly one build: CMakeLists.txt. This file only drives it (configure 
 for incremental rebuilds) and copies the extension module into place, so `pip install
 --no-build-isolation [-e] .` and a plain `cmake` build can never drift apart.
 """
+
 import os
 import shutil
 import subprocess
@@ -32,8 +33,10 @@ class CMakeBuild(build_ext):
         try:
             import torch  # noqa: F401
         except ImportError:
-            sys.exit("functorch_lite builds against an installed torch: `pip install torch` first, "
-                     "then `pip install --no-build-isolation .`")
+            sys.exit(
+                "functorch_lite builds against an installed torch: `pip install torch` first, "
+                "then `pip install --no-build-isolation .`"
+            )
         import torch.utils
 
         build_dir = os.environ.get("FUNCTORCH_LITE_BUILD_DIR", os.path.join(ROOT, "build", "cmake"))
@@ -43,14 +46,19 @@ class CMakeBuild(build_ext):
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
         cache = os.path.join(build_dir, "CMakeCache.txt")
         if not os.path.exists(cache):
-            cfg = [cmake, ROOT, *generator,
-                   f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-                   f"-DPython3_EXECUTABLE={sys.executable}",
-                   f"-DCMAKE_BUILD_TYPE={build_type}"]
+            cfg = [
+                cmake,
+                ROOT,
+                *generator,
+                f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+                f"-DPython3_EXECUTABLE={sys.executable}",
+                f"-DCMAKE_BUILD_TYPE={build_type}",
+            ]
             subprocess.check_call(cfg, cwd=build_dir)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
-        subprocess.check_call([cmake, "--build", ".", "--target", "functorch_lite_C", "-j", jobs],
-                              cwd=build_dir)
+        subprocess.check_call(
+            [cmake, "--build", ".", "--target", "functorch_lite_C", "-j", jobs], cwd=build_dir
+        )
         built = os.path.join(build_dir, "functorch_lite", os.path.basename(self.get_ext_filename(ext.name)))
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -71,6 +79,9 @@ setup(
         "dp": ["dp-accounting>=0.4"],
         # the main job, examples/demo.py
         "demo": ["dp-accounting>=0.4", "scikit-learn", "tqdm", "matplotlib"],
+        # development: tests (hypothesis for the fuzzer, Opacus as an oracle only) and the
+        # formatters that scripts/format.sh applies and scripts/lint.sh checks (pinned)
+        "dev": ["pytest", "expecttest", "hypothesis", "opacus==1.6.0", "ruff==0.17.6", "clang-format==23.1.5"],
     },
     zip_safe=False,
 )

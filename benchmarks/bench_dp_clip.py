@@ -16,6 +16,7 @@ rounds; ratio = median over rounds of row / non-private in the same round.
 With --markdown the table replaces the text between <!-- bench_dp_clip:begin --> and
 <!-- bench_dp_clip:end --> in that file.
 """
+
 import argparse
 import os
 import platform
@@ -47,20 +48,44 @@ def mlp():
 
 
 def cnn():
-    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
-    return ("CNN 28x28 (2 conv + 2 linear), B=256", model, torch.randn(256, 1, 28, 28),
-            torch.randint(0, 10, (256,)), _ce)
+    model = nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
+    return (
+        "CNN 28x28 (2 conv + 2 linear), B=256",
+        model,
+        torch.randn(256, 1, 28, 28),
+        torch.randint(0, 10, (256,)),
+        _ce,
+    )
 
 
 def transformer():
-    layer = lambda: nn.TransformerEncoderLayer(128, 4, dropout=0.0, batch_first=True,  # noqa: E731
-                                               norm_first=True)
+    layer = lambda: nn.TransformerEncoderLayer(
+        128,
+        4,
+        dropout=0.0,
+        batch_first=True,  # noqa: E731
+        norm_first=True,
+    )
     model = nn.Sequential(nn.Embedding(1000, 128), layer(), layer(), nn.Linear(128, 1000))
     ids = torch.randint(0, 1000, (64, 64))
-    return ("transformer (emb 1000x128, 2 pre-LN blocks, 4 heads, ff 2048, seq 64), B=64", model,
-            ids, torch.randint(0, 1000, (64, 64)), _token_ce)
+    return (
+        "transformer (emb 1000x128, 2 pre-LN blocks, 4 heads, ff 2048, seq 64), B=64",
+        model,
+        ids,
+        torch.randint(0, 1000, (64, 64)),
+        _token_ce,
+    )
 
 
 MODELS = {"mlp": mlp, "cnn": cnn, "transformer": transformer}
@@ -95,12 +120,15 @@ def rows(model, x, y, loss_fn, opacus=True):
 
     ft_clipped = ft.dp.clipped_grad(ft_one, max_norm=MAX_NORM, batch_argnums=(1, 2))
 
-    out = {"non-private fwd+bwd": non_private, "torch.func vmap(grad)+clip": torch_func,
-           "ft.dp.clipped_grad": lambda: ft_clipped(detached, x, y)}
+    out = {
+        "non-private fwd+bwd": non_private,
+        "torch.func vmap(grad)+clip": torch_func,
+        "ft.dp.clipped_grad": lambda: ft_clipped(detached, x, y),
+    }
     for method in ("auto", "ghost", "vmap"):
-        out[f"clipped_grad_module {method}"] = (
-            lambda m=method: ft.dp.clipped_grad_module(model, loss_fn, x, y, max_norm=MAX_NORM,
-                                                       method=m))
+        out[f"clipped_grad_module {method}"] = lambda m=method: ft.dp.clipped_grad_module(
+            model, loss_fn, x, y, max_norm=MAX_NORM, method=m
+        )
     if opacus:
         out.update(_opacus_rows(model, x, y, loss_fn))
     return out
@@ -127,8 +155,9 @@ def _opacus_rows(model, x, y, loss_fn):
     rows = {}
     try:
         hooks = GradSampleModule(opacus_model())
-        ghost = GradSampleModuleFastGradientClipping(opacus_model(), max_grad_norm=MAX_NORM,
-                                                     loss_reduction="sum")
+        ghost = GradSampleModuleFastGradientClipping(
+            opacus_model(), max_grad_norm=MAX_NORM, loss_reduction="sum"
+        )
     except Exception as e:  # noqa: BLE001  (an unsupported model is a row note, not a crash)
         return {"Opacus": _failed(e)}
 
@@ -156,6 +185,7 @@ def _opacus_rows(model, x, y, loss_fn):
 def _failed(exc):
     def fail():
         raise exc
+
     return fail
 
 
@@ -193,7 +223,7 @@ def bench(name_fn, rounds, min_time):
     times = {k: [] for k in fns}
     order = list(fns)
     for r in range(rounds):
-        for k in order[r % len(order):] + order[:r % len(order)]:
+        for k in order[r % len(order) :] + order[: r % len(order)]:
             t0 = time.perf_counter()
             for _ in range(repeats[k]):
                 fns[k]()
@@ -202,12 +232,17 @@ def bench(name_fn, rounds, min_time):
     base = times["non-private fwd+bwd"]
     # paired: each round's time over the same round's baseline, so drifting load cancels
     ratio = {k: statistics.median(t / b for t, b in zip(v, base)) for k, v in times.items()}
-    return title, [(k, med[k] * 1e3 if k in med else float("nan"),
-                    ratio.get(k, float("nan")), notes[k]) for k in notes]
+    return title, [
+        (k, med[k] * 1e3 if k in med else float("nan"), ratio.get(k, float("nan")), notes[k]) for k in notes
+    ]
 
 
-MEMORY_ROWS = ("non-private fwd+bwd", "clipped_grad_module auto", "clipped_grad_module vmap",
-               "torch.func vmap(grad)+clip")
+MEMORY_ROWS = (
+    "non-private fwd+bwd",
+    "clipped_grad_module auto",
+    "clipped_grad_module vmap",
+    "torch.func vmap(grad)+clip",
+)
 
 
 def _status_mb(field):
@@ -235,21 +270,33 @@ def memory(model_names):
     """Peak extra memory per row, each in its own process (peak RSS is per process)."""
     import subprocess
     import sys
-    lines = ["Peak extra memory (peak RSS over three calls minus the RSS before them, each row in "
-             "a fresh process; MB, and ratio to non-private):", "",
-             "| model | " + " | ".join(MEMORY_ROWS) + " |", "|---" * (len(MEMORY_ROWS) + 1) + "|"]
+
+    lines = [
+        "Peak extra memory (peak RSS over three calls minus the RSS before them, each row in "
+        "a fresh process; MB, and ratio to non-private):",
+        "",
+        "| model | " + " | ".join(MEMORY_ROWS) + " |",
+        "|---" * (len(MEMORY_ROWS) + 1) + "|",
+    ]
     for m in model_names:
         mb = {}
         for row in MEMORY_ROWS:
-            code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                    f"import bench_dp_clip as b; print(b.peak_rss_child({m!r}, {row!r}))")
-            out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True,
-                                 capture_output=True, text=True).stdout
+            code = (
+                f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+                f"import bench_dp_clip as b; print(b.peak_rss_child({m!r}, {row!r}))"
+            )
+            out = subprocess.run(
+                [sys.executable, "-W", "ignore", "-c", code], check=True, capture_output=True, text=True
+            ).stdout
             mb[row] = float(out.split()[-1])
         base = mb[MEMORY_ROWS[0]]
-        lines.append(f"| {m} | " + " | ".join(
-            f"{mb[r]:.0f} ({mb[r] / base:.2f}x)" if base > 0 else f"{mb[r]:.0f}"
-            for r in MEMORY_ROWS) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(
+                f"{mb[r]:.0f} ({mb[r] / base:.2f}x)" if base > 0 else f"{mb[r]:.0f}" for r in MEMORY_ROWS
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -261,13 +308,18 @@ def machine():
     except (OSError, StopIteration):
         pass
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (f"{cpu} ({os.cpu_count()} cores{load}), {torch.get_num_threads()} thread(s), "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
+    return (
+        f"{cpu} ({os.cpu_count()} cores{load}), {torch.get_num_threads()} thread(s), "
+        f"torch {torch.__version__}, Python {platform.python_version()}"
+    )
 
 
 def markdown(results):
-    lines = [f"Machine: {machine()}; medians of interleaved rounds; ratio = time / non-private "
-             f"forward+backward of the same model in the same round (median).", ""]
+    lines = [
+        f"Machine: {machine()}; medians of interleaved rounds; ratio = time / non-private "
+        f"forward+backward of the same model in the same round (median).",
+        "",
+    ]
     for title, table in results:
         lines += [f"**{title}**", "", "| method | ms | ratio | note |", "|---|---|---|---|"]
         lines += [f"| {k} | {ms:.1f} | {ratio:.2f}x | {note} |" for k, ms, ratio, note in table]
@@ -279,11 +331,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--min-time", type=float, default=0.3,
-                    help="seconds per measurement (fast rows are repeated to last this long)")
+    ap.add_argument(
+        "--min-time",
+        type=float,
+        default=0.3,
+        help="seconds per measurement (fast rows are repeated to last this long)",
+    )
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--memory", action="store_true",
-                    help="also measure peak extra memory (one fresh process per row)")
+    ap.add_argument(
+        "--memory", action="store_true", help="also measure peak extra memory (one fresh process per row)"
+    )
     ap.add_argument("--markdown", help="write the table between the markers in this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

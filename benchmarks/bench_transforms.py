@@ -31,6 +31,7 @@ With --markdown, if the file already holds the markers
 replaced (so the prose around the table survives); otherwise the file is (over)written with the
 table alone.
 """
+
 import argparse
 import math
 import os
@@ -41,8 +42,8 @@ import time
 import traceback
 
 import torch
-import torch.nn.functional as F
 import torch.func as tf
+import torch.nn.functional as F
 import torch.utils.benchmark as benchmark
 from torch.utils._pytree import tree_flatten
 
@@ -127,9 +128,11 @@ class Timing:
 
     def _timer(self):
         if self.device == "cuda":
+
             def t():
                 torch.cuda.synchronize()
                 return time.perf_counter()
+
             return t
         return time.perf_counter
 
@@ -145,10 +148,12 @@ class Timing:
                 fns[n]()
             _sync(self.device)
         for r in range(self.rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for n in order:
                 t = benchmark.Timer(
-                    stmt="fn()", globals={"fn": fns[n]}, timer=self._timer(),
+                    stmt="fn()",
+                    globals={"fn": fns[n]},
+                    timer=self._timer(),
                     num_threads=torch.get_num_threads(),
                 )
                 per_round[n].append(t.blocked_autorange(min_run_time=self.min_run_time).median)
@@ -169,26 +174,45 @@ def paired_ratio(num, den):
 def wl_vmap_sin(device):
     x = torch.randn(3, device=device)
     f_ft, f_tf = ft.vmap(torch.sin), tf.vmap(torch.sin)
-    return dict(name="vmap(torch.sin), 3 elements, end to end",
-                ft=lambda: f_ft(x), tf=lambda: f_tf(x), direct=lambda: torch.sin(x),
-                rtol=1e-6, atol=1e-6, kind="overhead")
+    return dict(
+        name="vmap(torch.sin), 3 elements, end to end",
+        ft=lambda: f_ft(x),
+        tf=lambda: f_tf(x),
+        direct=lambda: torch.sin(x),
+        rtol=1e-6,
+        atol=1e-6,
+        kind="overhead",
+    )
 
 
 def wl_grad_sin(device):
     x = torch.tensor(0.3, device=device)
     f_ft, f_tf = ft.grad(torch.sin), tf.grad(torch.sin)
-    return dict(name="grad(torch.sin), scalar, end to end",
-                ft=lambda: f_ft(x), tf=lambda: f_tf(x), direct=None,
-                rtol=1e-6, atol=1e-6, kind="overhead")
+    return dict(
+        name="grad(torch.sin), scalar, end to end",
+        ft=lambda: f_ft(x),
+        tf=lambda: f_tf(x),
+        direct=None,
+        rtol=1e-6,
+        atol=1e-6,
+        kind="overhead",
+    )
 
 
 def wl_vmap_mm(device):
     a = torch.randn(64, 128, 128, device=device)
     b = torch.randn(64, 128, 128, device=device)
     f_ft, f_tf = ft.vmap(torch.mm), tf.vmap(torch.mm)
-    return dict(name="vmap(torch.mm), 64 x (128x128 @ 128x128)",
-                ft=lambda: f_ft(a, b), tf=lambda: f_tf(a, b), direct=lambda: torch.bmm(a, b),
-                direct_name="torch.bmm", rtol=1e-4, atol=1e-4, kind="large")
+    return dict(
+        name="vmap(torch.mm), 64 x (128x128 @ 128x128)",
+        ft=lambda: f_ft(a, b),
+        tf=lambda: f_tf(a, b),
+        direct=lambda: torch.bmm(a, b),
+        direct_name="torch.bmm",
+        rtol=1e-4,
+        atol=1e-4,
+        kind="large",
+    )
 
 
 def wl_vmap_conv(device):
@@ -199,9 +223,16 @@ def wl_vmap_conv(device):
         return F.conv2d(img[None], w)[0]
 
     f_ft, f_tf = ft.vmap(one), tf.vmap(one)
-    return dict(name="vmap(conv2d), 64 x 3x32x32, 16 filters 3x3",
-                ft=lambda: f_ft(x), tf=lambda: f_tf(x), direct=lambda: F.conv2d(x, w),
-                direct_name="F.conv2d on the batch", rtol=1e-4, atol=1e-4, kind="large")
+    return dict(
+        name="vmap(conv2d), 64 x 3x32x32, 16 filters 3x3",
+        ft=lambda: f_ft(x),
+        tf=lambda: f_tf(x),
+        direct=lambda: F.conv2d(x, w),
+        direct_name="F.conv2d on the batch",
+        rtol=1e-4,
+        atol=1e-4,
+        kind="large",
+    )
 
 
 def _mlp_params(device):
@@ -211,8 +242,7 @@ def _mlp_params(device):
         fan_in = shape[-1] if len(shape) > 1 else shape[0]
         return (torch.randn(*shape, generator=g) / math.sqrt(fan_in)).to(device)
 
-    return {"w1": init(512, 784), "b1": init(512) * 0.1,
-            "w2": init(10, 512), "b2": init(10) * 0.1}
+    return {"w1": init(512, 784), "b1": init(512) * 0.1, "w2": init(10, 512), "b2": init(10) * 0.1}
 
 
 def mlp_loss(params, x, y):
@@ -228,9 +258,15 @@ def _wl_psg_mlp(device, B):
     y = torch.randint(0, 10, (B,), device=device)
     f_ft = ft.vmap(ft.grad(mlp_loss), in_dims=(None, 0, 0))
     f_tf = tf.vmap(tf.grad(mlp_loss), in_dims=(None, 0, 0))
-    return dict(name=f"per-sample grads, MLP 784-512-10, B={B}",
-                ft=lambda: f_ft(params, x, y), tf=lambda: f_tf(params, x, y), direct=None,
-                rtol=1e-4, atol=1e-5, kind="psg")
+    return dict(
+        name=f"per-sample grads, MLP 784-512-10, B={B}",
+        ft=lambda: f_ft(params, x, y),
+        tf=lambda: f_tf(params, x, y),
+        direct=None,
+        rtol=1e-4,
+        atol=1e-5,
+        kind="psg",
+    )
 
 
 def wl_psg_mlp64(device):
@@ -247,9 +283,14 @@ def _cnn_params(device):
     def init(shape, fan_in):
         return (torch.randn(*shape, generator=g) / math.sqrt(fan_in)).to(device)
 
-    return {"c1w": init((8, 1, 3, 3), 9), "c1b": init((8,), 9) * 0.1,
-            "c2w": init((16, 8, 3, 3), 72), "c2b": init((16,), 72) * 0.1,
-            "fw": init((10, 16 * 24 * 24), 16 * 24 * 24), "fb": init((10,), 9216) * 0.1}
+    return {
+        "c1w": init((8, 1, 3, 3), 9),
+        "c1b": init((8,), 9) * 0.1,
+        "c2w": init((16, 8, 3, 3), 72),
+        "c2b": init((16,), 72) * 0.1,
+        "fw": init((10, 16 * 24 * 24), 16 * 24 * 24),
+        "fb": init((10,), 9216) * 0.1,
+    }
 
 
 def cnn_loss(params, x, y):
@@ -266,9 +307,15 @@ def wl_psg_cnn(device):
     y = torch.randint(0, 10, (64,), device=device)
     f_ft = ft.vmap(ft.grad(cnn_loss), in_dims=(None, 0, 0))
     f_tf = tf.vmap(tf.grad(cnn_loss), in_dims=(None, 0, 0))
-    return dict(name="per-sample grads, CNN (2 conv + linear), B=64, 28x28",
-                ft=lambda: f_ft(params, x, y), tf=lambda: f_tf(params, x, y), direct=None,
-                rtol=1e-4, atol=1e-5, kind="psg")
+    return dict(
+        name="per-sample grads, CNN (2 conv + linear), B=64, 28x28",
+        ft=lambda: f_ft(params, x, y),
+        tf=lambda: f_tf(params, x, y),
+        direct=None,
+        rtol=1e-4,
+        atol=1e-5,
+        kind="psg",
+    )
 
 
 # seed 002 (the Jacobians/Hessians tutorial): predict(weight, bias, x) = tanh(x @ weight.T + bias)
@@ -290,8 +337,15 @@ def _wl_jac(device, api, dout, din, name):
     weight, bias, x = _predict_inputs(device, dout, din)
     f_ft = getattr(ft, api)(predict, argnums=2)
     f_tf = getattr(tf, api)(predict, argnums=2)
-    return dict(name=name, ft=lambda: f_ft(weight, bias, x), tf=lambda: f_tf(weight, bias, x),
-                direct=None, rtol=1e-4, atol=1e-5, kind="jac")
+    return dict(
+        name=name,
+        ft=lambda: f_ft(weight, bias, x),
+        tf=lambda: f_tf(weight, bias, x),
+        direct=None,
+        rtol=1e-4,
+        atol=1e-5,
+        kind="jac",
+    )
 
 
 def wl_jacrev_d16(device):
@@ -318,17 +372,30 @@ def wl_hessian_512(device):
     weight, bias, x = _predict_inputs(device, 32, 512)
     f_ft = ft.hessian(predict, argnums=2)
     f_tf = tf.hessian(predict, argnums=2)
-    return dict(name="hessian(predict), Din=512, Dout=32",
-                ft=lambda: f_ft(weight, bias, x), tf=lambda: f_tf(weight, bias, x), direct=None,
-                rtol=1e-3, atol=1e-4, kind="jac")
+    return dict(
+        name="hessian(predict), Din=512, Dout=32",
+        ft=lambda: f_ft(weight, bias, x),
+        tf=lambda: f_tf(weight, bias, x),
+        direct=None,
+        rtol=1e-3,
+        atol=1e-4,
+        kind="jac",
+    )
 
 
 def _wl_batched_jac(device, api, name):
     weight, bias, x = _predict_inputs(device, 33, 31, batch=64)
     f_ft = ft.vmap(getattr(ft, api)(predict, argnums=2), in_dims=(None, None, 0))
     f_tf = tf.vmap(getattr(tf, api)(predict, argnums=2), in_dims=(None, None, 0))
-    return dict(name=name, ft=lambda: f_ft(weight, bias, x), tf=lambda: f_tf(weight, bias, x),
-                direct=None, rtol=1e-3, atol=1e-4, kind="jac")
+    return dict(
+        name=name,
+        ft=lambda: f_ft(weight, bias, x),
+        tf=lambda: f_tf(weight, bias, x),
+        direct=None,
+        rtol=1e-3,
+        atol=1e-4,
+        kind="jac",
+    )
 
 
 def wl_vmap_jacrev_b64(device):
@@ -347,15 +414,35 @@ def wl_hvp_2048(device):
     x = torch.randn(2048, device=device)
     t = torch.randn(2048, device=device)
     g_ft, g_tf = ft.grad(_sin_sum), tf.grad(_sin_sum)
-    return dict(name="hvp = jvp(grad(sin().sum())), 2048 elements",
-                ft=lambda: ft.jvp(g_ft, (x,), (t,))[1], tf=lambda: tf.jvp(g_tf, (x,), (t,))[1],
-                direct=None, rtol=1e-4, atol=1e-5, kind="jac")
+    return dict(
+        name="hvp = jvp(grad(sin().sum())), 2048 elements",
+        ft=lambda: ft.jvp(g_ft, (x,), (t,))[1],
+        tf=lambda: tf.jvp(g_tf, (x,), (t,))[1],
+        direct=None,
+        rtol=1e-4,
+        atol=1e-5,
+        kind="jac",
+    )
 
 
-WORKLOADS = [wl_vmap_sin, wl_grad_sin, wl_vmap_mm, wl_vmap_conv,
-             wl_psg_mlp64, wl_psg_mlp256, wl_psg_cnn,
-             wl_jacrev_d16, wl_jacfwd_tall, wl_jacrev_tall, wl_jacfwd_wide, wl_jacrev_wide,
-             wl_hessian_512, wl_vmap_jacrev_b64, wl_vmap_hessian_b64, wl_hvp_2048]
+WORKLOADS = [
+    wl_vmap_sin,
+    wl_grad_sin,
+    wl_vmap_mm,
+    wl_vmap_conv,
+    wl_psg_mlp64,
+    wl_psg_mlp256,
+    wl_psg_cnn,
+    wl_jacrev_d16,
+    wl_jacfwd_tall,
+    wl_jacrev_tall,
+    wl_jacfwd_wide,
+    wl_jacrev_wide,
+    wl_hessian_512,
+    wl_vmap_jacrev_b64,
+    wl_vmap_hessian_b64,
+    wl_hvp_2048,
+]
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,8 +515,9 @@ def render(rows, meta):
     for r in rows:
         ratio = r.get("ratio")
         notes = "; ".join(r["notes"]).replace("|", "\\|")
-        lines.append(f"| {r['name']} | {_fmt_time(r['tf'])} | {_fmt_time(r['ft'])} | "
-                     f"{_fmt_ratio(ratio)} | {notes} |")
+        lines.append(
+            f"| {r['name']} | {_fmt_time(r['tf'])} | {_fmt_time(r['ft'])} | {_fmt_ratio(ratio)} | {notes} |"
+        )
     lines.append("")
     lines.append("ratio = functorch_lite time / torch.func time (lower is better).")
     return "\n".join(lines)
@@ -441,8 +529,8 @@ def write_markdown(path, table):
         with open(path) as f:
             text = f.read()
         if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-            pre = text[:text.index(BEGIN)]
-            post = text[text.index(END) + len(END):]
+            pre = text[: text.index(BEGIN)]
+            post = text[text.index(END) + len(END) :]
             with open(path, "w") as f:
                 f.write(pre + block + post)
             return "updated the table between the markers"
@@ -455,13 +543,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer and shorter timing rounds")
     p.add_argument("--markdown", metavar="PATH", help="write the table to PATH (see module doc)")
-    p.add_argument("--device", choices=["cpu", "cuda"],
-                   default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="torch.set_num_threads(N) first (default: torch's default)")
-    p.add_argument("--only", metavar="SUBSTR[,SUBSTR...]",
-                   help="run only the workloads whose function name (wl_...) contains one of the "
-                        "comma-separated SUBSTRs (e.g. --only jac,hessian,hvp)")
+    p.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's default)"
+    )
+    p.add_argument(
+        "--only",
+        metavar="SUBSTR[,SUBSTR...]",
+        help="run only the workloads whose function name (wl_...) contains one of the "
+        "comma-separated SUBSTRs (e.g. --only jac,hessian,hvp)",
+    )
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -475,9 +568,14 @@ def main(argv=None):
         device_desc = torch.cuda.get_device_name()
     else:
         device_desc = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    meta = dict(when=time.strftime("%Y-%m-%d"), device_desc=device_desc,
-                threads=torch.get_num_threads(), mode="quick" if args.quick else "full",
-                rounds=rounds, min_run_time=min_run_time)
+    meta = dict(
+        when=time.strftime("%Y-%m-%d"),
+        device_desc=device_desc,
+        threads=torch.get_num_threads(),
+        mode="quick" if args.quick else "full",
+        rounds=rounds,
+        min_run_time=min_run_time,
+    )
 
     meta["load_before"] = _loadavg()
     torch.manual_seed(0)
@@ -494,13 +592,21 @@ def main(argv=None):
                 row = run_workload(make, args.device, timing)
             except Exception as e:  # torch.func itself failed: still keep going
                 traceback.print_exc()
-                row = dict(name=make.__name__, tf=None, ft=None, direct=None,
-                           notes=[f"benchmark error: {_first_line(e)}"])
+                row = dict(
+                    name=make.__name__,
+                    tf=None,
+                    ft=None,
+                    direct=None,
+                    notes=[f"benchmark error: {_first_line(e)}"],
+                )
             rows.append(row)
-            print(f"[{time.perf_counter() - t1:6.1f} s] {row['name']}: "
-                  f"torch.func {_fmt_time(row['tf'])}, functorch_lite {_fmt_time(row['ft'])}"
-                  + (f"  ({'; '.join(row['notes'])})" if row["notes"] else ""),
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t1:6.1f} s] {row['name']}: "
+                f"torch.func {_fmt_time(row['tf'])}, functorch_lite {_fmt_time(row['ft'])}"
+                + (f"  ({'; '.join(row['notes'])})" if row["notes"] else ""),
+                file=sys.stderr,
+                flush=True,
+            )
     finally:
         ft.set_vmap_fallback(old_mode)
     meta["load_after"] = _loadavg()

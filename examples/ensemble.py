@@ -7,6 +7,7 @@ each model in a Python for-loop.
 
     python examples/ensemble.py [--size small|default]
 """
+
 import argparse
 import copy
 import time
@@ -16,14 +17,19 @@ import torch.nn as nn
 
 import functorch_lite as ft
 
-SIZES = {"small": dict(models=4, batch=16, features=8, hidden=16),
-         "default": dict(models=10, batch=64, features=32, hidden=128)}
+SIZES = {
+    "small": dict(models=4, batch=16, features=8, hidden=16),
+    "default": dict(models=10, batch=64, features=32, hidden=128),
+}
 
 
 def make_model(features, hidden):
     return nn.Sequential(
-        nn.Linear(features, hidden), nn.LayerNorm(hidden), nn.GELU(),
-        nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(features, hidden),
+        nn.LayerNorm(hidden),
+        nn.GELU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, 3),
     )
 
@@ -39,7 +45,7 @@ def main(size="default"):
     def run(params, buffers, x):
         return ft.functional_call(base, (params, buffers), (x,))
 
-    same = torch.randn(cfg["batch"], cfg["features"])                      # one minibatch
+    same = torch.randn(cfg["batch"], cfg["features"])  # one minibatch
     different = torch.randn(cfg["models"], cfg["batch"], cfg["features"])  # one per model
 
     old_mode = ft.get_vmap_fallback()
@@ -62,10 +68,11 @@ def main(size="default"):
     torch.testing.assert_close(out_same, ref_same, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out_different, ref_different, atol=1e-5, rtol=1e-4)
 
-    print(f"ensemble of {cfg['models']} models, {sum(p[0].numel() for p in params.values())} "
-          f"parameters each")
-    print(f"same minibatch:      output {tuple(out_same.shape)}, vmap {1e3 * (t1 - t0):.1f} ms, "
-          f"for-loop {1e3 * (t3 - t2):.1f} ms; equal to the for-loop")
+    print(f"ensemble of {cfg['models']} models, {sum(p[0].numel() for p in params.values())} parameters each")
+    print(
+        f"same minibatch:      output {tuple(out_same.shape)}, vmap {1e3 * (t1 - t0):.1f} ms, "
+        f"for-loop {1e3 * (t3 - t2):.1f} ms; equal to the for-loop"
+    )
     print(f"different minibatch: output {tuple(out_different.shape)}; equal to the for-loop")
     print(f"ops run by vmap's for-loop fallback: {', '.join(fallback_ops) or 'none'}")
     return out_same, out_different

@@ -5,6 +5,7 @@ Every result is checked against plain autograd or another route to the same quan
 
     python examples/jacobians_hessians.py [--size small|default]
 """
+
 import argparse
 import time
 from functools import partial

@@ -11,6 +11,7 @@ The meta-gradient is checked against a Python for-loop over tasks with torch.aut
 
     python examples/maml_sine.py [--size small|default]
 """
+
 import argparse
 import math
 import time
@@ -21,14 +22,17 @@ import torch.nn.functional as F
 
 import functorch_lite as ft
 
-SIZES = {"small": dict(tasks=4, shots=10, inner_steps=2, meta_steps=30, hidden=32),
-         "default": dict(tasks=8, shots=10, inner_steps=2, meta_steps=50, hidden=40)}
+SIZES = {
+    "small": dict(tasks=4, shots=10, inner_steps=2, meta_steps=30, hidden=32),
+    "default": dict(tasks=8, shots=10, inner_steps=2, meta_steps=50, hidden=40),
+}
 INNER_LR = 0.05
 
 
 def make_model(hidden):
-    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, 1))
+    return nn.Sequential(
+        nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1)
+    )
 
 
 def reference_forward(p, x):
@@ -102,9 +106,11 @@ def main(size="default"):
     torch.testing.assert_close(value, ref_value.detach(), atol=1e-5, rtol=1e-4)
     for k in params:
         torch.testing.assert_close(g[k], ref[k], atol=1e-5, rtol=1e-4)
-    print(f"MAML meta-gradient over {cfg['tasks']} tasks, {cfg['inner_steps']} inner steps: "
-          f"grad(vmap(grad)) {1e3 * (t1 - t0):.1f} ms, for-loop over tasks {1e3 * (t3 - t2):.1f} "
-          f"ms; equal (atol 1e-5)")
+    print(
+        f"MAML meta-gradient over {cfg['tasks']} tasks, {cfg['inner_steps']} inner steps: "
+        f"grad(vmap(grad)) {1e3 * (t1 - t0):.1f} ms, for-loop over tasks {1e3 * (t3 - t2):.1f} "
+        f"ms; equal (atol 1e-5)"
+    )
     print(f"ops run by vmap's for-loop fallback: {', '.join(fallback_ops) or 'none'}")
 
     # --- a few meta-training steps (Adam on the shared initialization)
@@ -114,17 +120,20 @@ def main(size="default"):
     ft.set_vmap_fallback("quiet")
     try:
         before = meta_loss(init, *eval_tasks).item()
-        for step in range(cfg["meta_steps"]):
-            g, _ = meta_grad({k: v.detach() for k, v in init.items()},
-                             *sample_tasks(cfg["tasks"], cfg["shots"], gen))
+        for _ in range(cfg["meta_steps"]):
+            g, _ = meta_grad(
+                {k: v.detach() for k, v in init.items()}, *sample_tasks(cfg["tasks"], cfg["shots"], gen)
+            )
             for k, v in init.items():
                 v.grad = g[k]
             opt.step()
         after = meta_loss(init, *eval_tasks).item()
     finally:
         ft.set_vmap_fallback(old_mode)
-    print(f"query loss after adaptation on 32 held-out tasks: {before:.3f} before, {after:.3f} "
-          f"after {cfg['meta_steps']} meta-steps")
+    print(
+        f"query loss after adaptation on 32 held-out tasks: {before:.3f} before, {after:.3f} "
+        f"after {cfg['meta_steps']} meta-steps"
+    )
     assert after < before
     return before, after
 

@@ -6,6 +6,7 @@ torch.autograd.grad, one example at a time.
 
     python examples/per_sample_grads_cnn.py [--size small|default]
 """
+
 import argparse
 import time
 
@@ -60,7 +61,8 @@ def main(size="default"):
     ref = []
     for i in range(len(x)):
         grads = torch.autograd.grad(
-            F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(model.parameters()))
+            F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())
+        )
         ref.append(dict(zip(params, grads)))
     t3 = time.perf_counter()
     for k in params:
@@ -71,8 +73,10 @@ def main(size="default"):
     print(f"per-sample gradients of a CNN for {len(x)} examples:")
     for k, v in per_sample.items():
         print(f"  {k:12s} {tuple(v.shape)}")
-    print(f"vmap(grad): {1e3 * (t1 - t0):.1f} ms, for-loop of autograd.grad: "
-          f"{1e3 * (t3 - t2):.1f} ms; equal to the for-loop (atol 1e-5)")
+    print(
+        f"vmap(grad): {1e3 * (t1 - t0):.1f} ms, for-loop of autograd.grad: "
+        f"{1e3 * (t3 - t2):.1f} ms; equal to the for-loop (atol 1e-5)"
+    )
     print(f"ops run by vmap's for-loop fallback: {', '.join(fallback_ops) or 'none'}")
     return per_sample
 

@@ -7,26 +7,43 @@
 Signatures and semantics follow torch.func. The transforms are implemented by functorch_lite's
 own C++ level stack and wrapper tensors (see docs/design.md); they run torch's own autograd.
 """
-from .version import __version__
-from ._load import _C  # noqa: F401  (loads and checks the extension first)
+
+from . import _guards, _repr
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._grad import grad, grad_and_value, vjp
 from ._jac import hessian, jacfwd, jacrev, jvp
+from ._load import _C  # noqa: F401  (loads and checks the extension first)
 from ._vmap import vmap
-from . import _guards, _repr
+from .version import __version__
 
 _repr.install()
 _guards.install()
 
 
-from ._module import functional_call
-from ._module import stack_module_state
-from ._module import make_functional
-from ._module import make_functional_with_buffers
-from . import dp  # DP-SGD toolkit (functorch_lite.dp, docs/dp.md)
+from . import dp  # noqa: E402  DP-SGD toolkit (functorch_lite.dp, docs/dp.md)
+from ._module import (  # noqa: E402  (after the guards are installed)
+    functional_call,
+    make_functional,
+    make_functional_with_buffers,
+    stack_module_state,
+)
 
 __all__ = [
-    "__version__", "vmap", "grad", "grad_and_value", "vjp", "jvp", "jacfwd", "jacrev", "hessian",
-    "functional_call", "stack_module_state", "make_functional", "make_functional_with_buffers",
-    "show_config", "set_vmap_fallback", "get_vmap_fallback", "dp",
+    "__version__",
+    "vmap",
+    "grad",
+    "grad_and_value",
+    "vjp",
+    "jvp",
+    "jacfwd",
+    "jacrev",
+    "hessian",
+    "functional_call",
+    "stack_module_state",
+    "make_functional",
+    "make_functional_with_buffers",
+    "show_config",
+    "set_vmap_fallback",
+    "get_vmap_fallback",
+    "dp",
 ]

@@ -1,4 +1,5 @@
 """Build information and run-time switches."""
+
 import torch
 
 from ._load import _C

@@ -1,12 +1,12 @@
 """ft.grad, ft.grad_and_value and ft.vjp: grad levels that run torch's own autograd on our
 wrappers (see docs/design.md). Entering/leaving levels and wrapping happen in C++ (_C)."""
+
 import contextlib
 import functools
 
 import torch
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from torch.utils.checkpoint import CheckpointError
-from torch.utils._pytree import (
-    keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten)
 
 from ._call import call_transformed
 from ._load import _C
@@ -24,8 +24,7 @@ def _normalize_argnums(argnums, nargs, api):
     # RuntimeError throughout, as torch.func raises for every argnums misuse.
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
         raise RuntimeError(
-            f"{api}: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got "
-            f"{argnums!r}."
+            f"{api}: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got {argnums!r}."
         )
     items = argnums if isinstance(argnums, tuple) else (argnums,)
     if len(items) == 0:
@@ -34,8 +33,7 @@ def _normalize_argnums(argnums, nargs, api):
     for a in items:
         if isinstance(a, bool) or not isinstance(a, int):
             raise RuntimeError(
-                f"{api}: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got "
-                f"{argnums!r}."
+                f"{api}: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got {argnums!r}."
             )
         if not -nargs <= a < nargs:
             raise RuntimeError(
@@ -97,8 +95,7 @@ def _check_differentiable(tree, api, what, dtype_error=RuntimeError, type_error=
         where = what + (f" at {keystr(path)}" if path else "")
         if not isinstance(t, torch.Tensor):
             raise type_error(
-                f"{api}: {where} must be a Tensor (or a pytree of Tensors), got "
-                f"{_a(type(t).__name__)}."
+                f"{api}: {where} must be a Tensor (or a pytree of Tensors), got {_a(type(t).__name__)}."
             )
         raise dtype_error(
             f"{api}: {where} must be a floating-point or complex Tensor to be differentiated, got "
@@ -154,8 +151,12 @@ def grad_and_value(func, argnums=0, has_aux=False):
         try:
             with torch.enable_grad():
                 try:
-                    wrapped = [_C._wrap_for_grad(a, level) if isinstance(a, torch.Tensor)
-                               else tree_map(lambda x: _wrap(x, level), a) for a in args]
+                    wrapped = [
+                        _C._wrap_for_grad(a, level)
+                        if isinstance(a, torch.Tensor)
+                        else tree_map(lambda x: _wrap(x, level), a)
+                        for a in args
+                    ]
                     if kwargs:
                         kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
                 except RuntimeError:
@@ -167,15 +168,13 @@ def grad_and_value(func, argnums=0, has_aux=False):
                     if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
                         _requires_grad(a)  # the common case, without the pytree walk
                     else:
-                        args[i] = _make_differentiable(
-                            a, api, f"argument {i} (argnums={argnums!r})")
+                        args[i] = _make_differentiable(a, api, f"argument {i} (argnums={argnums!r})")
                 diff = tuple(args[i] for i in idx)
                 output = call_transformed(func, args, kwargs, api)
                 output, aux = _split_aux(output, has_aux, api)
                 if not isinstance(output, torch.Tensor):
                     raise RuntimeError(
-                        f"{api}(f)(*args): expected f(*args) to return a Tensor, got "
-                        f"{type(output).__name__}."
+                        f"{api}(f)(*args): expected f(*args) to return a Tensor, got {type(output).__name__}."
                     )
                 if output.numel() != 1:
                     raise RuntimeError(
@@ -244,8 +243,7 @@ def vjp(func, *primals, has_aux=False):
             except RuntimeError:
                 _refuse_nested(api, primals)
                 raise
-            wrapped = [_make_differentiable(p, api, f"primals[{i}]")
-                       for i, p in enumerate(wrapped)]
+            wrapped = [_make_differentiable(p, api, f"primals[{i}]") for i, p in enumerate(wrapped)]
             output = call_transformed(func, wrapped, {}, api)
             output, aux = _split_aux(output, has_aux, api)
             flat_out, out_spec = tree_flatten(output)
@@ -275,7 +273,8 @@ def vjp(func, *primals, has_aux=False):
                         f"but output {i} has shape {tuple(o.shape)}; pass its cotangent."
                     )
             cotangents = tree_unflatten(
-                [torch.ones(o.shape, dtype=o.dtype, device=o.device) for o in flat_out], out_spec)
+                [torch.ones(o.shape, dtype=o.dtype, device=o.device) for o in flat_out], out_spec
+            )
         flat_ct, ct_spec = tree_flatten(cotangents)
         if ct_spec != out_spec:
             raise RuntimeError(
@@ -302,8 +301,11 @@ def vjp(func, *primals, has_aux=False):
                     stack.enter_context(torch.inference_mode(False))
                 try:
                     grads = _C._autograd_grad(
-                        [o for o, _ in pairs], flat_primals, [c for _, c in pairs],
-                        retain_graph, create_graph,
+                        [o for o, _ in pairs],
+                        flat_primals,
+                        [c for _, c in pairs],
+                        retain_graph,
+                        create_graph,
                     )
                 except CheckpointError as e:
                     # vjp_fn runs the backward after vjp's level has returned: checkpoint's

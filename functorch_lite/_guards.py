@@ -15,13 +15,14 @@ torch's own path unchanged:
   Checkpointing under two or more differentiating levels (grad of grad, jvp of grad) is refused:
   its recomputation gives zero higher-order gradients there.
 """
+
 import sys
 
 import torch
 from torch.autograd.function import _is_setup_context_defined
 from torch.autograd.graph import saved_tensors_hooks
-from torch.utils.checkpoint import _checkpoint_hook
 from torch.utils._pytree import tree_leaves
+from torch.utils.checkpoint import _checkpoint_hook
 
 from ._load import _C
 

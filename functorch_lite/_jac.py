@@ -4,6 +4,7 @@ jvp levels run torch's own forward-mode AD formulas on our wrappers. torch allow
 (dual) level at a time; as each of our jvp levels has its own wrappers, all of them can share
 torch's dual level: it is entered by the outermost jvp and left when that one returns.
 """
+
 import functools
 import threading
 
@@ -12,7 +13,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._call import call_transformed
-from ._grad import _check_differentiable, _refuse_sparse, _normalize_argnums, _split_aux, vjp
+from ._grad import _check_differentiable, _normalize_argnums, _refuse_sparse, _split_aux, vjp
 from ._load import _C
 from ._vmap import vmap
 
@@ -98,9 +99,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     _check_tuple(primals, "primals", api)
     _check_tuple(tangents, "tangents", api)
     if not tree_flatten(primals)[0]:
-        raise RuntimeError(
-            "jvp(f, primals, tangents): Expected primals to contain at least one Tensor."
-        )
+        raise RuntimeError("jvp(f, primals, tangents): Expected primals to contain at least one Tensor.")
     flat_p, p_spec = tree_flatten(primals)
     flat_t, t_spec = tree_flatten(tangents)
     if p_spec != t_spec:
@@ -133,8 +132,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
             )
     # A tangent of another floating dtype is kept (torch's forward AD accepts it, as torch.func
     # does); a complex tangent of a real primal is cast to the primal's dtype, as torch.func's is.
-    flat_t = [t.to(p.dtype) if t.is_complex() and not p.is_complex() else t
-              for p, t in zip(flat_p, flat_t)]
+    flat_t = [t.to(p.dtype) if t.is_complex() and not p.is_complex() else t for p, t in zip(flat_p, flat_t)]
     flat_t = [_promote_tangent(p, t) for p, t in zip(flat_p, flat_t)]
     with _DualLevel() as dual:
         dual_level = dual.level
@@ -142,8 +140,9 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
         try:
             with fwAD._set_fwd_grad_enabled(True):
                 duals = [
-                    torch._make_dual(_C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level),
-                                     level=dual_level)
+                    torch._make_dual(
+                        _C._wrap_for_grad(p, level), _C._wrap_for_grad(t, level), level=dual_level
+                    )
                     for p, t in zip(flat_p, flat_t)
                 ]
                 result = call_transformed(func, tree_unflatten(duals, p_spec), {}, api)
@@ -169,8 +168,8 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                     tangents_out.append(_C._unwrap_for_grad(tangent, level))
                 if has_aux:
                     aux = tree_map(
-                        lambda x: _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x,
-                        aux)
+                        lambda x: _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x, aux
+                    )
         finally:
             _C._pop(level)
     out = (tree_unflatten(primals_out, out_spec), tree_unflatten(tangents_out, out_spec))
@@ -186,8 +185,12 @@ def _own_args(args, idx, diff):
     buffer, say) is then allowed, where a captured tensor would be refused.
     """
     level = _C._top_level_id()
-    own = [tree_map(lambda x: _C._wrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x, a)
-           if i not in idx else a for i, a in enumerate(args)]
+    own = [
+        tree_map(lambda x: _C._wrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x, a)
+        if i not in idx
+        else a
+        for i, a in enumerate(args)
+    ]
     return _replace_args(own, idx, diff)
 
 
@@ -206,8 +209,8 @@ def _check_chunk_size(chunk_size, api):
         raise TypeError(f"{api}: chunk_size must be None or a positive int, got {chunk_size!r}")
     if chunk_size <= 0:
         raise ValueError(
-            f"{api}: chunk_size should be None or greater than 0 (a positive int), got "
-            f"{chunk_size!r}")
+            f"{api}: chunk_size should be None or greater than 0 (a positive int), got {chunk_size!r}"
+        )
 
 
 def _basis(flat, total):
@@ -217,7 +220,7 @@ def _basis(flat, total):
     for t in flat:
         n = t.numel()
         eye = torch.zeros(total, n, dtype=t.dtype, device=t.device)
-        eye[offset:offset + n].fill_diagonal_(1) if n else None
+        eye[offset : offset + n].fill_diagonal_(1) if n else None
         out.append(eye.view(total, *t.shape))
         offset += n
     return out
@@ -232,8 +235,12 @@ def _check_diff_args(args, idx, api, name, argnums, forward):
     themselves in the error, not the transform the user called. Exception types are those of
     torch.func's vjp (reverse) or jvp (forward), on which its jacrev/jacfwd are built."""
     for i in idx:
-        _check_differentiable(args[i], f"{api}({name})", f"argument {i} (argnums={argnums!r})",
-                              dtype_error=ValueError if forward else RuntimeError)
+        _check_differentiable(
+            args[i],
+            f"{api}({name})",
+            f"argument {i} (argnums={argnums!r})",
+            dtype_error=ValueError if forward else RuntimeError,
+        )
     flat = tree_flatten([args[i] for i in idx])[0]
     for t in flat:
         if t.is_nested:
@@ -318,21 +325,21 @@ def _jacrev(func, argnums, has_aux, chunk_size, api, name):
             rows = [vjp_fn(tree_map(lambda b: b[r], basis)) for r in range(total)]
             flat_rows = [tree_flatten(r)[0] for r in rows]
             stacked = [
-                torch.stack([fr[k] for fr in flat_rows]) if total else
-                p.new_zeros((0, *p.shape))
+                torch.stack([fr[k] for fr in flat_rows]) if total else p.new_zeros((0, *p.shape))
                 for k, p in enumerate(flat_primals)
             ]
         else:
             res = vmap(vjp_fn, chunk_size=chunk_size)(basis) if total else None
-            stacked = tree_flatten(res)[0] if total else [
-                p.new_zeros((0, *p.shape)) for p in flat_primals]
+            stacked = tree_flatten(res)[0] if total else [p.new_zeros((0, *p.shape)) for p in flat_primals]
 
         # Split the rows per output: jac[out j][primal k] has shape out_j.shape + primal_k.shape.
         per_out, offset = [], 0
         for o in flat_out:
             n = o.numel()
-            blocks = [s[offset:offset + n].view(tuple(o.shape) + tuple(p.shape))
-                      for s, p in zip(stacked, flat_primals)]
+            blocks = [
+                s[offset : offset + n].view(tuple(o.shape) + tuple(p.shape))
+                for s, p in zip(stacked, flat_primals)
+            ]
             blocks_tree = tree_unflatten(blocks, primals_spec)  # tuple over argnums
             per_out.append(blocks_tree if isinstance(argnums, tuple) else blocks_tree[0])
             offset += n
@@ -389,7 +396,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
             blocks, offset = [], 0
             for p in flat_primals:
                 n = p.numel()
-                blocks.append(moved[..., offset:offset + n].reshape(tuple(out_shape) + tuple(p.shape)))
+                blocks.append(moved[..., offset : offset + n].reshape(tuple(out_shape) + tuple(p.shape)))
                 offset += n
             blocks_tree = tree_unflatten(blocks, primals_spec)
             per_out.append(blocks_tree if isinstance(argnums, tuple) else blocks_tree[0])
@@ -402,5 +409,6 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
 def hessian(func, argnums=0):
     """Hessian of func w.r.t. the arguments argnums: jacfwd(jacrev(func))."""
     name = _fn_name(func)
-    return _jacfwd(_jacrev(func, argnums, False, None, "hessian", name), argnums, False, "error",
-                   "hessian", name)
+    return _jacfwd(
+        _jacrev(func, argnums, False, None, "hessian", name), argnums, False, "error", "hessian", name
+    )

@@ -1,4 +1,5 @@
 """Loads functorch_lite._C and checks that it can work in this process, or raises ImportError."""
+
 import torch
 
 try:

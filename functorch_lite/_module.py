@@ -13,6 +13,7 @@ update would mix every batch element's statistics into one buffer (and the for-l
 would apply it once per element), so the module calls made here refuse that case with an error
 that lists the ways out (see _RunningStatsCheck).
 """
+
 import contextlib
 import copy
 
@@ -22,8 +23,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ._load import _C
 
-__all__ = ["functional_call", "stack_module_state", "make_functional",
-           "make_functional_with_buffers"]
+__all__ = ["functional_call", "stack_module_state", "make_functional", "make_functional_with_buffers"]
 
 _MISSING = object()
 
@@ -39,6 +39,7 @@ def _quote_list(names):
 # ------------------------------------------------------------------------------------------------
 # Swapping tensors into a module
 
+
 def _resolve(module, name, api):
     """Returns (submodule, attribute) for a dotted name such as 'layers.0.weight'."""
     *path, attr = name.split(".")
@@ -48,7 +49,7 @@ def _resolve(module, name, api):
         if child is _MISSING or child is None:
             where = ".".join(path[:i]) or "the module"
             raise AttributeError(
-                f"{api}: the key {name!r} names a submodule {'.'.join(path[:i + 1])!r}, but "
+                f"{api}: the key {name!r} names a submodule {'.'.join(path[: i + 1])!r}, but "
                 f"{where} ({type(sub).__name__}) has no submodule called {part!r}."
             )
         sub = child
@@ -106,6 +107,7 @@ class _Swapper:
 # ------------------------------------------------------------------------------------------------
 # Batch norm in training mode under vmap
 
+
 def _vmap_levels(t):
     """The ids of the live vmap levels at which the tensor t is batched (empty for a plain one)."""
     levels = set()
@@ -122,7 +124,9 @@ def _vmap_levels(t):
 
 def _updates_running_stats(m):
     return (
-        isinstance(m, _NormBase) and m.training and m.track_running_stats
+        isinstance(m, _NormBase)
+        and m.training
+        and m.track_running_stats
         and (m.running_mean is not None or m.running_var is not None)
     )
 
@@ -160,8 +164,7 @@ class _RunningStatsCheck:
         return hook
 
     def _raise(self, m, qualname, stat, what):
-        name = f"the submodule {qualname!r} ({type(m).__name__})" if qualname else (
-            f"the {type(m).__name__}")
+        name = f"the submodule {qualname!r} ({type(m).__name__})" if qualname else (f"the {type(m).__name__}")
         raise RuntimeError(
             f"{self.api}: {name} is in training mode with track_running_stats=True under vmap, "
             f"and its {what} is batched but its {stat} buffer is not. Batch norm in training "
@@ -198,6 +201,7 @@ def _substituted(module, named_tensors, api):
 
 # ------------------------------------------------------------------------------------------------
 # functional_call
+
 
 def _merge_dicts(parameter_and_buffer_dicts, api):
     if isinstance(parameter_and_buffer_dicts, dict):
@@ -240,7 +244,8 @@ def _merge_dicts(parameter_and_buffer_dicts, api):
 def _tensor_names(module):
     """[(name, tensor)] of every parameter and buffer, tied ones under each of their names."""
     return list(module.named_parameters(remove_duplicate=False)) + list(
-        module.named_buffers(remove_duplicate=False))
+        module.named_buffers(remove_duplicate=False)
+    )
 
 
 def _tied_groups(named):
@@ -251,8 +256,9 @@ def _tied_groups(named):
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def functional_call(module, parameter_and_buffer_dicts, args=None, kwargs=None, *,
-                    tie_weights=True, strict=False):
+def functional_call(
+    module, parameter_and_buffer_dicts, args=None, kwargs=None, *, tie_weights=True, strict=False
+):
     """Calls module(*args, **kwargs) with the given tensors in place of its parameters/buffers.
 
     parameter_and_buffer_dicts: a dict name -> Tensor, or a tuple/list of such dicts (e.g.
@@ -299,8 +305,10 @@ def functional_call(module, parameter_and_buffer_dicts, args=None, kwargs=None, 
         missing = list(dict.fromkeys(missing))
         unexpected = [n for n in tensors if n not in expected]
         if missing or unexpected:
-            lines = [f"{api}(strict=True): the keys must be exactly the parameter and buffer "
-                     f"names of the {type(module).__name__}."]
+            lines = [
+                f"{api}(strict=True): the keys must be exactly the parameter and buffer "
+                f"names of the {type(module).__name__}."
+            ]
             if missing:
                 lines.append(f"  missing key(s): {_quote_list(missing)}")
             if unexpected:
@@ -312,6 +320,7 @@ def functional_call(module, parameter_and_buffer_dicts, args=None, kwargs=None, 
 
 # ------------------------------------------------------------------------------------------------
 # stack_module_state
+
 
 def _describe_keys(kind, i, extra, lacking):
     parts = []
@@ -325,9 +334,11 @@ def _describe_keys(kind, i, extra, lacking):
 def _stack_leaves(kind, name, tensors):
     first = tensors[0]
     for i, t in enumerate(tensors[1:], 1):
-        for what, a, b in (("shape", tuple(first.shape), tuple(t.shape)),
-                           ("dtype", first.dtype, t.dtype),
-                           ("device", first.device, t.device)):
+        for what, a, b in (
+            ("shape", tuple(first.shape), tuple(t.shape)),
+            ("dtype", first.dtype, t.dtype),
+            ("device", first.device, t.device),
+        ):
             if a != b:
                 raise RuntimeError(
                     f"stack_module_state: {kind} {name!r} has {what} {a} in model 0 but {b} in "
@@ -356,9 +367,7 @@ def stack_module_state(models):
     """
     api = "stack_module_state"
     if isinstance(models, nn.Module) or not hasattr(models, "__iter__"):
-        raise TypeError(
-            f"{api}: expected a list or tuple of nn.Modules, got {type(models).__name__}."
-        )
+        raise TypeError(f"{api}: expected a list or tuple of nn.Modules, got {type(models).__name__}.")
     models = list(models)
     if not models:
         raise RuntimeError(f"{api}: Expected at least one model, got 0 (an empty sequence).")
@@ -379,8 +388,10 @@ def stack_module_state(models):
                 f"is in {modes[0]} mode and model {i} in {modes[1]} mode."
             )
     out = []
-    for kind, getter in (("parameter", lambda m: dict(m.named_parameters())),
-                         ("buffer", lambda m: dict(m.named_buffers()))):
+    for kind, getter in (
+        ("parameter", lambda m: dict(m.named_parameters())),
+        ("buffer", lambda m: dict(m.named_buffers())),
+    ):
         all_named = [getter(m) for m in models]
         keys = list(all_named[0])
         for i, named in enumerate(all_named[1:], 1):
@@ -402,6 +413,7 @@ def stack_module_state(models):
 
 # ------------------------------------------------------------------------------------------------
 # make_functional / make_functional_with_buffers (the functorch API)
+
 
 def _unique_groups(named):
     """[(names sharing one tensor, tensor)], in order of first appearance."""
@@ -443,7 +455,7 @@ class FunctionalModule(nn.Module):
     def __init__(self, stateless_model, param_names, buffer_names=()):
         super().__init__()
         self.stateless_model = stateless_model
-        self.param_names = tuple(param_names)      # one tuple of (tied) names per tensor
+        self.param_names = tuple(param_names)  # one tuple of (tied) names per tensor
         self.buffer_names = tuple(buffer_names)
         self.training = stateless_model.training
 

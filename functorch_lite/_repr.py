@@ -6,6 +6,7 @@ be mistaken for a backend, so they run on a plain prototype of the same dtype an
 requires_grad_()/retain_grad() are refused inside a transform, as torch.func does: autograd of
 the level below cannot see through a transform's tensors, so the gradients a user (or
 torch.autograd.functional) asked for that way would silently be zeros."""
+
 import torch
 
 from ._load import _C
@@ -158,6 +159,7 @@ def _innermost(self):
 def _bit_query(torch_query):
     """is_conj/is_neg: the conjugate and negative bits live on the plain tensor under our
     wrappers (its kernels honour them); the wrappers carry no such key, so ask the plain tensor."""
+
     def query(self):
         return torch_query(_innermost(self))
 
@@ -167,6 +169,7 @@ def _bit_query(torch_query):
 def _bit_resolver(torch_resolve, query):
     """resolve_conj/resolve_neg: torch's asks the wrapper, which has no such key, and returns it
     as it is; an arithmetic no-op materialises the bit of the plain tensor underneath instead."""
+
     def resolve(self):
         if _C._wrapper_info(self) is None or not query(self):
             return torch_resolve(self)
@@ -183,6 +186,7 @@ _resolve_neg = _bit_resolver(_torch_resolve_neg, _is_neg)
 
 def _fn(method, torch_fn):
     """The torch.* function form of a patched method: same answer on our wrappers."""
+
     def fn(input):
         if isinstance(input, torch.Tensor) and _C._wrapper_info(input) is not None:
             return method(input)

@@ -1,5 +1,6 @@
 """ft.vmap: the Python face of vmap levels. Argument checking and pytree handling live here;
 entering/leaving the level and moving batch dims in and out happen in C++ (_C)."""
+
 import functools
 
 import torch
@@ -28,8 +29,8 @@ def _check_vmap_args(randomness, chunk_size):
         raise TypeError(f"vmap: chunk_size must be None or a positive int, got {chunk_size!r}")
     if chunk_size <= 0:
         raise ValueError(
-            f"vmap: chunk_size should be None or greater than 0 (a positive int), got "
-            f"{chunk_size!r}")
+            f"vmap: chunk_size should be None or greater than 0 (a positive int), got {chunk_size!r}"
+        )
 
 
 def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
@@ -46,7 +47,7 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
       elements at a time and the results concatenated; 1 behaves like a for-loop.
     """
     _check_vmap_args(randomness, chunk_size)
-    simple_dims = (type(in_dims) is int and type(out_dims) is int and chunk_size is None)
+    simple_dims = type(in_dims) is int and type(out_dims) is int and chunk_size is None
 
     @functools.wraps(func)
     def wrapped(*args, **kwargs):
@@ -171,8 +172,12 @@ def _flatten_outputs(func, out_dims, out):
             f"pytree matching the outputs, got {type(out_dims).__name__}."
         )
     flat_out_dims = _broadcast_to_and_flatten(out_dims, out_spec)
-    if flat_out_dims is None and isinstance(out, torch.Tensor) and isinstance(out_dims, tuple) \
-            and len(out_dims) == 1:
+    if (
+        flat_out_dims is None
+        and isinstance(out, torch.Tensor)
+        and isinstance(out_dims, tuple)
+        and len(out_dims) == 1
+    ):
         # torch.func accepts out_dims=(d,) for a function returning one Tensor.
         flat_out_dims = [out_dims[0]]
     if flat_out_dims is None:
@@ -228,7 +233,9 @@ def _finish_outputs(func, out_dims, out, level, batch_size):
             )
     tensor_idx = [i for i, o in enumerate(flat_out) if isinstance(o, torch.Tensor)]
     unwrapped = _C._vmap_unwrap_outputs(
-        [flat_out[i] for i in tensor_idx], [flat_out_dims[i] for i in tensor_idx], level,
+        [flat_out[i] for i in tensor_idx],
+        [flat_out_dims[i] for i in tensor_idx],
+        level,
         batch_size,
     )
     for i, u in zip(tensor_idx, unwrapped):
@@ -243,24 +250,21 @@ def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
             func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs
         )
         return tree_unflatten(flat_out, out_spec)
-    return _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness,
-                    chunk_size, kwargs)
+    return _chunked(
+        func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, chunk_size, kwargs
+    )
 
 
-def _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness,
-             chunk_size, kwargs):
+def _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, chunk_size, kwargs):
     starts = range(0, batch_size, chunk_size)
     # randomness='same' means one draw for the whole batch, so every chunk replays the same RNG.
     rng = None
     if randomness == "same":
-        rng = (torch.get_rng_state(),
-               torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
     results, spec, dims = [], None, None
     for start in starts:
         n = min(chunk_size, batch_size - start)
-        chunk_args = [
-            a.narrow(d, start, n) if d is not None else a for a, d in zip(flat_args, flat_in_dims)
-        ]
+        chunk_args = [a.narrow(d, start, n) if d is not None else a for a, d in zip(flat_args, flat_in_dims)]
         if rng is not None:
             torch.set_rng_state(rng[0])
             if rng[1] is not None:

@@ -20,12 +20,13 @@ transforms through torch.autograd.grad with create_graph=True). Outcomes (see `r
 test/test_fuzz.py drives it with hypothesis (CI and long profiles); `python test/_fuzz.py N`
 runs N random programs without pytest and prints the summary and the failures, shrunk.
 """
+
 import collections
 import math
 import random
 import sys
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ MAX_NUMEL = 48
 
 # ----------------------------------------------------------------------------------------------
 # Shape-polymorphic helpers. `p` is the op's integer parameter; every choice derives from it.
+
 
 def _dim(x, p):
     """A dim of x chosen by p, negative half of the time."""
@@ -287,12 +289,14 @@ def _adv_index_pair(x, y, p):
 def _reduce(fn):
     def op(x, y, p):
         return fn(x, _dim(x, p), bool(p % 2))
+
     return op
 
 
 def _scan(fn):
     def op(x, y, p):
         return fn(x, _dim(x, p))
+
     return op
 
 
@@ -413,8 +417,7 @@ CATALOGUE = {
     # indexing
     "index_select": lambda x, y, p: x.index_select(_dim(x, p), _idx(2, x.shape[_dim(x, p)], p)),
     "gather": lambda x, y, p: x.gather(_dim(x, p), _idx_like(x.shape, x.shape[_dim(x, p)], p)),
-    "take_along_dim": lambda x, y, p: torch.take_along_dim(
-        x, _idx_like(x.shape, x.shape[-1], p), -1),
+    "take_along_dim": lambda x, y, p: torch.take_along_dim(x, _idx_like(x.shape, x.shape[-1], p), -1),
     "adv_index": _adv_index,
     "adv_index2": _adv_index2,
     "adv_index_pair": _adv_index_pair,
@@ -431,8 +434,9 @@ CATALOGUE = {
     "dot": lambda x, y, p: torch.dot(x.reshape(-1), _fit(y, (x.numel(),))),
     "outer": lambda x, y, p: torch.outer(x.reshape(-1)[:4], _fit(y, (3,))),
     "linear": lambda x, y, p: F.linear(x, _fit(y, (2, x.shape[-1])), _fit(y, (2,))),
-    "addmm": lambda x, y, p: torch.addmm(_fit(y, (1, 2)), _r2(x).reshape(-1, x.shape[-1]),
-                                         _fit(y, (x.shape[-1], 2))),
+    "addmm": lambda x, y, p: torch.addmm(
+        _fit(y, (1, 2)), _r2(x).reshape(-1, x.shape[-1]), _fit(y, (x.shape[-1], 2))
+    ),
     "einsum": lambda x, y, p: torch.einsum("...i,...j->...ij", x, x),
     "tensordot": lambda x, y, p: torch.tensordot(x, _fit(y, x.shape[-1:]), dims=1),
     "trace": lambda x, y, p: torch.trace(_r2(x).reshape(-1, x.shape[-1])),
@@ -453,10 +457,10 @@ CATALOGUE = {
     "l1": lambda x, y, p: F.l1_loss(x, _fit(y, x.shape)),
     "smooth_l1": lambda x, y, p: F.smooth_l1_loss(x, _fit(y, x.shape), reduction="none"),
     "huber": lambda x, y, p: F.huber_loss(x, _fit(y, x.shape), delta=0.5),
-    "bce_logits": lambda x, y, p: F.binary_cross_entropy_with_logits(
-        x, _fit(y, x.shape).sigmoid()),
-    "kl_div": lambda x, y, p: F.kl_div(x.log_softmax(-1), _fit(y, x.shape).softmax(-1),
-                                       reduction="batchmean"),
+    "bce_logits": lambda x, y, p: F.binary_cross_entropy_with_logits(x, _fit(y, x.shape).sigmoid()),
+    "kl_div": lambda x, y, p: F.kl_div(
+        x.log_softmax(-1), _fit(y, x.shape).softmax(-1), reduction="batchmean"
+    ),
     "cross_entropy": _cross_entropy,
     "nll": _nll,
     "cosine_sim": lambda x, y, p: F.cosine_similarity(x, _fit(y, x.shape) + 1, dim=-1),
@@ -474,11 +478,12 @@ CATALOGUE = {
 # ----------------------------------------------------------------------------------------------
 # Programs
 
+
 @dataclass(frozen=True)
 class Program:
-    x_shape: tuple           # per-sample shape of x (innermost)
-    y_shape: tuple           # per-sample shape of y
-    ops: tuple               # ((name, param), ...)
+    x_shape: tuple  # per-sample shape of x (innermost)
+    y_shape: tuple  # per-sample shape of y
+    ops: tuple  # ((name, param), ...)
     # outermost first: ("vmap", dx, dy, out_dims, chunk, B), ("grad", argnums), ("vjp",), ...
     layers: tuple
     seed: int = 0
@@ -497,16 +502,21 @@ class Program:
     def inputs(self):
         g = torch.Generator().manual_seed(self.seed)
         xs, ys = self.input_shapes()
-        return (torch.randn(xs, generator=g, dtype=torch.float64),
-                torch.randn(ys, generator=g, dtype=torch.float64))
+        return (
+            torch.randn(xs, generator=g, dtype=torch.float64),
+            torch.randn(ys, generator=g, dtype=torch.float64),
+        )
 
     def __str__(self):
-        return (f"Program(x_shape={self.x_shape}, y_shape={self.y_shape}, ops={self.ops}, "
-                f"layers={self.layers}, seed={self.seed})")
+        return (
+            f"Program(x_shape={self.x_shape}, y_shape={self.y_shape}, ops={self.ops}, "
+            f"layers={self.layers}, seed={self.seed})"
+        )
 
 
 def chain(ops):
     """The program's innermost function: the op chain, at rank 1-4 and <= MAX_NUMEL elements."""
+
     def f(x, y):
         for name, p in ops:
             x = CATALOGUE[name](x, y, p)
@@ -517,6 +527,7 @@ def chain(ops):
             if x.numel() > MAX_NUMEL:
                 x = x.reshape(-1)[:MAX_NUMEL]
         return x
+
     return f
 
 
@@ -545,23 +556,25 @@ class FuncTransforms:
             _, dx, dy, od, chunk, _ = layer
             return T.vmap(g, in_dims=(dx, dy), out_dims=od, chunk_size=chunk, randomness="error")
         if kind == "grad":
-            return lambda x, y: _tuple(
-                T.grad(lambda a, b: _scalar(g(a, b)), argnums=layer[1])(x, y))
+            return lambda x, y: _tuple(T.grad(lambda a, b: _scalar(g(a, b)), argnums=layer[1])(x, y))
         if kind == "vjp":
+
             def h(x, y):
                 out, fn = T.vjp(g, x, y)
                 return _tuple(out) + _tuple(fn(tuple(_cot(o) for o in out)))
+
             return h
         if kind == "jvp":
+
             def h(x, y):
                 out, tout = T.jvp(g, (x, y), (x.sin(), y.cos()))
                 return _tuple(out) + _tuple(tout)
+
             return h
         if kind in ("jacrev", "jacfwd"):
             return lambda x, y: _tuple(getattr(T, kind)(g, argnums=layer[1])(x, y))
         if kind == "hessian":
-            return lambda x, y: _tuple(T.hessian(lambda a, b: _scalar(g(a, b)),
-                                                 argnums=layer[1])(x, y))
+            return lambda x, y: _tuple(T.hessian(lambda a, b: _scalar(g(a, b)), argnums=layer[1])(x, y))
         raise AssertionError(kind)
 
 
@@ -587,8 +600,9 @@ class RefereeTransforms:
         pairs = [(o, c) for o, c in zip(outs, cots) if o.requires_grad]
         if not pairs:
             return [torch.zeros_like(i) for i in inputs]
-        gs = torch.autograd.grad([o for o, _ in pairs], inputs, [c for _, c in pairs],
-                                 create_graph=True, allow_unused=True)
+        gs = torch.autograd.grad(
+            [o for o, _ in pairs], inputs, [c for _, c in pairs], create_graph=True, allow_unused=True
+        )
         return [torch.zeros_like(i) if g is None else g for g, i in zip(gs, inputs)]
 
     _in_dual = False
@@ -599,12 +613,13 @@ class RefereeTransforms:
     @staticmethod
     def _jvp_forward(g, x, y):
         import torch.autograd.forward_ad as fwAD
+
         with fwAD.dual_level():
             outs = g(fwAD.make_dual(x, x.sin()), fwAD.make_dual(y, y.cos()))
             duals = [fwAD.unpack_dual(o) for o in outs]
-        return (tuple(d.primal for d in duals)
-                + tuple(torch.zeros_like(d.primal) if d.tangent is None else d.tangent
-                        for d in duals))
+        return tuple(d.primal for d in duals) + tuple(
+            torch.zeros_like(d.primal) if d.tangent is None else d.tangent for d in duals
+        )
 
     def _jac(self, g, argnums, x, y):
         with torch.enable_grad():
@@ -615,9 +630,11 @@ class RefereeTransforms:
                 flat = o.reshape(-1)
                 per_arg = []
                 for i in nums:
-                    rows = [self._grads([flat[k]], [own[i]], [torch.ones((), dtype=o.dtype)])[0]
-                            for k in range(flat.numel())]
-                    j = (torch.stack(rows) if rows else own[i].new_zeros((0,) + own[i].shape))
+                    rows = [
+                        self._grads([flat[k]], [own[i]], [torch.ones((), dtype=o.dtype)])[0]
+                        for k in range(flat.numel())
+                    ]
+                    j = torch.stack(rows) if rows else own[i].new_zeros((0,) + own[i].shape)
                     per_arg.append(j.reshape(o.shape + own[i].shape))
                 res.append(per_arg[0] if isinstance(argnums, int) else tuple(per_arg))
             return _tuple(tuple(res))
@@ -631,28 +648,37 @@ class RefereeTransforms:
                 if dx is None and dy is None:
                     raise ValueError("vmap: no batched input")
                 b = x.shape[dx] if dx is not None else y.shape[dy]
-                per = [g(x.select(dx, i) if dx is not None else x,
-                         y.select(dy, i) if dy is not None else y) for i in range(b)]
+                per = [
+                    g(x.select(dx, i) if dx is not None else x, y.select(dy, i) if dy is not None else y)
+                    for i in range(b)
+                ]
                 return tuple(torch.stack([p[k] for p in per], od) for k in range(len(per[0])))
+
             return h
         if kind == "grad":
+
             def h(x, y):
                 with torch.enable_grad():
                     own, nums = self._own((x, y), layer[1])
                     outs = g(*own)
-                    gs = self._grads([_scalar(outs)], [own[i] for i in nums],
-                                     [torch.ones((), dtype=torch.float64)])
+                    gs = self._grads(
+                        [_scalar(outs)], [own[i] for i in nums], [torch.ones((), dtype=torch.float64)]
+                    )
                 return tuple(gs)
+
             return h
         if kind == "vjp":
+
             def h(x, y):
                 with torch.enable_grad():
                     own, _ = self._own((x, y), (0, 1))
                     outs = g(*own)
                     gs = self._grads(outs, own, [_cot(o) for o in outs])
                 return tuple(outs) + tuple(gs)
+
             return h
         if kind == "jvp":
+
             def h(x, y):
                 # The double-vjp trick; the forward-AD flavour of the referee uses torch's
                 # forward AD where it can (one dual level: not for a jvp inside a jvp, nor for
@@ -678,12 +704,18 @@ class RefereeTransforms:
                     tang = [x.sin(), y.cos()]
                     live = [(gg, t) for gg, t in zip(gs, tang) if gg.requires_grad]
                     if live:
-                        jv = torch.autograd.grad([a for a, _ in live], us, [t for _, t in live],
-                                                 create_graph=True, allow_unused=True)
+                        jv = torch.autograd.grad(
+                            [a for a, _ in live],
+                            us,
+                            [t for _, t in live],
+                            create_graph=True,
+                            allow_unused=True,
+                        )
                     else:
                         jv = [None] * len(us)
                     jv = [torch.zeros_like(o) if j is None else j for j, o in zip(jv, outs)]
                 return tuple(outs) + tuple(jv)
+
             return h
         if kind in ("jacrev", "jacfwd"):
             return lambda x, y: self._jac(g, layer[1], x, y)
@@ -746,33 +778,29 @@ _CHUNK_1 = "<chunk_size=1>"
 # Failures not fixed yet, each with its strict-xfail reproducer in test/test_fuzz_regressions.py:
 # a program whose failure matches one is counted as "known" instead of failing the fuzzer.
 KNOWN = {
-    "test_hessian_of_loss_without_forward_ad_backward":
-        r"we raise where torch.func returns: NotImplementedError: Trying to use forward AD with "
-        r"(huber|soft_margin)_loss_backward",
-    "test_vmap_jacrev_inplace_on_view_with_differentiated_operand":
-        r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::copy_ "
-        r"writes batched values in place into 'self'",
-    "test_vmap_jacfwd_index_put_into_fresh_clone":
-        r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::index_put_ "
-        r"writes batched values in place into 'self'",
-    "test_vmap_chunk_size_1_inplace_into_unbatched":
-        r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::\w+_(\.\w+)? "
-        r"writes batched values in place into 'self'" + _CHUNK_1,
-    "test_jvp_of_hessian_of_hessian_rms_abs":
-        r"we raise where torch.func returns: RuntimeError: unsupported operation: more than one "
-        r"element of the written-to tensor refers to a single memory location",
+    "test_hessian_of_loss_without_forward_ad_backward": r"we raise where torch.func returns: NotImplementedError: Trying to use forward AD with "
+    r"(huber|soft_margin)_loss_backward",
+    "test_vmap_jacrev_inplace_on_view_with_differentiated_operand": r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::copy_ "
+    r"writes batched values in place into 'self'",
+    "test_vmap_jacfwd_index_put_into_fresh_clone": r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::index_put_ "
+    r"writes batched values in place into 'self'",
+    "test_vmap_chunk_size_1_inplace_into_unbatched": r"we raise where torch.func returns: RuntimeError: functorch_lite.vmap: aten::\w+_(\.\w+)? "
+    r"writes batched values in place into 'self'" + _CHUNK_1,
+    "test_jvp_of_hessian_of_hessian_rms_abs": r"we raise where torch.func returns: RuntimeError: unsupported operation: more than one "
+    r"element of the written-to tensor refers to a single memory location",
 }
 
 
 def known(outcome, prog=None):
     """The regression test that covers this failure, or None."""
     import re
+
     chunk_1 = prog is not None and any(l[0] == "vmap" and l[4] == 1 for l in prog.layers)
     for test, pattern in KNOWN.items():
         if pattern.endswith(_CHUNK_1):
             if not chunk_1:
                 continue
-            pattern = pattern[:-len(_CHUNK_1)]
+            pattern = pattern[: -len(_CHUNK_1)]
         if re.match(pattern, outcome.detail):
             return test
     return None
@@ -780,9 +808,9 @@ def known(outcome, prog=None):
 
 @dataclass
 class Outcome:
-    kind: str                      # agree | both_raise | ours_right | known | failure
+    kind: str  # agree | both_raise | ours_right | known | failure
     detail: str = ""
-    types: tuple = ()              # (our exception type, torch.func's) when both raise
+    types: tuple = ()  # (our exception type, torch.func's) when both raise
 
 
 def run_case(prog):
@@ -810,8 +838,7 @@ def _referee(prog, ours):
 def _run_case(prog):
     ok_ours, ours = _run(prog, OURS)
     if ft._C._stack_depth() != 0:
-        return Outcome("failure",
-                       f"functorch_lite left {ft._C._stack_depth()} level(s) on the stack")
+        return Outcome("failure", f"functorch_lite left {ft._C._stack_depth()} level(s) on the stack")
     ok_theirs, theirs = _run(prog, THEIRS)
     if not ok_ours and not ok_theirs:
         return Outcome("both_raise", types=(type(ours).__name__, type(theirs).__name__))
@@ -826,12 +853,16 @@ def _run_case(prog):
     if ok_ours:
         ok_ref, ref = _referee(prog, ours)
         if ok_ref and _same(ours, ref) is None:
-            return Outcome("ours_right", f"torch.func raises {type(theirs).__name__}: "
-                           + _first_line(theirs))
-        why = ("the referees raise " + type(ref).__name__ if not ok_ref
-               else "the referees' values differ from ours")
-        return Outcome("failure", f"torch.func raises {type(theirs).__name__}: "
-                       f"{_first_line(theirs)}; we return values; {why}")
+            return Outcome("ours_right", f"torch.func raises {type(theirs).__name__}: " + _first_line(theirs))
+        why = (
+            "the referees raise " + type(ref).__name__
+            if not ok_ref
+            else "the referees' values differ from ours"
+        )
+        return Outcome(
+            "failure",
+            f"torch.func raises {type(theirs).__name__}: {_first_line(theirs)}; we return values; {why}",
+        )
     tb = "".join(traceback.format_exception_only(type(ours), ours)).strip()
     return Outcome("failure", "we raise where torch.func returns: " + tb[:400])
 
@@ -839,39 +870,45 @@ def _run_case(prog):
 def signature(prog, outcome):
     """A coarse key for deduplicating failures: the detail's first line without numbers."""
     import re
+
     return re.sub(r"[0-9]+", "N", outcome.detail.splitlines()[0])[:160]
 
 
 # ----------------------------------------------------------------------------------------------
 # Shrinking (used by the long profile and the command line: hypothesis shrinks in CI)
 
+
 def _candidates(prog):
     ops, layers = list(prog.ops), list(prog.layers)
     for i in range(len(ops)):
         if len(ops) > 1:
-            yield replace(prog, ops=tuple(ops[:i] + ops[i + 1:]))
+            yield replace(prog, ops=tuple(ops[:i] + ops[i + 1 :]))
     for i in range(len(layers)):
         if len(layers) > 1:
-            yield replace(prog, layers=tuple(layers[:i] + layers[i + 1:]))
+            yield replace(prog, layers=tuple(layers[:i] + layers[i + 1 :]))
     for i, (name, p) in enumerate(ops):
         for q in (0, 1, 7):
             if q < p:
-                yield replace(prog, ops=tuple(ops[:i] + [(name, q)] + ops[i + 1:]))
+                yield replace(prog, ops=tuple(ops[:i] + [(name, q)] + ops[i + 1 :]))
     for attr in ("x_shape", "y_shape"):
         shape = getattr(prog, attr)
         for i, s in enumerate(shape):
             if len(shape) > 1:
-                yield replace(prog, **{attr: shape[:i] + shape[i + 1:]})
+                yield replace(prog, **{attr: shape[:i] + shape[i + 1 :]})
             if s > 1:
-                yield replace(prog, **{attr: shape[:i] + (s - 1,) + shape[i + 1:]})
+                yield replace(prog, **{attr: shape[:i] + (s - 1,) + shape[i + 1 :]})
     for i, layer in enumerate(layers):
         if layer[0] == "vmap":
             _, dx, dy, od, chunk, b = layer
-            for new in (("vmap", dx, dy, 0, chunk, b), ("vmap", dx, dy, od, None, b),
-                        ("vmap", dx, dy, od, chunk, 2), ("vmap", dx, None, od, chunk, b),
-                        ("vmap", 0 if dx is not None else None, dy, od, chunk, b)):
+            for new in (
+                ("vmap", dx, dy, 0, chunk, b),
+                ("vmap", dx, dy, od, None, b),
+                ("vmap", dx, dy, od, chunk, 2),
+                ("vmap", dx, None, od, chunk, b),
+                ("vmap", 0 if dx is not None else None, dy, od, chunk, b),
+            ):
                 if new != layer:
-                    yield replace(prog, layers=tuple(layers[:i] + [new] + layers[i + 1:]))
+                    yield replace(prog, layers=tuple(layers[:i] + [new] + layers[i + 1 :]))
     if prog.seed:
         yield replace(prog, seed=0)
 
@@ -900,9 +937,11 @@ OP_NAMES = tuple(sorted(CATALOGUE))
 def make_layer(kind, draw_int, rank_x, rank_y):
     """A layer of `kind`; draw_int(lo, hi) draws an int. rank_* are per-sample ranks under it."""
     if kind == "vmap":
+
         def in_dim(rank):
             choices = list(range(rank + 1)) + [-d for d in range(1, rank + 2)] + [None]
             return choices[draw_int(0, len(choices) - 1)]
+
         dx = in_dim(rank_x)
         dy = in_dim(rank_y) if draw_int(0, 2) else None
         od = (0, -1, 1)[draw_int(0, 2)]
@@ -928,7 +967,7 @@ def make_program(draw_int, draw_op):
             rx += layer[1] is not None
             ry += layer[2] is not None
         layers.insert(0, layer)
-    return Program(x_shape, y_shape, ops, tuple(layers), draw_int(0, 2 ** 16))
+    return Program(x_shape, y_shape, ops, tuple(layers), draw_int(0, 2**16))
 
 
 class Stats:
@@ -936,7 +975,7 @@ class Stats:
         self.counts = collections.Counter()
         self.type_mismatch = collections.Counter()
         self.ours_right = collections.Counter()
-        self.failures = {}          # signature -> (program, outcome)
+        self.failures = {}  # signature -> (program, outcome)
         self.known = collections.Counter()
         self.ours_right_example = {}
 
@@ -954,11 +993,13 @@ class Stats:
 
     def summary(self):
         n = sum(self.counts.values())
-        lines = [f"functorch_lite fuzzer: {n} programs run: {self.counts['agree']} agreed, "
-                 f"{self.counts['both_raise']} both raised, {self.counts['ours_right']} "
-                 f"ours right where torch.func is wrong, {self.counts['known']} known failures "
-                 f"(strict xfails), {self.counts['failure']} failures "
-                 f"({len(self.failures)} distinct)"]
+        lines = [
+            f"functorch_lite fuzzer: {n} programs run: {self.counts['agree']} agreed, "
+            f"{self.counts['both_raise']} both raised, {self.counts['ours_right']} "
+            f"ours right where torch.func is wrong, {self.counts['known']} known failures "
+            f"(strict xfails), {self.counts['failure']} failures "
+            f"({len(self.failures)} distinct)"
+        ]
         for (a, b), c in self.type_mismatch.most_common():
             lines.append(f"  both raised, exception types differ ({c}x): ours {a}, torch.func {b}")
         for d, c in self.ours_right.most_common():
@@ -980,13 +1021,17 @@ def run_case_limited(prog, timeout_s):
 
     def alarm(*_):
         raise _Timeout()
+
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(timeout_s)
     try:
         return run_case(prog)
     except _Timeout:
-        return Outcome("failure", f"the program took longer than {timeout_s} s (levels left "
-                       f"on the stack after the interrupt: {ft._C._stack_depth()})")
+        return Outcome(
+            "failure",
+            f"the program took longer than {timeout_s} s (levels left "
+            f"on the stack after the interrupt: {ft._C._stack_depth()})",
+        )
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -1008,5 +1053,4 @@ def main(n, seed=0, do_shrink=True, timeout_s=60):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200,
-         int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200, int(sys.argv[2]) if len(sys.argv) > 2 else 0)

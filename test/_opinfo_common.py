@@ -10,13 +10,14 @@ of Sweep.correct, 'failure', or 'oracle' (torch.func cannot run it: not counted)
 is 'failure' if any sample failed, else the worst of Sweep.correct its samples reached, or
 'skipped'.
 """
+
 import collections
 import dataclasses
 import os
 import time
 import warnings
 import zlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -31,8 +32,11 @@ def op_name(op):
 
 
 def is_diff(t):
-    return (isinstance(t, torch.Tensor) and t.layout == torch.strided
-            and (t.is_floating_point() or t.is_complex()))
+    return (
+        isinstance(t, torch.Tensor)
+        and t.layout == torch.strided
+        and (t.is_floating_point() or t.is_complex())
+    )
 
 
 def close(a, b, rtol, atol):
@@ -70,7 +74,8 @@ def stack_rows(rows):
     leaves = list(zip(*[tree_flatten(r)[0] for r in rows]))
     return tree_unflatten(
         [torch.stack(ls) if isinstance(ls[0], torch.Tensor) else ls[0] for ls in leaves],
-        tree_flatten(rows[0])[1])
+        tree_flatten(rows[0])[1],
+    )
 
 
 def loop_agrees(actual, rows, close_fn):
@@ -112,8 +117,7 @@ def prepare(op, sample):
     arguments a primal of fn (kwargs stay constant), or (None, why the sample has none)."""
     args, kwargs = (sample.input,) + tuple(sample.args), sample.kwargs
     flat, spec = tree_flatten(args)
-    if any(isinstance(t, torch.Tensor) and t.layout != torch.strided
-           for t in flat + tree_flatten(kwargs)[0]):
+    if any(isinstance(t, torch.Tensor) and t.layout != torch.strided for t in flat + tree_flatten(kwargs)[0]):
         return None, "non-strided (sparse) input"
     pos = [i for i, t in enumerate(flat) if is_diff(t)]
     if not pos:
@@ -132,11 +136,13 @@ def prepare(op, sample):
 def on_primals(modes, run):
     """A Sweep.run_sample that calls run(fn, primals, seed) on each prepared sample; a sample
     with nothing to differentiate is 'oracle' in every mode."""
+
     def run_sample(op, sample, seed):
         prepared, why = prepare(op, sample)
         if prepared is None:
             return {m: ("oracle", why) for m in modes}
         return run(*prepared, seed)
+
     return run_sample
 
 
@@ -174,9 +180,11 @@ def _no_sample(per_sample):
 
 
 def _breakdown(sweep, mode, samples):
-    return (f"threshold {100 * sweep.modes[mode].min_correct:.2f}%; {samples['failure']} failing; "
-            f"{samples['oracle']} samples skipped because torch.func cannot run them or they have "
-            f"nothing to differentiate")
+    return (
+        f"threshold {100 * sweep.modes[mode].min_correct:.2f}%; {samples['failure']} failing; "
+        f"{samples['oracle']} samples skipped because torch.func cannot run them or they have "
+        f"nothing to differentiate"
+    )
 
 
 def _notes_and_correct(results, h):
@@ -188,8 +196,12 @@ def _notes_and_correct(results, h):
     notes = {n: ds for n, ds in notes.items() if ds}
     lines = []
     if notes:
-        lines += ["", f"{h} Correct samples with notes (ops that ran through the for-loop "
-                  "fallback; torch.func disagreeing with the for-loop)", ""]
+        lines += [
+            "",
+            f"{h} Correct samples with notes (ops that ran through the for-loop "
+            "fallback; torch.func disagreeing with the for-loop)",
+            "",
+        ]
         lines += [f"- `{n}`: {'; '.join(ds)}" for n, ds in notes.items()]
     lines += ["", f"{h} Correct", ""]
     lines.append(", ".join(f"`{n}`" for n, (st, _, _) in results.items() if st == "correct"))
@@ -217,11 +229,11 @@ class Sweep:
     samples_per_op: int
     min_samples: int  # fewer correct samples: the sweep did not really run
     correct: tuple = ("correct",)  # sample statuses that count as correct, best first
-    swept: Optional[str] = None  # an OpInfo flag (supports_autograd): ops without it are left out
+    swept: str | None = None  # an OpInfo flag (supports_autograd): ops without it are left out
     # (op, op_name(op)) -> bool, instead of random_ops naming an op in all its variants
-    is_random_op: Optional[Callable] = None
+    is_random_op: Callable | None = None
     random_all_samples: bool = False  # look for randomness in every sample, not just the first
-    random_one_reason: Optional[str] = None  # see random_reason
+    random_one_reason: str | None = None  # see random_reason
     no_sample: Callable = _no_sample  # per_sample -> why an op with only 'oracle' is skipped
     breakdown: Callable = _breakdown  # (sweep, mode, Counter of sample statuses) -> report text
     middle: Callable = _notes_and_correct  # (results, heading marks) -> report lines
@@ -270,8 +282,16 @@ class Sweep:
                         record(name, "skipped", None, f"sample_inputs fails: {type(e).__name__}")
                         continue
                     checked = samples if self.random_all_samples else samples[:1]
-                    why = next((r for r in (random_reason(op, s, self.close, self.random_one_reason)
-                                            for s in checked) if r), None)
+                    why = next(
+                        (
+                            r
+                            for r in (
+                                random_reason(op, s, self.close, self.random_one_reason) for s in checked
+                            )
+                            if r
+                        ),
+                        None,
+                    )
                     if why:
                         record(name, "skipped", None, why)
                         continue
@@ -309,18 +329,17 @@ class Sweep:
             f"**Correct samples: {correct} / {correct + samples['failure']} = "
             f"{100 * fraction:.2f}%** ({self.breakdown(self, mode, samples)}).",
             "",
-            "| ops | count |", "|---|---|",
+            "| ops | count |",
+            "|---|---|",
         ]
         for k in self.correct + ("failure", "skipped"):
             lines.append(f"| {k} | {counts[k]} |")
-        lines += ["", f"{h} Failures", "", "| op | xfail reason | first failing sample |",
-                  "|---|---|---|"]
+        lines += ["", f"{h} Failures", "", "| op | xfail reason | first failing sample |", "|---|---|---|"]
         xfail, dict_name = self.modes[mode].xfail, self.modes[mode].xfail_name
         for name, (st, ps, _) in results.items():
             if st == "failure":
                 first = next(d for s, d in ps if s == "failure").replace("|", "\\|")
-                lines.append(f"| `{name}` | {xfail.get(name, f'**not in {dict_name}**')} | "
-                             f"{first} |")
+                lines.append(f"| `{name}` | {xfail.get(name, f'**not in {dict_name}**')} | {first} |")
         lines += self.middle(results, h)
         lines += ["", f"{h} Skipped", "", "| op | reason |", "|---|---|"]
         for name, (st, _, reason) in results.items():
@@ -353,27 +372,32 @@ class Sweep:
         m = self.modes[mode]
         assert fraction >= m.min_correct, (
             f"{100 * fraction:.2f}% of OpInfo samples are correct under {m.title}, below the "
-            f"{100 * m.min_correct:.2f}% threshold ({samples})")
+            f"{100 * m.min_correct:.2f}% threshold ({samples})"
+        )
 
     def check_xfail_is_exact(self, results, mode):
         xfail, dict_name = self.modes[mode].xfail, self.modes[mode].xfail_name
         title = self.modes[mode].title
         failing = {n for n, (st, _, _) in results.items() if st == "failure"}
-        unexpected = {n: next(d for s, d in results[n][1] if s == "failure")
-                      for n in sorted(failing - set(xfail))}
+        unexpected = {
+            n: next(d for s, d in results[n][1] if s == "failure") for n in sorted(failing - set(xfail))
+        }
         stale = sorted(set(xfail) - failing)
         # an op missing from the results: every op_db op is there unless swept() left it out
         absent = "not in op_db" if self.swept is None else "not swept"
         msgs = []
         if unexpected:
-            msgs.append(f"ops failing under {title} that are not in {dict_name} (fix "
-                        f"them or add them with a reason):\n" + "\n".join(
-                            f"  {n}: {d}" for n, d in unexpected.items()))
+            msgs.append(
+                f"ops failing under {title} that are not in {dict_name} (fix "
+                f"them or add them with a reason):\n"
+                + "\n".join(f"  {n}: {d}" for n, d in unexpected.items())
+            )
         if stale:
-            msgs.append(f"stale {dict_name} entries: these ops now pass (or are no longer swept), "
-                        f"remove them from {dict_name} in {self.file}:\n" + "\n".join(
-                            f"  {n} (now {results[n][0] if n in results else absent})"
-                            for n in stale))
+            msgs.append(
+                f"stale {dict_name} entries: these ops now pass (or are no longer swept), "
+                f"remove them from {dict_name} in {self.file}:\n"
+                + "\n".join(f"  {n} (now {results[n][0] if n in results else absent})" for n in stale)
+            )
         assert not msgs, "\n".join(msgs)
 
 
@@ -381,6 +405,7 @@ def define_tests(sweep_spec):
     """The `sweep` fixture and the tests test_sweep_correct_fraction and
     test_sweep_xfail_list_is_exact of a sweep file, which assigns them to those names (pytest
     collects them from there). With several modes, each test is parametrized by mode."""
+
     @pytest.fixture(scope="module")
     def sweep():
         results, seconds = sweep_spec.run()
@@ -397,6 +422,7 @@ def define_tests(sweep_spec):
         def test_sweep_xfail_list_is_exact(sweep):
             sweep_spec.check_xfail_is_exact(sweep[only], only)
     else:
+
         @pytest.mark.parametrize("mode", list(sweep_spec.modes))
         def test_sweep_correct_fraction(sweep, mode):
             sweep_spec.check_correct_fraction(sweep[mode], mode)

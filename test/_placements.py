@@ -15,11 +15,11 @@ Argument kinds:
   "ninf"  normal with whole rows of -inf (for _safe_softmax)
   "sign"  +-1;  "unit" inside (-1, 1)
 """
+
 import math
 
 import pytest
 import torch
-
 from test_vmap import B, check_vmap
 
 
@@ -97,8 +97,9 @@ def placements(specs):
         out.append((p, tuple(None if s[0] == "mask" else dims(p, s) for s in specs)))
     if len(mappable) >= 2:
         for i in mappable:
-            out.append((f"None@{i}", tuple(
-                None if (j == i or s[0] == "mask") else 0 for j, s in enumerate(specs))))
+            out.append(
+                (f"None@{i}", tuple(None if (j == i or s[0] == "mask") else 0 for j, s in enumerate(specs)))
+            )
     return out
 
 

@@ -1,4 +1,5 @@
 """Shared pytest fixtures for functorch_lite's tests (generic: used by every test file)."""
+
 import contextlib
 
 import pytest
@@ -55,4 +56,5 @@ def _seed_and_restore():
     ft.set_vmap_fallback(mode)
     depth = ft._C._stack_depth()
     assert depth == 0, f"the test left {depth} functorch_lite level(s) on the stack: " + (
-        ft._C._describe_stack())
+        ft._C._describe_stack()
+    )

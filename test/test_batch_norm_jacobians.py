@@ -7,6 +7,7 @@ CPU kernel reads them as a dense buffer, past their one element. Every transform
 compared exactly (float64 tolerances) with torch.func and with torch.autograd.functional, over
 N and C including 1, spatial dims or none, with and without weight/bias and running stats.
 """
+
 import itertools
 
 import pytest
@@ -17,8 +18,11 @@ import functorch_lite as ft
 
 DT = torch.float64
 
-SHAPES = [(n, c, *sp) for n, c, sp in itertools.product((1, 2, 4), (1, 3), ((), (2,)))
-          if n * (sp[0] if sp else 1) > 1]  # training needs more than one value per channel
+SHAPES = [
+    (n, c, *sp)
+    for n, c, sp in itertools.product((1, 2, 4), (1, 3), ((), (2,)))
+    if n * (sp[0] if sp else 1) > 1
+]  # training needs more than one value per channel
 
 
 def _setup(shape, affine, running):
@@ -46,8 +50,10 @@ def _setup(shape, affine, running):
 def test_jacobians_match_torch_func_and_autograd(shape, affine, running):
     x, w, b, f = _setup(shape, affine, running)
     ref = torch.autograd.functional.jacobian(f, x)
-    for name, ours, theirs in [("jacrev", ft.jacrev, torch.func.jacrev),
-                               ("jacfwd", ft.jacfwd, torch.func.jacfwd)]:
+    for name, ours, theirs in [
+        ("jacrev", ft.jacrev, torch.func.jacrev),
+        ("jacfwd", ft.jacfwd, torch.func.jacfwd),
+    ]:
         got = ours(f)(x)
         torch.testing.assert_close(got, theirs(f)(x), msg=lambda m: f"{name} vs torch.func: {m}")
         torch.testing.assert_close(got, ref, msg=lambda m: f"{name} vs autograd: {m}")

@@ -3,6 +3,7 @@ running torch's own functorch tests and by differential fuzzing. Every test comp
 torch.func on the same inputs (and with plain torch.autograd or a for-loop where that is the
 referee); each one failed before its fix.
 """
+
 import pytest
 import torch
 import torch.func as tf
@@ -14,7 +15,7 @@ X = torch.tensor([1.0, 2.0, 3.0])
 
 
 def sq(x):
-    return (x ** 2).sum()
+    return (x**2).sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,6 +61,7 @@ def test_inference_mode_inside_transform_around_inner_grad():
         def h(x):
             with torch.inference_mode():
                 return lib.grad(sq)(x)
+
         return h
 
     for outer in ("vmap", "grad"):
@@ -87,13 +89,17 @@ def test_inference_tensor_inside_function_is_refused_like_torch_func():
 # Item 3: torch's legacy vmap (torch.autograd.functional.jacobian(vectorize=True)) reinterpreted
 # our tensors as its own BatchedTensorImpl (they carry the Batched marker key).
 
+
 # reverse-mode marks its inputs with requires_grad_() first, which is refused (item 11 below).
-@pytest.mark.parametrize("strategy,match", [("forward-mode", "torch's legacy vmap"),
-                                            ("reverse-mode", r"Tensor.requires_grad_\(\)")])
+@pytest.mark.parametrize(
+    "strategy,match",
+    [("forward-mode", "torch's legacy vmap"), ("reverse-mode", r"Tensor.requires_grad_\(\)")],
+)
 def test_legacy_vmap_inside_transform_is_a_clear_error(strategy, match):
     def f(x):
-        return torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x, strategy=strategy,
-                                                  vectorize=True)
+        return torch.autograd.functional.jacobian(
+            lambda x: x.sin().sum(), x, strategy=strategy, vectorize=True
+        )
 
     with pytest.raises(RuntimeError, match=match):
         ft.vmap(f)(torch.randn(5, 3))
@@ -155,6 +161,7 @@ def test_new_tensor_outside_transforms_is_torchs_own():
 # ------------------------------------------------------------------------------------------------
 # Item 6: a cotangent of another floating dtype is cast, as torch.autograd.grad does.
 
+
 @pytest.mark.parametrize("ct_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_vjp_accepts_cotangent_of_another_floating_dtype(ct_dtype):
     x = torch.randn(3, dtype=torch.float64)
@@ -197,9 +204,11 @@ REQUIRES_GRAD_CASES = {
     "grad_fresh": lambda lib, x: lib.grad(lambda x: (x * torch.ones(3).requires_grad_()).sum())(x[0]),
     "jvp_input": lambda lib, x: lib.jvp(lambda x: x.requires_grad_(), (x,), (x,)),
     "jacobian_vmap": lambda lib, x: lib.vmap(
-        lambda x: torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x))(x),
+        lambda x: torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x)
+    )(x),
     "jacobian_grad": lambda lib, x: lib.grad(
-        lambda x: torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x).sum())(x[0]),
+        lambda x: torch.autograd.functional.jacobian(lambda x: x.sin().sum(), x).sum()
+    )(x[0]),
 }
 
 
@@ -220,7 +229,7 @@ def test_retain_grad_inside_grad_is_refused():
 
 def test_requires_grad_outside_transforms_still_works():
     x = torch.randn(3).requires_grad_()
-    y = (x * 2)
+    y = x * 2
     y.retain_grad()
     y.sum().backward()
     torch.testing.assert_close(y.grad, torch.ones(3))
@@ -291,6 +300,7 @@ def test_forward_ad_through_views_of_sliced_primals(name):
 # batches the primal but not jacfwd's basis tangent; tangents are now laid out batched wherever
 # their primal is (torch.func's invariant), so forward AD's in-place tangent update can write.
 
+
 def _sin_(h):
     return h.clone().sin_()
 
@@ -316,8 +326,13 @@ def _setitem(h):
     return y
 
 
-INPLACE_FNS = {"sin_": _sin_, "self_add": _self_add, "clamp_": _clamp_, "exp_mul_": _exp_mul_,
-               "setitem": _setitem}
+INPLACE_FNS = {
+    "sin_": _sin_,
+    "self_add": _self_add,
+    "clamp_": _clamp_,
+    "exp_mul_": _exp_mul_,
+    "setitem": _setitem,
+}
 
 
 @pytest.mark.parametrize("name", sorted(INPLACE_FNS))
@@ -422,11 +437,13 @@ def test_is_any_true_and_is_all_true_answer_for_the_whole_batch():
 # ------------------------------------------------------------------------------------------------
 # Item 10: accept what torch.func accepts.
 
+
 def test_out_dims_one_tuple_for_a_single_tensor_output():
     x = torch.randn(2, 3)
     for od in ((1,), (0,), (-1,)):
-        torch.testing.assert_close(ft.vmap(lambda r: r * 2, out_dims=od)(x),
-                                   tf.vmap(lambda r: r * 2, out_dims=od)(x))
+        torch.testing.assert_close(
+            ft.vmap(lambda r: r * 2, out_dims=od)(x), tf.vmap(lambda r: r * 2, out_dims=od)(x)
+        )
     with pytest.raises(ValueError, match="out_dims"):
         ft.vmap(lambda r: r * 2, out_dims=(0, 1))(x)
 
@@ -477,8 +494,7 @@ def test_hessian_and_vmap_jacrev_with_an_output_buffer_argument():
     got = ft.vmap(ft.jacrev(f))(x, torch.zeros(2, 3))
     want = tf.vmap(tf.jacrev(f))(x, torch.zeros(2, 3))
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(ft.hessian(f)(x[0], torch.zeros(3)),
-                               tf.hessian(f)(x[0], torch.zeros(3)))
+    torch.testing.assert_close(ft.hessian(f)(x[0], torch.zeros(3)), tf.hessian(f)(x[0], torch.zeros(3)))
 
 
 def test_jvp_with_empty_primals_is_an_error():
@@ -490,6 +506,7 @@ def test_jvp_with_empty_primals_is_an_error():
 # ------------------------------------------------------------------------------------------------
 # Item 12: reprs print the nesting depth as the level, like torch.func.
 
+
 def test_repr_levels_are_nesting_depths():
     seen = {}
 
@@ -497,6 +514,7 @@ def test_repr_levels_are_nesting_depths():
         def inner(r):
             seen.setdefault(lib.__name__, []).append(repr(r))
             return r.sin().sum()
+
         return inner
 
     x = torch.randn(2, 3)
@@ -530,10 +548,18 @@ def test_conj_bit_inside_transforms(case):
     def record(name):
         def f(r):
             c = r.conj()
-            seen.setdefault(name, []).append((c.is_conj(), r.is_conj(), c.resolve_conj().is_conj(),
-                                              c.conj().is_conj(), torch.is_conj(c),
-                                              torch.is_conj(torch.resolve_conj(c))))
+            seen.setdefault(name, []).append(
+                (
+                    c.is_conj(),
+                    r.is_conj(),
+                    c.resolve_conj().is_conj(),
+                    c.conj().is_conj(),
+                    torch.is_conj(c),
+                    torch.is_conj(torch.resolve_conj(c)),
+                )
+            )
             return c.resolve_conj() * r
+
         return f
 
     got = CONJ_CASES[case](ft, record("ft"), x)
@@ -548,6 +574,7 @@ def test_conj_bit_inside_transforms(case):
 # torch's masked sparse gradient; ours reported a strided layout and returned a dense gradient
 # (silently different). Differentiating a sparse input is refused until sparse wrappers exist
 # (docs/index.md); sparse constants captured by the function keep working.
+
 
 def _sparse():
     i = torch.tensor([[0, 1, 1], [2, 0, 2]])

@@ -1,5 +1,6 @@
 """functorch_lite.dp accounting: reference epsilons (dp-accounting's RDP and PLD), the Opacus RDP
 accountant as a cross-check, get_noise_multiplier, and the ImportError without dp-accounting."""
+
 import importlib.util
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import functorch_lite.dp as dp
 
 needs_dpa = pytest.mark.skipif(
     importlib.util.find_spec("dp_accounting") is None,
-    reason="dp-accounting is not installed (pip install functorch_lite[dp])")
+    reason="dp-accounting is not installed (pip install functorch_lite[dp])",
+)
 
 # (sample_rate, noise_multiplier, steps, delta) -> (RDP epsilon, PLD epsilon); docs/dp.md
 REFERENCE = [
@@ -71,9 +73,14 @@ def test_matches_opacus_rdp_accountant():
 @needs_dpa
 def test_opacus_get_noise_multiplier_agrees():
     opacus_utils = pytest.importorskip("opacus.accountants.utils")
-    ref = opacus_utils.get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5,
-                                            sample_rate=0.01, steps=1000, accountant="rdp",
-                                            epsilon_tolerance=0.01)
+    ref = opacus_utils.get_noise_multiplier(
+        target_epsilon=2.0,
+        target_delta=1e-5,
+        sample_rate=0.01,
+        steps=1000,
+        accountant="rdp",
+        epsilon_tolerance=0.01,
+    )
     ours = dp.get_noise_multiplier(2.0, 1e-5, 0.01, steps=1000, accountant="rdp")
     assert ours == pytest.approx(ref, rel=0.02)
 
@@ -108,14 +115,17 @@ def test_unreachable_target_epsilon():
         dp.get_noise_multiplier(1e-6, 1e-10, 1.0, steps=100000)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(target_epsilon=0.0), "target_epsilon must be > 0"),
-    (dict(target_epsilon=-1.0), "target_epsilon must be > 0"),
-    (dict(sample_rate=0.0), r"sample_rate must be in \(0, 1\]"),
-    (dict(sample_rate=1.5), r"sample_rate must be in \(0, 1\]"),
-    (dict(target_delta=0.0), r"delta must be in \(0, 1\)"),
-    (dict(accountant="prv"), "accountant must be 'rdp' or 'pld'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(target_epsilon=0.0), "target_epsilon must be > 0"),
+        (dict(target_epsilon=-1.0), "target_epsilon must be > 0"),
+        (dict(sample_rate=0.0), r"sample_rate must be in \(0, 1\]"),
+        (dict(sample_rate=1.5), r"sample_rate must be in \(0, 1\]"),
+        (dict(target_delta=0.0), r"delta must be in \(0, 1\)"),
+        (dict(accountant="prv"), "accountant must be 'rdp' or 'pld'"),
+    ],
+)
 def test_get_noise_multiplier_bad_arguments(kwargs, match):
     args = dict(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, epochs=1)
     args.update(kwargs)
@@ -147,11 +157,13 @@ def test_without_dp_accounting_import_works_and_accounting_names_the_extra(monke
 
 
 def test_import_without_dp_accounting_in_fresh_process():
-    code = ("import sys; sys.modules['dp_accounting'] = None\n"
-            "import functorch_lite as ft\n"
-            "t = ft.dp.PrivacyAccountant('pld')\n"
-            "try:\n    ft.dp.compute_epsilon(1.0, 0.01, 10, 1e-5)\n"
-            "except ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys; sys.modules['dp_accounting'] = None\n"
+        "import functorch_lite as ft\n"
+        "t = ft.dp.PrivacyAccountant('pld')\n"
+        "try:\n    ft.dp.compute_epsilon(1.0, 0.01, 10, 1e-5)\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "pip install functorch_lite[dp]" in proc.stdout, proc.stdout

@@ -5,6 +5,7 @@ clip done by hand. Every method of clipped_grad_module ("vmap", "ghost", "auto")
 type with a rule, on mixed and weight-tied models, and on modules that take the per-layer
 vmap(grad) fallback. max_norm is chosen between the smallest and largest per-example norm, so
 the clip binds for some examples and not for others."""
+
 import pytest
 import torch
 import torch.func as tf
@@ -35,11 +36,13 @@ def _middle_norm(norms):
 def _assert_close(actual, expected, rtol):
     scale = expected.abs().max().item() or 1.0
     assert (actual - expected).abs().max().item() <= rtol * scale, (
-        f"max abs diff {(actual - expected).abs().max().item():.3g}, scale {scale:.3g}")
+        f"max abs diff {(actual - expected).abs().max().item():.3g}, scale {scale:.3g}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # clipped_grad
+
 
 def _mse(w, x, y):
     return ((x @ w["a"] + w["b"]) - y).pow(2).sum()
@@ -47,8 +50,7 @@ def _mse(w, x, y):
 
 def _params(dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(5, 3, generator=g, dtype=dtype),
-            "b": torch.randn(3, generator=g, dtype=dtype)}
+    return {"a": torch.randn(5, 3, generator=g, dtype=dtype), "b": torch.randn(3, generator=g, dtype=dtype)}
 
 
 def _batch(n=12, dtype=torch.float64):
@@ -74,8 +76,7 @@ def test_clipped_grad_matches_loop_and_torch_func(dtype, rtol):
     max_norm = _middle_norm(norms)
     sums, ref_norms = _clip_sum(list(per.values()), max_norm)
     assert (ref_norms > max_norm).any() and (ref_norms < max_norm).any()
-    got, got_norms = clipped_grad(_mse, max_norm=max_norm, batch_argnums=(1, 2),
-                                  return_norms=True)(w, x, y)
+    got, got_norms = clipped_grad(_mse, max_norm=max_norm, batch_argnums=(1, 2), return_norms=True)(w, x, y)
     for k, s in zip(per, sums):
         _assert_close(got[k], s, rtol)
     _assert_close(got_norms, ref_norms, rtol)
@@ -92,8 +93,7 @@ def test_clipped_grad_argnums_tuple_and_unbatched_args():
 
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(4, 2, generator=g, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
-    scale, x = torch.tensor(1.7, dtype=torch.float64), torch.randn(9, 4, generator=g,
-                                                                   dtype=torch.float64)
+    scale, x = torch.tensor(1.7, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64)
     per = tf.vmap(tf.grad(f, argnums=(0, 2)), in_dims=(None, None, None, 0))(a, scale, b, x)
     sums, norms = _clip_sum(list(per), 0.3)
     assert (norms > 0.3).any()
@@ -109,12 +109,14 @@ def test_clipped_grad_has_aux_chunk_size_and_return_norms():
         return loss, {"loss": loss.detach(), "pred": (x @ w["a"]).detach()}
 
     w, (x, y) = _params(), _batch(n=11)
-    full_g, full_n, full_aux = clipped_grad(f, max_norm=2.0, batch_argnums=(1, 2), has_aux=True,
-                                            return_norms=True)(w, x, y)
+    full_g, full_n, full_aux = clipped_grad(
+        f, max_norm=2.0, batch_argnums=(1, 2), has_aux=True, return_norms=True
+    )(w, x, y)
     assert full_aux["pred"].shape == (11, 3) and full_aux["loss"].shape == (11,)
     for chunk in (1, 4, 11, 50):
-        g, n, aux = clipped_grad(f, max_norm=2.0, batch_argnums=(1, 2), has_aux=True,
-                                 chunk_size=chunk, return_norms=True)(w, x, y)
+        g, n, aux = clipped_grad(
+            f, max_norm=2.0, batch_argnums=(1, 2), has_aux=True, chunk_size=chunk, return_norms=True
+        )(w, x, y)
         for k in g:
             _assert_close(g[k], full_g[k], 1e-12)
         _assert_close(n, full_n, 1e-12)
@@ -129,6 +131,7 @@ def test_clipped_grad_has_aux_chunk_size_and_return_norms():
 def test_clipped_grad_chunk_size_bounds_the_per_example_batch(monkeypatch):
     """With chunk_size the per-example gradients are made chunk by chunk, never all at once."""
     from functorch_lite.dp import _clip
+
     seen = []
     real = _clip.per_example_sq_norms
     monkeypatch.setattr(_clip, "per_example_sq_norms", lambda g: seen.append(g.shape[0]) or real(g))
@@ -154,6 +157,7 @@ def test_clipped_grad_empty_batch():
 
 # ------------------------------------------------------------------------------------------------
 # clipped_grad_module: models
+
 
 def _ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
@@ -257,11 +261,10 @@ class Recurrent(nn.Module):
 def _transformer(vocab=13, d=8):
     return nn.Sequential(
         nn.Embedding(vocab, d),
-        nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, batch_first=True,
-                                   norm_first=True),
-        nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, batch_first=True,
-                                   norm_first=True),
-        nn.Linear(d, vocab))
+        nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, batch_first=True, norm_first=True),
+        nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, batch_first=True, norm_first=True),
+        nn.Linear(d, vocab),
+    )
 
 
 def _frozen_mlp():
@@ -271,8 +274,7 @@ def _frozen_mlp():
 
 
 def _eval_bn():
-    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                      nn.Linear(3 * 4 * 4, 4))
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
     m[1].running_mean.uniform_(-0.5, 0.5)
     m[1].running_var.uniform_(0.5, 2.0)
     nn.init.uniform_(m[1].weight, 0.5, 1.5)
@@ -292,25 +294,42 @@ def _case(name):
     img = lambda c, h, w: torch.randn(n, c, h, w, generator=g)  # noqa: E731
     cls = lambda k: torch.randint(0, k, (n,), generator=g)  # noqa: E731
     if name == "mlp":
-        m, x, y, lf = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), \
-            torch.randn(n, 6, generator=g), cls(3), _ce
+        m, x, y, lf = (
+            nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)),
+            torch.randn(n, 6, generator=g),
+            cls(3),
+            _ce,
+        )
     elif name == "linear_seq":
         m, x, y, lf = SeqLinear(), torch.randn(n, 5, 4, generator=g), cls(3), _ce
     elif name == "conv2d_groupnorm":
-        m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 3, stride=2, groups=2), nn.Flatten(),
-                          nn.Linear(4 * 3 * 3, 3))
+        m = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2, groups=2),
+            nn.Flatten(),
+            nn.Linear(4 * 3 * 3, 3),
+        )
         x, y, lf = img(2, 8, 8), cls(3), _ce
     elif name == "conv2d_padding_modes":
-        m = nn.Sequential(nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect", dilation=2),
-                          nn.Tanh(), nn.Conv2d(3, 2, (2, 3), stride=(2, 1), padding=(1, 0),
-                                               bias=False), nn.Flatten(), nn.LazyLinear(3))
+        m = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding="same", padding_mode="reflect", dilation=2),
+            nn.Tanh(),
+            nn.Conv2d(3, 2, (2, 3), stride=(2, 1), padding=(1, 0), bias=False),
+            nn.Flatten(),
+            nn.LazyLinear(3),
+        )
         x, y, lf = img(2, 7, 7), cls(3), _ce
         m(x)  # materialise the lazy layer
     elif name == "conv1d":
-        m = nn.Sequential(nn.Conv1d(3, 4, 3, padding=2, dilation=2), nn.ReLU(),
-                          nn.Conv1d(4, 2, 2, stride=2, padding="valid"), nn.Flatten(),
-                          nn.Linear(2 * 5, 3))
+        m = nn.Sequential(
+            nn.Conv1d(3, 4, 3, padding=2, dilation=2),
+            nn.ReLU(),
+            nn.Conv1d(4, 2, 2, stride=2, padding="valid"),
+            nn.Flatten(),
+            nn.Linear(2 * 5, 3),
+        )
         x, y, lf = torch.randn(n, 3, 10, generator=g), cls(3), _ce
     elif name == "embedding_layernorm_seq":
         m = nn.Sequential(nn.Embedding(10, 6, padding_idx=0), nn.LayerNorm(6), nn.Linear(6, 10))
@@ -345,11 +364,24 @@ def _case(name):
     return m.double(), tree_map(to64, x), y, lf
 
 
-CASES = ["mlp", "linear_seq", "conv2d_groupnorm", "conv2d_padding_modes", "conv1d",
-         "embedding_layernorm_seq", "rmsnorm", "eval_batchnorm", "generic_module",
-         "multihead_attention", "gru", "transformer_encoder",
-         "tied_embedding_head_and_reused_module", "parent_uses_child_weight", "frozen_and_inplace",
-         "two_inputs"]
+CASES = [
+    "mlp",
+    "linear_seq",
+    "conv2d_groupnorm",
+    "conv2d_padding_modes",
+    "conv1d",
+    "embedding_layernorm_seq",
+    "rmsnorm",
+    "eval_batchnorm",
+    "generic_module",
+    "multihead_attention",
+    "gru",
+    "transformer_encoder",
+    "tied_embedding_head_and_reused_module",
+    "parent_uses_child_weight",
+    "frozen_and_inplace",
+    "two_inputs",
+]
 
 
 def _loop_reference(model, inputs, targets, loss_fn, max_norm):
@@ -358,8 +390,8 @@ def _loop_reference(model, inputs, targets, loss_fn, max_norm):
     inputs = inputs if isinstance(inputs, tuple) else (inputs,)
     per = {n: [] for n in params}
     for i in range(targets.shape[0]):
-        xi = tuple(t[i:i + 1] for t in inputs)
-        loss = loss_fn(model(*xi), targets[i:i + 1]).sum()
+        xi = tuple(t[i : i + 1] for t in inputs)
+        loss = loss_fn(model(*xi), targets[i : i + 1]).sum()
         gs = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for n, p, g in zip(params, params.values(), gs):
             per[n].append(torch.zeros_like(p) if g is None else g)
@@ -381,7 +413,8 @@ def _functional_reference(model, inputs, targets, loss_fn, max_norm):
         return loss_fn(ft.functional_call(model, p, x1), y.unsqueeze(0)).sum()
 
     return clipped_grad(one, max_norm=max_norm, batch_argnums=(1, 2), return_norms=True)(
-        params, inputs, targets)
+        params, inputs, targets
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -390,12 +423,12 @@ def test_clipped_grad_module_matches_loop_and_clipped_grad(case, method, monkeyp
     model, x, y, lf = _case(case)
     if method != "vmap":  # every case here must stay on the per-layer path, not fall back
         from functorch_lite.dp import _clip
+
         monkeypatch.setattr(_clip, "vmap_clipped_grad", None)
     max_norm = _middle_norm(_loop_reference(model, x, y, lf, None))
     ref, ref_norms = _loop_reference(model, x, y, lf, max_norm)
     assert (ref_norms > max_norm).any() and (ref_norms < max_norm).any()
-    got, norms = clipped_grad_module(model, lf, x, y, max_norm=max_norm, method=method,
-                                     return_norms=True)
+    got, norms = clipped_grad_module(model, lf, x, y, max_norm=max_norm, method=method, return_norms=True)
     assert list(got) == list(ref)
     for n in ref:
         assert got[n].shape == ref[n].shape and got[n].grad_fn is None, n
@@ -408,16 +441,23 @@ def test_clipped_grad_module_matches_loop_and_clipped_grad(case, method, monkeyp
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("case", ["mlp", "conv2d_groupnorm", "embedding_layernorm_seq",
-                                  "transformer_encoder", "tied_embedding_head_and_reused_module"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "mlp",
+        "conv2d_groupnorm",
+        "embedding_layernorm_seq",
+        "transformer_encoder",
+        "tied_embedding_head_and_reused_module",
+    ],
+)
 def test_clipped_grad_module_float32(case, method):
     model, x, y, lf = _case(case)
     model = model.float()
     x = tree_map(lambda t: t.float() if t.is_floating_point() else t, x)
     max_norm = _middle_norm(_loop_reference(model, x, y, lf, None))
     fref, fnorms = _functional_reference(model, x, y, lf, max_norm)
-    got, norms = clipped_grad_module(model, lf, x, y, max_norm=max_norm, method=method,
-                                     return_norms=True)
+    got, norms = clipped_grad_module(model, lf, x, y, max_norm=max_norm, method=method, return_norms=True)
     for n in fref:
         assert got[n].dtype == torch.float32
         _assert_close(got[n], fref[n], 1e-5)
@@ -428,10 +468,12 @@ def test_ghost_never_materialises_linear_weight_grads(monkeypatch):
     """method='ghost' on an MLP: no (B, p, d) tensor is formed; the per-example tensors are the
     biases' (B, p)."""
     from functorch_lite.dp import _clip
+
     shapes = []
     real = _clip.per_example_sq_norms
     monkeypatch.setattr(_clip, "per_example_sq_norms", lambda g: shapes.append(g.shape) or real(g))
     from functorch_lite.dp import _ghost
+
     monkeypatch.setattr(_ghost, "per_example_sq_norms", _clip.per_example_sq_norms)
     model, x, y, lf = _case("mlp")
     clipped_grad_module(model, lf, x, y, max_norm=1.0, method="ghost")
@@ -442,6 +484,7 @@ def test_auto_chooses_per_layer():
     """Mixed ghost clipping at T=5 (2T^2 = 50): a 24x4 weight (96) is ghosted, a 3x4 one (12) is
     materialised; "ghost" and "inst" override the cost model."""
     from functorch_lite.dp import _ghost
+
     assert _ghost._use_ghost("auto", 5, 24, 4)  # 50 < 96
     assert not _ghost._use_ghost("auto", 5, 3, 4)  # 50 > 12
     assert _ghost._use_ghost("ghost", 5, 3, 4)
@@ -491,6 +534,7 @@ def test_multihead_attention_rule(variant, method, seq, monkeypatch):
     materialises out_proj's and the cross-attention blocks' per-example gradients (2*81 > 8*8),
     with 4 it ghosts them."""
     from functorch_lite.dp import _ghost
+
     if variant != "weights_used":
         monkeypatch.setattr(_ghost, "_generic_contributions", None)
     model = CrossAttention(variant).double()
@@ -499,8 +543,9 @@ def test_multihead_attention_rule(variant, method, seq, monkeypatch):
     y = _ids(6, seq, 13, g)
     max_norm = _middle_norm(_loop_reference(model, x, y, _token_ce, None))
     ref, ref_norms = _loop_reference(model, x, y, _token_ce, max_norm)
-    got, norms = clipped_grad_module(model, _token_ce, x, y, max_norm=max_norm, method=method,
-                                     return_norms=True)
+    got, norms = clipped_grad_module(
+        model, _token_ce, x, y, max_norm=max_norm, method=method, return_norms=True
+    )
     for n in ref:
         _assert_close(got[n], ref[n], 1e-9)
     _assert_close(norms, ref_norms, 1e-9)
@@ -508,6 +553,7 @@ def test_multihead_attention_rule(variant, method, seq, monkeypatch):
 
 def test_transformer_uses_rules_only(monkeypatch):
     from functorch_lite.dp import _clip, _ghost
+
     monkeypatch.setattr(_ghost, "_generic_contributions", None)
     monkeypatch.setattr(_clip, "vmap_clipped_grad", None)
     model, x, y, lf = _case("transformer_encoder")
@@ -519,8 +565,9 @@ def test_transformer_uses_rules_only(monkeypatch):
 
 def test_clipped_grad_module_empty_batch():
     model = nn.Sequential(nn.Linear(3, 2))
-    g, n = clipped_grad_module(model, _ce, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long),
-                               max_norm=1.0, return_norms=True)
+    g, n = clipped_grad_module(
+        model, _ce, torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), max_norm=1.0, return_norms=True
+    )
     assert n.shape == (0,) and all(torch.equal(v, torch.zeros_like(v)) for v in g.values())
 
 
@@ -549,6 +596,7 @@ class TimeMajor(nn.Module):
 @pytest.mark.parametrize("method", ("ghost", "auto"))
 def test_layer_that_is_not_batch_first_falls_back_to_vmap(method, monkeypatch):
     from functorch_lite.dp import _clip
+
     fell_back = []
     real = _clip.vmap_clipped_grad
     monkeypatch.setattr(_clip, "vmap_clipped_grad", lambda *a: fell_back.append(1) or real(*a))
@@ -557,8 +605,7 @@ def test_layer_that_is_not_batch_first_falls_back_to_vmap(method, monkeypatch):
     x = torch.randn(5, 6, 4, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (5,), generator=g)
     ref, ref_norms = _loop_reference(model, x, y, _ce, 0.3)
-    got, norms = clipped_grad_module(model, _ce, x, y, max_norm=0.3, method=method,
-                                     return_norms=True)
+    got, norms = clipped_grad_module(model, _ce, x, y, max_norm=0.3, method=method, return_norms=True)
     assert fell_back
     for n in ref:
         _assert_close(got[n], ref[n], 1e-9)
@@ -579,11 +626,20 @@ def test_parameter_used_in_loss_fn_is_refused():
 # ------------------------------------------------------------------------------------------------
 # bad input
 
-@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-1.0, ValueError),
-                                     (float("nan"), ValueError), ("1", TypeError),
-                                     (None, TypeError), (True, TypeError)])
+
+@pytest.mark.parametrize(
+    "bad,exc",
+    [
+        (0, ValueError),
+        (-1.0, ValueError),
+        (float("nan"), ValueError),
+        ("1", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_max_norm(bad, exc):
-    w, (x, y) = _params(), _batch()
+    x, y = _batch()
     with pytest.raises(exc, match="max_norm"):
         clipped_grad(_mse, max_norm=bad, batch_argnums=(1, 2))
     model = nn.Linear(5, 3)
@@ -608,19 +664,16 @@ def test_bad_batch_argnums():
 def test_module_inputs_and_targets_batch_sizes():
     model = nn.Linear(5, 3)
     with pytest.raises(ValueError, match="same batch size.*inputs.*8.*targets.*6"):
-        clipped_grad_module(model, _ce, torch.randn(8, 5), torch.zeros(6, dtype=torch.long),
-                            max_norm=1.0)
+        clipped_grad_module(model, _ce, torch.randn(8, 5), torch.zeros(6, dtype=torch.long), max_norm=1.0)
     with pytest.raises(TypeError, match="inputs"):
-        clipped_grad_module(model, _ce, [1.0, 2.0], torch.zeros(2, dtype=torch.long),
-                            max_norm=1.0)
+        clipped_grad_module(model, _ce, [1.0, 2.0], torch.zeros(2, dtype=torch.long), max_norm=1.0)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_batchnorm_in_training_mode_is_refused(method):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
     x, y = torch.randn(4, 1, 4, 4), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError,
-                       match="BatchNorm2d in training mode.*'1'.*mixes examples.*DP.*GroupNorm"):
+    with pytest.raises(ValueError, match="BatchNorm2d in training mode.*'1'.*mixes examples.*DP.*GroupNorm"):
         clipped_grad_module(model, _ce, x, y, max_norm=1.0, method=method)
     model.eval()  # running statistics: per-example, fine
     g = clipped_grad_module(model, _ce, x, y, max_norm=1.0, method=method)
@@ -642,13 +695,21 @@ def test_scalar_loss_is_refused(method):
 
 def test_bad_method():
     with pytest.raises(ValueError, match="method.*'auto', 'ghost', 'vmap'.*'fast'"):
-        clipped_grad_module(nn.Linear(2, 2), _ce, torch.randn(3, 2),
-                            torch.zeros(3, dtype=torch.long), max_norm=1.0, method="fast")
+        clipped_grad_module(
+            nn.Linear(2, 2),
+            _ce,
+            torch.randn(3, 2),
+            torch.zeros(3, dtype=torch.long),
+            max_norm=1.0,
+            method="fast",
+        )
 
 
 def test_docstring_examples_run():
     import doctest
+
     from functorch_lite.dp import _clip
+
     result = doctest.testmod(_clip)
     assert result.attempted >= 8 and result.failed == 0
 
@@ -666,12 +727,21 @@ def test_attention_dropout_in_training_is_replayed(method, need_weights, monkeyp
     mask from the recorded generator state. Oracle: per-example gradients of the same batched
     forward (same seed, so the same masks), one torch.autograd.grad per example."""
     from functorch_lite.dp import _clip, _ghost
+
     monkeypatch.setattr(_ghost, "_generic_contributions", None)
     monkeypatch.setattr(_clip, "vmap_clipped_grad", None)  # a failed replay would fall back
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(13, 8), nn.TransformerEncoderLayer(
-        8, 2, dim_feedforward=16, dropout=0.3, batch_first=True, norm_first=True),
-        nn.Linear(8, 13)).double().train()
+    model = (
+        nn.Sequential(
+            nn.Embedding(13, 8),
+            nn.TransformerEncoderLayer(
+                8, 2, dim_feedforward=16, dropout=0.3, batch_first=True, norm_first=True
+            ),
+            nn.Linear(8, 13),
+        )
+        .double()
+        .train()
+    )
     if need_weights:  # the explicit-softmax path of multi_head_attention_forward
         attn = model[1].self_attn
         forward = attn.forward
@@ -679,13 +749,11 @@ def test_attention_dropout_in_training_is_replayed(method, need_weights, monkeyp
     g = torch.Generator().manual_seed(8)
     x, y = _ids(6, 5, 13, g), _ids(6, 5, 13, g)
     torch.manual_seed(123)
-    got, norms = clipped_grad_module(model, _token_ce, x, y, max_norm=0.05, method=method,
-                                     return_norms=True)
+    got, norms = clipped_grad_module(model, _token_ce, x, y, max_norm=0.05, method=method, return_norms=True)
     torch.manual_seed(123)
     losses = _token_ce(model(x), y)
     params = {n: p for n, p in model.named_parameters()}
-    per = [torch.autograd.grad(losses[i], list(params.values()), retain_graph=True)
-           for i in range(6)]
+    per = [torch.autograd.grad(losses[i], list(params.values()), retain_graph=True) for i in range(6)]
     per = [torch.stack([gs[j] for gs in per]) for j in range(len(params))]
     sums, ref_norms = _clip_sum(per, 0.05)
     assert (ref_norms > 0.05).any()
@@ -698,13 +766,18 @@ def test_attention_dropout_replay_is_checked(monkeypatch):
     """A replay from the wrong generator state is caught by comparing the recomputed output with
     the recorded one, and the call goes to the whole-model path instead of using other masks."""
     from functorch_lite.dp import _clip, _ghost
+
     real = _ghost._rng_state
-    monkeypatch.setattr(_ghost, "_rng_state",
-                        lambda args: (real(args)[0], torch.Generator().manual_seed(99).get_state()))
+    monkeypatch.setattr(
+        _ghost, "_rng_state", lambda args: (real(args)[0], torch.Generator().manual_seed(99).get_state())
+    )
     fell_back = []
     monkeypatch.setattr(_clip, "vmap_clipped_grad", lambda *a: fell_back.append(1) or ({}, None))
-    model = nn.Sequential(nn.Embedding(13, 8), nn.TransformerEncoderLayer(
-        8, 2, dim_feedforward=16, dropout=0.3, batch_first=True), nn.Linear(8, 13)).train()
+    model = nn.Sequential(
+        nn.Embedding(13, 8),
+        nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.3, batch_first=True),
+        nn.Linear(8, 13),
+    ).train()
     g = torch.Generator().manual_seed(8)
     clipped_grad_module(model, _token_ce, _ids(6, 5, 13, g), _ids(6, 5, 13, g), max_norm=1.0)
     assert fell_back

@@ -9,6 +9,7 @@ measured and the tests below assert on it:
   both ranks apply the same update;
 - the accountant counts global steps at the global sample rate.
 """
+
 import json
 import os
 import socket
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 WORLD = 2
 SIGMA, CLIP, EBS, Q = 1.3, 0.7, 12.5, 0.1
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 
 def per_example_loss(out, y):
@@ -65,20 +68,24 @@ def _noiseless_difference(rank, wrap):
     trainer = _trainer(trained, per_example_loss, noise_multiplier=0.0, allow_zero_noise=True)
     assert trainer.distributed  # detected from the process group
     reference_model = make_model()
-    reference = _trainer(reference_model, per_example_loss, noise_multiplier=0.0,
-                         allow_zero_noise=True, distributed=False)
+    reference = _trainer(
+        reference_model, per_example_loss, noise_multiplier=0.0, allow_zero_noise=True, distributed=False
+    )
     for x, y, owner in global_batches():
         mine = owner == rank
         trainer.step(x[mine], y[mine])
         reference.step(x, y)  # one process, the union of the batches
-    return max((p - r).abs().max().item()
-               for p, r in zip(model.parameters(), reference_model.parameters()))
+    return max((p - r).abs().max().item() for p, r in zip(model.parameters(), reference_model.parameters()))
 
 
 def _noise_draws(rank):
     model = nn.Sequential(nn.Linear(6, 200), nn.Linear(200, 20))
-    trainer = _trainer(nn.parallel.DistributedDataParallel(model), zero_gradient_loss,
-                       noise_multiplier=SIGMA, generator=torch.Generator().manual_seed(7))
+    trainer = _trainer(
+        nn.parallel.DistributedDataParallel(model),
+        zero_gradient_loss,
+        noise_multiplier=SIGMA,
+        generator=torch.Generator().manual_seed(7),
+    )
     draws = []
     for step in range(3):
         x = torch.randn(4 + rank, 6)
@@ -92,8 +99,10 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        result = {"noiseless_ddp": _noiseless_difference(rank, wrap=True),
-                  "noiseless_plain": _noiseless_difference(rank, wrap=False)}
+        result = {
+            "noiseless_ddp": _noiseless_difference(rank, wrap=True),
+            "noiseless_plain": _noiseless_difference(rank, wrap=False),
+        }
         noise, trainer = _noise_draws(rank)
         gathered = [torch.empty_like(noise) for _ in range(WORLD)]
         dist.all_gather(gathered, noise)

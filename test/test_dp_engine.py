@@ -1,6 +1,7 @@
 """functorch_lite.dp.PrivateTrainer and the Poisson sampler, against a per-example loop of
 torch.autograd: the step with noise off, the noise's std, the division by the expected batch size,
 empty batches, virtual steps, any optimizer, accounting and bad arguments."""
+
 import copy
 import importlib.util
 
@@ -11,8 +12,9 @@ import torch.nn.functional as F
 
 import functorch_lite.dp as dp
 
-needs_dpa = pytest.mark.skipif(importlib.util.find_spec("dp_accounting") is None,
-                               reason="dp-accounting is not installed")
+needs_dpa = pytest.mark.skipif(
+    importlib.util.find_spec("dp_accounting") is None, reason="dp-accounting is not installed"
+)
 METHODS = ["auto", "ghost", "vmap"]
 
 
@@ -36,7 +38,7 @@ def loop_clipped_sum(model, x, y, max_norm):
     params = [p for p in model.parameters() if p.requires_grad]
     total = [torch.zeros_like(p) for p in params]
     for i in range(len(x)):
-        grads = torch.autograd.grad(per_example_loss(model(x[i:i + 1]), y[i:i + 1]).sum(), params)
+        grads = torch.autograd.grad(per_example_loss(model(x[i : i + 1]), y[i : i + 1]).sum(), params)
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         factor = min(1.0, max_norm / (norm.item() + 1e-6))
         total = [t + factor * g for t, g in zip(total, grads)]
@@ -44,8 +46,14 @@ def loop_clipped_sum(model, x, y, max_norm):
 
 
 def trainer_for(model, optimizer=None, **kwargs):
-    args = dict(max_grad_norm=0.5, sample_rate=0.1, expected_batch_size=12.5,
-                noise_multiplier=0.0, allow_zero_noise=True, clipping="vmap")
+    args = dict(
+        max_grad_norm=0.5,
+        sample_rate=0.1,
+        expected_batch_size=12.5,
+        noise_multiplier=0.0,
+        allow_zero_noise=True,
+        clipping="vmap",
+    )
     args.update(kwargs)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=1.0)
     return dp.PrivateTrainer(model, optimizer, per_example_loss, **args)
@@ -53,6 +61,7 @@ def trainer_for(model, optimizer=None, **kwargs):
 
 # ------------------------------------------------------------------------------------------------
 # the step
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_step_equals_loop_with_noise_off(method):
@@ -89,9 +98,16 @@ def test_noise_std_is_noise_multiplier_times_max_grad_norm(batch):
     model = nn.Sequential(nn.Linear(6, 200), nn.Linear(200, 20))  # ~5600 noise draws per step
     sigma, clip, ebs = 1.3, 0.7, 12.5
     trainer = dp.PrivateTrainer(
-        model, torch.optim.SGD(model.parameters(), lr=0.0), zero_gradient_loss,
-        max_grad_norm=clip, sample_rate=0.1, expected_batch_size=ebs, noise_multiplier=sigma,
-        generator=torch.Generator().manual_seed(3), clipping="vmap")
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        zero_gradient_loss,
+        max_grad_norm=clip,
+        sample_rate=0.1,
+        expected_batch_size=ebs,
+        noise_multiplier=sigma,
+        generator=torch.Generator().manual_seed(3),
+        clipping="vmap",
+    )
     draws = []
     for _ in range(4):
         trainer.step(*make_batch(batch))  # batch 0: an empty batch, the update is noise only
@@ -108,8 +124,9 @@ def test_noise_is_reproducible_with_generator():
     out = []
     for _ in range(2):
         model = make_model()
-        trainer_for(model, noise_multiplier=1.0, allow_zero_noise=False,
-                    generator=torch.Generator().manual_seed(5)).step(x, y)
+        trainer_for(
+            model, noise_multiplier=1.0, allow_zero_noise=False, generator=torch.Generator().manual_seed(5)
+        ).step(x, y)
         out.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -132,8 +149,9 @@ def test_virtual_steps_equal_one_big_batch(method):
     results = []
     for mode in ("one", "physical", "accumulate"):
         model = make_model()
-        trainer = trainer_for(model, clipping=method,
-                              max_physical_batch_size=3 if mode == "physical" else None)
+        trainer = trainer_for(
+            model, clipping=method, max_physical_batch_size=3 if mode == "physical" else None
+        )
         if mode == "accumulate":
             trainer.accumulate(x[:4], y[:4])
             trainer.accumulate(x[4:4], y[4:4])  # an empty physical batch
@@ -158,11 +176,15 @@ def test_accumulate_then_step_without_arguments():
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
-    lambda ps: torch.optim.Adam(ps, lr=0.01),
-    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
-], ids=["SGD-momentum", "Adam", "AdamW"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+        lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+    ],
+    ids=["SGD-momentum", "Adam", "AdamW"],
+)
 def test_any_optimizer_gets_the_private_gradient(make_opt):
     model = make_model()
     ref = copy.deepcopy(model)
@@ -212,24 +234,34 @@ def test_tuple_inputs_with_physical_batches():
 # ------------------------------------------------------------------------------------------------
 # accounting
 
+
 @needs_dpa
 def test_trainer_records_steps_for_the_accountant():
     model = make_model()
-    trainer = trainer_for(model, noise_multiplier=1.0, allow_zero_noise=False, sample_rate=0.05,
-                          expected_batch_size=5.0)
+    trainer = trainer_for(
+        model, noise_multiplier=1.0, allow_zero_noise=False, sample_rate=0.05, expected_batch_size=5.0
+    )
     for _ in range(5):
         trainer.step(*make_batch(4))
     assert trainer.steps == 5
     assert trainer.get_epsilon(1e-5) == pytest.approx(dp.compute_epsilon(1.0, 0.05, 5, 1e-5))
     assert trainer.get_epsilon(1e-5, accountant="pld") == pytest.approx(
-        dp.compute_epsilon(1.0, 0.05, 5, 1e-5, accountant="pld"))
+        dp.compute_epsilon(1.0, 0.05, 5, 1e-5, accountant="pld")
+    )
 
 
 @needs_dpa
 @pytest.mark.parametrize("accountant", ["rdp", "pld"])
 def test_target_epsilon_sets_the_noise_multiplier(accountant):
-    trainer = trainer_for(make_model(), noise_multiplier=None, allow_zero_noise=False,
-                          target_epsilon=3.0, epochs=2, sample_rate=0.2, accountant=accountant)
+    trainer = trainer_for(
+        make_model(),
+        noise_multiplier=None,
+        allow_zero_noise=False,
+        target_epsilon=3.0,
+        epochs=2,
+        sample_rate=0.2,
+        accountant=accountant,
+    )
     steps = 2 * 5  # epochs * round(1 / sample_rate)
     eps = dp.compute_epsilon(trainer.noise_multiplier, 0.2, steps, 1e-5, accountant=accountant)
     assert 3.0 - 0.01 <= eps <= 3.0
@@ -245,21 +277,25 @@ def test_zero_noise_gives_infinite_epsilon():
 # ------------------------------------------------------------------------------------------------
 # bad arguments
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
-    (dict(max_grad_norm=-1.0), "max_grad_norm must be > 0"),
-    (dict(allow_zero_noise=False), "noise_multiplier must be > 0.*allow_zero_noise=True"),
-    (dict(noise_multiplier=-0.5), "noise_multiplier must be > 0"),
-    (dict(sample_rate=0.0), r"sample_rate must be in \(0, 1\]"),
-    (dict(sample_rate=1.01), r"sample_rate must be in \(0, 1\]"),
-    (dict(expected_batch_size=0), "expected_batch_size must be > 0"),
-    (dict(clipping="per_layer"), "clipping must be 'auto', 'ghost' or 'vmap'"),
-    (dict(max_physical_batch_size=0), "max_physical_batch_size must be a positive int"),
-    (dict(target_epsilon=2.0, epochs=1), "exactly one of noise_multiplier and target_epsilon"),
-    (dict(noise_multiplier=None), "exactly one of noise_multiplier and target_epsilon"),
-    (dict(accountant="prv"), "accountant must be 'rdp' or 'pld'"),
-    (dict(distributed=True), "distributed=True needs an initialised torch.distributed"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be > 0"),
+        (dict(allow_zero_noise=False), "noise_multiplier must be > 0.*allow_zero_noise=True"),
+        (dict(noise_multiplier=-0.5), "noise_multiplier must be > 0"),
+        (dict(sample_rate=0.0), r"sample_rate must be in \(0, 1\]"),
+        (dict(sample_rate=1.01), r"sample_rate must be in \(0, 1\]"),
+        (dict(expected_batch_size=0), "expected_batch_size must be > 0"),
+        (dict(clipping="per_layer"), "clipping must be 'auto', 'ghost' or 'vmap'"),
+        (dict(max_physical_batch_size=0), "max_physical_batch_size must be a positive int"),
+        (dict(target_epsilon=2.0, epochs=1), "exactly one of noise_multiplier and target_epsilon"),
+        (dict(noise_multiplier=None), "exactly one of noise_multiplier and target_epsilon"),
+        (dict(accountant="prv"), "accountant must be 'rdp' or 'pld'"),
+        (dict(distributed=True), "distributed=True needs an initialised torch.distributed"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         trainer_for(make_model(), **kwargs)
@@ -268,8 +304,14 @@ def test_bad_arguments(kwargs, match):
 @needs_dpa
 def test_unreachable_target_epsilon():
     with pytest.raises(ValueError, match="target_epsilon=1e-06 cannot be reached"):
-        trainer_for(make_model(), noise_multiplier=None, target_epsilon=1e-6, target_delta=1e-10,
-                    sample_rate=1.0, steps=100000)
+        trainer_for(
+            make_model(),
+            noise_multiplier=None,
+            target_epsilon=1e-6,
+            target_delta=1e-10,
+            sample_rate=1.0,
+            steps=100000,
+        )
 
 
 def test_step_with_targets_but_no_inputs():
@@ -279,6 +321,7 @@ def test_step_with_targets_but_no_inputs():
 
 # ------------------------------------------------------------------------------------------------
 # Poisson sampling
+
 
 def test_poisson_batches_of_tensors():
     x, y = torch.randn(500, 3, 2), torch.arange(500)
@@ -304,15 +347,18 @@ def test_poisson_inclusion_rate():
 
 def test_empty_batches_have_the_right_trailing_shape():
     x, y = torch.randn(3, 4, 5, dtype=torch.float64), torch.arange(3)
-    batches = list(dp.poisson_batches((x, y), 0.01, num_batches=50,
-                                      generator=torch.Generator().manual_seed(0)))
+    batches = list(
+        dp.poisson_batches((x, y), 0.01, num_batches=50, generator=torch.Generator().manual_seed(0))
+    )
     empty = [b for b in batches if len(b[0]) == 0]
     assert empty
     bx, by = empty[0]
     assert bx.shape == (0, 4, 5) and bx.dtype == torch.float64 and by.shape == (0,)
-    single = next(b for b in dp.poisson_batches(x, 0.01, num_batches=50,
-                                                 generator=torch.Generator().manual_seed(0))
-                  if len(b) == 0)
+    single = next(
+        b
+        for b in dp.poisson_batches(x, 0.01, num_batches=50, generator=torch.Generator().manual_seed(0))
+        if len(b) == 0
+    )
     assert single.shape == (0, 4, 5)
 
 
@@ -336,11 +382,14 @@ def test_poisson_sampler_as_a_dataloader_batch_sampler():
     assert sum(len(b[0]) for b in loader) > 0
 
 
-@pytest.mark.parametrize("args,exc,match", [
-    ((10, 0.0), ValueError, "sample_rate"),
-    ((10, 2.0), ValueError, "sample_rate"),
-    ((0, 0.5), ValueError, "num_examples"),
-])
+@pytest.mark.parametrize(
+    "args,exc,match",
+    [
+        ((10, 0.0), ValueError, "sample_rate"),
+        ((10, 2.0), ValueError, "sample_rate"),
+        ((0, 0.5), ValueError, "num_examples"),
+    ],
+)
 def test_poisson_sampler_bad_arguments(args, exc, match):
     with pytest.raises(exc, match=match):
         dp.PoissonSampler(*args)

@@ -2,6 +2,7 @@
 against a Python for-loop reference. Imported and called in-process (main(size='small')), and once
 each as a script in a subprocess, the way a user runs them. The main job, examples/demo.py (DP-SGD
 on scikit-learn's digits), runs as a script with one epoch."""
+
 import importlib.util
 import os
 import subprocess
@@ -18,7 +19,8 @@ EXAMPLES = ["per_sample_grads_cnn", "ensemble", "maml_sine", "jacobians_hessians
 
 def load(name):
     spec = importlib.util.spec_from_file_location(
-        f"_ft_example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+        f"_ft_example_{name}", os.path.join(ROOT, "examples", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -59,7 +61,12 @@ def test_example_script(name):
     env = dict(os.environ, FUNCTORCH_LITE_VMAP_FALLBACK="warn")
     proc = subprocess.run(
         [sys.executable, os.path.join("examples", f"{name}.py"), "--size", "small"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "equal" in proc.stdout, proc.stdout
     assert "UserWarning" not in proc.stderr, proc.stderr  # the examples silence the fallback
@@ -68,16 +75,31 @@ def test_example_script(name):
 # ------------------------------------------------------------------------------------------------
 # the main job: examples/demo.py (DP-SGD on scikit-learn's digits), run as `bash scripts/demo.sh`
 
+
 def run_demo(*args):
-    return subprocess.run([sys.executable, os.path.join("examples", "demo.py"), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join("examples", "demo.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_demo_help_lists_the_options():
     proc = run_demo("--help")
     assert proc.returncode == 0, proc.stderr
-    for option in ("--epochs", "--target-epsilon", "--noise-multiplier", "--max-grad-norm",
-                   "--batch-size", "--clipping", "--seed", "--device", "--out"):
+    for option in (
+        "--epochs",
+        "--target-epsilon",
+        "--noise-multiplier",
+        "--max-grad-norm",
+        "--batch-size",
+        "--clipping",
+        "--seed",
+        "--device",
+        "--out",
+    ):
         assert option in proc.stdout, option
 
 

@@ -10,6 +10,7 @@ FUNCTORCH_LITE_FUZZ_SEED to draw other programs than the CI profile does.
 
     FUNCTORCH_LITE_FUZZ_EXAMPLES=5000 python -m pytest test/test_fuzz.py -q -s
 """
+
 import contextlib
 import os
 import warnings
@@ -20,10 +21,9 @@ import torch
 import functorch_lite as ft
 
 hypothesis = pytest.importorskip("hypothesis")
+import _fuzz  # noqa: E402
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-import _fuzz  # noqa: E402
 
 CI_EXAMPLES = 1500
 LONG = int(os.environ.get("FUNCTORCH_LITE_FUZZ_EXAMPLES", "0"))
@@ -32,8 +32,9 @@ SEED = int(os.environ.get("FUNCTORCH_LITE_FUZZ_SEED", "0"))
 
 @st.composite
 def programs(draw):
-    return _fuzz.make_program(lambda lo, hi: draw(st.integers(lo, hi)),
-                              lambda: draw(st.sampled_from(_fuzz.OP_NAMES)))
+    return _fuzz.make_program(
+        lambda lo, hi: draw(st.integers(lo, hi)), lambda: draw(st.sampled_from(_fuzz.OP_NAMES))
+    )
 
 
 @contextlib.contextmanager
@@ -49,8 +50,7 @@ def _quiet():
         ft.set_vmap_fallback(old)
 
 
-_settings = dict(deadline=None, database=None, print_blob=False,
-                 suppress_health_check=list(HealthCheck))
+_settings = dict(deadline=None, database=None, print_blob=False, suppress_health_check=list(HealthCheck))
 
 
 def test_catalogue_size():

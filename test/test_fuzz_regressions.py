@@ -4,6 +4,7 @@ Each test compares functorch_lite with torch.func and, where it helps, with a fo
 torch.autograd. The strict xfails are failures not fixed yet (see docs/reliability.md); the
 fuzzer counts programs that hit them as "known" instead of failing (_fuzz.KNOWN).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ D = dict(dtype=torch.float64)
 # ---- fixed: per-channel arguments of batch/group norm with a single channel (rules_norm.cpp)
 # An unbatched [C] weight or saved statistic expanded to [B, C] and flattened to [B*C] is a
 # stride-0 view when C == 1; the CPU kernels read it as a dense buffer (uninitialized values).
+
 
 def test_jacrev_batch_norm_training_one_channel():
     x = torch.randn(3, 1, **D)
@@ -79,16 +81,18 @@ def test_hessian_of_loss_without_forward_ad_backward(loss):
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('huber', 0),), layers=(('hessian', 0),))
     x, y = torch.randn(3, **D), torch.randn(3, **D)
     if loss == "huber":
+
         def f(x):
             return F.huber_loss(x, y, delta=0.5)
     else:
+
         def f(x):
             return F.soft_margin_loss(x, y.sign())
+
     # The referee: double backward, one row at a time.
     xr = x.detach().requires_grad_()
     g = torch.autograd.grad(f(xr), xr, create_graph=True)[0]
-    rows = [torch.autograd.grad(g[k], xr, retain_graph=True, allow_unused=True)[0]
-            for k in range(3)]
+    rows = [torch.autograd.grad(g[k], xr, retain_graph=True, allow_unused=True)[0] for k in range(3)]
     expected = torch.stack([torch.zeros_like(x) if r is None else r for r in rows])
     if loss == "huber":
         torch.testing.assert_close(torch.func.hessian(f)(x), expected)
@@ -102,12 +106,18 @@ def test_hessian_of_loss_without_forward_ad_backward(loss):
 
 # ---- not fixed (strict xfails; each needs more than a batching rule)
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "vmap(jacrev(f)) where f writes in place into a view (z[0].mul_(y[0])) with a "
-    "differentiated operand: the backward of the in-place view update (torch's CopySlices) "
-    "copies a gradient batched at the outer vmap level into a buffer batched only at jacrev's "
-    "level, and our copy_ rule refuses ('writes batched values in place into self, which is "
-    "not batched'); torch.func and the for-loop over jacrev return the per-sample jacobian"))
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "vmap(jacrev(f)) where f writes in place into a view (z[0].mul_(y[0])) with a "
+        "differentiated operand: the backward of the in-place view update (torch's CopySlices) "
+        "copies a gradient batched at the outer vmap level into a buffer batched only at jacrev's "
+        "level, and our copy_ rule refuses ('writes batched values in place into self, which is "
+        "not batched'); torch.func and the for-loop over jacrev return the per-sample jacobian"
+    ),
+)
 def test_vmap_jacrev_inplace_on_view_with_differentiated_operand():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('addcdiv', 0), ('inplace_view', 0)),
     #                 layers=(('vmap', 0, -1, 0, None, 2), ('hessian', 1)))
@@ -123,12 +133,17 @@ def test_vmap_jacrev_inplace_on_view_with_differentiated_operand():
     torch.testing.assert_close(ft.vmap(ft.jacrev(f))(y), expected)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "vmap(jacfwd(f)) where f does z = x.clone(); z[idx] = y (index_put_) and y is the "
-    "differentiated input: z has no tangent, torch's forward AD makes a zeros tangent for it "
-    "and index_put_s y's tangent (batched at jacfwd's vmap level) into it, which our "
-    "index_put_ rule refuses as an in-place write of batched values into an unbatched tensor; "
-    "torch.func and the for-loop return the jacobian"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "vmap(jacfwd(f)) where f does z = x.clone(); z[idx] = y (index_put_) and y is the "
+        "differentiated input: z has no tangent, torch's forward AD makes a zeros tangent for it "
+        "and index_put_s y's tangent (batched at jacfwd's vmap level) into it, which our "
+        "index_put_ rule refuses as an in-place write of batched values into an unbatched tensor; "
+        "torch.func and the for-loop return the jacobian"
+    ),
+)
 def test_vmap_jacfwd_index_put_into_fresh_clone():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('setitem_adv', 0),),
     #                 layers=(('vmap', 0, 0, 0, None, 2), ('jacfwd', 1)))
@@ -142,24 +157,33 @@ def test_vmap_jacfwd_index_put_into_fresh_clone():
 
     expected = torch.func.vmap(torch.func.jacfwd(f, argnums=1))(x, y)
     torch.testing.assert_close(
-        expected, torch.stack([torch.func.jacfwd(f, argnums=1)(a, b) for a, b in zip(x, y)]))
+        expected, torch.stack([torch.func.jacfwd(f, argnums=1)(a, b) for a, b in zip(x, y)])
+    )
     torch.testing.assert_close(ft.vmap(ft.jacfwd(f, argnums=1))(x, y), expected)
 
 
-_HESSIAN_OF_INDEXING_XFAIL = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "Same root cause as test_vmap_jacfwd_index_put_into_fresh_clone, reached through the "
-    "backward of indexing: per-sample hessians (vmap(hessian)) of index_select and x[idx] "
-    "raise 'aten::index_put_ writes batched values in place into self, which is not batched' "
-    "(their backward writes into a fresh zeros tensor, whose forward-AD tangent is not batched "
-    "at jacfwd's vmap level); torch.func and the for-loop return the hessians"))
+_HESSIAN_OF_INDEXING_XFAIL = pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "Same root cause as test_vmap_jacfwd_index_put_into_fresh_clone, reached through the "
+        "backward of indexing: per-sample hessians (vmap(hessian)) of index_select and x[idx] "
+        "raise 'aten::index_put_ writes batched values in place into self, which is not batched' "
+        "(their backward writes into a fresh zeros tensor, whose forward-AD tangent is not batched "
+        "at jacfwd's vmap level); torch.func and the for-loop return the hessians"
+    ),
+)
 
 
-@pytest.mark.parametrize("op", [
-    pytest.param("index_select", marks=_HESSIAN_OF_INDEXING_XFAIL),
-    pytest.param("advanced_index", marks=_HESSIAN_OF_INDEXING_XFAIL),
-    "embedding",
-    "gather",
-])
+@pytest.mark.parametrize(
+    "op",
+    [
+        pytest.param("index_select", marks=_HESSIAN_OF_INDEXING_XFAIL),
+        pytest.param("advanced_index", marks=_HESSIAN_OF_INDEXING_XFAIL),
+        "embedding",
+        "gather",
+    ],
+)
 def test_vmap_hessian_of_indexing(op):
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('index_select', 0),),
     #                 layers=(('vmap', 0, None, 0, None, 2), ('hessian', 0), ('vjp',)))
@@ -180,12 +204,17 @@ def test_vmap_hessian_of_indexing(op):
     torch.testing.assert_close(ft.vmap(ft.hessian(f))(x), expected)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "jvp of hessian(hessian(f)) (fourth order, forward over reverse four times) of an "
-    "rms-norm followed by abs raises 'more than one element of the written-to tensor refers "
-    "to a single memory location' (an in-place write into an expanded tensor somewhere in "
-    "the nested derivative formulas); torch.func returns the values, and jacfwd(jacfwd("
-    "hessian(f))) works in both"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "jvp of hessian(hessian(f)) (fourth order, forward over reverse four times) of an "
+        "rms-norm followed by abs raises 'more than one element of the written-to tensor refers "
+        "to a single memory location' (an in-place write into an expanded tensor somewhere in "
+        "the nested derivative formulas); torch.func returns the values, and jacfwd(jacfwd("
+        "hessian(f))) works in both"
+    ),
+)
 def test_jvp_of_hessian_of_hessian_rms_abs():
     # fuzzer: Program(x_shape=(2,), y_shape=(1,), ops=(('rms_norm', 0), ('abs', 0)),
     #                 layers=(('jvp',), ('hessian', 0), ('hessian', 0)))
@@ -201,6 +230,7 @@ def test_jvp_of_hessian_of_hessian_rms_abs():
 
 
 # ---- where torch.func is wrong (the fuzzer counts these as "ours right"): against the for-loop
+
 
 def test_vmap_negative_out_dims_of_an_unbatched_output():
     # torch.func 2.13 returns a tensor of shape [34359738369, 3] here (the negative out_dim is
@@ -228,13 +258,18 @@ def test_jacrev_of_vmap_negative_dims_with_unbatched_output():
     torch.testing.assert_close(ours, torch.func.jacrev(looped)(x))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "vmap(..., chunk_size=1) of an in-place write of a value batched at that level into a "
-    "tensor that is not (x.clone().add_(y) with x unbatched there): we refuse ('aten::add_ "
-    "writes batched values in place into self, which is not batched') whatever the chunk size; "
-    "torch.func refuses too without chunk_size, but with chunk_size=1 each chunk has batch size "
-    "1, its check passes, and it returns the for-loop's values. Arguably an accident of "
-    "torch.func; kept as a known difference"))
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "vmap(..., chunk_size=1) of an in-place write of a value batched at that level into a "
+        "tensor that is not (x.clone().add_(y) with x unbatched there): we refuse ('aten::add_ "
+        "writes batched values in place into self, which is not batched') whatever the chunk size; "
+        "torch.func refuses too without chunk_size, but with chunk_size=1 each chunk has batch size "
+        "1, its check passes, and it returns the for-loop's values. Arguably an accident of "
+        "torch.func; kept as a known difference"
+    ),
+)
 def test_vmap_chunk_size_1_inplace_into_unbatched():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('clone_add_', 0),),
     #                 layers=(('vmap', 0, None, 0, None, 2), ('vmap', None, 1, 0, 1, 2)))
@@ -243,8 +278,7 @@ def test_vmap_chunk_size_1_inplace_into_unbatched():
     def f(x, y):
         return x.clone().add_(y)
 
-    expected = torch.func.vmap(torch.func.vmap(f, in_dims=(None, 1), chunk_size=1),
-                               in_dims=(0, None))(x, y)
+    expected = torch.func.vmap(torch.func.vmap(f, in_dims=(None, 1), chunk_size=1), in_dims=(0, None))(x, y)
     looped = torch.stack([torch.stack([f(x[i], y[:, j]) for j in range(2)]) for i in range(2)])
     torch.testing.assert_close(expected, looped)
     ours = ft.vmap(ft.vmap(f, in_dims=(None, 1), chunk_size=1), in_dims=(0, None))(x, y)

@@ -5,6 +5,7 @@ of their error messages (TestGradErrorMessages, expecttest).
 Every test compares functorch_lite with torch.func (or with torch.autograd.grad / a closed form)
 on the same inputs. Strict xfails mark real bugs of functorch_lite: the reason says what is wrong.
 """
+
 import re
 
 import expecttest
@@ -22,6 +23,7 @@ RTOL = 1.3e-6
 
 # ------------------------------------------------------------------------------------------------
 # helpers (local to this file on purpose: test/conftest.py belongs to another suite)
+
 
 @pytest.fixture(autouse=True)
 def _fresh_state(_seed_and_restore):
@@ -109,11 +111,11 @@ def f_sin(x):
 
 
 def f_poly(x):
-    return (3 * x ** 4 - 2 * x ** 3 + x ** 2 - 5 * x).sum()
+    return (3 * x**4 - 2 * x**3 + x**2 - 5 * x).sum()
 
 
 def f_explog(x):
-    return (x.exp() * (x ** 2 + 1).log() + torch.log1p(x.exp())).sum()
+    return (x.exp() * (x**2 + 1).log() + torch.log1p(x.exp())).sum()
 
 
 def f_mlp(x):
@@ -136,9 +138,13 @@ def f_max_prod(x):
 
 def f_views(x):
     m = x.view(2, 2)
-    return ((m.t()[0] * x[1:3]).sum() + x[::2].pow(3).sum()
-            + x.unsqueeze(1).expand(4, 3).sin().sum() + m.diagonal().exp().sum()
-            + x.flip(0).cumsum(0).pow(2).sum())
+    return (
+        (m.t()[0] * x[1:3]).sum()
+        + x[::2].pow(3).sum()
+        + x.unsqueeze(1).expand(4, 3).sin().sum()
+        + m.diagonal().exp().sum()
+        + x.flip(0).cumsum(0).pow(2).sum()
+    )
 
 
 def f_indexing(x):
@@ -165,9 +171,11 @@ def f_inplace_offset_view(x):
 
 
 def f_where(x):
-    return (torch.where(x > 0, x ** 3, -x.sin()).sum()
-            + torch.where(x < 0.5, x, 2 * x).pow(2).exp().sum()
-            + torch.where(x > 0, x, torch.zeros(())).sum())
+    return (
+        torch.where(x > 0, x**3, -x.sin()).sum()
+        + torch.where(x < 0.5, x, 2 * x).pow(2).exp().sum()
+        + torch.where(x > 0, x, torch.zeros(())).sum()
+    )
 
 
 def f_softmax(x):
@@ -192,12 +200,14 @@ FUNCS = {
     "max_prod": (f_max_prod, True),
 }
 
+
 def _x():
     return torch.randn(4)
 
 
 # ------------------------------------------------------------------------------------------------
 # first to third order, against torch.func and torch.autograd.grad
+
 
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("name", list(FUNCS))
@@ -217,9 +227,8 @@ def test_scalar_third_order_chain_closed_forms(point):
     x = torch.tensor(point, dtype=torch.float64)
     torch.testing.assert_close(ft.grad(ft.grad(ft.grad(torch.sin)))(x), -x.cos())
     torch.testing.assert_close(ft.grad(ft.grad(ft.grad(torch.exp)))(x), x.exp())
-    torch.testing.assert_close(ft.grad(ft.grad(ft.grad(lambda t: t ** 5)))(x), 60 * x ** 2)
-    torch.testing.assert_close(ft.grad(ft.grad(lambda t: t.tanh()))(x),
-                               -2 * x.tanh() * (1 - x.tanh() ** 2))
+    torch.testing.assert_close(ft.grad(ft.grad(ft.grad(lambda t: t**5)))(x), 60 * x**2)
+    torch.testing.assert_close(ft.grad(ft.grad(lambda t: t.tanh()))(x), -2 * x.tanh() * (1 - x.tanh() ** 2))
     fourth = ft.grad(ft.grad(ft.grad(ft.grad(lambda t: t.sin() * t))))(x)
     torch.testing.assert_close(fourth, tf.grad(tf.grad(tf.grad(tf.grad(lambda t: t.sin() * t))))(x))
 
@@ -237,8 +246,9 @@ def test_write_into_offset_view_second_order(index):
 
     torch.testing.assert_close(ft.grad(f)(x), tf.grad(f)(x))
     torch.testing.assert_close(ft.grad(ft.grad(f))(x), tf.grad(tf.grad(f))(x))
-    torch.testing.assert_close(ft.grad(ft.grad(ft.grad(lambda t: f(t) * t)))(x),
-                               tf.grad(tf.grad(tf.grad(lambda t: f(t) * t)))(x))
+    torch.testing.assert_close(
+        ft.grad(ft.grad(ft.grad(lambda t: f(t) * t)))(x), tf.grad(tf.grad(tf.grad(lambda t: f(t) * t)))(x)
+    )
 
 
 @pytest.mark.parametrize("name", ["sin", "poly", "mlp", "where", "inplace_intermediate"])
@@ -293,12 +303,14 @@ def test_inplace_on_nondifferentiated_argument_is_allowed():
 # ------------------------------------------------------------------------------------------------
 # argnums, pytrees, has_aux, kwargs
 
+
 def f2(x, y, z):
     return (x.sin() * y.exp() + z * x * y).sum()
 
 
-@pytest.mark.parametrize("argnums", [0, 1, 2, -1, -2, -3, (0,), (0, 1), (2, 0), (-1, 1), (0, 1, 2),
-                                     (-3, -2, -1)])
+@pytest.mark.parametrize(
+    "argnums", [0, 1, 2, -1, -2, -3, (0,), (0, 1), (2, 0), (-1, 1), (0, 1, 2), (-3, -2, -1)]
+)
 def test_argnums(argnums):
     x, y, z = _x(), _x(), _x()
     g = both(lambda m: m.grad(f2, argnums=argnums)(x, y, z))
@@ -328,8 +340,11 @@ def test_pytree_arguments_mirror_structure():
     params = {"w": x, "inner": (y, [z, {"b": x * 2}])}
 
     def f(p, scale):
-        return ((p["w"] * p["inner"][0]).sin().sum() + p["inner"][1][0].exp().sum()
-                + (p["inner"][1][1]["b"] ** 2).sum() * scale)
+        return (
+            (p["w"] * p["inner"][0]).sin().sum()
+            + p["inner"][1][0].exp().sum()
+            + (p["inner"][1][1]["b"] ** 2).sum() * scale
+        )
 
     g = both(lambda m: m.grad(f)(params, 3.0))
     assert isinstance(g, dict) and set(g) == {"w", "inner"}
@@ -412,7 +427,7 @@ VJP_FUNCS = {
     "views": lambda x: x.view(2, 2).t() * x[:2],
     "reduce_and_expand": lambda x: x.softmax(0) * x.sum(),
     "inplace": lambda x: x.clone().mul_(x).add_(1).log_(),
-    "where": lambda x: torch.where(x > 0, x.exp(), x ** 2),
+    "where": lambda x: torch.where(x > 0, x.exp(), x**2),
 }
 
 
@@ -497,6 +512,7 @@ def test_grad_of_vjp_fn():
 # ------------------------------------------------------------------------------------------------
 # compositions with vmap
 
+
 @pytest.mark.parametrize(
     "name",
     [n for n, (_, v) in FUNCS.items() if v],
@@ -507,15 +523,18 @@ def test_vmap_of_grad_per_sample(name):
     both(lambda m: m.vmap(m.grad(f))(X), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("reduction", [
-    pytest.param(lambda x: x.max(), id="max"),
-    pytest.param(lambda x: x.min(), id="min"),
-    pytest.param(lambda x: x.prod(), id="prod"),
-    pytest.param(lambda x: x.median(), id="median"),
-    pytest.param(lambda x: x.max(0).values, id="max_dim"),
-    pytest.param(lambda x: x.amax(), id="amax"),
-    pytest.param(lambda x: x.norm(), id="norm"),
-])
+@pytest.mark.parametrize(
+    "reduction",
+    [
+        pytest.param(lambda x: x.max(), id="max"),
+        pytest.param(lambda x: x.min(), id="min"),
+        pytest.param(lambda x: x.prod(), id="prod"),
+        pytest.param(lambda x: x.median(), id="median"),
+        pytest.param(lambda x: x.max(0).values, id="max_dim"),
+        pytest.param(lambda x: x.amax(), id="amax"),
+        pytest.param(lambda x: x.norm(), id="norm"),
+    ],
+)
 def test_vmap_of_grad_reductions(reduction):
     X = torch.randn(3, 4)
     both(lambda m: m.vmap(m.grad(reduction))(X))
@@ -538,8 +557,7 @@ def test_grad_of_vmap():
     X = torch.randn(5, 4)
     both(lambda m: m.grad(lambda x: m.vmap(lambda r: r.sin().sum() * r[0])(x).sum())(X))
     both(lambda m: m.grad(lambda x: m.vmap(f_mlp)(x).mean())(X))
-    both(lambda m: m.grad(lambda w, x: m.vmap(lambda r: (r * w).exp().sum(), in_dims=0)(x).sum())(
-        X[0], X))
+    both(lambda m: m.grad(lambda w, x: m.vmap(lambda r: (r * w).exp().sum(), in_dims=0)(x).sum())(X[0], X))
 
 
 def test_vmap_of_grad_of_vmap():
@@ -550,14 +568,13 @@ def test_vmap_of_grad_of_vmap():
 
 def test_vmap_of_grad_of_grad():
     X = torch.randn(5)
-    both(lambda m: m.vmap(m.grad(m.grad(lambda t: t.sin() * t ** 2)))(X))
+    both(lambda m: m.vmap(m.grad(m.grad(lambda t: t.sin() * t**2)))(X))
     both(lambda m: m.vmap(m.grad(m.grad(m.grad(lambda t: t.exp() * t))))(X))
 
 
 def test_grad_of_vmap_of_grad():
     X = torch.randn(3, 4)
-    both(lambda m: m.grad(lambda x: m.vmap(m.grad(f_mlp))(x).pow(2).sum())(X),
-         atol=1e-4, rtol=1e-4)
+    both(lambda m: m.grad(lambda x: m.vmap(m.grad(f_mlp))(x).pow(2).sum())(X), atol=1e-4, rtol=1e-4)
 
 
 def test_vmap_of_vjp_minimal():
@@ -604,6 +621,7 @@ def test_nested_vmap_over_vjp_fn_batched_jacobians():
 # ------------------------------------------------------------------------------------------------
 # perturbation confusion
 
+
 @pytest.mark.parametrize("point", [-2.5, -1.0, 0.0, 0.5, 3.0])
 def test_perturbation_confusion(point):
     x = torch.tensor(point)
@@ -618,14 +636,17 @@ def test_perturbation_confusion(point):
     torch.testing.assert_close(ft.grad(lambda x: ft.grad(lambda y: x * y * y)(x))(x), 4 * x)
     # inner closes over x and differentiates w.r.t. a different constant point
     c = torch.tensor(1.5)
-    torch.testing.assert_close(ft.grad(lambda x: ft.grad(lambda y: (x * y).sin())(c) * x)(x),
-                               tf.grad(lambda x: tf.grad(lambda y: (x * y).sin())(c) * x)(x))
+    torch.testing.assert_close(
+        ft.grad(lambda x: ft.grad(lambda y: (x * y).sin())(c) * x)(x),
+        tf.grad(lambda x: tf.grad(lambda y: (x * y).sin())(c) * x)(x),
+    )
+
     # three levels, each closing over the outer ones
     def g3(m):
         return m.grad(lambda a: m.grad(lambda b: m.grad(lambda c: a * b * c * c)(b) * a)(a))(x)
 
     # d/dc (a b c^2)|_{c=b} = 2 a b^2; d/db (2 a b^2 * a)|_{b=a} = 4 a^3; d/da 4 a^3 = 12 a^2
-    torch.testing.assert_close(g3(ft), 12 * x ** 2)
+    torch.testing.assert_close(g3(ft), 12 * x**2)
     torch.testing.assert_close(g3(ft), g3(tf))
     # vjp inside grad, closing over the outer variable
     both(lambda m: m.grad(lambda x: x * m.vjp(lambda y: x * y, x)[1](torch.tensor(1.0))[0])(x))
@@ -633,6 +654,7 @@ def test_perturbation_confusion(point):
 
 # ------------------------------------------------------------------------------------------------
 # regular autograd through the transforms
+
 
 def _loss_with_captured(w):
     def loss(x):
@@ -694,12 +716,13 @@ def test_backward_through_vjp_into_captured_weights():
 # ------------------------------------------------------------------------------------------------
 # torch.no_grad
 
+
 def test_no_grad_inside_f_is_respected():
     x = _x()
 
     def f(t):
         with torch.no_grad():
-            c = t ** 2
+            c = t**2
         return (t - c).sum() + (t * t.detach()).sum()
 
     g = both(lambda m: m.grad(f)(x))
@@ -717,16 +740,16 @@ def test_no_grad_around_transform_is_ignored():
     x = _x()
     for m in (ft, tf):
         with torch.no_grad():
-            g = m.grad(lambda t: (t ** 3).sum())(x)
-            gg = m.grad(m.grad(lambda t: t ** 3))(torch.tensor(2.0))
-            gv = m.grad_and_value(lambda t: (t ** 3).sum())(x)
-            _, fn = m.vjp(lambda t: t ** 3, x)
+            g = m.grad(lambda t: (t**3).sum())(x)
+            gg = m.grad(m.grad(lambda t: t**3))(torch.tensor(2.0))
+            gv = m.grad_and_value(lambda t: (t**3).sum())(x)
+            _, fn = m.vjp(lambda t: t**3, x)
             (v,) = fn(torch.ones(4))
             vg = m.vmap(m.grad(lambda t: t.sin()))(x)
-        torch.testing.assert_close(g, 3 * x ** 2)
+        torch.testing.assert_close(g, 3 * x**2)
         torch.testing.assert_close(gg, torch.tensor(12.0))
-        torch.testing.assert_close(gv[0], 3 * x ** 2)
-        torch.testing.assert_close(v, 3 * x ** 2)
+        torch.testing.assert_close(gv[0], 3 * x**2)
+        torch.testing.assert_close(v, 3 * x**2)
         torch.testing.assert_close(vg, x.cos())
 
 
@@ -736,7 +759,7 @@ def test_no_grad_around_transform_with_requires_grad_input_matches_torch_func():
     for m in (ft, tf):
         x = x0.clone().requires_grad_()
         with torch.no_grad():
-            g = m.grad(lambda t: (t ** 3).sum())(x)
+            g = m.grad(lambda t: (t**3).sum())(x)
         flags[m.__name__] = (g.requires_grad, g.detach())
     assert flags["functorch_lite"][0] == flags["torch.func"][0]
     torch.testing.assert_close(flags["functorch_lite"][1], flags["torch.func"][1])
@@ -790,6 +813,7 @@ def test_no_grad_around_inner_transform_inside_f():
 # ------------------------------------------------------------------------------------------------
 # wrappers escaping the transform
 
+
 def test_escaped_grad_tensors_behave_as_plain_tensors():
     store = {}
     x = _x()
@@ -809,8 +833,7 @@ def test_escaped_grad_tensors_behave_as_plain_tensors():
         lambda: torch.testing.assert_close(torch.tensor(y.tolist()), x.sin()),
         lambda: torch.testing.assert_close(y.detach().clone(), x.sin()),
         lambda: torch.testing.assert_close(ft.grad(lambda a: (a * y).sum())(x), x.sin()),
-        lambda: torch.testing.assert_close(ft.vmap(lambda a: a * y)(torch.ones(2, 4)),
-                                           x.sin().expand(2, 4)),
+        lambda: torch.testing.assert_close(ft.vmap(lambda a: a * y)(torch.ones(2, 4)), x.sin().expand(2, 4)),
         lambda: torch.testing.assert_close(tf.grad(lambda a: (a * y).sum())(x), x.sin()),
         lambda: repr(y),
         lambda: y[0].item(),
@@ -853,12 +876,16 @@ def test_escaped_from_vmap_of_grad_raises_clear_error():
 # ------------------------------------------------------------------------------------------------
 # in-place on captured tensors; .backward() inside f
 
-@pytest.mark.parametrize("mutate", [
-    pytest.param(lambda c, x: c.add_(x), id="add_"),
-    pytest.param(lambda c, x: c.copy_(x), id="copy_"),
-    pytest.param(lambda c, x: c.mul_(x).sin_(), id="mul_"),
-    pytest.param(lambda c, x: torch.add(x, 1, out=c), id="out="),
-])
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda c, x: c.add_(x), id="add_"),
+        pytest.param(lambda c, x: c.copy_(x), id="copy_"),
+        pytest.param(lambda c, x: c.mul_(x).sin_(), id="mul_"),
+        pytest.param(lambda c, x: torch.add(x, 1, out=c), id="out="),
+    ],
+)
 def test_inplace_on_captured_tensor_raises(mutate):
     x = _x()
     for m in (ft, tf):
@@ -887,11 +914,14 @@ def test_inplace_on_captured_tensor_raises_in_vjp_and_nested():
     assert torch.equal(c, torch.zeros(4))
 
 
-@pytest.mark.parametrize("mutate", [
-    pytest.param(lambda c, x: c.__setitem__(0, x[0]), id="setitem"),
-    pytest.param(lambda c, x: c[0].add_(1), id="select_add_"),
-    pytest.param(lambda c, x: c.view(2, 2).mul_(x[0]), id="view_mul_"),
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda c, x: c.__setitem__(0, x[0]), id="setitem"),
+        pytest.param(lambda c, x: c[0].add_(1), id="select_add_"),
+        pytest.param(lambda c, x: c.view(2, 2).mul_(x[0]), id="view_mul_"),
+    ],
+)
 def test_inplace_on_view_of_captured_tensor_raises(mutate):
     x = _x()
     c = torch.ones(4)
@@ -955,8 +985,11 @@ def test_backward_inside_other_transforms_raises_clear_error(transform):
         "vmap_grad": lambda: ft.vmap(ft.grad(f))(torch.randn(3, 4)),
         "grad_grad": lambda: ft.grad(lambda t: ft.grad(f)(t).sum())(x),
     }[transform]
-    with pytest.raises(RuntimeError, match=r"called \.backward\(\) or torch\.autograd\.grad\(\) on "
-                                           r"tensors of the transform"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"called \.backward\(\) or torch\.autograd\.grad\(\) on "
+        r"tensors of the transform",
+    ):
         run()
     assert ft._C._stack_depth() == 0
 
@@ -968,13 +1001,17 @@ def test_autograd_grad_inside_grad_raises_clear_error():
         y = (t * w).sum()
         return torch.autograd.grad(y, w)[0].sum()
 
-    with pytest.raises(RuntimeError, match=r"functorch_lite\.grad: the function being transformed "
-                                           r"called \.backward\(\) or torch\.autograd\.grad\(\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"functorch_lite\.grad: the function being transformed "
+        r"called \.backward\(\) or torch\.autograd\.grad\(\)",
+    ):
         ft.grad(f)(_x())
 
 
 # ------------------------------------------------------------------------------------------------
 # error messages (exact text; regenerate with EXPECTTEST_ACCEPT=1 and review)
+
 
 def _f(x, y=None):
     return x.sin().sum()
@@ -993,7 +1030,11 @@ class TestGradErrorMessages(expecttest.TestCase):
             y = (t * t).sum()
             y.backward()
             return y
-        self.assertExpectedInline(self.msg(RuntimeError, lambda: ft.grad(f)(self.x)), """functorch_lite.grad: the function being transformed called .backward() or torch.autograd.grad() on tensors of the transform, which is not supported. Use functorch_lite.grad or functorch_lite.vjp instead (they compose with every transform), or call it outside the transform.""")
+
+        self.assertExpectedInline(
+            self.msg(RuntimeError, lambda: ft.grad(f)(self.x)),
+            """functorch_lite.grad: the function being transformed called .backward() or torch.autograd.grad() on tensors of the transform, which is not supported. Use functorch_lite.grad or functorch_lite.vjp instead (they compose with every transform), or call it outside the transform.""",
+        )
 
     def msg(self, exc_type, fn):
         with self.assertRaises(exc_type) as ctx:
@@ -1009,123 +1050,158 @@ class TestGradErrorMessages(expecttest.TestCase):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums="0")(x)),
-            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got '0'.""")
+            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got '0'.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=[0])(x)),
-            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got [0].""")
+            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got [0].""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=1.0)(x, x)),
-            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got 1.0.""")
+            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got 1.0.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=True)(x)),
-            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got True.""")
+            """grad: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got True.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad_and_value(_f, argnums=(0, "1"))(x, x)),
-            """grad_and_value: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got (0, '1').""")
+            """grad_and_value: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got (0, '1').""",
+        )
 
     def test_argnums_out_of_range(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=2)(x, x)),
-            """grad: got argnums=2, but only 2 positional inputs, so each argnum must be in [-2, 2).""")
+            """grad: got argnums=2, but only 2 positional inputs, so each argnum must be in [-2, 2).""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=-3)(x, x)),
-            """grad: got argnums=-3, but only 2 positional inputs, so each argnum must be in [-2, 2).""")
+            """grad: got argnums=-3, but only 2 positional inputs, so each argnum must be in [-2, 2).""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad_and_value(_f, argnums=(0, 5))(x, x)),
-            """grad_and_value: got argnums=(0, 5), but only 2 positional inputs, so each argnum must be in [-2, 2).""")
+            """grad_and_value: got argnums=(0, 5), but only 2 positional inputs, so each argnum must be in [-2, 2).""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda: torch.ones(()))()),
-            """grad: got argnums=0, but only 0 positional inputs, so each argnum must be in [0, 0).""")
+            """grad: got argnums=0, but only 0 positional inputs, so each argnum must be in [0, 0).""",
+        )
 
     def test_argnums_duplicate(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=(0, 0))(x, x)),
-            """grad: argnums elements must be unique, got (0, 0)""")
+            """grad: argnums elements must be unique, got (0, 0)""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=(1, -1))(x, x)),
-            """grad: argnums elements must be unique, got (1, -1)""")
+            """grad: argnums elements must be unique, got (1, -1)""",
+        )
 
     def test_argnums_empty_tuple(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(_f, argnums=())(x, x)),
-            """grad: argnums must be non-empty""")
+            """grad: argnums must be non-empty""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad_and_value(_f, argnums=())(x, x)),
-            """grad_and_value: argnums must be non-empty""")
+            """grad_and_value: argnums must be non-empty""",
+        )
 
     def test_argnum_points_at_non_tensor(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.grad(lambda a, b: b.sum())(1.0, x)),
-            """grad: argument 0 (argnums=0) must be a Tensor (or a pytree of Tensors), got a float.""")
+            """grad: argument 0 (argnums=0) must be a Tensor (or a pytree of Tensors), got a float.""",
+        )
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.grad(lambda a, b: a.sum(), argnums=(0, 1))(x, "b")),
-            """grad: argument 1 (argnums=(0, 1)) must be a Tensor (or a pytree of Tensors), got a str.""")
+            """grad: argument 1 (argnums=(0, 1)) must be a Tensor (or a pytree of Tensors), got a str.""",
+        )
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.grad(lambda d: d["a"].sum())({"a": x, "n": 3})),
-            """grad: argument 0 (argnums=0) at ['n'] must be a Tensor (or a pytree of Tensors), got an int.""")
+            """grad: argument 0 (argnums=0) at ['n'] must be a Tensor (or a pytree of Tensors), got an int.""",
+        )
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.vjp(lambda a: a, 1.0)),
-            """vjp: primals[0] must be a Tensor (or a pytree of Tensors), got a float.""")
+            """vjp: primals[0] must be a Tensor (or a pytree of Tensors), got a float.""",
+        )
 
     def test_argnum_points_at_integer_tensor(self):
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: a.sum())(torch.arange(3))),
-            """grad: argument 0 (argnums=0) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""")
+            """grad: argument 0 (argnums=0) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""",
+        )
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.grad_and_value(lambda a, b: a.sum(), argnums=1)(
-                self.x, torch.ones(3, dtype=torch.bool))),
-            """grad_and_value: argument 1 (argnums=1) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.bool.""")
+            self.msg(
+                RuntimeError,
+                lambda: ft.grad_and_value(lambda a, b: a.sum(), argnums=1)(
+                    self.x, torch.ones(3, dtype=torch.bool)
+                ),
+            ),
+            """grad_and_value: argument 1 (argnums=1) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.bool.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(lambda a: a * 2, torch.arange(3))),
-            """vjp: primals[0] must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""")
+            """vjp: primals[0] must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""",
+        )
 
     # -- has_aux
     def test_has_aux_without_pair(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: a.sum(), has_aux=True)(x)),
-            """grad(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got Tensor.""")
+            """grad(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got Tensor.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: (a.sum(), 1, 2), has_aux=True)(x)),
-            """grad(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got tuple of length 3.""")
+            """grad(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got tuple of length 3.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad_and_value(lambda a: [a.sum(), a], has_aux=True)(x)),
-            """grad_and_value(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got list.""")
+            """grad_and_value(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got list.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(lambda a: a.sin(), x, has_aux=True)),
-            """vjp(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got Tensor.""")
+            """vjp(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got Tensor.""",
+        )
 
     # -- outputs
     def test_non_scalar_output(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: a.sin())(x)),
-            """grad(f)(*args): expected f(*args) to return a scalar Tensor, got a tensor of shape (3,). Use vjp or jacrev for non-scalar outputs.""")
+            """grad(f)(*args): expected f(*args) to return a scalar Tensor, got a tensor of shape (3,). Use vjp or jacrev for non-scalar outputs.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad_and_value(lambda a: a.view(3, 1) * 2)(x)),
-            """grad_and_value(f)(*args): expected f(*args) to return a scalar Tensor, got a tensor of shape (3, 1). Use vjp or jacrev for non-scalar outputs.""")
+            """grad_and_value(f)(*args): expected f(*args) to return a scalar Tensor, got a tensor of shape (3, 1). Use vjp or jacrev for non-scalar outputs.""",
+        )
 
     def test_non_tensor_output(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: 1.0)(x)),
-            """grad(f)(*args): expected f(*args) to return a Tensor, got float.""")
+            """grad(f)(*args): expected f(*args) to return a Tensor, got float.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: (a.sum(),))(x)),
-            """grad(f)(*args): expected f(*args) to return a Tensor, got tuple.""")
+            """grad(f)(*args): expected f(*args) to return a Tensor, got tuple.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(lambda a: 1.0, x)),
-            """vjp(f, *primals): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.""")
+            """vjp(f, *primals): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(lambda a: (a.sin(), 2), x)),
-            """vjp(f, *primals): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got an int in its output.""")
+            """vjp(f, *primals): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got an int in its output.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(lambda a: None, x)),
-            """vjp(f, *primals): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a NoneType in its output.""")
+            """vjp(f, *primals): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a NoneType in its output.""",
+        )
 
     # -- vjp_fn cotangents
     def test_vjp_fn_wrong_structure(self):
@@ -1133,28 +1209,33 @@ class TestGradErrorMessages(expecttest.TestCase):
         _, fn = ft.vjp(lambda a: a.sin(), x)
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: fn((x,))),
-            """vjp_fn: Expected pytree structure of cotangents to be the same as pytree structure of outputs to the function (*), got TreeSpec(tuple, None, [*]).""")
+            """vjp_fn: Expected pytree structure of cotangents to be the same as pytree structure of outputs to the function (*), got TreeSpec(tuple, None, [*]).""",
+        )
         _, fn2 = ft.vjp(lambda a: (a.sin(), {"k": a.cos()}), x)
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: fn2((x, {"j": x}))),
             """\
 vjp_fn: Expected pytree structure of cotangents to be the same as pytree structure of outputs to the function (TreeSpec(tuple, None, [*,
   TreeSpec(dict, ['k'], [*])])), got TreeSpec(tuple, None, [*,
-  TreeSpec(dict, ['j'], [*])]).""")
+  TreeSpec(dict, ['j'], [*])]).""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: fn2((x, {"k": 1.0}))),
-            """vjp_fn: cotangent 1 must be a Tensor, got float""")
+            """vjp_fn: cotangent 1 must be a Tensor, got float""",
+        )
 
     def test_vjp_fn_wrong_shape(self):
         x = self.x
         _, fn = ft.vjp(lambda a: a.sin(), x)
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: fn(torch.randn(4))),
-            """vjp_fn: Mismatch in shape: cotangent 0 has shape (4,), but the corresponding output has shape (3,).""")
+            """vjp_fn: Mismatch in shape: cotangent 0 has shape (4,), but the corresponding output has shape (3,).""",
+        )
         _, fn2 = ft.vjp(lambda a: (a.sin(), {"k": a.sum()}), x)
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: fn2((x, {"k": torch.ones(1)}))),
-            """vjp_fn: Mismatch in shape: cotangent 1 has shape (1,), but the corresponding output has shape ().""")
+            """vjp_fn: Mismatch in shape: cotangent 1 has shape (1,), but the corresponding output has shape ().""",
+        )
 
     # -- in-place on captured
     def test_inplace_mutation_of_captured_tensor(self):
@@ -1167,7 +1248,8 @@ vjp_fn: Expected pytree structure of cotangents to be the same as pytree structu
 
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(f)(x)),
-            """functorch_lite.grad: the function being transformed called the in-place operation aten::add_.Tensor, which would mutate a captured Tensor (one captured from outside the transform, or an input not being differentiated in an outer transform). This is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""")
+            """functorch_lite.grad: the function being transformed called the in-place operation aten::add_.Tensor, which would mutate a captured Tensor (one captured from outside the transform, or an input not being differentiated in an outer transform). This is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""",
+        )
 
         def g(a):
             c.copy_(a)
@@ -1175,17 +1257,19 @@ vjp_fn: Expected pytree structure of cotangents to be the same as pytree structu
 
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(g, x)),
-            """functorch_lite.grad: the function being transformed called the in-place operation aten::copy_, which would mutate a captured Tensor (one captured from outside the transform, or an input not being differentiated in an outer transform). This is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""")
+            """functorch_lite.grad: the function being transformed called the in-place operation aten::copy_, which would mutate a captured Tensor (one captured from outside the transform, or an input not being differentiated in an outer transform). This is not supported: pass the tensor as an argument of the function, or use the out-of-place version of the operation.""",
+        )
 
     def test_which_argument_is_not_differentiable(self):
         x = self.x
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.grad(lambda a, b: a.sum(), argnums=(0, 1))(
-                x, torch.arange(3))),
-            """grad: argument 1 (argnums=(0, 1)) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""")
+            self.msg(RuntimeError, lambda: ft.grad(lambda a, b: a.sum(), argnums=(0, 1))(x, torch.arange(3))),
+            """grad: argument 1 (argnums=(0, 1)) must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.vjp(lambda a, b: a * b, x, torch.arange(3))),
-            """vjp: primals[1] must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""")
+            """vjp: primals[1] must be a floating-point or complex Tensor to be differentiated, got a Tensor of dtype torch.int64.""",
+        )
 
     # -- messages raised in C++ (no file paths, no C++ backtrace)
     def test_tensor_of_torch_func_transform(self):
@@ -1198,14 +1282,16 @@ vjp_fn: Expected pytree structure of cotangents to be the same as pytree structu
         tf.grad(f)(self.x)
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: a.sum())(store["a"])),
-            """functorch_lite.grad: got a tensor of a torch.func transform. functorch_lite and torch.func cannot be mixed in one computation: use one library for every transform of it.""")
+            """functorch_lite.grad: got a tensor of a torch.func transform. functorch_lite and torch.func cannot be mixed in one computation: use one library for every transform of it.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.grad(lambda a: (a * store["a"]).sum())(self.x)),
-            """functorch_lite: aten::mul.Tensor received a tensor of a torch.func transform inside a functorch_lite transform. The two libraries cannot be mixed in one computation: use functorch_lite (or torch.func) for every transform of it.""")
+            """functorch_lite: aten::mul.Tensor received a tensor of a torch.func transform inside a functorch_lite transform. The two libraries cannot be mixed in one computation: use functorch_lite (or torch.func) for every transform of it.""",
+        )
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: tf.grad(lambda a: ft.grad(lambda b: b.sum())(a))(
-                self.x)),
-            """functorch_lite.grad was called inside a torch.func transform. functorch_lite and torch.func cannot be mixed in one computation: use one library for every transform of it.""")
+            self.msg(RuntimeError, lambda: tf.grad(lambda a: ft.grad(lambda b: b.sum())(a))(self.x)),
+            """functorch_lite.grad was called inside a torch.func transform. functorch_lite and torch.func cannot be mixed in one computation: use one library for every transform of it.""",
+        )
 
     def test_escaped_from_vmap_of_grad(self):
         store = {}
@@ -1217,7 +1303,8 @@ vjp_fn: Expected pytree structure of cotangents to be the same as pytree structu
         ft.vmap(ft.grad(f))(torch.randn(2, 3))
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: store["y"] * 2),
-            """functorch_lite.vmap: a tensor created inside a vmap'd function was used after that vmap returned (it was stored in a global, an attribute or a closure). Return it from the function instead: vmap adds the batch dimension to returned tensors only.""")
+            """functorch_lite.vmap: a tensor created inside a vmap'd function was used after that vmap returned (it was stored in a global, an attribute or a closure). Return it from the function instead: vmap adds the batch dimension to returned tensors only.""",
+        )
 
 
 def test_error_names_the_offending_argument():

@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.func as tf
 import torch.nn.functional as F
+from conftest import vmap_fallback
 from torch.utils._pytree import tree_flatten
 
 import functorch_lite as ft
-from conftest import vmap_fallback
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -32,6 +32,7 @@ RTOL2 = 1e-3
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
 
 @pytest.fixture(autouse=True)
 def _no_fallback(_seed_and_restore):
@@ -100,7 +101,7 @@ FUNCS = {
     "log_softmax": lambda x: F.log_softmax(x, 0),
     "sum": lambda x: x.sum(0),
     "mean": lambda x: x.mean(),
-    "sum_sq": lambda x: (x ** 2).sum(-1),
+    "sum_sq": lambda x: (x**2).sum(-1),
     "prod": lambda x: x.prod(1),
     "amax": lambda x: x.amax(-1),
     "norm": lambda x: x.norm(),
@@ -146,8 +147,18 @@ TRANSFORMS = {
     "jvp_jvp": lambda L, f: L.jvp(lambda x: L.jvp(f, (x,), (T,))[1], (X,), (T2,)),
     "grad_jvp": lambda L, f: L.grad(lambda x: L.jvp(f, (x,), (T,))[1].sin().sum())(X),
 }
-SECOND_ORDER = {"hessian", "vmap_hessian", "jacfwd_jacrev", "jacrev_jacrev", "jacfwd_jacfwd",
-                "jacfwd_jacfwd_scalar", "jvp_grad", "vjp_grad", "jvp_jvp", "grad_jvp"}
+SECOND_ORDER = {
+    "hessian",
+    "vmap_hessian",
+    "jacfwd_jacrev",
+    "jacrev_jacrev",
+    "jacfwd_jacfwd",
+    "jacfwd_jacfwd_scalar",
+    "jvp_grad",
+    "vjp_grad",
+    "jvp_jvp",
+    "grad_jvp",
+}
 
 
 def _known_bug(transform, fname):
@@ -160,8 +171,7 @@ def _matrix():
     for tname in TRANSFORMS:
         for fname in FUNCS:
             mark = _known_bug(tname, fname)
-            yield pytest.param(tname, fname, id=f"{tname}-{fname}",
-                               marks=[mark] if mark is not None else [])
+            yield pytest.param(tname, fname, id=f"{tname}-{fname}", marks=[mark] if mark is not None else [])
 
 
 @pytest.mark.parametrize("tname,fname", list(_matrix()))
@@ -175,6 +185,7 @@ def test_transform_matrix(tname, fname):
 
 # ------------------------------------------------------------------------------------------------
 # jvp
+
 
 def test_jvp_pytree_primals_several_outputs():
     a, b, c = torch.randn(3), torch.randn(2, 3), torch.randn(3)
@@ -219,6 +230,7 @@ def test_jvp_has_aux_nested_under_jvp_unwraps_one_level():
         def g(y):
             o, tan, aux = L.jvp(lambda z: (z * y, z.exp() * y), (y,), (s,), has_aux=True)
             return tan + aux  # aux still carries the outer level: its tangent must flow
+
         return L.jvp(g, (x,), (t,))
 
     both(outer)
@@ -249,8 +261,9 @@ def test_jvp_complex():
 def test_jvp_strict_true():
     # as torch.func: strict=True refuses an output that does not depend on the inputs
     x = torch.randn(2)
-    torch.testing.assert_close(ft.jvp(torch.sin, (x,), (x,), strict=True),
-                               tf.jvp(torch.sin, (x,), (x,), strict=True))
+    torch.testing.assert_close(
+        ft.jvp(torch.sin, (x,), (x,), strict=True), tf.jvp(torch.sin, (x,), (x,), strict=True)
+    )
     for lib in (ft, tf):
         with pytest.raises(RuntimeError, match="independent of the inputs"):
             lib.jvp(lambda a: torch.ones(2), (x,), (x,), strict=True)
@@ -332,8 +345,6 @@ def test_jac_has_aux(api):
     torch.testing.assert_close(aux["y"], torch.tanh(w @ x))
 
 
-
-
 @pytest.mark.parametrize("api", JAC_APIS)
 def test_jac_scalar_input_vector_output(api):
     both(lambda L: getattr(L, api)(lambda x: x * torch.arange(3.0))(torch.tensor(2.0)))
@@ -343,12 +354,12 @@ def test_jac_scalar_input_vector_output(api):
 @pytest.mark.parametrize("api", JAC_APIS)
 def test_jac_vector_input_scalar_output(api):
     x = torch.randn(3)
-    both(lambda L: getattr(L, api)(lambda x: (x ** 3).sum())(x))
+    both(lambda L: getattr(L, api)(lambda x: (x**3).sum())(x))
 
 
 @pytest.mark.parametrize("api", JAC_APIS)
 def test_jac_scalar_input_scalar_output(api):
-    both(lambda L: getattr(L, api)(lambda x: x ** 3)(torch.tensor(2.0)))
+    both(lambda L: getattr(L, api)(lambda x: x**3)(torch.tensor(2.0)))
 
 
 @pytest.mark.parametrize("api", JAC_APIS)
@@ -384,8 +395,7 @@ def test_jacrev_chunk_size(chunk_size):
 @pytest.mark.parametrize("chunk_size", [1, 2, 5])
 def test_jacrev_chunk_size_has_aux(chunk_size):
     x = torch.randn(4)
-    both(lambda L: L.jacrev(lambda x: (x.sin() * x.sum(), x.cos()), has_aux=True,
-                            chunk_size=chunk_size)(x))
+    both(lambda L: L.jacrev(lambda x: (x.sin() * x.sum(), x.cos()), has_aux=True, chunk_size=chunk_size)(x))
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3])
@@ -416,6 +426,7 @@ def test_jacrev_invalid_chunk_size(bad):
 # ------------------------------------------------------------------------------------------------
 # hessian
 
+
 def _h(x, w, b):
     return (torch.tanh(w @ x + b) ** 2).sum() + (x * b[:3]).prod()
 
@@ -427,14 +438,14 @@ XH, WH, BH = torch.randn(3), torch.randn(4, 3), torch.randn(4)
 def test_hessian_argnums(argnums):
     # torch.func.hessian is jacfwd(jacrev): wrong for negative argnums, see test_jac_argnums
     expected = tf.hessian(_h, argnums=_positive(argnums, 3))(XH, WH, BH)
-    assert_tree_close(ft.hessian(_h, argnums=argnums)(XH, WH, BH), expected, atol=ATOL2,
-                      rtol=RTOL2)
+    assert_tree_close(ft.hessian(_h, argnums=argnums)(XH, WH, BH), expected, atol=ATOL2, rtol=RTOL2)
 
 
 def test_hessian_pytree_input():
     p = {"x": torch.randn(3), "w": [torch.randn(2, 3)]}
-    both(lambda L: L.hessian(lambda p: torch.tanh(p["w"][0] @ p["x"]).pow(2).sum())(p),
-         atol=ATOL2, rtol=RTOL2)
+    both(
+        lambda L: L.hessian(lambda p: torch.tanh(p["w"][0] @ p["x"]).pow(2).sum())(p), atol=ATOL2, rtol=RTOL2
+    )
 
 
 def test_hessian_matches_double_autograd():
@@ -478,56 +489,51 @@ def _net(w, x):
 
 
 COMPOSITIONS = {
-    "vmap_jacrev": (lambda L: L.vmap(lambda w: L.jacrev(lambda x: _net(w, x))(XC))(WCB),
-                    None),
+    "vmap_jacrev": (lambda L: L.vmap(lambda w: L.jacrev(lambda x: _net(w, x))(XC))(WCB), None),
     # the backward saves no tensor; w enters as a batched constant
     "vmap_jacrev_saves_nothing": (
         lambda L: L.vmap(lambda w: L.jacrev(lambda x: x[1:] * 2 + x.sum() + w.sum(1))(XC))(WCB),
-        None),
+        None,
+    ),
     "vmap_jacfwd": (lambda L: L.vmap(lambda w: L.jacfwd(lambda x: _net(w, x))(XC))(WCB), None),
-    "vmap_hessian": (
-        lambda L: L.vmap(lambda w: L.hessian(lambda x: _net(w, x).sum())(XC))(WCB), None),
-    "vmap_jvp": (
-        lambda L: L.vmap(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,)))(WCB), None),
-    "jacfwd_jacrev": (
-        lambda L: L.jacfwd(lambda w: L.jacrev(lambda x: _net(w, x).sum())(XC))(WC), None),
-    "jacrev_jacrev": (
-        lambda L: L.jacrev(lambda w: L.jacrev(lambda x: _net(w, x))(XC))(WC), None),
-    "jacfwd_jacfwd": (
-        lambda L: L.jacfwd(lambda w: L.jacfwd(lambda x: _net(w, x).sum())(XC))(WC), None),
-    "jacrev_jacfwd": (
-        lambda L: L.jacrev(lambda w: L.jacfwd(lambda x: _net(w, x))(XC))(WC), None),
-    "jvp_grad": (lambda L: L.jvp(lambda w: L.grad(lambda x: _net(w, x).sum())(XC), (WC,), (TW,)),
-                 None),
-    "vjp_grad": (lambda L: L.vjp(lambda w: L.grad(lambda x: _net(w, x).sum())(XC), WC)[1](TX),
-                 None),
-    "jvp_jvp": (
-        lambda L: L.jvp(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,)), (WC,), (TW,)), None),
-    "grad_jvp": (
-        lambda L: L.grad(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,))[1].sum())(WC), None),
+    "vmap_hessian": (lambda L: L.vmap(lambda w: L.hessian(lambda x: _net(w, x).sum())(XC))(WCB), None),
+    "vmap_jvp": (lambda L: L.vmap(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,)))(WCB), None),
+    "jacfwd_jacrev": (lambda L: L.jacfwd(lambda w: L.jacrev(lambda x: _net(w, x).sum())(XC))(WC), None),
+    "jacrev_jacrev": (lambda L: L.jacrev(lambda w: L.jacrev(lambda x: _net(w, x))(XC))(WC), None),
+    "jacfwd_jacfwd": (lambda L: L.jacfwd(lambda w: L.jacfwd(lambda x: _net(w, x).sum())(XC))(WC), None),
+    "jacrev_jacfwd": (lambda L: L.jacrev(lambda w: L.jacfwd(lambda x: _net(w, x))(XC))(WC), None),
+    "jvp_grad": (lambda L: L.jvp(lambda w: L.grad(lambda x: _net(w, x).sum())(XC), (WC,), (TW,)), None),
+    "vjp_grad": (lambda L: L.vjp(lambda w: L.grad(lambda x: _net(w, x).sum())(XC), WC)[1](TX), None),
+    "jvp_jvp": (lambda L: L.jvp(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,)), (WC,), (TW,)), None),
+    "grad_jvp": (lambda L: L.grad(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,))[1].sum())(WC), None),
     "jvp_vjp": (
-        lambda L: L.jvp(lambda w: L.vjp(lambda x: _net(w, x), XC)[1](torch.ones(3))[0],
-                        (WC,), (TW,)), None),
+        lambda L: L.jvp(lambda w: L.vjp(lambda x: _net(w, x), XC)[1](torch.ones(3))[0], (WC,), (TW,)),
+        None,
+    ),
     "jvp_vmap": (
-        lambda L: L.jvp(lambda w: L.vmap(lambda x: _net(w, x))(XC.expand(2, 4) * 1), (WC,),
-                        (TW,)), None),
+        lambda L: L.jvp(lambda w: L.vmap(lambda x: _net(w, x))(XC.expand(2, 4) * 1), (WC,), (TW,)),
+        None,
+    ),
     "vmap_jvp_grad": (
         lambda L: L.vmap(lambda w: L.jvp(L.grad(lambda x: _net(w, x).sum()), (XC,), (TX,)))(WCB),
-        None),
+        None,
+    ),
     "vmap_jvp_grad_elementwise": (
-        lambda L: L.vmap(lambda w: L.jvp(L.grad(lambda x: (w[0] * x).sin().sum()), (XC,),
-                                         (TX,)))(WCB), None),
-    "jacrev_hessian": (
-        lambda L: L.jacrev(lambda w: L.hessian(lambda x: _net(w, x).sum())(XC))(WC), None),
-    "jvp_hessian": (
-        lambda L: L.jvp(lambda w: L.hessian(lambda x: _net(w, x).sum())(XC), (WC,), (TW,)), None),
+        lambda L: L.vmap(lambda w: L.jvp(L.grad(lambda x: (w[0] * x).sin().sum()), (XC,), (TX,)))(WCB),
+        None,
+    ),
+    "jacrev_hessian": (lambda L: L.jacrev(lambda w: L.hessian(lambda x: _net(w, x).sum())(XC))(WC), None),
+    "jvp_hessian": (lambda L: L.jvp(lambda w: L.hessian(lambda x: _net(w, x).sum())(XC), (WC,), (TW,)), None),
     "jacfwd_outer_weight_jvp_inner": (
-        lambda L: L.jacfwd(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,))[1])(WC), None),
+        lambda L: L.jacfwd(lambda w: L.jvp(lambda x: _net(w, x), (XC,), (TX,))[1])(WC),
+        None,
+    ),
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[m] if m is not None else []) for n, (_, m) in COMPOSITIONS.items()])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[m] if m is not None else []) for n, (_, m) in COMPOSITIONS.items()]
+)
 def test_composition_with_outer_closure(name):
     both(COMPOSITIONS[name][0], atol=ATOL2, rtol=RTOL2)
 
@@ -543,8 +549,9 @@ def test_hvp_jvp_grad_equals_vjp_grad_and_closed_form():
 
 def test_closure_over_outer_primal_in_jacfwd_inside_jacrev():
     """d/dw of jacfwd_x(f(w, x)): the inner jvp's tangents must not be mixed up with w's."""
-    both(lambda L: L.jacrev(lambda w: L.jacfwd(lambda x: (w * x).sin())(XC))(XC.cos()),
-         atol=ATOL2, rtol=RTOL2)
+    both(
+        lambda L: L.jacrev(lambda w: L.jacfwd(lambda x: (w * x).sin())(XC))(XC.cos()), atol=ATOL2, rtol=RTOL2
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -556,6 +563,7 @@ ONE = torch.tensor(1.0)
 @pytest.mark.parametrize("lib", [ft, tf], ids=["ft", "torch.func"])
 def test_perturbation_confusion_jvp_jvp(lib):
     """d/dx [x * d/dy (x + y)] = d/dx [x * 1] = 1 (2 if the inner jvp sees the outer tangent)."""
+
     def f(x):
         return x * lib.jvp(lambda y: x + y, (ONE,), (ONE,))[1]
 
@@ -630,7 +638,7 @@ def test_nested_jvp_mixed_partial():
 def test_nested_jvp_same_input_both_levels():
     """f(x) = x^3: jvp(jvp) with the same primal at both levels gives f'' t1 t2 = 6 x t1 t2."""
     x, t1, t2 = torch.tensor(2.0), torch.tensor(3.0), torch.tensor(5.0)
-    out = ft.jvp(lambda x: ft.jvp(lambda z: z ** 3, (x,), (t1,))[1], (x,), (t2,))[1]
+    out = ft.jvp(lambda x: ft.jvp(lambda z: z**3, (x,), (t1,))[1], (x,), (t2,))[1]
     assert out.item() == 6 * 2.0 * 3.0 * 5.0
 
 
@@ -640,37 +648,46 @@ def test_nested_jvp_same_input_both_levels():
 INDEXING_CASES = {
     "index_list-jacrev": (lambda L: L.jacrev(lambda x: x[[0, 2]].sin())(X), None),
     "index_list-jacfwd": (lambda L: L.jacfwd(lambda x: x[[0, 2]].sin())(X), None),
-    "index_list-vmap_jvp": (lambda L: L.vmap(
-        lambda t: L.jvp(lambda x: x[[0, 2]].sin(), (X,), (t,))[1])(XB), None),
+    "index_list-vmap_jvp": (
+        lambda L: L.vmap(lambda t: L.jvp(lambda x: x[[0, 2]].sin(), (X,), (t,))[1])(XB),
+        None,
+    ),
     "mask-jacfwd": (lambda L: L.jacfwd(lambda x: x[x > 0].exp().sum())(X), None),
     "mask-jacrev": (lambda L: L.jacrev(lambda x: x[x > 0].exp().sum())(X), None),
     "index_select-jacrev": (
-        lambda L: L.jacrev(lambda x: x.index_select(0, torch.tensor([0, 2])).sin())(X), None),
+        lambda L: L.jacrev(lambda x: x.index_select(0, torch.tensor([0, 2])).sin())(X),
+        None,
+    ),
     "index_select-jacfwd": (
-        lambda L: L.jacfwd(lambda x: x.index_select(0, torch.tensor([0, 2])).sin())(X), None),
+        lambda L: L.jacfwd(lambda x: x.index_select(0, torch.tensor([0, 2])).sin())(X),
+        None,
+    ),
     "index_select-hessian": (
         lambda L: L.hessian(lambda x: x.index_select(0, torch.tensor([0, 2])).sin().sum())(X),
-        None),
+        None,
+    ),
     "gather-jacfwd": (
-        lambda L: L.jacfwd(lambda x: x.gather(1, torch.tensor([[0], [1], [3]])).exp())(X), None),
+        lambda L: L.jacfwd(lambda x: x.gather(1, torch.tensor([[0], [1], [3]])).exp())(X),
+        None,
+    ),
     "gather-jacrev": (
-        lambda L: L.jacrev(lambda x: x.gather(1, torch.tensor([[0], [1], [3]])).exp())(X), None),
+        lambda L: L.jacrev(lambda x: x.gather(1, torch.tensor([[0], [1], [3]])).exp())(X),
+        None,
+    ),
     "max_dim-jacfwd": (lambda L: L.jacfwd(lambda x: x.max(1).values)(X), None),
-    "max_dim-jacrev": (
-        lambda L: L.jacrev(lambda x: x.max(1).values)(X),
-        None),
-    "max_dim-jvp_grad": (
-        lambda L: L.jvp(L.grad(lambda x: x.max(1).values.sin().sum()), (X,), (T,)),
-        None),
+    "max_dim-jacrev": (lambda L: L.jacrev(lambda x: x.max(1).values)(X), None),
+    "max_dim-jvp_grad": (lambda L: L.jvp(L.grad(lambda x: x.max(1).values.sin().sum()), (X,), (T,)), None),
     "mse_loss-jacrev": (
         lambda L: L.jacrev(lambda x: F.mse_loss(x, torch.zeros(3, 4), reduction="none").sum(1))(X),
-        None),
+        None,
+    ),
     "mse_loss-jacfwd": (lambda L: L.jacfwd(lambda x: F.mse_loss(x, torch.ones(3, 4)))(X), None),
 }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[m] if m is not None else []) for n, (_, m) in INDEXING_CASES.items()])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[m] if m is not None else []) for n, (_, m) in INDEXING_CASES.items()]
+)
 def test_indexing_and_loss_ops_have_rules_under_jacobians(name):
     ft._C._reset_fallback_ops_seen()
     with fallback("error"):
@@ -687,6 +704,7 @@ def test_fallback_disabled_raises_clear_error():
 
 
 # Further bugs found around these transforms (ops outside the core list)
+
 
 def test_jacrev_gelu():
     both(lambda L: L.jacrev(F.gelu)(X))
@@ -717,6 +735,7 @@ def test_jacrev_cross_entropy():
 # ------------------------------------------------------------------------------------------------
 # error messages
 
+
 class TestJacErrorMessages(expecttest.TestCase):
     def setUp(self):
         self.x = torch.randn(3)
@@ -733,16 +752,19 @@ class TestJacErrorMessages(expecttest.TestCase):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(torch.sin, [x], (x,))),
-            """jvp(f, primals, tangents): Expected primals to be a tuple (f is called as f(*primals)), got list.""")  # noqa: B950
+            """jvp(f, primals, tangents): Expected primals to be a tuple (f is called as f(*primals)), got list.""",
+        )  # noqa: B950
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(torch.sin, x, (x,))),
-            """jvp(f, primals, tangents): Expected primals to be a tuple (f is called as f(*primals)), got Tensor.""")  # noqa: B950
+            """jvp(f, primals, tangents): Expected primals to be a tuple (f is called as f(*primals)), got Tensor.""",
+        )  # noqa: B950
 
     def test_jvp_tangents_not_tuple(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(torch.sin, (x,), [x])),
-            """jvp(f, primals, tangents): Expected tangents to be a tuple (f is called as f(*primals)), got list.""")  # noqa: B950
+            """jvp(f, primals, tangents): Expected tangents to be a tuple (f is called as f(*primals)), got list.""",
+        )  # noqa: B950
 
     def test_jvp_structure_mismatch(self):
         x = self.x
@@ -750,45 +772,53 @@ class TestJacErrorMessages(expecttest.TestCase):
             self.msg(RuntimeError, lambda: ft.jvp(lambda a, b: a + b, (x, x), (x,))),
             """\
 jvp(f, primals, tangents): Expected primals and tangents to have the same python structure, got TreeSpec(tuple, None, [*,
-  *]) and TreeSpec(tuple, None, [*]).""")  # noqa: B950
+  *]) and TreeSpec(tuple, None, [*]).""",
+        )  # noqa: B950
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(lambda a: a[0], ((x, x),), ([x, x],))),
             """\
 jvp(f, primals, tangents): Expected primals and tangents to have the same python structure, got TreeSpec(tuple, None, [TreeSpec(tuple, None, [*,
     *])]) and TreeSpec(tuple, None, [TreeSpec(list, None, [*,
-    *])]).""")  # noqa: B950
+    *])]).""",
+        )  # noqa: B950
 
     def test_jvp_shape_mismatch(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(lambda a, b: a * b, (x, x), (x, torch.ones(4)))),
-            """jvp(f, primals, tangents): primal 1 has shape (3,) but its tangent has shape (4,); they must match.""")  # noqa: B950
+            """jvp(f, primals, tangents): primal 1 has shape (3,) but its tangent has shape (4,); they must match.""",
+        )  # noqa: B950
 
     def test_jvp_integer_primal(self):
         i = torch.arange(3)
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.jvp(lambda a: a * 2, (i,), (i,))),
-            """jvp(f, primals, tangents): primal 0 must be a floating-point or complex Tensor, got dtype torch.int64.""")  # noqa: B950
+            """jvp(f, primals, tangents): primal 0 must be a floating-point or complex Tensor, got dtype torch.int64.""",
+        )  # noqa: B950
 
     def test_jvp_non_tensor_primal(self):
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(lambda a: a, (3.0,), (3.0,))),
-            """jvp(f, primals, tangents): primals and tangents must be Tensors or pytrees of Tensors; entry 0 is a float / float.""")  # noqa: B950
+            """jvp(f, primals, tangents): primals and tangents must be Tensors or pytrees of Tensors; entry 0 is a float / float.""",
+        )  # noqa: B950
 
     def test_jvp_non_tensor_output(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(lambda a: (a, "label"), (x,), (x,))),
-            """jvp(f, primals, tangents): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a str in its output.""")  # noqa: B950
+            """jvp(f, primals, tangents): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a str in its output.""",
+        )  # noqa: B950
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(lambda a: 3.0, (x,), (x,))),
-            """jvp(f, primals, tangents): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.""")  # noqa: B950
+            """jvp(f, primals, tangents): expected f(*primals) to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.""",
+        )  # noqa: B950
 
     def test_jvp_has_aux_without_tuple(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jvp(torch.sin, (x,), (x,), has_aux=True)),
-            """jvp(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got Tensor.""")
+            """jvp(f, has_aux=True): output of function f should be a tuple: (output, aux) if has_aux is True; got Tensor.""",
+        )
 
     def test_jac_bad_argnums(self):
         x = self.x
@@ -815,29 +845,37 @@ jvp(f, primals, tangents): Expected primals and tangents to have the same python
 <api>: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got [0].
 <api>: argnums must be int or Tuple[int, ...] (an int or a tuple of ints), got True.
 <api>: argnums must be non-empty
-<api>: argnums elements must be unique, got (0, -2)""")  # noqa: B950
+<api>: argnums elements must be unique, got (0, -2)""",
+            )  # noqa: B950
 
     def test_hessian_bad_argnums(self):
         x = self.x
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.hessian(lambda a: a.sum(), argnums=1)(x)),
-            """hessian: got argnums=1, but only 1 positional inputs, so each argnum must be in [-1, 1).""")  # noqa: B950
+            """hessian: got argnums=1, but only 1 positional inputs, so each argnum must be in [-1, 1).""",
+        )  # noqa: B950
 
     def test_jacrev_invalid_chunk_size(self):
         self.assertExpectedInline(
-            "\n".join(self.msg(TypeError if isinstance(c, (bool, float)) else ValueError,
-                               lambda: ft.jacrev(torch.sin, chunk_size=c))
-                      for c in (0, -1, 1.5, True)),
+            "\n".join(
+                self.msg(
+                    TypeError if isinstance(c, (bool, float)) else ValueError,
+                    lambda: ft.jacrev(torch.sin, chunk_size=c),
+                )
+                for c in (0, -1, 1.5, True)
+            ),
             """\
 jacrev: chunk_size should be None or greater than 0 (a positive int), got 0
 jacrev: chunk_size should be None or greater than 0 (a positive int), got -1
 jacrev: chunk_size must be None or a positive int, got 1.5
-jacrev: chunk_size must be None or a positive int, got True""")
+jacrev: chunk_size must be None or a positive int, got True""",
+        )
 
     def test_jacfwd_invalid_randomness(self):
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.jacfwd(torch.sin, randomness="bad")),
-            """jacfwd: Only allowed values for randomness are 'error', 'different', or 'same'. Got 'bad'.""")
+            """jacfwd: Only allowed values for randomness are 'error', 'different', or 'same'. Got 'bad'.""",
+        )
 
     def test_jac_errors_name_the_called_transform(self):
         # never the vjp/jvp/vmap they are built on, nor their internal helpers
@@ -845,11 +883,12 @@ jacrev: chunk_size must be None or a positive int, got True""")
         for api in ("jacrev", "jacfwd", "hessian"):
             jac = getattr(ft, api)
             kw = {} if api == "hessian" else {"has_aux": True}
-            msgs = [self.msg(RuntimeError if api == "jacrev" else ValueError,
-                             lambda: jac(torch.sin)(i)),
-                    self.msg(RuntimeError, lambda: jac(lambda a: 3.0)(x)),
-                    self.msg(ValueError, lambda: jac(torch.sin, argnums=1)(x, 2.0)),
-                    self.msg(RuntimeError, lambda: jac(lambda a: a.sum(), argnums=1)(x))]
+            msgs = [
+                self.msg(RuntimeError if api == "jacrev" else ValueError, lambda: jac(torch.sin)(i)),
+                self.msg(RuntimeError, lambda: jac(lambda a: 3.0)(x)),
+                self.msg(ValueError, lambda: jac(torch.sin, argnums=1)(x, 2.0)),
+                self.msg(RuntimeError, lambda: jac(lambda a: a.sum(), argnums=1)(x)),
+            ]
             if kw:
                 msgs.append(self.msg(RuntimeError, lambda: jac(torch.sin, **kw)(x)))
             for m in msgs:
@@ -863,20 +902,22 @@ jacrev: chunk_size must be None or a positive int, got True""")
             return a * b
 
         self.assertExpectedInline(
-            "\n".join([
-                self.msg(RuntimeError, lambda: ft.jacrev(torch.sin, has_aux=True)(x)),
-                self.msg(RuntimeError, lambda: ft.jacfwd(torch.sin, has_aux=True)(x)),
-                self.msg(RuntimeError, lambda: ft.jacrev(lambda a: (a, a, a), has_aux=True)(x)),
-                self.msg(RuntimeError, lambda: ft.jacrev(torch.sin)(i)),
-                self.msg(ValueError, lambda: ft.jacfwd(torch.sin)(i)),
-                self.msg(ValueError, lambda: ft.hessian(torch.sin)(i)),
-                self.msg(ValueError, lambda: ft.jacrev(my_fn, argnums=1)(x, 2.0)),
-                self.msg(ValueError, lambda: ft.jacfwd(my_fn, argnums=(0, 1))(x, [x, 2.0])),
-                self.msg(RuntimeError, lambda: ft.jacrev(lambda a: 3.0)(x)),
-                self.msg(RuntimeError, lambda: ft.jacfwd(lambda a: 3.0)(x)),
-                self.msg(RuntimeError, lambda: ft.hessian(lambda a: 3.0)(x)),
-                self.msg(RuntimeError, lambda: ft.jacfwd(lambda a: (a, "label"))(x)),
-            ]),
+            "\n".join(
+                [
+                    self.msg(RuntimeError, lambda: ft.jacrev(torch.sin, has_aux=True)(x)),
+                    self.msg(RuntimeError, lambda: ft.jacfwd(torch.sin, has_aux=True)(x)),
+                    self.msg(RuntimeError, lambda: ft.jacrev(lambda a: (a, a, a), has_aux=True)(x)),
+                    self.msg(RuntimeError, lambda: ft.jacrev(torch.sin)(i)),
+                    self.msg(ValueError, lambda: ft.jacfwd(torch.sin)(i)),
+                    self.msg(ValueError, lambda: ft.hessian(torch.sin)(i)),
+                    self.msg(ValueError, lambda: ft.jacrev(my_fn, argnums=1)(x, 2.0)),
+                    self.msg(ValueError, lambda: ft.jacfwd(my_fn, argnums=(0, 1))(x, [x, 2.0])),
+                    self.msg(RuntimeError, lambda: ft.jacrev(lambda a: 3.0)(x)),
+                    self.msg(RuntimeError, lambda: ft.jacfwd(lambda a: 3.0)(x)),
+                    self.msg(RuntimeError, lambda: ft.hessian(lambda a: 3.0)(x)),
+                    self.msg(RuntimeError, lambda: ft.jacfwd(lambda a: (a, "label"))(x)),
+                ]
+            ),
             """\
 jacrev(sin, has_aux=True): output of function sin should be a tuple: (output, aux) if has_aux is True; got Tensor.
 jacfwd(sin, has_aux=True): output of function sin should be a tuple: (output, aux) if has_aux is True; got Tensor.
@@ -889,21 +930,28 @@ jacfwd(my_fn): argument 1 (argnums=(0, 1)) at [1] must be a Tensor (or a pytree 
 jacrev(<lambda>): expected <lambda> to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.
 jacfwd(<lambda>): expected <lambda> to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.
 hessian(<lambda>): expected <lambda> to return only tensors (a Tensor or a pytree of Tensors), got a float in its output.
-jacfwd(<lambda>): expected <lambda> to return only tensors (a Tensor or a pytree of Tensors), got a str in its output.""")  # noqa: B950
+jacfwd(<lambda>): expected <lambda> to return only tensors (a Tensor or a pytree of Tensors), got a str in its output.""",
+        )  # noqa: B950
 
     def test_jacfwd_non_tensor_aux_message(self):
         # torch.func refuses a non-Tensor aux in both; jacfwd could not return it through vmap
         self.assertExpectedInline(
-            "\n".join(self.msg(RuntimeError, lambda: getattr(ft, api)(
-                lambda a: (a.sin(), {"n": 3}), has_aux=True)(self.x))
-                for api in ("jacrev", "jacfwd")),
+            "\n".join(
+                self.msg(
+                    RuntimeError,
+                    lambda: getattr(ft, api)(lambda a: (a.sin(), {"n": 3}), has_aux=True)(self.x),
+                )
+                for api in ("jacrev", "jacfwd")
+            ),
             """\
 jacrev(<lambda>, has_aux=True): Expected tensors, got unsupported type int in the aux output of <lambda> (it must be a Tensor or a pytree of Tensors).
-jacfwd(<lambda>, has_aux=True): Expected tensors, got unsupported type int in the aux output of <lambda> (it must be a Tensor or a pytree of Tensors).""")  # noqa: B950
+jacfwd(<lambda>, has_aux=True): Expected tensors, got unsupported type int in the aux output of <lambda> (it must be a Tensor or a pytree of Tensors).""",
+        )  # noqa: B950
 
 
 # ------------------------------------------------------------------------------------------------
 # seed 002 workloads (/work/shared/seeds/002_7ded5c7210c8a2e8.txt), at small sizes
+
 
 def predict(weight, bias, x):
     return F.linear(x, weight, bias).tanh()
@@ -944,15 +992,13 @@ def test_seed002_hessian_16():
 def test_seed002_hessian_fwdfwd():
     din, dout = 16, 8
     weight, bias, x = torch.randn(dout, din), torch.randn(dout), torch.randn(din)
-    both(lambda L: L.jacfwd(L.jacfwd(predict, argnums=2), argnums=2)(weight, bias, x),
-         atol=ATOL2, rtol=RTOL2)
+    both(lambda L: L.jacfwd(L.jacfwd(predict, argnums=2), argnums=2)(weight, bias, x), atol=ATOL2, rtol=RTOL2)
 
 
 def test_seed002_vmap_jacrev_b8():
     B, din, dout = 8, 7, 9
     weight, bias, x = torch.randn(dout, din), torch.randn(dout), torch.randn(B, din)
-    bj = both(lambda L: L.vmap(L.jacrev(predict, argnums=2), in_dims=(None, None, 0))(
-        weight, bias, x))
+    bj = both(lambda L: L.vmap(L.jacrev(predict, argnums=2), in_dims=(None, None, 0))(weight, bias, x))
     summed = ft.jacrev(lambda w, b, x: predict(w, b, x).sum(0), argnums=2)(weight, bias, x)
     torch.testing.assert_close(bj, summed.movedim(1, 0))
 
@@ -960,8 +1006,7 @@ def test_seed002_vmap_jacrev_b8():
 def test_seed002_batch_jacobian_by_summing_outputs():
     B, din, dout = 8, 7, 9
     weight, bias, x = torch.randn(dout, din), torch.randn(dout), torch.randn(B, din)
-    summed = both(lambda L: L.jacrev(lambda w, b, x: predict(w, b, x).sum(0), argnums=2)(
-        weight, bias, x))
+    summed = both(lambda L: L.jacrev(lambda w, b, x: predict(w, b, x).sum(0), argnums=2)(weight, bias, x))
     expected = tf.vmap(tf.jacrev(predict, argnums=2), in_dims=(None, None, 0))(weight, bias, x)
     torch.testing.assert_close(summed.movedim(1, 0), expected)
     # the forward-mode batched jacobian works (no vjp under vmap)
@@ -971,8 +1016,11 @@ def test_seed002_batch_jacobian_by_summing_outputs():
 def test_seed002_vmap_hessian_b8():
     B, din, dout = 8, 7, 9
     weight, bias, x = torch.randn(dout, din), torch.randn(dout), torch.randn(B, din)
-    bh = both(lambda L: L.vmap(L.hessian(predict, argnums=2), in_dims=(None, None, 0))(
-        weight, bias, x), atol=ATOL2, rtol=RTOL2)
+    bh = both(
+        lambda L: L.vmap(L.hessian(predict, argnums=2), in_dims=(None, None, 0))(weight, bias, x),
+        atol=ATOL2,
+        rtol=RTOL2,
+    )
     assert bh.shape == (B, dout, din, din)
 
 

@@ -8,6 +8,7 @@ Each op is checked against torch.func (hessian, jacfwd(jacrev)) in both argument
 ft.jvp(ft.grad(f)) (no vmap in between, which torch.func cannot run) against
 torch.autograd.functional.hessian.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,9 @@ CASES = _cases()
 
 def _scalar(loss):
     # a scalar of the loss that weighs every element differently (reduction='none' too)
-    return lambda x, t: (loss(x, t) * torch.linspace(0.5, 1.5, loss(x, t).numel(), dtype=DT)
-                         .reshape(loss(x, t).shape)).sum()
+    return lambda x, t: (
+        loss(x, t) * torch.linspace(0.5, 1.5, loss(x, t).numel(), dtype=DT).reshape(loss(x, t).shape)
+    ).sum()
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -47,11 +49,13 @@ def _scalar(loss):
 def test_hessian_and_jacfwd_jacrev_match_torch_func(name, argnums):
     loss, x, t = CASES[name]
     s = _scalar(loss)
-    torch.testing.assert_close(ft.hessian(s, argnums=argnums)(x, t),
-                               torch.func.hessian(s, argnums=argnums)(x, t))
+    torch.testing.assert_close(
+        ft.hessian(s, argnums=argnums)(x, t), torch.func.hessian(s, argnums=argnums)(x, t)
+    )
     torch.testing.assert_close(
         ft.jacfwd(ft.jacrev(loss, argnums=argnums), argnums=argnums)(x, t),
-        torch.func.jacfwd(torch.func.jacrev(loss, argnums=argnums), argnums=argnums)(x, t))
+        torch.func.jacfwd(torch.func.jacrev(loss, argnums=argnums), argnums=argnums)(x, t),
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -61,8 +65,7 @@ def test_jvp_of_grad_without_vmap(name):
     v = torch.randn_like(x)
     _, hvp = ft.jvp(lambda x: ft.grad(s)(x, t), (x,), (v,))
     ref = torch.autograd.functional.hessian(lambda x: s(x, t), x)
-    torch.testing.assert_close(hvp, (ref.reshape(x.numel(), x.numel()) @ v.reshape(-1))
-                               .reshape(x.shape))
+    torch.testing.assert_close(hvp, (ref.reshape(x.numel(), x.numel()) @ v.reshape(-1)).reshape(x.shape))
 
 
 def test_issue_example():

@@ -11,6 +11,7 @@ Strict xfails mark real bugs or missing pieces of functorch_lite's C++ side: the
 is wrong. Ops that run through vmap's for-loop fallback are allowed here (quietly), and the ones
 seen are recorded in FALLBACK_OPS_SEEN (printed by `pytest -s`, see the last test).
 """
+
 import contextlib
 import copy
 
@@ -85,6 +86,7 @@ def fresh(d):
 # ------------------------------------------------------------------------------------------------
 # functional_call: differential tests
 
+
 def test_functional_call_matches_torch_func_and_module():
     m = MLP()
     x = torch.randn(5, 4)
@@ -136,8 +138,9 @@ def test_functional_call_tuple_of_dicts_params_and_buffers():
         assert_dicts_close(buffers, buffers_ref)
         assert_dicts_close(dict(m.named_buffers()), before)  # the module's own: untouched
     # a list of dicts works too
-    assert_close(ft.functional_call(m, [params, buffers], (x,)),
-                 tf.functional_call(m, [params, buffers], (x,)))
+    assert_close(
+        ft.functional_call(m, [params, buffers], (x,)), tf.functional_call(m, [params, buffers], (x,))
+    )
 
 
 def test_functional_call_restores_module_state():
@@ -158,8 +161,7 @@ def test_functional_call_restores_module_state_on_exception():
         assert v is originals[k]
     assert not hasattr(m, "extra")
     with pytest.raises(RuntimeError):
-        ft.functional_call(m, {"fc1.weight": torch.randn(6, 4), "extra": torch.ones(1)},
-                           (torch.randn(2, 5),))
+        ft.functional_call(m, {"fc1.weight": torch.randn(6, 4), "extra": torch.ones(1)}, (torch.randn(2, 5),))
     assert not hasattr(m, "extra")
     assert m.fc1.weight is originals["fc1.weight"]
 
@@ -190,16 +192,21 @@ def test_functional_call_tied_weights(tie_weights):
         assert_close(out, tf.functional_call(m, given, (x,), tie_weights=tie_weights))
     if tie_weights:
         # both layers use w
-        assert_close(ft.functional_call(m, {"l1.weight": w}, (x,)),
-                     F.linear(torch.tanh(F.linear(x, w, m.l1.bias)), w))
+        assert_close(
+            ft.functional_call(m, {"l1.weight": w}, (x,)), F.linear(torch.tanh(F.linear(x, w, m.l1.bias)), w)
+        )
     else:
         # only l1 uses w; l2 keeps the module's weight
-        assert_close(ft.functional_call(m, {"l1.weight": w}, (x,), tie_weights=False),
-                     F.linear(torch.tanh(F.linear(x, w, m.l1.bias)), m.l1.weight))
+        assert_close(
+            ft.functional_call(m, {"l1.weight": w}, (x,), tie_weights=False),
+            F.linear(torch.tanh(F.linear(x, w, m.l1.bias)), m.l1.weight),
+        )
         w2 = torch.randn(3, 3)
         given = {"l1.weight": w, "l2.weight": w2}
-        assert_close(ft.functional_call(m, given, (x,), tie_weights=False),
-                     tf.functional_call(m, given, (x,), tie_weights=False))
+        assert_close(
+            ft.functional_call(m, given, (x,), tie_weights=False),
+            tf.functional_call(m, given, (x,), tie_weights=False),
+        )
     assert m.l2.weight is m.l1.weight
 
 
@@ -223,11 +230,14 @@ def test_functional_call_strict_accepts_exact_keys():
     x = torch.randn(2, 3)
     params = {"l1.weight": torch.randn(3, 3), "l1.bias": torch.randn(3)}
     # tied: one name of the group is enough
-    assert_close(ft.functional_call(m, params, (x,), strict=True),
-                 tf.functional_call(m, params, (x,), strict=True))
+    assert_close(
+        ft.functional_call(m, params, (x,), strict=True), tf.functional_call(m, params, (x,), strict=True)
+    )
     both = dict(params, **{"l2.weight": torch.randn(3, 3)})
-    assert_close(ft.functional_call(m, both, (x,), strict=True, tie_weights=False),
-                 tf.functional_call(m, both, (x,), strict=True, tie_weights=False))
+    assert_close(
+        ft.functional_call(m, both, (x,), strict=True, tie_weights=False),
+        tf.functional_call(m, both, (x,), strict=True, tie_weights=False),
+    )
 
 
 def test_functional_call_parameter_registered_as_none():
@@ -242,8 +252,7 @@ def test_functional_call_parameter_registered_as_none():
     # BatchNorm without running stats registers its buffers as None
     bn = nn.BatchNorm1d(3, track_running_stats=False)
     w = torch.randn(3)
-    assert_close(ft.functional_call(bn, {"weight": w}, (x,)),
-                 tf.functional_call(bn, {"weight": w}, (x,)))
+    assert_close(ft.functional_call(bn, {"weight": w}, (x,)), tf.functional_call(bn, {"weight": w}, (x,)))
     assert bn.running_mean is None
 
 
@@ -255,8 +264,7 @@ def test_functional_call_unexpected_key_is_a_temporary_attribute():
     m = UsesExtra()
     x = torch.randn(3)
     e = torch.tensor(3.0)
-    assert_close(ft.functional_call(m, {"extra": e}, (x,)),
-                 tf.functional_call(m, {"extra": e}, (x,)))
+    assert_close(ft.functional_call(m, {"extra": e}, (x,)), tf.functional_call(m, {"extra": e}, (x,)))
     assert not hasattr(m, "extra")
     m.extra = 2.0  # a plain attribute is restored, not deleted
     assert_close(ft.functional_call(m, {"extra": e}, (x,)), x * 3)
@@ -302,10 +310,13 @@ def test_functional_call_under_jacrev_jacfwd_hessian():
     def loss(mod):
         return lambda p, x: mod(m, p, (x,)).pow(2).sum()
 
-    assert_dicts_close(ft.jacrev(out(ft.functional_call))(params, x),
-                       tf.jacrev(out(tf.functional_call))(params, x))
-    assert_close(ft.jacfwd(out(ft.functional_call), argnums=1)(params, x),
-                 tf.jacfwd(out(tf.functional_call), argnums=1)(params, x))
+    assert_dicts_close(
+        ft.jacrev(out(ft.functional_call))(params, x), tf.jacrev(out(tf.functional_call))(params, x)
+    )
+    assert_close(
+        ft.jacfwd(out(ft.functional_call), argnums=1)(params, x),
+        tf.jacfwd(out(tf.functional_call), argnums=1)(params, x),
+    )
     got = ft.hessian(loss(ft.functional_call))(params, x)
     expected = tf.hessian(loss(tf.functional_call))(params, x)
     for k in params:
@@ -318,13 +329,15 @@ def test_functional_call_under_vmap_batched_params():
     stacked = {k: torch.randn(B, *v.shape) for k, v in m.named_parameters()}
     with quiet_fallback():
         got = ft.vmap(ft.functional_call, in_dims=(None, 0, None))(m, stacked, (x,))
-    expected = torch.stack([
-        tf.functional_call(m, {k: v[i] for k, v in stacked.items()}, (x,)) for i in range(B)])
+    expected = torch.stack(
+        [tf.functional_call(m, {k: v[i] for k, v in stacked.items()}, (x,)) for i in range(B)]
+    )
     assert_close(got, expected)
 
 
 # ------------------------------------------------------------------------------------------------
 # per-sample gradients of the common layer types: vmap(grad(loss)) over functional_call
+
 
 class _RNNOut(nn.Module):
     """Output sequence of an RNN/LSTM/GRU (batch_first); h0 optional."""
@@ -354,7 +367,6 @@ def _bn_eval(*pre):
     return nn.Sequential(*pre, bn).eval()
 
 
-
 # name -> (make module, make a batch of inputs (B, ...), extra per-sample args, marks)
 LAYERS = {
     "Linear": (lambda: nn.Linear(4, 3), lambda: torch.randn(B, 4)),
@@ -369,31 +381,35 @@ LAYERS = {
     "MultiheadAttention": (_SelfAttention, lambda: torch.randn(B, 5, 8)),
     "BatchNorm2d_eval": (_bn_eval, lambda: torch.randn(B, 3, 4, 4)),
     # the norm layers again, after a layer whose output requires grad (the usual place in a net)
-    "Linear+LayerNorm": (lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
-                         lambda: torch.randn(B, 3, 4)),
-    "Conv1d+GroupNorm": (lambda: nn.Sequential(nn.Conv1d(4, 4, 1), nn.GroupNorm(2, 4)),
-                         lambda: torch.randn(B, 4, 5)),
-    "Conv2d+BatchNorm2d_eval": (lambda: _bn_eval(nn.Conv2d(3, 3, 1)),
-                                lambda: torch.randn(B, 3, 4, 4)),
+    "Linear+LayerNorm": (
+        lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)),
+        lambda: torch.randn(B, 3, 4),
+    ),
+    "Conv1d+GroupNorm": (
+        lambda: nn.Sequential(nn.Conv1d(4, 4, 1), nn.GroupNorm(2, 4)),
+        lambda: torch.randn(B, 4, 5),
+    ),
+    "Conv2d+BatchNorm2d_eval": (lambda: _bn_eval(nn.Conv2d(3, 3, 1)), lambda: torch.randn(B, 3, 4, 4)),
     "Conv2d+BatchNorm2d_no_running_stats_train": (
         lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, track_running_stats=False)),
-        lambda: torch.randn(B, 3, 4, 4)),
+        lambda: torch.randn(B, 3, 4, 4),
+    ),
     "Embedding+LSTM+Linear": (
         lambda: nn.Sequential(nn.Embedding(10, 4), _RNNOut(nn.LSTM), nn.Linear(5, 2)),
-        lambda: torch.randint(0, 10, (B, 6))),
+        lambda: torch.randint(0, 10, (B, 6)),
+    ),
 }
 # the conv bias before a batch norm in training mode has a gradient of exactly 0 in exact
 # arithmetic; both sides compute rounding noise of ~1e-5 there
 LAYER_ATOL = {"Conv2d+BatchNorm2d_no_running_stats_train": 1e-4}
-XFAILS = {
-}
+XFAILS = {}
 
 
 def _per_sample_reference(m, xs, extra=()):
     ref = []
     for i in range(xs.shape[0]):
         named = dict(m.named_parameters())
-        args = (xs[i:i + 1], *(e[i] for e in extra))
+        args = (xs[i : i + 1], *(e[i] for e in extra))
         grads = torch.autograd.grad(m(*args).pow(2).sum(), list(named.values()))
         ref.append(dict(zip(named, grads)))
     return {k: torch.stack([r[k] for r in ref]) for k in ref[0]}
@@ -410,9 +426,13 @@ def _per_sample_ft(m, xs, extra=()):
     return ft.vmap(ft.grad(loss), in_dims=in_dims)(params, xs, *extra)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=XFAILS[n])] if n in XFAILS else [])
-    for n in LAYERS])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=XFAILS[n])] if n in XFAILS else [])
+        for n in LAYERS
+    ],
+)
 def test_per_sample_grads(name):
     make_module, make_input = LAYERS[name]
     m = make_module()
@@ -453,6 +473,7 @@ def test_per_sample_grads_match_torch_func():
 # ------------------------------------------------------------------------------------------------
 # batch norm under vmap
 
+
 def _bn_net(**kw):
     return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, **kw), nn.Flatten())
 
@@ -470,8 +491,9 @@ def test_batch_norm_train_with_running_stats_under_vmap_raises():
         ft.vmap(fmodel, in_dims=(None, None, 0))(p, b, xs)
     # also under vmap(grad(...)) (per-sample gradients)
     with quiet_fallback(), pytest.raises(RuntimeError, match="track_running_stats=True under vmap"):
-        ft.vmap(ft.grad(lambda p, x: ft.functional_call(m, (p, buffers), (x[None],)).sum()),
-                in_dims=(None, 0))(params, xs[:, 0])
+        ft.vmap(
+            ft.grad(lambda p, x: ft.functional_call(m, (p, buffers), (x[None],)).sum()), in_dims=(None, 0)
+        )(params, xs[:, 0])
 
 
 def test_batch_norm_eval_under_vmap_works():
@@ -523,6 +545,7 @@ def test_batch_norm_train_direct_module_call_under_vmap_raises():
 # ------------------------------------------------------------------------------------------------
 # stack_module_state
 
+
 def test_stack_module_state_matches_torch_func():
     models = [nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)) for _ in range(B)]
     params, buffers = ft.stack_module_state(models)
@@ -533,9 +556,15 @@ def test_stack_module_state_matches_torch_func():
         for k in ours:
             a, b = ours[k], theirs[k]
             assert (a.requires_grad, a.is_leaf, a.dtype, type(a)) == (
-                b.requires_grad, b.is_leaf, b.dtype, type(b)), k
-            assert a.shape == (B, *dict(models[0].named_parameters(), **dict(
-                models[0].named_buffers()))[k].shape)
+                b.requires_grad,
+                b.is_leaf,
+                b.dtype,
+                type(b),
+            ), k
+            assert a.shape == (
+                B,
+                *dict(models[0].named_parameters(), **dict(models[0].named_buffers()))[k].shape,
+            )
     # copies: no memory shared with the models, no graph to them
     with torch.no_grad():
         params["0.weight"].add_(1)
@@ -558,6 +587,7 @@ def test_stack_module_state_requires_grad_false_and_tied():
 # ------------------------------------------------------------------------------------------------
 # ensembles: vmap over stacked weights
 
+
 def _ensemble_models(make):
     return [make() for _ in range(B)]
 
@@ -567,8 +597,9 @@ def _mlp():
 
 
 def _cnn_bn():
-    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(3 * 4 * 4, 2))
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+    )
 
 
 @pytest.mark.parametrize("same_minibatch", [True, False], ids=["same_minibatch", "per_model"])
@@ -628,13 +659,13 @@ def test_ensemble_make_functional_with_buffers():
     params, buffers = ft.stack_module_state(models)
     x = torch.randn(4, 2, 6, 6)
     with quiet_fallback():
-        got = ft.vmap(fmodel, in_dims=(0, 0, None))(
-            tuple(params.values()), tuple(buffers.values()), x)
+        got = ft.vmap(fmodel, in_dims=(0, 0, None))(tuple(params.values()), tuple(buffers.values()), x)
     assert_close(got, torch.stack([m(x) for m in models]))
 
 
 # ------------------------------------------------------------------------------------------------
 # make_functional / make_functional_with_buffers
+
 
 def test_make_functional_matches_model():
     m = MLP()
@@ -646,8 +677,7 @@ def test_make_functional_matches_model():
     assert_close(fmodel(params, x), m(x))
     assert_close(fmodel(params, x, scale=3.0), m(x, scale=3.0))
     new = tuple(torch.randn_like(p) for p in params)
-    assert_close(fmodel(new, x), tf.functional_call(m, dict(zip(dict(m.named_parameters()), new)),
-                                                    (x,)))
+    assert_close(fmodel(new, x), tf.functional_call(m, dict(zip(dict(m.named_parameters()), new)), (x,)))
 
 
 def test_make_functional_grad_and_no_reference_to_model():
@@ -720,6 +750,7 @@ def test_make_functional_per_sample_grads():
 # ------------------------------------------------------------------------------------------------
 # error messages
 
+
 class TestModuleErrorMessages(expecttest.TestCase):
     def msg(self, exc, fn):
         with self.assertRaises(exc) as cm:
@@ -730,48 +761,65 @@ class TestModuleErrorMessages(expecttest.TestCase):
         m, x = MLP(), torch.randn(4)
         w = torch.randn(6, 4)
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.functional_call(
-                m, ({"fc1.weight": w, "fc1.bias": w[0]}, {"fc1.weight": w}, {"fc1.bias": w[0]}),
-                (x,))),
-            """functional_call: a key may appear in only one of the dicts, but 2 key(s) appear in several: 'fc1.weight' in dicts 0, 1; 'fc1.bias' in dicts 0, 2.""")
+            self.msg(
+                ValueError,
+                lambda: ft.functional_call(
+                    m, ({"fc1.weight": w, "fc1.bias": w[0]}, {"fc1.weight": w}, {"fc1.bias": w[0]}), (x,)
+                ),
+            ),
+            """functional_call: a key may appear in only one of the dicts, but 2 key(s) appear in several: 'fc1.weight' in dicts 0, 1; 'fc1.bias' in dicts 0, 2.""",
+        )
 
     def test_functional_call_bad_dicts(self):
         m, x = MLP(), torch.randn(4)
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.functional_call(m, [("fc1.weight", x)], (x,))),
-            """functional_call: Expected all elements of parameter_and_buffer_dicts to be dictionaries (name -> Tensor), but element 0 is a tuple.""")
+            """functional_call: Expected all elements of parameter_and_buffer_dicts to be dictionaries (name -> Tensor), but element 0 is a tuple.""",
+        )
         self.assertExpectedInline(
             self.msg(ValueError, lambda: ft.functional_call(m, x, (x,))),
-            """functional_call: Expected parameter_and_buffer_dicts to be a dict (name -> Tensor), or a list/tuple of dicts, but got Tensor.""")
+            """functional_call: Expected parameter_and_buffer_dicts to be a dict (name -> Tensor), or a list/tuple of dicts, but got Tensor.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.functional_call(m, {"fc1.weight": 3.0}, (x,))),
-            """functional_call: the value given for 'fc1.weight' is not an instance of torch.Tensor: got a float.""")
+            """functional_call: the value given for 'fc1.weight' is not an instance of torch.Tensor: got a float.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.functional_call(m, {0: x}, (x,))),
-            """functional_call: keys must be str (dotted names), got 0.""")
+            """functional_call: keys must be str (dotted names), got 0.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.functional_call(lambda x: x, {}, (x,))),
-            """functional_call: module must be a torch.nn.Module, got function.""")
+            """functional_call: module must be a torch.nn.Module, got function.""",
+        )
 
     def test_functional_call_bad_names(self):
         m, x = MLP(), torch.randn(4)
         self.assertExpectedInline(
             self.msg(AttributeError, lambda: ft.functional_call(m, {"fc3.weight": x}, (x,))),
-            """functional_call: the key 'fc3.weight' names a submodule 'fc3', but the module (MLP) has no submodule called 'fc3'.""")
+            """functional_call: the key 'fc3.weight' names a submodule 'fc3', but the module (MLP) has no submodule called 'fc3'.""",
+        )
         self.assertExpectedInline(
             self.msg(AttributeError, lambda: ft.functional_call(m, {"fc1.inner.w": x}, (x,))),
-            """functional_call: the key 'fc1.inner.w' names a submodule 'fc1.inner', but fc1 (Linear) has no submodule called 'inner'.""")
+            """functional_call: the key 'fc1.inner.w' names a submodule 'fc1.inner', but fc1 (Linear) has no submodule called 'inner'.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.functional_call(m, {"fc1": x}, (x,))),
-            """functional_call: the key 'fc1' names a submodule (Linear), not a parameter or buffer; give one value per tensor (e.g. 'fc1.weight').""")
+            """functional_call: the key 'fc1' names a submodule (Linear), not a parameter or buffer; give one value per tensor (e.g. 'fc1.weight').""",
+        )
         assert m.fc1.weight is dict(m.named_parameters())["fc1.weight"]
 
     def test_functional_call_tied_different_values(self):
         m, x = Tied(), torch.randn(3)
         self.assertExpectedInline(
-            self.msg(ValueError, lambda: ft.functional_call(
-                m, {"l1.weight": torch.randn(3, 3), "l2.weight": torch.randn(3, 3)}, (x,))),
-            """functional_call: the keys 'l1.weight', 'l2.weight' name one tensor that the module shares (tied weights: 'l1.weight', 'l2.weight'), but were given different values. Give one value (or the same tensor for each), or pass tie_weights=False to replace each name independently.""")
+            self.msg(
+                ValueError,
+                lambda: ft.functional_call(
+                    m, {"l1.weight": torch.randn(3, 3), "l2.weight": torch.randn(3, 3)}, (x,)
+                ),
+            ),
+            """functional_call: the keys 'l1.weight', 'l2.weight' name one tensor that the module shares (tied weights: 'l1.weight', 'l2.weight'), but were given different values. Give one value (or the same tensor for each), or pass tie_weights=False to replace each name independently.""",
+        )
 
     def test_functional_call_strict(self):
         m, x = MLP(), torch.randn(4)
@@ -781,7 +829,8 @@ class TestModuleErrorMessages(expecttest.TestCase):
             self.msg(RuntimeError, lambda: ft.functional_call(m, p, (x,), strict=True)),
             """\
 functional_call(strict=True): the keys must be exactly the parameter and buffer names of the MLP.
-  missing key(s): 'fc2.bias'""")
+  missing key(s): 'fc2.bias'""",
+        )
         p["fc2.extra"] = x
         p["other"] = x
         self.assertExpectedInline(
@@ -789,23 +838,36 @@ functional_call(strict=True): the keys must be exactly the parameter and buffer 
             """\
 functional_call(strict=True): the keys must be exactly the parameter and buffer names of the MLP.
   missing key(s): 'fc2.bias'
-  unexpected key(s): 'fc2.extra', 'other'""")
+  unexpected key(s): 'fc2.extra', 'other'""",
+        )
         t = Tied()
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.functional_call(
-                t, {"l1.weight": torch.randn(3, 3), "l1.bias": torch.randn(3)}, (torch.randn(3),),
-                strict=True, tie_weights=False)),
+            self.msg(
+                RuntimeError,
+                lambda: ft.functional_call(
+                    t,
+                    {"l1.weight": torch.randn(3, 3), "l1.bias": torch.randn(3)},
+                    (torch.randn(3),),
+                    strict=True,
+                    tie_weights=False,
+                ),
+            ),
             """\
 functional_call(strict=True): the keys must be exactly the parameter and buffer names of the Tied.
-  missing key(s): 'l2.weight'""")
+  missing key(s): 'l2.weight'""",
+        )
         lin = nn.Linear(3, 2, bias=False)
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.functional_call(
-                lin, {"weight": torch.randn(2, 3), "bias": torch.randn(2)}, (torch.randn(3),),
-                strict=True)),
+            self.msg(
+                RuntimeError,
+                lambda: ft.functional_call(
+                    lin, {"weight": torch.randn(2, 3), "bias": torch.randn(2)}, (torch.randn(3),), strict=True
+                ),
+            ),
             """\
 functional_call(strict=True): the keys must be exactly the parameter and buffer names of the Linear.
-  unexpected key(s): 'bias'""")
+  unexpected key(s): 'bias'""",
+        )
 
     def test_batch_norm_train_under_vmap(self):
         m = _bn_net()
@@ -813,95 +875,129 @@ functional_call(strict=True): the keys must be exactly the parameter and buffer 
         xs = torch.randn(B, 4, 2, 5, 5)
         with quiet_fallback():
             self.assertExpectedInline(
-                self.msg(RuntimeError, lambda: ft.vmap(
-                    lambda x: ft.functional_call(m, (params, buffers), (x,)))(xs)),
+                self.msg(
+                    RuntimeError,
+                    lambda: ft.vmap(lambda x: ft.functional_call(m, (params, buffers), (x,)))(xs),
+                ),
                 """\
 functional_call: the submodule '1' (BatchNorm2d) is in training mode with track_running_stats=True under vmap, and its input is batched but its running_mean buffer is not. Batch norm in training mode updates running_mean/running_var in place, so the statistics of every batch element would go into one buffer. Options:
   - call model.eval() to use the running statistics without updating them;
   - build the norm layers with track_running_stats=False (batch statistics only), or set track_running_stats=False and running_mean = running_var = None on each of them (what torch.func.replace_all_batch_norm_modules_ does);
   - use a norm that keeps no running statistics (GroupNorm, LayerNorm);
-  - pass the buffers batched like the input (e.g. one copy per model from stack_module_state, mapped with in_dims=0).""")
+  - pass the buffers batched like the input (e.g. one copy per model from stack_module_state, mapped with in_dims=0).""",
+            )
             bn = nn.BatchNorm1d(3)
             stacked = {"weight": torch.randn(B, 3), "bias": torch.randn(B, 3)}
             x = torch.randn(4, 3)
             self.assertExpectedInline(
-                self.msg(RuntimeError, lambda: ft.vmap(
-                    lambda p: ft.functional_call(bn, p, (x,)))(stacked)),
+                self.msg(RuntimeError, lambda: ft.vmap(lambda p: ft.functional_call(bn, p, (x,)))(stacked)),
                 """\
 functional_call: the BatchNorm1d is in training mode with track_running_stats=True under vmap, and its weight/bias is batched but its running_mean buffer is not. Batch norm in training mode updates running_mean/running_var in place, so the statistics of every batch element would go into one buffer. Options:
   - call model.eval() to use the running statistics without updating them;
   - build the norm layers with track_running_stats=False (batch statistics only), or set track_running_stats=False and running_mean = running_var = None on each of them (what torch.func.replace_all_batch_norm_modules_ does);
   - use a norm that keeps no running statistics (GroupNorm, LayerNorm);
-  - pass the buffers batched like the input (e.g. one copy per model from stack_module_state, mapped with in_dims=0).""")
+  - pass the buffers batched like the input (e.g. one copy per model from stack_module_state, mapped with in_dims=0).""",
+            )
             fmodel, p, b = ft.make_functional_with_buffers(m)
             self.assertExpectedInline(
-                self.msg(RuntimeError, lambda: ft.vmap(fmodel, in_dims=(None, None, 0))(p, b, xs)
-                         ).splitlines()[0],
-                """make_functional_with_buffers: the submodule '1' (BatchNorm2d) is in training mode with track_running_stats=True under vmap, and its input is batched but its running_mean buffer is not. Batch norm in training mode updates running_mean/running_var in place, so the statistics of every batch element would go into one buffer. Options:""")
+                self.msg(
+                    RuntimeError, lambda: ft.vmap(fmodel, in_dims=(None, None, 0))(p, b, xs)
+                ).splitlines()[0],
+                """make_functional_with_buffers: the submodule '1' (BatchNorm2d) is in training mode with track_running_stats=True under vmap, and its input is batched but its running_mean buffer is not. Batch norm in training mode updates running_mean/running_var in place, so the statistics of every batch element would go into one buffer. Options:""",
+            )
 
     def test_stack_module_state_errors(self):
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.stack_module_state([])),
-            """stack_module_state: Expected at least one model, got 0 (an empty sequence).""")
+            """stack_module_state: Expected at least one model, got 0 (an empty sequence).""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.stack_module_state(nn.Linear(2, 2))),
-            """stack_module_state: expected a list or tuple of nn.Modules, got Linear.""")
+            """stack_module_state: expected a list or tuple of nn.Modules, got Linear.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.stack_module_state([nn.Linear(2, 2), torch.ones(2)])),
-            """stack_module_state: models[1] is a Tensor, not an nn.Module.""")
+            """stack_module_state: models[1] is a Tensor, not an nn.Module.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Conv1d(2, 2, 1)])),
-            """stack_module_state: Expected all models to be of the same class, but model 0 is a Linear and model 1 is a Conv1d.""")
+            """stack_module_state: Expected all models to be of the same class, but model 0 is a Linear and model 1 is a Conv1d.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).eval()])),
-            """stack_module_state: Expected all models to have the same training/eval mode, but model 0 is in training mode and model 1 in eval mode.""")
+            """stack_module_state: Expected all models to have the same training/eval mode, but model 0 is in training mode and model 1 in eval mode.""",
+        )
 
     def test_stack_module_state_structure_errors(self):
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.stack_module_state(
-                [nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2, bias=False)])),
-            """stack_module_state: all models must have the same parameters, but model 2 lacks parameter(s) 'bias' that model 0 has.""")
+            self.msg(
+                RuntimeError,
+                lambda: ft.stack_module_state(
+                    [nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2, bias=False)]
+                ),
+            ),
+            """stack_module_state: all models must have the same parameters, but model 2 lacks parameter(s) 'bias' that model 0 has.""",
+        )
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.stack_module_state(
-                [nn.BatchNorm1d(2, track_running_stats=False), nn.BatchNorm1d(2)])),
-            """stack_module_state: all models must have the same buffers, but model 1 has buffer(s) 'running_mean', 'running_var', 'num_batches_tracked' that model 0 does not have.""")
+            self.msg(
+                RuntimeError,
+                lambda: ft.stack_module_state(
+                    [nn.BatchNorm1d(2, track_running_stats=False), nn.BatchNorm1d(2)]
+                ),
+            ),
+            """stack_module_state: all models must have the same buffers, but model 1 has buffer(s) 'running_mean', 'running_var', 'num_batches_tracked' that model 0 does not have.""",
+        )
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 3)])),
-            """stack_module_state: parameter 'weight' has shape (2, 2) in model 0 but (3, 2) in model 1; all models must have the same structure, dtypes and devices.""")
+            """stack_module_state: parameter 'weight' has shape (2, 2) in model 0 but (3, 2) in model 1; all models must have the same structure, dtypes and devices.""",
+        )
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).double()])),
-            """stack_module_state: parameter 'weight' has dtype torch.float32 in model 0 but torch.float64 in model 1; all models must have the same structure, dtypes and devices.""")
+            self.msg(
+                RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2).double()])
+            ),
+            """stack_module_state: parameter 'weight' has dtype torch.float32 in model 0 but torch.float64 in model 1; all models must have the same structure, dtypes and devices.""",
+        )
         self.assertExpectedInline(
-            self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2, device="meta")])),
-            """stack_module_state: parameter 'weight' has device cpu in model 0 but meta in model 1; all models must have the same structure, dtypes and devices.""")
+            self.msg(
+                RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), nn.Linear(2, 2, device="meta")])
+            ),
+            """stack_module_state: parameter 'weight' has device cpu in model 0 but meta in model 1; all models must have the same structure, dtypes and devices.""",
+        )
         frozen = nn.Linear(2, 2)
         frozen.bias.requires_grad_(False)
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.stack_module_state([nn.Linear(2, 2), frozen])),
-            """stack_module_state: Expected parameter 'bias' from each model to have the same .requires_grad, got model 0: True, model 1: False.""")
+            """stack_module_state: Expected parameter 'bias' from each model to have the same .requires_grad, got model 0: True, model 1: False.""",
+        )
 
     def test_make_functional_errors(self):
         self.assertExpectedInline(
             self.msg(RuntimeError, lambda: ft.make_functional(nn.BatchNorm1d(2))),
-            """make_functional: the model has buffers ('running_mean', 'running_var', 'num_batches_tracked'); use make_functional_with_buffers(model), which returns (fmodel, params, buffers), or functional_call.""")
+            """make_functional: the model has buffers ('running_mean', 'running_var', 'num_batches_tracked'); use make_functional_with_buffers(model), which returns (fmodel, params, buffers), or functional_call.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: ft.make_functional(lambda x: x)),
-            """make_functional: model must be a torch.nn.Module, got function.""")
+            """make_functional: model must be a torch.nn.Module, got function.""",
+        )
         fmodel, params = ft.make_functional(MLP())
         x = torch.randn(4)
         self.assertExpectedInline(
             self.msg(ValueError, lambda: fmodel(params[:3], x)),
-            """make_functional: fmodel expects 4 params (one per tensor of the model, as returned by make_functional), got 3.""")
+            """make_functional: fmodel expects 4 params (one per tensor of the model, as returned by make_functional), got 3.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: fmodel(params[0], x)),
-            """make_functional: fmodel expects its params as a tuple or list of Tensors (as returned by make_functional), got Parameter.""")
+            """make_functional: fmodel expects its params as a tuple or list of Tensors (as returned by make_functional), got Parameter.""",
+        )
         self.assertExpectedInline(
             self.msg(TypeError, lambda: fmodel((1.0,) + params[1:], x)),
-            """make_functional: the params given for 'fc1.weight' must be a Tensor, got float.""")
+            """make_functional: the params given for 'fc1.weight' must be a Tensor, got float.""",
+        )
         fmodel, params, buffers = ft.make_functional_with_buffers(nn.BatchNorm1d(2))
         self.assertExpectedInline(
             self.msg(ValueError, lambda: fmodel(params, buffers[:1], torch.randn(3, 2))),
-            """make_functional_with_buffers: fmodel expects 3 buffers (one per tensor of the model, as returned by make_functional_with_buffers), got 1.""")
+            """make_functional_with_buffers: fmodel expects 3 buffers (one per tensor of the model, as returned by make_functional_with_buffers), got 1.""",
+        )
 
 
 def test_report_fallback_ops():

@@ -14,12 +14,13 @@ XFAIL lists exactly the failing ops. FT_SWEEP_REPORT=1 writes test/opinfo_sweep_
 The loop over op_db, the comparison, the report and the tests are _opinfo_common.py's, shared
 with the vjp and jvp sweeps; this file says what runs on a sample and what is expected.
 """
+
 import os
 
+import _opinfo_common as common
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-import _opinfo_common as common
 import functorch_lite as ft
 
 # Measured (torch 2.13 CPU): 2130/2136 = 99.72% (2022 by rules, 108 through the for-loop); see the
@@ -34,25 +35,45 @@ REPORT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opinfo_s
 # Ops that draw random numbers: vmap's randomness is tested in test_vmap.py, and their results
 # cannot be compared with an oracle's.
 RANDOM_OPS = {
-    "bernoulli", "cauchy", "exponential", "geometric", "log_normal", "multinomial", "normal",
-    "normal.in_place", "normal.number_mean", "uniform", "rand_like", "randint", "randint_like",
-    "randn", "randn_like", "randperm", "nn.functional.dropout", "nn.functional.dropout2d",
-    "nn.functional.dropout3d", "nn.functional.alpha_dropout", "nn.functional.feature_alpha_dropout",
-    "nn.functional.feature_alpha_dropout.with_train", "nn.functional.rrelu",
-    "nn.functional.fractional_max_pool2d", "nn.functional.fractional_max_pool3d",
+    "bernoulli",
+    "cauchy",
+    "exponential",
+    "geometric",
+    "log_normal",
+    "multinomial",
+    "normal",
+    "normal.in_place",
+    "normal.number_mean",
+    "uniform",
+    "rand_like",
+    "randint",
+    "randint_like",
+    "randn",
+    "randn_like",
+    "randperm",
+    "nn.functional.dropout",
+    "nn.functional.dropout2d",
+    "nn.functional.dropout3d",
+    "nn.functional.alpha_dropout",
+    "nn.functional.feature_alpha_dropout",
+    "nn.functional.feature_alpha_dropout.with_train",
+    "nn.functional.rrelu",
+    "nn.functional.fractional_max_pool2d",
+    "nn.functional.fractional_max_pool3d",
 }
 
 MATRIX_RANK_REASON = (
     "the CompositeImplicit linalg_matrix_rank calls sum(out=...) into an unbatched tensor it "
     "allocated itself; the for-loop fallback refuses writing batched values into an unbatched "
-    "out= argument")
+    "out= argument"
+)
 
 # op name -> why ft.vmap fails on it. Must list exactly the ops classified 'failure'.
 XFAIL = {
     "argwhere": "decomposes into aten::nonzero, rejected as data-dependent; torch.func runs it "
-                "through its for-loop when every element has as many nonzeros",
+    "through its for-loop when every element has as many nonzeros",
     "resize_": "no batching rule; the for-loop fallback refuses in-place shape changes (a clear "
-               "error, by design)",
+    "error, by design)",
 }
 
 
@@ -85,8 +106,9 @@ def _loop(fn, bargs, in_dims):
 def _run_sample(op, sample):
     """Returns ('rule' | 'fallback' | 'failure' | 'oracle', detail)."""
     args, kwargs = (sample.input,) + tuple(sample.args), sample.kwargs
-    if any(isinstance(t, torch.Tensor) and t.layout != torch.strided
-           for t in tree_flatten((args, kwargs))[0]):
+    if any(
+        isinstance(t, torch.Tensor) and t.layout != torch.strided for t in tree_flatten((args, kwargs))[0]
+    ):
         return "oracle", "non-strided (sparse) input"
     try:
         bargs = tree_map(_batch, args)
@@ -124,43 +146,50 @@ def _run(op, sample, seed):
 
 
 def _breakdown(sweep, mode, samples):
-    return (f"{samples['rule']} by batching rules, {samples['fallback']} through the for-loop "
-            f"fallback, {samples['failure']} failing; {samples['oracle']} samples skipped because "
-            f"torch.func cannot vmap them")
+    return (
+        f"{samples['rule']} by batching rules, {samples['fallback']} through the for-loop "
+        f"fallback, {samples['failure']} failing; {samples['oracle']} samples skipped because "
+        f"torch.func cannot vmap them"
+    )
 
 
 def _fallback_and_rules(results, h):
     lines = ["", f"{h} Through the for-loop fallback", "", "| op | fallback ops |", "|---|---|"]
     for name, (st, ps, _) in results.items():
         if st == "fallback":
-            ops = sorted({o for s, d in ps if s == "fallback"
-                          for o in d.split(" (")[0].split(", ")})
+            ops = sorted({o for s, d in ps if s == "fallback" for o in d.split(" (")[0].split(", ")})
             lines.append(f"| `{name}` | {', '.join(ops)} |")
     lines += ["", f"{h} By batching rules", ""]
     lines.append(", ".join(f"`{n}`" for n, (st, _, _) in results.items() if st == "rule"))
-    notes = [(n, d) for n, (_, ps, _) in results.items() for s, d in ps
-             if "torch.func disagrees" in d]
+    notes = [(n, d) for n, (_, ps, _) in results.items() for s, d in ps if "torch.func disagrees" in d]
     if notes:
-        lines += ["", f"{h} Samples where torch.func disagrees with the for-loop (ft matches the "
-                  "loop)", ""]
-        lines += [f"- `{n}`: {d.split('(torch.func disagrees with the for-loop: ')[1][:-1]}"
-                  for n, d in notes]
+        lines += ["", f"{h} Samples where torch.func disagrees with the for-loop (ft matches the loop)", ""]
+        lines += [
+            f"- `{n}`: {d.split('(torch.func disagrees with the for-loop: ')[1][:-1]}" for n, d in notes
+        ]
     return lines
 
 
 SWEEP = common.Sweep(
-    file="test/test_opinfo_sweep.py", report_path=REPORT_PATH, title="functorch_lite OpInfo sweep",
-    description=f"batch of {BATCH} perturbed copies; oracle torch.func.vmap (for-loop on "
-                "disagreement).",
+    file="test/test_opinfo_sweep.py",
+    report_path=REPORT_PATH,
+    title="functorch_lite OpInfo sweep",
+    description=f"batch of {BATCH} perturbed copies; oracle torch.func.vmap (for-loop on disagreement).",
     modes={"vmap": common.Mode("ft.vmap", MIN_CORRECT_FRACTION, XFAIL, "XFAIL")},
-    run_sample=_run, close=_close, random_ops=RANDOM_OPS, samples_per_op=SAMPLES_PER_OP,
-    min_samples=1000, correct=("rule", "fallback"),
+    run_sample=_run,
+    close=_close,
+    random_ops=RANDOM_OPS,
+    samples_per_op=SAMPLES_PER_OP,
+    min_samples=1000,
+    correct=("rule", "fallback"),
     # the variants of an op in RANDOM_OPS are swept, unless named too (a variant may not draw)
     is_random_op=lambda op, name: name in RANDOM_OPS or name.split(".")[0] in RANDOM_OPS,
     random_all_samples=True,
     random_one_reason="output differs between runs (random, or uninitialized memory)",
     no_sample=lambda per_sample: "torch.func cannot vmap any sample",
-    breakdown=_breakdown, middle=_fallback_and_rules)
+    breakdown=_breakdown,
+    middle=_fallback_and_rules,
+)
 
 # pytest collects the fixture and the tests under these names
 sweep, test_sweep_correct_fraction, test_sweep_xfail_list_is_exact = common.define_tests(SWEEP)

@@ -23,12 +23,13 @@ test/opinfo_vjp_report.md. Runs in about 40 seconds on 2 cores. The loop over op
 comparison, the report and the tests are _opinfo_common.py's, shared with the other sweeps; this
 file says what runs on a sample and what is expected.
 """
+
 import os
 
+import _opinfo_common as common
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-import _opinfo_common as common
 import functorch_lite as ft
 
 # Measured (torch 2.13 CPU): vjp 1383/1383 = 100.00%, vmap_vjp 1383/1383 = 100.00%; see the
@@ -44,23 +45,40 @@ REPORT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "opinfo_v
 # as test_opinfo_sweep.py; ops whose name contains "empty" are skipped by random_reason in
 # _opinfo_common.py).
 RANDOM_OPS = {
-    "bernoulli", "cauchy", "exponential", "geometric", "log_normal", "multinomial", "normal",
-    "normal.in_place", "normal.number_mean", "uniform", "rand_like", "randint", "randint_like",
-    "randn", "randn_like", "randperm", "nn.functional.dropout", "nn.functional.dropout2d",
-    "nn.functional.dropout3d", "nn.functional.alpha_dropout", "nn.functional.feature_alpha_dropout",
-    "nn.functional.feature_alpha_dropout.with_train", "nn.functional.rrelu",
-    "nn.functional.fractional_max_pool2d", "nn.functional.fractional_max_pool3d",
+    "bernoulli",
+    "cauchy",
+    "exponential",
+    "geometric",
+    "log_normal",
+    "multinomial",
+    "normal",
+    "normal.in_place",
+    "normal.number_mean",
+    "uniform",
+    "rand_like",
+    "randint",
+    "randint_like",
+    "randn",
+    "randn_like",
+    "randperm",
+    "nn.functional.dropout",
+    "nn.functional.dropout2d",
+    "nn.functional.dropout3d",
+    "nn.functional.alpha_dropout",
+    "nn.functional.feature_alpha_dropout",
+    "nn.functional.feature_alpha_dropout.with_train",
+    "nn.functional.rrelu",
+    "nn.functional.fractional_max_pool2d",
+    "nn.functional.fractional_max_pool3d",
     "nn.functional.scaled_dot_product_attention",
 }
 
 # op name -> why ft.vjp fails on it. Must list exactly the ops classified 'failure'.
-XFAIL_VJP = {
-}
+XFAIL_VJP = {}
 
 # op name -> why ft.vmap(vjp_fn) over a batch of cotangents fails on it (jacrev's building
 # block). Must list exactly the ops classified 'failure' in the vmap_vjp mode.
-XFAIL_VMAP_VJP = {
-}
+XFAIL_VMAP_VJP = {}
 
 XFAILS = {"vjp": XFAIL_VJP, "vmap_vjp": XFAIL_VMAP_VJP}
 XFAIL_NAMES = {"vjp": "XFAIL_VJP", "vmap_vjp": "XFAIL_VMAP_VJP"}
@@ -69,7 +87,7 @@ MODES = ("vjp", "vmap_vjp")
 TITLES = {
     "vjp": "ft.vjp(f, *primals) and its vjp_fn(cotangents)",
     "vmap_vjp": f"ft.vmap of ft.vjp's vjp_fn over a batch of {BATCH} cotangents (jacrev's "
-                "building block; vmap for-loop fallback allowed)",
+    "building block; vmap for-loop fallback allowed)",
 }
 
 
@@ -137,31 +155,41 @@ def _run_sample(fn, primals, seed):
                 res["vjp"] = ("failure", "vjp_fn left a level on the stack")
             else:
                 diff = _close(grads, expected_grads)
-                res["vjp"] = (("failure", f"gradient mismatch: {diff}") if diff is not None
-                              else ("correct", ""))
+                res["vjp"] = (
+                    ("failure", f"gradient mismatch: {diff}") if diff is not None else ("correct", "")
+                )
         except Exception as e:  # noqa: BLE001
             res["vjp"] = common.failure(e, "vjp_fn: ")
 
     if "vmap_vjp" not in res:
         bl, bspec = tree_flatten(batched)
         res["vmap_vjp"] = common.check_vmapped(
-            lambda: ft.vmap(actual_fn)(batched), expected_vmap,
-            lambda: [expected_fn(tree_unflatten(
-                [t[b] if isinstance(t, torch.Tensor) else t for t in bl], bspec))
-                for b in range(BATCH)],
-            _close, "vmap(vjp_fn)")
+            lambda: ft.vmap(actual_fn)(batched),
+            expected_vmap,
+            lambda: [
+                expected_fn(tree_unflatten([t[b] if isinstance(t, torch.Tensor) else t for t in bl], bspec))
+                for b in range(BATCH)
+            ],
+            _close,
+            "vmap(vjp_fn)",
+        )
     return res
 
 
 SWEEP = common.Sweep(
-    file="test/test_opinfo_vjp.py", report_path=REPORT_PATH,
+    file="test/test_opinfo_vjp.py",
+    report_path=REPORT_PATH,
     title="functorch_lite OpInfo sweep: reverse mode",
     description="every floating-point positional tensor a primal (kwargs constant), random "
-                "cotangents; oracle torch.func.",
+    "cotangents; oracle torch.func.",
     modes={m: common.Mode(TITLES[m], MIN_CORRECT[m], XFAILS[m], XFAIL_NAMES[m]) for m in MODES},
-    run_sample=common.on_primals(MODES, _run_sample), close=_close, random_ops=RANDOM_OPS,
-    samples_per_op=SAMPLES_PER_OP, min_samples=1000,
-    swept="supports_autograd")  # torch has no backward formula for the others
+    run_sample=common.on_primals(MODES, _run_sample),
+    close=_close,
+    random_ops=RANDOM_OPS,
+    samples_per_op=SAMPLES_PER_OP,
+    min_samples=1000,
+    swept="supports_autograd",
+)  # torch has no backward formula for the others
 
 # pytest collects the fixture and the tests under these names
 sweep, test_sweep_correct_fraction, test_sweep_xfail_list_is_exact = common.define_tests(SWEEP)

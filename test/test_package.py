@@ -1,6 +1,7 @@
 """Import-level behaviour of functorch_lite: version, show_config, the vmap fallback switch (and its
 environment variable), repr/.data/.detach() of the wrapper tensors, and living next to torch.func
 in one process (and refusing to be mixed with it)."""
+
 import io
 import os
 import subprocess
@@ -18,12 +19,18 @@ import functorch_lite as ft
 def _run_python(code, **env):
     """Runs `code` in a fresh interpreter (with functorch_lite importable) and returns it."""
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # version and configuration
+
 
 def test_version_is_a_string():
     assert isinstance(ft.__version__, str)
@@ -34,16 +41,28 @@ def test_version_is_a_string():
 def test_public_api_is_exported():
     for name in ft.__all__:
         assert hasattr(ft, name), name
-    for name in ("vmap", "grad", "grad_and_value", "vjp", "show_config", "set_vmap_fallback",
-                 "get_vmap_fallback"):
+    for name in (
+        "vmap",
+        "grad",
+        "grad_and_value",
+        "vjp",
+        "show_config",
+        "set_vmap_fallback",
+        "get_vmap_fallback",
+    ):
         assert callable(getattr(ft, name))
 
 
 def test_show_config_returns_and_prints(capsys):
     cfg = ft.show_config()
     assert isinstance(cfg, dict)
-    for key in ("functorch_lite", "built with torch", "running with torch", "dispatch keys used",
-                "vmap fallback mode"):
+    for key in (
+        "functorch_lite",
+        "built with torch",
+        "running with torch",
+        "dispatch keys used",
+        "vmap fallback mode",
+    ):
         assert key in cfg, key
     assert cfg["functorch_lite"] == ft.__version__
     assert cfg["running with torch"] == torch.__version__
@@ -67,6 +86,7 @@ def test_show_config_file_argument():
 
 # ------------------------------------------------------------------------------------------------
 # vmap fallback switch
+
 
 def test_set_get_vmap_fallback_round_trip():
     old = ft.get_vmap_fallback()
@@ -116,14 +136,18 @@ def test_env_var_fallback_error_is_honoured():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "mode error"
-    assert lines[1].startswith("raised functorch_lite.vmap: Batching rule not implemented for "
-                               "ftl_test_pkg::twice"), lines[1]
+    assert lines[1].startswith(
+        "raised functorch_lite.vmap: Batching rule not implemented for ftl_test_pkg::twice"
+    ), lines[1]
 
 
-@pytest.mark.parametrize("value", [
-    "quiet",
-    "warn",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "quiet",
+        "warn",
+    ],
+)
 def test_env_var_fallback_other_modes(value):
     proc = _run_python(_FALLBACK_PROBE, FUNCTORCH_LITE_VMAP_FALLBACK=value)
     assert proc.returncode == 0, proc.stderr
@@ -149,15 +173,20 @@ def test_warn_mode_fallback_of_custom_op_runs():
 
 def test_default_fallback_mode_without_env_var():
     env = {k: v for k, v in os.environ.items() if k != "FUNCTORCH_LITE_VMAP_FALLBACK"}
-    proc = subprocess.run([sys.executable, "-c",
-                           "import functorch_lite as ft; print(ft.get_vmap_fallback())"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import functorch_lite as ft; print(ft.get_vmap_fallback())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "warn"
 
 
 # ------------------------------------------------------------------------------------------------
 # repr, .data, .detach() of wrapper tensors
+
 
 def test_repr_of_batched_tensor():
     seen = []
@@ -191,8 +220,6 @@ def test_repr_of_grad_level_scalar():
     ft.grad(f)(torch.tensor(0.5))
     assert seen[0].startswith("GradTrackingTensor(lvl="), seen[0]
     assert "tensor(0.5000" in seen[0]
-
-
 
 
 def test_repr_of_grad_level_tensor():
@@ -281,7 +308,7 @@ def test_data_and_detach_inside_grad():
         d, e = r.data, r.detach()
         info["requires_grad"] = (r.requires_grad, d.requires_grad, e.requires_grad)
         info["repr"] = repr(e)
-        return (r * d) + (r * e) + r ** 2
+        return (r * d) + (r * e) + r**2
 
     g = ft.grad(f)(x)
     assert info["requires_grad"] == (True, False, False)
@@ -299,12 +326,15 @@ def test_data_and_detach_are_constants_like_torch_func(use):
 
     torch.testing.assert_close(ft.grad(f)(X[0]), tf.grad(f)(X[0]))
     torch.testing.assert_close(ft.vmap(ft.grad(f))(X), tf.vmap(tf.grad(f))(X))
-    torch.testing.assert_close(ft.grad(ft.grad(lambda t: f(t.expand(4)) * t))(X[0, 0]),
-                               tf.grad(tf.grad(lambda t: f(t.expand(4)) * t))(X[0, 0]))
+    torch.testing.assert_close(
+        ft.grad(ft.grad(lambda t: f(t.expand(4)) * t))(X[0, 0]),
+        tf.grad(tf.grad(lambda t: f(t.expand(4)) * t))(X[0, 0]),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # coexistence with torch.func
+
 
 def test_coexists_with_torch_func_in_one_process():
     x = torch.randn(4)

@@ -17,6 +17,7 @@ Examples that need a transform functorch_lite does not have yet are strict xfail
 raises=NotImplementedError (they start failing, as a reminder, once it is implemented); examples
 that hit a known functorch_lite bug are strict xfails naming it.
 """
+
 import pathlib
 
 import pytest
@@ -27,8 +28,13 @@ import functorch_lite
 SEED_DIR = pathlib.Path("/work/shared/seeds")
 
 ISSUE = {
-    "jvp": 5, "jacrev": 5, "jacfwd": 5, "hessian": 5,
-    "functional_call": 6, "make_functional": 6, "make_functional_with_buffers": 6,
+    "jvp": 5,
+    "jacrev": 5,
+    "jacfwd": 5,
+    "hessian": 5,
+    "functional_call": 6,
+    "make_functional": 6,
+    "make_functional_with_buffers": 6,
     "stack_module_state": 6,
 }
 
@@ -51,7 +57,9 @@ def seed_example(*needs, bug=None):
     if missing:
         return pytest.mark.xfail(
             reason=f"needs functorch_lite.{missing[0]} (issue #{ISSUE[missing[0]]})",
-            raises=NotImplementedError, strict=True)
+            raises=NotImplementedError,
+            strict=True,
+        )
     if bug is not None:
         return pytest.mark.xfail(reason=bug, raises=RuntimeError, strict=True)
     return lambda f: f
@@ -73,9 +81,12 @@ def test_every_seed_document_is_covered():
 # ================================================================================================
 # 000_ef0caa882b324910.txt: "torch.func 快速入门" (torch.func quickstart, Chinese translation)
 
+
 def test_seed000_ef0caa882b324910_grad():
     import torch
+
     from functorch_lite import grad
+
     x = torch.randn([])
     cos_x = grad(lambda x: torch.sin(x))(x)
     assert torch.allclose(cos_x, x.cos())
@@ -86,7 +97,9 @@ def test_seed000_ef0caa882b324910_grad():
 
 def test_seed000_ef0caa882b324910_vmap_model():
     import torch
+
     from functorch_lite import vmap
+
     batch_size, feature_size = 3, 5
     weights = torch.randn(feature_size, requires_grad=True)
 
@@ -102,8 +115,11 @@ def test_seed000_ef0caa882b324910_vmap_model():
 
 
 def test_seed000_ef0caa882b324910_vmap_grad_per_sample_gradients():
-    from functorch_lite import grad  # from an earlier example
-    from functorch_lite import vmap
+    from functorch_lite import (
+        grad,  # from an earlier example
+        vmap,
+    )
+
     batch_size, feature_size = 3, 5
 
     def model(weights, feature_vec):
@@ -121,17 +137,18 @@ def test_seed000_ef0caa882b324910_vmap_grad_per_sample_gradients():
     inputs = (weights, examples, targets)
     grad_weight_per_example = vmap(grad(compute_loss), in_dims=(None, 0, 0))(*inputs)
     # shown by the seed: these are per-sample gradients
-    expected = torch.stack([torch.func.grad(compute_loss)(weights, e, t)
-                            for e, t in zip(examples, targets)])
+    expected = torch.stack([torch.func.grad(compute_loss)(weights, e, t) for e, t in zip(examples, targets)])
     assert torch.allclose(grad_weight_per_example, expected)
 
 
 def test_seed000_ef0caa882b324910_vjp():
     from functorch_lite import vjp
+
     inputs = torch.randn(3)
     func = torch.sin
     cotangents = (torch.randn(3),)
-    outputs, vjp_fn = vjp(func, inputs); vjps = vjp_fn(*cotangents)  # noqa: E702
+    outputs, vjp_fn = vjp(func, inputs)
+    vjps = vjp_fn(*cotangents)  # noqa: E702
     # shown by the seed: the vector-Jacobian product of sin
     assert torch.allclose(vjps[0], cotangents[0] * inputs.cos())
 
@@ -139,9 +156,10 @@ def test_seed000_ef0caa882b324910_vjp():
 @seed_example("jvp")
 def test_seed000_ef0caa882b324910_jvp():
     from functorch_lite import jvp
+
     x = torch.randn(5)
     y = torch.randn(5)
-    f = lambda x, y: (x * y)  # noqa: E731
+    f = lambda x, y: x * y  # noqa: E731
     _, out_tangent = jvp(f, (x, y), (torch.ones(5), torch.ones(5)))
     assert torch.allclose(out_tangent, x + y)
 
@@ -149,6 +167,7 @@ def test_seed000_ef0caa882b324910_jvp():
 @seed_example("jacrev")
 def test_seed000_ef0caa882b324910_jacrev():
     from functorch_lite import jacrev
+
     x = torch.randn(5)
     jacobian = jacrev(torch.sin)(x)
     expected = torch.diag(torch.cos(x))
@@ -158,6 +177,7 @@ def test_seed000_ef0caa882b324910_jacrev():
 @seed_example("jacrev")
 def test_seed000_ef0caa882b324910_vmap_jacrev():
     from functorch_lite import jacrev, vmap  # from earlier examples
+
     x = torch.randn(64, 5)
     jacobian = vmap(jacrev(torch.sin))(x)
     assert jacobian.shape == (64, 5, 5)
@@ -166,6 +186,7 @@ def test_seed000_ef0caa882b324910_vmap_jacrev():
 @seed_example("jacfwd")
 def test_seed000_ef0caa882b324910_jacfwd():
     from functorch_lite import jacfwd
+
     x = torch.randn(5)
     jacobian = jacfwd(torch.sin)(x)
     expected = torch.diag(torch.cos(x))
@@ -203,9 +224,12 @@ def test_seed000_ef0caa882b324910_hessian():
 # ================================================================================================
 # 001_3afd711742fe1929.txt: "Whirlwind Tour" (functorch)
 
+
 def test_seed001_3afd711742fe1929_vmap_model():
     import torch
+
     from functorch_lite import vmap
+
     batch_size, feature_size = 3, 5
     weights = torch.randn(feature_size, requires_grad=True)
 
@@ -222,6 +246,7 @@ def test_seed001_3afd711742fe1929_vmap_model():
 
 def test_seed001_3afd711742fe1929_grad():
     from functorch_lite import grad
+
     x = torch.randn([])
     cos_x = grad(lambda x: torch.sin(x))(x)
     assert torch.allclose(cos_x, x.cos())
@@ -231,8 +256,11 @@ def test_seed001_3afd711742fe1929_grad():
 
 
 def test_seed001_3afd711742fe1929_vmap_grad_per_sample_gradients():
-    from functorch_lite import grad  # from an earlier example
-    from functorch_lite import vmap
+    from functorch_lite import (
+        grad,  # from an earlier example
+        vmap,
+    )
+
     batch_size, feature_size = 3, 5
 
     def model(weights, feature_vec):
@@ -250,17 +278,18 @@ def test_seed001_3afd711742fe1929_vmap_grad_per_sample_gradients():
     inputs = (weights, examples, targets)
     grad_weight_per_example = vmap(grad(compute_loss), in_dims=(None, 0, 0))(*inputs)
     # shown by the seed: these are per-sample gradients
-    expected = torch.stack([torch.func.grad(compute_loss)(weights, e, t)
-                            for e, t in zip(examples, targets)])
+    expected = torch.stack([torch.func.grad(compute_loss)(weights, e, t) for e, t in zip(examples, targets)])
     assert torch.allclose(grad_weight_per_example, expected)
 
 
 def test_seed001_3afd711742fe1929_vjp():
     from functorch_lite import vjp
+
     inputs = torch.randn(3)
     func = torch.sin
     cotangents = (torch.randn(3),)
-    outputs, vjp_fn = vjp(func, inputs); vjps = vjp_fn(*cotangents)  # noqa: E702
+    outputs, vjp_fn = vjp(func, inputs)
+    vjps = vjp_fn(*cotangents)  # noqa: E702
     # shown by the seed: the vector-Jacobian product of sin
     assert torch.allclose(vjps[0], cotangents[0] * inputs.cos())
 
@@ -268,9 +297,10 @@ def test_seed001_3afd711742fe1929_vjp():
 @seed_example("jvp")
 def test_seed001_3afd711742fe1929_jvp():
     from functorch_lite import jvp
+
     x = torch.randn(5)
     y = torch.randn(5)
-    f = lambda x, y: (x * y)  # noqa: E731
+    f = lambda x, y: x * y  # noqa: E731
     _, output = jvp(f, (x, y), (torch.ones(5), torch.ones(5)))
     assert torch.allclose(output, x + y)
 
@@ -278,6 +308,7 @@ def test_seed001_3afd711742fe1929_jvp():
 @seed_example("jacrev")
 def test_seed001_3afd711742fe1929_jacrev():
     from functorch_lite import jacrev
+
     x = torch.randn(5)
     jacobian = jacrev(torch.sin)(x)
     expected = torch.diag(torch.cos(x))
@@ -287,6 +318,7 @@ def test_seed001_3afd711742fe1929_jacrev():
 @seed_example("jacrev")
 def test_seed001_3afd711742fe1929_vmap_jacrev():
     from functorch_lite import jacrev, vmap  # from earlier examples
+
     x = torch.randn(64, 5)
     jacobian = vmap(jacrev(torch.sin))(x)
     assert jacobian.shape == (64, 5, 5)
@@ -295,6 +327,7 @@ def test_seed001_3afd711742fe1929_vmap_jacrev():
 @seed_example("jacfwd")
 def test_seed001_3afd711742fe1929_jacfwd():
     from functorch_lite import jacfwd
+
     x = torch.randn(5)
     jacobian = jacfwd(torch.sin)(x)
     expected = torch.diag(torch.cos(x))
@@ -333,8 +366,9 @@ def test_seed001_3afd711742fe1929_hessian():
 # 002_7ded5c7210c8a2e8.txt: notebook, Jacobians / Hessians with vmap, vjp, jacrev, jacfwd, hessian.
 # Cells In[409]..In[412] set up the state the later cells use.
 
-import torch.nn.functional as F  # noqa: E402  (In [409])
 from functools import partial  # noqa: E402  (In [409])
+
+import torch.nn.functional as F  # noqa: E402  (In [409])
 
 
 def predict(weight, bias, x):  # In [410]
@@ -351,8 +385,7 @@ def _cells_409_to_412():
 
     # 我们必须每次使用不同的单位向量逐行计算它
     def compute_jac(xp):
-        jacobian_rows = [torch.autograd.grad(predict(weight, bias, xp), xp, vec)[0]
-                         for vec in unit_vectors]
+        jacobian_rows = [torch.autograd.grad(predict(weight, bias, xp), xp, vec)[0] for vec in unit_vectors]
         return torch.stack(jacobian_rows)
 
     xp = x.clone().requires_grad_()
@@ -368,11 +401,11 @@ def _cells_409_to_412():
 def test_seed002_7ded5c7210c8a2e8_in415_vmap_vjp_jacobian():
     D, weight, bias, x, compute_jac, xp, unit_vectors, jacobian = _cells_409_to_412()
     # torch.vmap我们可以使用 PyTorch 的函数变换来摆脱 for 循环并矢量化计算
-    from functorch_lite import vmap, vjp
+    from functorch_lite import vjp, vmap
 
     _, vjp_fn = vjp(partial(predict, weight, bias), x)
 
-    ft_jacobian, = vmap(vjp_fn)(unit_vectors)
+    (ft_jacobian,) = vmap(vjp_fn)(unit_vectors)
 
     # let's confirm both methods compute the same result
     assert torch.allclose(ft_jacobian, jacobian)
@@ -399,38 +432,37 @@ def get_perf(first, first_descriptor, second, second_descriptor):  # In [418]
     """takes torch.benchmark objects and compares delta of second vs first."""
     faster = second.times[0]
     slower = first.times[0]
-    gain = (slower-faster)/slower
-    if gain < 0: gain *=-1  # noqa: E701,E225
-    final_gain = gain*100
+    gain = (slower - faster) / slower
+    if gain < 0:
+        gain *= -1  # noqa: E701,E225
+    final_gain = gain * 100
     print(f" Performance delta: {final_gain:.4f} percent improvement with {second_descriptor} ")
 
 
 @seed_example("jacrev")
 def test_seed002_7ded5c7210c8a2e8_in418_benchmark_jacrev():
     D, weight, bias, x, compute_jac, xp, unit_vectors, jacobian = _cells_409_to_412()
-    from functorch_lite import jacrev  # from In [419], the cell above this one in the notebook
     # 比较性能
     from torch.utils.benchmark import Timer
 
     # adapted: globals=globals() -> this module's globals plus the cell's (our) locals
     without_vmap = Timer(stmt="compute_jac(xp)", globals={**globals(), **locals()})
-    with_vmap = Timer(stmt="jacrev(predict, argnums=2)(weight, bias, x)",
-                      globals={**globals(), **locals()})
+    with_vmap = Timer(stmt="jacrev(predict, argnums=2)(weight, bias, x)", globals={**globals(), **locals()})
 
     no_vmap_timer = without_vmap.timeit(500)
     with_vmap_timer = with_vmap.timeit(500)
 
     print(no_vmap_timer)
     print(with_vmap_timer)
-    get_perf(no_vmap_timer, "without vmap",  with_vmap_timer, "vmap")
+    get_perf(no_vmap_timer, "without vmap", with_vmap_timer, "vmap")
 
 
 @seed_example("jacrev", "jacfwd")
 def test_seed002_7ded5c7210c8a2e8_in423_jacfwd_vs_jacrev_timing():
     _cells_409_to_412()
     from torch.utils.benchmark import Timer  # from In [418]
+
     # 反向jac和正向jac
-    from functorch_lite import jacrev, jacfwd
 
     print("输入少于输出")
     Din = 32
@@ -444,17 +476,20 @@ def test_seed002_7ded5c7210c8a2e8_in423_jacfwd_vs_jacrev_timing():
     print(weight.shape)
 
     # adapted: globals=globals() -> this module's globals plus the cell's (our) locals
-    using_fwd = Timer(stmt="jacfwd(predict, argnums=2)(weight, bias, x)",
-                      globals={**globals(), **locals()})
-    using_bwd = Timer(stmt="jacrev(predict, argnums=2)(weight, bias, x)",
-                      globals={**globals(), **locals()})
+    using_fwd = Timer(stmt="jacfwd(predict, argnums=2)(weight, bias, x)", globals={**globals(), **locals()})
+    using_bwd = Timer(stmt="jacrev(predict, argnums=2)(weight, bias, x)", globals={**globals(), **locals()})
 
     jacfwd_timing = using_fwd.timeit(500)
     jacrev_timing = using_bwd.timeit(500)
 
-    print(f'jacfwd time: {jacfwd_timing}')
-    print(f'jacrev time: {jacrev_timing}')
-    get_perf(jacfwd_timing, "jacfwd", jacrev_timing, "jacrev", )
+    print(f"jacfwd time: {jacfwd_timing}")
+    print(f"jacrev time: {jacrev_timing}")
+    get_perf(
+        jacfwd_timing,
+        "jacfwd",
+        jacrev_timing,
+        "jacrev",
+    )
 
     print("输入多于输出")
     Din = 2048
@@ -463,25 +498,22 @@ def test_seed002_7ded5c7210c8a2e8_in423_jacfwd_vs_jacrev_timing():
     bias = torch.randn(Dout)
     x = torch.randn(Din)
 
-    using_fwd = Timer(stmt="jacfwd(predict, argnums=2)(weight, bias, x)",
-                      globals={**globals(), **locals()})
-    using_bwd = Timer(stmt="jacrev(predict, argnums=2)(weight, bias, x)",
-                      globals={**globals(), **locals()})
+    using_fwd = Timer(stmt="jacfwd(predict, argnums=2)(weight, bias, x)", globals={**globals(), **locals()})
+    using_bwd = Timer(stmt="jacrev(predict, argnums=2)(weight, bias, x)", globals={**globals(), **locals()})
 
     jacfwd_timing = using_fwd.timeit(500)
     jacrev_timing = using_bwd.timeit(500)
 
-    print(f'jacfwd time: {jacfwd_timing}')
-    print(f'jacrev time: {jacrev_timing}')
+    print(f"jacfwd time: {jacfwd_timing}")
+    print(f"jacrev time: {jacrev_timing}")
     get_perf(jacrev_timing, "jacrev", jacfwd_timing, "jacfwd")
 
 
 @seed_example("hessian", "jacfwd", "jacrev")
 def test_seed002_7ded5c7210c8a2e8_in424_hessian():
     _cells_409_to_412()
-    from functorch_lite import jacrev, jacfwd  # from In [423]
     # Hessians 是雅可比矩阵的雅可比矩阵（或偏导数的偏导数，又称二阶）。
-    from functorch_lite import hessian
+    from functorch_lite import hessian, jacfwd, jacrev  # from In [423]
 
     # lets reduce the size in order not to overwhelm Colab. Hessians require
     # significant memory:
@@ -497,17 +529,19 @@ def test_seed002_7ded5c7210c8a2e8_in424_hessian():
     torch.allclose(hess_api, hess_fwdfwd)
     # shown by the seed: True
     assert torch.allclose(hess_api, hess_fwdfwd)
+    assert torch.allclose(hess_api, hess_revrev, atol=1e-5)
 
 
 def _cell_425():
     """In [425]: batched Jacobians with vmap(jacrev)."""
     from functorch_lite import jacrev, vmap  # from In [415] and In [423]
+
     # 批量雅可比矩阵和批量黑森矩阵
     # 如果您有多个输入参数，比如 func(x, y, z)，in_dims 的长度应该与输入参数的数量相同。
     # 对于每个输入参数，您可以指定：
-        # None：表示该输入参数不包含批量维度，函数将其视为单个样本。
-        # 一个整数：表示该输入参数的哪个维度是批量维度。例如，0 表示第一个维度是批量维度。
-        # 一个负数：表示从后向前数的维度。例如，-1 表示最后一个维度是批量维度
+    # None：表示该输入参数不包含批量维度，函数将其视为单个样本。
+    # 一个整数：表示该输入参数的哪个维度是批量维度。例如，0 表示第一个维度是批量维度。
+    # 一个负数：表示从后向前数的维度。例如，-1 表示最后一个维度是批量维度
     batch_size = 64
     Din = 31
     Dout = 33
@@ -569,7 +603,7 @@ def test_seed002_7ded5c7210c8a2e8_in427_batched_hessian():
 def test_seed002_7ded5c7210c8a2e8_in428_hvp():
     _cells_409_to_412()
     # 将反向模式 AD 与正向模式 AD 组合（而不是将反向模式与反向模式组合）通常是计算 hvp 的更节省内存的方法，因为正向模式 AD 不需要构建 Autograd 图并保存后向的中间体
-    from functorch_lite import jvp, grad, vjp
+    from functorch_lite import grad, jvp, vjp
 
     def hvp(f, primals, tangents):
         return jvp(grad(f), primals, tangents)[1]
@@ -617,9 +651,11 @@ def test_seed002_7ded5c7210c8a2e8_in428_hvp_revrev_only():
 # ================================================================================================
 # 003_2657b6e878e2f743.txt: torch.func.jacrev reference page (Chinese translation)
 
+
 @seed_example("jacrev")
 def test_seed003_2657b6e878e2f743_basic_pointwise():
     from functorch_lite import jacrev
+
     x = torch.randn(5)
     jacobian = jacrev(torch.sin)(x)
     expected = torch.diag(torch.cos(x))
@@ -629,6 +665,7 @@ def test_seed003_2657b6e878e2f743_basic_pointwise():
 @seed_example("jacrev")
 def test_seed003_2657b6e878e2f743_has_aux():
     from functorch_lite import jacrev
+
     x = torch.randn(5)
 
     def f(x):
@@ -645,6 +682,7 @@ def test_seed003_2657b6e878e2f743_has_aux():
 @seed_example("jacrev")
 def test_seed003_2657b6e878e2f743_vmap_batched_jacobian():
     from functorch_lite import jacrev, vmap
+
     x = torch.randn(64, 5)
     jacobian = vmap(jacrev(torch.sin))(x)
     assert jacobian.shape == (64, 5, 5)
@@ -667,7 +705,7 @@ def test_seed003_2657b6e878e2f743_argnums_1():
     from functorch_lite import jacrev
 
     def f(x, y):
-        return x + y ** 2
+        return x + y**2
 
     x, y = torch.randn(5), torch.randn(5)
     jacobian = jacrev(f, argnums=1)(x, y)
@@ -680,7 +718,7 @@ def test_seed003_2657b6e878e2f743_argnums_tuple():
     from functorch_lite import jacrev
 
     def f(x, y):
-        return x + y ** 2
+        return x + y**2
 
     x, y = torch.randn(5), torch.randn(5)
     jacobian = jacrev(f, argnums=(0, 1))(x, y)
@@ -693,11 +731,12 @@ def test_seed003_2657b6e878e2f743_argnums_tuple():
 @seed_example("jacrev")
 def test_seed003_2657b6e878e2f743_no_grad_inside_f():
     from functorch_lite import jacrev
+
     x = torch.randn(5)  # from an earlier example
 
     def f(x):
         with torch.no_grad():
-            c = x ** 2
+            c = x**2
         return x - c
 
     # 在这种情况下，jacrev(f)(x) 将尊重内部 torch.no_grad。
@@ -709,11 +748,12 @@ def test_seed003_2657b6e878e2f743_no_grad_inside_f():
 @seed_example("jacrev")
 def test_seed003_2657b6e878e2f743_jacrev_inside_no_grad():
     from functorch_lite import jacrev
+
     x = torch.randn(5)  # from an earlier example
 
     def f(x):  # from the previous example
         with torch.no_grad():
-            c = x ** 2
+            c = x**2
         return x - c
 
     with torch.no_grad():

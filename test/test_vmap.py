@@ -8,6 +8,7 @@ the test; ops with no rule yet are tested separately and must warn.
 The for-loop (torch.stack([f(x[i]) for i ...])) is the ground truth; torch.func.vmap is a second
 oracle, skipped (torch_func=False) where it is known to be wrong.
 """
+
 import collections
 import warnings
 
@@ -26,6 +27,7 @@ B = 3
 
 # ------------------------------------------------------------------------------------------------
 # Inputs
+
 
 class T(collections.namedtuple("T", "shape kind")):
     """Spec of one tensor argument: its logical (per-example) shape and how to fill it."""
@@ -99,6 +101,7 @@ def placements_for(specs):
 # ------------------------------------------------------------------------------------------------
 # Oracles and comparison
 
+
 def loop_vmap(func, in_dims=0, out_dims=0):
     """vmap's definition: call func once per batch element and stack the results."""
 
@@ -136,14 +139,27 @@ def assert_same(actual, expected, atol=1e-5, rtol=1e-5, what="result"):
             assert ft._C._wrapper_info(a) is None, f"{what}[{i}]: a functorch_lite wrapper escaped"
             if e.dtype in (torch.float16, torch.bfloat16):  # 1 ulp: where the scalar is rounded
                 atol, rtol = max(atol, 1e-3), max(rtol, 1e-3)
-            torch.testing.assert_close(a, e, atol=atol, rtol=rtol, equal_nan=True,
-                                       msg=lambda m: f"{what}[{i}]: {m}")
+            torch.testing.assert_close(
+                a, e, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{what}[{i}]: {m}"
+            )
         else:
             assert a == e, f"{what}[{i}]: {a!r} != {e!r}"
 
 
-def check_vmap(func, args, in_dims=0, out_dims=0, *, kwargs=None, torch_func=True, rule=True,
-               chunk_size=None, atol=1e-5, rtol=1e-5, inputs_like_torch_func=False):
+def check_vmap(
+    func,
+    args,
+    in_dims=0,
+    out_dims=0,
+    *,
+    kwargs=None,
+    torch_func=True,
+    rule=True,
+    chunk_size=None,
+    atol=1e-5,
+    rtol=1e-5,
+    inputs_like_torch_func=False,
+):
     """ft.vmap(func) must equal the for-loop (and torch.func.vmap) on the same inputs, with no
     input mutated differently. With rule=True the op must not go through the for-loop fallback.
 
@@ -177,15 +193,14 @@ def check_vmap(func, args, in_dims=0, out_dims=0, *, kwargs=None, torch_func=Tru
     return actual
 
 
-class Case(collections.namedtuple(
-        "Case", "name fn specs torch_func xfail inputs_like_torch_func skip")):
-    def __new__(cls, name, fn, specs, torch_func=True, xfail=None, inputs_like_torch_func=False,
-                skip=()):
+class Case(collections.namedtuple("Case", "name fn specs torch_func xfail inputs_like_torch_func skip")):
+    def __new__(cls, name, fn, specs, torch_func=True, xfail=None, inputs_like_torch_func=False, skip=()):
         """xfail: None, a reason (every placement fails) or {placement: reason}.
         skip: placements where the function itself is invalid (e.g. view() of a non-contiguous
         per-example tensor, which raises in the for-loop as well)."""
-        return super().__new__(cls, name, fn, tuple(specs), torch_func, xfail,
-                               inputs_like_torch_func, tuple(skip))
+        return super().__new__(
+            cls, name, fn, tuple(specs), torch_func, xfail, inputs_like_torch_func, tuple(skip)
+        )
 
 
 # xfail reason -> the exception the bug raises (so that a strict xfail cannot hide another error)
@@ -204,16 +219,18 @@ def params(cases):
             if p in c.skip:
                 continue
             reason = c.xfail.get(p) if isinstance(c.xfail, dict) else c.xfail
-            marks = [pytest.mark.xfail(reason=reason, strict=True,
-                                       raises=XFAIL_RAISES[reason])] if reason else []
+            marks = (
+                [pytest.mark.xfail(reason=reason, strict=True, raises=XFAIL_RAISES[reason])] if reason else []
+            )
             out.append(pytest.param(c, p, id=f"{c.name}-{p}", marks=marks))
     return out
 
 
 def run_case(case, placement):
     args, in_dims = build(case.specs, placement)
-    check_vmap(case.fn, args, in_dims, torch_func=case.torch_func,
-               inputs_like_torch_func=case.inputs_like_torch_func)
+    check_vmap(
+        case.fn, args, in_dims, torch_func=case.torch_func, inputs_like_torch_func=case.inputs_like_torch_func
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,47 +242,99 @@ S = T(())  # a logical scalar
 UNARY = [
     Case(name, fn, [T((4, 5), kind)])
     for name, fn, kind in [
-        ("abs", torch.abs, "f"), ("acos", torch.acos, "unit"), ("asin", torch.asin, "unit"),
-        ("atan", torch.atan, "f"), ("atanh", torch.atanh, "unit"), ("ceil", torch.ceil, "f"),
-        ("cos", torch.cos, "f"), ("cosh", torch.cosh, "f"), ("exp", torch.exp, "f"),
-        ("exp2", torch.exp2, "f"), ("expm1", torch.expm1, "f"), ("floor", torch.floor, "f"),
-        ("frac", torch.frac, "f"), ("log", torch.log, "pos"), ("log10", torch.log10, "pos"),
-        ("log1p", torch.log1p, "pos"), ("log2", torch.log2, "pos"), ("neg", torch.neg, "f"),
-        ("reciprocal", torch.reciprocal, "pos"), ("round", torch.round, "f"),
+        ("abs", torch.abs, "f"),
+        ("acos", torch.acos, "unit"),
+        ("asin", torch.asin, "unit"),
+        ("atan", torch.atan, "f"),
+        ("atanh", torch.atanh, "unit"),
+        ("ceil", torch.ceil, "f"),
+        ("cos", torch.cos, "f"),
+        ("cosh", torch.cosh, "f"),
+        ("exp", torch.exp, "f"),
+        ("exp2", torch.exp2, "f"),
+        ("expm1", torch.expm1, "f"),
+        ("floor", torch.floor, "f"),
+        ("frac", torch.frac, "f"),
+        ("log", torch.log, "pos"),
+        ("log10", torch.log10, "pos"),
+        ("log1p", torch.log1p, "pos"),
+        ("log2", torch.log2, "pos"),
+        ("neg", torch.neg, "f"),
+        ("reciprocal", torch.reciprocal, "pos"),
+        ("round", torch.round, "f"),
         ("round_decimals", lambda x: torch.round(x, decimals=2), "f"),
-        ("rsqrt", torch.rsqrt, "pos"), ("sign", torch.sign, "f"), ("sgn", torch.sgn, "f"),
-        ("signbit", torch.signbit, "f"), ("sin", torch.sin, "f"), ("sinc", torch.sinc, "f"),
-        ("sinh", torch.sinh, "f"), ("sqrt", torch.sqrt, "pos"), ("square", torch.square, "f"),
-        ("tan", torch.tan, "unit"), ("tanh", torch.tanh, "f"), ("trunc", torch.trunc, "f"),
-        ("erf", torch.erf, "f"), ("erfc", torch.erfc, "f"), ("erfinv", torch.erfinv, "unit"),
-        ("digamma", torch.digamma, "pos"), ("lgamma", torch.lgamma, "pos"),
-        ("logit", torch.logit, "prob"), ("i0", torch.i0, "f"), ("deg2rad", torch.deg2rad, "f"),
-        ("sigmoid", torch.sigmoid, "f"), ("relu", F.relu, "f"), ("gelu", F.gelu, "f"),
-        ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), "f"), ("silu", F.silu, "f"),
-        ("mish", F.mish, "f"), ("elu", F.elu, "f"), ("selu", F.selu, "f"), ("celu", F.celu, "f"),
-        ("leaky_relu", lambda x: F.leaky_relu(x, 0.2), "f"), ("hardtanh", F.hardtanh, "f"),
-        ("hardsigmoid", F.hardsigmoid, "f"), ("hardswish", F.hardswish, "f"),
-        ("softplus", F.softplus, "f"), ("hardshrink", F.hardshrink, "f"),
-        ("softshrink", F.softshrink, "f"), ("threshold", lambda x: F.threshold(x, 0.1, 2.0), "f"),
-        ("isnan", torch.isnan, "f"), ("isinf", torch.isinf, "f"), ("isfinite", torch.isfinite, "f"),
+        ("rsqrt", torch.rsqrt, "pos"),
+        ("sign", torch.sign, "f"),
+        ("sgn", torch.sgn, "f"),
+        ("signbit", torch.signbit, "f"),
+        ("sin", torch.sin, "f"),
+        ("sinc", torch.sinc, "f"),
+        ("sinh", torch.sinh, "f"),
+        ("sqrt", torch.sqrt, "pos"),
+        ("square", torch.square, "f"),
+        ("tan", torch.tan, "unit"),
+        ("tanh", torch.tanh, "f"),
+        ("trunc", torch.trunc, "f"),
+        ("erf", torch.erf, "f"),
+        ("erfc", torch.erfc, "f"),
+        ("erfinv", torch.erfinv, "unit"),
+        ("digamma", torch.digamma, "pos"),
+        ("lgamma", torch.lgamma, "pos"),
+        ("logit", torch.logit, "prob"),
+        ("i0", torch.i0, "f"),
+        ("deg2rad", torch.deg2rad, "f"),
+        ("sigmoid", torch.sigmoid, "f"),
+        ("relu", F.relu, "f"),
+        ("gelu", F.gelu, "f"),
+        ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), "f"),
+        ("silu", F.silu, "f"),
+        ("mish", F.mish, "f"),
+        ("elu", F.elu, "f"),
+        ("selu", F.selu, "f"),
+        ("celu", F.celu, "f"),
+        ("leaky_relu", lambda x: F.leaky_relu(x, 0.2), "f"),
+        ("hardtanh", F.hardtanh, "f"),
+        ("hardsigmoid", F.hardsigmoid, "f"),
+        ("hardswish", F.hardswish, "f"),
+        ("softplus", F.softplus, "f"),
+        ("hardshrink", F.hardshrink, "f"),
+        ("softshrink", F.softshrink, "f"),
+        ("threshold", lambda x: F.threshold(x, 0.1, 2.0), "f"),
+        ("isnan", torch.isnan, "f"),
+        ("isinf", torch.isinf, "f"),
+        ("isfinite", torch.isfinite, "f"),
         ("nan_to_num", lambda x: torch.nan_to_num(x.log()), "f"),
         ("clamp_scalars", lambda x: x.clamp(-0.5, 0.5), "f"),
-        ("clamp_min", lambda x: x.clamp(min=0.1), "f"), ("clamp_max", lambda x: x.clamp(max=0.1), "f"),
-        ("pow_scalar", lambda x: x.pow(3), "f"), ("add_scalar", lambda x: x + 1.5, "f"),
-        ("rsub_scalar", lambda x: 1.5 - x, "f"), ("mul_scalar", lambda x: x * 2, "f"),
-        ("div_scalar", lambda x: x / 4, "f"), ("floordiv_scalar", lambda x: x // 0.3, "f"),
-        ("remainder_scalar", lambda x: x % 0.7, "f"), ("fmod_scalar", lambda x: x.fmod(0.7), "f"),
+        ("clamp_min", lambda x: x.clamp(min=0.1), "f"),
+        ("clamp_max", lambda x: x.clamp(max=0.1), "f"),
+        ("pow_scalar", lambda x: x.pow(3), "f"),
+        ("add_scalar", lambda x: x + 1.5, "f"),
+        ("rsub_scalar", lambda x: 1.5 - x, "f"),
+        ("mul_scalar", lambda x: x * 2, "f"),
+        ("div_scalar", lambda x: x / 4, "f"),
+        ("floordiv_scalar", lambda x: x // 0.3, "f"),
+        ("remainder_scalar", lambda x: x % 0.7, "f"),
+        ("fmod_scalar", lambda x: x.fmod(0.7), "f"),
         ("xlogy_scalar_other", lambda x: torch.xlogy(x, 2.0), "f"),
-        ("int_plus_float_scalar", lambda x: x + 1.5, "i"), ("int_times_int", lambda x: x * 3, "i"),
-        ("int_div_true", lambda x: x / 2, "i"), ("bitwise_not", torch.bitwise_not, "i"),
-        ("bitwise_and_scalar", lambda x: x & 3, "i"), ("logical_not", torch.logical_not, "b"),
-        ("to_float64", lambda x: x.to(torch.float64), "f"), ("int_to_float", lambda x: x.float(), "i"),
-        ("clone", torch.clone, "f"), ("zeros_like", torch.zeros_like, "f"),
-        ("ones_like", torch.ones_like, "f"), ("full_like", lambda x: torch.full_like(x, 7.0), "f"),
+        ("int_plus_float_scalar", lambda x: x + 1.5, "i"),
+        ("int_times_int", lambda x: x * 3, "i"),
+        ("int_div_true", lambda x: x / 2, "i"),
+        ("bitwise_not", torch.bitwise_not, "i"),
+        ("bitwise_and_scalar", lambda x: x & 3, "i"),
+        ("logical_not", torch.logical_not, "b"),
+        ("to_float64", lambda x: x.to(torch.float64), "f"),
+        ("int_to_float", lambda x: x.float(), "i"),
+        ("clone", torch.clone, "f"),
+        ("zeros_like", torch.zeros_like, "f"),
+        ("ones_like", torch.ones_like, "f"),
+        ("full_like", lambda x: torch.full_like(x, 7.0), "f"),
         ("empty_like_fill", lambda x: torch.empty_like(x).fill_(2.0), "f"),
-        ("detach", torch.detach, "f"), ("positive", torch.positive, "f"),
-        ("eq_scalar", lambda x: x == 0, "i"), ("gt_scalar", lambda x: x > 0.1, "f"),
-        ("le_scalar", lambda x: x <= 0.1, "f"), ("ne_scalar", lambda x: x != 1, "i"),
+        ("detach", torch.detach, "f"),
+        ("positive", torch.positive, "f"),
+        ("eq_scalar", lambda x: x == 0, "i"),
+        ("gt_scalar", lambda x: x > 0.1, "f"),
+        ("le_scalar", lambda x: x <= 0.1, "f"),
+        ("ne_scalar", lambda x: x != 1, "i"),
     ]
 ] + [
     # logical scalars (0-dim per example) and higher ranks
@@ -281,16 +350,28 @@ def test_unary(case, placement):
 
 
 BINARY_OPS = [
-    ("add", torch.add), ("sub", torch.sub), ("mul", torch.mul), ("div", torch.div),
+    ("add", torch.add),
+    ("sub", torch.sub),
+    ("mul", torch.mul),
+    ("div", torch.div),
     ("add_alpha", lambda a, b: torch.add(a, b, alpha=2)),
     ("div_floor", lambda a, b: torch.div(a, b, rounding_mode="floor")),
     ("div_trunc", lambda a, b: torch.div(a, b, rounding_mode="trunc")),
-    ("atan2", torch.atan2), ("maximum", torch.maximum), ("minimum", torch.minimum),
-    ("fmax", torch.fmax), ("fmin", torch.fmin), ("remainder", torch.remainder),
-    ("fmod", torch.fmod), ("hypot", torch.hypot), ("copysign", torch.copysign),
-    ("logaddexp", torch.logaddexp), ("rsub", lambda a, b: torch.rsub(a, b)),
-    ("xlogy", torch.xlogy), ("nextafter", torch.nextafter),
-    ("max_binary", torch.max), ("min_binary", torch.min),
+    ("atan2", torch.atan2),
+    ("maximum", torch.maximum),
+    ("minimum", torch.minimum),
+    ("fmax", torch.fmax),
+    ("fmin", torch.fmin),
+    ("remainder", torch.remainder),
+    ("fmod", torch.fmod),
+    ("hypot", torch.hypot),
+    ("copysign", torch.copysign),
+    ("logaddexp", torch.logaddexp),
+    ("rsub", lambda a, b: torch.rsub(a, b)),
+    ("xlogy", torch.xlogy),
+    ("nextafter", torch.nextafter),
+    ("max_binary", torch.max),
+    ("min_binary", torch.min),
 ]
 BROADCAST_SHAPES = [
     ("same", (4, 5), (4, 5)),
@@ -321,8 +402,13 @@ BINARY = [
 # promote like a 0-dim tensor (a float64 0-dim tensor does not make a float32 tensor float64).
 PROMOTION = [
     Case(f"{name}-{ka}{sa}-{kb}{sb}", fn, [T(sa, ka), T(sb, kb)])
-    for name, fn in [("add", torch.add), ("mul", torch.mul), ("div", torch.div),
-                     ("eq", torch.eq), ("maximum", torch.maximum)]
+    for name, fn in [
+        ("add", torch.add),
+        ("mul", torch.mul),
+        ("div", torch.div),
+        ("eq", torch.eq),
+        ("maximum", torch.maximum),
+    ]
     for (ka, sa), (kb, sb) in [
         (("f", (4,)), ("d", ())),  # float32 tensor + float64 0-dim
         (("d", ()), ("f", (4,))),
@@ -384,8 +470,7 @@ TERNARY = [
     Case("addcmul", lambda a, b, c: torch.addcmul(a, b, c, value=0.5), [X, T((5,)), T((4, 1))]),
     Case("addcdiv", lambda a, b, c: torch.addcdiv(a, b, c, value=2), [X, X, T((5,), "pos")]),
     Case("masked_fill_scalar", lambda x, m: x.masked_fill(m, -1.0), [X, T((5,), "b")]),
-    Case("masked_fill_0d_tensor_value", lambda x, m, v: x.masked_fill(m, v),
-         [X, T((4, 5), "b"), S]),
+    Case("masked_fill_0d_tensor_value", lambda x, m, v: x.masked_fill(m, v), [X, T((4, 5), "b"), S]),
     # Type promotion with a batched logical scalar, as for binary ops: a float64 0-dim tensor does
     # not make the result float64 when the other operands are dimensioned float32 tensors. (Here
     # torch.func.vmap returns float64, unlike the for-loop: compared with the loop only.)
@@ -419,9 +504,13 @@ def _dims_cases(name, fn, dims=(None, 0, 1, -1, (0, 1)), keepdims=(False, True),
         for k in keepdims:
             if d is None and k:
                 continue
-            out.append(Case(f"{name}-dim{d}-keep{int(k)}",
-                            (lambda x, d=d, k=k: fn(x)) if d is None else
-                            (lambda x, d=d, k=k: fn(x, d, k)), specs))
+            out.append(
+                Case(
+                    f"{name}-dim{d}-keep{int(k)}",
+                    (lambda x, d=d, k=k: fn(x)) if d is None else (lambda x, d=d, k=k: fn(x, d, k)),
+                    specs,
+                )
+            )
     return out
 
 
@@ -510,11 +599,13 @@ def test_reduction(case, placement):
 # ------------------------------------------------------------------------------------------------
 # Views and shape ops
 
+
 def _inplace(method, *a):
     def fn(x):
         y = x.clone()
         getattr(y, method)(*a)
         return y
+
     return fn
 
 
@@ -522,6 +613,7 @@ def _inplace_on_input(method, *a):
     def fn(x):
         getattr(x, method)(*a)  # mutates the (batched) input itself
         return x
+
     return fn
 
 
@@ -566,8 +658,9 @@ VIEWS = [
     Case("unsqueeze__neg", _inplace("unsqueeze_", -1), [X]),
     # (mid: the caller's tensor gets the new dim on the other side of the batch dim than with
     # torch.func, [4, 1, B, 5] instead of [4, B, 1, 5]; both are the same logical tensor)
-    Case("unsqueeze__input", _inplace_on_input("unsqueeze_", 1), [X], skip=["mid"],
-         inputs_like_torch_func=True),
+    Case(
+        "unsqueeze__input", _inplace_on_input("unsqueeze_", 1), [X], skip=["mid"], inputs_like_torch_func=True
+    ),
     Case("squeeze__dim", _inplace("squeeze_", 1), [T((4, 1, 5))]),
     Case("squeeze__dim_neg", _inplace("squeeze_", -1), [T((4, 5, 1))]),
     Case("squeeze__dim_not_1", _inplace("squeeze_", 0), [T((4, 1, 5))]),
@@ -575,12 +668,10 @@ VIEWS = [
     Case("squeeze__dims", _inplace("squeeze_", (0, 2)), [T((1, 4, 1))]),
     Case("t_", _inplace("t_"), [X]),
     Case("t__1d", _inplace("t_"), [T((4,))]),
-    Case("squeeze__input", _inplace_on_input("squeeze_", 0), [T((1, 5))],
-         inputs_like_torch_func=True),
+    Case("squeeze__input", _inplace_on_input("squeeze_", 0), [T((1, 5))], inputs_like_torch_func=True),
     Case("transpose_", _inplace("transpose_", 0, 1), [X]),
     Case("transpose__neg", _inplace("transpose_", -1, 0), [X3]),
-    Case("transpose__input", _inplace_on_input("transpose_", 0, 1), [X],
-         inputs_like_torch_func=True),
+    Case("transpose__input", _inplace_on_input("transpose_", 0, 1), [X], inputs_like_torch_func=True),
     Case("expand", lambda x: x.expand(4, 5), [T((4, 1))]),
     Case("expand_new_dims", lambda x: x.expand(2, 4, 5), [T((4, 5))]),
     Case("expand_infer", lambda x: x.expand(2, -1, 5), [T((4, 1))]),
@@ -638,6 +729,7 @@ def test_flatten_is_a_view(in_dim):
     def f(a):
         a.flatten(1).mul_(0)
         return a
+
     x = torch.randn(2, 4, 5, B) if in_dim == -1 else torch.randn(2, B, 4, 5)
     ft.set_vmap_fallback("quiet")
     out = ft.vmap(f, in_dim)(x.clone())
@@ -696,7 +788,8 @@ RIGHT_SHAPES = {1: (4,), 2: (4, 6), 3: (2, 4, 6)}
 
 LINALG = [
     Case(f"matmul_{ra}d_{rb}d", torch.matmul, [T(RANK_SHAPES[ra]), T(RIGHT_SHAPES[rb])])
-    for ra in (1, 2, 3) for rb in (1, 2, 3)
+    for ra in (1, 2, 3)
+    for rb in (1, 2, 3)
 ] + [
     Case("matmul_operator_4d_2d", lambda a, b: a @ b, [T((2, 2, 5, 4)), T((4, 6))]),
     Case("mm", torch.mm, [T((5, 4)), T((4, 6))]),
@@ -706,8 +799,11 @@ LINALG = [
     Case("vdot_like_inner", torch.inner, [T((4,)), T((4,))]),
     Case("addmm", torch.addmm, [T((5, 6)), T((5, 4)), T((4, 6))]),
     Case("addmm_bias1d", torch.addmm, [T((6,)), T((5, 4)), T((4, 6))]),
-    Case("addmm_alpha_beta", lambda s, a, b: torch.addmm(s, a, b, beta=0.5, alpha=2.0),
-         [T((5, 6)), T((5, 4)), T((4, 6))]),
+    Case(
+        "addmm_alpha_beta",
+        lambda s, a, b: torch.addmm(s, a, b, beta=0.5, alpha=2.0),
+        [T((5, 6)), T((5, 4)), T((4, 6))],
+    ),
     Case("addmm_beta0", lambda s, a, b: torch.addmm(s, a, b, beta=0), [T((5, 6)), T((5, 4)), T((4, 6))]),
     Case("linear", F.linear, [T((5, 4)), T((6, 4))]),
     Case("linear_1d_input", F.linear, [T((4,)), T((6, 4))]),
@@ -729,8 +825,11 @@ LINALG = [
     Case("logdet", lambda a: torch.logdet(_spd(a)), [T((4, 4))]),
     Case("cholesky_ex", lambda a: torch.linalg.cholesky_ex(_spd(a)), [T((4, 4))]),
     Case("solve_ex", lambda a, b: torch.linalg.solve_ex(_spd(a), b), [T((4, 4)), T((4, 2))]),
-    Case("solve_triangular", lambda a, b: torch.linalg.solve_triangular(
-        torch.tril(a) + 4 * torch.eye(4), b, upper=False), [T((4, 4)), T((4, 2))]),
+    Case(
+        "solve_triangular",
+        lambda a, b: torch.linalg.solve_triangular(torch.tril(a) + 4 * torch.eye(4), b, upper=False),
+        [T((4, 4)), T((4, 2))],
+    ),
     Case("eigvalsh", lambda a: torch.linalg.eigvalsh(_spd(a)), [T((4, 4))]),
     Case("svdvals", torch.linalg.svdvals, [T((5, 4))]),
     Case("matrix_exp", lambda a: torch.linalg.matrix_exp(a * 0.1), [T((4, 4))]),
@@ -751,15 +850,17 @@ def test_linalg(case, placement):
 
 
 def _linear_params():
-    return [pytest.param(which, in_rank, id=f"{which}-input{in_rank}d")
-            for which in ["weight", "bias", "weight_and_bias", "input_and_bias"]
-            for in_rank in [1, 2, 3]]
+    return [
+        pytest.param(which, in_rank, id=f"{which}-input{in_rank}d")
+        for which in ["weight", "bias", "weight_and_bias", "input_and_bias"]
+        for in_rank in [1, 2, 3]
+    ]
 
 
 @pytest.mark.parametrize("which,in_rank", _linear_params())
 def test_linear_batched_params(which, in_rank):
     """F.linear with the weight and/or bias batched (per-sample parameters)."""
-    x = torch.randn(*(2, 5, 4)[3 - in_rank:])
+    x = torch.randn(*(2, 5, 4)[3 - in_rank :])
     w, b = torch.randn(6, 4), torch.randn(6)
     in_dims = [None, None, None]
     if "weight" in which:
@@ -787,8 +888,11 @@ def test_addmm_only_bias_batched(bias_batched):
     check_vmap(torch.addmm, (s, a, b), in_dims)
     # only the bias batched: the product is shared by the whole batch
     for beta, alpha in [(1, 1), (0.5, 2.0), (0, 1), (0, 3.0)]:
-        check_vmap(lambda s, a, b: torch.addmm(s, a, b, beta=beta, alpha=alpha),
-                   (torch.randn(B, 6), a, b[0]), (0, None, None))
+        check_vmap(
+            lambda s, a, b: torch.addmm(s, a, b, beta=beta, alpha=alpha),
+            (torch.randn(B, 6), a, b[0]),
+            (0, None, None),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -870,6 +974,7 @@ def test_inplace_on_fresh_batched_tensor():
         z += x
         z.mul_(y)
         return z
+
     check_vmap(f, (torch.randn(B, 4, 5), torch.randn(5)), (0, None))
     check_vmap(f, (torch.randn(4, B, 5), torch.randn(B, 5)), (1, 0))
 
@@ -879,6 +984,7 @@ def test_inplace_into_unbatched_raises():
         x = torch.zeros(5)
         x.add_(y)
         return x
+
     with pytest.raises(RuntimeError, match="writes batched values in place into 'self'"):
         ft.vmap(f)(torch.randn(B, 5))
     # also when self is an unbatched input
@@ -892,6 +998,7 @@ def test_inplace_unbatched_into_unbatched_is_fine():
         z = torch.zeros(5)
         z.add_(1.0)
         return x + z
+
     check_vmap(f, (torch.randn(B, 5),))
 
 
@@ -901,12 +1008,13 @@ def test_inplace_unbatched_into_unbatched_is_fine():
 NO_RULE = [
     # (case, the op that falls back)
     (Case("kthvalue", lambda a: a.kthvalue(2, 1), [X]), "aten::kthvalue"),
-    (Case("searchsorted", lambda s, v: torch.searchsorted(s.sort().values, v), [T((5,)), T((3,))]),
-     "aten::searchsorted.Tensor"),
+    (
+        Case("searchsorted", lambda s, v: torch.searchsorted(s.sort().values, v), [T((5,)), T((3,))]),
+        "aten::searchsorted.Tensor",
+    ),
     (Case("setitem_scalar", lambda a: _setitem_scalar(a), [X]), "aten::fill_.Tensor"),
     (Case("take", lambda a, i: torch.take(a, i), [X, T((3,), "idx")]), "aten::take"),
-    (Case("put_", lambda a, s: a.clone().put_(torch.tensor([0, 7]), s), [X, T((2,))]),
-     "aten::put_"),
+    (Case("put_", lambda a, s: a.clone().put_(torch.tensor([0, 7]), s), [X, T((2,))]), "aten::put_"),
 ]
 
 
@@ -932,8 +1040,9 @@ def _build_no_rule(case, placement):
 
 
 @pytest.mark.run_first  # the warning is emitted once per op per process: one case per op
-@pytest.mark.parametrize("case,op", [pytest.param(c, op, id=c.name) for op, c in
-                                     {op: c for c, op in reversed(NO_RULE)}.items()])
+@pytest.mark.parametrize(
+    "case,op", [pytest.param(c, op, id=c.name) for op, c in {op: c for c, op in reversed(NO_RULE)}.items()]
+)
 def test_no_rule_falls_back_with_warning(case, op):
     args, in_dims = _build_no_rule(case, "mid")
     ft.set_vmap_fallback("warn")
@@ -946,8 +1055,12 @@ def test_no_rule_falls_back_with_warning(case, op):
 
 @pytest.mark.parametrize(
     "case,op,placement",
-    [pytest.param(c, op, p, id=f"{c.name}-{p}") for c, op in NO_RULE for p in placements_for(c.specs)
-     if not (c.name == "put_" and p == "None@0")],
+    [
+        pytest.param(c, op, p, id=f"{c.name}-{p}")
+        for c, op in NO_RULE
+        for p in placements_for(c.specs)
+        if not (c.name == "put_" and p == "None@0")
+    ],
 )
 def test_no_rule_fallback_placements(case, op, placement):
     args, in_dims = _build_no_rule(case, placement)
@@ -1035,6 +1148,7 @@ def test_matrix_rank():
 # ------------------------------------------------------------------------------------------------
 # chunk_size
 
+
 @pytest.mark.parametrize("chunk_size", [None, 1, 2, 3, 4, 7, 100])
 def test_chunk_size(chunk_size):
     # batch of 7: 2 and 3 and 4 leave a partial last chunk
@@ -1050,8 +1164,9 @@ def test_chunk_size(chunk_size):
 @pytest.mark.parametrize("chunk_size", [1, 3])
 def test_chunk_size_pytree_outputs(chunk_size):
     x = torch.randn(5, 4)
-    out = ft.vmap(lambda a: {"u": a, "v": (a.sum(), 7)}, out_dims={"u": 1, "v": (0, None)},
-                  chunk_size=chunk_size)(x)
+    out = ft.vmap(
+        lambda a: {"u": a, "v": (a.sum(), 7)}, out_dims={"u": 1, "v": (0, None)}, chunk_size=chunk_size
+    )(x)
     assert torch.equal(out["u"], x.t())
     assert torch.equal(out["v"][0], x.sum(1))
     assert out["v"][1] == 7
@@ -1067,6 +1182,7 @@ def test_chunk_size_inplace_on_input():
 # ------------------------------------------------------------------------------------------------
 # Nested vmap
 
+
 def test_nested_two_levels():
     x, y = torch.randn(B, 2, 4), torch.randn(B, 2, 4)
     f = lambda a, b: (a * b).sum(-1) + a.amax()  # noqa: E731
@@ -1076,14 +1192,17 @@ def test_nested_two_levels():
     torch.testing.assert_close(out, torch.func.vmap(torch.func.vmap(f))(x, y))
 
 
-@pytest.mark.parametrize("x_shape,y_shape,inner_in,outer_in", [
-    ((2, 5), (B, 5), (0, None), (None, 0)),  # every pair (x[j], y[i])
-    ((B, 5), (2, 5), (None, 0), (0, None)),
-    ((2, B, 5), (B, 2, 5), (0, 0), (1, 0)),
-    ((B, 5, 2), (5,), (1, None), (0, None)),  # y unbatched at both levels
-    ((B, 2, 5), (2, 5, B), (0, 0), (0, -1)),
-    ((5, 2, B), (B, 5), (-1, None), (-1, 0)),
-])
+@pytest.mark.parametrize(
+    "x_shape,y_shape,inner_in,outer_in",
+    [
+        ((2, 5), (B, 5), (0, None), (None, 0)),  # every pair (x[j], y[i])
+        ((B, 5), (2, 5), (None, 0), (0, None)),
+        ((2, B, 5), (B, 2, 5), (0, 0), (1, 0)),
+        ((B, 5, 2), (5,), (1, None), (0, None)),  # y unbatched at both levels
+        ((B, 2, 5), (2, 5, B), (0, 0), (0, -1)),
+        ((5, 2, B), (B, 5), (-1, None), (-1, 0)),
+    ],
+)
 def test_nested_in_dims_none(x_shape, y_shape, inner_in, outer_in):
     x, y = torch.randn(x_shape), torch.randn(y_shape)
     f = lambda a, b: a * b + a.sum()  # noqa: E731
@@ -1135,6 +1254,7 @@ def test_nested_inplace_inner_level():
 
     def inner(a, b):
         return a.clone().add_(b)
+
     out = ft.vmap(ft.vmap(inner), (0, None))(x, y)
     torch.testing.assert_close(out, x + y)
 
@@ -1224,6 +1344,7 @@ def test_non_tensor_positional_args_with_none_in_dim():
 def test_functools_wraps_name():
     def my_function(x):
         return x
+
     assert ft.vmap(my_function).__name__ == "my_function"
 
 
@@ -1232,18 +1353,21 @@ def test_batch_size_one_and_large_in_dim():
     check_vmap(lambda a, b: a @ b, (torch.randn(4, 5, 1), torch.randn(1, 5, 2)), (2, 0))
 
 
-@pytest.mark.parametrize("fn", [
-    pytest.param(torch.sin, id="sin"),
-    pytest.param(lambda a: a.sum(0), id="sum_dim"),
-    pytest.param(lambda a: a.amax(), id="amax"),
-    pytest.param(lambda a: a.reshape(12), id="reshape"),
-    pytest.param(lambda a: a @ a.t(), id="matmul"),
-    pytest.param(lambda a: a.sum(), id="sum"),
-    pytest.param(lambda a: a.mean(), id="mean"),
-    pytest.param(lambda a: a.argmax(), id="argmax"),
-    pytest.param(lambda a: (a > 0).all(), id="all"),
-    pytest.param(lambda a: a.roll(1), id="roll"),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(torch.sin, id="sin"),
+        pytest.param(lambda a: a.sum(0), id="sum_dim"),
+        pytest.param(lambda a: a.amax(), id="amax"),
+        pytest.param(lambda a: a.reshape(12), id="reshape"),
+        pytest.param(lambda a: a @ a.t(), id="matmul"),
+        pytest.param(lambda a: a.sum(), id="sum"),
+        pytest.param(lambda a: a.mean(), id="mean"),
+        pytest.param(lambda a: a.argmax(), id="argmax"),
+        pytest.param(lambda a: (a > 0).all(), id="all"),
+        pytest.param(lambda a: a.roll(1), id="roll"),
+    ],
+)
 def test_empty_batch(fn):
     x = torch.randn(0, 3, 4)
     out = ft.vmap(fn)(x)
@@ -1289,6 +1413,7 @@ def test_returning_an_input_unchanged():
 
 # ------------------------------------------------------------------------------------------------
 # randomness
+
 
 def _rows_identical(out):
     return all(torch.equal(out[0], out[i]) for i in range(1, out.shape[0]))
@@ -1351,15 +1476,15 @@ def test_randomness_different_unbatched_inplace_raises():
 
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_randomness_same_across_chunks(chunk_size):
-    out = ft.vmap(lambda x: x.clone().normal_(), randomness="same", chunk_size=chunk_size)(
-        torch.randn(5, 20))
+    out = ft.vmap(lambda x: x.clone().normal_(), randomness="same", chunk_size=chunk_size)(torch.randn(5, 20))
     assert _rows_identical(out)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_randomness_different_across_chunks(chunk_size):
     out = ft.vmap(lambda x: x.clone().normal_(), randomness="different", chunk_size=chunk_size)(
-        torch.randn(5, 20))
+        torch.randn(5, 20)
+    )
     assert all(not torch.equal(out[i], out[j]) for i in range(5) for j in range(i))
 
 
@@ -1388,6 +1513,7 @@ def _leaked_batched_tensor():
         global _LEAKED
         _LEAKED = x * 2  # a BatchedTensor escapes through a global
         return x
+
     ft.vmap(f)(torch.randn(B, 4))
     return _LEAKED
 
@@ -1409,111 +1535,206 @@ class TestVmapErrorMessages(expecttest.TestCase):
     # ---- Python argument checking (functorch_lite/_vmap.py)
     def test_in_dims_bad_type(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=[0])(x), """\
-vmap(named_function, in_dims=[0], ...)(<inputs>): expected in_dims to be an int or a (potentially nested) tuple matching the structure of the inputs, got list.""")
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=True)(x), """\
-vmap(named_function, in_dims=True, ...)(<inputs>): expected in_dims to be an int or a (potentially nested) tuple matching the structure of the inputs, got bool.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=[0])(x),
+            """\
+vmap(named_function, in_dims=[0], ...)(<inputs>): expected in_dims to be an int or a (potentially nested) tuple matching the structure of the inputs, got list.""",
+        )
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=True)(x),
+            """\
+vmap(named_function, in_dims=True, ...)(<inputs>): expected in_dims to be an int or a (potentially nested) tuple matching the structure of the inputs, got bool.""",
+        )
 
     def test_no_inputs(self):
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(lambda: torch.ones(2))(), """\
-vmap(<lambda>)(<inputs>): got no inputs. vmap maps over the positional arguments, so at least one is needed (functions of no inputs cannot be vmapped).""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(lambda: torch.ones(2))(),
+            """\
+vmap(<lambda>)(<inputs>): got no inputs. vmap maps over the positional arguments, so at least one is needed (functions of no inputs cannot be vmapped).""",
+        )
 
     def test_in_dims_structure_mismatch(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=(0, 0, 0))(x, x), """\
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=(0, 0, 0))(x, x),
+            """\
 vmap(named_function, in_dims=(0, 0, 0), ...)(<inputs>): in_dims is not compatible with the structure of the inputs. in_dims has structure TreeSpec(tuple, None, [*,
   *,
   *]) but the inputs have structure TreeSpec(tuple, None, [*,
-  *]).""")
+  *]).""",
+        )
 
     def test_in_dim_not_int(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=(0, 1.0))(x, x), """\
-vmap(named_function, in_dims=(0, 1.0), ...)(<inputs>): every in_dim must be an int or None, got 1.0 for flattened input 1.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=(0, 1.0))(x, x),
+            """\
+vmap(named_function, in_dims=(0, 1.0), ...)(<inputs>): every in_dim must be an int or None, got 1.0 for flattened input 1.""",
+        )
 
     def test_in_dim_on_non_tensor(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function)(x, 2.0), """\
-vmap(named_function, in_dims=0, ...)(<inputs>): got in_dim=0 for flattened input 1, which is a float, not a Tensor. vmap can only map over Tensors: use None as the in_dim of this input.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function)(x, 2.0),
+            """\
+vmap(named_function, in_dims=0, ...)(<inputs>): got in_dim=0 for flattened input 1, which is a float, not a Tensor. vmap can only map over Tensors: use None as the in_dim of this input.""",
+        )
 
     def test_in_dim_out_of_range(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=(0, 2))(x, x), """\
-vmap(named_function, in_dims=(0, 2), ...)(<inputs>): got in_dim=2 for flattened input 1, but that input is a Tensor of dimensionality 2, so in_dim must be in [-2, 2).""")
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=-2)(torch.randn(B)), """\
-vmap(named_function, in_dims=-2, ...)(<inputs>): got in_dim=-2 for flattened input 0, but that input is a Tensor of dimensionality 1, so in_dim must be in [-1, 1).""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=(0, 2))(x, x),
+            """\
+vmap(named_function, in_dims=(0, 2), ...)(<inputs>): got in_dim=2 for flattened input 1, but that input is a Tensor of dimensionality 2, so in_dim must be in [-2, 2).""",
+        )
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=-2)(torch.randn(B)),
+            """\
+vmap(named_function, in_dims=-2, ...)(<inputs>): got in_dim=-2 for flattened input 0, but that input is a Tensor of dimensionality 1, so in_dim must be in [-1, 1).""",
+        )
 
     def test_all_in_dims_none(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, in_dims=(None, None))(x, x), """\
-vmap(named_function, in_dims=(None, None), ...)(<inputs>): every input has in_dim=None (or is not a Tensor), so there is nothing to map over. Give at least one Tensor input an int in_dim.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, in_dims=(None, None))(x, x),
+            """\
+vmap(named_function, in_dims=(None, None), ...)(<inputs>): every input has in_dim=None (or is not a Tensor), so there is nothing to map over. Give at least one Tensor input an int in_dim.""",
+        )
 
     def test_mismatched_batch_sizes(self):
         self.assertRaisesInline(
             ValueError,
             lambda: ft.vmap(lambda a, b, c: a, in_dims=(0, 1, 0))(
-                torch.randn(3, 4), torch.randn(4, 5), torch.randn(3)), """\
-vmap(<lambda>, in_dims=(0, 1, 0), ...)(<inputs>): expected all mapped inputs to have the same size in the mapped dim, got input 0: 3, input 1: 5, input 2: 3.""")
+                torch.randn(3, 4), torch.randn(4, 5), torch.randn(3)
+            ),
+            """\
+vmap(<lambda>, in_dims=(0, 1, 0), ...)(<inputs>): expected all mapped inputs to have the same size in the mapped dim, got input 0: 3, input 1: 5, input 2: 3.""",
+        )
 
     def test_out_dims_bad_type(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(torch.sin, out_dims="0")(x), """\
-vmap(sin, ..., out_dims='0'): expected out_dims to be an int, None, or a pytree matching the outputs, got str.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(torch.sin, out_dims="0")(x),
+            """\
+vmap(sin, ..., out_dims='0'): expected out_dims to be an int, None, or a pytree matching the outputs, got str.""",
+        )
 
     def test_out_dims_structure_mismatch(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(lambda a: (a, a), out_dims=(0, 0, 0))(x), """\
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(lambda a: (a, a), out_dims=(0, 0, 0))(x),
+            """\
 vmap(<lambda>, ..., out_dims=(0, 0, 0)): out_dims is not compatible with the structure of the outputs. out_dims has structure TreeSpec(tuple, None, [*,
   *,
   *]) but the outputs have structure TreeSpec(tuple, None, [*,
-  *]).""")
+  *]).""",
+        )
 
     def test_out_dim_not_int(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(lambda a: (a, a), out_dims=(0, "1"))(x), """\
-vmap(<lambda>, ..., out_dims=(0, '1')): every out_dim must be an int or None, got '1' for flattened output 1.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(lambda a: (a, a), out_dims=(0, "1"))(x),
+            """\
+vmap(<lambda>, ..., out_dims=(0, '1')): every out_dim must be an int or None, got '1' for flattened output 1.""",
+        )
 
     def test_out_dim_out_of_range(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(IndexError, lambda: ft.vmap(torch.sin, out_dims=2)(x), """vmap(sin, ..., out_dims=2): Dimension out of range: got out_dim=2 for flattened output 0, a Tensor of dimensionality 1 per batch element, so out_dim must be in [-2, 1].""")
+        self.assertRaisesInline(
+            IndexError,
+            lambda: ft.vmap(torch.sin, out_dims=2)(x),
+            """vmap(sin, ..., out_dims=2): Dimension out of range: got out_dim=2 for flattened output 0, a Tensor of dimensionality 1 per batch element, so out_dim must be in [-2, 1].""",
+        )
 
     def test_non_tensor_output(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(lambda a: (a, 1.0))(x), """\
-vmap(<lambda>, ...): `<lambda>` must only return Tensors, got a float as flattened output 1. Return it as a Tensor, or set its out_dim to None if it is the same for the whole batch.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(lambda a: (a, 1.0))(x),
+            """\
+vmap(<lambda>, ...): `<lambda>` must only return Tensors, got a float as flattened output 1. Return it as a Tensor, or set its out_dim to None if it is the same for the whole batch.""",
+        )
 
     def test_out_dims_none_for_batched_output(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(named_function, out_dims=None)(x), """\
-vmap(named_function, ..., out_dims=None): flattened output 0 depends on the mapped inputs, so it needs an int out_dim; out_dims=None is only for outputs that are the same for the whole batch.""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(named_function, out_dims=None)(x),
+            """\
+vmap(named_function, ..., out_dims=None): flattened output 0 depends on the mapped inputs, so it needs an int out_dim; out_dims=None is only for outputs that are the same for the whole batch.""",
+        )
 
     def test_bad_randomness(self):
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(torch.sin, randomness="sometimes"), """vmap: Only allowed values for randomness are 'error', 'different', or 'same'. Got 'sometimes'.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(torch.sin, randomness="sometimes"),
+            """vmap: Only allowed values for randomness are 'error', 'different', or 'same'. Got 'sometimes'.""",
+        )
 
     def test_bad_chunk_size(self):
-        self.assertRaisesInline(ValueError, lambda: ft.vmap(torch.sin, chunk_size=0), """vmap: chunk_size should be None or greater than 0 (a positive int), got 0""")
-        self.assertRaisesInline(TypeError, lambda: ft.vmap(torch.sin, chunk_size=2.0), """\
-vmap: chunk_size must be None or a positive int, got 2.0""")
-        self.assertRaisesInline(TypeError, lambda: ft.vmap(torch.sin, chunk_size=True), """\
-vmap: chunk_size must be None or a positive int, got True""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.vmap(torch.sin, chunk_size=0),
+            """vmap: chunk_size should be None or greater than 0 (a positive int), got 0""",
+        )
+        self.assertRaisesInline(
+            TypeError,
+            lambda: ft.vmap(torch.sin, chunk_size=2.0),
+            """\
+vmap: chunk_size must be None or a positive int, got 2.0""",
+        )
+        self.assertRaisesInline(
+            TypeError,
+            lambda: ft.vmap(torch.sin, chunk_size=True),
+            """\
+vmap: chunk_size must be None or a positive int, got True""",
+        )
 
     # ---- C++ errors
     def test_item(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a * a.sum().item())(x), """\
-functorch_lite.vmap: the function called .item() (or float(), int(), bool(), .tolist(), or Python control flow such as `if tensor:`) on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python number to return. Rewrite the computation with tensor operations (e.g. torch.where instead of `if`).""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: a * a.sum().item())(x),
+            """\
+functorch_lite.vmap: the function called .item() (or float(), int(), bool(), .tolist(), or Python control flow such as `if tensor:`) on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python number to return. Rewrite the computation with tensor operations (e.g. torch.where instead of `if`).""",
+        )
 
     def test_float_conversion(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a * float(a[0]))(x), """\
-functorch_lite.vmap: the function called .item() (or float(), int(), bool(), .tolist(), or Python control flow such as `if tensor:`) on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python number to return. Rewrite the computation with tensor operations (e.g. torch.where instead of `if`).""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: a * float(a[0]))(x),
+            """\
+functorch_lite.vmap: the function called .item() (or float(), int(), bool(), .tolist(), or Python control flow such as `if tensor:`) on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python number to return. Rewrite the computation with tensor operations (e.g. torch.where instead of `if`).""",
+        )
 
     def test_tolist_and_numpy(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: torch.tensor(a.tolist()))(x), """\
-functorch_lite.vmap: .tolist() was called on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python value to return. Return the tensor from the vmapped function instead, or use tensor operations.""")
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: torch.from_numpy(a.numpy()))(x), """\
-functorch_lite.vmap: .numpy() was called on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python value to return. Return the tensor from the vmapped function instead, or use tensor operations.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: torch.tensor(a.tolist()))(x),
+            """\
+functorch_lite.vmap: .tolist() was called on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python value to return. Return the tensor from the vmapped function instead, or use tensor operations.""",
+        )
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: torch.from_numpy(a.numpy()))(x),
+            """\
+functorch_lite.vmap: .numpy() was called on a batched tensor. A batched tensor holds one value per batch element, so there is no single Python value to return. Return the tensor from the vmapped function instead, or use tensor operations.""",
+        )
 
     def test_if_tensor(self):
         x = torch.randn(B, 4)
@@ -1522,66 +1743,119 @@ functorch_lite.vmap: .numpy() was called on a batched tensor. A batched tensor h
             if a.sum() > 0:
                 return a
             return -a
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(f)(x), """\
-functorch_lite.vmap: data-dependent control flow (`if tensor:`, `while tensor:`, bool(tensor)) is not supported on batched tensors: each batch element could take a different branch. Use torch.where or compute both branches.""")
+
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(f)(x),
+            """\
+functorch_lite.vmap: data-dependent control flow (`if tensor:`, `while tensor:`, bool(tensor)) is not supported on batched tensors: each batch element could take a different branch. Use torch.where or compute both branches.""",
+        )
 
     def test_nonzero(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(torch.nonzero)(x), """\
-functorch_lite.vmap: aten::nonzero returns a result whose shape (or Python value) depends on the data of each batch element, which vmap cannot batch. Boolean-mask indexing (x[mask]) is the usual cause: use torch.where(mask, x, 0) or multiply by the mask instead.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(torch.nonzero)(x),
+            """\
+functorch_lite.vmap: aten::nonzero returns a result whose shape (or Python value) depends on the data of each batch element, which vmap cannot batch. Boolean-mask indexing (x[mask]) is the usual cause: use torch.where(mask, x, 0) or multiply by the mask instead.""",
+        )
 
     def test_boolean_mask_indexing(self):
         # A mask that differs per element: the index rule refuses it (data-dependent shape).
         x = torch.tensor([[1.0, -1.0, 2.0], [-1.0, -1.0, 3.0]])
         ft.set_vmap_fallback("quiet")
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a[a > 0])(x), """functorch_lite.vmap: aten::index with a boolean mask that differs per batch element: the result's shape would depend on the data of each element, which vmap cannot batch. Use torch.where(mask, x, other), or multiply by the mask, instead.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: a[a > 0])(x),
+            """functorch_lite.vmap: aten::index with a boolean mask that differs per batch element: the result's shape would depend on the data of each element, which vmap cannot batch. Use torch.where(mask, x, other), or multiply by the mask, instead.""",
+        )
 
     def test_random_op_under_randomness_error(self):
         x = torch.randn(B, 4)
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: F.dropout(a, 0.5))(x), """functorch_lite.vmap: called random operation aten::bernoulli.p while in randomness error mode (randomness='error'). Pass randomness='different' (independent draws per batch element) or randomness='same' (one draw shared by the batch) to vmap, or draw the random values outside of vmap.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: F.dropout(a, 0.5))(x),
+            """functorch_lite.vmap: called random operation aten::bernoulli.p while in randomness error mode (randomness='error'). Pass randomness='different' (independent draws per batch element) or randomness='same' (one draw shared by the batch) to vmap, or draw the random values outside of vmap.""",
+        )
 
     def test_randomness_same_with_batched_input(self):
         x = torch.randn(B, 4)
         self.assertRaisesInline(
-            RuntimeError, lambda: ft.vmap(lambda a: torch.bernoulli(a.sigmoid()), randomness="same")(x), """\
-functorch_lite.vmap: randomness='same' cannot be honoured by aten::bernoulli when its inputs differ between batch elements. Use randomness='different', or draw outside of vmap.""")
+            RuntimeError,
+            lambda: ft.vmap(lambda a: torch.bernoulli(a.sigmoid()), randomness="same")(x),
+            """\
+functorch_lite.vmap: randomness='same' cannot be honoured by aten::bernoulli when its inputs differ between batch elements. Use randomness='different', or draw outside of vmap.""",
+        )
 
     def test_inplace_batched_into_unbatched(self):
         def f(a):
             z = torch.zeros(4)
             z.add_(a)
             return z
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(f)(torch.randn(B, 4)), """\
-functorch_lite.vmap: aten::add_.Tensor writes batched values in place into 'self', which is not batched (it was created outside vmap or does not depend on the mapped inputs). Use the out-of-place version (e.g. `x = x + y` instead of `x += y`), or make 'self' batched first.""")
+
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(f)(torch.randn(B, 4)),
+            """\
+functorch_lite.vmap: aten::add_.Tensor writes batched values in place into 'self', which is not batched (it was created outside vmap or does not depend on the mapped inputs). Use the out-of-place version (e.g. `x = x + y` instead of `x += y`), or make 'self' batched first.""",
+        )
 
     def test_inplace_batched_into_unbatched_fallback_op(self):
         def f(a):
             z = torch.zeros(4)
             z.put_(torch.tensor([0, 1]), a[:2])
             return z
+
         ft.set_vmap_fallback("quiet")
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(f)(torch.randn(B, 4)), """functorch_lite.vmap: aten::put_ writes in place into its argument 'self', which is not batched, while other arguments are. The result would need one value per batch element. Use the out-of-place version of the operation, or make 'self' batched first (e.g. expand it over the batch and clone it).""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(f)(torch.randn(B, 4)),
+            """functorch_lite.vmap: aten::put_ writes in place into its argument 'self', which is not batched, while other arguments are. The result would need one value per batch element. Use the out-of-place version of the operation, or make 'self' batched first (e.g. expand it over the batch and clone it).""",
+        )
 
     def test_inplace_shape_change_in_fallback(self):
         ft.set_vmap_fallback("quiet")
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a.clone().resize_(20))(torch.randn(B, 4, 5)), """\
-functorch_lite.vmap: aten::resize_ changes the shape of its argument in place, which has no batching rule (the for-loop fallback cannot change the shape of a batched tensor). Use the out-of-place version (e.g. x = x.squeeze() instead of x.squeeze_()).""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: a.clone().resize_(20))(torch.randn(B, 4, 5)),
+            """\
+functorch_lite.vmap: aten::resize_ changes the shape of its argument in place, which has no batching rule (the for-loop fallback cannot change the shape of a batched tensor). Use the out-of-place version (e.g. x = x.squeeze() instead of x.squeeze_()).""",
+        )
 
     def test_escaped_batched_tensor(self):
         leaked = _leaked_batched_tensor()
-        self.assertRaisesInline(RuntimeError, lambda: leaked + 1, """\
-functorch_lite.vmap: a tensor created inside a vmap'd function was used after that vmap returned (it was stored in a global, an attribute or a closure). Return it from the function instead: vmap adds the batch dimension to returned tensors only.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: leaked + 1,
+            """\
+functorch_lite.vmap: a tensor created inside a vmap'd function was used after that vmap returned (it was stored in a global, an attribute or a closure). Return it from the function instead: vmap adds the batch dimension to returned tensors only.""",
+        )
         # inside a later vmap as well
-        self.assertRaisesInline(RuntimeError, lambda: ft.vmap(lambda a: a + leaked)(torch.randn(B, 4)), """\
-functorch_lite.vmap: a tensor created inside a vmap'd function was used after that vmap returned (it was stored in a global, an attribute or a closure). Return it from the function instead: vmap adds the batch dimension to returned tensors only.""")
+        self.assertRaisesInline(
+            RuntimeError,
+            lambda: ft.vmap(lambda a: a + leaked)(torch.randn(B, 4)),
+            """\
+functorch_lite.vmap: a tensor created inside a vmap'd function was used after that vmap returned (it was stored in a global, an attribute or a closure). Return it from the function instead: vmap adds the batch dimension to returned tensors only.""",
+        )
 
     def test_set_vmap_fallback_bogus(self):
-        self.assertRaisesInline(ValueError, lambda: ft.set_vmap_fallback("bogus"), """\
-set_vmap_fallback: mode must be 'warn', 'error' or 'quiet', got 'bogus'""")
-        self.assertRaisesInline(TypeError, lambda: ft.set_vmap_fallback(None), """\
-set_vmap_fallback: mode must be a str, got NoneType""")
+        self.assertRaisesInline(
+            ValueError,
+            lambda: ft.set_vmap_fallback("bogus"),
+            """\
+set_vmap_fallback: mode must be 'warn', 'error' or 'quiet', got 'bogus'""",
+        )
+        self.assertRaisesInline(
+            TypeError,
+            lambda: ft.set_vmap_fallback(None),
+            """\
+set_vmap_fallback: mode must be a str, got NoneType""",
+        )
 
     def test_fallback_as_error(self):
         ft.set_vmap_fallback("error")
         self.assertRaisesInline(
-            RuntimeError, lambda: ft.vmap(lambda a: a.kthvalue(1))(torch.randn(B, 4)), """functorch_lite.vmap: Batching rule not implemented for aten::kthvalue, and the for-loop fallback is disabled (set_vmap_fallback('error') or FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.""")
+            RuntimeError,
+            lambda: ft.vmap(lambda a: a.kthvalue(1))(torch.randn(B, 4)),
+            """functorch_lite.vmap: Batching rule not implemented for aten::kthvalue, and the for-loop fallback is disabled (set_vmap_fallback('error') or FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.""",
+        )

@@ -5,6 +5,7 @@ Oracles: torch.func (vmap, grad, vjp, jacrev) and a Python for-loop over the bat
 runs under fallback_mode('error'), so a call that took the for-loop fallback fails the test:
 passing proves the rules ran. 4-D per-example inputs reach the flash op; 3-D ones take torch's
 math path (rules of its own) and are checked too."""
+
 import itertools
 
 import pytest
@@ -82,23 +83,21 @@ QKV_DIMS = [d for d in itertools.product((0, 1, None), repeat=3) if d != (None, 
 
 @pytest.mark.parametrize("dims", QKV_DIMS)
 def test_sdpa_4d_in_dims(dims, fallback_mode):
-    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]),
-            _batched((N, H, S, E), dims[2])]
-    assert _flash_reached(F.scaled_dot_product_attention, [a.select(d, 0) if d is not None else a
-                                                           for a, d in zip(args, dims)])
+    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]), _batched((N, H, S, E), dims[2])]
+    assert _flash_reached(
+        F.scaled_dot_product_attention, [a.select(d, 0) if d is not None else a for a, d in zip(args, dims)]
+    )
     _check(F.scaled_dot_product_attention, dims, args, fallback_mode)
 
 
 @pytest.mark.parametrize("dims", [(0, 0, 0), (1, None, 0), (None, 0, None), (0, 1, 1)])
 def test_flash_op_both_outputs(dims, fallback_mode):
     """The op itself: output and logsumexp."""
-    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]),
-            _batched((N, H, S, E), dims[2])]
+    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]), _batched((N, H, S, E), dims[2])]
     _check(lambda q, k, v: FLASH(q, k, v), dims, args, fallback_mode)
 
 
-MASK_SHAPES = [(L, S), (1, S), (1, 1, L, S), (N, 1, L, S), (N, H, L, S), (1, H, 1, S),
-               (N, H, L, 1)]
+MASK_SHAPES = [(L, S), (1, S), (1, 1, L, S), (N, 1, L, S), (N, H, L, S), (1, H, 1, S), (N, H, L, 1)]
 
 
 def _mask(shape, in_dim, dtype):
@@ -111,21 +110,29 @@ def _mask(shape, in_dim, dtype):
 
 @pytest.mark.parametrize("mask_dtype", [torch.float64, torch.bool])
 @pytest.mark.parametrize("mask_shape", MASK_SHAPES)
-@pytest.mark.parametrize("dims", [(0, 0, 0, 0), (0, 0, 0, None), (None, None, None, 0),
-                                  (1, None, 0, 1), (None, 0, None, None)])
+@pytest.mark.parametrize(
+    "dims", [(0, 0, 0, 0), (0, 0, 0, None), (None, None, None, 0), (1, None, 0, 1), (None, 0, None, None)]
+)
 def test_sdpa_masks(dims, mask_shape, mask_dtype, fallback_mode):
-    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]),
-            _batched((N, H, S, E), dims[2]), _mask(mask_shape, dims[3], mask_dtype)]
-    _check(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), dims, args,
-           fallback_mode)
+    args = [
+        _batched((N, H, L, E), dims[0]),
+        _batched((N, H, S, E), dims[1]),
+        _batched((N, H, S, E), dims[2]),
+        _mask(mask_shape, dims[3], mask_dtype),
+    ]
+    _check(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), dims, args, fallback_mode)
 
 
 @pytest.mark.parametrize("mask_shape", [(L, S), (1, 1, L, S), (N, 1, L, S), (N, H, L, S)])
 @pytest.mark.parametrize("dims", [(0, 0, 0, 0), (0, None, None, None), (None, None, None, 1)])
 def test_flash_op_masks(dims, mask_shape, fallback_mode):
     """Float masks straight into the op, both outputs."""
-    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]),
-            _batched((N, H, S, E), dims[2]), _mask(mask_shape, dims[3], torch.float64)]
+    args = [
+        _batched((N, H, L, E), dims[0]),
+        _batched((N, H, S, E), dims[1]),
+        _batched((N, H, S, E), dims[2]),
+        _mask(mask_shape, dims[3], torch.float64),
+    ]
     _check(lambda q, k, v, m: FLASH(q, k, v, attn_mask=m), dims, args, fallback_mode)
 
 
@@ -133,23 +140,28 @@ def test_flash_op_masks(dims, mask_shape, fallback_mode):
 @pytest.mark.parametrize("scale", [None, 0.3])
 @pytest.mark.parametrize("dims", [(0, 0, 0), (0, None, None), (None, 1, 0)])
 def test_sdpa_causal_and_scale(dims, is_causal, scale, fallback_mode):
-    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]),
-            _batched((N, H, S, E), dims[2])]
-    _check(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,
-                                                          scale=scale), dims, args, fallback_mode)
+    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]), _batched((N, H, S, E), dims[2])]
+    _check(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale),
+        dims,
+        args,
+        fallback_mode,
+    )
 
 
 @pytest.mark.parametrize("dims", [(0, 0, 0), (1, None, 0), (None, 0, 0)])
 def test_sdpa_3d_per_example(dims, fallback_mode):
     """[H, L, E] per example: torch's math path, no fallback either."""
-    args = [_batched((H, L, E), dims[0]), _batched((H, S, E), dims[1]),
-            _batched((H, S, E), dims[2])]
+    args = [_batched((H, L, E), dims[0]), _batched((H, S, E), dims[1]), _batched((H, S, E), dims[2])]
     _check(F.scaled_dot_product_attention, dims, args, fallback_mode)
 
 
 def test_float32(fallback_mode):
-    args = [_rand(B, N, H, L, E, dtype=torch.float32), _rand(B, N, H, S, E, dtype=torch.float32),
-            _rand(B, N, H, S, E, dtype=torch.float32)]
+    args = [
+        _rand(B, N, H, L, E, dtype=torch.float32),
+        _rand(B, N, H, S, E, dtype=torch.float32),
+        _rand(B, N, H, S, E, dtype=torch.float32),
+    ]
     _check(F.scaled_dot_product_attention, (0, 0, 0), args, fallback_mode, tol=1e-5)
 
 
@@ -186,6 +198,7 @@ def test_sdpa_dropout_follows_randomness():
 # ------------------------------------------------------------------------------------------------
 # backward: vmap(grad), vmap(vjp), jacrev
 
+
 def _loss(q, k, v, m):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=m).pow(2).sum()
 
@@ -193,8 +206,7 @@ def _loss(q, k, v, m):
 @pytest.mark.parametrize("mask", [None, "unbatched", "batched"])
 @pytest.mark.parametrize("dims", [(0, 0, 0), (0, None, None), (None, 0, 1)])
 def test_vmap_grad(dims, mask, fallback_mode):
-    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]),
-            _batched((N, H, S, E), dims[2])]
+    args = [_batched((N, H, L, E), dims[0]), _batched((N, H, S, E), dims[1]), _batched((N, H, S, E), dims[2])]
     in_dims = dims + (None if mask != "batched" else 0,)
     m = None if mask is None else _mask((N, 1, L, S), in_dims[3], torch.float64)
     g = lambda q, k, v, m: ft.grad(_loss, argnums=(0, 1, 2))(q, k, v, m)  # noqa: E731
@@ -208,6 +220,7 @@ def test_vmap_grad(dims, mask, fallback_mode):
 def test_vmap_grad_causal_scale(fallback_mode):
     def loss(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.7).sin().sum()
+
     args = [_rand(B, N, H, L, E), _rand(B, N, H, S, E), _rand(B, N, H, S, E)]
     with fallback_mode("error"):
         got = ft.vmap(ft.grad(loss, argnums=(0, 1, 2)))(*args)
@@ -222,6 +235,7 @@ def test_vmap_vjp_both_outputs(fallback_mode):
     def f(ft_or_tf, k, v, ct):
         out, vjp_fn = ft_or_tf.vjp(lambda q, k, v: FLASH(q, k, v)[0], q, k, v)
         return vjp_fn(ct)
+
     with fallback_mode("error"):
         got = ft.vmap(lambda k, v, ct: f(ft, k, v, ct))(k, v, ct)
     _close(got, tf.vmap(lambda k, v, ct: f(tf, k, v, ct))(k, v, ct))
@@ -242,6 +256,7 @@ def test_jacrev(fallback_mode):
 # ------------------------------------------------------------------------------------------------
 # per-example gradients of attention modules
 
+
 def _per_example(model, loss_of_out, x, y, fallback_mode, tol=1e-5):
     params = {k: p.detach() for k, p in model.named_parameters()}
 
@@ -249,12 +264,13 @@ def _per_example(model, loss_of_out, x, y, fallback_mode, tol=1e-5):
         return loss_of_out(functional_call(model, p, (x[None],)), y[None])
 
     with fallback_mode("error"):
-        got = ft.vmap(ft.grad(lambda p, x, y: loss(ft.functional_call, p, x, y)),
-                      in_dims=(None, 0, 0))(params, x, y)
-    want = tf.vmap(tf.grad(lambda p, x, y: loss(tf.functional_call, p, x, y)),
-                   in_dims=(None, 0, 0))(params, x, y)
-    rows = [tf.grad(lambda p: loss(tf.functional_call, p, x[i], y[i]))(params)
-            for i in range(x.shape[0])]
+        got = ft.vmap(ft.grad(lambda p, x, y: loss(ft.functional_call, p, x, y)), in_dims=(None, 0, 0))(
+            params, x, y
+        )
+    want = tf.vmap(tf.grad(lambda p, x, y: loss(tf.functional_call, p, x, y)), in_dims=(None, 0, 0))(
+        params, x, y
+    )
+    rows = [tf.grad(lambda p: loss(tf.functional_call, p, x[i], y[i]))(params) for i in range(x.shape[0])]
     for name in params:
         _close(got[name], want[name], tol)
         _close(got[name], torch.stack([r[name] for r in rows]), tol)
@@ -277,8 +293,9 @@ def test_multihead_attention_per_example_grads(fallback_mode):
 
 
 def test_transformer_encoder_layer_per_example_grads(fallback_mode):
-    model = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True,
-                                       norm_first=True)
+    model = nn.TransformerEncoderLayer(
+        16, 4, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=True
+    )
     x, y = torch.randn(5, 6, 16), torch.randn(5, 6, 16)
     assert _flash_reached(model, [x[:1]])
     _per_example(model, F.mse_loss, x, y, fallback_mode)

@@ -9,15 +9,18 @@ same first line), never an internal assert; and with valid ranks, including argu
 logical batch dims differ (broadcast), that vmap equals a for-loop with the fallback set to
 'error' (a rule ran, never the for-loop fallback).
 """
+
 import pytest
 import torch
 
 import functorch_lite as ft
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.cholesky is deprecated",
-                                        "ignore:torch.lu is deprecated",
-                                        "ignore:.*torch.linalg.solve_triangular",
-                                        "ignore:.*torch.linalg.cholesky")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.cholesky is deprecated",
+    "ignore:torch.lu is deprecated",
+    "ignore:.*torch.linalg.solve_triangular",
+    "ignore:.*torch.linalg.cholesky",
+)
 
 DT = torch.float64
 N = 3
@@ -92,8 +95,10 @@ CASES = {
     "linalg.solve_vector": (L.solve, lambda: [_spd(), _vec(N)]),
     "linalg.solve_right": (lambda a, b: L.solve(a, b, left=False), lambda: [_spd(), _vec(2, N)]),
     "linalg.solve_ex": (lambda a, b: L.solve_ex(a, b).result, lambda: [_spd(), _vec(N, 2)]),
-    "linalg.solve_triangular": (lambda a, b: L.solve_triangular(a, b, upper=True),
-                                lambda: [_tri(), _vec(N, 2)]),
+    "linalg.solve_triangular": (
+        lambda a, b: L.solve_triangular(a, b, upper=True),
+        lambda: [_tri(), _vec(N, 2)],
+    ),
     "linalg.svd": (lambda a: L.svd(a).S, lambda: [_spd()]),
     "linalg.svdvals": (L.svdvals, lambda: [_spd()]),
     "linalg.diagonal": (L.diagonal, lambda: [_spd()]),
@@ -117,8 +122,7 @@ CASES = {
     "lu": (lambda a: torch.lu(a)[0], lambda: [_spd()]),
     "lu_solve": (lambda b, lu, p: torch.lu_solve(b, lu, p), lambda: [_vec(N, 2), *_lu(_spd())]),
     "lu_unpack": (torch.lu_unpack, lambda: list(_lu(_spd()))),
-    "triangular_solve": (lambda b, a: torch.triangular_solve(b, a).solution,
-                         lambda: [_vec(N, 2), _tri()]),
+    "triangular_solve": (lambda b, a: torch.triangular_solve(b, a).solution, lambda: [_vec(N, 2), _tri()]),
     "matrix_exp": (torch.matrix_exp, lambda: [_spd() / 10]),
     "matrix_power": (lambda a: torch.matrix_power(a, 2), lambda: [_spd()]),
     "geqrf": (torch.geqrf, lambda: [_spd()]),
@@ -200,8 +204,9 @@ def test_too_few_dims_raise_torchs_error(name):
                 if ref is None:
                     # torch accepts this rank: vmap must equal the for-loop
                     assert got is None, f"{where}: torch accepts it, vmap raised {got!r}"
-                    expected = [fn(*[b[k] if d == 0 else b for b, d in zip(batched, in_dims)])
-                                for k in range(B)]
+                    expected = [
+                        fn(*[b[k] if d == 0 else b for b, d in zip(batched, in_dims)]) for k in range(B)
+                    ]
                     actual = ft.vmap(fn, in_dims=in_dims)(*batched)
                     _assert_rows(actual, expected, where)
                     continue
@@ -209,9 +214,16 @@ def test_too_few_dims_raise_torchs_error(name):
                 assert got is not None, f"{where}: torch raises {ref!r}, vmap returned a result"
                 assert type(got) is type(ref), f"{where}: {type(got).__name__} vs {ref!r}"
                 assert _first_line(ref) == _first_line(got), f"{where}: {got!r} vs {ref!r}"
-    assert checked or name in ("linalg.vecdot", "linalg.cross", "dot", "vdot", "outer",
-                               "inner", "linalg.matmul", "linalg.tensorsolve"), \
-        f"{name}: no too-low rank raised anything without vmap: the case checks nothing"
+    assert checked or name in (
+        "linalg.vecdot",
+        "linalg.cross",
+        "dot",
+        "vdot",
+        "outer",
+        "inner",
+        "linalg.matmul",
+        "linalg.tensorsolve",
+    ), f"{name}: no too-low rank raised anything without vmap: the case checks nothing"
 
 
 def _assert_rows(actual, rows, where):
@@ -236,8 +248,7 @@ BROADCAST_CASES = {
     "solve_ex_more_A": ("linalg.solve_ex", lambda: [_spd(2), _vec(N, 2)]),
     "lstsq_batched": ("linalg.lstsq", lambda: [_spd(2), _vec(2, N, 2)]),
     "lstsq_vector_batched": ("linalg.lstsq_vector", lambda: [_spd(2), _vec(2, N)]),
-    "cholesky_solve_more_B": ("cholesky_solve", lambda: [_vec(2, N, 2),
-                                                         torch.linalg.cholesky(_spd())]),
+    "cholesky_solve_more_B": ("cholesky_solve", lambda: [_vec(2, N, 2), torch.linalg.cholesky(_spd())]),
     "lu_solve_more_B": ("linalg.lu_solve", lambda: [*_lu(_spd()), _vec(2, N, 2)]),
     "ldl_solve_more_B": ("linalg.ldl_solve", lambda: [*_ldl(_spd()), _vec(2, N, 2)]),
     "triangular_solve_more_A": ("triangular_solve", lambda: [_vec(N, 2), _tri(2)]),
@@ -266,13 +277,12 @@ def test_valid_ranks_equal_for_loop(name, fallback_mode):
 def test_issue_examples():
     """The two calls of the issue: a silent result and an internal assert."""
     x = torch.randn(3, 3)
-    with pytest.raises(RuntimeError, match="linalg.eigvals: The input tensor A must have at "
-                                           "least 2 dimensions"):
+    with pytest.raises(
+        RuntimeError, match="linalg.eigvals: The input tensor A must have at least 2 dimensions"
+    ):
         ft.vmap(torch.linalg.eigvals)(x)
-    with pytest.raises(RuntimeError, match="linalg.det: The input tensor A must have at least "
-                                           "2 dimensions"):
+    with pytest.raises(RuntimeError, match="linalg.det: The input tensor A must have at least 2 dimensions"):
         ft.vmap(torch.linalg.det)(x)
-
 
 
 def test_batched_tensor_invariant_is_a_clear_error():
@@ -292,19 +302,52 @@ def test_batched_tensor_invariant_is_a_clear_error():
 # The same check over torch's OpInfo samples of every linalg op (and the old-API aliases): the
 # sample's input given 0 or 1 dims per example (other arguments as the sample has them).
 
+
 def _linalg_opinfos():
     from torch.testing._internal.common_methods_invocations import op_db
-    names = {"det", "logdet", "slogdet", "inverse", "cholesky", "cholesky_solve",
-             "cholesky_inverse", "qr", "svd", "pinverse", "lu", "lu_solve", "lu_unpack",
-             "triangular_solve", "matrix_exp", "geqrf", "ormqr", "trace", "mm", "mv", "bmm",
-             "dot", "vdot", "addmm", "addmv", "addr", "baddbmm", "addbmm", "triu", "tril"}
-    return [op for op in op_db
-            if (op.name.startswith("linalg.") or op.name in names)
-            and torch.float64 in op.supported_dtypes("cpu")]
+
+    names = {
+        "det",
+        "logdet",
+        "slogdet",
+        "inverse",
+        "cholesky",
+        "cholesky_solve",
+        "cholesky_inverse",
+        "qr",
+        "svd",
+        "pinverse",
+        "lu",
+        "lu_solve",
+        "lu_unpack",
+        "triangular_solve",
+        "matrix_exp",
+        "geqrf",
+        "ormqr",
+        "trace",
+        "mm",
+        "mv",
+        "bmm",
+        "dot",
+        "vdot",
+        "addmm",
+        "addmv",
+        "addr",
+        "baddbmm",
+        "addbmm",
+        "triu",
+        "tril",
+    }
+    return [
+        op
+        for op in op_db
+        if (op.name.startswith("linalg.") or op.name in names) and torch.float64 in op.supported_dtypes("cpu")
+    ]
 
 
-_OPINFOS = {op.name + ("." + op.variant_test_name if op.variant_test_name else ""): op
-            for op in _linalg_opinfos()}
+_OPINFOS = {
+    op.name + ("." + op.variant_test_name if op.variant_test_name else ""): op for op in _linalg_opinfos()
+}
 
 
 @pytest.mark.parametrize("name", sorted(_OPINFOS))

@@ -11,12 +11,13 @@ scatter, max_unpool with scalar indices; layer_norm and conv3d accepted a scalar
 such inputs and checks it raises what the unbatched call on one example raises: same type, same
 first line, never an internal assert; with the for-loop fallback set to 'error'.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
+from test_vmap_linalg_ranks import _error_of
 
 import functorch_lite as ft
-from test_vmap_linalg_ranks import _error_of
 
 DT = torch.float64
 
@@ -59,42 +60,49 @@ CASES = {
     "layer_norm_scalar": (lambda x: F.layer_norm(x, (2,)), _s),
     "layer_norm_wrong_size": (lambda x: F.layer_norm(x, (3,)), _v),
     "soft_margin_larger_target": (lambda x: F.soft_margin_loss(x, torch.ones(5, 5, dtype=DT)), _s),
-    "batch_norm_scalar": (lambda x: torch.native_batch_norm(x, None, None, None, None, True, 0.1,
-                                                            1e-5), _s),
-    "batch_norm_vector": (lambda x: torch.native_batch_norm(x, None, None, None, None, True, 0.1,
-                                                            1e-5), _v),
+    "batch_norm_scalar": (lambda x: torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5), _s),
+    "batch_norm_vector": (lambda x: torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5), _v),
     "group_norm_scalar": (lambda x: torch.native_group_norm(x, None, None, 2, 2, 1, 1, 1e-5), _s),
     "trace_vector": (torch.trace, _v),
     "trace_scalar": (torch.trace, _s),
     "mv_scalar": (lambda x: torch.mv(x, _v(2)), _s),
     "matmul_size_mismatch": (lambda x: torch.matmul(x, torch.ones(3, 2, dtype=DT)), _v),
     "tril_vector": (torch.tril, _v),
-    "index_put_scalar": (lambda x: torch.index_put(x, (torch.tensor([0]),),
-                                                   torch.tensor(1.0, dtype=DT)), _s),
+    "index_put_scalar": (lambda x: torch.index_put(x, (torch.tensor([0]),), torch.tensor(1.0, dtype=DT)), _s),
     # too few dims in an argument other than the first
     "layer_norm_scalar_weight": (lambda w: F.layer_norm(torch.ones(2, 3, dtype=DT), (3,), w), _s),
-    "layer_norm_scalar_bias": (lambda b: F.layer_norm(torch.ones(2, 3, dtype=DT), (3,), None, b),
-                               _s),
+    "layer_norm_scalar_bias": (lambda b: F.layer_norm(torch.ones(2, 3, dtype=DT), (3,), None, b), _s),
     "conv1d_scalar_weight": (lambda w: F.conv1d(torch.ones(1, 1, 4, dtype=DT), w), _s),
     "conv2d_vector_weight": (lambda w: F.conv2d(torch.ones(1, 1, 4, 4, dtype=DT), w), _v),
-    "conv3d_scalar_bias": (lambda b: F.conv3d(torch.ones(1, 1, 2, 2, 2, dtype=DT),
-                                              torch.ones(1, 1, 1, 1, 1, dtype=DT), b), _s),
-    "max_unpool2d_scalar_indices": (lambda i: F.max_unpool2d(torch.ones(1, 1, 2, 2, dtype=DT),
-                                                             i.long(), 2), _s),
+    "conv3d_scalar_bias": (
+        lambda b: F.conv3d(torch.ones(1, 1, 2, 2, 2, dtype=DT), torch.ones(1, 1, 1, 1, 1, dtype=DT), b),
+        _s,
+    ),
+    "max_unpool2d_scalar_indices": (
+        lambda i: F.max_unpool2d(torch.ones(1, 1, 2, 2, dtype=DT), i.long(), 2),
+        _s,
+    ),
     "gather_scalar_index": (lambda i: torch.gather(torch.ones(2, 2, dtype=DT), 0, i.long()), _s),
-    "scatter_scalar_src": (lambda s: torch.zeros(2, 2, dtype=DT).scatter(
-        0, torch.zeros(1, 2, dtype=torch.long), s), _s),
-    "scatter_add_vector_index": (lambda i: torch.zeros(2, 2, dtype=DT).scatter_add(
-        0, i.long(), torch.ones(2, 2, dtype=DT)), lambda: torch.zeros(2)),
+    "scatter_scalar_src": (
+        lambda s: torch.zeros(2, 2, dtype=DT).scatter(0, torch.zeros(1, 2, dtype=torch.long), s),
+        _s,
+    ),
+    "scatter_add_vector_index": (
+        lambda i: torch.zeros(2, 2, dtype=DT).scatter_add(0, i.long(), torch.ones(2, 2, dtype=DT)),
+        lambda: torch.zeros(2),
+    ),
     "narrow_copy_dim1": (lambda x: x.narrow_copy(1, 0, 1), _v),
     "embedding_weight_vector": (lambda w: F.embedding(torch.tensor([0, 1]), w), _v),
     "nll_loss_1d_target_size2": (lambda x: F.nll_loss(x, torch.tensor([0, 1])), _v),
-    "index_add_scalar_self": (lambda x: x.index_add(0, torch.tensor([0]), torch.ones(3, dtype=DT)),
-                              _s),
-    "index_add_size_mismatch": (lambda x: x.view(2, 2).index_add(0, torch.tensor([0]),
-                                                                 torch.ones(1, 3, dtype=DT)), _v),
-    "index_copy_rank_mismatch": (lambda x: x.index_copy(0, torch.tensor([0]),
-                                                        torch.ones(1, 2, dtype=DT)), _v),
+    "index_add_scalar_self": (lambda x: x.index_add(0, torch.tensor([0]), torch.ones(3, dtype=DT)), _s),
+    "index_add_size_mismatch": (
+        lambda x: x.view(2, 2).index_add(0, torch.tensor([0]), torch.ones(1, 3, dtype=DT)),
+        _v,
+    ),
+    "index_copy_rank_mismatch": (
+        lambda x: x.index_copy(0, torch.tensor([0]), torch.ones(1, 2, dtype=DT)),
+        _v,
+    ),
     "geqrf_vector": (torch.geqrf, _v),
 }
 
@@ -115,12 +123,20 @@ def test_vmap_raises_what_one_example_raises(name, fallback_mode):
     assert str(got).strip().splitlines()[0] == first, f"{name}: {got!r} vs torch's {ref!r}"
 
 
-@pytest.mark.parametrize("fn", [lambda x: torch.softmax(x, 0), lambda x: torch.softmax(x, -1),
-                                lambda x: x.transpose(0, -1), lambda x: x.squeeze(0),
-                                lambda x: torch.sort(x, 0), lambda x: torch.max(x, -1),
-                                lambda x: torch.topk(x, 1, 0), lambda x: x.sum((-1,))],
-                         ids=["softmax0", "softmax-1", "transpose", "squeeze", "sort", "max",
-                              "topk", "sum"])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: torch.softmax(x, 0),
+        lambda x: torch.softmax(x, -1),
+        lambda x: x.transpose(0, -1),
+        lambda x: x.squeeze(0),
+        lambda x: torch.sort(x, 0),
+        lambda x: torch.max(x, -1),
+        lambda x: torch.topk(x, 1, 0),
+        lambda x: x.sum((-1,)),
+    ],
+    ids=["softmax0", "softmax-1", "transpose", "squeeze", "sort", "max", "topk", "sum"],
+)
 def test_dims_a_scalar_has_still_work(fn, fallback_mode):
     """dims -1 and 0 are valid on a scalar (torch wraps them): the checks must not reject them."""
     xs = torch.randn(3, dtype=DT)
@@ -129,8 +145,7 @@ def test_dims_a_scalar_has_still_work(fn, fallback_mode):
     rows = [fn(x) for x in xs]
     flat = torch.utils._pytree.tree_leaves(got)
     for j, g in enumerate(flat):
-        torch.testing.assert_close(g, torch.stack([torch.utils._pytree.tree_leaves(r)[j]
-                                                   for r in rows]))
+        torch.testing.assert_close(g, torch.stack([torch.utils._pytree.tree_leaves(r)[j] for r in rows]))
 
 
 @pytest.mark.parametrize("case", ["index_add_scalar", "index_copy_scalar", "nll_1d_target_1"])
@@ -138,8 +153,7 @@ def test_shapes_torch_accepts_still_work(case, fallback_mode):
     """Shapes the new checks send per element, or let through, that torch accepts."""
     fns = {
         "index_add_scalar": lambda x: x.index_add(0, torch.tensor([0]), torch.ones((), dtype=DT)),
-        "index_copy_scalar": lambda x: x.index_copy(0, torch.tensor(0), torch.full((), 2.0,
-                                                                                   dtype=DT)),
+        "index_copy_scalar": lambda x: x.index_copy(0, torch.tensor(0), torch.full((), 2.0, dtype=DT)),
         "nll_1d_target_1": lambda x: F.nll_loss(x.log_softmax(-1), torch.tensor([1])),
     }
     fn = fns[case]

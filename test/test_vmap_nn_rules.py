@@ -7,6 +7,7 @@ batch (the definition of vmap) and torch.func. Placements cover in_dims 0, -1, a
 None for some arguments; the losses cover every reduction; gradients go through the backward ops
 (vmap(grad), jacrev) and forward-mode formulas (jacfwd) on our wrappers.
 """
+
 import contextlib
 import copy
 import warnings
@@ -15,11 +16,11 @@ import pytest
 import torch
 import torch.func as tf
 import torch.nn.functional as F
+from conftest import vmap_fallback
+from test_vmap import assert_same, check_vmap, clone_args, loop_vmap
 from torch import nn
 
 import functorch_lite as ft
-from conftest import vmap_fallback
-from test_vmap import assert_same, check_vmap, clone_args, loop_vmap
 
 # Different from every logical size below, so confusing the batch dim with another one fails.
 B = 3
@@ -30,6 +31,7 @@ REDUCTIONS = ["none", "mean", "sum"]
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
 
 @contextlib.contextmanager
 def rules_only():
@@ -69,6 +71,7 @@ def dim_for(placement, shape):
 # ------------------------------------------------------------------------------------------------
 # losses: forward
 
+
 def _shape_for(spec):
     return (4, 5) if spec == "full" else (5,)
 
@@ -77,28 +80,48 @@ def _shape_for(spec):
 LOSSES = {
     "mse": (lambda x, t, w, r: F.mse_loss(x, t, reduction=r), "f", "f", None),
     "smooth_l1": (lambda x, t, w, r: F.smooth_l1_loss(x, t, reduction=r, beta=0.7), "f", "f", None),
-    "smooth_l1_beta0": (lambda x, t, w, r: F.smooth_l1_loss(x, t, reduction=r, beta=0.0), "f", "f",
-                        None),
+    "smooth_l1_beta0": (lambda x, t, w, r: F.smooth_l1_loss(x, t, reduction=r, beta=0.0), "f", "f", None),
     "huber": (lambda x, t, w, r: F.huber_loss(x, t, reduction=r, delta=0.6), "f", "f", None),
     "l1": (lambda x, t, w, r: F.l1_loss(x, t, reduction=r), "f", "f", None),
     "bce": (lambda x, t, w, r: F.binary_cross_entropy(x, t, reduction=r), "prob", "prob", None),
-    "bce_weight": (lambda x, t, w, r: F.binary_cross_entropy(x, t, w, reduction=r), "prob", "prob",
-                   "full"),
-    "bce_weight_bcast": (lambda x, t, w, r: F.binary_cross_entropy(x, t, w.expand(4, 5),
-                                                                   reduction=r),
-                         "prob", "prob", "row"),
-    "bce_logits": (lambda x, t, w, r: F.binary_cross_entropy_with_logits(x, t, reduction=r),
-                   "f", "prob", None),
-    "bce_logits_weight": (lambda x, t, w, r: F.binary_cross_entropy_with_logits(
-        x, t, weight=w, reduction=r), "f", "prob", "row"),
-    "bce_logits_pos_weight": (lambda x, t, w, r: F.binary_cross_entropy_with_logits(
-        x, t, pos_weight=w, reduction=r), "f", "prob", "pos_row"),
+    "bce_weight": (lambda x, t, w, r: F.binary_cross_entropy(x, t, w, reduction=r), "prob", "prob", "full"),
+    "bce_weight_bcast": (
+        lambda x, t, w, r: F.binary_cross_entropy(x, t, w.expand(4, 5), reduction=r),
+        "prob",
+        "prob",
+        "row",
+    ),
+    "bce_logits": (
+        lambda x, t, w, r: F.binary_cross_entropy_with_logits(x, t, reduction=r),
+        "f",
+        "prob",
+        None,
+    ),
+    "bce_logits_weight": (
+        lambda x, t, w, r: F.binary_cross_entropy_with_logits(x, t, weight=w, reduction=r),
+        "f",
+        "prob",
+        "row",
+    ),
+    "bce_logits_pos_weight": (
+        lambda x, t, w, r: F.binary_cross_entropy_with_logits(x, t, pos_weight=w, reduction=r),
+        "f",
+        "prob",
+        "pos_row",
+    ),
 }
 
 # Placements: (input, target, weight). Every in_dim for all at once, then None for some.
-LOSS_PLACEMENTS = [("0", "0", "0"), ("-1", "-1", "-1"), ("mid", "mid", "mid"),
-                   ("0", "None", "None"), ("None", "-1", "None"), ("mid", "0", "None"),
-                   ("None", "None", "0"), ("-1", "None", "mid")]
+LOSS_PLACEMENTS = [
+    ("0", "0", "0"),
+    ("-1", "-1", "-1"),
+    ("mid", "mid", "mid"),
+    ("0", "None", "None"),
+    ("None", "-1", "None"),
+    ("mid", "0", "None"),
+    ("None", "None", "0"),
+    ("-1", "None", "mid"),
+]
 
 
 def _loss_args(name, placement):
@@ -136,13 +159,11 @@ def test_loss_logical_scalar_and_broadcast(name, reduction):
     # 0-dim per-element inputs ("mean" must not reduce the batch dim) and a target that broadcasts
     fn = LOSSES[name][0]
     kind = "prob" if name == "bce" else "f"
-    check(lambda x, t: fn(x, t, None, reduction), [batched((), 0, kind), batched((), 0, kind)],
-          (0, 0))
+    check(lambda x, t: fn(x, t, None, reduction), [batched((), 0, kind), batched((), 0, kind)], (0, 0))
     if name != "bce":  # binary_cross_entropy requires equal sizes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # mse_loss warns about broadcasting
-            check(lambda x, t: fn(x, t, None, reduction), [batched((4, 5), 1), batched((5,), 0)],
-                  (1, 0))
+            check(lambda x, t: fn(x, t, None, reduction), [batched((4, 5), 1), batched((5,), 0)], (1, 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,21 +171,30 @@ def test_loss_logical_scalar_and_broadcast(name, reduction):
 
 BACKWARD_OPS = {
     "mse": (lambda g, x, t, w, r: torch.ops.aten.mse_loss_backward(g, x, t, r), "f", "f"),
-    "smooth_l1": (lambda g, x, t, w, r: torch.ops.aten.smooth_l1_loss_backward(g, x, t, r, 0.7),
-                  "f", "f"),
+    "smooth_l1": (lambda g, x, t, w, r: torch.ops.aten.smooth_l1_loss_backward(g, x, t, r, 0.7), "f", "f"),
     "huber": (lambda g, x, t, w, r: torch.ops.aten.huber_loss_backward(g, x, t, r, 0.6), "f", "f"),
-    "bce": (lambda g, x, t, w, r: torch.ops.aten.binary_cross_entropy_backward(g, x, t, w, r),
-            "prob", "prob"),
+    "bce": (
+        lambda g, x, t, w, r: torch.ops.aten.binary_cross_entropy_backward(g, x, t, w, r),
+        "prob",
+        "prob",
+    ),
 }
 RED_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("placement", [("0", "0", "0", "0"), ("-1", "-1", "None", "-1"),
-                                       ("mid", "None", "mid", "None"),
-                                       ("None", "0", "None", "None"),
-                                       ("0", "None", "None", "None"),
-                                       ("None", "None", "None", "0")], ids="-".join)
+@pytest.mark.parametrize(
+    "placement",
+    [
+        ("0", "0", "0", "0"),
+        ("-1", "-1", "None", "-1"),
+        ("mid", "None", "mid", "None"),
+        ("None", "0", "None", "None"),
+        ("0", "None", "None", "None"),
+        ("None", "None", "None", "0"),
+    ],
+    ids="-".join,
+)
 @pytest.mark.parametrize("name", list(BACKWARD_OPS))
 def test_loss_backward_op(name, placement, reduction):
     fn, xk, tk = BACKWARD_OPS[name]
@@ -189,10 +219,14 @@ def test_loss_backward_op(name, placement, reduction):
 # ------------------------------------------------------------------------------------------------
 # losses: gradients (backward ops under vmap) and forward mode (torch's formulas on our wrappers)
 
+
 def _loss_fn_for_grad(name, reduction, with_weight_arg):
     fn, xk, tk, wspec = LOSSES[name]
-    out = (lambda x, t, w: fn(x, t, w, reduction)) if with_weight_arg else (
-        lambda x, t: fn(x, t, None, reduction))
+    out = (
+        (lambda x, t, w: fn(x, t, w, reduction))
+        if with_weight_arg
+        else (lambda x, t: fn(x, t, None, reduction))
+    )
     return out, xk, tk, wspec
 
 
@@ -219,8 +253,7 @@ def test_loss_per_sample_grad(name, reduction):
             warnings.simplefilter("ignore")  # torch.func's huber rule resizes an output
             expected = tf.vmap(tf.grad(loss, argnums=argnums), in_dims)(xx, tt, w)
         assert_close(got, expected, what=f"vmap(grad) {in_dims}")
-        ref = loop_vmap(lambda a, b, c: torch.func.grad(loss, argnums=argnums)(a, b, c),
-                        in_dims)(xx, tt, w)
+        ref = loop_vmap(lambda a, b, c: torch.func.grad(loss, argnums=argnums)(a, b, c), in_dims)(xx, tt, w)
         assert_close(got, ref, what=f"vmap(grad) vs loop {in_dims}")
 
 
@@ -290,8 +323,16 @@ def _bn_train_no_stats(x, rm, rv, w, b):
     return F.batch_norm(x, None, None, w, b, training=True, eps=1e-4)
 
 
-BN_PLACEMENTS = [(0, None, None), (-1, None, None), (2, None, None), (1, 0, 0), (0, 0, None),
-                 (None, 0, None), (None, None, 0), (3, -1, 0)]
+BN_PLACEMENTS = [
+    (0, None, None),
+    (-1, None, None),
+    (2, None, None),
+    (1, 0, 0),
+    (0, 0, None),
+    (None, 0, None),
+    (None, None, 0),
+    (3, -1, 0),
+]
 
 
 @pytest.mark.parametrize("spatial", [(), (3,), (3, 2)], ids=["1d_NC", "1d_NCL", "2d"])
@@ -320,8 +361,15 @@ def test_batch_norm_train_with_batched_running_stats(x_d, stats_d):
     rm = batched((C,), stats_d)
     rv = batched((C,), stats_d, "pos")
     w = torch.randn(C)
-    fn = lambda x, rm, rv: F.batch_norm(x, rm, rv, w, None, training=True,  # noqa: E731
-                                        momentum=0.3)
+    fn = lambda x, rm, rv: F.batch_norm(
+        x,
+        rm,
+        rv,
+        w,
+        None,
+        training=True,  # noqa: E731
+        momentum=0.3,
+    )
     dims = (x_d, stats_d, stats_d)
     ours = clone([x, rm, rv])
     with rules_only():
@@ -370,12 +418,13 @@ def test_batch_norm_backward_op_direct():
     _, mean, invstd = torch.ops.aten.native_batch_norm(x, w, None, None, None, True, 0.1, 1e-5)
 
     def bwd(g, x, mean, invstd, w):
-        return torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True,
-                                                         1e-5, [True, True, True])
+        return torch.ops.aten.native_batch_norm_backward(
+            g, x, w, None, None, mean, invstd, True, 1e-5, [True, True, True]
+        )
+
     gs = torch.randn(B, 5, C, 3)
     check(bwd, [gs, x, mean, invstd, w], (0, None, None, None, None))
-    check(bwd, [gs.movedim(0, -1), x.expand(B, *x.shape).clone(), mean, invstd, w],
-          (-1, 0, None, None, None))
+    check(bwd, [gs.movedim(0, -1), x.expand(B, *x.shape).clone(), mean, invstd, w], (-1, 0, None, None, None))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -428,6 +477,7 @@ def test_group_norm_hessian():
 # ------------------------------------------------------------------------------------------------
 # per-sample gradients of modules (vmap(grad(functional_call))) against torch.autograd.grad
 
+
 def _per_sample_grads(model, xs, ys):
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -479,7 +529,8 @@ def test_ensemble_of_batch_norms_in_training_mode():
     x = torch.randn(6, 3)
     with rules_only():
         got = ft.vmap(lambda p, b, x: ft.functional_call(base, (p, b), (x,)), (0, 0, None))(
-            params, buffers, x)
+            params, buffers, x
+        )
     assert_close(got, torch.stack([m(x) for m in refs]))
     for k, v in buffers.items():
         assert_close(v, torch.stack([dict(m.named_buffers())[k] for m in refs]), what=k)
@@ -487,6 +538,7 @@ def test_ensemble_of_batch_norms_in_training_mode():
 
 # ------------------------------------------------------------------------------------------------
 # lerp
+
 
 @pytest.mark.parametrize("dims", [(0, 0), (-1, None), (None, 1), (1, -1)], ids=str)
 def test_lerp(dims):
@@ -512,6 +564,7 @@ def test_lerp_grads():
 # ------------------------------------------------------------------------------------------------
 # what F.batch_norm / F.group_norm reach in torch (the rules are on these ops)
 
+
 def test_ops_reached_by_batch_norm_and_group_norm():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -526,13 +579,16 @@ def test_ops_reached_by_batch_norm_and_group_norm():
 
     x = torch.randn(5, C, 3, requires_grad=True)
     w = torch.randn(C, requires_grad=True)
-    for call in (lambda: F.batch_norm(x, torch.zeros(C), torch.ones(C), w, training=False),
-                 lambda: F.batch_norm(x, None, None, w, training=True)):
+    for call in (
+        lambda: F.batch_norm(x, torch.zeros(C), torch.ones(C), w, training=False),
+        lambda: F.batch_norm(x, None, None, w, training=True),
+    ):
         with Record() as rec:
             call().sum().backward()
         assert {"aten.native_batch_norm", "aten.native_batch_norm_backward"} <= rec.ops
-        assert not any("_legit" in o or "_batch_norm_with" in o or "_batch_norm_no" in o
-                       for o in rec.ops), rec.ops
+        assert not any("_legit" in o or "_batch_norm_with" in o or "_batch_norm_no" in o for o in rec.ops), (
+            rec.ops
+        )
     with Record() as rec:
         F.group_norm(x, 2, w).sum().backward()
     assert {"aten.native_group_norm", "aten.native_group_norm_backward"} <= rec.ops
@@ -540,10 +596,10 @@ def test_ops_reached_by_batch_norm_and_group_norm():
 
 def test_composite_losses_need_no_rule():
     # l1_loss decomposes (CompositeImplicitAutograd); bce_with_logits does not, so it has a rule
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::l1_loss",
-                                                          "CompositeImplicitAutograd")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("aten::l1_loss", "CompositeImplicitAutograd")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "aten::binary_cross_entropy_with_logits", "CompositeImplicitAutograd")
+        "aten::binary_cross_entropy_with_logits", "CompositeImplicitAutograd"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -566,7 +622,8 @@ def test_device_batch_norm_ops_run_as_native(kind, training):
     rm, rv = torch.randn(B, 3), torch.rand(B, 3) + 0.5
     with rules_only():
         got = ft.vmap(lambda x, rm, rv: fwd(x, w, b, rm, rv, training, 0.1, 1e-5)[:3])(
-            x, rm.clone(), rv.clone())
+            x, rm.clone(), rv.clone()
+        )
     for i in range(B):
         y, mean, invstd = torch.native_batch_norm(x[i], w, b, rm[i], rv[i], training, 0.1, 1e-5)
         assert_close(got[0][i], y, what="output")
@@ -580,8 +637,7 @@ def test_device_batch_norm_training_with_unbatched_running_stats_raises(kind):
     fwd, _ = _BN_DEVICE_OPS[kind]
     rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(RuntimeError, match="running_mean/running_var once per batch element"):
-        ft.vmap(lambda x: fwd(x, torch.ones(3), None, rm, rv, True, 0.1, 1e-5)[0])(
-            torch.randn(B, 4, 3))
+        ft.vmap(lambda x: fwd(x, torch.ones(3), None, rm, rv, True, 0.1, 1e-5)[0])(torch.randn(B, 4, 3))
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
@@ -592,10 +648,10 @@ def test_device_batch_norm_backward_runs_as_native(kind):
     mean, invstd = torch.randn(B, 3), torch.rand(B, 3) + 0.5
     extra = (torch.empty(0, dtype=torch.uint8),) if kind == "cudnn" else ()
     with rules_only():
-        got = ft.vmap(lambda x, g, m, s: bwd(x, g, w, None, None, m, s, 1e-5, *extra))(
-            x, g, mean, invstd)
+        got = ft.vmap(lambda x, g, m, s: bwd(x, g, w, None, None, m, s, 1e-5, *extra))(x, g, mean, invstd)
     for i in range(B):
         ref = torch.ops.aten.native_batch_norm_backward(
-            g[i], x[i], w, None, None, mean[i], invstd[i], True, 1e-5, [True, True, True])
+            g[i], x[i], w, None, None, mean[i], invstd[i], True, 1e-5, [True, True, True]
+        )
         for k in range(3):
             assert_close(got[k][i], ref[k], what=f"output {k}")

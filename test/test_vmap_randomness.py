@@ -7,6 +7,7 @@
   explicit torch.Generator, nested, chunked and under grad. torch.func is the oracle; where it
   breaks its own rule, the for-loop semantics are the referee (see the comments there).
 """
+
 import itertools
 
 import pytest
@@ -56,34 +57,44 @@ CASES = {
     "dropout_inplace": (lambda g: lambda x: F.dropout(x * 1, 0.4, inplace=True), [_x], False),
     "alpha_dropout": (lambda g: lambda x: F.alpha_dropout(x, 0.4, training=True), [_x], False),
     "feature_alpha_dropout": (
-        lambda g: lambda x: F.feature_alpha_dropout(x, 0.4, training=True), [_x], False),
+        lambda g: lambda x: F.feature_alpha_dropout(x, 0.4, training=True),
+        [_x],
+        False,
+    ),
     "dropout1d": (lambda g: lambda x: F.dropout1d(x, 0.4), [_x], False),
     "dropout2d": (lambda g: lambda x: F.dropout2d(x.reshape(1, 5, 7, 1), 0.4), [_x], False),
     "dropout3d": (lambda g: lambda x: F.dropout3d(x.reshape(5, 7, 1, 1), 0.4), [_x], False),
     "alpha_dropout_inplace": (
-        lambda g: lambda x: F.alpha_dropout(x * 1, 0.4, training=True, inplace=True), [_x], False),
+        lambda g: lambda x: F.alpha_dropout(x * 1, 0.4, training=True, inplace=True),
+        [_x],
+        False,
+    ),
     "feature_alpha_dropout_inplace": (
         lambda g: lambda x: F.feature_alpha_dropout(x * 1, 0.4, training=True, inplace=True),
-        [_x], False),
+        [_x],
+        False,
+    ),
     "dropout2d_inplace": (
         lambda g: lambda x: F.dropout2d((x * 1).reshape(1, 5, 7, 1), 0.4, inplace=True),
-        [_x], False),
+        [_x],
+        False,
+    ),
     "native_dropout": (lambda g: lambda x: torch.native_dropout(x, 0.4, True), [_x], False),
     "bernoulli": (lambda g: lambda p: torch.bernoulli(p, **_kw(g)), [_p], True),
     "bernoulli_p": (lambda g: lambda x: torch.bernoulli(x, 0.3, **_kw(g)), [_x], True),
     "bernoulli_inplace_float": (lambda g: lambda x: (x * 1).bernoulli_(0.3, **_kw(g)), [_x], True),
-    "bernoulli_inplace_tensor": (
-        lambda g: lambda x, p: (x * 1).bernoulli_(p, **_kw(g)), [_x, _p], True),
+    "bernoulli_inplace_tensor": (lambda g: lambda x, p: (x * 1).bernoulli_(p, **_kw(g)), [_x, _p], True),
     "multinomial_1d": (lambda g: lambda w: torch.multinomial(w, 4, **_kw(g)), [_probs1], True),
     "multinomial_1d_replacement": (
-        lambda g: lambda w: torch.multinomial(w, 20, True, **_kw(g)), [_probs1], True),
+        lambda g: lambda w: torch.multinomial(w, 20, True, **_kw(g)),
+        [_probs1],
+        True,
+    ),
     "multinomial_2d": (lambda g: lambda w: torch.multinomial(w, 3, **_kw(g)), [_probs2], True),
-    "normal_tensor_tensor": (
-        lambda g: lambda m, s: torch.normal(m, s, **_kw(g)), [_x, _rates], True),
+    "normal_tensor_tensor": (lambda g: lambda m, s: torch.normal(m, s, **_kw(g)), [_x, _rates], True),
     "normal_tensor_float": (lambda g: lambda m: torch.normal(m, 2.0, **_kw(g)), [_x], True),
     "normal_float_tensor": (lambda g: lambda s: torch.normal(1.0, s, **_kw(g)), [_rates], True),
-    "normal_float_float": (
-        lambda g: lambda x: torch.normal(0.5, 2.0, size=SHAPE, **_kw(g)), [_x], True),
+    "normal_float_float": (lambda g: lambda x: torch.normal(0.5, 2.0, size=SHAPE, **_kw(g)), [_x], True),
     "rand": (lambda g: lambda x: torch.rand(SHAPE, **_kw(g)), [_x], True),
     "randn": (lambda g: lambda x: torch.randn(SHAPE, **_kw(g)), [_x], True),
     "randint": (lambda g: lambda x: torch.randint(10, SHAPE, **_kw(g)), [_x], True),
@@ -150,17 +161,39 @@ def _assert_same_result(ours, theirs, what):
         assert torch.equal(a, b), f"{what}: different numbers\n{a}\n{b}"
 
 
-INPLACE = {"uniform_", "normal_", "random_", "random_to", "random_from_to", "exponential_",
-           "geometric_", "cauchy_", "log_normal_", "bernoulli_inplace_float",
-           "bernoulli_inplace_tensor", "dropout_inplace", "alpha_dropout_inplace",
-           "feature_alpha_dropout_inplace", "dropout2d_inplace"}
+INPLACE = {
+    "uniform_",
+    "normal_",
+    "random_",
+    "random_to",
+    "random_from_to",
+    "exponential_",
+    "geometric_",
+    "cauchy_",
+    "log_normal_",
+    "bernoulli_inplace_float",
+    "bernoulli_inplace_tensor",
+    "dropout_inplace",
+    "alpha_dropout_inplace",
+    "feature_alpha_dropout_inplace",
+    "dropout2d_inplace",
+}
 # Inputs whose values parametrize the draw (not only its shape): under 'same' they must not be
 # batched, as one draw cannot serve different parameters (torch.func raises too).
-PARAMETERS = {"bernoulli": [0], "bernoulli_inplace_tensor": [1], "multinomial_1d": [0],
-              "multinomial_1d_replacement": [0], "multinomial_2d": [0],
-              "normal_tensor_tensor": [0, 1], "normal_tensor_float": [0],
-              "normal_float_tensor": [0], "poisson": [0], "standard_gamma": [0],
-              "sample_dirichlet": [0], "binomial": [0, 1]}
+PARAMETERS = {
+    "bernoulli": [0],
+    "bernoulli_inplace_tensor": [1],
+    "multinomial_1d": [0],
+    "multinomial_1d_replacement": [0],
+    "multinomial_2d": [0],
+    "normal_tensor_tensor": [0, 1],
+    "normal_tensor_float": [0],
+    "normal_float_tensor": [0],
+    "poisson": [0],
+    "standard_gamma": [0],
+    "sample_dirichlet": [0],
+    "binomial": [0, 1],
+}
 
 
 def _expect_raise(name, randomness, dims):
@@ -190,14 +223,16 @@ def _compare(name, randomness, seed=0, chunk_size=None):
         theirs = _call(torch.func.vmap, fx, args, in_dims, randomness, seed, g, chunk_size)
         if (name, randomness) in WE_DO_MORE and isinstance(theirs, Exception):
             unbatched = [t.clone() for t in inputs] + [torch.zeros(B)]
-            theirs = _call(torch.func.vmap, fx, unbatched, (None,) * len(inputs) + (0,),
-                           randomness, seed, g, chunk_size)
+            theirs = _call(
+                torch.func.vmap, fx, unbatched, (None,) * len(inputs) + (0,), randomness, seed, g, chunk_size
+            )
         _assert_same_result(ours, theirs, what)
         assert isinstance(ours, Exception) == _expect_raise(name, randomness, dims), (what, ours)
 
 
 # ---------------------------------------------------------------------------------------------
 # Item 7: 'error' catches every draw, batched or not; 'different' draws per element.
+
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_error_mode_raises_for_every_placement(name):
@@ -223,18 +258,31 @@ def test_issue_example_dropout_of_unbatched_ones_like():
     assert 0 < (out[0] == 0).sum() < 40
 
 
-@pytest.mark.parametrize("f", [
-    lambda x: F.dropout(x, 0.5, training=False),
-    lambda x: F.dropout(torch.ones(7), 0.5, training=False) + x,
-    lambda x: F.alpha_dropout(x, 0.5, training=False),
-    lambda x: F.dropout2d(x.reshape(1, 5, 7, 1), 0.5, training=False),
-    lambda x: torch.native_dropout(x, 0.5, False)[0],
-    lambda x: torch.native_dropout(torch.ones(5, 7), 0.5, False)[1] + x,
-    lambda x: F.rrelu(x, training=False),
-    lambda x: F.layer_norm(torch.ones(5, 7), (7,)) + x.sin(),
-    lambda x: torch.ones(5, 7).reshape(35).reshape(5, 7) + x,
-], ids=["dropout", "dropout_unbatched", "alpha_dropout", "dropout2d", "native_dropout",
-        "native_dropout_unbatched", "rrelu", "composite_unbatched", "reshape_unbatched"])
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: F.dropout(x, 0.5, training=False),
+        lambda x: F.dropout(torch.ones(7), 0.5, training=False) + x,
+        lambda x: F.alpha_dropout(x, 0.5, training=False),
+        lambda x: F.dropout2d(x.reshape(1, 5, 7, 1), 0.5, training=False),
+        lambda x: torch.native_dropout(x, 0.5, False)[0],
+        lambda x: torch.native_dropout(torch.ones(5, 7), 0.5, False)[1] + x,
+        lambda x: F.rrelu(x, training=False),
+        lambda x: F.layer_norm(torch.ones(5, 7), (7,)) + x.sin(),
+        lambda x: torch.ones(5, 7).reshape(35).reshape(5, 7) + x,
+    ],
+    ids=[
+        "dropout",
+        "dropout_unbatched",
+        "alpha_dropout",
+        "dropout2d",
+        "native_dropout",
+        "native_dropout_unbatched",
+        "rrelu",
+        "composite_unbatched",
+        "reshape_unbatched",
+    ],
+)
 def test_error_mode_lets_ops_that_do_not_draw_run(f):
     # (torch.func refuses rrelu under vmap altogether; the for-loop is the referee.)
     x = torch.randn(B, 5, 7)
@@ -244,6 +292,7 @@ def test_error_mode_lets_ops_that_do_not_draw_run(f):
 
 # ---------------------------------------------------------------------------------------------
 # Item 8: same seed, same numbers as torch.func.
+
 
 @pytest.mark.parametrize("randomness", ["different", "same"])
 @pytest.mark.parametrize("name", list(CASES))
@@ -291,12 +340,18 @@ def test_inplace_draw_into_a_clone(op):
 LIKE_WITH_GENERATOR = {
     "rand_like": (lambda x, g: torch.rand_like(x, generator=g), lambda x: torch.rand_like(x)),
     "randn_like": (lambda x, g: torch.randn_like(x, generator=g), lambda x: torch.randn_like(x)),
-    "randint_like": (lambda x, g: torch.randint_like(x, 10, generator=g),
-                     lambda x: torch.randint_like(x, 10)),
-    "randint_like_low": (lambda x, g: torch.randint_like(x, 3, 10, generator=g),
-                         lambda x: torch.randint_like(x, 3, 10)),
-    "randint_like_tensor_high": (lambda x, g: torch.randint_like(x, torch.tensor(10)),
-                                 lambda x: torch.randint_like(x, 10)),
+    "randint_like": (
+        lambda x, g: torch.randint_like(x, 10, generator=g),
+        lambda x: torch.randint_like(x, 10),
+    ),
+    "randint_like_low": (
+        lambda x, g: torch.randint_like(x, 3, 10, generator=g),
+        lambda x: torch.randint_like(x, 3, 10),
+    ),
+    "randint_like_tensor_high": (
+        lambda x, g: torch.randint_like(x, torch.tensor(10)),
+        lambda x: torch.randint_like(x, 10),
+    ),
 }
 
 
@@ -311,8 +366,7 @@ def test_like_with_generator_follows_the_plain_overload(name, randomness):
         torch.manual_seed(3)
         ours = ft.vmap(lambda a, _: ours_f(a, g), in_dims=(in_dims, 0), randomness=randomness)(*args)
         torch.manual_seed(3)
-        ref = torch.func.vmap(lambda a, _: ref_f(a), in_dims=(in_dims, 0),
-                              randomness=randomness)(*args)
+        ref = torch.func.vmap(lambda a, _: ref_f(a), in_dims=(in_dims, 0), randomness=randomness)(*args)
         assert torch.equal(ours, ref), in_dims
         rows_equal = all(torch.equal(ours[0], ours[i]) for i in range(1, B))
         assert rows_equal == (randomness == "same")
@@ -376,31 +430,42 @@ def test_nested_vmaps(name, inner, outer):
             g = lambda a, _: f(a)  # noqa: E731
             args, in_i, in_o = (xs, torch.zeros(2, B)), (None, 0), (0, 0)
         else:
-            g, args, in_i, in_o = f, (x.movedim(1, inner_dims + 1) if outer_dims == 0
-                                      else x.movedim(0, 1),), inner_dims, outer_dims
+            g, args, in_i, in_o = (
+                f,
+                (x.movedim(1, inner_dims + 1) if outer_dims == 0 else x.movedim(0, 1),),
+                inner_dims,
+                outer_dims,
+            )
         results = []
         for vmap in (ft.vmap, torch.func.vmap):
             torch.manual_seed(9)
             try:
-                results.append(vmap(vmap(g, in_dims=in_i, randomness=inner), in_dims=in_o,
-                                    randomness=outer)(*args))
+                results.append(
+                    vmap(vmap(g, in_dims=in_i, randomness=inner), in_dims=in_o, randomness=outer)(*args)
+                )
             except RuntimeError as e:
                 results.append(e)
         ours, theirs = results
         torch_func_refuses = isinstance(theirs, Exception) and (
             # torch.func draws an inner 'same' in-place draw into a tensor batched at no level,
             # which an outer 'different' level then refuses.
-            (name == "normal_" and (inner, outer) == ("same", "different")
-             and "different inplace randomness" in str(theirs))
+            (
+                name == "normal_"
+                and (inner, outer) == ("same", "different")
+                and "different inplace randomness" in str(theirs)
+            )
             # WE_DO_MORE: bernoulli(x, p) under 'same' with x batched.
-            or (name == "bernoulli_p" and "same" in (inner, outer)
-                and "same randomness with a batched tensor input" in str(theirs)))
+            or (
+                name == "bernoulli_p"
+                and "same" in (inner, outer)
+                and "same randomness with a batched tensor input" in str(theirs)
+            )
+        )
         if torch_func_refuses:
             # The for-loop semantics: equal draws along a 'same' level, different along a
             # 'different' one.
             assert not isinstance(ours, Exception), ours
-            assert all(torch.equal(ours[:, 0], ours[:, j]) for j in range(1, B)) == (
-                inner == "same")
+            assert all(torch.equal(ours[:, 0], ours[:, j]) for j in range(1, B)) == (inner == "same")
             assert torch.equal(ours[0], ours[1]) == (outer == "same")
             continue
         _assert_same_result(ours, theirs, f"{name} {inner_dims=} {outer_dims=}")
@@ -419,7 +484,8 @@ def test_grad_of_dropout_inside_vmap(randomness):
     assert torch.equal(ours, ref)
     # And the per-element dropout masks really differ (or not).
     assert all(torch.equal(ours[0], ours[i]) for i in range(1, B)) == (
-        randomness == "same" and torch.equal(x[0], x[1]))
+        randomness == "same" and torch.equal(x[0], x[1])
+    )
 
 
 @pytest.mark.parametrize("randomness", ["different", "same"])
@@ -437,14 +503,18 @@ def test_grad_of_unbatched_dropout_inside_vmap(randomness):
     assert all(torch.equal(ours[0], ours[i]) for i in range(1, B)) == (randomness == "same")
 
 
-@pytest.mark.xfail(strict=True, reason="chunk_size with randomness='same' replays the default "
-                   "generators for every chunk, not an explicit torch.Generator the function "
-                   "closes over (which vmap cannot see), so each chunk draws anew; torch.func "
-                   "does the same")
+@pytest.mark.xfail(
+    strict=True,
+    reason="chunk_size with randomness='same' replays the default "
+    "generators for every chunk, not an explicit torch.Generator the function "
+    "closes over (which vmap cannot see), so each chunk draws anew; torch.func "
+    "does the same",
+)
 def test_same_with_chunks_and_an_explicit_generator():
     g = torch.Generator()
     out = ft.vmap(lambda t: torch.rand(3, generator=g) + t, randomness="same", chunk_size=2)(
-        torch.zeros(4, 3))
+        torch.zeros(4, 3)
+    )
     assert all(torch.equal(out[0], out[i]) for i in range(1, 4))
 
 
@@ -456,12 +526,16 @@ def test_other_compositions(program, randomness):
     def run(lib):
         torch.manual_seed(1)
         if program == "grad_of_vmap":
-            return lib.grad(lambda w: lib.vmap(lambda x: F.dropout(x * w, 0.5).sum(),
-                                               randomness=randomness)(xs).sum())(w)
+            return lib.grad(
+                lambda w: lib.vmap(lambda x: F.dropout(x * w, 0.5).sum(), randomness=randomness)(xs).sum()
+            )(w)
         if program == "vmap_of_jacrev":
-            return lib.vmap(lib.jacrev(lambda x: F.dropout(x, 0.5).sum(0)),
-                            randomness=randomness)(xs[:, :2, :3])
-        return lib.vmap(lambda x: lib.jvp(lambda y: F.alpha_dropout(y, 0.5, True), (x,),
-                                          (torch.ones_like(x),))[1], randomness=randomness)(xs)
+            return lib.vmap(lib.jacrev(lambda x: F.dropout(x, 0.5).sum(0)), randomness=randomness)(
+                xs[:, :2, :3]
+            )
+        return lib.vmap(
+            lambda x: lib.jvp(lambda y: F.alpha_dropout(y, 0.5, True), (x,), (torch.ones_like(x),))[1],
+            randomness=randomness,
+        )(xs)
 
     assert torch.equal(run(ft), run(torch.func))

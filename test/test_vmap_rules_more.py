@@ -9,15 +9,16 @@ Every case runs under ft.set_vmap_fallback('error') (so a real rule must have ru
 with a Python for-loop and with torch.func.vmap, for each placement of the batch dim over the
 arguments (0, -1, a middle dim, and None for each argument in turn), as in test_vmap_indexing.py.
 """
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-import functorch_lite as ft
 from _placements import F_, K, case_params, run, torch_func_agrees
 from test_vmap import B, assert_same
+
+import functorch_lite as ft
 
 aten = torch.ops.aten
 
@@ -30,17 +31,37 @@ aten = torch.ops.aten
 # Cases: name -> (fn, specs)
 
 SPECIAL_UNARY = {
-    "airy_ai": "f", "bessel_j0": "f", "bessel_j1": "f", "bessel_y0": "pos", "bessel_y1": "pos",
-    "modified_bessel_i0": "f", "modified_bessel_i1": "f", "modified_bessel_k0": "pos",
-    "modified_bessel_k1": "pos", "scaled_modified_bessel_k0": "pos",
-    "scaled_modified_bessel_k1": "pos", "spherical_bessel_j0": "f", "i0e": "f", "i1e": "f",
-    "erfcx": "f", "entr": "pos", "log_ndtr": "f",
+    "airy_ai": "f",
+    "bessel_j0": "f",
+    "bessel_j1": "f",
+    "bessel_y0": "pos",
+    "bessel_y1": "pos",
+    "modified_bessel_i0": "f",
+    "modified_bessel_i1": "f",
+    "modified_bessel_k0": "pos",
+    "modified_bessel_k1": "pos",
+    "scaled_modified_bessel_k0": "pos",
+    "scaled_modified_bessel_k1": "pos",
+    "spherical_bessel_j0": "f",
+    "i0e": "f",
+    "i1e": "f",
+    "erfcx": "f",
+    "entr": "pos",
+    "log_ndtr": "f",
 }
 POLYNOMIALS = [
-    "chebyshev_polynomial_t", "chebyshev_polynomial_u", "chebyshev_polynomial_v",
-    "chebyshev_polynomial_w", "shifted_chebyshev_polynomial_t", "shifted_chebyshev_polynomial_u",
-    "shifted_chebyshev_polynomial_v", "shifted_chebyshev_polynomial_w", "hermite_polynomial_h",
-    "hermite_polynomial_he", "laguerre_polynomial_l", "legendre_polynomial_p",
+    "chebyshev_polynomial_t",
+    "chebyshev_polynomial_u",
+    "chebyshev_polynomial_v",
+    "chebyshev_polynomial_w",
+    "shifted_chebyshev_polynomial_t",
+    "shifted_chebyshev_polynomial_u",
+    "shifted_chebyshev_polynomial_v",
+    "shifted_chebyshev_polynomial_w",
+    "hermite_polynomial_h",
+    "hermite_polynomial_he",
+    "laguerre_polynomial_l",
+    "legendre_polynomial_p",
 ]
 
 
@@ -56,12 +77,18 @@ POINTWISE = {
     "special_zeta_other_scalar": (lambda x: torch.special.zeta(x, 1.5), [K("gt1", 3, 4)]),
     "special_xlog1py_self_scalar": (lambda y: torch.special.xlog1py(2.0, y), [K("pos", 3, 4)]),
     "special_xlog1py_other_scalar": (lambda x: torch.special.xlog1py(x, 0.5), [F_(3, 4)]),
-    **{f"special_{n}": ((lambda f: lambda x, k: f(x, k))(_special(n)), [F_(3, 4), K("n", 4)])
-       for n in POLYNOMIALS},
-    **{f"special_{n}_n_scalar": ((lambda f: lambda x: f(x, 3))(_special(n)), [F_(3, 4)])
-       for n in POLYNOMIALS[:4] + POLYNOMIALS[8:]},
-    **{f"special_{n}_x_scalar": ((lambda f: lambda k: f(0.3, k))(_special(n)), [K("n", 3, 4)])
-       for n in POLYNOMIALS[:2] + POLYNOMIALS[8:10]},
+    **{
+        f"special_{n}": ((lambda f: lambda x, k: f(x, k))(_special(n)), [F_(3, 4), K("n", 4)])
+        for n in POLYNOMIALS
+    },
+    **{
+        f"special_{n}_n_scalar": ((lambda f: lambda x: f(x, 3))(_special(n)), [F_(3, 4)])
+        for n in POLYNOMIALS[:4] + POLYNOMIALS[8:]
+    },
+    **{
+        f"special_{n}_x_scalar": ((lambda f: lambda k: f(0.3, k))(_special(n)), [K("n", 3, 4)])
+        for n in POLYNOMIALS[:2] + POLYNOMIALS[8:10]
+    },
     "polygamma_1": (lambda x: torch.polygamma(1, x), [K("pos", 3, 4)]),
     "polygamma_3": (lambda x: torch.special.polygamma(3, x), [K("pos", 3, 4)]),
     "polygamma_0d": (lambda x: torch.polygamma(2, x), [K("pos")]),
@@ -78,7 +105,8 @@ POINTWISE = {
     "log_sigmoid_forward": (aten.log_sigmoid_forward, [F_(3, 4)]),
     "log_sigmoid_backward": (
         lambda g, x: aten.log_sigmoid_backward(g, x, aten.log_sigmoid_forward(x)[1]),
-        [F_(3, 4), F_(3, 4)]),
+        [F_(3, 4), F_(3, 4)],
+    ),
     "prelu_channels": (F.prelu, [F_(2, 3, 4), F_(3)]),
     "prelu_single_weight": (F.prelu, [F_(2, 3), F_(1)]),
     "prelu_kernel_broadcast": (aten._prelu_kernel, [F_(2, 3, 4), F_(3, 1)]),
@@ -86,14 +114,18 @@ POINTWISE = {
     "frexp": (torch.frexp, [F_(3, 4)]),
     "frexp_0d": (torch.frexp, [F_()]),
     "complex": (torch.complex, [F_(3, 4), F_(3, 4)]),
-    "native_dropout_backward": (lambda g, m: aten.native_dropout_backward(g, m, 2.0),
-                                [F_(3, 4), K("b", 3, 4)]),
+    "native_dropout_backward": (
+        lambda g, m: aten.native_dropout_backward(g, m, 2.0),
+        [F_(3, 4), K("b", 3, 4)],
+    ),
 }
 
 REDUCTIONS = {
     "var_mean_dim": (lambda a: torch.var_mean(a, 1), [F_(3, 4, 5)]),
-    "var_mean_keepdim_correction": (lambda a: torch.var_mean(a, [0, -1], correction=0,
-                                                             keepdim=True), [F_(3, 4, 5)]),
+    "var_mean_keepdim_correction": (
+        lambda a: torch.var_mean(a, [0, -1], correction=0, keepdim=True),
+        [F_(3, 4, 5)],
+    ),
     "var_mean_all": (torch.var_mean, [F_(3, 4)]),
     "std_mean_dim": (lambda a: torch.std_mean(a, -1), [F_(3, 4)]),
     "std_mean_all_keepdim": (lambda a: torch.std_mean(a, None, keepdim=True), [F_(3, 4)]),
@@ -113,26 +145,26 @@ REDUCTIONS = {
     "dist_0": (lambda a, b: torch.dist(a, b, 0), [K("n", 3, 4), K("n", 3, 4)]),
     "dist_0d": (torch.dist, [F_(), F_()]),
     "norm_scalaropt_dim": (lambda a: aten.norm.ScalarOpt_dim(a, 3, [1]), [F_(3, 4)]),
-    "norm_scalaropt_dim_none_keepdim": (lambda a: aten.norm.ScalarOpt_dim(a, None, [0, 2], True),
-                                        [F_(3, 4, 2)]),
+    "norm_scalaropt_dim_none_keepdim": (
+        lambda a: aten.norm.ScalarOpt_dim(a, None, [0, 2], True),
+        [F_(3, 4, 2)],
+    ),
     "norm_scalaropt_dim_empty": (lambda a: aten.norm.ScalarOpt_dim(a, 1, []), [F_(3, 4)]),
     "norm_scalaropt_dim_dtype": (
         lambda a: aten.norm.ScalarOpt_dim_dtype(a, 2, [-1], False, dtype=torch.float64),
-        [F_(3, 4)]),
+        [F_(3, 4)],
+    ),
     "norm_scalar": (lambda a: aten.norm.Scalar(a, 1), [F_(3, 4)]),
-    "norm_scalaropt_dtype": (lambda a: aten.norm.ScalarOpt_dtype(a, None, dtype=torch.float64),
-                             [F_(3, 4)]),
+    "norm_scalaropt_dtype": (lambda a: aten.norm.ScalarOpt_dtype(a, None, dtype=torch.float64), [F_(3, 4)]),
     "median_all": (torch.median, [F_(3, 4)]),
     "median_all_nan": (torch.median, [K("nan", 3, 4)]),
     "nanmedian_all": (torch.nanmedian, [K("nan", 3, 4)]),
     "nanmedian_dim": (lambda a: torch.nanmedian(a, 1), [K("nan", 3, 4)]),
     "sort_stable": (lambda a: torch.sort(a, dim=1, stable=True), [K("n", 3, 6)]),
-    "sort_stable_descending": (lambda a: torch.sort(a, stable=True, descending=True),
-                               [K("n", 3, 6)]),
+    "sort_stable_descending": (lambda a: torch.sort(a, stable=True, descending=True), [K("n", 3, 6)]),
     "sort_stable_0d": (lambda a: torch.sort(a, stable=True), [F_()]),
     "safe_softmax": (lambda a: aten._safe_softmax(a, -1), [K("ninf", 3, 4)]),
-    "safe_softmax_dim0_dtype": (lambda a: aten._safe_softmax(a, 0, torch.float64),
-                                [K("ninf", 3, 4)]),
+    "safe_softmax_dim0_dtype": (lambda a: aten._safe_softmax(a, 0, torch.float64), [K("ninf", 3, 4)]),
     "renorm_0": (lambda a: torch.renorm(a, 2, 0, 1.0), [F_(3, 4)]),
     "renorm_1": (lambda a: torch.renorm(a, 1, 1, 0.5), [F_(3, 4, 2)]),
     "renorm_neg": (lambda a: torch.renorm(a, math.inf, -1, 0.7), [F_(3, 4)]),
@@ -179,8 +211,7 @@ VIEWS = {
     "select_scatter": (lambda a, s: torch.select_scatter(a, s, 0, -1), [F_(3, 4), F_(4)]),
     "select_scatter_0d_src": (lambda a, s: torch.select_scatter(a, s, 0, 1), [F_(3), F_()]),
     "diagonal_scatter": (lambda a, s: torch.diagonal_scatter(a, s), [F_(3, 4), F_(3)]),
-    "diagonal_scatter_offset": (lambda a, s: torch.diagonal_scatter(a, s, -1, 2, 0),
-                                [F_(3, 2, 4), F_(2, 3)]),
+    "diagonal_scatter_offset": (lambda a, s: torch.diagonal_scatter(a, s, -1, 2, 0), [F_(3, 2, 4), F_(2, 3)]),
     "view_as_real": (torch.view_as_real, [K("c", 3, 4)]),
     "view_as_real_0d": (torch.view_as_real, [K("c")]),
     "view_as_complex": (torch.view_as_complex, [F_(3, 2)]),
@@ -222,13 +253,17 @@ INPLACE_INTO_ARG0 = {"clamp_min_tensor_inplace", "clamp_max_tensor_inplace"}
 # Cases where torch.func.vmap itself disagrees with the for-loop (ours is compared with the loop
 # only there): name -> (placements or None for all, what torch.func does).
 TORCH_FUNC_WRONG = {
-    "prelu_kernel_backward": ({"0", "-1", "mid", "None@0", "None@1"},
-                              "raises 'The size of tensor a (2) must match the size of tensor b "
-                              "(3)' when the weight is batched and of lower rank than self"),
-    "aminmax_all_keepdim": ({"0", "-1", "mid"}, "drops a dim: returns [B, 1] where each element "
-                            "is [1, 1]"),
-    "split_copy": (None, "raises 'Batching rule not implemented for aten::split_copy.Tensor. We "
-                   "could not generate a fallback'"),
+    "prelu_kernel_backward": (
+        {"0", "-1", "mid", "None@0", "None@1"},
+        "raises 'The size of tensor a (2) must match the size of tensor b "
+        "(3)' when the weight is batched and of lower rank than self",
+    ),
+    "aminmax_all_keepdim": ({"0", "-1", "mid"}, "drops a dim: returns [B, 1] where each element is [1, 1]"),
+    "split_copy": (
+        None,
+        "raises 'Batching rule not implemented for aten::split_copy.Tensor. We "
+        "could not generate a fallback'",
+    ),
 }
 
 
@@ -247,16 +282,19 @@ def test_in_place_into_unbatched_self_is_a_clear_error():
         ft.vmap(lambda b: torch.zeros(4).clamp_min_(b))(torch.randn(B, 4))
 
 
-@pytest.mark.parametrize("fn,shape,match", [
-    (lambda a: F.glu(a), (), "glu does not support scalars"),
-    (lambda a: torch.renorm(a, 2, 0, 1.0), (4,), "renorm: input needs at least 2 dimensions"),
-    (lambda a: torch.rot90(a), (4,), "expected total dims >= 2"),
-    (lambda a: F.pixel_shuffle(a, 1), (2, 2), "pixel_shuffle expects input to have at least 3"),
-    (lambda a: F.pixel_unshuffle(a, 1), (2, 2), "pixel_unshuffle expects input to have at least 3"),
-    (lambda a: F.channel_shuffle(a, 1), (2, 2), "channel_shuffle expects input with > 2 dims"),
-    (lambda a: torch.view_as_complex(a), (), "Input tensor must have one or more dimensions"),
-], ids=["glu", "renorm", "rot90", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
-        "view_as_complex"])
+@pytest.mark.parametrize(
+    "fn,shape,match",
+    [
+        (lambda a: F.glu(a), (), "glu does not support scalars"),
+        (lambda a: torch.renorm(a, 2, 0, 1.0), (4,), "renorm: input needs at least 2 dimensions"),
+        (lambda a: torch.rot90(a), (4,), "expected total dims >= 2"),
+        (lambda a: F.pixel_shuffle(a, 1), (2, 2), "pixel_shuffle expects input to have at least 3"),
+        (lambda a: F.pixel_unshuffle(a, 1), (2, 2), "pixel_unshuffle expects input to have at least 3"),
+        (lambda a: F.channel_shuffle(a, 1), (2, 2), "channel_shuffle expects input with > 2 dims"),
+        (lambda a: torch.view_as_complex(a), (), "Input tensor must have one or more dimensions"),
+    ],
+    ids=["glu", "renorm", "rot90", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle", "view_as_complex"],
+)
 def test_logical_rank_errors(fn, shape, match):
     """Rank checks see the logical rank: the batch dim must not make a too-small input valid.
     The error is torch's own for the same per-element input."""
@@ -337,7 +375,8 @@ TRANSFORMS = {
     "jacrev": lambda L, f, x: L.jacrev(f)(x),
     "jacfwd": lambda L, f, x: L.jacfwd(f)(x),
     "vmap_grad": lambda L, f, x: L.vmap(L.grad(lambda y: f(y).sin().sum()))(
-        x.unsqueeze(0).repeat(2, 1, 1) * torch.tensor([1.0, -0.5]).view(2, 1, 1)),
+        x.unsqueeze(0).repeat(2, 1, 1) * torch.tensor([1.0, -0.5]).view(2, 1, 1)
+    ),
 }
 
 

@@ -7,13 +7,14 @@ Every case runs under ft.set_vmap_fallback('error') (so a real rule must have ru
 with a Python for-loop and with torch.func.vmap, for each placement of the batch dim over the
 arguments (0, -1, a middle dim, and None for each argument in turn). Gradients go through the
 backward ops under vmap: ft.vmap(ft.grad), ft.jacrev and ft.jacfwd against torch.func."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import functorch_lite as ft
 from _placements import F_, I_, S_, case_params, run, torch_func_agrees
 from test_vmap import assert_same
+
+import functorch_lite as ft
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.cholesky is deprecated")
 
@@ -64,23 +65,29 @@ CASES = {
     "max_pool1d_indices": (lambda a: F.max_pool1d(a, 2, return_indices=True), [F_(2, 4, 5)]),
     "avg_pool1d": (lambda a: F.avg_pool1d(a, 2), [F_(2, 4, 5)]),
     "adaptive_avg_pool1d": (lambda a: F.adaptive_avg_pool1d(a, 3), [F_(2, 4, 5)]),
-    "adaptive_max_pool1d": (lambda a: F.adaptive_max_pool1d(a, 3, return_indices=True),
-                            [F_(2, 4, 5)]),
-    "adaptive_max_pool3d": (lambda a: F.adaptive_max_pool3d(a, (2, 3, 2), return_indices=True),
-                            [F_(2, 2, 4, 5, 4)]),
+    "adaptive_max_pool1d": (lambda a: F.adaptive_max_pool1d(a, 3, return_indices=True), [F_(2, 4, 5)]),
+    "adaptive_max_pool3d": (
+        lambda a: F.adaptive_max_pool3d(a, (2, 3, 2), return_indices=True),
+        [F_(2, 2, 4, 5, 4)],
+    ),
     # N = 1 made the expanded unbatched indices a stride-0 view after folding (a crash), and
     # permuted indices were read as dense by the CPU kernel
     "adaptive_max_pool3d_backward": (
         lambda g, x: torch.ops.aten.adaptive_max_pool3d_backward(
-            g, x, F.adaptive_max_pool3d(x, 2, return_indices=True)[1].transpose(0, 1)
-            .contiguous().transpose(0, 1)),
-        [F_(1, 2, 2, 2, 2), F_(1, 2, 4, 5, 4)]),
+            g,
+            x,
+            F.adaptive_max_pool3d(x, 2, return_indices=True)[1].transpose(0, 1).contiguous().transpose(0, 1),
+        ),
+        [F_(1, 2, 2, 2, 2), F_(1, 2, 4, 5, 4)],
+    ),
     "adaptive_max_pool3d_no_n": (lambda a: F.adaptive_max_pool3d(a, 2), [F_(2, 4, 5, 4)]),
     "max_unpool2d": (_maxpool_unpool2d, [F_(2, 2, 4, 6)]),
     "max_unpool2d_no_n": (_maxpool_unpool2d, [F_(2, 4, 6)]),
     "max_unpool3d": (_maxpool_unpool3d, [F_(2, 2, 4, 6, 4)]),
-    "max_unpool2d_given": (lambda y, i: F.max_unpool2d(y, i, 2, output_size=(4, 4)),
-                           [F_(2, 2, 2, 2), I_(16, 2, 2, 2, 2)]),
+    "max_unpool2d_given": (
+        lambda y, i: F.max_unpool2d(y, i, 2, output_size=(4, 4)),
+        [F_(2, 2, 2, 2), I_(16, 2, 2, 2, 2)],
+    ),
     "unfold": (lambda a: F.unfold(a, 2, padding=1), [F_(2, 2, 4, 5)]),
     "unfold_no_n": (lambda a: F.unfold(a, (2, 3), stride=2), [F_(2, 4, 5)]),
     "fold": (lambda a: F.fold(a, (4, 5), 2), [F_(2, 8, 12)]),
@@ -99,41 +106,51 @@ CASES = {
     "trilinear3d": (_interp("trilinear", scale_factor=2), [F_(2, 2, 4, 5, 2)]),
     "bilinear2d_aa": (_interp("bilinear", size=(2, 3), antialias=True), [F_(2, 2, 4, 5)]),
     "bicubic2d_aa": (_interp("bicubic", size=(3, 2), antialias=True), [F_(2, 2, 4, 5)]),
-    "grid_sample2d": (lambda a, g: F.grid_sample(a, g, align_corners=False),
-                      [F_(2, 2, 4, 5), ("unit", (2, 3, 4, 2))]),
-    "grid_sample2d_nearest": (lambda a, g: F.grid_sample(a, g, mode="nearest",
-                                                         padding_mode="border",
-                                                         align_corners=True),
-                              [F_(2, 2, 4, 5), ("unit", (2, 3, 4, 2))]),
-    "grid_sample3d": (lambda a, g: F.grid_sample(a, g, align_corners=False),
-                      [F_(2, 2, 4, 5, 2), ("unit", (2, 3, 2, 2, 3))]),
+    "grid_sample2d": (
+        lambda a, g: F.grid_sample(a, g, align_corners=False),
+        [F_(2, 2, 4, 5), ("unit", (2, 3, 4, 2))],
+    ),
+    "grid_sample2d_nearest": (
+        lambda a, g: F.grid_sample(a, g, mode="nearest", padding_mode="border", align_corners=True),
+        [F_(2, 2, 4, 5), ("unit", (2, 3, 4, 2))],
+    ),
+    "grid_sample3d": (
+        lambda a, g: F.grid_sample(a, g, align_corners=False),
+        [F_(2, 2, 4, 5, 2), ("unit", (2, 3, 2, 2, 3))],
+    ),
     # matrix products
     "baddbmm": (torch.baddbmm, [F_(2, 4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
-    "baddbmm_broadcast_self": (lambda s, a, b: torch.baddbmm(s, a, b, beta=0.5, alpha=2),
-                               [F_(5), F_(2, 4, 6), F_(2, 6, 5)]),
-    "baddbmm_beta0": (lambda s, a, b: torch.baddbmm(s.log(), a, b, beta=0),
-                      [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "baddbmm_broadcast_self": (
+        lambda s, a, b: torch.baddbmm(s, a, b, beta=0.5, alpha=2),
+        [F_(5), F_(2, 4, 6), F_(2, 6, 5)],
+    ),
+    "baddbmm_beta0": (
+        lambda s, a, b: torch.baddbmm(s.log(), a, b, beta=0),
+        [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)],
+    ),
     "addbmm": (torch.addbmm, [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
-    "addbmm_broadcast_self": (lambda s, a, b: torch.addbmm(s, a, b, beta=2, alpha=0.5),
-                              [F_(1, 5), F_(2, 4, 6), F_(2, 6, 5)]),
-    "addbmm_beta0": (lambda s, a, b: torch.addbmm(s.log(), a, b, beta=0),
-                     [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
-    "addbmm_alpha0": (lambda s, a, b: torch.addbmm(s, a.log(), b, alpha=0),
-                      [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)]),
+    "addbmm_broadcast_self": (
+        lambda s, a, b: torch.addbmm(s, a, b, beta=2, alpha=0.5),
+        [F_(1, 5), F_(2, 4, 6), F_(2, 6, 5)],
+    ),
+    "addbmm_beta0": (
+        lambda s, a, b: torch.addbmm(s.log(), a, b, beta=0),
+        [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)],
+    ),
+    "addbmm_alpha0": (
+        lambda s, a, b: torch.addbmm(s, a.log(), b, alpha=0),
+        [F_(4, 5), F_(2, 4, 6), F_(2, 6, 5)],
+    ),
     "addmv": (torch.addmv, [F_(4), F_(4, 6), F_(6)]),
-    "addmv_scalars": (lambda s, a, b: torch.addmv(s, a, b, beta=0.5, alpha=-2),
-                      [F_(), F_(4, 6), F_(6)]),
+    "addmv_scalars": (lambda s, a, b: torch.addmv(s, a, b, beta=0.5, alpha=-2), [F_(), F_(4, 6), F_(6)]),
     "addmv_beta0": (lambda s, a, b: torch.addmv(s.log(), a, b, beta=0), [F_(4), F_(4, 6), F_(6)]),
-    "addmv_alpha0": (lambda s, a, b: torch.addmv(s, a.log(), b, alpha=0),
-                     [F_(4), F_(4, 6), F_(6)]),
+    "addmv_alpha0": (lambda s, a, b: torch.addmv(s, a.log(), b, alpha=0), [F_(4), F_(4, 6), F_(6)]),
     "addr": (torch.addr, [F_(4, 5), F_(4), F_(5)]),
-    "addr_broadcast_self": (lambda s, a, b: torch.addr(s, a, b, beta=2, alpha=0.5),
-                            [F_(5), F_(4), F_(5)]),
+    "addr_broadcast_self": (lambda s, a, b: torch.addr(s, a, b, beta=2, alpha=0.5), [F_(5), F_(4), F_(5)]),
     "addr_beta0": (lambda s, a, b: torch.addr(s.log(), a, b, beta=0), [F_(4, 5), F_(4), F_(5)]),
     "addr_alpha0": (lambda s, a, b: torch.addr(s, a.log(), b, alpha=0), [F_(4, 5), F_(4), F_(5)]),
     "vdot": (torch.vdot, [F_(5), F_(5)]),
-    "vdot_complex": (lambda a, b: torch.vdot(a + 1j * b, b - 2j * a),
-                     [F_(5), F_(5)]),
+    "vdot_complex": (lambda a, b: torch.vdot(a + 1j * b, b - 2j * a), [F_(5), F_(5)]),
     "cross": (lambda a, b: torch.linalg.cross(a, b), [F_(4, 3), F_(4, 3)]),
     "cross_dim0": (lambda a, b: torch.linalg.cross(a, b, dim=0), [F_(3, 4), F_(3, 4)]),
     "cross_broadcast": (lambda a, b: torch.linalg.cross(a, b), [F_(4, 3), F_(1, 3)]),
@@ -143,22 +160,24 @@ CASES = {
     "pinv": (torch.linalg.pinv, [F_(4, 6)]),
     "pinv_hermitian": (lambda a: torch.linalg.pinv(_spd(a), hermitian=True), [F_(4, 4)]),
     "pinv_atol": (lambda a, t: torch.linalg.pinv(a, atol=t.abs()), [F_(2, 4, 6), F_()]),
-    "pinv_rtol": (lambda a, t: torch.linalg.pinv(a, rtol=t.abs(),
-                                                       atol=torch.tensor(0.1)), [F_(2, 4, 6), F_(2)]),
+    "pinv_rtol": (
+        lambda a, t: torch.linalg.pinv(a, rtol=t.abs(), atol=torch.tensor(0.1)),
+        [F_(2, 4, 6), F_(2)],
+    ),
     "cholesky": (lambda a: torch.cholesky(_spd(a)), [F_(4, 4)]),
     "cholesky_upper": (lambda a: torch.cholesky(_spd(a), upper=True), [F_(2, 4, 4)]),
     "geqrf": (torch.geqrf, [F_(5, 4)]),
     "ormqr": (lambda a, c: torch.ormqr(*torch.geqrf(a), c), [F_(5, 4), F_(5, 3)]),
-    "ormqr_transpose_right": (lambda a, c: torch.ormqr(*torch.geqrf(a), c, left=False,
-                                                       transpose=True), [F_(5, 4), F_(3, 5)]),
+    "ormqr_transpose_right": (
+        lambda a, c: torch.ormqr(*torch.geqrf(a), c, left=False, transpose=True),
+        [F_(5, 4), F_(3, 5)],
+    ),
     # distances and bilinear
     "cdist": (torch.cdist, [F_(4, 3), F_(5, 3)]),
     "cdist_p1_batch": (lambda a, b: torch.cdist(a, b, p=1), [F_(2, 4, 3), F_(5, 3)]),
-    "cdist_pinf_broadcast": (lambda a, b: torch.cdist(a, b, p=float("inf")),
-                             [F_(4, 3), F_(2, 5, 3)]),
+    "cdist_pinf_broadcast": (lambda a, b: torch.cdist(a, b, p=float("inf")), [F_(4, 3), F_(2, 5, 3)]),
     "cdist_p0.5_mm": (lambda a, b: torch.cdist(a, b, p=0.5), [F_(30, 3), F_(27, 3)]),
-    "cdist_mm": (lambda a, b: torch.cdist(a, b, compute_mode="use_mm_for_euclid_dist"),
-                 [F_(4, 3), F_(5, 3)]),
+    "cdist_mm": (lambda a, b: torch.cdist(a, b, compute_mode="use_mm_for_euclid_dist"), [F_(4, 3), F_(5, 3)]),
     "pdist": (F.pdist, [F_(5, 3)]),
     "pdist_p1": (lambda a: F.pdist(a, p=1), [F_(5, 3)]),
     "pdist_pinf": (lambda a: F.pdist(a, p=float("inf")), [F_(4, 2)]),
@@ -166,32 +185,43 @@ CASES = {
     "bilinear_bias": (F.bilinear, [F_(4), F_(5), F_(6, 4, 5), F_(6)]),
     # losses
     "nll_loss2d": (F.nll_loss, [F_(2, 4, 5, 2), I_(4, 2, 5, 2)]),
-    "nll_loss2d_none": (lambda a, t: F.nll_loss(a, t, reduction="none", ignore_index=1),
-                        [F_(2, 4, 5, 2), I_(4, 2, 5, 2)]),
-    "nll_loss2d_weight_sum": (lambda a, t, w: F.nll_loss(a, t, w.exp(), reduction="sum"),
-                              [F_(2, 4, 5, 2), I_(4, 2, 5, 2), F_(4)]),
-    "nll_loss2d_weight_mean": (lambda a, t, w: F.nll_loss(a, t, w.exp(), ignore_index=0),
-                               [F_(2, 4, 5, 2), I_(4, 2, 5, 2), F_(4)]),
+    "nll_loss2d_none": (
+        lambda a, t: F.nll_loss(a, t, reduction="none", ignore_index=1),
+        [F_(2, 4, 5, 2), I_(4, 2, 5, 2)],
+    ),
+    "nll_loss2d_weight_sum": (
+        lambda a, t, w: F.nll_loss(a, t, w.exp(), reduction="sum"),
+        [F_(2, 4, 5, 2), I_(4, 2, 5, 2), F_(4)],
+    ),
+    "nll_loss2d_weight_mean": (
+        lambda a, t, w: F.nll_loss(a, t, w.exp(), ignore_index=0),
+        [F_(2, 4, 5, 2), I_(4, 2, 5, 2), F_(4)],
+    ),
     "cross_entropy_3d": (lambda a, t: F.cross_entropy(a, t), [F_(2, 4, 5), I_(4, 2, 5)]),
     "soft_margin": (F.soft_margin_loss, [F_(4, 5), S_(4, 5)]),
-    "soft_margin_none": (lambda a, t: F.soft_margin_loss(a, t, reduction="none"),
-                         [F_(4, 5), S_(4, 5)]),
+    "soft_margin_none": (lambda a, t: F.soft_margin_loss(a, t, reduction="none"), [F_(4, 5), S_(4, 5)]),
     "multi_margin": (F.multi_margin_loss, [F_(4, 5), I_(5, 4)]),
     "multi_margin_1d": (F.multi_margin_loss, [F_(5), I_(5)]),
     "multi_margin_1d_target_1": (F.multi_margin_loss, [F_(5), I_(5, 1)]),
-    "multi_margin_p2_none": (lambda a, t: F.multi_margin_loss(a, t, p=2, margin=0.5,
-                                                              reduction="none"),
-                             [F_(4, 5), I_(5, 4)]),
-    "multi_margin_weight_sum": (lambda a, t, w: F.multi_margin_loss(a, t, weight=w.exp(),
-                                                                    reduction="sum"),
-                                [F_(4, 5), I_(5, 4), F_(5)]),
+    "multi_margin_p2_none": (
+        lambda a, t: F.multi_margin_loss(a, t, p=2, margin=0.5, reduction="none"),
+        [F_(4, 5), I_(5, 4)],
+    ),
+    "multi_margin_weight_sum": (
+        lambda a, t, w: F.multi_margin_loss(a, t, weight=w.exp(), reduction="sum"),
+        [F_(4, 5), I_(5, 4), F_(5)],
+    ),
     "multi_margin_0d": (lambda a, t: F.multi_margin_loss(a, t, reduction="none"), [F_(), I_(1)]),
     "multilabel_margin": (F.multilabel_margin_loss, [F_(4, 5), I_(5, 4, 5)]),
     "multilabel_margin_0d": (F.multilabel_margin_loss, [F_(), I_(1)]),
-    "multilabel_margin_1d_none": (lambda a, t: F.multilabel_margin_loss(a, t, reduction="none"),
-                                  [F_(5), I_(5, 5)]),
-    "multilabel_margin_sum": (lambda a, t: F.multilabel_margin_loss(a, t, reduction="sum"),
-                              [F_(4, 5), I_(5, 4, 5)]),
+    "multilabel_margin_1d_none": (
+        lambda a, t: F.multilabel_margin_loss(a, t, reduction="none"),
+        [F_(5), I_(5, 5)],
+    ),
+    "multilabel_margin_sum": (
+        lambda a, t: F.multilabel_margin_loss(a, t, reduction="sum"),
+        [F_(4, 5), I_(5, 4, 5)],
+    ),
 }
 
 # Cases where torch.func.vmap disagrees with the for-loop (ours is compared with the loop only
@@ -199,25 +229,45 @@ CASES = {
 TORCH_FUNC_WRONG = {
     "addbmm_alpha0": (None, "propagates NaNs of the product, which addbmm with alpha=0 ignores"),
     "addmv_alpha0": (None, "propagates NaNs of the product, which addmv with alpha=0 ignores"),
-    "lstsq_vector": ({"0", "-1", "mid", "None@0"}, "raises 'input.size(-2) should match "
-                     "other.size(-2)': a batched vector right-hand side is taken as a matrix"),
+    "lstsq_vector": (
+        {"0", "-1", "mid", "None@0"},
+        "raises 'input.size(-2) should match "
+        "other.size(-2)': a batched vector right-hand side is taken as a matrix",
+    ),
 }
 
 # Placements where the function itself is invalid for the for-loop as well.
 SKIP = {}
 
-ATOL = {"lstsq": 1e-4, "lstsq_gelsd": 1e-4, "lstsq_vector": 1e-4, "pinv": 1e-4,
-        "pinv_atol": 1e-4, "pinv_rtol": 1e-4, "pinv_hermitian": 1e-4, "ormqr": 1e-4,
-        "ormqr_transpose_right": 1e-4, "bicubic2d_aa": 1e-4, "bilinear2d_aa": 1e-4,
-        "cdist_mm": 1e-4, "cdist_p0.5_mm": 1e-4}
+ATOL = {
+    "lstsq": 1e-4,
+    "lstsq_gelsd": 1e-4,
+    "lstsq_vector": 1e-4,
+    "pinv": 1e-4,
+    "pinv_atol": 1e-4,
+    "pinv_rtol": 1e-4,
+    "pinv_hermitian": 1e-4,
+    "ormqr": 1e-4,
+    "ormqr_transpose_right": 1e-4,
+    "bicubic2d_aa": 1e-4,
+    "bilinear2d_aa": 1e-4,
+    "cdist_mm": 1e-4,
+    "cdist_p0.5_mm": 1e-4,
+}
 
 
-@pytest.mark.parametrize("name,pname,in_dims", list(case_params(
-    CASES, skip=lambda name, pname: pname in SKIP.get(name, ()))))
+@pytest.mark.parametrize(
+    "name,pname,in_dims", list(case_params(CASES, skip=lambda name, pname: pname in SKIP.get(name, ())))
+)
 def test_rule(name, pname, in_dims):
     fn, specs = CASES[name]
-    run(fn, specs, in_dims, torch_func=torch_func_agrees(TORCH_FUNC_WRONG, name, pname),
-        atol=ATOL.get(name, 1e-5))
+    run(
+        fn,
+        specs,
+        in_dims,
+        torch_func=torch_func_agrees(TORCH_FUNC_WRONG, name, pname),
+        atol=ATOL.get(name, 1e-5),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,14 +327,14 @@ DIFF_FUNCS = {
     "multi_margin_p2_none": (lambda x: F.multi_margin_loss(x, _T1, p=2, reduction="none"), (4, 5)),
     "multi_margin_weight": (lambda x: F.multi_margin_loss(x, _T1, weight=x[0].exp().detach()), (4, 5)),
     "multilabel_margin": (lambda x: F.multilabel_margin_loss(x, _TML), (4, 5)),
-    "multilabel_margin_none": (lambda x: F.multilabel_margin_loss(x, _TML, reduction="none"),
-                               (4, 5)),
+    "multilabel_margin_none": (lambda x: F.multilabel_margin_loss(x, _TML, reduction="none"), (4, 5)),
     "multi_margin_0d": (lambda x: F.multi_margin_loss(x, torch.tensor(0)), ()),
     "multilabel_margin_0d": (lambda x: F.multilabel_margin_loss(x, torch.tensor(0)), ()),
 }
 TRANSFORMS = {
     "vmap_grad": lambda L, f, x: L.vmap(L.grad(lambda y: f(y).sin().sum()))(
-        x.unsqueeze(0) * torch.tensor([1.0, -0.5, 2.0]).view(3, *[1] * x.dim())),
+        x.unsqueeze(0) * torch.tensor([1.0, -0.5, 2.0]).view(3, *[1] * x.dim())
+    ),
     "jacrev": lambda L, f, x: L.jacrev(f)(x),
     "jacfwd": lambda L, f, x: L.jacfwd(f)(x),
 }
@@ -298,8 +348,7 @@ TRANSFORM_SKIP = {
     ("multilabel_margin", "jacfwd"): "forward AD of multilabel_margin_loss is not implemented",
     ("multi_margin_0d", "jacfwd"): "forward AD of multi_margin_loss is not implemented",
     ("multilabel_margin_0d", "jacfwd"): "forward AD of multilabel_margin_loss is not implemented",
-    ("multilabel_margin_none", "jacfwd"): "forward AD of multilabel_margin_loss is not "
-                                          "implemented",
+    ("multilabel_margin_none", "jacfwd"): "forward AD of multilabel_margin_loss is not implemented",
     ("pdist", "jacfwd"): "forward AD of _pdist_forward is not implemented in torch",
     ("pdist_p3", "jacfwd"): "forward AD of _pdist_forward is not implemented in torch",
     ("bilinear2d_aa", "jacfwd"): "forward AD of _upsample_bilinear2d_aa is not implemented",

@@ -48,18 +48,19 @@ bool isForeignTransformTensor(const at::Tensor& t) {
 }
 
 void rejectForeignTransformTensor(const at::Tensor& t, const char* api) {
-  TORCH_CHECK(!isForeignTransformTensor(t), "functorch_lite.", api, ": got a tensor of a "
+  TORCH_CHECK(!isForeignTransformTensor(t), "functorch_lite.", api,
+              ": got a tensor of a "
               "torch.func transform. functorch_lite and torch.func cannot be mixed in one "
               "computation: use one library for every transform of it.");
 }
 
 void rejectForeignTransformActive(const char* where) {
   // Python-mode keys are TLS bookkeeping of torch's Python dispatcher, not transforms.
-  static const c10::DispatchKeySet foreign = wrapperRegionKeys(
-      {DispatchKey::DeferredInit, DispatchKey::PythonTLSSnapshot, DispatchKey::PreDispatch,
-       DispatchKey::PythonDispatcher});
-  TORCH_CHECK(!c10::impl::tls_local_dispatch_key_set().included_.has_any(foreign),
-              "functorch_lite.", where, " was called inside a torch.func transform. "
+  static const c10::DispatchKeySet foreign =
+      wrapperRegionKeys({DispatchKey::DeferredInit, DispatchKey::PythonTLSSnapshot, DispatchKey::PreDispatch,
+                         DispatchKey::PythonDispatcher});
+  TORCH_CHECK(!c10::impl::tls_local_dispatch_key_set().included_.has_any(foreign), "functorch_lite.", where,
+              " was called inside a torch.func transform. "
               "functorch_lite and torch.func cannot be mixed in one computation: use one library "
               "for every transform of it.");
 }
@@ -90,10 +91,11 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
     const auto& iv = (*stack)[begin + i];
     if (!iv.isTensor()) continue;
     auto* gw = asGradWrapper(iv.toTensor());
-    TORCH_CHECK(gw && gw->level() == top.id && !gw->immutable(),
-                "functorch_lite.", levelKindName(top.kind), ": the function being transformed called "
+    TORCH_CHECK(gw && gw->level() == top.id && !gw->immutable(), "functorch_lite.", levelKindName(top.kind),
+                ": the function being transformed called "
                 "the in-place operation ",
-                schema.operator_name(), ", which would mutate a captured Tensor (one captured "
+                schema.operator_name(),
+                ", which would mutate a captured Tensor (one captured "
                 "from outside the transform, or an input not being differentiated in an outer "
                 "transform). This is not supported: pass the tensor as an argument of the "
                 "function, or use the out-of-place version of the operation.");
@@ -142,7 +144,9 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   const Level* top = levelStack().top();
   TORCH_CHECK(top && top->kind != LevelKind::Vmap, "functorch_lite: ", schema.operator_name(),
               " reached a grad- or jvp-level tensor with no such transform active on this thread "
-              "(stack ", describeStack(), "). This happens when such a tensor is used from "
+              "(stack ",
+              describeStack(),
+              "). This happens when such a tensor is used from "
               "another thread while its transform runs; please report it.");
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;
@@ -171,7 +175,8 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
     HandDownGuard guard;
     op.callBoxed(stack);
   }
-  for (auto& [impl, wrapper] : mutated) static_cast<GradWrapperImpl*>(wrapper.unsafeGetTensorImpl())->refreshMetadata();
+  for (auto& [impl, wrapper] : mutated)
+    static_cast<GradWrapperImpl*>(wrapper.unsafeGetTensorImpl())->refreshMetadata();
   const size_t nrets = schema.returns().size();
   forEachTensorInplace(*stack, stack->size() - nrets, stack->size(), [&](const at::Tensor& t) {
     if (!t.defined()) return t;
@@ -246,7 +251,9 @@ void flushPendingBackKernels() {
   for (const auto& name : todo) registerBackKernel(name);
 }
 
-int64_t numBackKernels() { return backRegistry().count.load(); }
+int64_t numBackKernels() {
+  return backRegistry().count.load();
+}
 
 namespace {
 
@@ -259,8 +266,7 @@ namespace {
 // there), so its entry and exit ops are refused on our tensors and while any level is live.
 bool isLegacyVmapOp(const c10::OperatorHandle& op) {
   static const auto add = c10::Dispatcher::singleton().findSchemaOrThrow("aten::_add_batch_dim", "");
-  static const auto remove =
-      c10::Dispatcher::singleton().findSchemaOrThrow("aten::_remove_batch_dim", "");
+  static const auto remove = c10::Dispatcher::singleton().findSchemaOrThrow("aten::_remove_batch_dim", "");
   return op == add || op == remove;
 }
 
@@ -327,14 +333,14 @@ std::once_flag init_once;
 void initializeDispatch() {
   std::call_once(init_once, [] {
     checkKeysAreFree();
-    static auto* front = new torch::Library(torch::Library::IMPL, "_", DispatchKey::DeferredInit,
-                                            __FILE__, __LINE__);
+    static auto* front =
+        new torch::Library(torch::Library::IMPL, "_", DispatchKey::DeferredInit, __FILE__, __LINE__);
     front->fallback(torch::CppFunction::makeFromBoxedFunction<&frontFallback>());
-    static auto* back = new torch::Library(torch::Library::IMPL, "_", DispatchKey::PrivateUse3,
-                                           __FILE__, __LINE__);
+    static auto* back =
+        new torch::Library(torch::Library::IMPL, "_", DispatchKey::PrivateUse3, __FILE__, __LINE__);
     back->fallback(torch::CppFunction::makeFromBoxedFunction<&backKernel>());
-    static auto* autograd = new torch::Library(torch::Library::IMPL, "_",
-                                               DispatchKey::AutogradPrivateUse3, __FILE__, __LINE__);
+    static auto* autograd =
+        new torch::Library(torch::Library::IMPL, "_", DispatchKey::AutogradPrivateUse3, __FILE__, __LINE__);
     autograd->fallback(torch::autograd::basicAutogradNotImplementedFallback());
     // The listener is told about every op that already exists, then about each new one.
     static auto listener_handle =

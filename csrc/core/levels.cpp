@@ -12,9 +12,12 @@ namespace ftl {
 
 const char* levelKindName(LevelKind k) {
   switch (k) {
-    case LevelKind::Vmap: return "vmap";
-    case LevelKind::Grad: return "grad";
-    case LevelKind::Jvp: return "jvp";
+    case LevelKind::Vmap:
+      return "vmap";
+    case LevelKind::Grad:
+      return "grad";
+    case LevelKind::Jvp:
+      return "jvp";
   }
   return "?";
 }
@@ -95,7 +98,8 @@ int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomne
 void LevelStack::pop(int64_t id) {
   TORCH_CHECK(depth_ == levels_.size() && !levels_.empty() && levels_.back().id == id,
               "functorch_lite: transforms must exit in the reverse order they were entered "
-              "(tried to exit level ", id, ", stack is ", describeStack(), ")");
+              "(tried to exit level ",
+              id, ", stack is ", describeStack(), ")");
   Level& level = levels_.back();
   *level.alive = false;
   c10::impl::_force_tls_local_dispatch_key_set(level.saved_tls);
@@ -123,8 +127,7 @@ HandDownGuard::HandDownGuard()
     at::GradMode::set_enabled(prev_grad_mode_ && hidden.prev_grad_mode);
   }
   if (hidden.kind == LevelKind::Jvp) {
-    c10::AutogradState::get_tls_state().set_fw_grad_mode(prev_fw_grad_mode_ &&
-                                                          hidden.prev_fw_grad_mode);
+    c10::AutogradState::get_tls_state().set_fw_grad_mode(prev_fw_grad_mode_ && hidden.prev_fw_grad_mode);
   }
 }
 

@@ -54,12 +54,12 @@ const char* levelKindName(LevelKind k);
 struct Level {
   int64_t id;
   LevelKind kind;
-  int64_t batch_size;      // vmap only
-  Randomness randomness;   // vmap only
-  bool prev_grad_mode;     // GradMode in force when the level was entered
-  bool prev_fw_grad_mode;  // forward-AD grad mode in force when the level was entered
+  int64_t batch_size;                        // vmap only
+  Randomness randomness;                     // vmap only
+  bool prev_grad_mode;                       // GradMode in force when the level was entered
+  bool prev_fw_grad_mode;                    // forward-AD grad mode in force when the level was entered
   c10::impl::LocalDispatchKeySet saved_tls;  // dispatch-key TLS in force when the level was entered
-  bool lifted_inference_mode;  // NOTE [Inference mode around a transform]
+  bool lifted_inference_mode;                // NOTE [Inference mode around a transform]
   std::shared_ptr<bool> alive;
 };
 

@@ -30,8 +30,7 @@ FtTensorImplBase::FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t l
 // ---------------------------------------------------------------------------------------------
 BatchedTensorImpl::BatchedTensorImpl(at::Tensor value, int64_t bdim, int64_t level,
                                      std::shared_ptr<bool> alive)
-    : FtTensorImplBase(WrapperKind::Batched, std::move(value), level, std::move(alive)),
-      bdim_(bdim) {
+    : FtTensorImplBase(WrapperKind::Batched, std::move(value), level, std::move(alive)), bdim_(bdim) {
   TORCH_INTERNAL_ASSERT(value_.defined());
   refreshMetadata();
 }
@@ -69,7 +68,8 @@ c10::intrusive_ptr<c10::TensorImpl> BatchedTensorImpl::shallow_copy_and_detach(
 
 void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
   auto* other = dynamic_cast<BatchedTensorImpl*>(impl.get());
-  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a BatchedTensor "
+  TORCH_CHECK(other,
+              "functorch_lite: cannot copy another kind of tensor into a BatchedTensor "
               "(did you assign `.data` across a vmap boundary?)");
   value_ = other->value_;
   bdim_ = other->bdim_;
@@ -79,10 +79,8 @@ void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorIm
 }
 
 // ---------------------------------------------------------------------------------------------
-GradWrapperImpl::GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive,
-                                 bool immutable)
-    : FtTensorImplBase(WrapperKind::Grad, std::move(value), level, std::move(alive)),
-      immutable_(immutable) {
+GradWrapperImpl::GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive, bool immutable)
+    : FtTensorImplBase(WrapperKind::Grad, std::move(value), level, std::move(alive)), immutable_(immutable) {
   TORCH_INTERNAL_ASSERT(value_.defined());
   refreshMetadata();
   // A wrapped Python number keeps its weak type-promotion category through the wrapper.
@@ -116,7 +114,8 @@ c10::intrusive_ptr<c10::TensorImpl> GradWrapperImpl::shallow_copy_and_detach(
 
 void GradWrapperImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl>& impl) {
   auto* other = dynamic_cast<GradWrapperImpl*>(impl.get());
-  TORCH_CHECK(other, "functorch_lite: cannot copy another kind of tensor into a grad-level tensor "
+  TORCH_CHECK(other,
+              "functorch_lite: cannot copy another kind of tensor into a grad-level tensor "
               "(did you assign `.data` across a transform boundary?)");
   value_ = other->value_;
   level_ = other->level_;
@@ -128,13 +127,11 @@ void GradWrapperImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorImpl
 // ---------------------------------------------------------------------------------------------
 at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Level& level) {
   if (!bdim.has_value()) return value;
-  return at::Tensor(
-      c10::make_intrusive<BatchedTensorImpl>(std::move(value), *bdim, level.id, level.alive));
+  return at::Tensor(c10::make_intrusive<BatchedTensorImpl>(std::move(value), *bdim, level.id, level.alive));
 }
 
 at::Tensor makeGradWrapper(at::Tensor value, const Level& level, bool immutable) {
-  return at::Tensor(
-      c10::make_intrusive<GradWrapperImpl>(std::move(value), level.id, level.alive, immutable));
+  return at::Tensor(c10::make_intrusive<GradWrapperImpl>(std::move(value), level.id, level.alive, immutable));
 }
 
 std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level) {

@@ -101,8 +101,7 @@ class BatchedTensorImpl final : public FtTensorImplBase {
 
 class GradWrapperImpl final : public FtTensorImplBase {
  public:
-  GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive,
-                  bool immutable = false);
+  GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive, bool immutable = false);
   void refreshMetadata();
   // NOTE [Immutable wrappers]: a wrapper made by lifting a tensor captured from outside the
   // transform (and every view of one) is immutable: writing into it would change the captured
@@ -129,8 +128,7 @@ inline FtTensorImplBase* asFt(const at::Tensor& t) {
 }
 inline BatchedTensorImpl* asBatched(const at::Tensor& t) {
   auto* ft = asFt(t);
-  return ft && ft->wrapperKind() == WrapperKind::Batched ? static_cast<BatchedTensorImpl*>(ft)
-                                                         : nullptr;
+  return ft && ft->wrapperKind() == WrapperKind::Batched ? static_cast<BatchedTensorImpl*>(ft) : nullptr;
 }
 inline GradWrapperImpl* asGradWrapper(const at::Tensor& t) {
   auto* ft = asFt(t);

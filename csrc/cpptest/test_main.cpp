@@ -2,15 +2,15 @@
 // ctest. A minimal harness (no gtest in a torch wheel): each CHECK failure is reported and makes
 // the binary exit non-zero.
 #include <ATen/ATen.h>
-#include <torch/csrc/autograd/autograd.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <ATen/ThreadLocalState.h>
 
 #include <functional>
-#include <thread>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/dispatch.h"
@@ -26,16 +26,16 @@ std::vector<std::pair<std::string, std::function<void()>>>& tests() {
 struct Register {
   Register(const char* name, std::function<void()> f) { tests().emplace_back(name, std::move(f)); }
 };
-#define TEST(name)                              \
-  void name();                                  \
-  static Register reg_##name(#name, name);      \
+#define TEST(name)                         \
+  void name();                             \
+  static Register reg_##name(#name, name); \
   void name()
-#define CHECK(cond)                                                                        \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      ++failures;                                                                          \
-      std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK failed: " #cond << std::endl;   \
-    }                                                                                      \
+#define CHECK(cond)                                                                      \
+  do {                                                                                   \
+    if (!(cond)) {                                                                       \
+      ++failures;                                                                        \
+      std::cerr << __FILE__ << ":" << __LINE__ << ": CHECK failed: " #cond << std::endl; \
+    }                                                                                    \
   } while (0)
 
 bool frontIncluded() {

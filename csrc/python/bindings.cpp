@@ -20,8 +20,8 @@ namespace {
 
 const Level& liveLevel(int64_t id) {
   const Level* level = levelStack().find(id);
-  TORCH_CHECK(level, "functorch_lite: level ", id, " is not active on this thread (stack ",
-              describeStack(), ")");
+  TORCH_CHECK(level, "functorch_lite: level ", id, " is not active on this thread (stack ", describeStack(),
+              ")");
   return *level;
 }
 
@@ -95,89 +95,93 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- levels
   m.def("_push_vmap", torch::wrap_pybind_function([](int64_t batch_size, const std::string& randomness) {
-    rejectForeignTransformActive("vmap");
-    return ownLevelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
-  }));
+          rejectForeignTransformActive("vmap");
+          return ownLevelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
+        }));
   m.def("_push_grad", torch::wrap_pybind_function([] {
-    rejectForeignTransformActive("grad");
-    return ownLevelStack().push(LevelKind::Grad, 0, Randomness::Error);
-  }));
+          rejectForeignTransformActive("grad");
+          return ownLevelStack().push(LevelKind::Grad, 0, Randomness::Error);
+        }));
   m.def("_push_jvp", torch::wrap_pybind_function([] {
-    rejectForeignTransformActive("jvp");
-    return ownLevelStack().push(LevelKind::Jvp, 0, Randomness::Error);
-  }));
+          rejectForeignTransformActive("jvp");
+          return ownLevelStack().push(LevelKind::Jvp, 0, Randomness::Error);
+        }));
   m.def("_pop", torch::wrap_pybind_function([](int64_t id) { ownLevelStack().pop(id); }));
   // torch.autograd.grad refuses outputs and inputs that carry the Batched key, which our tensors
   // carry as a marker (NOTE [Dispatch keys of our tensors]); the C++ entry has no such check.
-  m.def("_autograd_grad", torch::wrap_pybind_function(
-      [](const std::vector<at::Tensor>& outputs, const std::vector<at::Tensor>& inputs,
-         const std::vector<at::Tensor>& grad_outputs, std::optional<bool> retain_graph,
-         bool create_graph) {
-        py::gil_scoped_release no_gil;
-        return torch::autograd::grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
-                                     /*allow_unused=*/true);
-      }),
-      "torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True) for our wrappers; "
-      "unused inputs give None.");
+  m.def("_autograd_grad",
+        torch::wrap_pybind_function([](const std::vector<at::Tensor>& outputs,
+                                       const std::vector<at::Tensor>& inputs,
+                                       const std::vector<at::Tensor>& grad_outputs,
+                                       std::optional<bool> retain_graph, bool create_graph) {
+          py::gil_scoped_release no_gil;
+          return torch::autograd::grad(outputs, inputs, grad_outputs, retain_graph, create_graph,
+                                       /*allow_unused=*/true);
+        }),
+        "torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True) for our wrappers; "
+        "unused inputs give None.");
   m.def("_stack_depth", torch::wrap_pybind_function([] { return levelStack().depth(); }));
   m.def("_describe_stack", torch::wrap_pybind_function(&describeStack));
   // The id of the innermost visible level (0 when none): jacrev/jacfwd wrap their
   // non-differentiated arguments at the vjp/jvp level they run in.
   m.def("_top_level_id", torch::wrap_pybind_function([] {
-    const Level* top = levelStack().top();
-    return top ? top->id : int64_t{0};
-  }));
+          const Level* top = levelStack().top();
+          return top ? top->id : int64_t{0};
+        }));
   // How many visible levels differentiate (grad and jvp levels).
   m.def("_num_differentiating_levels", torch::wrap_pybind_function([] {
-    const auto& s = levelStack();
-    int64_t n = 0;
-    for (size_t i = 0; i < s.depth(); ++i) n += s.at(i).kind != LevelKind::Vmap;
-    return n;
-  }));
+          const auto& s = levelStack();
+          int64_t n = 0;
+          for (size_t i = 0; i < s.depth(); ++i) n += s.at(i).kind != LevelKind::Vmap;
+          return n;
+        }));
   // 1-based nesting depth of a live level (0 if it is not on the visible stack): reprs print it,
   // as torch.func prints its levels, instead of the process-wide id.
   m.def("_level_depth", torch::wrap_pybind_function([](int64_t id) -> int64_t {
-    const auto& s = levelStack();
-    for (size_t i = 0; i < s.depth(); ++i)
-      if (s.at(i).id == id) return static_cast<int64_t>(i) + 1;
-    return 0;
-  }));
+          const auto& s = levelStack();
+          for (size_t i = 0; i < s.depth(); ++i)
+            if (s.at(i).id == id) return static_cast<int64_t>(i) + 1;
+          return 0;
+        }));
 
   // ---- vmap in/out
   m.def("_vmap_wrap_inputs", torch::wrap_pybind_function(&vmapWrapInputs));
-  m.def("_vmap_unwrap_outputs", torch::wrap_pybind_function([](const py::list& flat_outs, const py::list& flat_out_dims,
-                                   int64_t level_id, int64_t batch_size) {
-    py::list out(flat_outs.size());
-    for (size_t i = 0; i < flat_outs.size(); ++i) {
-      py::handle o = flat_outs[i];
-      const at::Tensor& t = THPVariable_Unpack(o.ptr());
-      py::handle d = flat_out_dims[i];
-      std::optional<int64_t> od;
-      if (!d.is_none()) od = d.cast<int64_t>();
-      out[i] = py::reinterpret_steal<py::object>(
-          THPVariable_Wrap(removeBatchDim(t, level_id, batch_size, od)));
-    }
-    return out;
-  }));
-  m.def("_add_batch_dim", torch::wrap_pybind_function([](const at::Tensor& t, int64_t bdim, int64_t level_id) {
-    TORCH_CHECK(bdim >= 0 && bdim < t.dim(), "functorch_lite._add_batch_dim: batch dim ", bdim,
-                " is out of range for a tensor with ", t.dim(), " dims");
-    return makeBatched(t, bdim, liveLevel(level_id));
-  }));
+  m.def("_vmap_unwrap_outputs",
+        torch::wrap_pybind_function([](const py::list& flat_outs, const py::list& flat_out_dims,
+                                       int64_t level_id, int64_t batch_size) {
+          py::list out(flat_outs.size());
+          for (size_t i = 0; i < flat_outs.size(); ++i) {
+            py::handle o = flat_outs[i];
+            const at::Tensor& t = THPVariable_Unpack(o.ptr());
+            py::handle d = flat_out_dims[i];
+            std::optional<int64_t> od;
+            if (!d.is_none()) od = d.cast<int64_t>();
+            out[i] = py::reinterpret_steal<py::object>(
+                THPVariable_Wrap(removeBatchDim(t, level_id, batch_size, od)));
+          }
+          return out;
+        }));
+  m.def("_add_batch_dim",
+        torch::wrap_pybind_function([](const at::Tensor& t, int64_t bdim, int64_t level_id) {
+          TORCH_CHECK(bdim >= 0 && bdim < t.dim(), "functorch_lite._add_batch_dim: batch dim ", bdim,
+                      " is out of range for a tensor with ", t.dim(), " dims");
+          return makeBatched(t, bdim, liveLevel(level_id));
+        }));
   m.def("_remove_batch_dim", torch::wrap_pybind_function(&removeBatchDim));
   m.def("_is_batched_at", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) {
-    return batchedAt(t, level_id) != nullptr;
-  }));
+          return batchedAt(t, level_id) != nullptr;
+        }));
 
   // ---- grad wrappers
   m.def("_wrap_for_grad", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) {
-    rejectForeignTransformTensor(t, "grad");
-    return makeGradWrapper(t, liveLevel(level_id));
-  }));
-  m.def("_unwrap_for_grad", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) -> at::Tensor {
-    auto* gw = asGradWrapper(t);
-    return gw && gw->level() == level_id ? gw->value() : t;
-  }));
+          rejectForeignTransformTensor(t, "grad");
+          return makeGradWrapper(t, liveLevel(level_id));
+        }));
+  m.def("_unwrap_for_grad",
+        torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) -> at::Tensor {
+          auto* gw = asGradWrapper(t);
+          return gw && gw->level() == level_id ? gw->value() : t;
+        }));
 
   py::class_<BelowTransforms>(m, "_BelowTransforms")
       .def(py::init<>())
@@ -186,32 +190,40 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- introspection (repr, tests)
   m.def("_wrapper_info", torch::wrap_pybind_function([](const at::Tensor& t) -> py::object {
-    auto* ft = asFt(t);
-    if (!ft) return py::none();
-    py::object bdim = py::none();
-    if (auto* b = asBatched(t)) bdim = py::int_(b->bdim());
-    return py::make_tuple(ft->wrapperKind() == WrapperKind::Batched ? "batched" : "grad",
-                          ft->level(), bdim, ft->value(), ft->isAlive());
-  }));
+          auto* ft = asFt(t);
+          if (!ft) return py::none();
+          py::object bdim = py::none();
+          if (auto* b = asBatched(t)) bdim = py::int_(b->bdim());
+          return py::make_tuple(ft->wrapperKind() == WrapperKind::Batched ? "batched" : "grad", ft->level(),
+                                bdim, ft->value(), ft->isAlive());
+        }));
 
   // A tensor of another transform library (torch.func): its own checks apply to it, not ours.
   m.def("_is_foreign_transform_tensor", torch::wrap_pybind_function(&isForeignTransformTensor));
 
   // ---- fallback settings
   m.def("_set_fallback_mode", torch::wrap_pybind_function([](const std::string& mode) {
-    if (mode == "warn") setFallbackMode(FallbackMode::Warn);
-    else if (mode == "error") setFallbackMode(FallbackMode::Error);
-    else if (mode == "quiet") setFallbackMode(FallbackMode::Quiet);
-    else TORCH_CHECK_VALUE(false, "set_vmap_fallback: mode must be 'warn', 'error' or 'quiet', got '", mode, "'");
-  }));
+          if (mode == "warn")
+            setFallbackMode(FallbackMode::Warn);
+          else if (mode == "error")
+            setFallbackMode(FallbackMode::Error);
+          else if (mode == "quiet")
+            setFallbackMode(FallbackMode::Quiet);
+          else
+            TORCH_CHECK_VALUE(false, "set_vmap_fallback: mode must be 'warn', 'error' or 'quiet', got '",
+                              mode, "'");
+        }));
   m.def("_get_fallback_mode", torch::wrap_pybind_function([] {
-    switch (fallbackMode()) {
-      case FallbackMode::Warn: return "warn";
-      case FallbackMode::Error: return "error";
-      case FallbackMode::Quiet: return "quiet";
-    }
-    return "warn";
-  }));
+          switch (fallbackMode()) {
+            case FallbackMode::Warn:
+              return "warn";
+            case FallbackMode::Error:
+              return "error";
+            case FallbackMode::Quiet:
+              return "quiet";
+          }
+          return "warn";
+        }));
   m.def("_fallback_ops_seen", torch::wrap_pybind_function(&fallbackOpsSeen));
   m.def("_reset_fallback_ops_seen", torch::wrap_pybind_function(&resetFallbackOpsSeen));
   m.def("_num_back_kernels", torch::wrap_pybind_function(&numBackKernels));

@@ -41,8 +41,8 @@ std::atomic<FallbackMode>& modeRef() {
 
 struct Seen {
   std::mutex mutex;
-  std::set<std::string> ops;       // since the last reset (sweep bookkeeping)
-  std::set<std::string> warned;    // warned once per op per process
+  std::set<std::string> ops;     // since the last reset (sweep bookkeeping)
+  std::set<std::string> warned;  // warned once per op per process
 };
 Seen& seen() {
   static auto* s = new Seen();
@@ -62,8 +62,11 @@ void noteFallback(const c10::OperatorName& name) {
   const auto mode = fallbackMode();
   // "Batching rule not implemented": torch.func's phrase for a missing rule, so that code
   // matching its errors matches ours.
-  TORCH_CHECK(mode != FallbackMode::Error, "functorch_lite.vmap: Batching rule not implemented "
-              "for ", op, ", and the for-loop fallback is disabled (set_vmap_fallback('error') or "
+  TORCH_CHECK(mode != FallbackMode::Error,
+              "functorch_lite.vmap: Batching rule not implemented "
+              "for ",
+              op,
+              ", and the for-loop fallback is disabled (set_vmap_fallback('error') or "
               "FUNCTORCH_LITE_VMAP_FALLBACK=error). Use set_vmap_fallback('warn') to allow it.");
   bool first = false;
   {
@@ -77,13 +80,12 @@ void noteFallback(const c10::OperatorName& name) {
     // the user's line, with no "Triggered internally at" suffix, and warning filters apply. The
     // C++ default handler (no Python on this call path) needs a file name to print.
     const bool python_handler = c10::WarningUtils::get_warning_handler() != baseWarningHandler();
-    c10::warn(c10::Warning(
-        c10::UserWarning(),
-        {__func__, python_handler ? nullptr : __FILE__, python_handler ? 0u : __LINE__},
-        c10::str("functorch_lite.vmap: there is no batching rule for ", op,
-                 ", so it runs as a for-loop over the batch (correct, but slower). "
-                 "Silence with functorch_lite.set_vmap_fallback('quiet')."),
-        /*verbatim=*/false));
+    c10::warn(c10::Warning(c10::UserWarning(),
+                           {__func__, python_handler ? nullptr : __FILE__, python_handler ? 0u : __LINE__},
+                           c10::str("functorch_lite.vmap: there is no batching rule for ", op,
+                                    ", so it runs as a for-loop over the batch (correct, but slower). "
+                                    "Silence with functorch_lite.set_vmap_fallback('quiet')."),
+                           /*verbatim=*/false));
   }
 }
 
@@ -101,7 +103,7 @@ void rejectDataDependent(const c10::OperatorName& name) {
               "bool(tensor)) is not supported on batched tensors: each batch element could take a "
               "different branch. Use torch.where or compute both branches.");
   static const std::unordered_set<std::string> dynamic_shape = {
-      "aten::nonzero", "aten::masked_select", "aten::unique_dim", "aten::_unique",
+      "aten::nonzero",  "aten::masked_select",      "aten::unique_dim",    "aten::_unique",
       "aten::_unique2", "aten::unique_consecutive", "aten::nonzero_numpy", "aten::equal"};
   TORCH_CHECK(!dynamic_shape.count(n), "functorch_lite.vmap: ", c10::toString(name),
               " returns a result whose shape (or Python value) depends on the data of each batch "
@@ -127,11 +129,12 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
   // A mutated argument must be batched: one unbatched tensor cannot hold batch_size results.
   for (size_t i = 0; i < nargs; ++i) {
     if (!isMutated(schema, i) || !args[i].isTensor()) continue;
-    TORCH_CHECK(batchedAt(args[i].toTensor(), lvl), "functorch_lite.vmap: ",
-                schema.operator_name(), " writes in place into its argument '",
-                schema.arguments()[i].name(), "', which is not batched, while other arguments "
+    TORCH_CHECK(batchedAt(args[i].toTensor(), lvl), "functorch_lite.vmap: ", schema.operator_name(),
+                " writes in place into its argument '", schema.arguments()[i].name(),
+                "', which is not batched, while other arguments "
                 "are. The result would need one value per batch element. Use the out-of-place "
-                "version of the operation, or make '", schema.arguments()[i].name(),
+                "version of the operation, or make '",
+                schema.arguments()[i].name(),
                 "' batched first (e.g. expand it over the batch and clone it).");
   }
 
@@ -156,8 +159,8 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
       }
       op.callBoxed(slice);
       for (const auto& [t, sizes] : mutated_slices) {
-        TORCH_CHECK(t.sizes() == c10::IntArrayRef(sizes), "functorch_lite.vmap: ",
-                    schema.operator_name(), " changes the shape of its argument in place, which "
+        TORCH_CHECK(t.sizes() == c10::IntArrayRef(sizes), "functorch_lite.vmap: ", schema.operator_name(),
+                    " changes the shape of its argument in place, which "
                     "has no batching rule (the for-loop fallback cannot change the shape of a "
                     "batched tensor). Use the out-of-place version (e.g. x = x.squeeze() instead "
                     "of x.squeeze_()).");
@@ -190,8 +193,9 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
       const auto sizes = ts.front().sizes();
       for (const auto& t : ts) {
         TORCH_CHECK(t.sizes() == sizes, "functorch_lite.vmap: ", schema.operator_name(),
-                    " returned tensors of different shapes for different batch elements (",
-                    sizes, " and ", t.sizes(), "). vmap needs every element to produce the same "
+                    " returned tensors of different shapes for different batch elements (", sizes, " and ",
+                    t.sizes(),
+                    "). vmap needs every element to produce the same "
                     "shape; operations whose output shape depends on the data cannot be batched.");
       }
       HandDownGuard guard;
@@ -242,8 +246,12 @@ bool anyBatched(const torch::jit::Stack& stack, size_t begin, size_t end, int64_
 
 }  // namespace
 
-FallbackMode fallbackMode() { return modeRef().load(std::memory_order_relaxed); }
-void setFallbackMode(FallbackMode mode) { modeRef().store(mode); }
+FallbackMode fallbackMode() {
+  return modeRef().load(std::memory_order_relaxed);
+}
+void setFallbackMode(FallbackMode mode) {
+  modeRef().store(mode);
+}
 
 std::vector<std::string> fallbackOpsSeen() {
   std::lock_guard<std::mutex> g(seen().mutex);
@@ -264,11 +272,10 @@ void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Le
   const size_t begin = stack->size() - schema.arguments().size();
   const bool batched = anyBatched(*stack, begin, stack->size(), top.id);
   // A few composite kernels read raw data (tensor lengths, a fast path); they must loop instead.
-  static const std::unordered_set<std::string> no_decompose = {
-      "aten::max_pool1d", "aten::ctc_loss", "aten::max_pool1d_with_indices"};
-  const bool decomposable =
-      op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
-      !no_decompose.count(schema.name());
+  static const std::unordered_set<std::string> no_decompose = {"aten::max_pool1d", "aten::ctc_loss",
+                                                               "aten::max_pool1d_with_indices"};
+  const bool decomposable = op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd) &&
+                            !no_decompose.count(schema.name());
   if (!batched) {
     // A composite op may draw in its decomposition (dropout, alpha_dropout, feature_dropout, ...
     // on a tensor that does not depend on the mapped inputs). Handed down whole, its draw would

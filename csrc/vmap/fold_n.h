@@ -45,9 +45,8 @@ struct Kernel<Op, K, Ret(Args...)> {
     // The first argument (self or grad_output) tells whether the logical tensors have N.
     const at::Tensor& first = std::get<0>(std::forward_as_tuple(args...));
     const bool fold = first.dim() == K + 2;  // logical rank: BatchedTensors report it
-    bool same_layout = true;  // every tensor shares the layout (indices of max_unpool, ...)
-    for (const at::Tensor* t : detail::logicalTensors(args...))
-      same_layout &= !t || t->dim() == first.dim();
+    bool same_layout = true;                 // every tensor shares the layout (indices of max_unpool, ...)
+    for (const at::Tensor* t : detail::logicalTensors(args...)) same_layout &= !t || t->dim() == first.dim();
     HandDownGuard guard;
     if ((first.dim() != K + 1 && !fold) || !same_layout) {
       // Not a layout the op takes: [B, ...] could pass for one (max_pool1d would pool a batch

@@ -65,8 +65,8 @@ Tensor stackRows(const std::vector<Tensor>& rows, const Tensor& like) {
 void checkResultBdim(const Tensor& t, bdim_t bd, const char* op) {
   if (!bd || !t.defined()) return;
   TORCH_CHECK(*bd >= 0 && *bd < t.dim(), "functorch_lite.vmap: the batching rule of ", op,
-              " returned batch dim ", *bd, " for a result with ", t.dim(), " dims (sizes ",
-              t.sizes(), "). This is a bug in functorch_lite's rule for this op; please report "
+              " returned batch dim ", *bd, " for a result with ", t.dim(), " dims (sizes ", t.sizes(),
+              "). This is a bug in functorch_lite's rule for this op; please report "
               "it.");
 }
 

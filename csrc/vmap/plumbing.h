@@ -46,7 +46,9 @@ std::string opName() {
 
 // ------------------------------------------------------------------------------------------------
 // Helpers shared by rules.
-inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) { return t.dim() - (bd ? 1 : 0); }
+inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) {
+  return t.dim() - (bd ? 1 : 0);
+}
 
 // Moves the batch dim to the front; unbatched tensors are returned as they are.
 Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
@@ -83,7 +85,6 @@ template <class F>
 // they need (and raise torch's own error) before computing anything.
 void checkResultBdim(const Tensor& t, bdim_t bd, const char* op);
 
-
 namespace detail {
 
 template <class T>
@@ -96,8 +97,7 @@ constexpr bool is_opt_tensor_v = std::is_same_v<bare_t<T>, std::optional<at::Ten
 // `Tensor?[]` (the indices of index/index_put): rules receive it as two vectors, the physical
 // tensors and their batch dims.
 template <class T>
-constexpr bool is_opt_tensor_list_v =
-    std::is_same_v<bare_t<T>, c10::List<std::optional<at::Tensor>>>;
+constexpr bool is_opt_tensor_list_v = std::is_same_v<bare_t<T>, c10::List<std::optional<at::Tensor>>>;
 
 // Whether `pred` holds for any tensor in an argument (Tensor, Tensor?, or a list of tensors).
 template <class T, class Pred>
@@ -346,8 +346,7 @@ Ret wrapAllAt0(Ret r, const Level& lvl) {
     for (auto& t : r) t = batchedAt0(std::move(t), lvl);
     return r;
   } else {
-    return std::apply([&](auto&&... ts) { return Ret(batchedAt0(std::move(ts), lvl)...); },
-                      std::move(r));
+    return std::apply([&](auto&&... ts) { return Ret(batchedAt0(std::move(ts), lvl)...); }, std::move(r));
   }
 }
 
@@ -418,8 +417,8 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
       Op::call(self, args...);
       return self;
     }
-    TORCH_CHECK(bself, "functorch_lite.vmap: ", Op::name, Op::overload_name[0] ? "." : "",
-                Op::overload_name, " writes batched values in place into 'self', which is not "
+    TORCH_CHECK(bself, "functorch_lite.vmap: ", Op::name, Op::overload_name[0] ? "." : "", Op::overload_name,
+                " writes batched values in place into 'self', which is not "
                 "batched (it was created outside vmap or does not depend on the mapped inputs). "
                 "Use the out-of-place version (e.g. `x = x + y` instead of `x += y`), or make "
                 "'self' batched first.");

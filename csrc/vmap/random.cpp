@@ -51,7 +51,7 @@ enum class Kind : uint8_t {
   BernoulliTensor,  // bernoulli.Tensor: the shape of `self`, the probabilities of `p`
   Multinomial,
   NativeDropout,
-  Other,            // rrelu_with_noise, out= overloads, other libraries' ops: see otherRule
+  Other,  // rrelu_with_noise, out= overloads, other libraries' ops: see otherRule
 };
 
 const std::unordered_map<std::string, Kind>& kinds() {
@@ -119,8 +119,7 @@ bool hasGeneratorArg(const c10::FunctionSchema& schema) {
     const auto& type = arg.type();
     if (type->kind() == c10::TypeKind::GeneratorType) return true;
     if (type->kind() == c10::TypeKind::OptionalType &&
-        type->castRaw<c10::OptionalType>()->getElementType()->kind() ==
-            c10::TypeKind::GeneratorType) {
+        type->castRaw<c10::OptionalType>()->getElementType()->kind() == c10::TypeKind::GeneratorType) {
       return true;
     }
   }
@@ -130,13 +129,31 @@ bool hasGeneratorArg(const c10::FunctionSchema& schema) {
 // Ops taking a Generator, plus those (and the overloads) that draw without taking one.
 bool isRandomOp(const c10::FunctionSchema& schema) {
   if (hasGeneratorArg(schema)) return true;
-  static const std::unordered_set<std::string> names = {
-      "aten::rand", "aten::randn", "aten::randint", "aten::randperm", "aten::rand_like",
-      "aten::randn_like", "aten::randint_like", "aten::native_dropout", "aten::bernoulli",
-      "aten::normal", "aten::poisson", "aten::multinomial", "aten::random_", "aten::uniform_",
-      "aten::normal_", "aten::bernoulli_", "aten::exponential_", "aten::geometric_",
-      "aten::log_normal_", "aten::cauchy_", "aten::rrelu", "aten::rrelu_with_noise",
-      "aten::_standard_gamma", "aten::_sample_dirichlet", "aten::binomial"};
+  static const std::unordered_set<std::string> names = {"aten::rand",
+                                                        "aten::randn",
+                                                        "aten::randint",
+                                                        "aten::randperm",
+                                                        "aten::rand_like",
+                                                        "aten::randn_like",
+                                                        "aten::randint_like",
+                                                        "aten::native_dropout",
+                                                        "aten::bernoulli",
+                                                        "aten::normal",
+                                                        "aten::poisson",
+                                                        "aten::multinomial",
+                                                        "aten::random_",
+                                                        "aten::uniform_",
+                                                        "aten::normal_",
+                                                        "aten::bernoulli_",
+                                                        "aten::exponential_",
+                                                        "aten::geometric_",
+                                                        "aten::log_normal_",
+                                                        "aten::cauchy_",
+                                                        "aten::rrelu",
+                                                        "aten::rrelu_with_noise",
+                                                        "aten::_standard_gamma",
+                                                        "aten::_sample_dirichlet",
+                                                        "aten::binomial"};
   return names.count(schema.name()) > 0;
 }
 
@@ -191,12 +208,16 @@ struct Call {
 
   [[noreturn]] void failSameWithBatchedInputs() {
     TORCH_CHECK(false, "functorch_lite.vmap: randomness='same' cannot be honoured by ",
-                schema().operator_name(), " when its inputs differ between batch elements. Use "
+                schema().operator_name(),
+                " when its inputs differ between batch elements. Use "
                 "randomness='different', or draw outside of vmap.");
   }
   void checkDifferentIntoBatched(bool self_batched) {
-    TORCH_CHECK(same() || self_batched, "functorch_lite.vmap: randomness='different' needs one "
-                "draw per batch element, but ", schema().operator_name(), " draws in place into a "
+    TORCH_CHECK(same() || self_batched,
+                "functorch_lite.vmap: randomness='different' needs one "
+                "draw per batch element, but ",
+                schema().operator_name(),
+                " draws in place into a "
                 "tensor that is not batched (it was created outside vmap or does not depend on the "
                 "mapped inputs), which can hold only one. Draw into a batched tensor (e.g. "
                 "torch.empty_like of a mapped input), or use randomness='same'.");
@@ -245,7 +266,8 @@ void inplaceRule(Call& c) {
   if (has_p) std::tie(pv, pbd) = c.unwrap(1);
   if (pbd) {
     if (c.same()) c.failSameWithBatchedInputs();
-    TORCH_CHECK(sbd, "functorch_lite.vmap: ", c.schema().operator_name(), " writes batched "
+    TORCH_CHECK(sbd, "functorch_lite.vmap: ", c.schema().operator_name(),
+                " writes batched "
                 "values in place into 'self', which is not batched (it was created outside vmap "
                 "or does not depend on the mapped inputs). Use the out-of-place version "
                 "(torch.bernoulli(p)), or make 'self' batched first.");
@@ -540,26 +562,48 @@ bool vmapRandom(const c10::OperatorHandle& op, torch::jit::Stack* stack, const L
   }
   if (inEvalMode(schema, *stack, c.begin)) return false;
   // A composite random op (rrelu) draws in its decomposition, whose pieces come back here.
-  if (kind == Kind::Other &&
-      op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
+  if (kind == Kind::Other && op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd)) {
     return false;
   }
-  TORCH_CHECK(top.randomness != Randomness::Error, "functorch_lite.vmap: called random "
-              "operation ", schema.operator_name(), " while in randomness error mode "
+  TORCH_CHECK(top.randomness != Randomness::Error,
+              "functorch_lite.vmap: called random "
+              "operation ",
+              schema.operator_name(),
+              " while in randomness error mode "
               "(randomness='error'). Pass randomness='different' (independent draws per batch element) or "
               "randomness='same' (one draw shared by the batch) to vmap, or draw the random "
               "values outside of vmap.");
   switch (kind) {
-    case Kind::Factory: factoryRule(c); break;
-    case Kind::Randperm: randpermRule(c); break;
-    case Kind::Inplace: inplaceRule(c); break;
-    case Kind::Pointwise: pointwiseRule(c); break;
-    case Kind::Binary: binaryRule(c); break;
-    case Kind::Like: likeRule(c); break;
-    case Kind::BernoulliTensor: bernoulliTensorRule(c); break;
-    case Kind::Multinomial: multinomialRule(c); break;
-    case Kind::NativeDropout: nativeDropoutRule(c); break;
-    case Kind::Other: otherRule(c); break;
+    case Kind::Factory:
+      factoryRule(c);
+      break;
+    case Kind::Randperm:
+      randpermRule(c);
+      break;
+    case Kind::Inplace:
+      inplaceRule(c);
+      break;
+    case Kind::Pointwise:
+      pointwiseRule(c);
+      break;
+    case Kind::Binary:
+      binaryRule(c);
+      break;
+    case Kind::Like:
+      likeRule(c);
+      break;
+    case Kind::BernoulliTensor:
+      bernoulliTensorRule(c);
+      break;
+    case Kind::Multinomial:
+      multinomialRule(c);
+      break;
+    case Kind::NativeDropout:
+      nativeDropoutRule(c);
+      break;
+    case Kind::Other:
+      otherRule(c);
+      break;
   }
   return true;
 }

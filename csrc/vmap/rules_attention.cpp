@@ -59,61 +59,54 @@ Tensor unfold(const Tensor& t, int64_t B, int64_t N, const Level& lvl) {
   return makeBatched(t.unflatten(0, {B, N}), 0, lvl);
 }
 
-std::tuple<Tensor, Tensor> forwardKernel(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         double dropout_p, bool is_causal, const OptTensor& attn_mask,
+std::tuple<Tensor, Tensor> forwardKernel(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
+                                         bool is_causal, const OptTensor& attn_mask,
                                          std::optional<double> scale) {
   using Ret = std::tuple<Tensor, Tensor>;
   std::optional<Ret> done;
-  const Level* top =
-      detail::vmapPrologue<Fwd, Ret, const Tensor&, const Tensor&, const Tensor&, double, bool,
-                           const OptTensor&, std::optional<double>>(done, q, k, v, dropout_p,
-                                                                    is_causal, attn_mask, scale);
-  if (!top) return std::move(*done);
-  const int64_t lvl = top->id, B = top->batch_size;
-  const bool fast = B > 0 && dropout_p == 0 && sameLeading({{&q, 4}, {&k, 4}, {&v, 4}}) &&
-                    maskFolds(attn_mask, q);
-  HandDownGuard guard;
-  if (!fast) {
-    return detail::wrapAllAt0<Ret>(detail::runPerElement<Fwd, Ret>(
-                                       lvl, B, q, k, v, dropout_p, is_causal, attn_mask, scale),
-                                   *top);
-  }
-  const int64_t N = q.size(0);
-  auto [out, lse] = Fwd::call(fold(q, lvl, B), fold(k, lvl, B), fold(v, lvl, B), dropout_p,
-                              is_causal, foldMask(attn_mask, lvl, B, N), scale);
-  return {unfold(out, B, N, *top), unfold(lse, B, N, *top)};
-}
-
-std::tuple<Tensor, Tensor, Tensor> backwardKernel(const Tensor& grad_out, const Tensor& q,
-                                                  const Tensor& k, const Tensor& v,
-                                                  const Tensor& out, const Tensor& lse,
-                                                  double dropout_p, bool is_causal,
-                                                  const OptTensor& attn_mask,
-                                                  std::optional<double> scale) {
-  using Ret = std::tuple<Tensor, Tensor, Tensor>;
-  std::optional<Ret> done;
-  const Level* top =
-      detail::vmapPrologue<Bwd, Ret, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                           const Tensor&, const Tensor&, double, bool, const OptTensor&,
-                           std::optional<double>>(done, grad_out, q, k, v, out, lse, dropout_p,
-                                                  is_causal, attn_mask, scale);
+  const Level* top = detail::vmapPrologue<Fwd, Ret, const Tensor&, const Tensor&, const Tensor&, double, bool,
+                                          const OptTensor&, std::optional<double>>(
+      done, q, k, v, dropout_p, is_causal, attn_mask, scale);
   if (!top) return std::move(*done);
   const int64_t lvl = top->id, B = top->batch_size;
   const bool fast =
-      B > 0 && dropout_p == 0 &&
-      sameLeading({{&grad_out, 4}, {&q, 4}, {&k, 4}, {&v, 4}, {&out, 4}, {&lse, 3}}) &&
-      maskFolds(attn_mask, q);
+      B > 0 && dropout_p == 0 && sameLeading({{&q, 4}, {&k, 4}, {&v, 4}}) && maskFolds(attn_mask, q);
   HandDownGuard guard;
   if (!fast) {
     return detail::wrapAllAt0<Ret>(
-        detail::runPerElement<Bwd, Ret>(lvl, B, grad_out, q, k, v, out, lse, dropout_p, is_causal,
-                                        attn_mask, scale),
-        *top);
+        detail::runPerElement<Fwd, Ret>(lvl, B, q, k, v, dropout_p, is_causal, attn_mask, scale), *top);
   }
   const int64_t N = q.size(0);
-  auto [gq, gk, gv] = Bwd::call(fold(grad_out, lvl, B), fold(q, lvl, B), fold(k, lvl, B),
-                                fold(v, lvl, B), fold(out, lvl, B), fold(lse, lvl, B), dropout_p,
-                                is_causal, foldMask(attn_mask, lvl, B, N), scale);
+  auto [out, lse] = Fwd::call(fold(q, lvl, B), fold(k, lvl, B), fold(v, lvl, B), dropout_p, is_causal,
+                              foldMask(attn_mask, lvl, B, N), scale);
+  return {unfold(out, B, N, *top), unfold(lse, B, N, *top)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> backwardKernel(const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                  const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                  double dropout_p, bool is_causal,
+                                                  const OptTensor& attn_mask, std::optional<double> scale) {
+  using Ret = std::tuple<Tensor, Tensor, Tensor>;
+  std::optional<Ret> done;
+  const Level* top = detail::vmapPrologue<Bwd, Ret, const Tensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, const Tensor&, const Tensor&, double, bool,
+                                          const OptTensor&, std::optional<double>>(
+      done, grad_out, q, k, v, out, lse, dropout_p, is_causal, attn_mask, scale);
+  if (!top) return std::move(*done);
+  const int64_t lvl = top->id, B = top->batch_size;
+  const bool fast = B > 0 && dropout_p == 0 &&
+                    sameLeading({{&grad_out, 4}, {&q, 4}, {&k, 4}, {&v, 4}, {&out, 4}, {&lse, 3}}) &&
+                    maskFolds(attn_mask, q);
+  HandDownGuard guard;
+  if (!fast) {
+    return detail::wrapAllAt0<Ret>(detail::runPerElement<Bwd, Ret>(lvl, B, grad_out, q, k, v, out, lse,
+                                                                   dropout_p, is_causal, attn_mask, scale),
+                                   *top);
+  }
+  const int64_t N = q.size(0);
+  auto [gq, gk, gv] =
+      Bwd::call(fold(grad_out, lvl, B), fold(q, lvl, B), fold(k, lvl, B), fold(v, lvl, B), fold(out, lvl, B),
+                fold(lse, lvl, B), dropout_p, is_causal, foldMask(attn_mask, lvl, B, N), scale);
   return {unfold(gq, B, N, *top), unfold(gk, B, N, *top), unfold(gv, B, N, *top)};
 }
 

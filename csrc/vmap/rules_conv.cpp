@@ -42,10 +42,9 @@ Tensor unfoldChannels(const Tensor& x, int64_t B) {
   return x.view(s).transpose(0, 1);
 }
 
-std::tuple<Tensor, bdim_t> convolutionRule(const Tensor& input, bdim_t ibd, const Tensor& weight,
-                                           bdim_t wbd, const std::optional<Tensor>& bias,
-                                           bdim_t bbd, SymIntRef stride, SymIntRef padding,
-                                           SymIntRef dilation, bool transposed,
+std::tuple<Tensor, bdim_t> convolutionRule(const Tensor& input, bdim_t ibd, const Tensor& weight, bdim_t wbd,
+                                           const std::optional<Tensor>& bias, bdim_t bbd, SymIntRef stride,
+                                           SymIntRef padding, SymIntRef dilation, bool transposed,
                                            SymIntRef output_padding, c10::SymInt groups) {
   const int64_t B = batchSizeOf({{&input, ibd}, {&weight, wbd}, {bias ? &*bias : &input, bbd}});
   if (!wbd && !bbd) {
@@ -59,16 +58,15 @@ std::tuple<Tensor, bdim_t> convolutionRule(const Tensor& input, bdim_t ibd, cons
   Tensor w = foldBatchIntoN(materializeBdimFront(weight, wbd, B));
   std::optional<Tensor> b;
   if (bias.has_value() && bias->defined()) b = materializeBdimFront(*bias, bbd, B).reshape({-1});
-  Tensor out = at::convolution_symint(x, w, b, stride, padding, dilation, transposed,
-                                      output_padding, groups * B);
+  Tensor out =
+      at::convolution_symint(x, w, b, stride, padding, dilation, transposed, output_padding, groups * B);
   return {unfoldChannels(out, B), 0};
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> convolutionBackwardRule(
-    const Tensor& grad_out, bdim_t gbd, const Tensor& input, bdim_t ibd, const Tensor& weight,
-    bdim_t wbd, at::OptionalSymIntArrayRef bias_sizes, SymIntRef stride, SymIntRef padding,
-    SymIntRef dilation, bool transposed, SymIntRef output_padding, c10::SymInt groups,
-    std::array<bool, 3> mask) {
+    const Tensor& grad_out, bdim_t gbd, const Tensor& input, bdim_t ibd, const Tensor& weight, bdim_t wbd,
+    at::OptionalSymIntArrayRef bias_sizes, SymIntRef stride, SymIntRef padding, SymIntRef dilation,
+    bool transposed, SymIntRef output_padding, c10::SymInt groups, std::array<bool, 3> mask) {
   const int64_t B = batchSizeOf({{&grad_out, gbd}, {&input, ibd}, {&weight, wbd}});
   Tensor gi, gw, gb;
   bdim_t gibd, gwbd, gbbd;
@@ -77,17 +75,17 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> convolutionBackwardRu
       // Only the weight is shared: fold the batch into N.
       Tensor g = foldBatchIntoN(materializeBdimFront(grad_out, gbd, B));
       Tensor x = foldBatchIntoN(materializeBdimFront(input, ibd, B));
-      gi = std::get<0>(at::convolution_backward_symint(g, x, weight, std::nullopt, stride, padding,
-                                                       dilation, transposed, output_padding,
-                                                       groups, {true, false, false}));
+      gi = std::get<0>(at::convolution_backward_symint(g, x, weight, std::nullopt, stride, padding, dilation,
+                                                       transposed, output_padding, groups,
+                                                       {true, false, false}));
       gi = unfoldDim0(gi, B);
     } else {
       Tensor g = foldBatchIntoChannels(materializeBdimFront(grad_out, gbd, B));
       Tensor x = foldBatchIntoChannels(materializeBdimFront(input, ibd, B));
       Tensor w = foldBatchIntoN(moveBdimToFront(weight, wbd));
-      gi = std::get<0>(at::convolution_backward_symint(g, x, w, std::nullopt, stride, padding,
-                                                       dilation, transposed, output_padding,
-                                                       groups * B, {true, false, false}));
+      gi = std::get<0>(at::convolution_backward_symint(g, x, w, std::nullopt, stride, padding, dilation,
+                                                       transposed, output_padding, groups * B,
+                                                       {true, false, false}));
       gi = unfoldChannels(gi, B);
     }
     gibd = 0;
@@ -95,18 +93,17 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> convolutionBackwardRu
   if (mask[1]) {
     if (!gbd && !ibd) {
       // Neither depends on the batch: the weight gradient is the same for every element.
-      gw = std::get<1>(at::convolution_backward_symint(grad_out, input, weight, std::nullopt,
-                                                       stride, padding, dilation, transposed,
-                                                       output_padding, groups,
+      gw = std::get<1>(at::convolution_backward_symint(grad_out, input, weight, std::nullopt, stride, padding,
+                                                       dilation, transposed, output_padding, groups,
                                                        {false, true, false}));
     } else {
       // Per-element weight gradients: one grouped conv backward over B*groups groups.
       Tensor g = foldBatchIntoChannels(materializeBdimFront(grad_out, gbd, B));
       Tensor x = foldBatchIntoChannels(materializeBdimFront(input, ibd, B));
       Tensor w = foldBatchIntoN(materializeBdimFront(weight, wbd, B));
-      gw = std::get<1>(at::convolution_backward_symint(g, x, w, std::nullopt, stride, padding,
-                                                       dilation, transposed, output_padding,
-                                                       groups * B, {false, true, false}));
+      gw = std::get<1>(at::convolution_backward_symint(g, x, w, std::nullopt, stride, padding, dilation,
+                                                       transposed, output_padding, groups * B,
+                                                       {false, true, false}));
       gw = unfoldDim0(gw, B);
       gwbd = 0;
     }

@@ -37,41 +37,37 @@ c10::SymInt storageSize(c10::SymIntArrayRef size, c10::SymIntArrayRef stride) {
   return n;
 }
 
-std::tuple<Tensor, bdim_t> newEmptyStridedRule(const Tensor& self, bdim_t bd,
-                                               c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
-                                               OptDtype dt, OptLayout l, OptDevice d,
-                                               std::optional<bool> pin) {
+std::tuple<Tensor, bdim_t> newEmptyStridedRule(const Tensor& self, bdim_t bd, c10::SymIntArrayRef size,
+                                               c10::SymIntArrayRef stride, OptDtype dt, OptLayout l,
+                                               OptDevice d, std::optional<bool> pin) {
   const int64_t B = self.size(*bd);
   auto phys_stride = prependBatch(0, stride);
   phys_stride[0] = storageSize(size, stride);
-  return {at::_ops::new_empty_strided::call(self, prependBatch(B, size), phys_stride, dt, l, d, pin),
-          0};
+  return {at::_ops::new_empty_strided::call(self, prependBatch(B, size), phys_stride, dt, l, d, pin), 0};
 }
 
 template <class Op>
 struct NewFactory {
-  static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t bd, c10::SymIntArrayRef size,
-                                         OptDtype dt, OptLayout l, OptDevice d,
-                                         std::optional<bool> pin) {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t bd, c10::SymIntArrayRef size, OptDtype dt,
+                                         OptLayout l, OptDevice d, std::optional<bool> pin) {
     return {Op::call(self, prependBatch(self.size(*bd), size), dt, l, d, pin), 0};
   }
 };
 
 std::tuple<Tensor, bdim_t> newFullRule(const Tensor& self, bdim_t bd, c10::SymIntArrayRef size,
-                                       const c10::Scalar& fill, OptDtype dt, OptLayout l,
-                                       OptDevice d, std::optional<bool> pin) {
-  return {at::_ops::new_full::call(self, prependBatch(self.size(*bd), size), fill, dt, l, d, pin),
-          0};
+                                       const c10::Scalar& fill, OptDtype dt, OptLayout l, OptDevice d,
+                                       std::optional<bool> pin) {
+  return {at::_ops::new_full::call(self, prependBatch(self.size(*bd), size), fill, dt, l, d, pin), 0};
 }
 
 // Zeros with the (logical) layout of `other`, batched like `self`; see the NOTE above.
-std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_t sbd,
-                                                       const Tensor& other, bdim_t obd,
-                                                       int64_t self_num_batch_dims) {
+std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_t sbd, const Tensor& other,
+                                                       bdim_t obd, int64_t self_num_batch_dims) {
   if (obd) {
     // Only `other`'s logical sizes and strides matter, and every element has the same: any one
     // element stands for all (a view with exactly the logical layout).
-    TORCH_CHECK(other.size(*obd) > 0, "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
+    TORCH_CHECK(other.size(*obd) > 0,
+                "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
                 "over an empty batch is not supported");
     Tensor one = other.select(*obd, 0);
     if (!sbd) {
@@ -80,7 +76,8 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
     }
     return newZerosSameFeatureMetaRule(self, sbd, one, std::nullopt, self_num_batch_dims);
   }
-  TORCH_CHECK(self_num_batch_dims == 0, "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
+  TORCH_CHECK(self_num_batch_dims == 0,
+              "functorch_lite.vmap: _new_zeros_with_same_feature_meta "
               "with batch dims is not supported (please report this use)");
   // `other`'s storage offset is part of the layout forward AD compares (a primal that is a slice,
   // such as one chunk of a chunked vmap, has a nonzero one): every element gets a slot of
@@ -94,8 +91,8 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
   phys_stride[0] = storageSize(sizes, strides) + offset;
   // Zeros over the whole storage, like torch's own: zero_() on the strided view would leave the
   // gaps between its elements uninitialised, and forward AD may view that storage again.
-  Tensor flat = at::_ops::new_zeros::call(self, {phys_stride[0] * B}, self.scalar_type(),
-                                          std::nullopt, std::nullopt, std::nullopt);
+  Tensor flat = at::_ops::new_zeros::call(self, {phys_stride[0] * B}, self.scalar_type(), std::nullopt,
+                                          std::nullopt, std::nullopt);
   return {flat.as_strided_symint(prependBatch(B, sizes), phys_stride, offset), 0};
 }
 
@@ -104,8 +101,8 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
 // counts, and the size and stride checks that follow compare exactly that.
 bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
   std::optional<bool> done;
-  if (detail::vmapPrologue<at::_ops::_has_same_storage_numel, bool, const Tensor&, const Tensor&>(
-          done, self, other)) {
+  if (detail::vmapPrologue<at::_ops::_has_same_storage_numel, bool, const Tensor&, const Tensor&>(done, self,
+                                                                                                  other)) {
     return true;  // a batched argument at the top vmap level: see above
   }
   return *done;
@@ -114,8 +111,7 @@ bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
 // Batched tensors report their logical sizes, which is what the question is about.
 bool isSameSizeKernel(const Tensor& self, const Tensor& other) {
   std::optional<bool> done;
-  if (detail::vmapPrologue<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(done, self,
-                                                                                       other)) {
+  if (detail::vmapPrologue<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(done, self, other)) {
     return self.sym_sizes() == other.sym_sizes();
   }
   return *done;
@@ -124,7 +120,12 @@ bool isSameSizeKernel(const Tensor& self, const Tensor& other) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerFamily<NewFactory, at::_ops::new_empty, at::_ops::new_zeros, at::_ops::new_ones>(m);
+  // clang-format off
+  registerFamily<NewFactory,
+      at::_ops::new_empty,
+      at::_ops::new_ones,
+      at::_ops::new_zeros>(m);
+  // clang-format on
   registerVmapRule<at::_ops::new_full, &newFullRule>(m);
   registerVmapRule<at::_ops::new_empty_strided, &newEmptyStridedRule>(m);
   registerVmapRule<at::_ops::_new_zeros_with_same_feature_meta, &newZerosSameFeatureMetaRule>(m);

@@ -11,15 +11,19 @@
 namespace ftl {
 namespace {
 
-int64_t dimValue(int64_t d) { return d; }
-int64_t dimValue(const c10::SymInt& d) { return d.guard_int(__FILE__, __LINE__); }
+int64_t dimValue(int64_t d) {
+  return d;
+}
+int64_t dimValue(const c10::SymInt& d) {
+  return d.guard_int(__FILE__, __LINE__);
+}
 
 template <class Op, class Sig = typename Op::schema>
 struct Fft;
 template <class Op, class Dims, class... Extra>
 struct Fft<Op, Tensor(const Tensor&, Dims, int64_t, Extra...)> {
-  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t bd, Dims dims,
-                                         int64_t normalization, Extra... e) {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t bd, Dims dims, int64_t normalization,
+                                         Extra... e) {
     Tensor p = moveBdimToFront(x, bd);
     const int64_t rank = p.dim() - 1;
     using Elem = std::remove_cv_t<std::remove_reference_t<decltype(dims[0])>>;
@@ -32,7 +36,12 @@ struct Fft<Op, Tensor(const Tensor&, Dims, int64_t, Extra...)> {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerFamily<Fft, at::_ops::_fft_r2c, at::_ops::_fft_c2c, at::_ops::_fft_c2r>(m);
+  // clang-format off
+  registerFamily<Fft,
+      at::_ops::_fft_c2c,
+      at::_ops::_fft_c2r,
+      at::_ops::_fft_r2c>(m);
+  // clang-format on
 }
 
 }  // namespace ftl

@@ -25,9 +25,8 @@ Tensor offsetIndices(const Tensor& idx, int64_t V) {
   return idx.add(at::arange(B, idx.options()).mul(V).view(shape));
 }
 
-std::tuple<Tensor, bdim_t> embeddingRule(const Tensor& weight, bdim_t wbd, const Tensor& indices,
-                                         bdim_t ibd, c10::SymInt padding_idx,
-                                         bool scale_grad_by_freq, bool sparse) {
+std::tuple<Tensor, bdim_t> embeddingRule(const Tensor& weight, bdim_t wbd, const Tensor& indices, bdim_t ibd,
+                                         c10::SymInt padding_idx, bool scale_grad_by_freq, bool sparse) {
   if (!wbd) {
     return {at::embedding_symint(weight, indices, padding_idx, scale_grad_by_freq, sparse), ibd};
   }
@@ -37,19 +36,16 @@ std::tuple<Tensor, bdim_t> embeddingRule(const Tensor& weight, bdim_t wbd, const
   return {at::embedding(w.reshape({B * V, w.size(2)}), idx, -1, scale_grad_by_freq, sparse), 0};
 }
 
-std::tuple<Tensor, bdim_t> embeddingDenseBackwardRule(const Tensor& grad, bdim_t gbd,
-                                                      const Tensor& indices, bdim_t ibd,
-                                                      c10::SymInt num_weights,
-                                                      c10::SymInt padding_idx,
-                                                      bool scale_grad_by_freq) {
+std::tuple<Tensor, bdim_t> embeddingDenseBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& indices,
+                                                      bdim_t ibd, c10::SymInt num_weights,
+                                                      c10::SymInt padding_idx, bool scale_grad_by_freq) {
   const int64_t B = batchSizeOf({{&grad, gbd}, {&indices, ibd}});
   const int64_t V = num_weights.expect_int();
   Tensor g = materializeBdimFront(grad, gbd, B);       // [B, ..., D]
   Tensor idx = materializeBdimFront(indices, ibd, B);  // [B, ...]
   const int64_t pad = padding_idx.expect_int();
   if (pad >= 0) g = g.mul(idx.ne(pad).unsqueeze(-1).to(g.scalar_type()));
-  Tensor flat = at::embedding_dense_backward(g, offsetIndices(idx, V), B * V, -1,
-                                             scale_grad_by_freq);
+  Tensor flat = at::embedding_dense_backward(g, offsetIndices(idx, V), B * V, -1, scale_grad_by_freq);
   return {flat.view({B, V, flat.size(1)}), 0};
 }
 
@@ -66,23 +62,22 @@ using IndexList = std::vector<std::optional<Tensor>>;
 using BdimList = std::vector<bdim_t>;
 
 struct IndexPlan {
-  Tensor self;                      // [B, indexed dims..., other dims...]
+  Tensor self;  // [B, indexed dims..., other dims...]
   c10::List<std::optional<Tensor>> indices;
-  int64_t r = 0;                    // rank of the broadcast logical index shape
-  int64_t k = 0;                    // where torch puts the broadcast dims in the logical result
-  std::vector<int64_t> index_shape; // the broadcast logical index shape
+  int64_t r = 0;                     // rank of the broadcast logical index shape
+  int64_t k = 0;                     // where torch puts the broadcast dims in the logical result
+  std::vector<int64_t> index_shape;  // the broadcast logical index shape
 };
 
-int64_t batchSizeOfIndexing(const Tensor& self, bdim_t sbd, const IndexList& idx,
-                            const BdimList& ibd) {
+int64_t batchSizeOfIndexing(const Tensor& self, bdim_t sbd, const IndexList& idx, const BdimList& ibd) {
   if (sbd) return self.size(*sbd);
   for (size_t i = 0; i < idx.size(); ++i)
     if (ibd[i]) return idx[i]->size(*ibd[i]);
   TORCH_INTERNAL_ASSERT(false, "indexing rule called with nothing batched");
 }
 
-IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const BdimList& ibd,
-                    int64_t B, const char* op) {
+IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const BdimList& ibd, int64_t B,
+                    const char* op) {
   Tensor s = materializeBdimFront(self, sbd, B);
   const int64_t L = s.dim() - 1;
   struct Item {
@@ -99,7 +94,8 @@ IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const 
     }
     const Tensor& t = *idx[i];
     if (t.scalar_type() == at::kBool || t.scalar_type() == at::kByte) {
-      TORCH_CHECK(!ibd[i], "functorch_lite.vmap: ", op, " with a boolean mask that differs per "
+      TORCH_CHECK(!ibd[i], "functorch_lite.vmap: ", op,
+                  " with a boolean mask that differs per "
                   "batch element: the result's shape would depend on the data of each element, "
                   "which vmap cannot batch. Use torch.where(mask, x, other), or multiply by the "
                   "mask, instead.");
@@ -142,8 +138,7 @@ IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const 
   plan.indices.push_back(
       at::arange(B, at::TensorOptions().dtype(at::kLong).device(s.device())).view(ar_shape));
   for (const auto& it : items) {
-    plan.indices.push_back(it.bd ? padToLogicalRank(moveBdimToFront(it.t, it.bd), true, plan.r)
-                                 : it.t);
+    plan.indices.push_back(it.bd ? padToLogicalRank(moveBdimToFront(it.t, it.bd), true, plan.r) : it.t);
   }
   return plan;
 }
@@ -168,8 +163,8 @@ std::tuple<Tensor, bdim_t> indexRule(const Tensor& self, bdim_t sbd, const Index
 }
 
 // Writes `values` (logically broadcastable to self[indices]) into the [B, ...] tensor `s`.
-void indexPutInto(Tensor& s, const IndexList& idx, const BdimList& ibd, const Tensor& values,
-                  bdim_t vbd, bool accumulate, const char* op) {
+void indexPutInto(Tensor& s, const IndexList& idx, const BdimList& ibd, const Tensor& values, bdim_t vbd,
+                  bool accumulate, const char* op) {
   const int64_t B = s.size(0);
   IndexPlan p = planIndex(s, 0, idx, ibd, B, op);
   // The logical shape of self[indices], in torch's order.
@@ -223,8 +218,7 @@ void indexPutImplInplaceRule(Tensor& self, bdim_t sbd, const IndexList& idx, con
 
 // ---- index_select / index_add / index_copy / index_fill: advanced indexing along one dim.
 // x.index_select(d, i) is x[(:,)*d, i] for a 1-d i; a 0-d i selects a size-1 dim.
-std::pair<IndexList, BdimList> alongDim(int64_t dim, int64_t logical_rank, const Tensor& index,
-                                        bdim_t ibd) {
+std::pair<IndexList, BdimList> alongDim(int64_t dim, int64_t logical_rank, const Tensor& index, bdim_t ibd) {
   const int64_t d = c10::maybe_wrap_dim(dim, std::max<int64_t>(logical_rank, 1));
   Tensor i = index;
   if (index.dim() - (ibd ? 1 : 0) == 0) i = ibd ? index.unsqueeze(-1) : index.view({1});
@@ -235,14 +229,13 @@ std::pair<IndexList, BdimList> alongDim(int64_t dim, int64_t logical_rank, const
   return {idx, bds};
 }
 
-std::tuple<Tensor, bdim_t> indexSelectRule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                           const Tensor& index, bdim_t ibd) {
+std::tuple<Tensor, bdim_t> indexSelectRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                           bdim_t ibd) {
   const int64_t rank = rankWithoutBdim(self, sbd);
   if (rank == 0) {
     // torch treats a 0-d self as one element along dim 0 and returns a 0-d result.
     const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
-    auto [out, obd] = indexSelectRule(materializeBdimFront(self, sbd, B).unsqueeze(1), 0, dim,
-                                      index, ibd);
+    auto [out, obd] = indexSelectRule(materializeBdimFront(self, sbd, B).unsqueeze(1), 0, dim, index, ibd);
     return {out.squeeze(1), 0};
   }
   if (!ibd) {
@@ -254,8 +247,8 @@ std::tuple<Tensor, bdim_t> indexSelectRule(const Tensor& self, bdim_t sbd, int64
 }
 
 // self[(:,)*d, index] op= source, on a [B, ...] tensor.
-void indexAlongDimInto(Tensor& s, int64_t dim, const Tensor& index, bdim_t ibd,
-                       const Tensor& source, bdim_t srcbd, bool accumulate, const char* op) {
+void indexAlongDimInto(Tensor& s, int64_t dim, const Tensor& index, bdim_t ibd, const Tensor& source,
+                       bdim_t srcbd, bool accumulate, const char* op) {
   if (s.dim() == 1) {
     // A 0-d self is one element along dim 0: write through a [B, 1] view.
     Tensor s1 = s.unsqueeze(1);
@@ -268,9 +261,8 @@ void indexAlongDimInto(Tensor& s, int64_t dim, const Tensor& index, bdim_t ibd,
   indexPutInto(s, idx, bds, source, srcbd, accumulate, op);
 }
 
-std::tuple<Tensor, bdim_t> alongDimIntoCopy(const Tensor& self, bdim_t sbd, int64_t dim,
-                                            const Tensor& index, bdim_t ibd,
-                                            const Tensor& source, bdim_t srcbd, bool accumulate,
+std::tuple<Tensor, bdim_t> alongDimIntoCopy(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                            bdim_t ibd, const Tensor& source, bdim_t srcbd, bool accumulate,
                                             const char* op) {
   const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}});
   Tensor s = freshBatchedCopy(self, sbd, B);
@@ -284,8 +276,7 @@ Tensor scaled(const Tensor& source, const c10::Scalar& alpha) {
 
 // index_add/index_copy want source to match self outside `dim` (scalars aside); the batched
 // write would broadcast instead. Other shapes run per element (torch's result or error).
-bool alongDimShapesMatch(const Tensor& self, bdim_t sbd, const Tensor& source, bdim_t srcbd,
-                         int64_t dim) {
+bool alongDimShapesMatch(const Tensor& self, bdim_t sbd, const Tensor& source, bdim_t srcbd, int64_t dim) {
   Tensor s = sbd ? exampleOf(self, *sbd, 0) : self, src = srcbd ? exampleOf(source, *srcbd, 0) : source;
   if (s.dim() != src.dim()) return false;
   if (s.dim() == 0) return true;
@@ -302,19 +293,20 @@ std::tuple<Tensor, bdim_t> perElement(int64_t B, F&& call) {
   return {stackRows(rows, B > 0 ? rows[0] : call(0)), 0};
 }
 
-Tensor elementOf(const Tensor& t, bdim_t bd, int64_t i) { return bd ? exampleOf(t, *bd, i) : t; }
+Tensor elementOf(const Tensor& t, bdim_t bd, int64_t i) {
+  return bd ? exampleOf(t, *bd, i) : t;
+}
 
-std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                        const Tensor& index, bdim_t ibd, const Tensor& source,
-                                        bdim_t srcbd, const c10::Scalar& alpha) {
+std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                        bdim_t ibd, const Tensor& source, bdim_t srcbd,
+                                        const c10::Scalar& alpha) {
   if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
     return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
       return at::_ops::index_add::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
                                        elementOf(source, srcbd, i), alpha);
     });
   }
-  return alongDimIntoCopy(self, sbd, dim, index, ibd, scaled(source, alpha), srcbd, true,
-                          "aten::index_add");
+  return alongDimIntoCopy(self, sbd, dim, index, ibd, scaled(source, alpha), srcbd, true, "aten::index_add");
 }
 
 void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
@@ -323,9 +315,8 @@ void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& in
   indexAlongDimInto(s, dim, index, ibd, scaled(source, alpha), srcbd, true, "aten::index_add_");
 }
 
-std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                         const Tensor& index, bdim_t ibd, const Tensor& source,
-                                         bdim_t srcbd) {
+std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                         bdim_t ibd, const Tensor& source, bdim_t srcbd) {
   if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
     return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
       return at::_ops::index_copy::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
@@ -335,30 +326,29 @@ std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t
   return alongDimIntoCopy(self, sbd, dim, index, ibd, source, srcbd, false, "aten::index_copy");
 }
 
-void indexCopyInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
-                          bdim_t ibd, const Tensor& source, bdim_t srcbd) {
+void indexCopyInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
+                          const Tensor& source, bdim_t srcbd) {
   Tensor s = moveBdimToFront(self, sbd);
   indexAlongDimInto(s, dim, index, ibd, source, srcbd, false, "aten::index_copy_");
 }
 
 std::tuple<Tensor, bdim_t> indexFillTensorRule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                               const Tensor& index, bdim_t ibd,
-                                               const Tensor& value, bdim_t vbd) {
+                                               const Tensor& index, bdim_t ibd, const Tensor& value,
+                                               bdim_t vbd) {
   return alongDimIntoCopy(self, sbd, dim, index, ibd, value.to(self.scalar_type()), vbd, false,
                           "aten::index_fill");
 }
 
 std::tuple<Tensor, bdim_t> indexFillScalarRule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                               const Tensor& index, bdim_t ibd,
-                                               const c10::Scalar& value) {
-  return alongDimIntoCopy(self, sbd, dim, index, ibd, at::scalar_tensor(value, self.options()),
-                          std::nullopt, false, "aten::index_fill");
+                                               const Tensor& index, bdim_t ibd, const c10::Scalar& value) {
+  return alongDimIntoCopy(self, sbd, dim, index, ibd, at::scalar_tensor(value, self.options()), std::nullopt,
+                          false, "aten::index_fill");
 }
 
 // masked_select with one mask for the whole batch selects the same positions of every element.
-std::tuple<Tensor, bdim_t> maskedSelectRule(const Tensor& self, bdim_t sbd, const Tensor& mask,
-                                            bdim_t mbd) {
-  TORCH_CHECK(!mbd, "functorch_lite.vmap: aten::masked_select with a mask that differs per batch "
+std::tuple<Tensor, bdim_t> maskedSelectRule(const Tensor& self, bdim_t sbd, const Tensor& mask, bdim_t mbd) {
+  TORCH_CHECK(!mbd,
+              "functorch_lite.vmap: aten::masked_select with a mask that differs per batch "
               "element returns a result whose shape depends on the data of each element, which "
               "vmap cannot batch. Use torch.where(mask, x, 0), or multiply by the mask, instead.");
   Tensor s = moveBdimToFront(self, sbd);
@@ -380,8 +370,8 @@ struct GatherArgs {
   bool scalar;
 };
 
-GatherArgs prepGather(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
-                      bdim_t ibd, const Tensor* src, bdim_t srcbd, int64_t B, bool self_view) {
+GatherArgs prepGather(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
+                      const Tensor* src, bdim_t srcbd, int64_t B, bool self_view) {
   GatherArgs a;
   a.self = self_view ? moveBdimToFront(self, sbd) : materializeBdimFront(self, sbd, B);
   a.index = materializeBdimFront(index, ibd, B);
@@ -408,10 +398,12 @@ bool sameGatherRank(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) 
   return true;
 }
 
-Tensor one(const Tensor& t, bdim_t bd) { return bd ? exampleOf(t, *bd, 0) : t; }
+Tensor one(const Tensor& t, bdim_t bd) {
+  return bd ? exampleOf(t, *bd, 0) : t;
+}
 
-std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                      const Tensor& index, bdim_t ibd, bool sparse_grad) {
+std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                      bdim_t ibd, bool sparse_grad) {
   if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
     raiseForElement([&] { at::_ops::gather::call(one(self, sbd), dim, one(index, ibd), sparse_grad); },
                     "gather", "index must have self's number of dims");
@@ -428,9 +420,8 @@ struct ScatterLike;
 // scatter.src / .reduce, scatter_add, scatter_reduce.two: (self, dim, index, src, extra...)
 template <class Op, class... Extra>
 struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const Tensor&, Extra...)> {
-  static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                         const Tensor& index, bdim_t ibd, const Tensor& src,
-                                         bdim_t srcbd, Extra... extra) {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                         bdim_t ibd, const Tensor& src, bdim_t srcbd, Extra... extra) {
     if (!sameGatherRank({{&self, sbd}, {&index, ibd}, {&src, srcbd}})) {
       raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), one(src, srcbd), extra...); },
                       Op::name, "self, index and src must have the same number of dims");
@@ -444,12 +435,11 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const Tenso
 // scatter.value / .value_reduce: (self, dim, index, Scalar value, extra...)
 template <class Op, class... Extra>
 struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const c10::Scalar&, Extra...)> {
-  static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim,
-                                         const Tensor& index, bdim_t ibd,
-                                         const c10::Scalar& value, Extra... extra) {
+  static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
+                                         bdim_t ibd, const c10::Scalar& value, Extra... extra) {
     if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
-      raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), value, extra...); },
-                      Op::name, "index must have self's number of dims");
+      raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), value, extra...); }, Op::name,
+                      "index must have self's number of dims");
     }
     const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
@@ -462,16 +452,15 @@ template <class Op, class Sig = typename Op::schema>
 struct ScatterLikeInplace;
 template <class Op, class... Extra>
 struct ScatterLikeInplace<Op, Tensor&(Tensor&, int64_t, const Tensor&, const Tensor&, Extra...)> {
-  static void rule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
-                   const Tensor& src, bdim_t srcbd, Extra... extra) {
+  static void rule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd, const Tensor& src,
+                   bdim_t srcbd, Extra... extra) {
     const int64_t B = self.size(*sbd);
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, &src, srcbd, B, true);
     Op::call(a.self, a.dim, a.index, a.src, extra...);
   }
 };
 template <class Op, class... Extra>
-struct ScatterLikeInplace<Op, Tensor&(Tensor&, int64_t, const Tensor&, const c10::Scalar&,
-                                      Extra...)> {
+struct ScatterLikeInplace<Op, Tensor&(Tensor&, int64_t, const Tensor&, const c10::Scalar&, Extra...)> {
   static void rule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
                    const c10::Scalar& value, Extra... extra) {
     const int64_t B = self.size(*sbd);
@@ -490,7 +479,8 @@ using ScatterInplace = ScatterLikeInplace<Op>;
 // skips that check under vmap and silently returns all-zero rows for out-of-range values, so here
 // the for-loop's errors are kept. num_classes=-1 would need the maximum of every element at once.
 std::tuple<Tensor, bdim_t> oneHotRule(const Tensor& self, bdim_t bd, int64_t num_classes) {
-  TORCH_CHECK(num_classes != -1, "When vmap-ing torch.nn.functional.one_hot, please provide an "
+  TORCH_CHECK(num_classes != -1,
+              "When vmap-ing torch.nn.functional.one_hot, please provide an "
               "explicit positive num_classes argument (functorch_lite.vmap cannot infer it from "
               "the data of all batch elements at once).");
   return {at::one_hot(self, num_classes), bd};
@@ -521,12 +511,18 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
 
   registerVmapRule<at::_ops::masked_select, &maskedSelectRule>(m);
   registerVmapRule<at::_ops::gather, &gatherRule>(m);
-  registerFamily<Scatter, at::_ops::scatter_src, at::_ops::scatter_value, at::_ops::scatter_reduce,
-                 at::_ops::scatter_value_reduce, at::_ops::scatter_add,
-                 at::_ops::scatter_reduce_two>(m);
+  // clang-format off
+  registerFamily<Scatter,
+      at::_ops::scatter_add,
+      at::_ops::scatter_reduce,
+      at::_ops::scatter_reduce_two,
+      at::_ops::scatter_src,
+      at::_ops::scatter_value,
+      at::_ops::scatter_value_reduce>(m);
+  // clang-format on
   registerInplaceFamily<ScatterInplace, at::_ops::scatter__src, at::_ops::scatter__value,
-                        at::_ops::scatter__reduce, at::_ops::scatter__value_reduce,
-                        at::_ops::scatter_add_, at::_ops::scatter_reduce__two>(m);
+                        at::_ops::scatter__reduce, at::_ops::scatter__value_reduce, at::_ops::scatter_add_,
+                        at::_ops::scatter_reduce__two>(m);
 }
 
 }  // namespace ftl

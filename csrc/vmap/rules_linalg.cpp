@@ -23,8 +23,8 @@ std::tuple<Tensor, bdim_t> dotRule(const Tensor& a, bdim_t abd, const Tensor& b,
 // General matmul with numpy-style logical semantics.
 std::tuple<Tensor, bdim_t> matmulRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
   int64_t ra = rankWithoutBdim(a, abd), rb = rankWithoutBdim(b, bbd);
-  TORCH_CHECK(ra > 0 && rb > 0, "both arguments to matmul need to be at least 1D, but they are ",
-              ra, "D and ", rb, "D");
+  TORCH_CHECK(ra > 0 && rb > 0, "both arguments to matmul need to be at least 1D, but they are ", ra,
+              "D and ", rb, "D");
   Tensor A = moveBdimToFront(a, abd), Bm = moveBdimToFront(b, bbd);
   const int64_t ka = A.size(-1), kb = Bm.size(rb == 1 ? -1 : -2);
   if (ka != kb) {
@@ -129,13 +129,15 @@ Tensor expandToBatchedShape(const Tensor& t, bdim_t bd, int64_t B, at::IntArrayR
 }
 
 // baddbmm's own batch dim takes the vmap batch: [B, b, ...] -> [B*b, ...].
-std::tuple<Tensor, bdim_t> baddbmmRule(const Tensor& self, bdim_t sbd, const Tensor& b1,
-                                       bdim_t b1bd, const Tensor& b2, bdim_t b2bd,
-                                       const c10::Scalar& beta, const c10::Scalar& alpha) {
+std::tuple<Tensor, bdim_t> baddbmmRule(const Tensor& self, bdim_t sbd, const Tensor& b1, bdim_t b1bd,
+                                       const Tensor& b2, bdim_t b2bd, const c10::Scalar& beta,
+                                       const c10::Scalar& alpha) {
   TORCH_CHECK(rankWithoutBdim(b1, b1bd) == 3 && rankWithoutBdim(b2, b2bd) == 3,
               "baddbmm: batch1 and batch2 must be 3D tensors");
-  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 3, "baddbmm: self must be broadcastable to the "
-              "result, but it has ", rankWithoutBdim(self, sbd), " dims");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 3,
+              "baddbmm: self must be broadcastable to the "
+              "result, but it has ",
+              rankWithoutBdim(self, sbd), " dims");
   const int64_t B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
   Tensor m1 = materializeBdimFront(b1, b1bd, B), m2 = materializeBdimFront(b2, b2bd, B);
   const int64_t b = m1.size(1);
@@ -147,13 +149,15 @@ std::tuple<Tensor, bdim_t> baddbmmRule(const Tensor& self, bdim_t sbd, const Ten
 // sum_i b1[i] @ b2[i] is one product over the concatenated inner dims:
 // [n, b*m] @ [b*m, p], so the batched addbmm is a baddbmm over the vmap batch. addbmm with
 // alpha == 0 ignores NaNs of the product, which baddbmm would propagate.
-std::tuple<Tensor, bdim_t> addbmmRule(const Tensor& self, bdim_t sbd, const Tensor& b1,
-                                      bdim_t b1bd, const Tensor& b2, bdim_t b2bd,
-                                      const c10::Scalar& beta, const c10::Scalar& alpha) {
+std::tuple<Tensor, bdim_t> addbmmRule(const Tensor& self, bdim_t sbd, const Tensor& b1, bdim_t b1bd,
+                                      const Tensor& b2, bdim_t b2bd, const c10::Scalar& beta,
+                                      const c10::Scalar& alpha) {
   TORCH_CHECK(rankWithoutBdim(b1, b1bd) == 3 && rankWithoutBdim(b2, b2bd) == 3,
               "addbmm: batch1 and batch2 must be 3D tensors");
-  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 2, "addbmm: self must be broadcastable to the "
-              "result, but it has ", rankWithoutBdim(self, sbd), " dims");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 2,
+              "addbmm: self must be broadcastable to the "
+              "result, but it has ",
+              rankWithoutBdim(self, sbd), " dims");
   const int64_t B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
   Tensor m1 = materializeBdimFront(b1, b1bd, B), m2 = materializeBdimFront(b2, b2bd, B);
   const int64_t n = m1.size(2), p = m2.size(3);
@@ -166,14 +170,16 @@ std::tuple<Tensor, bdim_t> addbmmRule(const Tensor& self, bdim_t sbd, const Tens
 
 // mat @ vec as a baddbmm of [B, n, m] @ [B, m, 1]; addmv, like addbmm, ignores NaNs of the
 // product when alpha == 0.
-std::tuple<Tensor, bdim_t> addmvRule(const Tensor& self, bdim_t sbd, const Tensor& mat,
-                                     bdim_t mbd, const Tensor& vec, bdim_t vbd,
-                                     const c10::Scalar& beta, const c10::Scalar& alpha) {
+std::tuple<Tensor, bdim_t> addmvRule(const Tensor& self, bdim_t sbd, const Tensor& mat, bdim_t mbd,
+                                     const Tensor& vec, bdim_t vbd, const c10::Scalar& beta,
+                                     const c10::Scalar& alpha) {
   TORCH_CHECK(rankWithoutBdim(mat, mbd) == 2 && rankWithoutBdim(vec, vbd) == 1,
               "addmv: expected a matrix and a vector, got ", rankWithoutBdim(mat, mbd), "D and ",
               rankWithoutBdim(vec, vbd), "D");
-  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 1, "addmv: self must be broadcastable to the "
-              "result, but it has ", rankWithoutBdim(self, sbd), " dims");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 1,
+              "addmv: self must be broadcastable to the "
+              "result, but it has ",
+              rankWithoutBdim(self, sbd), " dims");
   const int64_t B = batchSizeOf({{&self, sbd}, {&mat, mbd}, {&vec, vbd}});
   Tensor m = materializeBdimFront(mat, mbd, B);
   Tensor v = materializeBdimFront(vec, vbd, B).unsqueeze(-1);
@@ -190,16 +196,17 @@ std::tuple<Tensor, bdim_t> addrRule(const Tensor& self, bdim_t sbd, const Tensor
   TORCH_CHECK(rankWithoutBdim(v1, v1bd) == 1 && rankWithoutBdim(v2, v2bd) == 1,
               "addr: vec1 and vec2 must be 1D, got ", rankWithoutBdim(v1, v1bd), "D and ",
               rankWithoutBdim(v2, v2bd), "D");
-  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 2, "addr: self must be broadcastable to the result, "
-              "but it has ", rankWithoutBdim(self, sbd), " dims");
+  TORCH_CHECK(rankWithoutBdim(self, sbd) <= 2,
+              "addr: self must be broadcastable to the result, "
+              "but it has ",
+              rankWithoutBdim(self, sbd), " dims");
   Tensor a = moveBdimToFront(v1, v1bd).unsqueeze(-1), b = moveBdimToFront(v2, v2bd).unsqueeze(-2);
   if (v1bd && !v2bd) b = b.unsqueeze(0);
   if (v2bd && !v1bd) a = a.unsqueeze(0);
   const bool prod_batched = v1bd || v2bd;
   Tensor s = sbd ? padToLogicalRank(moveBdimToFront(self, sbd), true, 2) : self;
   Tensor out;
-  if (self.scalar_type() == at::kBool && v1.scalar_type() == at::kBool &&
-      v2.scalar_type() == at::kBool) {
+  if (self.scalar_type() == at::kBool && v1.scalar_type() == at::kBool && v2.scalar_type() == at::kBool) {
     out = alpha.to<bool>() ? at::logical_and(a, b) : at::zeros_like(at::logical_and(a, b));
     if (beta.to<bool>()) out = at::logical_or(out, s);
   } else {
@@ -220,8 +227,7 @@ std::tuple<Tensor, bdim_t> vdotRule(const Tensor& a, bdim_t abd, const Tensor& b
 
 // linalg_cross wants equal ranks (it broadcasts size-1 dims): unbatched arguments get a size-1
 // batch dim instead of being expanded.
-std::tuple<Tensor, bdim_t> crossRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd,
-                                     int64_t dim) {
+std::tuple<Tensor, bdim_t> crossRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd, int64_t dim) {
   const int64_t ra = rankWithoutBdim(a, abd), rb = rankWithoutBdim(b, bbd);
   TORCH_CHECK(ra == rb, "linalg.cross: inputs must have the same number of dimensions.");
   Tensor x = abd ? moveBdimToFront(a, abd) : a.unsqueeze(0);
@@ -253,9 +259,8 @@ std::tuple<Tensor, bdim_t> pinvRule(const Tensor& a, bdim_t abd, const std::opti
     if (!t || !t->defined() || !bd) return t;
     return padToLogicalRank(moveBdimToFront(*t, bd), true, r);
   };
-  return {at::_ops::linalg_pinv_atol_rtol_tensor::call(materializeBdimFront(a, abd, B),
-                                                       tol(atol, atbd), tol(rtol, rtbd),
-                                                       hermitian),
+  return {at::_ops::linalg_pinv_atol_rtol_tensor::call(materializeBdimFront(a, abd, B), tol(atol, atbd),
+                                                       tol(rtol, rtbd), hermitian),
           0};
 }
 
@@ -290,8 +295,7 @@ struct CheckErrorsKernel<Op, void(const Tensor&, Api, bool)> {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  m.impl("_linalg_check_errors",
-         TORCH_FN(CheckErrorsKernel<at::_ops::_linalg_check_errors>::fn));
+  m.impl("_linalg_check_errors", TORCH_FN(CheckErrorsKernel<at::_ops::_linalg_check_errors>::fn));
   // Each rule runs only on the logical ranks torch accepts; anything else runs per element, so
   // that torch's own error is raised (NOTE [Batch-native ops and logical ranks]).
   using Any = R<0, kAnyRank>;
@@ -310,86 +314,37 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::addmv, &addmvRule, RankIn<R<0, 1>, R<2>, R<1>>>(m);
   registerVmapRule<at::_ops::addr, &addrRule, RankIn<R<0, 2>, R<1>, R<1>>>(m);
   registerVmapRule<at::_ops::linalg_cross, &crossRule, RankIn<AtLeast1, AtLeast1>>(m);
-  registerVmapRule<at::_ops::linalg_pinv_atol_rtol_tensor, &pinvRule,
-                   RankIn<R<2, kAnyRank>, Any, Any>>(m);
+  registerVmapRule<at::_ops::linalg_pinv_atol_rtol_tensor, &pinvRule, RankIn<R<2, kAnyRank>, Any, Any>>(m);
   // Batch-native ops, grouped by the core rank of each tensor argument (schema order).
-  registerBatchNative<CoreRanks<2>,
-                      at::_ops::linalg_inv_ex,
-                      at::_ops::_linalg_det,
-                      at::_ops::_linalg_slogdet,
-                      at::_ops::linalg_cholesky_ex,
-                      at::_ops::linalg_qr,
-                      at::_ops::_linalg_eigh,
-                      at::_ops::_linalg_svd,
-                      at::_ops::linalg_lu_factor_ex,
-                      at::_ops::linalg_lu,
-                      at::_ops::triu,
-                      at::_ops::tril,
-                      at::_ops::linalg_matrix_exp,
-                      at::_ops::linalg_eig,
-                      at::_ops::_linalg_eigvals,
-                      at::_ops::linalg_ldl_factor_ex,
-                      at::_ops::cholesky_inverse,
-                      at::_ops::cholesky,
-                      at::_ops::geqrf>(m);
-  registerBatchNative<CoreRanks<2, 2>,
-                      at::_ops::linalg_solve_triangular,
-                      at::_ops::cholesky_solve,
+  registerBatchNative<CoreRanks<2>, at::_ops::linalg_inv_ex, at::_ops::_linalg_det, at::_ops::_linalg_slogdet,
+                      at::_ops::linalg_cholesky_ex, at::_ops::linalg_qr, at::_ops::_linalg_eigh,
+                      at::_ops::_linalg_svd, at::_ops::linalg_lu_factor_ex, at::_ops::linalg_lu,
+                      at::_ops::triu, at::_ops::tril, at::_ops::linalg_matrix_exp, at::_ops::linalg_eig,
+                      at::_ops::_linalg_eigvals, at::_ops::linalg_ldl_factor_ex, at::_ops::cholesky_inverse,
+                      at::_ops::cholesky, at::_ops::geqrf>(m);
+  registerBatchNative<CoreRanks<2, 2>, at::_ops::linalg_solve_triangular, at::_ops::cholesky_solve,
                       at::_ops::triangular_solve>(m);
-  registerBatchNative<CoreRanks<2, 1>,
-                      at::_ops::lu_unpack,
-                      at::_ops::linalg_householder_product>(m);
-  registerBatchNative<CoreRanks<2, 1, 2>,
-                      at::_ops::linalg_lu_solve,
-                      at::_ops::linalg_ldl_solve,
+  registerBatchNative<CoreRanks<2, 1>, at::_ops::lu_unpack, at::_ops::linalg_householder_product>(m);
+  registerBatchNative<CoreRanks<2, 1, 2>, at::_ops::linalg_lu_solve, at::_ops::linalg_ldl_solve,
                       at::_ops::ormqr>(m);
-  registerBatchNative<SolveSpec,
-                      at::_ops::_linalg_solve_ex,
-                      at::_ops::linalg_lstsq>(m);
+  registerBatchNative<SolveSpec, at::_ops::_linalg_solve_ex, at::_ops::linalg_lstsq>(m);
   // Composite entry points whose rank checks live in the ops they decompose into (under another
   // name: linalg.eigvals would report linalg.eig's error): checked here against logical ranks.
-  registerCheckedComposite<CoreRanks<2>,
-                           at::_ops::det,
-                           at::_ops::inverse,
-                           at::_ops::logdet,
-                           at::_ops::slogdet,
-                           at::_ops::linalg_det,
-                           at::_ops::linalg_inv,
-                           at::_ops::linalg_cholesky,
-                           at::_ops::linalg_slogdet,
-                           at::_ops::linalg_eigh,
-                           at::_ops::linalg_eigvalsh,
-                           at::_ops::linalg_eigvals,
-                           at::_ops::linalg_svd,
-                           at::_ops::linalg_svdvals,
-                           at::_ops::svd,
-                           at::_ops::qr,
-                           at::_ops::linalg_lu_factor,
-                           at::_ops::linalg_ldl_factor,
-                           at::_ops::linalg_matrix_power,
-                           at::_ops::matrix_power,
-                           at::_ops::linalg_pinv,
-                           at::_ops::linalg_pinv_atol_rtol_float,
-                           at::_ops::linalg_pinv_rcond_tensor,
-                           at::_ops::pinverse,
-                           at::_ops::linalg_matrix_rank,
-                           at::_ops::linalg_matrix_rank_atol_rtol_float,
-                           at::_ops::linalg_matrix_rank_atol_rtol_tensor,
-                           at::_ops::linalg_matrix_rank_tol_tensor,
-                           at::_ops::linalg_cond,
-                           at::_ops::linalg_cond_p_str,
-                           at::_ops::linalg_matrix_norm,
-                           at::_ops::linalg_matrix_norm_str_ord,
-                           at::_ops::matrix_exp,
-                           at::_ops::_lu_with_info,
-                           at::_ops::nuclear_norm>(m);
-  registerCheckedComposite<CoreRanks<2, 1>,
-                           at::_ops::orgqr>(m);
-  registerCheckedComposite<CoreRanks<2, 2, 1>,
-                           at::_ops::lu_solve>(m);
-  registerCheckedComposite<SolveSpec,
-                           at::_ops::linalg_solve,
-                           at::_ops::linalg_solve_ex>(m);
+  registerCheckedComposite<
+      CoreRanks<2>, at::_ops::det, at::_ops::inverse, at::_ops::logdet, at::_ops::slogdet,
+      at::_ops::linalg_det, at::_ops::linalg_inv, at::_ops::linalg_cholesky, at::_ops::linalg_slogdet,
+      at::_ops::linalg_eigh, at::_ops::linalg_eigvalsh, at::_ops::linalg_eigvals, at::_ops::linalg_svd,
+      at::_ops::linalg_svdvals, at::_ops::svd, at::_ops::qr, at::_ops::linalg_lu_factor,
+      at::_ops::linalg_ldl_factor, at::_ops::linalg_matrix_power, at::_ops::matrix_power,
+      at::_ops::linalg_pinv, at::_ops::linalg_pinv_atol_rtol_float, at::_ops::linalg_pinv_rcond_tensor,
+      at::_ops::pinverse, at::_ops::linalg_matrix_rank, at::_ops::linalg_matrix_rank_atol_rtol_float,
+      at::_ops::linalg_matrix_rank_atol_rtol_tensor, at::_ops::linalg_matrix_rank_tol_tensor,
+      at::_ops::linalg_cond, at::_ops::linalg_cond_p_str, at::_ops::linalg_matrix_norm,
+      at::_ops::linalg_matrix_norm_str_ord, at::_ops::matrix_exp, at::_ops::_lu_with_info,
+      at::_ops::nuclear_norm>(m);
+  registerCheckedComposite<CoreRanks<2, 1>, at::_ops::orgqr>(m);
+  registerCheckedComposite<CoreRanks<2, 2, 1>, at::_ops::lu_solve>(m);
+  registerCheckedComposite<SolveSpec, at::_ops::linalg_solve, at::_ops::linalg_solve_ex>(m);
 }
 
 }  // namespace ftl

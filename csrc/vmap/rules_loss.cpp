@@ -29,8 +29,10 @@ NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_
   Tensor logp = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   const bool one_d = logp.dim() == 2;
-  TORCH_CHECK(logp.dim() == 3 || one_d, "nll_loss under vmap: expected input of 1 or 2 dims per "
-              "batch element (use nll_loss2d-style reshapes for more), got ", logp.dim() - 1);
+  TORCH_CHECK(logp.dim() == 3 || one_d,
+              "nll_loss under vmap: expected input of 1 or 2 dims per "
+              "batch element (use nll_loss2d-style reshapes for more), got ",
+              logp.dim() - 1);
   if (one_d) {
     logp = logp.unsqueeze(1);
     if (t.dim() == 1) t = t.unsqueeze(1);  // a 0-D target, or torch's accepted [1]: [B, 1] both
@@ -48,19 +50,21 @@ NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_
   return {std::move(logp), std::move(tc), std::move(w), one_d};
 }
 
-std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(
-    const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
-    const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction, c10::SymInt ignore_index) {
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(const Tensor& self, bdim_t sbd,
+                                                          const Tensor& target, bdim_t tbd,
+                                                          const std::optional<Tensor>& weight, bdim_t wbd,
+                                                          int64_t reduction, c10::SymInt ignore_index) {
   const int64_t rt = rankWithoutBdim(target, tbd);
-  if (rankWithoutBdim(self, sbd) == 1 && rt != 0 &&
-      (rt != 1 || target.size(tbd && *tbd == 0 ? 1 : 0) != 1)) {
+  if (rankWithoutBdim(self, sbd) == 1 && rt != 0 && (rt != 1 || target.size(tbd && *tbd == 0 ? 1 : 0) != 1)) {
     auto one = [](const Tensor& t, bdim_t bd) { return bd ? exampleOf(t, *bd, 0) : t; };
-    raiseForElement([&] {
-      at::_ops::nll_loss_forward::call(
-          one(self, sbd), one(target, tbd),
-          weight && weight->defined() ? std::optional<Tensor>(one(*weight, wbd)) : weight,
-          reduction, ignore_index);
-    }, "nll_loss", "a 1-D input takes a 0-D target");
+    raiseForElement(
+        [&] {
+          at::_ops::nll_loss_forward::call(
+              one(self, sbd), one(target, tbd),
+              weight && weight->defined() ? std::optional<Tensor>(one(*weight, wbd)) : weight, reduction,
+              ignore_index);
+        },
+        "nll_loss", "a 1-D input takes a 0-D target");
   }
   auto in = prepareNll(self, sbd, target, tbd, weight, wbd, ignore_index.expect_int());
   Tensor picked = in.logp.gather(2, in.target.unsqueeze(2)).squeeze(2).neg().mul(in.weight);  // [B,N]
@@ -74,17 +78,19 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(
 }
 
 Tensor nllBackwardRule_(const Tensor& grad_out, bdim_t gbd, const Tensor& self, bdim_t sbd,
-                        const Tensor& target, bdim_t tbd, const std::optional<Tensor>& weight,
-                        bdim_t wbd, int64_t reduction, int64_t ignore_index,
-                        const Tensor& total_weight, bdim_t twbd) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {&grad_out, gbd},
-                                 {&total_weight, twbd}, {weight ? &*weight : &self, wbd}});
+                        const Tensor& target, bdim_t tbd, const std::optional<Tensor>& weight, bdim_t wbd,
+                        int64_t reduction, int64_t ignore_index, const Tensor& total_weight, bdim_t twbd) {
+  const int64_t B = batchSizeOf({{&self, sbd},
+                                 {&target, tbd},
+                                 {&grad_out, gbd},
+                                 {&total_weight, twbd},
+                                 {weight ? &*weight : &self, wbd}});
   auto in = prepareNll(materializeBdimFront(self, sbd, B), 0, target, tbd, weight, wbd, ignore_index);
   Tensor g = materializeBdimFront(grad_out, gbd, B);
   if (reduction == kNone) {
-    if (in.one_d) g = g.unsqueeze(1);           // [B, N]
+    if (in.one_d) g = g.unsqueeze(1);  // [B, N]
   } else {
-    g = g.reshape({B, 1});                       // one scalar per batch element
+    g = g.reshape({B, 1});  // one scalar per batch element
     if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape({B, 1}));
   }
   Tensor coef = in.weight.mul(g).neg().unsqueeze(2);  // [B, N, 1]
@@ -92,11 +98,11 @@ Tensor nllBackwardRule_(const Tensor& grad_out, bdim_t gbd, const Tensor& self, 
   return in.one_d ? grad.squeeze(1) : grad;
 }
 
-std::tuple<Tensor, bdim_t> nllBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self,
-                                           bdim_t sbd, const Tensor& target, bdim_t tbd,
-                                           const std::optional<Tensor>& weight, bdim_t wbd,
-                                           int64_t reduction, c10::SymInt ignore_index,
-                                           const Tensor& total_weight, bdim_t twbd) {
+std::tuple<Tensor, bdim_t> nllBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self, bdim_t sbd,
+                                           const Tensor& target, bdim_t tbd,
+                                           const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction,
+                                           c10::SymInt ignore_index, const Tensor& total_weight,
+                                           bdim_t twbd) {
   return {nllBackwardRule_(grad_out, gbd, self, sbd, target, tbd, weight, wbd, reduction,
                            ignore_index.expect_int(), total_weight, twbd),
           0};
@@ -128,7 +134,9 @@ std::vector<Tensor> broadcastBatchFirst(std::initializer_list<std::pair<const Te
 std::optional<Tensor> optTensor(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
-const Tensor* ptrOf(const std::optional<Tensor>& t) { return t ? &*t : nullptr; }
+const Tensor* ptrOf(const std::optional<Tensor>& t) {
+  return t ? &*t : nullptr;
+}
 
 // [B, *S] per-element losses -> [B] for 'mean'/'sum' (a logical scalar still reduces to [B]).
 Tensor reducePerSample(const Tensor& loss, int64_t reduction) {
@@ -181,65 +189,65 @@ struct PointwiseLossBackward<Op, Tensor(const Tensor&, const Tensor&, const Tens
 std::tuple<Tensor, bdim_t> bceRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                    const std::optional<Tensor>& w, bdim_t wbd, int64_t reduction) {
   auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}});
-  return {reducePerSample(at::_ops::binary_cross_entropy::call(a[0], a[1], optTensor(a[2]), kNone),
-                          reduction),
-          0};
+  return {
+      reducePerSample(at::_ops::binary_cross_entropy::call(a[0], a[1], optTensor(a[2]), kNone), reduction),
+      0};
 }
 
 std::tuple<Tensor, bdim_t> bceBackwardRule(const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd,
-                                           const Tensor& t, bdim_t tbd,
-                                           const std::optional<Tensor>& w, bdim_t wbd,
-                                           int64_t reduction) {
+                                           const Tensor& t, bdim_t tbd, const std::optional<Tensor>& w,
+                                           bdim_t wbd, int64_t reduction) {
   auto a = broadcastBatchFirst({{&g, gbd}, {&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}});
-  return {scaleForReduction(at::_ops::binary_cross_entropy_backward::call(
-                                a[0], a[1], a[2], optTensor(a[3]), kNone),
-                            reduction),
-          0};
+  return {
+      scaleForReduction(
+          at::_ops::binary_cross_entropy_backward::call(a[0], a[1], a[2], optTensor(a[3]), kNone), reduction),
+      0};
 }
 
 // pos_weight broadcasts against the class (last) dim, which right-aligned broadcasting keeps.
 std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                          const std::optional<Tensor>& w, bdim_t wbd,
-                                         const std::optional<Tensor>& pw, bdim_t pwbd,
-                                         int64_t reduction) {
+                                         const std::optional<Tensor>& pw, bdim_t pwbd, int64_t reduction) {
   auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}, {ptrOf(pw), pwbd}});
-  return {reducePerSample(at::_ops::binary_cross_entropy_with_logits::call(
-                              a[0], a[1], optTensor(a[2]), optTensor(a[3]), kNone),
+  return {reducePerSample(at::_ops::binary_cross_entropy_with_logits::call(a[0], a[1], optTensor(a[2]),
+                                                                           optTensor(a[3]), kNone),
                           reduction),
           0};
 }
 
 // ---- nll_loss2d: [N, C, H, W] scores and [N, H, W] targets are nll_loss over N*H*W rows.
-std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(
-    const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
-    const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction, c10::SymInt ignore_index) {
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, bdim_t sbd,
+                                                            const Tensor& target, bdim_t tbd,
+                                                            const std::optional<Tensor>& weight, bdim_t wbd,
+                                                            int64_t reduction, c10::SymInt ignore_index) {
   TORCH_CHECK(rankWithoutBdim(self, sbd) == 4 && rankWithoutBdim(target, tbd) == 3,
               "nll_loss2d: expected input of 4 dims and target of 3 dims per batch element");
   const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   auto [out, obd, total, twbd] =
-      nllForwardRule(x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0, t.reshape({B, -1}), 0,
-                     weight, wbd, reduction, std::move(ignore_index));
+      nllForwardRule(x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0, t.reshape({B, -1}), 0, weight, wbd,
+                     reduction, std::move(ignore_index));
   if (reduction == kNone) out = out.view(t.sizes());
   return {out, obd, total, twbd};
 }
 
-std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
-                                             const Tensor& self, bdim_t sbd, const Tensor& target,
-                                             bdim_t tbd, const std::optional<Tensor>& weight,
-                                             bdim_t wbd, int64_t reduction,
-                                             c10::SymInt ignore_index, const Tensor& total_weight,
-                                             bdim_t twbd) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {&grad_out, gbd},
-                                 {&total_weight, twbd}, {weight ? &*weight : &self, wbd}});
+std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self,
+                                             bdim_t sbd, const Tensor& target, bdim_t tbd,
+                                             const std::optional<Tensor>& weight, bdim_t wbd,
+                                             int64_t reduction, c10::SymInt ignore_index,
+                                             const Tensor& total_weight, bdim_t twbd) {
+  const int64_t B = batchSizeOf({{&self, sbd},
+                                 {&target, tbd},
+                                 {&grad_out, gbd},
+                                 {&total_weight, twbd},
+                                 {weight ? &*weight : &self, wbd}});
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   Tensor g = materializeBdimFront(grad_out, gbd, B);
   if (reduction == kNone) g = g.reshape({B, -1});
-  Tensor grad = nllBackwardRule_(g, 0, x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0,
-                                 t.reshape({B, -1}), 0, weight, wbd, reduction,
-                                 ignore_index.expect_int(), total_weight, twbd);
+  Tensor grad = nllBackwardRule_(g, 0, x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0, t.reshape({B, -1}), 0,
+                                 weight, wbd, reduction, ignore_index.expect_int(), total_weight, twbd);
   const auto s = x.sizes();
   return {grad.view({B, s[1], s[3], s[4], s[2]}).movedim(-1, 2), 0};
 }
@@ -247,8 +255,8 @@ std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
 // ---- margin losses over [N, C] (or [C]) scores: the vmap batch folds into N, the op runs with
 // reduction='none' and each element reduces its own N afterwards.
 struct Folded {
-  Tensor x;   // [B*N, C]
-  Tensor t;   // multi_margin: [B*N]; multilabel: [B*N, C]
+  Tensor x;  // [B*N, C]
+  Tensor t;  // multi_margin: [B*N]; multilabel: [B*N, C]
   int64_t B, N;
   bool one_d;   // logical input was [C] (no N)
   bool zero_d;  // logical input was a scalar: one class
@@ -259,8 +267,7 @@ Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t t
                   bool target_like_input, const char* op) {
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
-  TORCH_CHECK(x.dim() <= 3, op, ": expected input of at most 2 dims per batch element, got ",
-              x.dim() - 1);
+  TORCH_CHECK(x.dim() <= 3, op, ": expected input of at most 2 dims per batch element, got ", x.dim() - 1);
   const bool zero_d = x.dim() == 1;
   if (zero_d) x = x.unsqueeze(1);
   const bool one_d = x.dim() == 2;
@@ -301,30 +308,29 @@ Tensor targetWeight(const std::optional<Tensor>& weight, bdim_t wbd, const Folde
   return w.gather(1, f.t.view({f.B, f.N})).reshape({f.B * f.N});
 }
 
-std::tuple<Tensor, bdim_t> multiMarginRule(const Tensor& self, bdim_t sbd, const Tensor& target,
-                                           bdim_t tbd, const c10::Scalar& p,
-                                           const c10::Scalar& margin,
+std::tuple<Tensor, bdim_t> multiMarginRule(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
+                                           const c10::Scalar& p, const c10::Scalar& margin,
                                            const std::optional<Tensor>& weight, bdim_t wbd,
                                            int64_t reduction) {
   const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss");
-  Tensor rows = at::_ops::multi_margin_loss::call(f.x, f.t, p, margin, wbd ? std::nullopt : weight,
-                                                  kNone);
+  Tensor rows = at::_ops::multi_margin_loss::call(f.x, f.t, p, margin, wbd ? std::nullopt : weight, kNone);
   if (wbd) rows = rows.mul(targetWeight(weight, wbd, f));
   return {reduceRows(rows, f, reduction), 0};
 }
 
-std::tuple<Tensor, bdim_t> multiMarginBackwardRule(
-    const Tensor& grad_out, bdim_t gbd, const Tensor& self, bdim_t sbd, const Tensor& target,
-    bdim_t tbd, const c10::Scalar& p, const c10::Scalar& margin,
-    const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction) {
-  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd},
-                                 {weight ? &*weight : &self, wbd}});
+std::tuple<Tensor, bdim_t> multiMarginBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self,
+                                                   bdim_t sbd, const Tensor& target, bdim_t tbd,
+                                                   const c10::Scalar& p, const c10::Scalar& margin,
+                                                   const std::optional<Tensor>& weight, bdim_t wbd,
+                                                   int64_t reduction) {
+  const int64_t B =
+      batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss_backward");
   Tensor g = rowsGrad(grad_out, gbd, f, reduction);
   if (wbd) g = g.mul(targetWeight(weight, wbd, f));
-  Tensor grad = at::_ops::multi_margin_loss_backward::call(g, f.x, f.t, p, margin,
-                                                           wbd ? std::nullopt : weight, kNone);
+  Tensor grad =
+      at::_ops::multi_margin_loss_backward::call(g, f.x, f.t, p, margin, wbd ? std::nullopt : weight, kNone);
   return {unfoldRows(grad, f), 0};
 }
 
@@ -338,16 +344,14 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> multilabelMarginRule(const Tensor& se
 }
 
 std::tuple<Tensor, bdim_t> multilabelMarginBackwardRule(const Tensor& grad_out, bdim_t gbd,
-                                                        const Tensor& self, bdim_t sbd,
-                                                        const Tensor& target, bdim_t tbd,
-                                                        int64_t reduction,
+                                                        const Tensor& self, bdim_t sbd, const Tensor& target,
+                                                        bdim_t tbd, int64_t reduction,
                                                         const Tensor& is_target, bdim_t ibd) {
-  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd},
-                                 {&is_target, ibd}});
+  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd}, {&is_target, ibd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss_backward");
   Tensor it = materializeBdimFront(is_target, ibd, B).reshape(f.x.sizes());
-  Tensor grad = at::_ops::multilabel_margin_loss_backward::call(
-      rowsGrad(grad_out, gbd, f, reduction), f.x, f.t, kNone, it);
+  Tensor grad = at::_ops::multilabel_margin_loss_backward::call(rowsGrad(grad_out, gbd, f, reduction), f.x,
+                                                                f.t, kNone, it);
   return {unfoldRows(grad, f), 0};
 }
 
@@ -358,10 +362,20 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::nll_loss_backward, &nllBackwardRule>(m);
   registerVmapRule<at::_ops::nll_loss2d_forward, &nll2dForwardRule>(m);
   registerVmapRule<at::_ops::nll_loss2d_backward, &nll2dBackwardRule>(m);
-  registerFamily<PointwiseLoss, at::_ops::mse_loss, at::_ops::smooth_l1_loss, at::_ops::huber_loss,
-                 at::_ops::soft_margin_loss>(m);
-  registerFamily<PointwiseLossBackward, at::_ops::mse_loss_backward, at::_ops::smooth_l1_loss_backward,
-                 at::_ops::huber_loss_backward, at::_ops::soft_margin_loss_backward>(m);
+  // clang-format off
+  registerFamily<PointwiseLoss,
+      at::_ops::huber_loss,
+      at::_ops::mse_loss,
+      at::_ops::smooth_l1_loss,
+      at::_ops::soft_margin_loss>(m);
+  // clang-format on
+  // clang-format off
+  registerFamily<PointwiseLossBackward,
+      at::_ops::huber_loss_backward,
+      at::_ops::mse_loss_backward,
+      at::_ops::smooth_l1_loss_backward,
+      at::_ops::soft_margin_loss_backward>(m);
+  // clang-format on
   registerVmapRule<at::_ops::multi_margin_loss, &multiMarginRule>(m);
   registerVmapRule<at::_ops::multi_margin_loss_backward, &multiMarginBackwardRule>(m);
   registerVmapRule<at::_ops::multilabel_margin_loss_forward, &multilabelMarginRule>(m);

@@ -15,8 +15,8 @@ namespace ftl {
 namespace {
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormRule(
-    const Tensor& x, bdim_t xbd, c10::SymIntArrayRef shape, const std::optional<Tensor>& w,
-    bdim_t wbd, const std::optional<Tensor>& b, bdim_t bbd, double eps) {
+    const Tensor& x, bdim_t xbd, c10::SymIntArrayRef shape, const std::optional<Tensor>& w, bdim_t wbd,
+    const std::optional<Tensor>& b, bdim_t bbd, double eps) {
   const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
   Tensor xp = materializeBdimFront(x, xbd, B);
   const int64_t k = static_cast<int64_t>(shape.size());
@@ -26,15 +26,14 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormRule(
     Tensor e = bd ? exampleOf(*t, *bd, 0) : *t;
     return e.sym_sizes() == shape;
   };
-  if (xp.dim() - 1 < k || xp.sym_sizes().slice(xp.dim() - k) != shape || !fits(w, wbd) ||
-      !fits(b, bbd)) {
+  if (xp.dim() - 1 < k || xp.sym_sizes().slice(xp.dim() - k) != shape || !fits(w, wbd) || !fits(b, bbd)) {
     // torch's error names the input's size: that of one element, not the batch
     auto one = [](const std::optional<Tensor>& t, bdim_t bd) {
       return t && t->defined() && bd ? std::optional<Tensor>(exampleOf(*t, *bd, 0)) : t;
     };
-    raiseForElement([&] {
-      at::native_layer_norm_symint(exampleOf(xp, 0, 0), shape, one(w, wbd), one(b, bbd), eps);
-    }, "layer_norm", "the input's trailing dims, weight and bias must have normalized_shape");
+    raiseForElement(
+        [&] { at::native_layer_norm_symint(exampleOf(xp, 0, 0), shape, one(w, wbd), one(b, bbd), eps); },
+        "layer_norm", "the input's trailing dims, weight and bias must have normalized_shape");
   }
   if (!wbd && !bbd) {
     auto [out, mean, rstd] = at::native_layer_norm_symint(xp, shape, w, b, eps);
@@ -51,8 +50,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormBackwardRule
     const Tensor& grad, bdim_t gbd, const Tensor& x, bdim_t xbd, c10::SymIntArrayRef shape,
     const Tensor& mean, bdim_t mbd, const Tensor& rstd, bdim_t rbd, const std::optional<Tensor>& w,
     bdim_t wbd, const std::optional<Tensor>& b, bdim_t bbd, std::array<bool, 3> mask) {
-  const int64_t B = batchSizeOf({{&grad, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd},
-                                 {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
+  const int64_t B = batchSizeOf(
+      {{&grad, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
   // The CPU kernel reads mean/rstd as dense buffers: expanded (stride-0) views must be copied.
   Tensor g = materializeBdimFront(grad, gbd, B).contiguous();
   Tensor xp = materializeBdimFront(x, xbd, B).contiguous();
@@ -65,12 +64,11 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormBackwardRule
   if (mask[0]) {
     if (wbd) {
       Tensor wp = padToLogicalRank(moveBdimToFront(*w, wbd), true, r);
-      gi = std::get<0>(at::native_layer_norm_backward_symint(g.mul(wp), xp, shape, mu, rs,
-                                                             std::nullopt, std::nullopt,
-                                                             {true, false, false}));
+      gi = std::get<0>(at::native_layer_norm_backward_symint(g.mul(wp), xp, shape, mu, rs, std::nullopt,
+                                                             std::nullopt, {true, false, false}));
     } else {
-      gi = std::get<0>(at::native_layer_norm_backward_symint(g, xp, shape, mu, rs, w, b,
-                                                             {true, false, false}));
+      gi = std::get<0>(
+          at::native_layer_norm_backward_symint(g, xp, shape, mu, rs, w, b, {true, false, false}));
     }
     gibd = 0;
   }
@@ -118,8 +116,10 @@ std::tuple<Tensor, bdim_t> channelsOut(const Tensor& t, int64_t B, int64_t C) {
 }
 
 int64_t channelsOf(const Tensor& x, bdim_t xbd, const char* op) {
-  TORCH_CHECK(rankWithoutBdim(x, xbd) >= 2, op, " under vmap: expected an input of at least 2 "
-              "dims (N, C, ...) per batch element, got ", rankWithoutBdim(x, xbd));
+  TORCH_CHECK(rankWithoutBdim(x, xbd) >= 2, op,
+              " under vmap: expected an input of at least 2 "
+              "dims (N, C, ...) per batch element, got ",
+              rankWithoutBdim(x, xbd));
   return moveBdimToFront(x, xbd).size(xbd ? 2 : 1);
 }
 
@@ -130,7 +130,8 @@ void checkRunningStatsBatched(bool training, const std::optional<Tensor>& rm, bd
                               const std::optional<Tensor>& rv, bdim_t rvbd) {
   if (!training) return;
   const bool unbatched = (rm && rm->defined() && !rmbd) || (rv && rv->defined() && !rvbd);
-  TORCH_CHECK(!unbatched, "functorch_lite.vmap: batch norm in training mode would update its "
+  TORCH_CHECK(!unbatched,
+              "functorch_lite.vmap: batch norm in training mode would update its "
               "running_mean/running_var once per batch element, but they are not batched. "
               "Options: call model.eval() (use the running stats), build the BatchNorm with "
               "track_running_stats=False, use GroupNorm/LayerNorm instead, or pass batched "
@@ -138,24 +139,24 @@ void checkRunningStatsBatched(bool training, const std::optional<Tensor>& rm, bd
 }
 
 // The op updated the flat [B*C] copy; when reshaping could not give a view, copy it back.
-void writeBackRunningStat(const std::optional<Tensor>& stat, bdim_t bd,
-                          const std::optional<Tensor>& flat, int64_t B, int64_t C) {
+void writeBackRunningStat(const std::optional<Tensor>& stat, bdim_t bd, const std::optional<Tensor>& flat,
+                          int64_t B, int64_t C) {
   if (!stat || !stat->defined() || !bd || flat->is_alias_of(*stat)) return;
   moveBdimToFront(*stat, bd).copy_(flat->view({B, C}));
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormRule(
-    const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd,
-    const std::optional<Tensor>& b, bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd,
-    const std::optional<Tensor>& rv, bdim_t rvbd, bool training, double momentum, double eps) {
+    const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd, const std::optional<Tensor>& b,
+    bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
+    bool training, double momentum, double eps) {
   checkRunningStatsBatched(training, rm, rmbd, rv, rvbd);
-  const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd},
-                                 {rm ? &*rm : &x, rmbd}, {rv ? &*rv : &x, rvbd}});
+  const int64_t B = batchSizeOf(
+      {{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}, {rm ? &*rm : &x, rmbd}, {rv ? &*rv : &x, rvbd}});
   const int64_t C = channelsOf(x, xbd, "native_batch_norm");
   auto rmf = perChannelFlat(rm, rmbd, B), rvf = perChannelFlat(rv, rvbd, B);
-  auto [y, mean, invstd] = at::native_batch_norm(batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
-                                                 perChannelFlat(b, bbd, B), rmf, rvf, training,
-                                                 momentum, eps);
+  auto [y, mean, invstd] =
+      at::native_batch_norm(batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
+                            perChannelFlat(b, bbd, B), rmf, rvf, training, momentum, eps);
   if (training) {
     writeBackRunningStat(rm, rmbd, rmf, B, C);
     writeBackRunningStat(rv, rvbd, rvf, B, C);
@@ -164,12 +165,17 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormRule(
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormBackwardRule(
-    const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w,
-    bdim_t wbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv,
-    bdim_t rvbd, const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si,
-    bdim_t sibd, bool train, double eps, std::array<bool, 3> mask) {
-  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {w ? &*w : &x, wbd}, {rm ? &*rm : &x, rmbd},
-                                 {rv ? &*rv : &x, rvbd}, {sm ? &*sm : &x, smbd}, {si ? &*si : &x, sibd}});
+    const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd,
+    const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
+    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd, bool train,
+    double eps, std::array<bool, 3> mask) {
+  const int64_t B = batchSizeOf({{&g, gbd},
+                                 {&x, xbd},
+                                 {w ? &*w : &x, wbd},
+                                 {rm ? &*rm : &x, rmbd},
+                                 {rv ? &*rv : &x, rvbd},
+                                 {sm ? &*sm : &x, smbd},
+                                 {si ? &*si : &x, sibd}});
   const int64_t C = channelsOf(x, xbd, "native_batch_norm_backward");
   auto [gi, gw, gb] = at::native_batch_norm_backward(
       batchIntoChannels(g, gbd, B), batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
@@ -185,18 +191,17 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormBackwardRule
 // per-element statistics are the same on every device. The cuDNN workspace comes back empty;
 // our backward rule does not need it.
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> cudnnBatchNormRule(
-    const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd, const std::optional<Tensor>& b,
-    bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv,
-    bdim_t rvbd, bool training, double factor, double eps) {
-  return std::tuple_cat(batchNormRule(x, xbd, w, wbd, b, bbd, rm, rmbd, rv, rvbd, training,
-                                      factor, eps),
+    const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd, const std::optional<Tensor>& b, bdim_t bbd,
+    const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd, bool training,
+    double factor, double eps) {
+  return std::tuple_cat(batchNormRule(x, xbd, w, wbd, b, bbd, rm, rmbd, rv, rvbd, training, factor, eps),
                         std::make_tuple(at::empty({0}, x.options().dtype(at::kByte)), bdim_t()));
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> miopenBatchNormRule(
-    const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd, const std::optional<Tensor>& b,
-    bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv,
-    bdim_t rvbd, bool training, double factor, double eps) {
+    const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd, const std::optional<Tensor>& b, bdim_t bbd,
+    const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd, bool training,
+    double factor, double eps) {
   return batchNormRule(x, xbd, w, wbd, b, bbd, rm, rmbd, rv, rvbd, training, factor, eps);
 }
 
@@ -205,8 +210,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> miopenBatchNormRule(
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> miopenBatchNormBackwardRule(
     const Tensor& x, bdim_t xbd, const Tensor& g, bdim_t gbd, const Tensor& w, bdim_t wbd,
     const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
-    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd,
-    double eps) {
+    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd, double eps) {
   return batchNormBackwardRule(g, gbd, x, xbd, w, wbd, rm, rmbd, rv, rvbd, sm, smbd, si, sibd,
                                /*train=*/true, eps, {true, true, true});
 }
@@ -214,30 +218,27 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> miopenBatchNormBackwa
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> cudnnBatchNormBackwardRule(
     const Tensor& x, bdim_t xbd, const Tensor& g, bdim_t gbd, const Tensor& w, bdim_t wbd,
     const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
-    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd,
-    double eps, const Tensor& /*workspace*/, bdim_t) {
-  return miopenBatchNormBackwardRule(x, xbd, g, gbd, w, wbd, rm, rmbd, rv, rvbd, sm, smbd, si,
-                                     sibd, eps);
+    const std::optional<Tensor>& sm, bdim_t smbd, const std::optional<Tensor>& si, bdim_t sibd, double eps,
+    const Tensor& /*workspace*/, bdim_t) {
+  return miopenBatchNormBackwardRule(x, xbd, g, gbd, w, wbd, rm, rmbd, rv, rvbd, sm, smbd, si, sibd, eps);
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormRule(
-    const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd,
-    const std::optional<Tensor>& b, bdim_t bbd, c10::SymInt N, c10::SymInt C, c10::SymInt HxW,
-    int64_t group, double eps) {
+    const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd, const std::optional<Tensor>& b,
+    bdim_t bbd, c10::SymInt N, c10::SymInt C, c10::SymInt HxW, int64_t group, double eps) {
   const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
   const int64_t c = C.expect_int();
-  auto [y, mean, rstd] = at::native_group_norm_symint(
-      batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B), perChannelFlat(b, bbd, B), N,
-      C * B, HxW, group * B, eps);
+  auto [y, mean, rstd] =
+      at::native_group_norm_symint(batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
+                                   perChannelFlat(b, bbd, B), N, C * B, HxW, group * B, eps);
   return std::tuple_cat(channelsOut(y, B, c), channelsOut(mean, B, group), channelsOut(rstd, B, group));
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormBackwardRule(
     const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const Tensor& mean, bdim_t mbd,
-    const Tensor& rstd, bdim_t rbd, const std::optional<Tensor>& w, bdim_t wbd, c10::SymInt N,
-    c10::SymInt C, c10::SymInt HxW, int64_t group, std::array<bool, 3> mask) {
-  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd},
-                                 {w ? &*w : &x, wbd}});
+    const Tensor& rstd, bdim_t rbd, const std::optional<Tensor>& w, bdim_t wbd, c10::SymInt N, c10::SymInt C,
+    c10::SymInt HxW, int64_t group, std::array<bool, 3> mask) {
+  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd}, {w ? &*w : &x, wbd}});
   const int64_t c = C.expect_int();
   auto [gi, gw, gb] = at::native_group_norm_backward_symint(
       batchIntoChannels(g, gbd, B), batchIntoChannels(x, xbd, B), batchIntoChannels(mean, mbd, B),

@@ -13,11 +13,14 @@ namespace {
 std::tuple<Tensor, bdim_t> constantPadRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef pad,
                                            const c10::Scalar& value) {
   const int64_t r = rankWithoutBdim(x, bd);
-  TORCH_CHECK(pad.size() % 2 == 0, "constant_pad_nd: length of pad must be even but instead it "
-              "equals ", pad.size());
-  TORCH_CHECK(static_cast<int64_t>(pad.size() / 2) <= r, "constant_pad_nd: length of pad should "
-              "be no more than twice the number of dimensions of the input (", r, "), got ",
+  TORCH_CHECK(pad.size() % 2 == 0,
+              "constant_pad_nd: length of pad must be even but instead it "
+              "equals ",
               pad.size());
+  TORCH_CHECK(static_cast<int64_t>(pad.size() / 2) <= r,
+              "constant_pad_nd: length of pad should "
+              "be no more than twice the number of dimensions of the input (",
+              r, "), got ", pad.size());
   return {at::_ops::constant_pad_nd::call(moveBdimToFront(x, bd), pad, value), 0};
 }
 

@@ -43,9 +43,7 @@ template <class Op, class Sig = typename Op::schema>
 struct UnaryAfterScalar;
 template <class Op, class First>
 struct UnaryAfterScalar<Op, Tensor(First, const Tensor&)> {
-  static std::tuple<Tensor, bdim_t> rule(First f, const Tensor& x, bdim_t bd) {
-    return {Op::call(f, x), bd};
-  }
+  static std::tuple<Tensor, bdim_t> rule(First f, const Tensor& x, bdim_t bd) { return {Op::call(f, x), bd}; }
 };
 
 // ---- binary: batch dims to the front, batched operands padded to a common logical rank right
@@ -75,7 +73,8 @@ std::tuple<Tensor, Tensor> alignBinary(const Tensor& a, bdim_t abd, const Tensor
   const bool logical_scalar = (abd && a.dim() == 1) || (bbd && b.dim() == 1);
   if (promote && logical_scalar && a.scalar_type() != b.scalar_type()) {
     auto logical = at::native::result_type(logicalState(b, bbd, logicalState(a, abd, {})));
-    if (logical != at::native::result_type(at::native::update_result_type_state(b2, at::native::update_result_type_state(a2, {})))) {
+    if (logical != at::native::result_type(at::native::update_result_type_state(
+                       b2, at::native::update_result_type_state(a2, {})))) {
       if (a2.scalar_type() != logical) a2 = a2.to(logical);
       if (b2.scalar_type() != logical) b2 = b2.to(logical);
     }
@@ -150,8 +149,8 @@ template <class Op, class Sig = typename Op::schema>
 struct TernaryInplace;
 template <class Op, class... Extra>
 struct TernaryInplace<Op, Tensor&(Tensor&, const Tensor&, const Tensor&, Extra...)> {
-  static void rule(Tensor& self, bdim_t sbd, const Tensor& b, bdim_t bbd, const Tensor& c,
-                   bdim_t cbd, Extra... e) {
+  static void rule(Tensor& self, bdim_t sbd, const Tensor& b, bdim_t bbd, const Tensor& c, bdim_t cbd,
+                   Extra... e) {
     Tensor s = moveBdimToFront(self, sbd);
     const int64_t r = s.dim() - 1;
     Op::call(s, alignTo(b, bbd, r), alignTo(c, cbd, r), e...);
@@ -159,9 +158,8 @@ struct TernaryInplace<Op, Tensor&(Tensor&, const Tensor&, const Tensor&, Extra..
 };
 
 // clamp.Tensor(self, Tensor? min, Tensor? max)
-std::tuple<Tensor, bdim_t> clampTensorRule(const Tensor& x, bdim_t xbd,
-                                           const std::optional<Tensor>& lo, bdim_t lobd,
-                                           const std::optional<Tensor>& hi, bdim_t hibd) {
+std::tuple<Tensor, bdim_t> clampTensorRule(const Tensor& x, bdim_t xbd, const std::optional<Tensor>& lo,
+                                           bdim_t lobd, const std::optional<Tensor>& hi, bdim_t hibd) {
   int64_t r = rankWithoutBdim(x, xbd);
   if (lo) r = std::max(r, rankWithoutBdim(*lo, lobd));
   if (hi) r = std::max(r, rankWithoutBdim(*hi, hibd));
@@ -177,8 +175,8 @@ std::tuple<Tensor, bdim_t> clampTensorRule(const Tensor& x, bdim_t xbd,
 
 // gelu_backward's oneDNN kernel cannot broadcast (it fails to build a reorder primitive), and
 // aligning a batched with an unbatched operand broadcasts: expand both to one shape first.
-std::tuple<Tensor, bdim_t> geluBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& self,
-                                            bdim_t sbd, c10::string_view approximate) {
+std::tuple<Tensor, bdim_t> geluBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& self, bdim_t sbd,
+                                            c10::string_view approximate) {
   auto [g, x] = alignBinary(grad, gbd, self, sbd, /*promote=*/true);
   if (!g.sizes().equals(x.sizes())) {
     const auto shape = at::infer_size(g.sizes(), x.sizes());
@@ -189,8 +187,8 @@ std::tuple<Tensor, bdim_t> geluBackwardRule(const Tensor& grad, bdim_t gbd, cons
 }
 
 // masked_fill.Tensor wants a 0-dim value; a batched one is one value per element: use where.
-std::tuple<Tensor, bdim_t> maskedFillTensorRule(const Tensor& x, bdim_t xbd, const Tensor& mask,
-                                                bdim_t mbd, const Tensor& value, bdim_t vbd) {
+std::tuple<Tensor, bdim_t> maskedFillTensorRule(const Tensor& x, bdim_t xbd, const Tensor& mask, bdim_t mbd,
+                                                const Tensor& value, bdim_t vbd) {
   const int64_t r = std::max(rankWithoutBdim(x, xbd), rankWithoutBdim(mask, mbd));
   Tensor x2 = alignTo(x, xbd, r), m2 = alignTo(mask, mbd, r);
   if (!vbd) return {at::_ops::masked_fill_Tensor::call(x2, m2, value), 0};
@@ -218,24 +216,23 @@ std::tuple<Tensor, bdim_t> gluJvpRule(const Tensor& glu, bdim_t gbd, const Tenso
                                       const Tensor& dx, bdim_t dbd, int64_t dim) {
   const int64_t B = batchSizeOf({{&glu, gbd}, {&x, xbd}, {&dx, dbd}});
   Tensor x2 = materializeBdimFront(x, xbd, B);
-  return {at::_ops::glu_jvp::call(materializeBdimFront(glu, gbd, B), x2,
-                                  materializeBdimFront(dx, dbd, B),
+  return {at::_ops::glu_jvp::call(materializeBdimFront(glu, gbd, B), x2, materializeBdimFront(dx, dbd, B),
                                   physicalDim(dim, x2.dim() - 1, true)),
           0};
 }
 
 // _prelu_kernel's output is empty_like(self) and only the weight broadcasts into it, so self
 // must carry the batch dim even when only the weight is batched.
-std::tuple<Tensor, bdim_t> preluKernelRule(const Tensor& x, bdim_t xbd, const Tensor& w,
-                                           bdim_t wbd) {
+std::tuple<Tensor, bdim_t> preluKernelRule(const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd) {
   const int64_t B = batchSizeOf({{&x, xbd}, {&w, wbd}});
   const int64_t r = std::max(rankWithoutBdim(x, xbd), rankWithoutBdim(w, wbd));
   Tensor x2 = padToLogicalRank(materializeBdimFront(x, xbd, B), true, r);
   return {at::_ops::_prelu_kernel::call(x2, alignTo(w, wbd, r)), 0};
 }
 // Both gradients come out in the broadcast shape (autograd sums grad_weight down afterwards).
-std::tuple<Tensor, bdim_t, Tensor, bdim_t> preluKernelBackwardRule(
-    const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd) {
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> preluKernelBackwardRule(const Tensor& g, bdim_t gbd,
+                                                                   const Tensor& x, bdim_t xbd,
+                                                                   const Tensor& w, bdim_t wbd) {
   const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&w, wbd}});
   const int64_t r = std::max({rankWithoutBdim(g, gbd), rankWithoutBdim(x, xbd), rankWithoutBdim(w, wbd)});
   Tensor x2 = padToLogicalRank(materializeBdimFront(x, xbd, B), true, r);
@@ -246,235 +243,251 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> preluKernelBackwardRule(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  // clang-format off
   registerFamily<Unary,
+      at::_ops::_conj,
+      at::_ops::_neg_view,
+      at::_ops::_to_copy,
       at::_ops::abs,
       at::_ops::acos,
       at::_ops::acosh,
+      at::_ops::add_Scalar,
+      at::_ops::alias,
+      at::_ops::angle,
       at::_ops::asin,
       at::_ops::asinh,
       at::_ops::atan,
       at::_ops::atanh,
+      at::_ops::bitwise_and_Scalar,
+      at::_ops::bitwise_not,
+      at::_ops::bitwise_or_Scalar,
+      at::_ops::bitwise_xor_Scalar,
       at::_ops::ceil,
+      at::_ops::celu,
+      at::_ops::clamp,
+      at::_ops::clamp_max,
+      at::_ops::clamp_min,
+      at::_ops::conj_physical,
       at::_ops::cos,
       at::_ops::cosh,
       at::_ops::deg2rad,
+      at::_ops::detach,
       at::_ops::digamma,
+      at::_ops::div_Scalar,
+      at::_ops::div_Scalar_mode,
+      at::_ops::elu,
+      at::_ops::empty_like,
+      at::_ops::eq_Scalar,
       at::_ops::erf,
       at::_ops::erfc,
       at::_ops::erfinv,
       at::_ops::exp,
       at::_ops::exp2,
       at::_ops::expm1,
+      at::_ops::fill_Scalar,
       at::_ops::floor,
+      at::_ops::fmod_Scalar,
       at::_ops::frac,
+      at::_ops::full_like,
+      at::_ops::ge_Scalar,
+      at::_ops::gelu,
+      at::_ops::gt_Scalar,
+      at::_ops::hardshrink,
+      at::_ops::hardsigmoid,
+      at::_ops::hardswish,
+      at::_ops::hardtanh,
+      at::_ops::i0,
+      at::_ops::imag,
+      at::_ops::isfinite,
+      at::_ops::isinf,
+      at::_ops::isnan,
+      at::_ops::isneginf,
+      at::_ops::isposinf,
+      at::_ops::le_Scalar,
+      at::_ops::leaky_relu,
       at::_ops::lgamma,
+      at::_ops::lift_fresh,
       at::_ops::log,
       at::_ops::log10,
       at::_ops::log1p,
       at::_ops::log2,
+      at::_ops::logical_not,
       at::_ops::logit,
+      at::_ops::lt_Scalar,
+      at::_ops::mish,
+      at::_ops::mul_Scalar,
+      at::_ops::mvlgamma,
+      at::_ops::nan_to_num,
+      at::_ops::ne_Scalar,
       at::_ops::neg,
+      at::_ops::ones_like,
+      at::_ops::positive,
+      at::_ops::pow_Tensor_Scalar,
       at::_ops::rad2deg,
+      at::_ops::real,
       at::_ops::reciprocal,
+      at::_ops::relu,
+      at::_ops::remainder_Scalar,
       at::_ops::round,
       at::_ops::round_decimals,
       at::_ops::rsqrt,
+      at::_ops::rsub_Scalar,
+      at::_ops::selu,
       at::_ops::sgn,
       at::_ops::sigmoid,
       at::_ops::sign,
       at::_ops::signbit,
+      at::_ops::silu,
       at::_ops::sin,
       at::_ops::sinc,
       at::_ops::sinh,
-      at::_ops::sqrt,
-      at::_ops::square,
-      at::_ops::tan,
-      at::_ops::tanh,
-      at::_ops::trunc,
-      at::_ops::relu,
-      at::_ops::gelu,
-      at::_ops::silu,
-      at::_ops::mish,
-      at::_ops::elu,
-      at::_ops::selu,
-      at::_ops::celu,
-      at::_ops::leaky_relu,
-      at::_ops::hardtanh,
-      at::_ops::hardsigmoid,
-      at::_ops::hardswish,
       at::_ops::softplus,
-      at::_ops::logical_not,
-      at::_ops::bitwise_not,
-      at::_ops::isnan,
-      at::_ops::isinf,
-      at::_ops::isfinite,
-      at::_ops::isposinf,
-      at::_ops::isneginf,
-      at::_ops::nan_to_num,
-      at::_ops::positive,
-      at::_ops::conj_physical,
-      at::_ops::angle,
-      at::_ops::real,
-      at::_ops::imag,
-      at::_ops::i0,
-      at::_ops::special_i1,
-      at::_ops::special_ndtri,
-      at::_ops::threshold,
-      at::_ops::pow_Tensor_Scalar,
-      at::_ops::clamp,
-      at::_ops::clamp_min,
-      at::_ops::clamp_max,
-      at::_ops::add_Scalar,
-      at::_ops::sub_Scalar,
-      at::_ops::mul_Scalar,
-      at::_ops::div_Scalar,
-      at::_ops::div_Scalar_mode,
-      at::_ops::remainder_Scalar,
-      at::_ops::fmod_Scalar,
-      at::_ops::eq_Scalar,
-      at::_ops::ne_Scalar,
-      at::_ops::lt_Scalar,
-      at::_ops::le_Scalar,
-      at::_ops::gt_Scalar,
-      at::_ops::ge_Scalar,
-      at::_ops::bitwise_and_Scalar,
-      at::_ops::bitwise_or_Scalar,
-      at::_ops::bitwise_xor_Scalar,
-      at::_ops::rsub_Scalar,
-      at::_ops::_to_copy,
-      at::_ops::zeros_like,
-      at::_ops::ones_like,
-      at::_ops::empty_like,
-      at::_ops::full_like,
-      at::_ops::fill_Scalar,
-      at::_ops::lift_fresh,
-      at::_ops::_conj,
-      at::_ops::_neg_view,
-      at::_ops::alias,
-      at::_ops::detach,
-      at::_ops::hardshrink,
       at::_ops::softshrink,
-      at::_ops::mvlgamma,
-      at::_ops::xlogy_Scalar_Other,
       at::_ops::special_airy_ai,
       at::_ops::special_bessel_j0,
       at::_ops::special_bessel_j1,
       at::_ops::special_bessel_y0,
       at::_ops::special_bessel_y1,
-      at::_ops::special_modified_bessel_i0,
-      at::_ops::special_modified_bessel_i1,
-      at::_ops::special_modified_bessel_k0,
-      at::_ops::special_modified_bessel_k1,
-      at::_ops::special_scaled_modified_bessel_k0,
-      at::_ops::special_scaled_modified_bessel_k1,
-      at::_ops::special_spherical_bessel_j0,
-      at::_ops::special_i0e,
-      at::_ops::special_i1e,
-      at::_ops::special_erfcx,
-      at::_ops::special_entr,
-      at::_ops::special_log_ndtr,
-      at::_ops::special_zeta_other_scalar,
-      at::_ops::special_xlog1py_other_scalar,
       at::_ops::special_chebyshev_polynomial_t_n_scalar,
       at::_ops::special_chebyshev_polynomial_u_n_scalar,
       at::_ops::special_chebyshev_polynomial_v_n_scalar,
       at::_ops::special_chebyshev_polynomial_w_n_scalar,
+      at::_ops::special_entr,
+      at::_ops::special_erfcx,
+      at::_ops::special_hermite_polynomial_h_n_scalar,
+      at::_ops::special_hermite_polynomial_he_n_scalar,
+      at::_ops::special_i0e,
+      at::_ops::special_i1,
+      at::_ops::special_i1e,
+      at::_ops::special_laguerre_polynomial_l_n_scalar,
+      at::_ops::special_legendre_polynomial_p_n_scalar,
+      at::_ops::special_log_ndtr,
+      at::_ops::special_modified_bessel_i0,
+      at::_ops::special_modified_bessel_i1,
+      at::_ops::special_modified_bessel_k0,
+      at::_ops::special_modified_bessel_k1,
+      at::_ops::special_ndtri,
+      at::_ops::special_scaled_modified_bessel_k0,
+      at::_ops::special_scaled_modified_bessel_k1,
       at::_ops::special_shifted_chebyshev_polynomial_t_n_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_u_n_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_v_n_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_w_n_scalar,
-      at::_ops::special_hermite_polynomial_h_n_scalar,
-      at::_ops::special_hermite_polynomial_he_n_scalar,
-      at::_ops::special_laguerre_polynomial_l_n_scalar,
-      at::_ops::special_legendre_polynomial_p_n_scalar>(m);
-  registerFamily<Unary2, at::_ops::frexp_Tensor>(m);
+      at::_ops::special_spherical_bessel_j0,
+      at::_ops::special_xlog1py_other_scalar,
+      at::_ops::special_zeta_other_scalar,
+      at::_ops::sqrt,
+      at::_ops::square,
+      at::_ops::sub_Scalar,
+      at::_ops::tan,
+      at::_ops::tanh,
+      at::_ops::threshold,
+      at::_ops::trunc,
+      at::_ops::xlogy_Scalar_Other,
+      at::_ops::zeros_like>(m);
+  // clang-format on
+  // clang-format off
+  registerFamily<Unary2,
+      at::_ops::frexp_Tensor>(m);
+  // clang-format on
+  // clang-format off
   registerFamily<UnaryAfterScalar,
       at::_ops::polygamma,
-      at::_ops::special_zeta_self_scalar,
-      at::_ops::special_xlog1py_self_scalar,
       at::_ops::special_chebyshev_polynomial_t_x_scalar,
       at::_ops::special_chebyshev_polynomial_u_x_scalar,
       at::_ops::special_chebyshev_polynomial_v_x_scalar,
       at::_ops::special_chebyshev_polynomial_w_x_scalar,
+      at::_ops::special_hermite_polynomial_h_x_scalar,
+      at::_ops::special_hermite_polynomial_he_x_scalar,
+      at::_ops::special_laguerre_polynomial_l_x_scalar,
+      at::_ops::special_legendre_polynomial_p_x_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_t_x_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_u_x_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_v_x_scalar,
       at::_ops::special_shifted_chebyshev_polynomial_w_x_scalar,
-      at::_ops::special_hermite_polynomial_h_x_scalar,
-      at::_ops::special_hermite_polynomial_he_x_scalar,
-      at::_ops::special_laguerre_polynomial_l_x_scalar,
-      at::_ops::special_legendre_polynomial_p_x_scalar>(m);
+      at::_ops::special_xlog1py_self_scalar,
+      at::_ops::special_zeta_self_scalar>(m);
+  // clang-format on
+  // clang-format off
   registerFamily<Binary,
       at::_ops::add_Tensor,
-      at::_ops::sub_Tensor,
-      at::_ops::mul_Tensor,
-      at::_ops::div_Tensor,
-      at::_ops::div_Tensor_mode,
-      at::_ops::pow_Tensor_Tensor,
       at::_ops::atan2,
-      at::_ops::maximum,
-      at::_ops::minimum,
-      at::_ops::fmax,
-      at::_ops::fmin,
-      at::_ops::remainder_Tensor,
-      at::_ops::fmod_Tensor,
-      at::_ops::floor_divide,
-      at::_ops::eq_Tensor,
-      at::_ops::ne_Tensor,
-      at::_ops::lt_Tensor,
-      at::_ops::le_Tensor,
-      at::_ops::gt_Tensor,
-      at::_ops::ge_Tensor,
       at::_ops::bitwise_and_Tensor,
       at::_ops::bitwise_or_Tensor,
       at::_ops::bitwise_xor_Tensor,
-      at::_ops::hypot,
+      at::_ops::clamp_max_Tensor,
+      at::_ops::clamp_min_Tensor,
+      at::_ops::complex,
       at::_ops::copysign_Tensor,
-      at::_ops::xlogy_Tensor,
-      at::_ops::special_xlog1py,
-      at::_ops::nextafter,
-      at::_ops::rsub_Tensor,
-      at::_ops::threshold_backward,
-      at::_ops::sigmoid_backward,
-      at::_ops::tanh_backward,
-      at::_ops::silu_backward,
-      at::_ops::leaky_relu_backward,
-      at::_ops::hardtanh_backward,
+      at::_ops::div_Tensor,
+      at::_ops::div_Tensor_mode,
+      at::_ops::eq_Tensor,
+      at::_ops::floor_divide,
+      at::_ops::fmax,
+      at::_ops::fmin,
+      at::_ops::fmod_Tensor,
+      at::_ops::ge_Tensor,
+      at::_ops::gt_Tensor,
       at::_ops::hardsigmoid_backward,
       at::_ops::hardswish_backward,
-      at::_ops::softplus_backward,
-      at::_ops::logit_backward,
+      at::_ops::hardtanh_backward,
+      at::_ops::heaviside,
+      at::_ops::hypot,
+      at::_ops::igamma,
+      at::_ops::igammac,
+      at::_ops::isclose,
+      at::_ops::ldexp_Tensor,
+      at::_ops::le_Tensor,
+      at::_ops::leaky_relu_backward,
+      at::_ops::lerp_Scalar,
+      at::_ops::logaddexp,
+      at::_ops::logaddexp2,
       at::_ops::logical_and,
       at::_ops::logical_or,
       at::_ops::logical_xor,
-      at::_ops::heaviside,
-      at::_ops::igamma,
-      at::_ops::igammac,
-      at::_ops::logaddexp,
-      at::_ops::logaddexp2,
-      at::_ops::ldexp_Tensor,
+      at::_ops::logit_backward,
+      at::_ops::lt_Tensor,
       at::_ops::masked_fill_Scalar,
-      at::_ops::isclose,
-      at::_ops::lerp_Scalar,
-      at::_ops::special_zeta,
+      at::_ops::maximum,
+      at::_ops::minimum,
+      at::_ops::mul_Tensor,
+      at::_ops::native_dropout_backward,
+      at::_ops::ne_Tensor,
+      at::_ops::nextafter,
+      at::_ops::polar,
+      at::_ops::pow_Tensor_Tensor,
+      at::_ops::remainder_Tensor,
+      at::_ops::rsub_Tensor,
+      at::_ops::sigmoid_backward,
+      at::_ops::silu_backward,
+      at::_ops::softplus_backward,
       at::_ops::special_chebyshev_polynomial_t,
       at::_ops::special_chebyshev_polynomial_u,
       at::_ops::special_chebyshev_polynomial_v,
       at::_ops::special_chebyshev_polynomial_w,
-      at::_ops::special_shifted_chebyshev_polynomial_t,
-      at::_ops::special_shifted_chebyshev_polynomial_u,
-      at::_ops::special_shifted_chebyshev_polynomial_v,
-      at::_ops::special_shifted_chebyshev_polynomial_w,
       at::_ops::special_hermite_polynomial_h,
       at::_ops::special_hermite_polynomial_he,
       at::_ops::special_laguerre_polynomial_l,
       at::_ops::special_legendre_polynomial_p,
-      at::_ops::clamp_min_Tensor,
-      at::_ops::clamp_max_Tensor,
-      at::_ops::complex,
-      at::_ops::polar,
-      at::_ops::native_dropout_backward>(m);
-  registerFamily<Ternary, at::_ops::where_self, at::_ops::lerp_Tensor, at::_ops::addcmul, at::_ops::addcdiv, at::_ops::log_sigmoid_backward>(m);
+      at::_ops::special_shifted_chebyshev_polynomial_t,
+      at::_ops::special_shifted_chebyshev_polynomial_u,
+      at::_ops::special_shifted_chebyshev_polynomial_v,
+      at::_ops::special_shifted_chebyshev_polynomial_w,
+      at::_ops::special_xlog1py,
+      at::_ops::special_zeta,
+      at::_ops::sub_Tensor,
+      at::_ops::tanh_backward,
+      at::_ops::threshold_backward,
+      at::_ops::xlogy_Tensor>(m);
+  // clang-format on
+  // clang-format off
+  registerFamily<Ternary,
+      at::_ops::addcdiv,
+      at::_ops::addcmul,
+      at::_ops::lerp_Tensor,
+      at::_ops::log_sigmoid_backward,
+      at::_ops::where_self>(m);
+  // clang-format on
   registerVmapRule<at::_ops::log_sigmoid_forward, &logSigmoidForwardRule>(m);
   registerVmapRule<at::_ops::glu, &gluRule>(m);
   registerVmapRule<at::_ops::glu_jvp, &gluJvpRule>(m);
@@ -483,73 +496,25 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::clamp_Tensor, &clampTensorRule>(m);
   registerVmapRule<at::_ops::masked_fill_Tensor, &maskedFillTensorRule>(m);
   registerVmapRule<at::_ops::gelu_backward, &geluBackwardRule>(m);
-  registerInplaceFamily<UnaryInplace,
-      at::_ops::abs_,
-      at::_ops::cos_,
-      at::_ops::exp_,
-      at::_ops::log_,
-      at::_ops::neg_,
-      at::_ops::sigmoid_,
-      at::_ops::sin_,
-      at::_ops::sqrt_,
-      at::_ops::tanh_,
-      at::_ops::relu_,
-      at::_ops::zero_,
-      at::_ops::fill__Scalar,
-      at::_ops::clamp_,
-      at::_ops::clamp_min_,
-      at::_ops::clamp_max_,
-      at::_ops::add__Scalar,
-      at::_ops::sub__Scalar,
-      at::_ops::mul__Scalar,
-      at::_ops::div__Scalar,
-      at::_ops::pow__Scalar,
-      at::_ops::floor_,
-      at::_ops::ceil_,
-      at::_ops::round_,
-      at::_ops::reciprocal_,
-      at::_ops::rsqrt_,
-      at::_ops::leaky_relu_,
-      at::_ops::hardtanh_,
-      at::_ops::elu_,
-      at::_ops::nan_to_num_,
-      at::_ops::exp2_,
-      at::_ops::log1p_,
-      at::_ops::expm1_,
-      at::_ops::erf_,
-      at::_ops::trunc_,
-      at::_ops::frac_,
-      at::_ops::sign_,
-      at::_ops::square_,
-      at::_ops::logical_not_,
-      at::_ops::polygamma_>(m);
-  registerInplaceFamily<BinaryInplace,
-      at::_ops::add__Tensor,
-      at::_ops::sub__Tensor,
-      at::_ops::mul__Tensor,
-      at::_ops::div__Tensor,
-      at::_ops::div__Tensor_mode,
-      at::_ops::pow__Tensor,
-      at::_ops::copy_,
-      at::_ops::masked_fill__Scalar,
-      at::_ops::atan2_,
-      at::_ops::remainder__Tensor,
-      at::_ops::fmod__Tensor,
-      at::_ops::eq__Tensor,
-      at::_ops::ne__Tensor,
-      at::_ops::lt__Tensor,
-      at::_ops::le__Tensor,
-      at::_ops::gt__Tensor,
-      at::_ops::ge__Tensor,
-      at::_ops::logical_and_,
-      at::_ops::logical_or_,
-      at::_ops::hypot_,
-      at::_ops::xlogy__Tensor,
-      at::_ops::copysign__Tensor,
-      at::_ops::lerp__Scalar,
-      at::_ops::clamp_min__Tensor,
-      at::_ops::clamp_max__Tensor>(m);
-  registerInplaceFamily<TernaryInplace, at::_ops::lerp__Tensor, at::_ops::addcmul_, at::_ops::addcdiv_, at::_ops::masked_fill__Tensor>(m);
+  registerInplaceFamily<
+      UnaryInplace, at::_ops::abs_, at::_ops::cos_, at::_ops::exp_, at::_ops::log_, at::_ops::neg_,
+      at::_ops::sigmoid_, at::_ops::sin_, at::_ops::sqrt_, at::_ops::tanh_, at::_ops::relu_, at::_ops::zero_,
+      at::_ops::fill__Scalar, at::_ops::clamp_, at::_ops::clamp_min_, at::_ops::clamp_max_,
+      at::_ops::add__Scalar, at::_ops::sub__Scalar, at::_ops::mul__Scalar, at::_ops::div__Scalar,
+      at::_ops::pow__Scalar, at::_ops::floor_, at::_ops::ceil_, at::_ops::round_, at::_ops::reciprocal_,
+      at::_ops::rsqrt_, at::_ops::leaky_relu_, at::_ops::hardtanh_, at::_ops::elu_, at::_ops::nan_to_num_,
+      at::_ops::exp2_, at::_ops::log1p_, at::_ops::expm1_, at::_ops::erf_, at::_ops::trunc_, at::_ops::frac_,
+      at::_ops::sign_, at::_ops::square_, at::_ops::logical_not_, at::_ops::polygamma_>(m);
+  registerInplaceFamily<
+      BinaryInplace, at::_ops::add__Tensor, at::_ops::sub__Tensor, at::_ops::mul__Tensor,
+      at::_ops::div__Tensor, at::_ops::div__Tensor_mode, at::_ops::pow__Tensor, at::_ops::copy_,
+      at::_ops::masked_fill__Scalar, at::_ops::atan2_, at::_ops::remainder__Tensor, at::_ops::fmod__Tensor,
+      at::_ops::eq__Tensor, at::_ops::ne__Tensor, at::_ops::lt__Tensor, at::_ops::le__Tensor,
+      at::_ops::gt__Tensor, at::_ops::ge__Tensor, at::_ops::logical_and_, at::_ops::logical_or_,
+      at::_ops::hypot_, at::_ops::xlogy__Tensor, at::_ops::copysign__Tensor, at::_ops::lerp__Scalar,
+      at::_ops::clamp_min__Tensor, at::_ops::clamp_max__Tensor>(m);
+  registerInplaceFamily<TernaryInplace, at::_ops::lerp__Tensor, at::_ops::addcmul_, at::_ops::addcdiv_,
+                        at::_ops::masked_fill__Tensor>(m);
 }
 
 }  // namespace ftl

@@ -16,8 +16,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerFoldN<2, at::_ops::max_pool2d_with_indices, at::_ops::max_pool2d_with_indices_backward,
                 at::_ops::avg_pool2d, at::_ops::avg_pool2d_backward, at::_ops::_adaptive_avg_pool2d,
                 at::_ops::_adaptive_avg_pool2d_backward, at::_ops::adaptive_max_pool2d,
-                at::_ops::adaptive_max_pool2d_backward, at::_ops::max_unpool2d,
-                at::_ops::im2col>(m);
+                at::_ops::adaptive_max_pool2d_backward, at::_ops::max_unpool2d, at::_ops::im2col>(m);
   registerFoldN<3, at::_ops::max_pool3d_with_indices, at::_ops::max_pool3d_with_indices_backward,
                 at::_ops::avg_pool3d, at::_ops::avg_pool3d_backward, at::_ops::_adaptive_avg_pool3d,
                 at::_ops::_adaptive_avg_pool3d_backward, at::_ops::adaptive_max_pool3d,

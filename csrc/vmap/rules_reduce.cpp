@@ -12,10 +12,14 @@
 namespace ftl {
 namespace {
 
-Tensor flatBatch(const Tensor& x, bdim_t bd) { return flattenAfterBatch(moveBdimToFront(x, bd)); }
+Tensor flatBatch(const Tensor& x, bdim_t bd) {
+  return flattenAfterBatch(moveBdimToFront(x, bd));
+}
 
 // A logical scalar is reduced as a [B, 1] tensor; a kept unit dim is dropped again.
-inline Tensor dropScalarDim(const Tensor& t) { return t.dim() == 2 ? t.squeeze(1) : t; }
+inline Tensor dropScalarDim(const Tensor& t) {
+  return t.dim() == 2 ? t.squeeze(1) : t;
+}
 template <class Ret>
 auto pairsAt0(Ret r, bool scalar) {
   auto fix = [&](Tensor t) { return scalar ? dropScalarDim(t) : t; };
@@ -109,10 +113,18 @@ std::tuple<Tensor, bdim_t> meanAll(const Tensor& x, bdim_t bd, std::optional<c10
 std::tuple<Tensor, bdim_t> prodAll(const Tensor& x, bdim_t bd, std::optional<c10::ScalarType> dt) {
   return {at::prod(flatBatch(x, bd), 1, false, dt), 0};
 }
-std::tuple<Tensor, bdim_t> maxAll(const Tensor& x, bdim_t bd) { return {at::amax(flatBatch(x, bd), {1}), 0}; }
-std::tuple<Tensor, bdim_t> minAll(const Tensor& x, bdim_t bd) { return {at::amin(flatBatch(x, bd), {1}), 0}; }
-std::tuple<Tensor, bdim_t> allAll(const Tensor& x, bdim_t bd) { return {at::all(flatBatch(x, bd), 1), 0}; }
-std::tuple<Tensor, bdim_t> anyAll(const Tensor& x, bdim_t bd) { return {at::any(flatBatch(x, bd), 1), 0}; }
+std::tuple<Tensor, bdim_t> maxAll(const Tensor& x, bdim_t bd) {
+  return {at::amax(flatBatch(x, bd), {1}), 0};
+}
+std::tuple<Tensor, bdim_t> minAll(const Tensor& x, bdim_t bd) {
+  return {at::amin(flatBatch(x, bd), {1}), 0};
+}
+std::tuple<Tensor, bdim_t> allAll(const Tensor& x, bdim_t bd) {
+  return {at::all(flatBatch(x, bd), 1), 0};
+}
+std::tuple<Tensor, bdim_t> anyAll(const Tensor& x, bdim_t bd) {
+  return {at::any(flatBatch(x, bd), 1), 0};
+}
 
 // argmax/argmin(self, int? dim, bool keepdim): no dim means "over the flattened tensor".
 template <class Op>
@@ -155,8 +167,7 @@ struct NormDims<Op, Tensor(const Tensor&, P, DimT, bool, Extra...)> {
 std::tuple<Tensor, bdim_t> normAllRule(const Tensor& x, bdim_t bd, const c10::Scalar& ord) {
   return {at::_ops::norm_ScalarOpt_dim::call(flatBatch(x, bd), ord, {1}, false), 0};
 }
-std::tuple<Tensor, bdim_t> normAllDtypeRule(const Tensor& x, bdim_t bd,
-                                            const std::optional<c10::Scalar>& ord,
+std::tuple<Tensor, bdim_t> normAllDtypeRule(const Tensor& x, bdim_t bd, const std::optional<c10::Scalar>& ord,
                                             c10::ScalarType dt) {
   return {at::_ops::norm_ScalarOpt_dim_dtype::call(flatBatch(x, bd), ord, {1}, false, dt), 0};
 }
@@ -177,8 +188,8 @@ std::tuple<Tensor, bdim_t> nanmedianAll(const Tensor& x, bdim_t bd) {
 }
 
 // aminmax(self, *, dim?, keepdim): no dim means over the flattened tensor.
-std::tuple<Tensor, bdim_t, Tensor, bdim_t> aminmaxRule(const Tensor& x, bdim_t bd,
-                                                       std::optional<int64_t> dim, bool keepdim) {
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> aminmaxRule(const Tensor& x, bdim_t bd, std::optional<int64_t> dim,
+                                                       bool keepdim) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
   if (!dim.has_value() || lr == 0) {
@@ -214,8 +225,8 @@ Tensor renormPhysical(const Tensor& p, const c10::Scalar& ord, int64_t dim, cons
   Tensor r = at::renorm(merged, ord, 0, maxnorm);
   return r.view(moved.sizes()).movedim(1, pd);
 }
-std::tuple<Tensor, bdim_t> renormRule(const Tensor& x, bdim_t bd, const c10::Scalar& ord,
-                                      int64_t dim, const c10::Scalar& maxnorm) {
+std::tuple<Tensor, bdim_t> renormRule(const Tensor& x, bdim_t bd, const c10::Scalar& ord, int64_t dim,
+                                      const c10::Scalar& maxnorm) {
   return {renormPhysical(moveBdimToFront(x, bd), ord, dim, maxnorm), 0};
 }
 void renormInplaceRule(Tensor& x, bdim_t bd, const c10::Scalar& ord, int64_t dim,
@@ -240,8 +251,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> sortRule(const Tensor& x, bdim_t bd, 
                                                     bool descending) {
   return sortStableRule(x, bd, false, dim, descending);
 }
-std::tuple<Tensor, bdim_t, Tensor, bdim_t> topkRule(const Tensor& x, bdim_t bd, c10::SymInt k,
-                                                    int64_t dim, bool largest, bool sorted) {
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> topkRule(const Tensor& x, bdim_t bd, c10::SymInt k, int64_t dim,
+                                                    bool largest, bool sorted) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
   const int64_t pd = physicalDim(dim, lr, true);  // on a scalar: -1 and 0 only, as in torch
@@ -264,40 +275,54 @@ struct WholeBatchTruth {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  // clang-format off
   registerFamily<ReduceDims,
-      at::_ops::sum_dim_IntList,
-      at::_ops::mean_dim,
+      at::_ops::all_dims,
       at::_ops::amax,
       at::_ops::amin,
-      at::_ops::logsumexp,
-      at::_ops::var_correction,
-      at::_ops::std_correction,
-      at::_ops::all_dims,
       at::_ops::any_dims,
+      at::_ops::count_nonzero_dim_IntList,
+      at::_ops::logsumexp,
+      at::_ops::mean_dim,
       at::_ops::nansum,
-      at::_ops::var_mean_correction,
+      at::_ops::std_correction,
       at::_ops::std_mean_correction,
-      at::_ops::count_nonzero_dim_IntList>(m);
+      at::_ops::sum_dim_IntList,
+      at::_ops::var_correction,
+      at::_ops::var_mean_correction>(m);
+  // clang-format on
+  // clang-format off
   registerFamily<ReduceDim,
-      at::_ops::prod_dim_int,
-      at::_ops::max_dim,
-      at::_ops::min_dim,
+      at::_ops::_log_softmax,
+      at::_ops::_safe_softmax,
+      at::_ops::_softmax,
       at::_ops::all_dim,
       at::_ops::any_dim,
-      at::_ops::cumsum,
-      at::_ops::cumprod,
-      at::_ops::logcumsumexp,
-      at::_ops::_softmax,
-      at::_ops::_log_softmax,
       at::_ops::cummax,
       at::_ops::cummin,
+      at::_ops::cumprod,
+      at::_ops::cumsum,
+      at::_ops::logcumsumexp,
+      at::_ops::max_dim,
       at::_ops::median_dim,
-      at::_ops::nanmedian_dim,
+      at::_ops::min_dim,
       at::_ops::mode,
-      at::_ops::_safe_softmax>(m);
+      at::_ops::nanmedian_dim,
+      at::_ops::prod_dim_int>(m);
+  // clang-format on
   // glu_backward(grad, self, dim) has the same shape: a dim shifted past both batch dims.
-  registerFamily<BinaryDim, at::_ops::_softmax_backward_data, at::_ops::_log_softmax_backward_data, at::_ops::glu_backward>(m);
-  registerFamily<NormDims, at::_ops::linalg_vector_norm, at::_ops::norm_ScalarOpt_dim, at::_ops::norm_ScalarOpt_dim_dtype>(m);
+  // clang-format off
+  registerFamily<BinaryDim,
+      at::_ops::_log_softmax_backward_data,
+      at::_ops::_softmax_backward_data,
+      at::_ops::glu_backward>(m);
+  // clang-format on
+  // clang-format off
+  registerFamily<NormDims,
+      at::_ops::linalg_vector_norm,
+      at::_ops::norm_ScalarOpt_dim,
+      at::_ops::norm_ScalarOpt_dim_dtype>(m);
+  // clang-format on
   registerVmapRule<at::_ops::sum, &sumAll>(m);
   registerVmapRule<at::_ops::mean, &meanAll>(m);
   registerVmapRule<at::_ops::prod, &prodAll>(m);

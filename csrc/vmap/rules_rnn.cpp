@@ -30,8 +30,7 @@ struct RnnKernel<Op, Ret(const Tensor&, const Tensor&, Rest...)> {
     if (asFt(input) && hx.defined() && anyVmapLevel()) {
       h = hx.add(input.new_zeros(hx.sizes()));
     }
-    return detail::redirectToFront<Op, Ret, const Tensor&, const Tensor&, Rest...>(input, h,
-                                                                                  rest...);
+    return detail::redirectToFront<Op, Ret, const Tensor&, const Tensor&, Rest...>(input, h, rest...);
   }
 };
 

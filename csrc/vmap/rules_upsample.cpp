@@ -26,8 +26,7 @@ struct Upsample<Op, Tensor(const Tensor&, Extra...)> {
 template <class Op, class Sig = typename Op::schema>
 struct UpsampleBackward;
 template <class Op, class... Extra>
-struct UpsampleBackward<Op, Tensor(const Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef,
-                                   Extra...)> {
+struct UpsampleBackward<Op, Tensor(const Tensor&, c10::SymIntArrayRef, c10::SymIntArrayRef, Extra...)> {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef out_size,
                                          c10::SymIntArrayRef in_size, Extra... e) {
     Tensor p = moveBdimToFront(g, bd);
@@ -42,21 +41,36 @@ struct UpsampleBackward<Op, Tensor(const Tensor&, c10::SymIntArrayRef, c10::SymI
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
-  registerFamily<Upsample, at::_ops::upsample_nearest1d, at::_ops::upsample_nearest2d,
-                 at::_ops::upsample_nearest3d, at::_ops::_upsample_nearest_exact1d,
-                 at::_ops::_upsample_nearest_exact2d, at::_ops::_upsample_nearest_exact3d,
-                 at::_ops::upsample_linear1d, at::_ops::upsample_bilinear2d,
-                 at::_ops::upsample_bicubic2d, at::_ops::upsample_trilinear3d,
-                 at::_ops::_upsample_bilinear2d_aa, at::_ops::_upsample_bicubic2d_aa>(m);
-  registerFamily<UpsampleBackward, at::_ops::upsample_nearest1d_backward,
-                 at::_ops::upsample_nearest2d_backward, at::_ops::upsample_nearest3d_backward,
-                 at::_ops::_upsample_nearest_exact1d_backward,
-                 at::_ops::_upsample_nearest_exact2d_backward,
-                 at::_ops::_upsample_nearest_exact3d_backward,
-                 at::_ops::upsample_linear1d_backward, at::_ops::upsample_bilinear2d_backward,
-                 at::_ops::upsample_bicubic2d_backward, at::_ops::upsample_trilinear3d_backward,
-                 at::_ops::_upsample_bilinear2d_aa_backward,
-                 at::_ops::_upsample_bicubic2d_aa_backward>(m);
+  // clang-format off
+  registerFamily<Upsample,
+      at::_ops::_upsample_bicubic2d_aa,
+      at::_ops::_upsample_bilinear2d_aa,
+      at::_ops::_upsample_nearest_exact1d,
+      at::_ops::_upsample_nearest_exact2d,
+      at::_ops::_upsample_nearest_exact3d,
+      at::_ops::upsample_bicubic2d,
+      at::_ops::upsample_bilinear2d,
+      at::_ops::upsample_linear1d,
+      at::_ops::upsample_nearest1d,
+      at::_ops::upsample_nearest2d,
+      at::_ops::upsample_nearest3d,
+      at::_ops::upsample_trilinear3d>(m);
+  // clang-format on
+  // clang-format off
+  registerFamily<UpsampleBackward,
+      at::_ops::_upsample_bicubic2d_aa_backward,
+      at::_ops::_upsample_bilinear2d_aa_backward,
+      at::_ops::_upsample_nearest_exact1d_backward,
+      at::_ops::_upsample_nearest_exact2d_backward,
+      at::_ops::_upsample_nearest_exact3d_backward,
+      at::_ops::upsample_bicubic2d_backward,
+      at::_ops::upsample_bilinear2d_backward,
+      at::_ops::upsample_linear1d_backward,
+      at::_ops::upsample_nearest1d_backward,
+      at::_ops::upsample_nearest2d_backward,
+      at::_ops::upsample_nearest3d_backward,
+      at::_ops::upsample_trilinear3d_backward>(m);
+  // clang-format on
   registerFoldN<2, at::_ops::grid_sampler_2d, at::_ops::grid_sampler_2d_backward>(m);
   registerFoldN<3, at::_ops::grid_sampler_3d, at::_ops::grid_sampler_3d_backward>(m);
 }

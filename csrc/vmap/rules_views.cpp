@@ -5,8 +5,8 @@
 // logical dims by one, so the result is a view of the physical tensor exactly when the logical op
 // returns a view.
 #include <ATen/Functions.h>
-#include <ATen/Operators.h>
 #include <ATen/InferSize.h>
+#include <ATen/Operators.h>
 #include <ATen/TensorUtils.h>
 #include <ATen/WrapDimUtils.h>
 
@@ -28,8 +28,7 @@ SymIntVec withBatch(int64_t B, c10::SymIntArrayRef size) {
 // A view of the logical tensor is a view of the physical one with the batch dim kept whole: at
 // the front if the strides allow it, else at the back (e.g. flattening dims in front of a trailing
 // batch dim). Returns nullopt when neither layout can be viewed (then only a copy can reshape).
-std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd,
-                                                  c10::IntArrayRef size) {
+std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd, c10::IntArrayRef size) {
   const int64_t B = x.size(bd);
   int64_t numel = 1;
   for (int64_t d = 0; d < x.dim(); ++d)
@@ -38,7 +37,8 @@ std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd,
   at::DimVector front{B};
   front.append(logical.begin(), logical.end());
   Tensor f = moveBdimToFront(x, bd);
-  if (at::detail::computeStride(f.sizes(), f.strides(), front)) return std::make_tuple(f.view(front), bdim_t(0));
+  if (at::detail::computeStride(f.sizes(), f.strides(), front))
+    return std::make_tuple(f.view(front), bdim_t(0));
   at::DimVector back(logical.begin(), logical.end());
   back.push_back(B);
   Tensor b = x.movedim(bd, -1);
@@ -50,7 +50,8 @@ std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd,
 
 std::tuple<Tensor, bdim_t> viewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
   auto r = tryView(x, *bd, C10_AS_INTARRAYREF_SLOW(size));
-  TORCH_CHECK(r.has_value(), "view size is not compatible with input tensor's size and stride (at "
+  TORCH_CHECK(r.has_value(),
+              "view size is not compatible with input tensor's size and stride (at "
               "least one dimension spans across two contiguous subspaces). Use .reshape(...) "
               "instead.");
   return *r;
@@ -72,8 +73,7 @@ std::tuple<Tensor, bdim_t> reshapeAliasRule(const Tensor& x, bdim_t bd, c10::Sym
 
 // clone() with the batch dim at the front: clone(memory_format=contiguous), which contiguous()
 // uses, then gives a logically contiguous result.
-std::tuple<Tensor, bdim_t> cloneRule(const Tensor& x, bdim_t bd,
-                                     std::optional<c10::MemoryFormat> fmt) {
+std::tuple<Tensor, bdim_t> cloneRule(const Tensor& x, bdim_t bd, std::optional<c10::MemoryFormat> fmt) {
   Tensor p = moveBdimToFront(x, bd);
   // preserve_format keeps the strides only of a dense tensor; ask the question of one logical
   // element, not of the physical tensor (which is dense with any batch dim position).
@@ -106,8 +106,7 @@ std::tuple<Tensor, bdim_t> transposeRule(const Tensor& x, bdim_t bd, int64_t d0,
 
 std::tuple<Tensor, bdim_t> tRule(const Tensor& x, bdim_t bd) {
   Tensor p = moveBdimToFront(x, bd);
-  TORCH_CHECK(p.dim() - 1 <= 2, "t() expects a tensor with <= 2 dimensions, but self is ",
-              p.dim() - 1, "D");
+  TORCH_CHECK(p.dim() - 1 <= 2, "t() expects a tensor with <= 2 dimensions, but self is ", p.dim() - 1, "D");
   if (p.dim() < 3) return {p, 0};
   return {p.transpose(1, 2), 0};
 }
@@ -151,13 +150,11 @@ std::tuple<Tensor, bdim_t> squeezeAllRule(const Tensor& x, bdim_t bd) {
   return {p.squeeze(phys), 0};
 }
 
-std::tuple<Tensor, bdim_t> expandRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
-                                      bool implicit) {
+std::tuple<Tensor, bdim_t> expandRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size, bool implicit) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
-  TORCH_CHECK(static_cast<int64_t>(size.size()) >= lr, "expand: the number of sizes provided (",
-              size.size(), ") must be greater or equal to the number of dimensions in the tensor (",
-              lr, ")");
+  TORCH_CHECK(static_cast<int64_t>(size.size()) >= lr, "expand: the number of sizes provided (", size.size(),
+              ") must be greater or equal to the number of dimensions in the tensor (", lr, ")");
   p = padToLogicalRank(p, true, static_cast<int64_t>(size.size()));
   return {at::_ops::expand::call(p, withBatch(p.size(0), size), implicit), 0};
 }
@@ -168,14 +165,13 @@ std::tuple<Tensor, bdim_t> selectRule(const Tensor& x, bdim_t bd, int64_t dim, c
 }
 
 std::tuple<Tensor, bdim_t> sliceRule(const Tensor& x, bdim_t bd, int64_t dim,
-                                     std::optional<c10::SymInt> start,
-                                     std::optional<c10::SymInt> end, c10::SymInt step) {
+                                     std::optional<c10::SymInt> start, std::optional<c10::SymInt> end,
+                                     c10::SymInt step) {
   Tensor p = moveBdimToFront(x, bd);
   return {at::_ops::slice_Tensor::call(p, physicalDim(dim, p.dim() - 1, true), start, end, step), 0};
 }
 
-std::tuple<Tensor, bdim_t> diagonalRule(const Tensor& x, bdim_t bd, int64_t offset, int64_t d1,
-                                        int64_t d2) {
+std::tuple<Tensor, bdim_t> diagonalRule(const Tensor& x, bdim_t bd, int64_t offset, int64_t d1, int64_t d2) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
   return {p.diagonal(offset, physicalDim(d1, lr, true), physicalDim(d2, lr, true)), 0};
@@ -190,8 +186,7 @@ std::tuple<std::vector<Tensor>, bdim_t> unbindRule(const Tensor& x, bdim_t bd, i
   return {p.unbind(physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
-std::tuple<std::vector<Tensor>, bdim_t> splitRule(const Tensor& x, bdim_t bd, c10::SymInt size,
-                                                  int64_t dim) {
+std::tuple<std::vector<Tensor>, bdim_t> splitRule(const Tensor& x, bdim_t bd, c10::SymInt size, int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
   if (p.dim() == 1) {
     raiseForElement([&] { at::_ops::split_Tensor::call(exampleOf(p, 0, 0), size, dim); }, "split",
@@ -200,8 +195,8 @@ std::tuple<std::vector<Tensor>, bdim_t> splitRule(const Tensor& x, bdim_t bd, c1
   return {at::_ops::split_Tensor::call(p, size, physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
-std::tuple<std::vector<Tensor>, bdim_t> splitSizesRule(const Tensor& x, bdim_t bd,
-                                                       c10::SymIntArrayRef sizes, int64_t dim) {
+std::tuple<std::vector<Tensor>, bdim_t> splitSizesRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef sizes,
+                                                       int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
   if (p.dim() == 1) {
     raiseForElement([&] { at::_ops::split_with_sizes::call(exampleOf(p, 0, 0), sizes, dim); },
@@ -283,8 +278,7 @@ int64_t squeezeDimsListInplaceRule(Tensor& x, bdim_t bd, c10::IntArrayRef dims) 
   return squeezeDimsInplaceImpl(x, *bd, wrapped);
 }
 void tInplaceRule(Tensor& x, bdim_t bd) {
-  TORCH_CHECK(x.dim() - 1 <= 2, "t_() expects a tensor with <= 2 dimensions, but self is ",
-              x.dim() - 1, "D");
+  TORCH_CHECK(x.dim() - 1 <= 2, "t_() expects a tensor with <= 2 dimensions, but self is ", x.dim() - 1, "D");
   if (x.dim() - 1 < 2) return;
   x.transpose_(0 < *bd ? 0 : 1, 1 < *bd ? 1 : 2);
 }
@@ -300,21 +294,20 @@ void transposeInplaceRule(Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
 // element b sits one batch stride further, so the physical view prepends the batch dim's stride.
 // Forward AD uses this on batched tangents laid out batch-outermost (rules_factory.cpp).
 std::tuple<Tensor, bdim_t> asStridedRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
-                                         c10::SymIntArrayRef stride,
-                                         std::optional<c10::SymInt> offset) {
-  return {at::_ops::as_strided::call(x, withBatch(x.size(*bd), size),
-                                     [&] {
-                                       SymIntVec st{x.sym_stride(*bd)};
-                                       st.append(stride.begin(), stride.end());
-                                       return st;
-                                     }(),
-                                     offset),
+                                         c10::SymIntArrayRef stride, std::optional<c10::SymInt> offset) {
+  return {at::_ops::as_strided::call(
+              x, withBatch(x.size(*bd), size),
+              [&] {
+                SymIntVec st{x.sym_stride(*bd)};
+                st.append(stride.begin(), stride.end());
+                return st;
+              }(),
+              offset),
           0};
 }
 
 std::tuple<Tensor, bdim_t> asStridedCopyRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
-                                             c10::SymIntArrayRef stride,
-                                             std::optional<c10::SymInt> offset) {
+                                             c10::SymIntArrayRef stride, std::optional<c10::SymInt> offset) {
   auto [view, vbd] = asStridedRule(x, bd, size, stride, std::move(offset));
   return {view.clone(at::MemoryFormat::Contiguous), vbd};
 }
@@ -324,43 +317,44 @@ std::tuple<Tensor, bdim_t> selectBackwardRule(const Tensor& g, bdim_t bd, c10::S
                                               int64_t dim, c10::SymInt index) {
   Tensor p = moveBdimToFront(g, bd);
   const int64_t lr = static_cast<int64_t>(sizes.size());
-  return {at::_ops::select_backward::call(p, withBatch(p.size(0), sizes),
-                                          physicalDim(dim, lr, true), index), 0};
+  return {at::_ops::select_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true), index),
+          0};
 }
 std::tuple<Tensor, bdim_t> sliceBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
                                              int64_t dim, c10::SymInt start, c10::SymInt end,
                                              c10::SymInt step) {
   Tensor p = moveBdimToFront(g, bd);
   const int64_t lr = static_cast<int64_t>(sizes.size());
-  return {at::_ops::slice_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true),
-                                         start, end, step), 0};
+  return {at::_ops::slice_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true), start,
+                                         end, step),
+          0};
 }
-std::tuple<Tensor, bdim_t> diagonalBackwardRule(const Tensor& g, bdim_t bd,
-                                                c10::SymIntArrayRef sizes, int64_t offset,
-                                                int64_t d1, int64_t d2) {
+std::tuple<Tensor, bdim_t> diagonalBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
+                                                int64_t offset, int64_t d1, int64_t d2) {
   Tensor p = moveBdimToFront(g, bd);
   const int64_t lr = static_cast<int64_t>(sizes.size());
-  return {at::_ops::diagonal_backward::call(p, withBatch(p.size(0), sizes), offset,
-                                            physicalDim(d1, lr, true), physicalDim(d2, lr, true)),
+  return {at::_ops::diagonal_backward::call(p, withBatch(p.size(0), sizes), offset, physicalDim(d1, lr, true),
+                                            physicalDim(d2, lr, true)),
           0};
 }
 
-std::tuple<Tensor, bdim_t> identityRule(const Tensor& x, bdim_t bd) { return {x, bd}; }
+std::tuple<Tensor, bdim_t> identityRule(const Tensor& x, bdim_t bd) {
+  return {x, bd};
+}
 
 // narrow is composite (it becomes slice); this rule only serves narrow_copy below.
 std::tuple<Tensor, bdim_t> narrowRule(const Tensor& x, bdim_t bd, int64_t dim, c10::SymInt start,
                                       c10::SymInt length) {
   Tensor p = moveBdimToFront(x, bd);
   if (p.dim() == 1 || dim >= p.dim() - 1 || dim < -(p.dim() - 1)) {
-    raiseForElement([&] { at::_ops::narrow_copy::call(exampleOf(p, 0, 0), dim, start, length); },
-                    "narrow", "dim out of range for the input");
+    raiseForElement([&] { at::_ops::narrow_copy::call(exampleOf(p, 0, 0), dim, start, length); }, "narrow",
+                    "dim out of range for the input");
   }
   return {at::_ops::narrow::call(p, physicalDim(dim, p.dim() - 1, true), start, length), 0};
 }
 
 // unfold of a logical scalar gives one window of size 1: shape [1], not [1, 1].
-std::tuple<Tensor, bdim_t> unfoldRule(const Tensor& x, bdim_t bd, int64_t dim, int64_t size,
-                                      int64_t step) {
+std::tuple<Tensor, bdim_t> unfoldRule(const Tensor& x, bdim_t bd, int64_t dim, int64_t size, int64_t step) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t lr = p.dim() - 1;
   const int64_t pd = physicalDim(dim, lr, true);
@@ -375,17 +369,18 @@ std::tuple<Tensor, bdim_t> unfoldBackwardRule(const Tensor& g, bdim_t bd, c10::S
     const SymIntVec one{c10::SymInt(p.size(0)), c10::SymInt(1)};
     return {at::_ops::unfold_backward::call(p.unsqueeze(1), one, 1, size, step).squeeze(1), 0};
   }
-  return {at::_ops::unfold_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true),
-                                          size, step), 0};
+  return {
+      at::_ops::unfold_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true), size, step),
+      0};
 }
 
 // diag_embed's dims index its output, one rank above the input.
-std::tuple<Tensor, bdim_t> diagEmbedRule(const Tensor& x, bdim_t bd, int64_t offset, int64_t d1,
-                                         int64_t d2) {
+std::tuple<Tensor, bdim_t> diagEmbedRule(const Tensor& x, bdim_t bd, int64_t offset, int64_t d1, int64_t d2) {
   Tensor p = moveBdimToFront(x, bd);
   const int64_t out_rank = p.dim();
-  return {at::_ops::diag_embed::call(p, offset, physicalDim(d1, out_rank, true),
-                                     physicalDim(d2, out_rank, true)), 0};
+  return {
+      at::_ops::diag_embed::call(p, offset, physicalDim(d1, out_rank, true), physicalDim(d2, out_rank, true)),
+      0};
 }
 
 std::tuple<Tensor, bdim_t> rot90Rule(const Tensor& x, bdim_t bd, int64_t k, c10::IntArrayRef dims) {
@@ -399,30 +394,28 @@ std::tuple<Tensor, bdim_t> rot90Rule(const Tensor& x, bdim_t bd, int64_t k, c10:
 
 // ---- *_scatter: the result is a new batched self with src written into one of its views, so
 // both are brought to [B, ...] (the op clones self itself) and the view's dims shift by one.
-std::tuple<Tensor, Tensor> scatterOperands(const Tensor& self, bdim_t sbd, const Tensor& src,
-                                           bdim_t cbd) {
+std::tuple<Tensor, Tensor> scatterOperands(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t cbd) {
   const int64_t B = batchSizeOf({{&self, sbd}, {&src, cbd}});
   return {materializeBdimFront(self, sbd, B), materializeBdimFront(src, cbd, B)};
 }
-std::tuple<Tensor, bdim_t> sliceScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
-                                            bdim_t cbd, int64_t dim,
-                                            std::optional<c10::SymInt> start,
+std::tuple<Tensor, bdim_t> sliceScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t cbd,
+                                            int64_t dim, std::optional<c10::SymInt> start,
                                             std::optional<c10::SymInt> end, c10::SymInt step) {
   auto [s, c] = scatterOperands(self, sbd, src, cbd);
-  return {at::_ops::slice_scatter::call(s, c, physicalDim(dim, s.dim() - 1, true), start, end, step),
-          0};
+  return {at::_ops::slice_scatter::call(s, c, physicalDim(dim, s.dim() - 1, true), start, end, step), 0};
 }
-std::tuple<Tensor, bdim_t> selectScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
-                                             bdim_t cbd, int64_t dim, c10::SymInt index) {
+std::tuple<Tensor, bdim_t> selectScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t cbd,
+                                             int64_t dim, c10::SymInt index) {
   auto [s, c] = scatterOperands(self, sbd, src, cbd);
   return {at::_ops::select_scatter::call(s, c, physicalDim(dim, s.dim() - 1, true), index), 0};
 }
-std::tuple<Tensor, bdim_t> diagonalScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
-                                               bdim_t cbd, int64_t offset, int64_t d1, int64_t d2) {
+std::tuple<Tensor, bdim_t> diagonalScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t cbd,
+                                               int64_t offset, int64_t d1, int64_t d2) {
   auto [s, c] = scatterOperands(self, sbd, src, cbd);
   const int64_t lr = s.dim() - 1;
-  return {at::_ops::diagonal_scatter::call(s, c, offset, physicalDim(d1, lr, true),
-                                           physicalDim(d2, lr, true)), 0};
+  return {
+      at::_ops::diagonal_scatter::call(s, c, offset, physicalDim(d1, lr, true), physicalDim(d2, lr, true)),
+      0};
 }
 
 // ---- complex views. view_as_real appends a dim, so the batch dim keeps its index.
@@ -451,8 +444,10 @@ template <class Op>
 struct PixelShuffleLike {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& x, bdim_t bd, int64_t factor) {
     Tensor p = moveBdimToFront(x, bd);
-    TORCH_CHECK(p.dim() > 3, std::string(Op::name).substr(6), " expects input to have at least 3 "
-                "dimensions, but got input with ", p.dim() - 1, " dimension(s)");
+    TORCH_CHECK(p.dim() > 3, std::string(Op::name).substr(6),
+                " expects input to have at least 3 "
+                "dimensions, but got input with ",
+                p.dim() - 1, " dimension(s)");
     return {Op::call(p, factor), 0};
   }
 };
@@ -573,27 +568,23 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::view_as_real, &viewAsRealRule>(m);
   registerVmapRule<at::_ops::view_as_complex, &viewAsComplexRule>(m);
   registerVmapRule<at::_ops::channel_shuffle, &channelShuffleRule>(m);
-  registerFamily<PixelShuffleLike, at::_ops::pixel_shuffle, at::_ops::pixel_unshuffle>(m);
+  // clang-format off
+  registerFamily<PixelShuffleLike,
+      at::_ops::pixel_shuffle,
+      at::_ops::pixel_unshuffle>(m);
+  // clang-format on
   // view_copy is reshape-then-copy when the element cannot be viewed (torch does the same).
   registerCopies<
-      CopyOf<at::_ops::view_copy, &reshapeRule>,
-      CopyOf<at::_ops::unsqueeze_copy, &unsqueezeRule>,
-      CopyOf<at::_ops::squeeze_copy, &squeezeAllRule>,
-      CopyOf<at::_ops::squeeze_copy_dim, &squeezeDimRule>,
+      CopyOf<at::_ops::view_copy, &reshapeRule>, CopyOf<at::_ops::unsqueeze_copy, &unsqueezeRule>,
+      CopyOf<at::_ops::squeeze_copy, &squeezeAllRule>, CopyOf<at::_ops::squeeze_copy_dim, &squeezeDimRule>,
       CopyOf<at::_ops::squeeze_copy_dims, &squeezeDimsRule>,
-      CopyOf<at::_ops::transpose_copy_int, &transposeRule>,
-      CopyOf<at::_ops::t_copy, &tRule>,
-      CopyOf<at::_ops::permute_copy, &permuteRule>,
-      CopyOf<at::_ops::expand_copy, &expandRule>,
-      CopyOf<at::_ops::alias_copy, &identityRule>,
-      CopyOf<at::_ops::detach_copy, &identityRule>,
-      CopyOf<at::_ops::narrow_copy, &narrowRule>,
-      CopyOf<at::_ops::unbind_copy_int, &unbindRule>,
+      CopyOf<at::_ops::transpose_copy_int, &transposeRule>, CopyOf<at::_ops::t_copy, &tRule>,
+      CopyOf<at::_ops::permute_copy, &permuteRule>, CopyOf<at::_ops::expand_copy, &expandRule>,
+      CopyOf<at::_ops::alias_copy, &identityRule>, CopyOf<at::_ops::detach_copy, &identityRule>,
+      CopyOf<at::_ops::narrow_copy, &narrowRule>, CopyOf<at::_ops::unbind_copy_int, &unbindRule>,
       CopyOf<at::_ops::split_copy_Tensor, &splitRule>,
-      CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule>,
-      CopyOf<at::_ops::unfold_copy, &unfoldRule>,
-      CopyOf<at::_ops::diagonal_copy, &diagonalRule>,
-      CopyOf<at::_ops::select_copy_int, &selectRule>,
+      CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule>, CopyOf<at::_ops::unfold_copy, &unfoldRule>,
+      CopyOf<at::_ops::diagonal_copy, &diagonalRule>, CopyOf<at::_ops::select_copy_int, &selectRule>,
       CopyOf<at::_ops::slice_copy_Tensor, &sliceRule>>(m);
   m.impl("cat", TORCH_FN(catKernel));
   m.impl("stack", TORCH_FN(stackKernel));

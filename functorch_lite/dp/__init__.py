@@ -3,14 +3,27 @@
 See docs/dp.md. Accounting needs the optional dp-accounting package (`pip install
 functorch_lite[dp]`); everything else works without it.
 """
-from ._accounting import (PLDAccountant, PrivacyAccountant, RDPAccountant, compute_epsilon,
-                          get_noise_multiplier)
+
+from ._accounting import (
+    PLDAccountant,
+    PrivacyAccountant,
+    RDPAccountant,
+    compute_epsilon,
+    get_noise_multiplier,
+)
 from ._clip import clipped_grad, clipped_grad_module
 from ._engine import PrivateTrainer
 from ._sampler import PoissonSampler, poisson_batches
 
 __all__ = [
-    "clipped_grad", "clipped_grad_module",
-    "PrivateTrainer", "PrivacyAccountant", "RDPAccountant", "PLDAccountant", "compute_epsilon",
-    "get_noise_multiplier", "PoissonSampler", "poisson_batches",
+    "clipped_grad",
+    "clipped_grad_module",
+    "PrivateTrainer",
+    "PrivacyAccountant",
+    "RDPAccountant",
+    "PLDAccountant",
+    "compute_epsilon",
+    "get_noise_multiplier",
+    "PoissonSampler",
+    "poisson_batches",
 ]

@@ -6,6 +6,7 @@ We build that event and let dp-accounting compute epsilon: no hand-written formu
 dp-accounting is an optional dependency (`pip install functorch_lite[dp]`), imported on first use
 so that `import functorch_lite.dp` works without it.
 """
+
 import contextlib
 import logging
 import math
@@ -20,7 +21,8 @@ def _dp_accounting():
     except ImportError as e:
         raise ImportError(
             "functorch_lite.dp privacy accounting needs the dp-accounting package: "
-            "`pip install functorch_lite[dp]` (or `pip install dp-accounting`)") from e
+            "`pip install functorch_lite[dp]` (or `pip install dp-accounting`)"
+        ) from e
     return dp_accounting
 
 
@@ -43,9 +45,11 @@ def _epsilon(history, delta, accountant):
     """epsilon after the steps in `history` ((noise_multiplier, sample_rate, steps) entries)."""
     dpa = _dp_accounting()
     acc = dpa.rdp.RdpAccountant() if accountant == "rdp" else dpa.pld.PLDAccountant()
-    events = [dpa.SelfComposedDpEvent(
-        dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in history if steps > 0]
+    events = [
+        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in history
+        if steps > 0
+    ]
     if not events:
         return 0.0
     acc.compose(dpa.ComposedDpEvent(events))
@@ -106,8 +110,15 @@ class PLDAccountant(PrivacyAccountant):
         super().__init__("pld")
 
 
-def get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=None, steps=None,
-                         accountant="rdp", epsilon_tolerance=0.01):
+def get_noise_multiplier(
+    target_epsilon,
+    target_delta,
+    sample_rate,
+    epochs=None,
+    steps=None,
+    accountant="rdp",
+    epsilon_tolerance=0.01,
+):
     """The smallest noise_multiplier (to `epsilon_tolerance`) whose epsilon at `target_delta`
     after `steps` (or `epochs * round(1 / sample_rate)`) steps is at most `target_epsilon`
     (Opacus' get_noise_multiplier, by bisection on the accountant)."""
@@ -127,8 +138,14 @@ def get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=None,
     if accountant == "pld":
         # PLD is tighter than RDP, so RDP's sigma (found fast) bounds PLD's from above, and PLD's
         # is rarely below half of it: a short bracket for the slow PLD evaluations.
-        hi = get_noise_multiplier(target_epsilon, target_delta, sample_rate, steps=steps,
-                                  accountant="rdp", epsilon_tolerance=epsilon_tolerance)
+        hi = get_noise_multiplier(
+            target_epsilon,
+            target_delta,
+            sample_rate,
+            steps=steps,
+            accountant="rdp",
+            epsilon_tolerance=epsilon_tolerance,
+        )
         lo = hi / 2 if eps(hi / 2) > target_epsilon else 0.0
     while eps(hi) > target_epsilon:
         lo, hi = hi, 2 * hi
@@ -137,7 +154,8 @@ def get_noise_multiplier(target_epsilon, target_delta, sample_rate, epochs=None,
                 f"target_epsilon={target_epsilon} cannot be reached at target_delta="
                 f"{target_delta} with sample_rate={sample_rate} over {steps} steps (even "
                 f"noise_multiplier={hi_limit:g} gives epsilon {eps(hi_limit):.3g}): raise "
-                "target_epsilon, or lower sample_rate or the number of steps")
+                "target_epsilon, or lower sample_rate or the number of steps"
+            )
     while True:
         mid = (lo + hi) / 2
         e = eps(mid)

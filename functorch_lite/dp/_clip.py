@@ -10,6 +10,7 @@ model per example through functional_call + clipped_grad, "auto"/"ghost" take th
 of _ghost.py that never materialises per-example gradients where a layer has a ghost-norm rule.
 Dim 0 of every input and target is the example dimension.
 """
+
 import math
 import numbers
 
@@ -30,12 +31,14 @@ _METHODS = ("auto", "ghost", "vmap")
 # ------------------------------------------------------------------------------------------------
 # argument checks shared by both entry points
 
+
 def _check_max_norm(max_norm, api):
     if isinstance(max_norm, torch.Tensor) and max_norm.numel() == 1:
         max_norm = max_norm.item()
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
-        raise TypeError(f"{api}: max_norm must be a positive number, got {type(max_norm).__name__} "
-                        f"{max_norm!r}.")
+        raise TypeError(
+            f"{api}: max_norm must be a positive number, got {type(max_norm).__name__} {max_norm!r}."
+        )
     max_norm = float(max_norm)
     if math.isnan(max_norm) or max_norm <= 0:
         raise ValueError(f"{api}: max_norm must be > 0 (the clipping bound C), got {max_norm!r}.")
@@ -43,8 +46,9 @@ def _check_max_norm(max_norm, api):
 
 
 def _check_chunk_size(chunk_size, api):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size <= 0):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
+    ):
         raise ValueError(f"{api}: chunk_size must be None or a positive int, got {chunk_size!r}.")
 
 
@@ -54,22 +58,29 @@ def _batch_size_of(named_values, api, what):
     for label, value in named_values:
         leaves, _ = tree_flatten(value)
         if not leaves:
-            raise TypeError(f"{api}: {what} {label} must be a tensor (or a container of tensors) "
-                            f"with the examples along dim 0, got {type(value).__name__}.")
+            raise TypeError(
+                f"{api}: {what} {label} must be a tensor (or a container of tensors) "
+                f"with the examples along dim 0, got {type(value).__name__}."
+            )
         for leaf in leaves:
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{api}: {what} {label} must be a tensor (or a container of "
-                                f"tensors) with the examples along dim 0; it holds a "
-                                f"{type(leaf).__name__} ({leaf!r:.40}).")
+                raise TypeError(
+                    f"{api}: {what} {label} must be a tensor (or a container of "
+                    f"tensors) with the examples along dim 0; it holds a "
+                    f"{type(leaf).__name__} ({leaf!r:.40})."
+                )
             if leaf.dim() == 0:
-                raise ValueError(f"{api}: {what} {label} is a 0-dim tensor; the examples must be "
-                                 f"along dim 0.")
+                raise ValueError(
+                    f"{api}: {what} {label} is a 0-dim tensor; the examples must be along dim 0."
+                )
             if size is None:
                 size, first = leaf.shape[0], label
             elif leaf.shape[0] != size:
-                raise ValueError(f"{api}: the batched tensors must all have the same batch size "
-                                 f"(dim 0): {what} {first} has {size}, {what} {label} has "
-                                 f"{leaf.shape[0]}.")
+                raise ValueError(
+                    f"{api}: the batched tensors must all have the same batch size "
+                    f"(dim 0): {what} {first} has {size}, {what} {label} has "
+                    f"{leaf.shape[0]}."
+                )
     return size
 
 
@@ -95,8 +106,10 @@ def per_example_sq_norms(per_example):
 # ------------------------------------------------------------------------------------------------
 # clipped_grad
 
-def clipped_grad(func, argnums=0, *, max_norm, batch_argnums=(1,), has_aux=False, chunk_size=None,
-                 return_norms=False):
+
+def clipped_grad(
+    func, argnums=0, *, max_norm, batch_argnums=(1,), has_aux=False, chunk_size=None, return_norms=False
+):
     """Transform: the sum over examples of per-example gradients, each clipped to norm max_norm.
 
     `func(*args)` is written for ONE example and returns a scalar loss (and an aux output with
@@ -126,44 +139,59 @@ def clipped_grad(func, argnums=0, *, max_norm, batch_argnums=(1,), has_aux=False
         >>> bool(norms.max() > 1.0) and bool(g.norm() <= 8.0 + 1e-4)
         True
     """
-    return _clipped_grad(func, argnums, max_norm=max_norm, batch_argnums=batch_argnums,
-                         has_aux=has_aux, chunk_size=chunk_size, return_norms=return_norms,
-                         randomness="error", api="clipped_grad")
+    return _clipped_grad(
+        func,
+        argnums,
+        max_norm=max_norm,
+        batch_argnums=batch_argnums,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
+        return_norms=return_norms,
+        randomness="error",
+        api="clipped_grad",
+    )
 
 
 def _normalize_batch_argnums(batch_argnums, nargs, api):
     items = (batch_argnums,) if isinstance(batch_argnums, int) else batch_argnums
-    if not isinstance(items, (tuple, list)) or not items or any(
-            isinstance(i, bool) or not isinstance(i, int) for i in items):
-        raise TypeError(f"{api}: batch_argnums must be an int or a non-empty tuple of ints, got "
-                        f"{batch_argnums!r}.")
+    if (
+        not isinstance(items, (tuple, list))
+        or not items
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in items)
+    ):
+        raise TypeError(
+            f"{api}: batch_argnums must be an int or a non-empty tuple of ints, got {batch_argnums!r}."
+        )
     out = []
     for i in items:
         if not -nargs <= i < nargs:
-            raise ValueError(f"{api}: batch_argnums={batch_argnums!r} names argument {i}, but the "
-                             f"function was called with {nargs} positional arguments.")
+            raise ValueError(
+                f"{api}: batch_argnums={batch_argnums!r} names argument {i}, but the "
+                f"function was called with {nargs} positional arguments."
+            )
         out.append(i % nargs)
     if len(set(out)) != len(out):
         raise ValueError(f"{api}: batch_argnums={batch_argnums!r} names an argument twice.")
     return tuple(sorted(out))
 
 
-def _clipped_grad(func, argnums, *, max_norm, batch_argnums, has_aux, chunk_size, return_norms,
-                  randomness, api):
+def _clipped_grad(
+    func, argnums, *, max_norm, batch_argnums, has_aux, chunk_size, return_norms, randomness, api
+):
     max_norm = _check_max_norm(max_norm, api)
     _check_chunk_size(chunk_size, api)
     per_example_grad = grad(func, argnums, has_aux=has_aux)
 
     def clipped(*args):
         batched = _normalize_batch_argnums(batch_argnums, len(args), api)
-        size = _batch_size_of([(f"argument {i}", args[i]) for i in batched], api,
-                              "batch_argnums names")
+        size = _batch_size_of([(f"argument {i}", args[i]) for i in batched], api, "batch_argnums names")
         in_dims = tuple(0 if i in batched else None for i in range(len(args)))
         step = size if chunk_size is None or size == 0 else min(chunk_size, size)
         total, norms, auxes = None, [], []
         for start in range(0, size, max(step, 1)):
-            chunk = tuple(tree_map(lambda t: t[start:start + step], a) if d == 0 else a
-                          for a, d in zip(args, in_dims))
+            chunk = tuple(
+                tree_map(lambda t: t[start : start + step], a) if d == 0 else a for a, d in zip(args, in_dims)
+            )
             out = vmap(per_example_grad, in_dims=in_dims, randomness=randomness)(*chunk)
             grads, aux = out if has_aux else (out, None)
             leaves, spec = tree_flatten(grads)
@@ -180,8 +208,9 @@ def _clipped_grad(func, argnums, *, max_norm, batch_argnums, has_aux, chunk_size
             norms_out, aux_out = torch.zeros(0, device=first.device), None
         else:
             norms_out = torch.cat(norms)
-            aux_out = auxes[0] if len(auxes) == 1 or not has_aux else tree_map(
-                lambda *xs: torch.cat(xs), *auxes)
+            aux_out = (
+                auxes[0] if len(auxes) == 1 or not has_aux else tree_map(lambda *xs: torch.cat(xs), *auxes)
+            )
         result = (tree_unflatten(total, spec),)
         if return_norms:
             result += (norms_out,)
@@ -201,13 +230,16 @@ def _zeros_like_argnums(args, argnums):
 # ------------------------------------------------------------------------------------------------
 # clipped_grad_module
 
+
 def check_module_args(model, loss_fn, inputs, targets, method, api):
     """Validates the arguments of clipped_grad_module; returns the batch size."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{api}: model must be a torch.nn.Module, got {type(model).__name__}.")
     if not callable(loss_fn):
-        raise TypeError(f"{api}: loss_fn must be callable (outputs, targets) -> per-example losses "
-                        f"of shape (B,), got {type(loss_fn).__name__}.")
+        raise TypeError(
+            f"{api}: loss_fn must be callable (outputs, targets) -> per-example losses "
+            f"of shape (B,), got {type(loss_fn).__name__}."
+        )
     if method not in _METHODS:
         raise ValueError(f"{api}: method must be one of 'auto', 'ghost', 'vmap', got {method!r}.")
     for m in model.modules():
@@ -220,7 +252,8 @@ def check_module_args(model, loss_fn, inputs, targets, method, api):
                 f"Batch norm then normalises with statistics of the whole batch, so it mixes "
                 f"examples and per-example gradients do not exist: it is not DP-compatible. Use "
                 f"nn.GroupNorm or nn.LayerNorm instead (or a batch norm with running statistics "
-                f"in eval mode, which is fine).")
+                f"in eval mode, which is fine)."
+            )
     return _batch_size_of([("inputs", inputs), ("targets", targets)], api, "")
 
 
@@ -230,16 +263,20 @@ def check_per_example_loss(losses, size, api, batch_size=None):
         return
     b = size if batch_size is None else batch_size
     if isinstance(losses, torch.Tensor) and losses.dim() == 0:
-        got = ("a scalar: the loss was reduced over the batch; use reduction='none' "
-               "(e.g. F.cross_entropy(out, y, reduction='none'))")
+        got = (
+            "a scalar: the loss was reduced over the batch; use reduction='none' "
+            "(e.g. F.cross_entropy(out, y, reduction='none'))"
+        )
     elif isinstance(losses, torch.Tensor):
         # under vmap the loss of one example is seen with a batch of 1: report it as (B, ...)
         shape = tuple(losses.shape) if batch_size is None else (b,) + tuple(losses.shape[1:])
         got = f"shape {shape}"
     else:
         got = f"a {type(losses).__name__}"
-    raise ValueError(f"{api}: loss_fn must return the per-example losses, a tensor of shape "
-                     f"(B,) = ({b},); it returned {got}.")
+    raise ValueError(
+        f"{api}: loss_fn must return the per-example losses, a tensor of shape "
+        f"(B,) = ({b},); it returned {got}."
+    )
 
 
 def trainable_parameters(model):
@@ -247,8 +284,7 @@ def trainable_parameters(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="auto",
-                        return_norms=False):
+def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="auto", return_norms=False):
     """The clipped sum of per-example gradients of `loss_fn(model(inputs), targets)`.
 
     inputs: a tensor, or a tuple of tensors passed as model(*inputs); targets: a tensor (or a
@@ -294,8 +330,10 @@ def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="au
         return (grads, norms) if return_norms else grads
     if method != "vmap":
         from ._ghost import ghost_clipped_grad
-        result = ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
-                                    force_ghost=(method == "ghost"))
+
+        result = ghost_clipped_grad(
+            model, loss_fn, inputs, targets, params, max_norm, size, force_ghost=(method == "ghost")
+        )
         if result is not None:
             grads, norms = result
             return (grads, norms) if return_norms else grads
@@ -319,8 +357,16 @@ def vmap_clipped_grad(model, loss_fn, inputs, targets, params, max_norm):
         check_per_example_loss(losses, 1, api, batch_size=size)
         return losses.sum()
 
-    clipped = _clipped_grad(one_example, 0, max_norm=max_norm, batch_argnums=(1, 2),
-                            has_aux=False, chunk_size=None, return_norms=True,
-                            randomness="different", api=api)
+    clipped = _clipped_grad(
+        one_example,
+        0,
+        max_norm=max_norm,
+        batch_argnums=(1, 2),
+        has_aux=False,
+        chunk_size=None,
+        return_norms=True,
+        randomness="different",
+        api=api,
+    )
     detached = {n: p.detach() for n, p in params.items()}  # no graph back to the parameters
     return clipped(detached, inputs, targets)

@@ -6,6 +6,7 @@ hooks never fire and nothing is averaged twice. The noise must be added exactly 
 sigma * C: rank 0 adds it before the all-reduce. (Every rank adding full-std noise from the same
 seed, the classic bug, would make it world_size times too big.)
 """
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +33,6 @@ def all_reduce_sum(tensors):
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     out, offset = [], 0
     for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t))
+        out.append(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return out

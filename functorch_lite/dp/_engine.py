@@ -5,11 +5,11 @@ The clipped sum comes from clipped_grad_module (ghost norms or per-example gradi
 layer). Nothing here hooks the optimizer or the model: the trainer writes `.grad` and calls
 `optimizer.step()`, so any torch.optim optimizer works unchanged.
 """
+
 import torch
 
-from ._accounting import (PrivacyAccountant, _check_accountant, _check_sample_rate,
-                          get_noise_multiplier)
 from . import _ddp
+from ._accounting import PrivacyAccountant, _check_accountant, _check_sample_rate, get_noise_multiplier
 
 
 class PrivateTrainer:
@@ -44,11 +44,27 @@ class PrivateTrainer:
         and the noise is added once (on rank 0); model may be a DistributedDataParallel.
     """
 
-    def __init__(self, model, optimizer, loss_fn, *, max_grad_norm, sample_rate,
-                 expected_batch_size, noise_multiplier=None, target_epsilon=None,
-                 target_delta=1e-5, epochs=None, steps=None, accountant="rdp", clipping="auto",
-                 max_physical_batch_size=None, allow_zero_noise=False, generator=None,
-                 distributed=None):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        loss_fn,
+        *,
+        max_grad_norm,
+        sample_rate,
+        expected_batch_size,
+        noise_multiplier=None,
+        target_epsilon=None,
+        target_delta=1e-5,
+        epochs=None,
+        steps=None,
+        accountant="rdp",
+        clipping="auto",
+        max_physical_batch_size=None,
+        allow_zero_noise=False,
+        generator=None,
+        distributed=None,
+    ):
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
         _check_sample_rate(sample_rate)
@@ -58,20 +74,26 @@ class PrivateTrainer:
         if clipping not in ("auto", "ghost", "vmap"):
             raise ValueError(f"clipping must be 'auto', 'ghost' or 'vmap', got {clipping!r}")
         if max_physical_batch_size is not None and not (
-                isinstance(max_physical_batch_size, int) and max_physical_batch_size > 0):
-            raise ValueError("max_physical_batch_size must be a positive int or None, got "
-                             f"{max_physical_batch_size!r}")
+            isinstance(max_physical_batch_size, int) and max_physical_batch_size > 0
+        ):
+            raise ValueError(
+                f"max_physical_batch_size must be a positive int or None, got {max_physical_batch_size!r}"
+            )
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ValueError("give exactly one of noise_multiplier and target_epsilon")
         if target_epsilon is not None:
-            noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, sample_rate,
-                                                    epochs=epochs, steps=steps,
-                                                    accountant=accountant)
-        if not isinstance(noise_multiplier, (int, float)) or noise_multiplier < 0 or (
-                noise_multiplier == 0 and not allow_zero_noise):
+            noise_multiplier = get_noise_multiplier(
+                target_epsilon, target_delta, sample_rate, epochs=epochs, steps=steps, accountant=accountant
+            )
+        if (
+            not isinstance(noise_multiplier, (int, float))
+            or noise_multiplier < 0
+            or (noise_multiplier == 0 and not allow_zero_noise)
+        ):
             raise ValueError(
                 f"noise_multiplier must be > 0, got {noise_multiplier!r} (0 is allowed only with "
-                "allow_zero_noise=True, for debugging: it gives no privacy)")
+                "allow_zero_noise=True, for debugging: it gives no privacy)"
+            )
         self.model = model
         self.module = _ddp.unwrap(model)
         self.optimizer = optimizer
@@ -85,8 +107,7 @@ class PrivateTrainer:
         self.generator = generator
         self.distributed = _ddp.is_distributed() if distributed is None else bool(distributed)
         if self.distributed and not _ddp.is_distributed(min_world_size=1):
-            raise ValueError("distributed=True needs an initialised torch.distributed process "
-                             "group")
+            raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.accountant = PrivacyAccountant(accountant)
         self._sums = None
 
@@ -106,13 +127,17 @@ class PrivateTrainer:
         size = self.max_physical_batch_size or n
         known = dict(self._params())
         for start in range(0, n, size):
-            sums = clipped_grad_module(self.module, self.loss_fn, _rows(inputs, start, size),
-                                       _rows(targets, start, size), max_norm=self.max_grad_norm,
-                                       method=self.clipping)
+            sums = clipped_grad_module(
+                self.module,
+                self.loss_fn,
+                _rows(inputs, start, size),
+                _rows(targets, start, size),
+                max_norm=self.max_grad_norm,
+                method=self.clipping,
+            )
             for name, g in sums.items():
                 if name not in known:
-                    raise RuntimeError(
-                        f"clipped_grad_module returned an unknown parameter {name!r}")
+                    raise RuntimeError(f"clipped_grad_module returned an unknown parameter {name!r}")
                 prev = self._sums.get(name)
                 self._sums[name] = g.detach() if prev is None else prev + g.detach()
 
@@ -163,5 +188,5 @@ def _noise(like, std, generator):
 def _rows(batch, start, size):
     """Examples start:start+size of a tensor or a tuple/list of tensors (a physical batch)."""
     if isinstance(batch, (tuple, list)):
-        return type(batch)(t[start:start + size] for t in batch)
-    return batch[start:start + size]
+        return type(batch)(t[start : start + size] for t in batch)
+    return batch[start : start + size]

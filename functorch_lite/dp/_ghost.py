@@ -26,6 +26,7 @@ modified in place, a layer input that is not batch-first) the caller falls back 
 whole-model vmap path: slower, same result. A parameter used in loss_fn is refused
 (ValueError): every method differentiates through the model's forward only.
 """
+
 import contextlib
 import inspect
 
@@ -39,8 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._grad import grad
 from .._module import functional_call
 from .._vmap import vmap
-from ._clip import (_as_tuple, check_per_example_loss, clip_factors, per_example_sq_norms,
-                    weighted_sum)
+from ._clip import _as_tuple, check_per_example_loss, clip_factors, per_example_sq_norms, weighted_sum
 
 __all__ = ["ghost_clipped_grad"]
 
@@ -51,6 +51,7 @@ class _Fallback(Exception):
 
 # ------------------------------------------------------------------------------------------------
 # recording: module calls (inputs, output edges) and which calls use each parameter
+
 
 def _draws_dropout(module):
     return isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0
@@ -97,8 +98,7 @@ class _Call:
         self.args, self.kwargs, self.rng = args, kwargs, rng
         leaves, _ = tree_flatten(output)
         # b is needed for every output that carries gradient; others (None, masks) get none
-        self.outputs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None
-                        for t in leaves]
+        self.outputs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
         # the edge, not the tensor: an in-place op after the call (ReLU(inplace=True)) must not
         # turn the output's gradient into the gradient of the modified value
         self.edges = [None if t is None else get_gradient_edge(t) for t in self.outputs]
@@ -154,6 +154,7 @@ class _Recorder(TorchFunctionMode):
 # per-layer rules. A contribution is ("inst", name, per-example gradients (B, *shape)) or
 # ("ghost", name, squared norms (B,), finish(c) -> the clipped sum).
 
+
 def _use_ghost(policy, t, p, d):
     """Mixed ghost clipping (Bu et al. 2022): Gram matrices cost ~T^2 (p+d), instantiating T p d."""
     if policy == "inst":
@@ -169,8 +170,10 @@ def _matmul_weight(name, a, b, policy):
     if not _use_ghost(policy, t, p, d):
         return ("inst", name, b.transpose(-1, -2) @ a)
     if t == 1:
-        sq = (torch.linalg.vector_norm(a, dim=(-1, -2)).square()
-              * torch.linalg.vector_norm(b, dim=(-1, -2)).square())
+        sq = (
+            torch.linalg.vector_norm(a, dim=(-1, -2)).square()
+            * torch.linalg.vector_norm(b, dim=(-1, -2)).square()
+        )
     else:
         sq = ((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((-1, -2))
     sq = sq.reshape(n, -1).sum(1)
@@ -209,8 +212,11 @@ def _conv(module, call, b, policy):
         padding = module.padding
     if one_d:
         a, b = a.unsqueeze(2), b.unsqueeze(2)
-        kernel, dilation, stride = ((1,) + tuple(module.kernel_size), (1,) + module.dilation,
-                                    (1,) + module.stride)
+        kernel, dilation, stride = (
+            (1,) + tuple(module.kernel_size),
+            (1,) + module.dilation,
+            (1,) + module.stride,
+        )
         padding = (0,) + tuple(padding)
     else:
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
@@ -220,10 +226,15 @@ def _conv(module, call, b, policy):
     if not _use_ghost(choice, t, p, d):
         # per-example weight gradients as one weight gradient of a convolution whose groups are
         # the examples: no unfolded copy of the input (which costs more than the products)
-        g = torch.nn.grad.conv2d_weight(a.reshape(1, n * c_in, *a.shape[2:]),
-                                        (n * c_out, c_in // groups, *kernel),
-                                        b.reshape(1, n * c_out, *b.shape[2:]), stride=stride,
-                                        padding=padding, dilation=dilation, groups=n * groups)
+        g = torch.nn.grad.conv2d_weight(
+            a.reshape(1, n * c_in, *a.shape[2:]),
+            (n * c_out, c_in // groups, *kernel),
+            b.reshape(1, n * c_out, *b.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=n * groups,
+        )
         weight = ("inst", "weight", g.reshape(n, *module.weight.shape))
     else:
         cols = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
@@ -276,7 +287,7 @@ def _affine(module, b, x_hat, channel_dims):
 def _trailing(shape):
     """Sums over everything but the batch dim and the trailing `shape` (LayerNorm, RMSNorm)."""
     k = len(shape)
-    return lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - k:]).sum(1)
+    return lambda t: t.reshape(t.shape[0], -1, *t.shape[t.dim() - k :]).sum(1)
 
 
 def _channels(t):
@@ -287,20 +298,24 @@ def _channels(t):
 def _norm_rule(normalize, positions):
     """The rule of a norm layer y = normalize(a) * weight + bias; positions(module) sums the
     per-position products over the positions that share a weight entry."""
+
     def rule(module, call, b, policy):
         return _affine(module, b, normalize(module, _input(call)), positions(module))
+
     return rule
 
 
-_layer_norm = _norm_rule(lambda m, a: F.layer_norm(a, m.normalized_shape, eps=m.eps),
-                         lambda m: _trailing(m.normalized_shape))
-_rms_norm = _norm_rule(lambda m, a: F.rms_norm(a, m.normalized_shape, eps=m.eps),
-                       lambda m: _trailing(m.normalized_shape))
-_group_norm = _norm_rule(lambda m, a: F.group_norm(a, m.num_groups, eps=m.eps),
-                         lambda m: _channels)
-_batch_norm_eval = _norm_rule(lambda m, a: F.batch_norm(a, m.running_mean, m.running_var,
-                                                        training=False, eps=m.eps),
-                              lambda m: _channels)
+_layer_norm = _norm_rule(
+    lambda m, a: F.layer_norm(a, m.normalized_shape, eps=m.eps), lambda m: _trailing(m.normalized_shape)
+)
+_rms_norm = _norm_rule(
+    lambda m, a: F.rms_norm(a, m.normalized_shape, eps=m.eps), lambda m: _trailing(m.normalized_shape)
+)
+_group_norm = _norm_rule(lambda m, a: F.group_norm(a, m.num_groups, eps=m.eps), lambda m: _channels)
+_batch_norm_eval = _norm_rule(
+    lambda m, a: F.batch_norm(a, m.running_mean, m.running_var, training=False, eps=m.eps),
+    lambda m: _channels,
+)
 
 
 def _float_mask(mask, dtype):
@@ -329,8 +344,7 @@ def _mha(module, call, b, policy):
     causal = arg["is_causal"] and kpm is None and not arg["need_weights"]
     mask = None if causal else _float_mask(arg["attn_mask"], query.dtype)
     if mask is not None:
-        mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask.view(n, heads,
-                                                                             *mask.shape[1:])
+        mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask.view(n, heads, *mask.shape[1:])
     if kpm is not None:
         kpm = kpm.view(n, 1, 1, -1)
         mask = kpm if mask is None else mask + kpm
@@ -342,36 +356,43 @@ def _mha(module, call, b, policy):
             leaves = [F.linear(query, w, bias).requires_grad_()]
             proj = leaves[0].chunk(3, -1)
         else:
-            leaves = proj = [F.linear(x, w[i * e:(i + 1) * e],
-                                      None if bias is None else bias[i * e:(i + 1) * e])
-                             .requires_grad_() for i, x in enumerate((query, key, value))]
+            leaves = proj = [
+                F.linear(
+                    x, w[i * e : (i + 1) * e], None if bias is None else bias[i * e : (i + 1) * e]
+                ).requires_grad_()
+                for i, x in enumerate((query, key, value))
+            ]
         split = [x.unflatten(-1, (heads, hd)).transpose(1, 2) for x in proj]
         if call.rng is None:
             ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
         else:
             with _replaying(call.rng):
-                ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal,
-                                                     dropout_p=module.dropout)
+                ctx = F.scaled_dot_product_attention(
+                    *split, attn_mask=mask, is_causal=causal, dropout_p=module.dropout
+                )
         ctx = ctx.transpose(1, 2).reshape(n, t, e)
         grads = torch.autograd.grad(ctx, leaves, b @ module.out_proj.weight.detach())
     if call.rng is not None:
         _check_replay(module, call, ctx)
-    out = [_matmul_weight("out_proj.weight", ctx.detach(), b,
-                          policy("out_proj.weight", t, e, e))]
+    out = [_matmul_weight("out_proj.weight", ctx.detach(), b, policy("out_proj.weight", t, e, e))]
     if module.out_proj.bias is not None:
         out.append(("inst", "out_proj.bias", b.sum(1)))
     if self_attention:
-        out.append(_matmul_weight("in_proj_weight", query, grads[0],
-                                  policy("in_proj_weight", t, 3 * e, e)))
+        out.append(_matmul_weight("in_proj_weight", query, grads[0], policy("in_proj_weight", t, 3 * e, e)))
     else:  # three row blocks of one weight: squared norms add, the sums stack
         choice = policy("in_proj_weight", max(t, key.shape[1]), e, e)
-        parts = [_matmul_weight("in_proj_weight", x, g, choice)
-                 for x, g in zip((query, key, value), grads)]
+        parts = [_matmul_weight("in_proj_weight", x, g, choice) for x, g in zip((query, key, value), grads)]
         if parts[0][0] == "inst":
             out.append(("inst", "in_proj_weight", torch.cat([q[2] for q in parts], 1)))
         else:
-            out.append(("ghost", "in_proj_weight", sum(q[2] for q in parts),
-                        lambda c: torch.cat([q[3](c) for q in parts])))
+            out.append(
+                (
+                    "ghost",
+                    "in_proj_weight",
+                    sum(q[2] for q in parts),
+                    lambda c: torch.cat([q[3](c) for q in parts]),
+                )
+            )
     if bias is not None:
         out.append(("inst", "in_proj_bias", torch.cat([g.sum(1) for g in grads], -1)))
     return out
@@ -383,22 +404,37 @@ def _check_replay(module, call, ctx):
     y = call.outputs[0]
     if y._version != call.versions[0]:
         raise _Fallback("attention output modified in place: dropout replay unchecked")
-    again = F.linear(ctx.detach(), module.out_proj.weight.detach(),
-                     None if module.out_proj.bias is None else module.out_proj.bias.detach())
+    again = F.linear(
+        ctx.detach(),
+        module.out_proj.weight.detach(),
+        None if module.out_proj.bias is None else module.out_proj.bias.detach(),
+    )
     tol = 1e-3 if y.dtype in (torch.float16, torch.bfloat16) else 1e-5
     if not torch.allclose(again, y.detach(), rtol=tol, atol=tol * float(y.detach().abs().max())):
         raise _Fallback("attention dropout could not be replayed")
 
 
 def _mha_supported(module):
-    return (module.batch_first and module._qkv_same_embed_dim and module.bias_k is None
-            and not module.add_zero_attn)
+    return (
+        module.batch_first
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and not module.add_zero_attn
+    )
 
 
-_RULES = {nn.Linear: _linear, nn.Conv1d: _conv, nn.Conv2d: _conv, nn.Embedding: _embedding,
-          nn.LayerNorm: _layer_norm, nn.GroupNorm: _group_norm, nn.BatchNorm1d: _batch_norm_eval,
-          nn.BatchNorm2d: _batch_norm_eval, nn.BatchNorm3d: _batch_norm_eval,
-          nn.MultiheadAttention: _mha}
+_RULES = {
+    nn.Linear: _linear,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.Embedding: _embedding,
+    nn.LayerNorm: _layer_norm,
+    nn.GroupNorm: _group_norm,
+    nn.BatchNorm1d: _batch_norm_eval,
+    nn.BatchNorm2d: _batch_norm_eval,
+    nn.BatchNorm3d: _batch_norm_eval,
+    nn.MultiheadAttention: _mha,
+}
 if hasattr(nn, "RMSNorm"):
     _RULES[nn.RMSNorm] = _rms_norm
 
@@ -412,8 +448,12 @@ def _rule_parameters(module):
     """name -> parameter for the parameters a layer's rule computes: its own (and
     MultiheadAttention's out_proj's, which it uses directly rather than calling out_proj)."""
     if isinstance(module, nn.MultiheadAttention):
-        named = {"in_proj_weight": module.in_proj_weight, "in_proj_bias": module.in_proj_bias,
-                 "out_proj.weight": module.out_proj.weight, "out_proj.bias": module.out_proj.bias}
+        named = {
+            "in_proj_weight": module.in_proj_weight,
+            "in_proj_bias": module.in_proj_bias,
+            "out_proj.weight": module.out_proj.weight,
+            "out_proj.bias": module.out_proj.bias,
+        }
     else:
         named = module._parameters
     return {n: p for n, p in named.items() if p is not None}
@@ -424,11 +464,13 @@ def _rule_for(module):
     it, such as MultiheadAttention's out_proj, count), or None."""
     for base, rule in _RULES.items():
         if isinstance(module, base) and type(module).forward is base.forward:
-            if isinstance(module, nn.Embedding) and (module.max_norm is not None
-                                                     or module.scale_grad_by_freq):
+            if isinstance(module, nn.Embedding) and (
+                module.max_norm is not None or module.scale_grad_by_freq
+            ):
                 return None  # renormalising/rescaling lookups: the per-layer vmap handles them
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
-                    module.training or module.running_mean is None or not module.affine):
+                module.training or module.running_mean is None or not module.affine
+            ):
                 return None
             if isinstance(module, nn.MultiheadAttention) and not _mha_supported(module):
                 return None
@@ -438,6 +480,7 @@ def _rule_for(module):
 
 # ------------------------------------------------------------------------------------------------
 # planning: which parameters a rule covers, which get a per-layer vmap(grad)
+
 
 def _plan(recorder, params, rules):
     """Returns (rule_params, generic): rule_params maps id(param) -> number of calls that use it
@@ -453,10 +496,12 @@ def _plan(recorder, params, rules):
             raise ValueError(
                 f"clipped_grad_module: the trainable parameter {name!r} is used in loss_fn, "
                 f"outside the model's forward; per-example gradients are taken through the "
-                f"model only. Use it inside the model's forward (or freeze it).")
+                f"model only. Use it inside the model's forward (or freeze it)."
+            )
         owners = {s[-1] for s in stacks}
-        if all(rules.get(m) is not None and any(q is p for q in _rule_parameters(m).values())
-               for m in owners):
+        if all(
+            rules.get(m) is not None and any(q is p for q in _rule_parameters(m).values()) for m in owners
+        ):
             rule_params[id(p)] = sum(len(recorder.calls.get(m, ())) for m in owners)
             continue
         common = stacks[0]
@@ -474,11 +519,11 @@ def _plan(recorder, params, rules):
 # ------------------------------------------------------------------------------------------------
 # the step
 
+
 def ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, force_ghost):
     """(grads, norms), or None when the caller must use the whole-model vmap path."""
     try:
-        return _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
-                                   force_ghost)
+        return _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, force_ghost)
     except _Fallback:
         return None
 
@@ -494,18 +539,23 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
     rule_params, generic = _plan(recorder, params, rules)
 
     # the calls whose output gradients we need, then one backward for all of them
-    rule_calls = [(m, c) for m, calls in recorder.calls.items() if rules[m] is not None
-                  and any(id(q) in rule_params for q in _rule_parameters(m).values())
-                  for c in calls]
+    rule_calls = [
+        (m, c)
+        for m, calls in recorder.calls.items()
+        if rules[m] is not None and any(id(q) in rule_params for q in _rule_parameters(m).values())
+        for c in calls
+    ]
     generic_calls = [(m, c) for m in generic for c in recorder.calls.get(m, ())]
     used = set(rule_params) | {i for ids in generic.values() for i in ids}
     unseen = [p for p in params.values() if id(p) not in used]
-    needed = [(c, k) for _, c in rule_calls + generic_calls
-              for k, e in enumerate(c.edges) if e is not None]
+    needed = [(c, k) for _, c in rule_calls + generic_calls for k, e in enumerate(c.edges) if e is not None]
     wanted = [c.edges[k] for c, k in needed] + unseen
-    got = (torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
-           if wanted and losses.requires_grad else [None] * len(wanted))
-    if any(g is not None for g in got[len(needed):]):
+    got = (
+        torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
+        if wanted and losses.requires_grad
+        else [None] * len(wanted)
+    )
+    if any(g is not None for g in got[len(needed) :]):
         raise _Fallback("a parameter is used where the recording did not see it")
     grads_at = {}
     for (c, k), g in zip(needed, got):
@@ -516,8 +566,9 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
     contributions = []
     with torch.no_grad():
         for module, call in rule_calls:
-            contributions += _rule_contributions(module, rules[module], call, grads_at,
-                                                 rule_params, size, force_ghost)
+            contributions += _rule_contributions(
+                module, rules[module], call, grads_at, rule_params, size, force_ghost
+            )
     for module, ids in generic.items():
         for call in recorder.calls.get(module, ()):
             contributions += _generic_contributions(module, ids, call, grads_at, size)
@@ -557,8 +608,7 @@ def _rule_contributions(module, rule, call, grads_at, rule_params, size, force_g
 def _generic_contributions(module, ids, call, grads_at, size):
     """Per-example gradients of <module(a_i), b_i> w.r.t. the parameters `ids` (vmap(grad))."""
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    dims = [0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size else None
-            for t in leaves]
+    dims = [0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size else None for t in leaves]
     if not any(d == 0 for d in dims):
         raise _Fallback("a module call has no per-example (batch-first) argument")
     # outputs the loss does not depend on (an RNN's final state, often) contribute nothing
@@ -576,13 +626,14 @@ def _generic_contributions(module, ids, call, grads_at, size):
     leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
 
     def one_example(diff_params, *flat):
-        xs = [t.unsqueeze(0) if d == 0 else t for t, d in zip(flat[:len(leaves)], dims)]
+        xs = [t.unsqueeze(0) if d == 0 else t for t, d in zip(flat[: len(leaves)], dims)]
         args, kwargs = tree_unflatten(xs, spec)
         out, _ = tree_flatten(functional_call(module, {**fixed, **diff_params}, args, kwargs))
-        return sum((out[k] * b.unsqueeze(0)).sum() for k, b in zip(outs, flat[len(leaves):]))
+        return sum((out[k] * b.unsqueeze(0)).sum() for k, b in zip(outs, flat[len(leaves) :]))
 
-    per_example = vmap(grad(one_example), in_dims=(None, *dims, *([0] * len(bs))),
-                       randomness="different")(diff, *leaves, *bs)
+    per_example = vmap(grad(one_example), in_dims=(None, *dims, *([0] * len(bs))), randomness="different")(
+        diff, *leaves, *bs
+    )
     return [("inst", i, per_example[names[i][0]].detach()) for i in ids]
 
 
@@ -597,14 +648,16 @@ def _combine(contributions, params, max_norm, size, losses):
             ghosts.append((pid, *rest))
     parts = [per_example_sq_norms(g) for g in inst.values()] + [sq for _, sq, _ in ghosts]
     dtype = losses.dtype
-    norms = (sum(q if q.dtype == dtype else q.to(dtype) for q in parts) if parts
-             else losses.new_zeros(size)).sqrt()
+    norms = (
+        sum(q if q.dtype == dtype else q.to(dtype) for q in parts) if parts else losses.new_zeros(size)
+    ).sqrt()
     c = clip_factors(norms, max_norm)
     factors = {dtype: c}  # in each parameter's dtype, converted once
     sums = {pid: weighted_sum(c, g) for pid, g in inst.items()}
     for pid, _, finish in ghosts:
         d = shapes[pid][1]
         sums[pid] = finish(factors.setdefault(d, c.to(d)))
-    grads = {n: sums[id(p)].reshape(p.shape) if id(p) in sums else torch.zeros_like(p)
-             for n, p in params.items()}
+    grads = {
+        n: sums[id(p)].reshape(p.shape) if id(p) in sums else torch.zeros_like(p) for n, p in params.items()
+    }
     return grads, norms

@@ -5,6 +5,7 @@ vary and a batch can be empty. An epoch is round(1 / sample_rate) batches (each 
 once per epoch on average). Fixed-size shuffled batches would not match the accountant's
 PoissonSampledDpEvent.
 """
+
 import torch
 
 from ._accounting import _check_sample_rate, batches_per_epoch
@@ -48,8 +49,9 @@ def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
             raise TypeError("data must be a tensor, a tuple of tensors or a Dataset")
         n = len(tensors[0])
         if any(len(t) != n for t in tensors):
-            raise ValueError("data: the tensors must have the same first dimension, got "
-                             f"{[len(t) for t in tensors]}")
+            raise ValueError(
+                f"data: the tensors must have the same first dimension, got {[len(t) for t in tensors]}"
+            )
 
         def take(idx):
             index = torch.tensor(idx, dtype=torch.long, device=tensors[0].device)
@@ -65,8 +67,7 @@ def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
                 return tuple(t.new_empty((0, *t.shape)) for t in template)
             items = [data[i] for i in idx]
             items = [(it,) if single else it for it in items]
-            return tuple(torch.stack([torch.as_tensor(it[j]) for it in items])
-                         for j in range(len(template)))
+            return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(template)))
 
     sampler = PoissonSampler(n, sample_rate, num_batches=num_batches, generator=generator)
     for idx in sampler:
