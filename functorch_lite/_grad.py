@@ -129,11 +129,29 @@ _ONE_TENSOR_SPEC = tree_flatten((torch.empty(0),))[1]
 
 
 def grad_and_value(func, argnums=0, has_aux=False):
-    """Returns a function computing (gradient, value) of `func` w.r.t. the arguments `argnums`.
+    """Returns a function computing (gradient, value) of ``func`` w.r.t. the arguments ``argnums``.
 
-    `func` must return a single-element Tensor (or (Tensor, aux) with has_aux=True).
-    Gradients mirror the structure of the selected arguments; with a tuple `argnums` they come
-    back as a tuple, one entry per argnum.
+    Like :func:`grad`, and also returns the value of ``func``, from the same forward pass.
+
+    Args:
+        func: a function returning a single-element Tensor (or ``(Tensor, aux)`` with
+            ``has_aux=True``).
+        argnums: an int or a tuple of ints: the positional arguments to differentiate. Each may
+            be a tensor or a pytree of tensors.
+        has_aux: ``func`` returns ``(output, aux)``; ``aux`` is returned as is, not
+            differentiated.
+
+    Returns:
+        A function with the arguments of ``func`` that returns ``(gradient, value)``, or
+        ``(gradient, (value, aux))`` with ``has_aux=True``. Gradients mirror the structure of the
+        selected arguments; with a tuple ``argnums`` they come back as a tuple, one entry per
+        argnum.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> g, value = ft.grad_and_value(lambda x: (x**2).sum())(torch.tensor([1.0, 2.0]))
+        >>> g, value
+        (tensor([2., 4.]), tensor(5.))
     """
 
     @functools.wraps(func)
@@ -208,9 +226,38 @@ def grad_and_value(func, argnums=0, has_aux=False):
 
 
 def grad(func, argnums=0, has_aux=False):
-    """Returns a function computing the gradient of `func` w.r.t. the arguments `argnums`.
+    """Returns a function computing the gradient of ``func`` w.r.t. the arguments ``argnums``.
 
-    Like grad_and_value, without the value: with has_aux=True it returns (gradient, aux).
+    Like :func:`grad_and_value`, without the value. Nests with itself (higher derivatives) and
+    with :func:`vmap` (per-example gradients).
+
+    Args:
+        func: a function returning a single-element Tensor (or ``(Tensor, aux)`` with
+            ``has_aux=True``).
+        argnums: an int or a tuple of ints: the positional arguments to differentiate. Each may
+            be a tensor or a pytree of tensors.
+        has_aux: ``func`` returns ``(output, aux)``; the gradient function then returns
+            ``(gradient, aux)``.
+
+    Returns:
+        A function with the arguments of ``func`` that returns the gradient: the structure of
+        the selected argument, or a tuple of them for a tuple ``argnums``.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> x = torch.tensor(0.5)
+        >>> torch.allclose(ft.grad(torch.sin)(x), x.cos())
+        True
+        >>> torch.allclose(ft.grad(ft.grad(torch.sin))(x), -x.sin())  # second derivative
+        True
+        >>> def loss(w, x):  # written for one example
+        ...     return (x @ w) ** 2
+        >>> w, xs = torch.ones(3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+        >>> ft.vmap(ft.grad(loss), in_dims=(None, 0))(w, xs)  # per-example gradients
+        tensor([[2., 0., 0.],
+                [0., 8., 0.]])
+        >>> ft.grad(loss, argnums=(0, 1))(w, xs[0])  # both arguments
+        (tensor([2., 0., 0.]), tensor([2., 2., 2.]))
     """
     gv = grad_and_value(func, argnums, has_aux)
     gv._ft_is_grad = True
@@ -226,11 +273,33 @@ def grad(func, argnums=0, has_aux=False):
 
 
 def vjp(func, *primals, has_aux=False):
-    """Returns (func(*primals), vjp_fn[, aux]); vjp_fn(cotangents) gives one gradient per primal.
+    """Vector-Jacobian product: returns ``(func(*primals), vjp_fn)``, or with ``has_aux=True``
+    ``(func(*primals), vjp_fn, aux)``.
 
-    cotangents must have the structure and shapes of func's output (another floating dtype is
-    cast to the output's, as torch.autograd.grad does). vjp_fn may be called
-    several times and composes with vmap (that is how jacrev batches over cotangents).
+    ``vjp_fn(cotangents)`` returns a tuple with one gradient per primal: ``cotangents`` times the
+    Jacobian of ``func`` at ``primals``.
+
+    Args:
+        func: a function of the primals returning a tensor or a pytree of tensors (or
+            ``(output, aux)`` with ``has_aux=True``).
+        primals: the arguments of ``func`` (tensors or pytrees of tensors), all differentiated.
+        has_aux: ``func`` returns ``(output, aux)``; ``aux`` is returned, not differentiated.
+
+    ``cotangents`` must have the structure and shapes of func's output (another floating dtype is
+    cast to the output's, as torch.autograd.grad does). ``vjp_fn`` may be called several times and
+    composes with :func:`vmap` (that is how :func:`jacrev` batches over cotangents).
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> x = torch.tensor([1.0, 2.0, 3.0])
+        >>> out, vjp_fn = ft.vjp(lambda x: x**2, x)
+        >>> vjp_fn(torch.ones(3))  # one gradient per primal
+        (tensor([2., 4., 6.]),)
+        >>> (jacobian,) = ft.vmap(vjp_fn)(torch.eye(3))  # every row at once
+        >>> jacobian
+        tensor([[2., 0., 0.],
+                [0., 4., 0.],
+                [0., 0., 6.]])
     """
     api = "vjp"
     for i, p in enumerate(primals):

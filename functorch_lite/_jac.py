@@ -91,9 +91,27 @@ def _promote_tangent(primal, tangent):
 
 
 def jvp(func, primals, tangents, *, strict=False, has_aux=False):
-    """Jacobian-vector product: returns (func(*primals), J @ tangents) [, aux].
+    """Jacobian-vector product (forward mode): returns ``(func(*primals), J @ tangents)``, or with
+    ``has_aux=True`` ``(func(*primals), J @ tangents, aux)``.
 
-    primals and tangents are tuples of the same structure, shapes and dtypes (pytrees allowed).
+    Args:
+        func: a function of the primals returning a tensor or a pytree of tensors (or
+            ``(output, aux)`` with ``has_aux=True``).
+        primals: a tuple of the arguments of ``func`` (tensors or pytrees of tensors).
+        tangents: a tuple of the same structure, shapes and dtypes as ``primals``.
+        strict: raise if an output does not depend on the inputs (default: its tangent is zeros).
+        has_aux: ``func`` returns ``(output, aux)``; ``aux`` is returned, not differentiated.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> x = torch.tensor([1.0, 2.0, 3.0])
+        >>> out, tangent_out = ft.jvp(lambda x: x**2, (x,), (torch.ones(3),))
+        >>> tangent_out
+        tensor([2., 4., 6.])
+        >>> f = lambda x: x.sin().sum()
+        >>> _, hvp = ft.jvp(ft.grad(f), (x,), (torch.ones(3),))  # Hessian-vector product
+        >>> torch.allclose(hvp, -x.sin())
+        True
     """
     api = "jvp"
     _check_tuple(primals, "primals", api)
@@ -293,10 +311,34 @@ def _checked(func, has_aux, api, name):
 
 
 def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_copy=False):
-    """Jacobian of func w.r.t. the arguments argnums, by reverse mode (vjp + vmap).
+    """Jacobian of ``func`` w.r.t. the arguments ``argnums``, by reverse mode (:func:`vjp` +
+    :func:`vmap`): cheap when the output is small.
 
-    chunk_size None: one vmap over all rows; 1: row by row without vmap; k: k rows per vmap.
-    The result has the structure of func's output on the outside and of argnums inside.
+    Args:
+        func: a function returning a tensor or a pytree of tensors (or ``(output, aux)`` with
+            ``has_aux=True``).
+        argnums: an int or a tuple of ints: the positional arguments to differentiate.
+        has_aux: ``func`` returns ``(output, aux)``; the Jacobian function then returns
+            ``(jacobian, aux)``.
+        chunk_size: None: one vmap over all rows; 1: row by row without vmap; k: k rows per
+            vmap (bounds memory).
+
+    Returns:
+        A function with the arguments of ``func`` returning the Jacobian, of shape
+        ``output.shape + input.shape``. The result has the structure of func's output on the
+        outside and of ``argnums`` inside.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> x = torch.tensor([0.0, 1.0, 2.0])
+        >>> torch.allclose(ft.jacrev(torch.sin)(x), torch.diag(x.cos()))
+        True
+        >>> w, b = torch.randn(2, 3), torch.randn(2)
+        >>> jw, jb = ft.jacrev(lambda w, b, x: w @ x + b, argnums=(0, 1))(w, b, x)
+        >>> jw.shape, jb.shape
+        (torch.Size([2, 2, 3]), torch.Size([2, 2]))
+        >>> ft.vmap(ft.jacrev(torch.sin))(torch.randn(5, 3)).shape  # batched Jacobians
+        torch.Size([5, 3, 3])
     """
     _check_chunk_size(chunk_size, "jacrev")
     return _jacrev(func, argnums, has_aux, chunk_size, "jacrev", _fn_name(func))
@@ -355,7 +397,30 @@ _RANDOMNESS = ("error", "different", "same")
 
 
 def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
-    """Jacobian of func w.r.t. the arguments argnums, by forward mode (jvp + vmap)."""
+    """Jacobian of ``func`` w.r.t. the arguments ``argnums``, by forward mode (:func:`jvp` +
+    :func:`vmap`): cheap when the input is small.
+
+    Args:
+        func: a function returning a tensor or a pytree of tensors (or ``(output, aux)`` with
+            ``has_aux=True``).
+        argnums: an int or a tuple of ints: the positional arguments to differentiate.
+        has_aux: ``func`` returns ``(output, aux)``; the Jacobian function then returns
+            ``(jacobian, aux)``.
+        randomness: the ``randomness`` of the :func:`vmap` over the basis vectors.
+
+    Returns:
+        A function with the arguments of ``func`` returning the Jacobian, of shape
+        ``output.shape + input.shape`` (the same as :func:`jacrev`).
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> x = torch.tensor([0.0, 1.0, 2.0])
+        >>> torch.allclose(ft.jacfwd(torch.sin)(x), torch.diag(x.cos()))
+        True
+        >>> w = torch.randn(100, 3)  # tall: 100 outputs, 3 inputs
+        >>> torch.allclose(ft.jacfwd(lambda x: w @ x)(x), w)
+        True
+    """
     if randomness not in _RANDOMNESS:
         raise RuntimeError(
             f"jacfwd: Only allowed values for randomness are 'error', 'different', or 'same'. "
@@ -407,7 +472,22 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
 
 
 def hessian(func, argnums=0):
-    """Hessian of func w.r.t. the arguments argnums: jacfwd(jacrev(func))."""
+    """Hessian of ``func`` w.r.t. the arguments ``argnums``: ``jacfwd(jacrev(func))``.
+
+    Args:
+        func: a function returning a single-element tensor.
+        argnums: an int or a tuple of ints: the positional arguments to differentiate.
+
+    Returns:
+        A function with the arguments of ``func`` returning the Hessian, of shape
+        ``input.shape + input.shape``.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> ft.hessian(lambda x: (x**3).sum())(torch.tensor([1.0, 2.0]))
+        tensor([[ 6.,  0.],
+                [ 0., 12.]])
+    """
     name = _fn_name(func)
     return _jacfwd(
         _jacrev(func, argnums, False, None, "hessian", name), argnums, False, "error", "hessian", name

@@ -259,20 +259,38 @@ def _tied_groups(named):
 def functional_call(
     module, parameter_and_buffer_dicts, args=None, kwargs=None, *, tie_weights=True, strict=False
 ):
-    """Calls module(*args, **kwargs) with the given tensors in place of its parameters/buffers.
+    """Calls ``module(*args, **kwargs)`` with the given tensors in place of its parameters/buffers.
 
-    parameter_and_buffer_dicts: a dict name -> Tensor, or a tuple/list of such dicts (e.g.
-      (params, buffers)); names are those of module.named_parameters()/named_buffers(), such as
-      'layers.0.weight'. Keys must not repeat across the dicts. Parameters and buffers without a
-      key keep their own values.
-    args: a tuple of positional arguments, or a single argument.
-    tie_weights: parameters/buffers that the module shares under several names take the value
-      given for any one of them (giving different values for tied names is an error); with
-      False each name is replaced independently.
-    strict: raise unless the keys are exactly the module's parameter and buffer names.
+    Args:
+        module: the ``nn.Module`` to call.
+        parameter_and_buffer_dicts: a dict name -> Tensor, or a tuple/list of such dicts (e.g.
+            ``(params, buffers)``); names are those of ``module.named_parameters()`` /
+            ``named_buffers()``, such as ``'layers.0.weight'``. Keys must not repeat across the
+            dicts. Parameters and buffers without a key keep their own values.
+        args: a tuple of positional arguments, or a single argument.
+        kwargs: a dict of keyword arguments.
+        tie_weights: parameters/buffers that the module shares under several names take the
+            value given for any one of them (giving different values for tied names is an
+            error); with False each name is replaced independently.
+        strict: raise unless the keys are exactly the module's parameter and buffer names.
+
+    Returns:
+        What ``module`` returns.
 
     The module's own tensors are put back afterwards, also when the call raises. Composes with
     vmap/grad/jvp: the given tensors may be batched or differentiated.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> model = torch.nn.Linear(2, 1)
+        >>> params = {"weight": torch.ones(1, 2), "bias": torch.zeros(1)}
+        >>> ft.functional_call(model, params, (torch.tensor([[1.0, 2.0]]),))
+        tensor([[3.]])
+        >>> def loss(params, x):  # per-example gradients of a module's parameters
+        ...     return ft.functional_call(model, params, (x,)).sum()
+        >>> grads = ft.vmap(ft.grad(loss), in_dims=(None, 0))(params, torch.randn(5, 2))
+        >>> grads["weight"].shape, grads["bias"].shape
+        (torch.Size([5, 1, 2]), torch.Size([5, 1]))
     """
     api = "functional_call"
     if not isinstance(module, nn.Module):
@@ -360,10 +378,28 @@ def _stack_leaves(kind, name, tensors):
 def stack_module_state(models):
     """Stacks the parameters and buffers of models of one structure along a new dim 0.
 
-    Returns (params, buffers): dicts name -> stacked tensor, names as in named_parameters() /
-    named_buffers() of the models (tied tensors once). Stacked parameters are new leaves that
-    require grad when the models' parameters do; they do not share memory with the models.
-    Use them with vmap over functional_call (an ensemble): see examples/ensemble.py.
+    Args:
+        models: a list of ``nn.Module`` of the same structure (parameter names, shapes, dtypes).
+
+    Returns:
+        ``(params, buffers)``: dicts name -> stacked tensor, names as in ``named_parameters()`` /
+        ``named_buffers()`` of the models (tied tensors once). Stacked parameters are new leaves
+        that require grad when the models' parameters do; they do not share memory with the
+        models. Use them with :func:`vmap` over :func:`functional_call` (an ensemble).
+
+    Example:
+        >>> import copy, torch, functorch_lite as ft
+        >>> models = [torch.nn.Linear(3, 2) for _ in range(4)]
+        >>> params, buffers = ft.stack_module_state(models)
+        >>> params["weight"].shape
+        torch.Size([4, 2, 3])
+        >>> base = copy.deepcopy(models[0]).to("meta")  # the structure only, no weights
+        >>> def run(params, buffers, x):
+        ...     return ft.functional_call(base, (params, buffers), (x,))
+        >>> x = torch.randn(5, 3)
+        >>> out = ft.vmap(run, in_dims=(0, 0, None))(params, buffers, x)  # 4 models, one call
+        >>> out.shape, torch.allclose(out[1], models[1](x))
+        (torch.Size([4, 5, 2]), True)
     """
     api = "stack_module_state"
     if isinstance(models, nn.Module) or not hasattr(models, "__iter__"):
@@ -530,21 +566,52 @@ def _make(model, disable_autograd_tracking, with_buffers, api):
 
 
 def make_functional(model, disable_autograd_tracking=False):
-    """functorch's make_functional: returns (fmodel, params).
+    """functorch's ``make_functional``: returns ``(fmodel, params)``.
 
-    params: a tuple with a copy of each of the model's parameters, in named_parameters() order
-    (tied parameters once); fmodel(params, *args, **kwargs) runs the model's forward with exactly
-    those tensors (any tensors of the same shapes: batched, differentiated, ...). The model must
-    have no buffers (use make_functional_with_buffers). disable_autograd_tracking=True returns
-    params that do not require grad.
+    Args:
+        model: an ``nn.Module`` without buffers (use :func:`make_functional_with_buffers`).
+        disable_autograd_tracking: return params that do not require grad.
+
+    Returns:
+        ``fmodel``: ``fmodel(params, *args, **kwargs)`` runs the model's forward with exactly those
+        tensors (any tensors of the same shapes: batched, differentiated, ...); ``params``: a
+        tuple with a copy of each of the model's parameters, in ``named_parameters()`` order
+        (tied parameters once).
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> model = torch.nn.Linear(3, 2)
+        >>> fmodel, params = ft.make_functional(model)
+        >>> [tuple(p.shape) for p in params]
+        [(2, 3), (2,)]
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(fmodel(params, x), model(x))
+        True
+        >>> grads = ft.grad(lambda params, x: fmodel(params, x).sum())(params, x)
+        >>> [tuple(g.shape) for g in grads]
+        [(2, 3), (2,)]
     """
     return _make(model, disable_autograd_tracking, False, "make_functional")
 
 
 def make_functional_with_buffers(model, disable_autograd_tracking=False):
-    """functorch's make_functional_with_buffers: returns (fmodel, params, buffers).
+    """functorch's ``make_functional_with_buffers``: returns ``(fmodel, params, buffers)``.
 
-    Like make_functional, plus a tuple with a copy of each buffer in named_buffers() order;
-    fmodel(params, buffers, *args, **kwargs) runs the model with exactly those tensors.
+    Like :func:`make_functional`, plus a tuple with a copy of each buffer in ``named_buffers()``
+    order; ``fmodel(params, buffers, *args, **kwargs)`` runs the model with exactly those tensors.
+
+    Args:
+        model: an ``nn.Module``.
+        disable_autograd_tracking: return params that do not require grad.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)).eval()
+        >>> fmodel, params, buffers = ft.make_functional_with_buffers(model)
+        >>> len(params), len(buffers)  # running mean, running var, batch count
+        (4, 3)
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(fmodel(params, buffers, x), model(x))
+        True
     """
     return _make(model, disable_autograd_tracking, True, "make_functional_with_buffers")

@@ -34,17 +34,37 @@ def _check_vmap_args(randomness, chunk_size):
 
 
 def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
-    """Vectorizes `func` over a dimension of its inputs (torch.func.vmap's semantics).
+    """Vectorizes ``func`` over a dimension of its inputs, like ``torch.func.vmap``.
 
-    in_dims: an int, None, or a (nested) tuple/list/dict matching the positional arguments;
-      each entry names the mapped dim of the corresponding tensor, or None to not map it.
-      Keyword arguments are passed through unmapped.
-    out_dims: an int, None, or a pytree matching the outputs: where the mapped dim goes in
-      each output. None is only allowed for outputs that do not depend on the mapped inputs.
-    randomness: 'error' (random ops raise), 'different' (independent draws per element) or
-      'same' (one draw shared by the batch).
-    chunk_size: None (one batched call), or a positive int: the batch is processed that many
-      elements at a time and the results concatenated; 1 behaves like a for-loop.
+    ``func`` is written for one example; ``vmap(func)`` runs it on a whole batch in one call,
+    through batching rules (an op without one runs as a for-loop over the batch: see
+    :func:`set_vmap_fallback`). It nests with itself and with every other transform:
+    ``vmap(grad(f))`` gives per-example gradients.
+
+    Args:
+        func: a function of tensors (or pytrees of tensors) that returns tensors.
+        in_dims: an int, None, or a (nested) tuple/list/dict matching the positional arguments;
+            each entry names the mapped dim of the corresponding tensor, or None to not map it.
+            Keyword arguments are passed through unmapped.
+        out_dims: an int, None, or a pytree matching the outputs: where the mapped dim goes in
+            each output. None is only allowed for outputs that do not depend on the mapped inputs.
+        randomness: ``'error'`` (random ops raise), ``'different'`` (independent draws per
+            element) or ``'same'`` (one draw shared by the batch).
+        chunk_size: None (one batched call), or a positive int: the batch is processed that many
+            elements at a time and the results concatenated; 1 behaves like a for-loop.
+
+    Returns:
+        A function with the signature of ``func`` that takes and returns batched values.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> x, y = torch.randn(4, 3), torch.randn(3)
+        >>> ft.vmap(torch.dot, in_dims=(0, None))(x, y).shape  # four dot products, one call
+        torch.Size([4])
+        >>> torch.allclose(ft.vmap(torch.dot, in_dims=(0, None))(x, y), x @ y)
+        True
+        >>> ft.vmap(ft.vmap(torch.outer))(torch.ones(2, 5, 3), torch.ones(2, 5, 4)).shape
+        torch.Size([2, 5, 3, 4])
     """
     _check_vmap_args(randomness, chunk_size)
     simple_dims = type(in_dims) is int and type(out_dims) is int and chunk_size is None

@@ -57,8 +57,25 @@ def _epsilon(history, delta, accountant):
 
 
 def compute_epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp"):
-    """epsilon at `delta` after `steps` DP-SGD steps with Poisson sampling rate `sample_rate`
-    and Gaussian noise of std `noise_multiplier * max_grad_norm`."""
+    """epsilon at ``delta`` after ``steps`` DP-SGD steps with Poisson sampling rate ``sample_rate``
+    and Gaussian noise of std ``noise_multiplier * max_grad_norm``.
+
+    Needs the optional ``dp-accounting`` package (``pip install functorch_lite[dp]``).
+
+    Args:
+        noise_multiplier: sigma (0 gives ``inf``: no privacy).
+        sample_rate: q, the probability of each example being in a batch.
+        steps: the number of steps taken.
+        delta: the target delta.
+        accountant: ``"rdp"`` (Renyi DP, Opacus' default; looser, fast) or ``"pld"`` (privacy
+            loss distributions: tighter, slower).
+
+    Example:
+        >>> from functorch_lite import dp
+        >>> eps = dp.compute_epsilon(noise_multiplier=1.1, sample_rate=0.01, steps=1000, delta=1e-5)
+        >>> round(eps, 1)
+        1.7
+    """
     _check_accountant(accountant)
     _check_sample_rate(sample_rate)
     _check_delta(delta)
@@ -69,10 +86,19 @@ def compute_epsilon(noise_multiplier, sample_rate, steps, delta, accountant="rdp
 
 class PrivacyAccountant:
     """Records the DP-SGD steps taken and answers epsilon for a delta (Opacus' accountant API:
-    `step(noise_multiplier=, sample_rate=)`, `get_epsilon(delta)`, `history`, `len()`).
+    ``step(noise_multiplier=, sample_rate=)``, ``get_epsilon(delta)``, ``history``, ``len()``).
 
-    accountant: "rdp" (Renyi DP, Opacus' default; looser, fast) or "pld" (privacy loss
-    distributions: tighter, about 10x slower). `RDPAccountant` and `PLDAccountant` fix it.
+    Args:
+        accountant: ``"rdp"`` (Renyi DP, Opacus' default; looser, fast) or ``"pld"`` (privacy
+            loss distributions: tighter, about 10x slower). :class:`RDPAccountant` and
+            :class:`PLDAccountant` fix it.
+
+    Example:
+        >>> from functorch_lite import dp
+        >>> acc = dp.PrivacyAccountant("rdp")
+        >>> acc.step(noise_multiplier=1.1, sample_rate=0.01, num_steps=1000)
+        >>> len(acc), round(acc.get_epsilon(1e-5), 1)
+        (1000, 1.7)
     """
 
     def __init__(self, accountant="rdp"):
@@ -82,6 +108,7 @@ class PrivacyAccountant:
         self.history = []
 
     def step(self, *, noise_multiplier, sample_rate, num_steps=1):
+        """Records ``num_steps`` steps with noise multiplier sigma and Poisson sampling rate q."""
         _check_sample_rate(sample_rate)
         if noise_multiplier < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
@@ -94,6 +121,7 @@ class PrivacyAccountant:
         return sum(steps for _, _, steps in self.history)
 
     def get_epsilon(self, delta):
+        """epsilon at ``delta`` over the steps recorded (``inf`` if a step had no noise)."""
         _check_delta(delta)
         if any(sigma == 0 for sigma, _, steps in self.history if steps > 0):
             return math.inf  # a step without noise has no privacy guarantee
@@ -101,11 +129,32 @@ class PrivacyAccountant:
 
 
 class RDPAccountant(PrivacyAccountant):
+    """A :class:`PrivacyAccountant` by Renyi DP (Opacus' default).
+
+    Example:
+        >>> from functorch_lite import dp
+        >>> acc = dp.RDPAccountant()
+        >>> acc.step(noise_multiplier=1.1, sample_rate=0.01)
+        >>> acc.history
+        [[1.1, 0.01, 1]]
+    """
+
     def __init__(self):
         super().__init__("rdp")
 
 
 class PLDAccountant(PrivacyAccountant):
+    """A :class:`PrivacyAccountant` by privacy loss distributions (tighter than RDP).
+
+    Example:
+        >>> from functorch_lite import dp
+        >>> pld, rdp = dp.PLDAccountant(), dp.RDPAccountant()
+        >>> for acc in (pld, rdp):
+        ...     acc.step(noise_multiplier=1.1, sample_rate=0.01, num_steps=10)
+        >>> pld.get_epsilon(1e-5) < rdp.get_epsilon(1e-5)
+        True
+    """
+
     def __init__(self):
         super().__init__("pld")
 
@@ -119,9 +168,26 @@ def get_noise_multiplier(
     accountant="rdp",
     epsilon_tolerance=0.01,
 ):
-    """The smallest noise_multiplier (to `epsilon_tolerance`) whose epsilon at `target_delta`
-    after `steps` (or `epochs * round(1 / sample_rate)`) steps is at most `target_epsilon`
-    (Opacus' get_noise_multiplier, by bisection on the accountant)."""
+    """The smallest noise multiplier (to ``epsilon_tolerance``) whose epsilon at ``target_delta``
+    after ``steps`` (or ``epochs * round(1 / sample_rate)``) steps is at most ``target_epsilon``
+    (Opacus' ``get_noise_multiplier``, by bisection on the accountant).
+
+    Args:
+        target_epsilon: the epsilon to reach.
+        target_delta: the delta at which epsilon is measured.
+        sample_rate: q, the Poisson sampling rate.
+        epochs: the number of epochs (``round(1 / q)`` steps each), or give ``steps``.
+        steps: the number of steps.
+        accountant: ``"rdp"`` or ``"pld"``.
+        epsilon_tolerance: how far below ``target_epsilon`` the result may be.
+
+    Example:
+        >>> from functorch_lite import dp
+        >>> sigma = dp.get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, epochs=5)
+        >>> eps = dp.compute_epsilon(sigma, sample_rate=0.01, steps=500, delta=1e-5)
+        >>> 2.0 - 0.01 <= eps <= 2.0
+        True
+    """
     _check_accountant(accountant)
     _check_sample_rate(sample_rate)
     _check_delta(target_delta)

@@ -13,35 +13,58 @@ from ._accounting import PrivacyAccountant, _check_accountant, _check_sample_rat
 
 
 class PrivateTrainer:
-    """DP-SGD training of `model` with `optimizer` (parameter names follow Opacus).
+    """DP-SGD training of ``model`` with ``optimizer`` (parameter names follow Opacus).
 
-        trainer = PrivateTrainer(model, optimizer, loss_fn, max_grad_norm=1.0, sample_rate=q,
-                                 expected_batch_size=q * len(train), noise_multiplier=1.1)
-        for x, y in poisson_batches((train_x, train_y), q):
-            trainer.step(x, y)
-        trainer.get_epsilon(1e-5)
+    Each :meth:`step` clips every example's gradient to norm C, sums them, adds Gaussian noise
+    of std sigma * C once, divides by the expected batch size, and steps the optimizer; the
+    accountant records the step.
 
-    loss_fn(outputs, targets) returns the per-example losses, shape (B,) (e.g.
-    F.cross_entropy(..., reduction="none")).
-    max_grad_norm: C, every example's gradient (over all trainable parameters) is clipped to
-        norm C.
-    sample_rate: q, the Poisson sampling rate of the batches (see poisson_batches); used by the
-        accountant.
-    expected_batch_size: q times the number of training examples (over all ranks when
-        distributed). The noisy sum is divided by it, not by the realised batch size, which
-        would leak the batch size.
-    noise_multiplier: sigma, the noise added to the clipped sum has std sigma * C. Or give
-        target_epsilon (with target_delta and epochs or steps) and sigma is the smallest that
-        reaches it (get_noise_multiplier). sigma = 0 needs allow_zero_noise=True (debugging:
-        no privacy).
-    accountant: "rdp" or "pld" (see PrivacyAccountant), for target_epsilon and get_epsilon.
-    clipping: clipped_grad_module's method, "auto", "ghost" or "vmap".
-    max_physical_batch_size: split batches larger than this into chunks whose clipped sums are
-        accumulated (bounds memory; the noise is still added once per step).
-    generator: torch.Generator for the noise (default: torch's global generator).
-    distributed: None (default) means True when torch.distributed is initialised with more than
-        one process. Then every rank clips its own examples, the clipped sums are all-reduced
-        and the noise is added once (on rank 0); model may be a DistributedDataParallel.
+    Args:
+        model: the ``nn.Module`` to train (or a ``DistributedDataParallel`` of it).
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        loss_fn: ``loss_fn(outputs, targets)`` returns the per-example losses, shape ``(B,)``
+            (e.g. ``F.cross_entropy(..., reduction="none")``).
+        max_grad_norm: C, every example's gradient (over all trainable parameters) is clipped to
+            norm C.
+        sample_rate: q, the Poisson sampling rate of the batches (see :func:`poisson_batches`);
+            used by the accountant.
+        expected_batch_size: q times the number of training examples (over all ranks when
+            distributed). The noisy sum is divided by it, not by the realised batch size, which
+            would leak the batch size.
+        noise_multiplier: sigma, the noise added to the clipped sum has std sigma * C. Or give
+            ``target_epsilon`` (with ``target_delta`` and ``epochs`` or ``steps``) and sigma is
+            the smallest that reaches it (:func:`get_noise_multiplier`). sigma = 0 needs
+            ``allow_zero_noise=True`` (debugging: no privacy).
+        target_epsilon: see ``noise_multiplier``.
+        target_delta: see ``noise_multiplier``.
+        epochs: see ``noise_multiplier``.
+        steps: see ``noise_multiplier``.
+        accountant: ``"rdp"`` or ``"pld"`` (see :class:`PrivacyAccountant`), for
+            ``target_epsilon`` and :meth:`get_epsilon`.
+        clipping: :func:`clipped_grad_module`'s method, ``"auto"``, ``"ghost"`` or ``"vmap"``.
+        max_physical_batch_size: split batches larger than this into chunks whose clipped sums
+            are accumulated (bounds memory; the noise is still added once per step).
+        allow_zero_noise: allow ``noise_multiplier=0`` (no privacy).
+        generator: ``torch.Generator`` for the noise (default: torch's global generator).
+        distributed: None (default) means True when torch.distributed is initialised with more
+            than one process. Then every rank clips its own examples, the clipped sums are
+            all-reduced and the noise is added once (on rank 0).
+
+    Example:
+        >>> import torch, torch.nn as nn, torch.nn.functional as F, functorch_lite as ft
+        >>> train_x, train_y = torch.randn(200, 4), torch.randint(0, 2, (200,))
+        >>> model = nn.Linear(4, 2)
+        >>> q = 0.1  # each example is in a batch with probability q: 20 expected
+        >>> trainer = ft.dp.PrivateTrainer(
+        ...     model, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...     lambda out, y: F.cross_entropy(out, y, reduction="none"),
+        ...     max_grad_norm=1.0, sample_rate=q, expected_batch_size=q * 200, noise_multiplier=1.1)
+        >>> for x, y in ft.dp.poisson_batches((train_x, train_y), q):  # one epoch
+        ...     trainer.step(x, y)
+        >>> trainer.steps
+        10
+        >>> 0 < trainer.get_epsilon(1e-5) < trainer.get_epsilon(1e-6)
+        True
     """
 
     def __init__(
@@ -115,8 +138,9 @@ class PrivateTrainer:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
     def accumulate(self, inputs, targets):
-        """Adds the clipped per-example gradients of this physical batch to the pending sum
-        (a virtual step); `step()` then adds the noise and steps the optimizer."""
+        """Adds the clipped per-example gradients of this physical batch to the pending sum (a
+        virtual step); :meth:`step` then adds the noise and steps the optimizer.
+        """
         from ._clip import clipped_grad_module
 
         if self._sums is None:
@@ -142,8 +166,9 @@ class PrivateTrainer:
                 self._sums[name] = g.detach() if prev is None else prev + g.detach()
 
     def step(self, inputs=None, targets=None):
-        """One DP-SGD step on the batch (inputs, targets), after any batches given to
-        `accumulate`. An empty batch is legal: the update is then noise only."""
+        """One DP-SGD step on the batch ``(inputs, targets)``, after any batches given to
+        :meth:`accumulate`. An empty batch is legal: the update is then noise only.
+        """
         if inputs is not None:
             self.accumulate(inputs, targets)
         elif targets is not None:
@@ -163,8 +188,9 @@ class PrivateTrainer:
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def get_epsilon(self, delta, accountant=None):
-        """epsilon at `delta` after the steps taken, by this trainer's accountant or by
-        `accountant` ("rdp" or "pld") over the same history."""
+        """epsilon at ``delta`` after the steps taken, by this trainer's accountant or by
+        ``accountant`` (``"rdp"`` or ``"pld"``) over the same history.
+        """
         if accountant is None or accountant == self.accountant.mechanism:
             return self.accountant.get_epsilon(delta)
         other = PrivacyAccountant(accountant)
@@ -173,6 +199,7 @@ class PrivateTrainer:
 
     @property
     def steps(self):
+        """The number of DP-SGD steps taken (what the accountant counts)."""
         return len(self.accountant)
 
 

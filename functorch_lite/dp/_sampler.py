@@ -12,8 +12,24 @@ from ._accounting import _check_sample_rate, batches_per_epoch
 
 
 class PoissonSampler(torch.utils.data.Sampler):
-    """A batch sampler yielding lists of example indices (for DataLoader(batch_sampler=...) or
-    your own indexing). `num_batches` defaults to round(1 / sample_rate): one epoch."""
+    """A batch sampler yielding lists of example indices (for ``DataLoader(batch_sampler=...)`` or
+    your own indexing): every example is in each batch independently with probability
+    ``sample_rate``, as DP-SGD's accounting assumes.
+
+    Args:
+        num_examples: the size of the data set.
+        sample_rate: q.
+        num_batches: defaults to ``round(1 / sample_rate)``: one epoch.
+        generator: a ``torch.Generator`` to seed the sampling.
+
+    Example:
+        >>> import torch
+        >>> from functorch_lite import dp
+        >>> sampler = dp.PoissonSampler(1000, 0.01, generator=torch.Generator().manual_seed(0))
+        >>> batches = list(sampler)
+        >>> len(batches), all(0 <= i < 1000 for b in batches for i in b)
+        (100, True)
+    """
 
     def __init__(self, num_examples, sample_rate, *, num_batches=None, generator=None):
         _check_sample_rate(sample_rate)
@@ -34,13 +50,29 @@ class PoissonSampler(torch.utils.data.Sampler):
 
 
 def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
-    """Iterates over one epoch (or `num_batches`) of Poisson-sampled batches of `data`.
+    """Iterates over one epoch (or ``num_batches``) of Poisson-sampled batches of ``data``.
 
-    data: a tensor, a tuple/list of tensors with the same first dimension (e.g. `(inputs,
-    targets)`), or a map-style Dataset whose items are tensors or tuples of tensors. Yields what
-    `data` holds, indexed by the batch's examples: a tensor or a tuple of tensors whose first
-    dimension is the (random) batch size. An empty batch is yielded as tensors with 0 rows and
-    the right trailing shape and dtype. Seeded by `generator` (a torch.Generator).
+    Args:
+        data: a tensor, a tuple/list of tensors with the same first dimension (e.g.
+            ``(inputs, targets)``), or a map-style Dataset whose items are tensors or tuples of
+            tensors.
+        sample_rate: q, the probability of each example being in a batch.
+        num_batches: defaults to ``round(1 / sample_rate)``: one epoch.
+        generator: a ``torch.Generator`` to seed the sampling.
+
+    Yields:
+        What ``data`` holds, indexed by the batch's examples: a tensor or a tuple of tensors
+        whose first dimension is the (random) batch size. An empty batch is yielded as tensors
+        with 0 rows and the right trailing shape and dtype.
+
+    Example:
+        >>> import torch
+        >>> from functorch_lite import dp
+        >>> x, y = torch.randn(100, 3), torch.arange(100)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sizes = [len(yb) for xb, yb in dp.poisson_batches((x, y), 0.1, generator=g)]
+        >>> len(sizes), sum(sizes) > 0
+        (10, True)
     """
     single = isinstance(data, torch.Tensor)
     if single or isinstance(data, (tuple, list)):
