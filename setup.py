@@ -81,9 +81,25 @@ setup(
         "demo": ["dp-accounting>=0.4", "scikit-learn", "tqdm", "matplotlib"],
         # development: tests (hypothesis for the fuzzer, Opacus as an oracle only) and the
         # formatters that scripts/format.sh applies and scripts/lint.sh checks (pinned)
-        # the docs site (bash scripts/docs.sh); sphinx 9.0 needs Python >= 3.11
-        "docs": ["sphinx==9.0.4", "furo==2025.12.19", "myst-parser==5.2.0", "sphinx-gallery==0.22.1", "matplotlib"],
-        "dev": ["pytest", "expecttest", "hypothesis", "opacus==1.6.0", "ruff==0.17.6", "clang-format==23.1.5"],
+        "dev": [
+            "pytest",
+            "expecttest",
+            "hypothesis",
+            "opacus==1.6.0",
+            "ruff==0.17.6",
+            "clang-format==23.1.5",
+        ],
+        # the docs site, `bash scripts/docs.sh` (Sphinx 9.0 needs Python >= 3.11); the tutorials
+        # it executes use matplotlib, scikit-learn's digits and dp-accounting
+        "docs": [
+            "sphinx==9.0.4",
+            "furo==2025.12.19",
+            "myst-parser==5.2.0",
+            "sphinx-gallery==0.22.1",
+            "matplotlib",
+            "scikit-learn",
+            "dp-accounting>=0.4",
+        ],
     },
     zip_safe=False,
 )

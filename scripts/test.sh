@@ -16,4 +16,5 @@ status=0
 VENV="$VIRTUAL_ENV" bash scripts/lint.sh || status=1
 (cd build/cmake && ctest --output-on-failure) || status=1
 python -m pytest test -q -ra -p no:cacheprovider "$@" || status=1
+bash scripts/docs.sh || status=1 # the docs site with -W: doctests, tutorials executed, API reference
 exit $status

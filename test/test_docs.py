@@ -10,8 +10,6 @@ import inspect
 
 import pytest
 
-import functorch_lite as ft
-
 # Modules whose `__all__` is the public API (the API reference lists the same).
 _MODULES = ["functorch_lite", "functorch_lite.dp", "functorch_lite.func"]
 

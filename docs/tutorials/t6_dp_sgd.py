@@ -120,7 +120,7 @@ for epoch in range(epochs):
 
 baseline = make_model()
 opt = torch.optim.Adam(baseline.parameters(), lr=0.01)
-for epoch in range(epochs):
+for _ in range(epochs):
     for xb, yb in dp.poisson_batches((train_x, train_y), q, generator=gen):
         opt.zero_grad()
         F.cross_entropy(baseline(xb), yb).backward()
