@@ -43,16 +43,17 @@ TORCH_FUNC = "torch.func"
 
 def _jax(threads):
     """jax and jax.numpy, or None when jax is not installed."""
-    if threads == 1 and "jax" not in sys.modules:
-        os.environ.setdefault(
-            "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        )
+    if "jax" not in sys.modules:  # both are read when jax initialises its backend
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the torch side runs on the CPU too
+        if threads == 1:
+            os.environ.setdefault(
+                "XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            )
     try:
         import jax  # optional benchmark dependency
         import jax.numpy as jnp
     except ImportError:
         return None
-    jax.config.update("jax_platforms", "cpu")
     return jax, jnp
 
 

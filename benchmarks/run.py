@@ -236,6 +236,8 @@ def chart_ratios(rows, path, subtitle):
 
 def chart_dp_clip(models, path, subtitle):
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
     methods = list(dict.fromkeys(r["method"] for m in models for r in m["rows"]))
     methods = [k for k in methods if k != "non-private fwd+bwd"]
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.9 * len(models) + 0.12 * len(methods) * len(models)))
@@ -252,6 +254,7 @@ def chart_dp_clip(models, path, subtitle):
     ax.set_yticks(range(len(models)))
     ax.set_yticklabels([textwrap.fill(m["title"], 24) for m in models][::-1], fontsize=7)
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
     ax.axvline(1.0, color="black", lw=0.8, ls="--")
     ax.set_xlabel("time / non-private forward+backward (log scale, lower is better)")
     ax.set_title(f"Clipped per-example gradient sum (one DP-SGD step's clipping)\n{subtitle}", fontsize=9)
@@ -377,7 +380,8 @@ def headline(results, meta):
                 )
     lines.append(
         f"- Machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}, "
-        f"measured {meta['date']} (shared machine: absolute times are noisy, the paired ratios much less)."
+        f"measured {meta['date']}, load average {meta['load_before']} / {meta['load_after']} before / after "
+        "(a shared machine: absolute times are noisy, the paired ratios much less)."
     )
     return "\n".join(lines) + "\n"
 
