@@ -16,7 +16,7 @@ Every section times its contenders in interleaved rounds (the order rotates from
 and reports medians over rounds and medians of the per-round (paired) ratios, so that load
 drifting between rounds hits every contender alike. One intra-op thread by default (--threads).
 
-    python benchmarks/run.py                       # full run (~6-8 min on 2 busy cores)
+    python benchmarks/run.py                       # full run (~7 min on a quiet 2-core CPU)
     python benchmarks/run.py --quick --out /tmp/b  # smoke test: tiny sizes, a few rounds (<1 min)
     python benchmarks/run.py --only transforms --workloads jac,hessian
 
