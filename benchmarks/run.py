@@ -22,7 +22,8 @@ drifting between rounds hits every contender alike. One intra-op thread by defau
 
 Writes OUT/performance.md (default OUT: docs/; if the file holds the markers
 <!-- bench:begin --> and <!-- bench:end --> only the text between them is replaced, so the prose
-around it survives), the charts OUT/img/bench_*.png and, with --json, the raw results. With the
+around it survives; a run of some sections (--only) replaces only theirs), the charts
+OUT/img/bench_*.png and, with --json, the raw results. After a run of every section into the
 default OUT the headline block of README.md (between <!-- bench:headline:begin/end -->) is
 refreshed too. The table also goes to stdout, progress to stderr.
 """
@@ -301,44 +302,76 @@ def chart_scaling(rows, path, title, subtitle):
 # markdown
 
 
-def block(results, meta):
-    out = [f"Machine: {describe(meta)}.", ""]
-    if "transforms" in results:
-        r = results["transforms"]
-        out += [
-            "### Transforms: functorch_lite vs torch.func",
-            "",
-            f"Mode: {meta['mode']} ({r['how']}).",
-            "",
-            f"![functorch_lite / torch.func per workload](img/{CHARTS['ratios']})",
-            "",
-            r["table"],
-            "",
-        ]
-    if "dp_clip" in results:
-        r = results["dp_clip"]
-        out += [
-            "### Clipped per-example gradient sums (DP-SGD clipping)",
-            "",
-            f"Mode: {meta['mode']} ({r['how']}).",
-            "",
-            f"![time / non-private forward+backward per method](img/{CHARTS['dp_clip']})",
-            "",
-            r["table"],
-        ]
-    if "scaling" in results:
-        r = results["scaling"]
-        out += [
+def section_text(name, r, meta):
+    """One section of the results block (the caller wraps it in its own markers)."""
+    mode = f"Mode: {meta['mode']} ({r['how']})."
+    if name == "transforms":
+        return "\n".join(
+            [
+                "### Transforms: functorch_lite vs torch.func",
+                "",
+                mode,
+                "",
+                f"![functorch_lite / torch.func per workload](img/{CHARTS['ratios']})",
+                "",
+                r["table"],
+            ]
+        )
+    if name == "dp_clip":
+        return "\n".join(
+            [
+                "### Clipped per-example gradient sums (DP-SGD clipping)",
+                "",
+                mode,
+                "",
+                f"![time / non-private forward+backward per method](img/{CHARTS['dp_clip']})",
+                "",
+                r["table"],
+            ]
+        )
+    return "\n".join(
+        [
             "### Scaling with the batch size",
             "",
-            f"Mode: {meta['mode']} ({r['how']}).",
+            mode,
             "",
             f"![per-sample gradient time against B](img/{CHARTS['psg']})",
             f"![DP-SGD step time against B](img/{CHARTS['dp_step']})",
             "",
             r["table"],
         ]
+    )
+
+
+def _markers(name):
+    return f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+
+
+def block(results, meta):
+    """The whole results block: the machine, then each section between its own markers (so that
+    a later run of some sections can replace just those)."""
+    out = [f"Machine: {describe(meta)}.", ""]
+    for name in SECTIONS:
+        if name in results:
+            b, e = _markers(name)
+            out += [b, section_text(name, results[name], meta).rstrip(), e, ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def write_page(path, results, meta, partial):
+    """A full run rewrites the results block; a partial run (--only) replaces only its sections
+    when the page already has their markers, noting that they come from a separate run."""
+    if partial and os.path.exists(path):
+        with open(path) as f:
+            doc = f.read()
+        if all(m in doc for name in results for m in _markers(name)):
+            for name in results:
+                text = f"Measured in a separate run: {describe(meta)}.\n\n" + section_text(
+                    name, results[name], meta
+                )
+                replace_between(path, *_markers(name), text.rstrip() + "\n")
+            return f"updated the {', '.join(results)} section(s) between their markers"
+    return replace_between(path, BEGIN, END, block(results, meta), fallback_title="Performance")
 
 
 def headline(results, meta):
@@ -473,10 +506,9 @@ def main(argv=None):
         chart_scaling(s["psg"], img("psg"), f"Per-sample gradients, {s['model']}", sub)
         chart_scaling(s["dp_step"], img("dp_step"), f"One DP-SGD step (clip, noise, SGD), {s['model']}", sub)
 
-    text = block(results, meta)
-    print(text)
+    print(block(results, meta))
     md = os.path.join(args.out, "performance.md")
-    log(f"{md}: {replace_between(md, BEGIN, END, text, fallback_title='Performance')}")
+    log(f"{md}: {write_page(md, results, meta, partial=set(sections) != set(SECTIONS))}")
     if os.path.abspath(args.out) == os.path.join(ROOT, "docs") and set(sections) == set(SECTIONS):
         readme = os.path.join(ROOT, "README.md")
         log(f"{readme}: {replace_between(readme, HEAD_BEGIN, HEAD_END, headline(results, meta))}")

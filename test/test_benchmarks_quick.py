@@ -101,3 +101,41 @@ def test_scaling_ratios_finite(quick_run):
             assert {"torch.func", "functorch_lite"} <= set(row["ratio"]), row
             assert all(_finite(v) and v > 0 for v in row["ratio"].values()), row
             assert not row["notes"], row  # no library failed or mismatched torch.func
+
+
+def test_partial_run_replaces_only_its_section(quick_run, tmp_path):
+    out, _, _ = quick_run
+    page = tmp_path / "performance.md"
+    page.write_text("# prose kept\n\n" + (out / "performance.md").read_text() + "\nmore prose\n")
+    before = page.read_text()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "run.py"),
+            "--quick",
+            "--only",
+            "transforms",
+            "--workloads",
+            "vmap_sin",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    after = page.read_text()
+    assert after.startswith("# prose kept\n") and after.endswith("more prose\n")
+    begin, end = "<!-- bench:transforms:begin -->", "<!-- bench:transforms:end -->"
+    section = after[after.index(begin) : after.index(end)]
+    assert "Measured in a separate run" in section and "vmap(torch.sin)" in section
+    assert "grad(torch.sin)" not in section  # only the workload asked for
+    # the other sections are untouched, byte for byte
+    for name in ("dp_clip", "scaling"):
+        b, e = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
+        assert after[after.index(b) : after.index(e)] == before[before.index(b) : before.index(e)]
