@@ -101,7 +101,7 @@ def machine(device):
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
-    m = dict(
+    return dict(
         cpu=_cpu_model(),
         physical_cores=_physical_cores(),
         logical_cpus=os.cpu_count(),
@@ -114,16 +114,18 @@ def machine(device):
         libraries=_libraries(),
         date=time.strftime("%Y-%m-%d"),
     )
-    return m
 
 
 def _libraries():
+    """Versions of the optional contenders, from package metadata: importing jax here would
+    start it before bench_scaling sets its thread flags."""
+    from importlib.metadata import PackageNotFoundError, version
+
     out = {}
     for name in ("opacus", "jax"):
         try:
-            mod = __import__(name)
-            out[name] = getattr(mod, "__version__", "?")
-        except ImportError:
+            out[name] = version(name)
+        except PackageNotFoundError:
             out[name] = None
     return out
 
