@@ -79,13 +79,15 @@ setup(
         "dp": ["dp-accounting>=0.4"],
         # the main job, examples/demo.py
         "demo": ["dp-accounting>=0.4", "scikit-learn", "tqdm", "matplotlib"],
-        # development: tests (hypothesis for the fuzzer, Opacus as an oracle only) and the
-        # formatters that scripts/format.sh applies and scripts/lint.sh checks (pinned)
+        # development: tests (hypothesis for the fuzzer, Opacus as an oracle and a benchmark
+        # contender, matplotlib for the benchmark charts) and the formatters that
+        # scripts/format.sh applies and scripts/lint.sh checks (pinned)
         "dev": [
             "pytest",
             "expecttest",
             "hypothesis",
             "opacus==1.6.0",
+            "matplotlib",
             "ruff==0.17.6",
             "clang-format==23.1.5",
         ],

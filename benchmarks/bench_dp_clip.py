@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Clipped per-example gradient sums, side by side in one process (CPU, 1 thread by default).
 
 Rows per model: a plain non-private forward + backward of the mean loss (the baseline), torch.func
@@ -6,20 +5,15 @@ vmap(grad) + clip by hand, ft.dp.clipped_grad through functional_call, and
 ft.dp.clipped_grad_module with method auto / ghost / vmap; Opacus' hooks (GradSampleModule) and
 ghost clipping rows only if opacus is importable. Every row computes the same clipped sum (checked
 once against clipped_grad_module's auto result before timing; noise and the optimizer step are
-not included: see benchmarks/bench_dp.py for whole steps). Times are medians over interleaved
+not included: whole DP-SGD steps are in bench_scaling.py). Times are medians over interleaved
 rounds; ratio = median over rounds of row / non-private in the same round.
 
-    python benchmarks/bench_dp_clip.py                  # all three models
-    python benchmarks/bench_dp_clip.py --models mlp --rounds 5 --min-time 0.5
-    python benchmarks/bench_dp_clip.py --memory --markdown docs/dp_clipping.md
-
-With --markdown the table replaces the text between <!-- bench_dp_clip:begin --> and
-<!-- bench_dp_clip:end --> in that file.
+A module of benchmarks/run.py (`python benchmarks/run.py --only dp_clip [--memory]`), which
+writes the tables into docs/performance.md. Every model takes `quick` (tiny sizes for the smoke
+test).
 """
 
-import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -30,7 +24,6 @@ from torch import nn
 
 import functorch_lite as ft
 
-BEGIN, END = "<!-- bench_dp_clip:begin -->", "<!-- bench_dp_clip:end -->"
 MAX_NORM = 1.0
 
 
@@ -42,48 +35,49 @@ def _token_ce(out, y):
     return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
 
 
-def mlp():
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
-    return "MLP 784-512-10, B=256", model, torch.randn(256, 784), torch.randint(0, 10, (256,)), _ce
+def mlp(quick=False):
+    hidden, B = (32, 8) if quick else (512, 256)
+    model = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    return f"MLP 784-{hidden}-10, B={B}", model, torch.randn(B, 784), torch.randint(0, 10, (B,)), _ce
 
 
-def cnn():
+def cnn(quick=False):
+    c1, c2, side, B = (4, 8, 8, 8) if quick else (32, 64, 28, 256)
     model = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1),
+        nn.Conv2d(1, c1, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1),
+        nn.Conv2d(c1, c2, 3, padding=1),
         nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(64 * 7 * 7, 128),
+        nn.Linear(c2 * (side // 4) ** 2, 128),
         nn.ReLU(),
         nn.Linear(128, 10),
     )
     return (
-        "CNN 28x28 (2 conv + 2 linear), B=256",
+        f"CNN {side}x{side} (2 conv + 2 linear), B={B}",
         model,
-        torch.randn(256, 1, 28, 28),
-        torch.randint(0, 10, (256,)),
+        torch.randn(B, 1, side, side),
+        torch.randint(0, 10, (B,)),
         _ce,
     )
 
 
-def transformer():
-    layer = lambda: nn.TransformerEncoderLayer(
-        128,
-        4,
-        dropout=0.0,
-        batch_first=True,  # noqa: E731
-        norm_first=True,
-    )
-    model = nn.Sequential(nn.Embedding(1000, 128), layer(), layer(), nn.Linear(128, 1000))
-    ids = torch.randint(0, 1000, (64, 64))
+def transformer(quick=False):
+    vocab, d, heads, ff, seq, B = (50, 16, 2, 32, 8, 4) if quick else (1000, 128, 4, 2048, 64, 64)
+
+    def layer():
+        return nn.TransformerEncoderLayer(
+            d, heads, dim_feedforward=ff, dropout=0.0, batch_first=True, norm_first=True
+        )
+
+    model = nn.Sequential(nn.Embedding(vocab, d), layer(), layer(), nn.Linear(d, vocab))
     return (
-        "transformer (emb 1000x128, 2 pre-LN blocks, 4 heads, ff 2048, seq 64), B=64",
+        f"transformer (emb {vocab}x{d}, 2 pre-LN blocks, {heads} heads, ff {ff}, seq {seq}), B={B}",
         model,
-        ids,
-        torch.randint(0, 1000, (64, 64)),
+        torch.randint(0, vocab, (B, seq)),
+        torch.randint(0, vocab, (B, seq)),
         _token_ce,
     )
 
@@ -201,8 +195,8 @@ def _check(results, reference):
     return f"rel. diff {rel:.1e}" if rel > 1e-4 else ""
 
 
-def bench(name_fn, rounds, min_time):
-    title, model, x, y, loss_fn = name_fn()
+def bench(name_fn, rounds, min_time, quick=False):
+    title, model, x, y, loss_fn = name_fn(quick)
     torch.manual_seed(0)
     fns = rows(model, x, y, loss_fn)
     reference = ft.dp.clipped_grad_module(model, loss_fn, x, y, max_norm=MAX_NORM)
@@ -250,13 +244,13 @@ def _status_mb(field):
         return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":")) / 1024
 
 
-def peak_rss_child(model_name, row):
+def peak_rss_child(model_name, row, quick=False):
     """In a fresh process: peak RSS (VmHWM, reset first) over three calls of one row, minus the
     RSS before them, in MB. (ru_maxrss would carry the parent's peak across exec.)"""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ft.set_vmap_fallback("quiet")
-    _, model, x, y, loss_fn = MODELS[model_name]()
+    _, model, x, y, loss_fn = MODELS[model_name](quick)
     fn = rows(model, x, y, loss_fn, opacus=False)[row]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak RSS to the current RSS
@@ -266,7 +260,7 @@ def peak_rss_child(model_name, row):
     return _status_mb("VmHWM") - base
 
 
-def memory(model_names):
+def memory(model_names, quick=False):
     """Peak extra memory per row, each in its own process (peak RSS is per process)."""
     import subprocess
     import sys
@@ -283,7 +277,7 @@ def memory(model_names):
         for row in MEMORY_ROWS:
             code = (
                 f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                f"import bench_dp_clip as b; print(b.peak_rss_child({m!r}, {row!r}))"
+                f"import bench_dp_clip as b; print(b.peak_rss_child({m!r}, {row!r}, {quick!r}))"
             )
             out = subprocess.run(
                 [sys.executable, "-W", "ignore", "-c", code], check=True, capture_output=True, text=True
@@ -300,63 +294,11 @@ def memory(model_names):
     return "\n".join(lines) + "\n"
 
 
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return (
-        f"{cpu} ({os.cpu_count()} cores{load}), {torch.get_num_threads()} thread(s), "
-        f"torch {torch.__version__}, Python {platform.python_version()}"
-    )
-
-
 def markdown(results):
-    lines = [
-        f"Machine: {machine()}; medians of interleaved rounds; ratio = time / non-private "
-        f"forward+backward of the same model in the same round (median).",
-        "",
-    ]
+    """One table per model: method, time, ratio to the non-private step of the same round."""
+    lines = []
     for title, table in results:
         lines += [f"**{title}**", "", "| method | ms | ratio | note |", "|---|---|---|---|"]
         lines += [f"| {k} | {ms:.1f} | {ratio:.2f}x | {note} |" for k, ms, ratio, note in table]
         lines.append("")
     return "\n".join(lines)
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument(
-        "--min-time",
-        type=float,
-        default=0.3,
-        help="seconds per measurement (fast rows are repeated to last this long)",
-    )
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument(
-        "--memory", action="store_true", help="also measure peak extra memory (one fresh process per row)"
-    )
-    ap.add_argument("--markdown", help="write the table between the markers in this file")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    ft.set_vmap_fallback("quiet")
-    results = [bench(MODELS[m], args.rounds, args.min_time) for m in args.models]
-    text = markdown(results)
-    if args.memory:
-        text += "\n" + memory(args.models)
-    print(text)
-    if args.markdown:
-        with open(args.markdown) as f:
-            doc = f.read()
-        a, b = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-        with open(args.markdown, "w") as f:
-            f.write(doc[:a] + "\n" + text + "\n" + doc[b:])
-
-
-if __name__ == "__main__":
-    main()

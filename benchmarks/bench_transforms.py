@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """functorch_lite vs torch.func, side by side in one process, on the same inputs.
 
-Every workload is one row. For each row the script
+Every workload is one row. For each row the runner
 
   1. builds the inputs once (fixed seed) and the functorch_lite (ft), torch.func (tf) and, where
      it makes sense, a direct batched call ("direct", e.g. torch.bmm);
@@ -19,25 +18,16 @@ ratio = ft time / torch.func time (lower is better). The transformed functions a
 (f = ft.vmap(g)) and only the calls are timed: "end to end" means from the Python call to the
 finished output, including argument checking, level bookkeeping and unwrapping.
 
-If ft raises on a workload, the first line of the error goes into the notes and the script goes
-on. The vmap fallback is set to 'quiet' for the whole run (and restored at the end).
+If ft raises on a workload, the first line of the error goes into the notes and the run goes on.
+The vmap fallback is set to 'quiet' for the whole run (and restored at the end).
 
-    python benchmarks/bench_transforms.py                     # full run, prints the table
-    python benchmarks/bench_transforms.py --quick             # fewer/shorter rounds
-    python benchmarks/bench_transforms.py --markdown docs/performance.md
-
-With --markdown, if the file already holds the markers
-<!-- bench_transforms:begin --> and <!-- bench_transforms:end -->, only the text between them is
-replaced (so the prose around the table survives); otherwise the file is (over)written with the
-table alone.
+A module of benchmarks/run.py (`python benchmarks/run.py --only transforms`), which describes
+the machine, writes docs/performance.md and draws the charts. Every workload takes
+(device, quick): quick=True gives tiny sizes for the smoke test.
 """
 
-import argparse
 import math
-import os
-import platform
 import statistics
-import sys
 import time
 import traceback
 
@@ -48,10 +38,6 @@ import torch.utils.benchmark as benchmark
 from torch.utils._pytree import tree_flatten
 
 import functorch_lite as ft
-
-BEGIN = "<!-- bench_transforms:begin -->"
-END = "<!-- bench_transforms:end -->"
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -97,13 +83,6 @@ def _compare(a, b, rtol, atol):
             ok = False
             worst = max(worst, (x - y).abs().max().item())
     return True if ok else f"max abs diff {worst:.3g}"
-
-
-def _loadavg():
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except (AttributeError, OSError):
-        return "n/a"
 
 
 def _fmt_time(t):
@@ -171,7 +150,7 @@ def paired_ratio(num, den):
 #   name, ft (callable), tf (callable), direct (callable or None), rtol, atol, note (str)
 
 
-def wl_vmap_sin(device):
+def wl_vmap_sin(device, quick=False):
     x = torch.randn(3, device=device)
     f_ft, f_tf = ft.vmap(torch.sin), tf.vmap(torch.sin)
     return dict(
@@ -185,7 +164,7 @@ def wl_vmap_sin(device):
     )
 
 
-def wl_grad_sin(device):
+def wl_grad_sin(device, quick=False):
     x = torch.tensor(0.3, device=device)
     f_ft, f_tf = ft.grad(torch.sin), tf.grad(torch.sin)
     return dict(
@@ -199,12 +178,13 @@ def wl_grad_sin(device):
     )
 
 
-def wl_vmap_mm(device):
-    a = torch.randn(64, 128, 128, device=device)
-    b = torch.randn(64, 128, 128, device=device)
+def wl_vmap_mm(device, quick=False):
+    n, d = (4, 8) if quick else (64, 128)
+    a = torch.randn(n, d, d, device=device)
+    b = torch.randn(n, d, d, device=device)
     f_ft, f_tf = ft.vmap(torch.mm), tf.vmap(torch.mm)
     return dict(
-        name="vmap(torch.mm), 64 x (128x128 @ 128x128)",
+        name=f"vmap(torch.mm), {n} x ({d}x{d} @ {d}x{d})",
         ft=lambda: f_ft(a, b),
         tf=lambda: f_tf(a, b),
         direct=lambda: torch.bmm(a, b),
@@ -215,8 +195,9 @@ def wl_vmap_mm(device):
     )
 
 
-def wl_vmap_conv(device):
-    x = torch.randn(64, 3, 32, 32, device=device)
+def wl_vmap_conv(device, quick=False):
+    n, hw = (4, 8) if quick else (64, 32)
+    x = torch.randn(n, 3, hw, hw, device=device)
     w = torch.randn(16, 3, 3, 3, device=device)
 
     def one(img):
@@ -224,7 +205,7 @@ def wl_vmap_conv(device):
 
     f_ft, f_tf = ft.vmap(one), tf.vmap(one)
     return dict(
-        name="vmap(conv2d), 64 x 3x32x32, 16 filters 3x3",
+        name=f"vmap(conv2d), {n} x 3x{hw}x{hw}, 16 filters 3x3",
         ft=lambda: f_ft(x),
         tf=lambda: f_tf(x),
         direct=lambda: F.conv2d(x, w),
@@ -235,14 +216,14 @@ def wl_vmap_conv(device):
     )
 
 
-def _mlp_params(device):
+def mlp_params(device, hidden=512):
     g = torch.Generator().manual_seed(1)
 
     def init(*shape):
         fan_in = shape[-1] if len(shape) > 1 else shape[0]
         return (torch.randn(*shape, generator=g) / math.sqrt(fan_in)).to(device)
 
-    return {"w1": init(512, 784), "b1": init(512) * 0.1, "w2": init(10, 512), "b2": init(10) * 0.1}
+    return {"w1": init(hidden, 784), "b1": init(hidden) * 0.1, "w2": init(10, hidden), "b2": init(10) * 0.1}
 
 
 def mlp_loss(params, x, y):
@@ -252,14 +233,15 @@ def mlp_loss(params, x, y):
     return F.cross_entropy(logits[None], y[None])
 
 
-def _wl_psg_mlp(device, B):
-    params = _mlp_params(device)
+def _wl_psg_mlp(device, B, quick):
+    hidden, B = (32, B // 16) if quick else (512, B)
+    params = mlp_params(device, hidden)
     x = torch.randn(B, 784, device=device)
     y = torch.randint(0, 10, (B,), device=device)
     f_ft = ft.vmap(ft.grad(mlp_loss), in_dims=(None, 0, 0))
     f_tf = tf.vmap(tf.grad(mlp_loss), in_dims=(None, 0, 0))
     return dict(
-        name=f"per-sample grads, MLP 784-512-10, B={B}",
+        name=f"per-sample grads, MLP 784-{hidden}-10, B={B}",
         ft=lambda: f_ft(params, x, y),
         tf=lambda: f_tf(params, x, y),
         direct=None,
@@ -269,46 +251,48 @@ def _wl_psg_mlp(device, B):
     )
 
 
-def wl_psg_mlp64(device):
-    return _wl_psg_mlp(device, 64)
+def wl_psg_mlp64(device, quick=False):
+    return _wl_psg_mlp(device, 64, quick)
 
 
-def wl_psg_mlp256(device):
-    return _wl_psg_mlp(device, 256)
+def wl_psg_mlp256(device, quick=False):
+    return _wl_psg_mlp(device, 256, quick)
 
 
-def _cnn_params(device):
+def _cnn_params(device, side):
     g = torch.Generator().manual_seed(2)
 
     def init(shape, fan_in):
         return (torch.randn(*shape, generator=g) / math.sqrt(fan_in)).to(device)
 
+    flat = 16 * (side - 4) ** 2
     return {
         "c1w": init((8, 1, 3, 3), 9),
         "c1b": init((8,), 9) * 0.1,
         "c2w": init((16, 8, 3, 3), 72),
         "c2b": init((16,), 72) * 0.1,
-        "fw": init((10, 16 * 24 * 24), 16 * 24 * 24),
-        "fb": init((10,), 9216) * 0.1,
+        "fw": init((10, flat), flat),
+        "fb": init((10,), flat) * 0.1,
     }
 
 
 def cnn_loss(params, x, y):
-    """Loss of ONE example: x (1, 28, 28), y () int64."""
+    """Loss of ONE example: x (1, side, side), y () int64."""
     h = F.relu(F.conv2d(x[None], params["c1w"], params["c1b"]))
     h = F.relu(F.conv2d(h, params["c2w"], params["c2b"]))
     logits = F.linear(h.flatten(1), params["fw"], params["fb"])
     return F.cross_entropy(logits, y[None])
 
 
-def wl_psg_cnn(device):
-    params = _cnn_params(device)
-    x = torch.randn(64, 1, 28, 28, device=device)
-    y = torch.randint(0, 10, (64,), device=device)
+def wl_psg_cnn(device, quick=False):
+    B, side = (4, 8) if quick else (64, 28)
+    params = _cnn_params(device, side)
+    x = torch.randn(B, 1, side, side, device=device)
+    y = torch.randint(0, 10, (B,), device=device)
     f_ft = ft.vmap(ft.grad(cnn_loss), in_dims=(None, 0, 0))
     f_tf = tf.vmap(tf.grad(cnn_loss), in_dims=(None, 0, 0))
     return dict(
-        name="per-sample grads, CNN (2 conv + linear), B=64, 28x28",
+        name=f"per-sample grads, CNN (2 conv + linear), B={B}, {side}x{side}",
         ft=lambda: f_ft(params, x, y),
         tf=lambda: f_tf(params, x, y),
         direct=None,
@@ -319,7 +303,8 @@ def wl_psg_cnn(device):
 
 
 # seed 002 (the Jacobians/Hessians tutorial): predict(weight, bias, x) = tanh(x @ weight.T + bias)
-# with weight of shape (Dout, Din), differentiated w.r.t. x (argnums=2) at the seed's sizes.
+# with weight of shape (Dout, Din), differentiated w.r.t. x (argnums=2) at the seed's sizes
+# (divided by 64 in quick mode).
 
 
 def predict(weight, bias, x):
@@ -333,12 +318,14 @@ def _predict_inputs(device, dout, din, batch=None):
     return weight, bias, x
 
 
-def _wl_jac(device, api, dout, din, name):
+def _wl_jac(device, api, dout, din, what, quick):
+    if quick:
+        dout, din = max(dout // 64, 2), max(din // 64, 2)
     weight, bias, x = _predict_inputs(device, dout, din)
     f_ft = getattr(ft, api)(predict, argnums=2)
     f_tf = getattr(tf, api)(predict, argnums=2)
     return dict(
-        name=name,
+        name=f"{api}(predict), {what}Din={din}, Dout={dout} (weight {dout}x{din})",
         ft=lambda: f_ft(weight, bias, x),
         tf=lambda: f_tf(weight, bias, x),
         direct=None,
@@ -348,32 +335,33 @@ def _wl_jac(device, api, dout, din, name):
     )
 
 
-def wl_jacrev_d16(device):
-    return _wl_jac(device, "jacrev", 16, 16, "jacrev(predict), D=16 (weight 16x16)")
+def wl_jacrev_d16(device, quick=False):
+    return _wl_jac(device, "jacrev", 16, 16, "", quick)
 
 
-def wl_jacfwd_tall(device):
-    return _wl_jac(device, "jacfwd", 2048, 32, "jacfwd(predict), Din=32, Dout=2048 (weight 2048x32)")
+def wl_jacfwd_tall(device, quick=False):
+    return _wl_jac(device, "jacfwd", 2048, 32, "tall, ", quick)
 
 
-def wl_jacrev_tall(device):
-    return _wl_jac(device, "jacrev", 2048, 32, "jacrev(predict), Din=32, Dout=2048 (weight 2048x32)")
+def wl_jacrev_tall(device, quick=False):
+    return _wl_jac(device, "jacrev", 2048, 32, "tall, ", quick)
 
 
-def wl_jacfwd_wide(device):
-    return _wl_jac(device, "jacfwd", 32, 2048, "jacfwd(predict), Din=2048, Dout=32 (weight 32x2048)")
+def wl_jacfwd_wide(device, quick=False):
+    return _wl_jac(device, "jacfwd", 32, 2048, "wide, ", quick)
 
 
-def wl_jacrev_wide(device):
-    return _wl_jac(device, "jacrev", 32, 2048, "jacrev(predict), Din=2048, Dout=32 (weight 32x2048)")
+def wl_jacrev_wide(device, quick=False):
+    return _wl_jac(device, "jacrev", 32, 2048, "wide, ", quick)
 
 
-def wl_hessian_512(device):
-    weight, bias, x = _predict_inputs(device, 32, 512)
+def wl_hessian_512(device, quick=False):
+    dout, din = (4, 8) if quick else (32, 512)
+    weight, bias, x = _predict_inputs(device, dout, din)
     f_ft = ft.hessian(predict, argnums=2)
     f_tf = tf.hessian(predict, argnums=2)
     return dict(
-        name="hessian(predict), Din=512, Dout=32",
+        name=f"hessian(predict), Din={din}, Dout={dout}",
         ft=lambda: f_ft(weight, bias, x),
         tf=lambda: f_tf(weight, bias, x),
         direct=None,
@@ -383,12 +371,13 @@ def wl_hessian_512(device):
     )
 
 
-def _wl_batched_jac(device, api, name):
-    weight, bias, x = _predict_inputs(device, 33, 31, batch=64)
+def _wl_batched_jac(device, api, quick):
+    B, dout, din = (4, 5, 3) if quick else (64, 33, 31)
+    weight, bias, x = _predict_inputs(device, dout, din, batch=B)
     f_ft = ft.vmap(getattr(ft, api)(predict, argnums=2), in_dims=(None, None, 0))
     f_tf = tf.vmap(getattr(tf, api)(predict, argnums=2), in_dims=(None, None, 0))
     return dict(
-        name=name,
+        name=f"vmap({api}(predict)), B={B}, Din={din}, Dout={dout}",
         ft=lambda: f_ft(weight, bias, x),
         tf=lambda: f_tf(weight, bias, x),
         direct=None,
@@ -398,24 +387,25 @@ def _wl_batched_jac(device, api, name):
     )
 
 
-def wl_vmap_jacrev_b64(device):
-    return _wl_batched_jac(device, "jacrev", "vmap(jacrev(predict)), B=64, Din=31, Dout=33")
+def wl_vmap_jacrev_b64(device, quick=False):
+    return _wl_batched_jac(device, "jacrev", quick)
 
 
-def wl_vmap_hessian_b64(device):
-    return _wl_batched_jac(device, "hessian", "vmap(hessian(predict)), B=64, Din=31, Dout=33")
+def wl_vmap_hessian_b64(device, quick=False):
+    return _wl_batched_jac(device, "hessian", quick)
 
 
 def _sin_sum(x):
     return x.sin().sum()
 
 
-def wl_hvp_2048(device):
-    x = torch.randn(2048, device=device)
-    t = torch.randn(2048, device=device)
+def wl_hvp_2048(device, quick=False):
+    n = 32 if quick else 2048
+    x = torch.randn(n, device=device)
+    t = torch.randn(n, device=device)
     g_ft, g_tf = ft.grad(_sin_sum), tf.grad(_sin_sum)
     return dict(
-        name="hvp = jvp(grad(sin().sum())), 2048 elements",
+        name=f"hvp = jvp(grad(sin().sum())), {n} elements",
         ft=lambda: ft.jvp(g_ft, (x,), (t,))[1],
         tf=lambda: tf.jvp(g_tf, (x,), (t,))[1],
         direct=None,
@@ -448,10 +438,10 @@ WORKLOADS = [
 # --------------------------------------------------------------------------------------------
 
 
-def run_workload(make, device, timing):
-    row = dict(name=make.__name__, tf=None, ft=None, direct=None, ratio=None, notes=[])
+def run_workload(make, device, timing, quick=False):
+    row = dict(name=make.__name__, key=make.__name__[3:], tf=None, ft=None, direct=None, ratio=None, notes=[])
     try:
-        w = make(device)
+        w = make(device, quick)
     except Exception as e:  # building inputs should not fail, but never crash the table
         row["notes"].append(f"setup failed: {_first_line(e)}")
         return row
@@ -499,125 +489,60 @@ def run_workload(make, device, timing):
     return row
 
 
-def render(rows, meta):
+def render(rows):
+    """The markdown table of `run` (the machine and the timing method are described by the caller)."""
     lines = [
-        f"Measured {meta['when']} on {meta['device_desc']}; torch {torch.__version__}, "
-        f"functorch_lite {ft.__version__}, Python {platform.python_version()}, "
-        f"{meta['threads']} intra-op threads, mode: {meta['mode']} "
-        f"({meta['rounds']} interleaved rounds x blocked_autorange(min_run_time="
-        f"{meta['min_run_time']} s) each; times are medians over rounds, ratios are medians "
-        f"of the per-round ratios). 1-minute load average before/after "
-        f"the run: {meta['load_before']} / {meta['load_after']}.",
-        "",
         "| workload | torch.func | functorch_lite | ratio | notes |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        ratio = r.get("ratio")
         notes = "; ".join(r["notes"]).replace("|", "\\|")
         lines.append(
-            f"| {r['name']} | {_fmt_time(r['tf'])} | {_fmt_time(r['ft'])} | {_fmt_ratio(ratio)} | {notes} |"
+            f"| {r['name']} | {_fmt_time(r['tf'])} | {_fmt_time(r['ft'])} | {_fmt_ratio(r['ratio'])} | {notes} |"
         )
     lines.append("")
     lines.append("ratio = functorch_lite time / torch.func time (lower is better).")
     return "\n".join(lines)
 
 
-def write_markdown(path, table):
-    block = f"{BEGIN}\n{table}\n{END}"
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-        if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-            pre = text[: text.index(BEGIN)]
-            post = text[text.index(END) + len(END) :]
-            with open(path, "w") as f:
-                f.write(pre + block + post)
-            return "updated the table between the markers"
-    with open(path, "w") as f:
-        f.write("# functorch_lite vs torch.func\n\n" + block + "\n")
-    return "wrote the table"
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer and shorter timing rounds")
-    p.add_argument("--markdown", metavar="PATH", help="write the table to PATH (see module doc)")
-    p.add_argument(
-        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
-    )
-    p.add_argument(
-        "--threads", type=int, metavar="N", help="torch.set_num_threads(N) first (default: torch's default)"
-    )
-    p.add_argument(
-        "--only",
-        metavar="SUBSTR[,SUBSTR...]",
-        help="run only the workloads whose function name (wl_...) contains one of the "
-        "comma-separated SUBSTRs (e.g. --only jac,hessian,hvp)",
-    )
-    args = p.parse_args(argv)
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available in this torch")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rounds, min_run_time = (5, 0.02) if args.quick else (25, 0.05)
-    timing = Timing(rounds, min_run_time, args.device)
-
-    if args.device == "cuda":
-        device_desc = torch.cuda.get_device_name()
-    else:
-        device_desc = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    meta = dict(
-        when=time.strftime("%Y-%m-%d"),
-        device_desc=device_desc,
-        threads=torch.get_num_threads(),
-        mode="quick" if args.quick else "full",
-        rounds=rounds,
-        min_run_time=min_run_time,
-    )
-
-    meta["load_before"] = _loadavg()
+def run(device, quick=False, only=None, log=None):
+    """Every workload (or those whose wl_ name contains one of the substrings in `only`); returns
+    (rows, timing description). The vmap fallback is 'quiet' during the run (restored after)."""
+    rounds, min_run_time = (3, 0.005) if quick else (25, 0.05)
+    timing = Timing(rounds, min_run_time, device)
     torch.manual_seed(0)
     old_mode = ft.get_vmap_fallback()
     ft.set_vmap_fallback("quiet")
     rows = []
-    t0 = time.perf_counter()
     try:
         for make in WORKLOADS:
-            if args.only and not any(o in make.__name__ for o in args.only.split(",")):
+            if only and not any(o in make.__name__ for o in only):
                 continue
             t1 = time.perf_counter()
             try:
-                row = run_workload(make, args.device, timing)
+                row = run_workload(make, device, timing, quick)
             except Exception as e:  # torch.func itself failed: still keep going
                 traceback.print_exc()
                 row = dict(
                     name=make.__name__,
+                    key=make.__name__[3:],
                     tf=None,
                     ft=None,
                     direct=None,
+                    ratio=None,
                     notes=[f"benchmark error: {_first_line(e)}"],
                 )
             rows.append(row)
-            print(
-                f"[{time.perf_counter() - t1:6.1f} s] {row['name']}: "
-                f"torch.func {_fmt_time(row['tf'])}, functorch_lite {_fmt_time(row['ft'])}"
-                + (f"  ({'; '.join(row['notes'])})" if row["notes"] else ""),
-                file=sys.stderr,
-                flush=True,
-            )
+            if log:
+                log(
+                    f"[{time.perf_counter() - t1:6.1f} s] {row['name']}: "
+                    f"torch.func {_fmt_time(row['tf'])}, functorch_lite {_fmt_time(row['ft'])}"
+                    + (f"  ({'; '.join(row['notes'])})" if row["notes"] else "")
+                )
     finally:
         ft.set_vmap_fallback(old_mode)
-    meta["load_after"] = _loadavg()
-    print(f"total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    table = render(rows, meta)
-    print(table)
-    if args.markdown:
-        print(f"{args.markdown}: {write_markdown(args.markdown, table)}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    how = (
+        f"{rounds} interleaved rounds x blocked_autorange(min_run_time={min_run_time} s) each; times are "
+        "medians over rounds, ratios are medians of the per-round ratios"
+    )
+    return rows, how
