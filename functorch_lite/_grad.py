@@ -67,19 +67,26 @@ def _unwrap(x, level):
     return _C._unwrap_for_grad(x, level) if isinstance(x, torch.Tensor) else x
 
 
-def _refuse_sparse(api, tree, what):
-    """Differentiated inputs must be strided. Our grad wrappers report a strided layout whatever
-    their value's, so a sparse input would lose its layout inside the function and torch's sparse
-    gradient (masked to the input's nonzeros) would come back dense: refused rather than wrong.
-    Captured sparse tensors (constants) are fine."""
+# Layouts the reverse-mode transforms differentiate: grad wrappers keep a sparse value's layout
+# (NOTE [Sparse grad wrappers] in csrc/core/tensors.h), so torch's sparse formulas run and the
+# gradient comes back sparse, as in torch.func.
+_REVERSE_LAYOUTS = (torch.strided, torch.sparse_coo)
+
+
+def _refuse_sparse(api, tree, what, allowed=(torch.strided,)):
+    """Differentiated inputs must have a layout in `allowed`. grad and vjp accept sparse COO
+    tensors (as torch.func does); the forward-mode transforms and the Jacobians, which torch.func
+    cannot run on sparse inputs either (they need strides or views of them), refuse them with a
+    clear error instead of torch's internal one. Captured sparse tensors (constants) are fine."""
     for path, t in tree_flatten_with_path(tree)[0]:
-        if isinstance(t, torch.Tensor) and t.layout != torch.strided and not t.is_nested:
+        if isinstance(t, torch.Tensor) and t.layout not in allowed and not t.is_nested:
             where = what + (f" at {keystr(path)}" if path else "")
+            ok = " and ".join(str(a) for a in allowed)
             raise RuntimeError(
-                f"{api}: {where} has layout {t.layout}; functorch_lite differentiates strided "
-                f"tensors only (a known limitation: torch.func keeps sparse layouts). Pass "
-                f"t.to_dense(), or differentiate the values of the sparse tensor and build it "
-                f"inside the function (torch.sparse_coo_tensor(indices, values, size))."
+                f"{api}: {where} has layout {t.layout}; {api} differentiates tensors of layout "
+                f"{ok} only (as torch.func, whose {api} fails on it too). Pass t.to_dense(), or "
+                f"differentiate the values of the sparse tensor and build it inside the function "
+                f"(torch.sparse_coo_tensor(indices, values, size))."
             )
 
 
@@ -161,7 +168,7 @@ def grad_and_value(func, argnums=0, has_aux=False):
         for i in idx:
             a = args[i]
             if not (isinstance(a, torch.Tensor) and a.layout is torch.strided):
-                _refuse_sparse(api, a, f"argument {i} (argnums={argnums!r})")
+                _refuse_sparse(api, a, f"argument {i} (argnums={argnums!r})", _REVERSE_LAYOUTS)
         # The backward must be recorded by the levels below (outer grad transforms, or torch's
         # own autograd for captured tensors that require grad) whenever they record at all.
         create_graph = torch.is_grad_enabled()
@@ -303,7 +310,7 @@ def vjp(func, *primals, has_aux=False):
     """
     api = "vjp"
     for i, p in enumerate(primals):
-        _refuse_sparse(api, p, f"primals[{i}]")
+        _refuse_sparse(api, p, f"primals[{i}]", _REVERSE_LAYOUTS)
     level = _C._push_grad()
     try:
         with torch.enable_grad():

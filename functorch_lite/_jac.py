@@ -259,6 +259,8 @@ def _check_diff_args(args, idx, api, name, argnums, forward):
             f"argument {i} (argnums={argnums!r})",
             dtype_error=ValueError if forward else RuntimeError,
         )
+    for i in idx:
+        _refuse_sparse(f"{api}({name})", args[i], f"argument {i} (argnums={argnums!r})")
     flat = tree_flatten([args[i] for i in idx])[0]
     for t in flat:
         if t.is_nested:

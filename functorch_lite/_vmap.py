@@ -90,7 +90,7 @@ def _vmap_fast(func, in_dim, out_dim, randomness, args, kwargs):
         return _SLOW
     batch_size = None
     for a in args:
-        if not isinstance(a, torch.Tensor) or a.is_nested:
+        if not isinstance(a, torch.Tensor) or a.is_nested or a.layout is not torch.strided:
             return _SLOW
         nd = a.dim()
         if not -nd <= in_dim < nd:
@@ -159,6 +159,14 @@ def _flatten_inputs(func, in_dims, args):
                 f"does not support (a known limitation; torch.func maps over its components "
                 f"with in_dim=0). Map over a list of its components (t.unbind()) instead, or pad "
                 f"it to a dense tensor (t.to_padded_tensor(0.0))."
+            )
+        if arg.layout is not torch.strided:
+            # Batched tensors are strided: the batch dim is a stride trick on the value.
+            raise RuntimeError(
+                f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): flattened input {i} has "
+                f"layout {arg.layout}, which functorch_lite.vmap cannot map over (a known "
+                f"limitation; torch.func maps over sparse COO inputs). Pass it with in_dim=None "
+                f"(a sparse constant works), or map over t.to_dense()."
             )
         if not -arg.dim() <= d < arg.dim():
             raise ValueError(

@@ -138,6 +138,11 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
   });
 }
 
+// The back keys of grad wrappers: strided, sparse COO and sparse compressed values (NOTE [Sparse
+// grad wrappers] in tensors.h). All three are backend keys that torch fills with composite kernels.
+constexpr DispatchKey kBackKeys[] = {DispatchKey::PrivateUse3, DispatchKey::SparsePrivateUse3,
+                                     DispatchKey::SparseCsrPrivateUse3};
+
 // PrivateUse3 kernel: after autograd ran on the top level's wrappers, unwrap and hand down.
 void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   const auto& schema = op.schema();
@@ -194,7 +199,8 @@ struct BackKernelRegistry {
   std::vector<c10::OperatorName> pending;
   std::atomic<bool> has_pending{false};
   std::unordered_set<std::string> registered;
-  std::unordered_map<std::string, torch::Library*> libraries;  // one IMPL library per namespace
+  // One IMPL library per (namespace, back key).
+  std::unordered_map<std::string, torch::Library*> libraries;
   std::atomic<int64_t> count{0};
 };
 
@@ -227,11 +233,18 @@ void registerBackKernel(const c10::OperatorName& name) {
   auto sep = name.name.find("::");
   if (sep == std::string::npos) return;
   std::string ns = name.name.substr(0, sep);
-  auto& lib = r.libraries[ns];
-  if (!lib) {
-    lib = new torch::Library(torch::Library::IMPL, ns, DispatchKey::PrivateUse3, __FILE__, __LINE__);
+  for (DispatchKey key : kBackKeys) {
+    // On the sparse keys only ops whose composite kernels torch fills in there need ours: the
+    // fallback serves the rest (CompositeExplicitAutogradNonFunctional skips sparse COO).
+    const bool explicit_ = handle->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutograd);
+    const bool non_functional =
+        handle->hasKernelForDispatchKey(DispatchKey::CompositeExplicitAutogradNonFunctional);
+    if (key == DispatchKey::SparsePrivateUse3 && !explicit_) continue;
+    if (key == DispatchKey::SparseCsrPrivateUse3 && !explicit_ && !non_functional) continue;
+    auto& lib = r.libraries[ns + "/" + c10::toString(key)];
+    if (!lib) lib = new torch::Library(torch::Library::IMPL, ns, key, __FILE__, __LINE__);
+    lib->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunction<&backKernel>());
   }
-  lib->impl(full.c_str(), torch::CppFunction::makeFromBoxedFunction<&backKernel>());
   r.registered.insert(std::move(full));
   r.count.fetch_add(1, std::memory_order_relaxed);
 }
@@ -321,6 +334,12 @@ void checkKeysAreFree() {
                 "functorch_lite needs the dispatch key ", name,
                 ", but another library already registered a fallback for it");
   }
+  // The sparse back keys have no parseable names; they exist wherever PrivateUse3 does.
+  for (DispatchKey k : {DispatchKey::SparsePrivateUse3, DispatchKey::SparseCsrPrivateUse3}) {
+    TORCH_CHECK(!c10::Dispatcher::singleton().hasBackendFallbackForDispatchKey(k),
+                "functorch_lite needs the dispatch key ", c10::toString(k),
+                ", but another library already registered a fallback for it");
+  }
 }
 
 namespace {
@@ -336,9 +355,11 @@ void initializeDispatch() {
     static auto* front =
         new torch::Library(torch::Library::IMPL, "_", DispatchKey::DeferredInit, __FILE__, __LINE__);
     front->fallback(torch::CppFunction::makeFromBoxedFunction<&frontFallback>());
-    static auto* back =
-        new torch::Library(torch::Library::IMPL, "_", DispatchKey::PrivateUse3, __FILE__, __LINE__);
-    back->fallback(torch::CppFunction::makeFromBoxedFunction<&backKernel>());
+    for (DispatchKey key : kBackKeys) {
+      auto* back =
+          new torch::Library(torch::Library::IMPL, "_", key, __FILE__, __LINE__);  // leaked on purpose
+      back->fallback(torch::CppFunction::makeFromBoxedFunction<&backKernel>());
+    }
     static auto* autograd =
         new torch::Library(torch::Library::IMPL, "_", DispatchKey::AutogradPrivateUse3, __FILE__, __LINE__);
     autograd->fallback(torch::autograd::basicAutogradNotImplementedFallback());

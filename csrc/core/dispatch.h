@@ -19,6 +19,8 @@
 //   CompositeImplicitAutograd kernel (those must keep decomposing at the autograd key), for ops
 //   that exist at import and, through a registration listener, for ops defined later. The back
 //   kernel unwraps the top grad level's wrappers and hands the op down (HandDownGuard).
+//   SparsePrivateUse3 and SparseCsrPrivateUse3 get the same kernel and fallback: they are the back
+//   keys of wrappers of sparse values (NOTE [Sparse grad wrappers] in tensors.h).
 //
 // NOTE [Why lift before autograd]
 // torch's autograd records on whichever autograd meta it finds. If a grad wrapper of an outer

@@ -16,9 +16,31 @@ c10::DispatchKeySet wrapperKeySet() {
   return ks;
 }
 
+c10::DispatchKeySet gradWrapperKeySet(const at::Tensor& value) {
+  switch (value.layout()) {
+    case c10::kStrided:
+      return wrapperKeySet();
+    case c10::kSparse: {
+      static const auto ks = wrapperKeySet().remove(c10::DispatchKey::Dense).add(c10::DispatchKey::Sparse);
+      return ks;
+    }
+    case c10::kSparseCsr:
+    case c10::kSparseCsc:
+    case c10::kSparseBsr:
+    case c10::kSparseBsc: {
+      static const auto ks = wrapperKeySet().remove(c10::DispatchKey::Dense).add(c10::DispatchKey::SparseCsr);
+      return ks;
+    }
+    default:
+      TORCH_CHECK(false, "functorch_lite: cannot track gradients of a tensor with layout ", value.layout(),
+                  " (strided, sparse COO and sparse compressed layouts are supported); convert it with "
+                  ".to_dense() first");
+  }
+}
+
 FtTensorImplBase::FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t level,
-                                   std::shared_ptr<bool> alive)
-    : c10::TensorImpl(wrapperKeySet(), value.dtype(), value.device()),
+                                   std::shared_ptr<bool> alive, c10::DispatchKeySet keys)
+    : c10::TensorImpl(keys, value.dtype(), value.device()),
       kind_(kind),
       value_(std::move(value)),
       level_(level),
@@ -80,14 +102,23 @@ void BatchedTensorImpl::shallow_copy_from(const c10::intrusive_ptr<c10::TensorIm
 
 // ---------------------------------------------------------------------------------------------
 GradWrapperImpl::GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive, bool immutable)
-    : FtTensorImplBase(WrapperKind::Grad, std::move(value), level, std::move(alive)), immutable_(immutable) {
+    : FtTensorImplBase(WrapperKind::Grad, value, level, std::move(alive), gradWrapperKeySet(value)),
+      immutable_(immutable) {
   TORCH_INTERNAL_ASSERT(value_.defined());
+  // Sparse wrappers have no strides (NOTE [Sparse grad wrappers]): asking raises, as on the value.
+  if (value_.layout() != c10::kStrided) set_custom_sizes_strides(SizesStridesPolicy::CustomStrides);
   refreshMetadata();
   // A wrapped Python number keeps its weak type-promotion category through the wrapper.
   if (value_.unsafeGetTensorImpl()->is_wrapped_number()) set_wrapped_number(true);
 }
 
 void GradWrapperImpl::refreshMetadata() {
+  if (value_.layout() != c10::kStrided) {
+    const auto sizes = value_.sizes();
+    sizes_and_strides_.set_sizes(sizes);
+    refresh_numel();
+    return;
+  }
   const auto sizes = value_.sym_sizes();
   const auto strides = value_.sym_strides();
   sizes_and_strides_.resize(sizes.size());

@@ -31,6 +31,15 @@
 //   kernels are never reached.
 // Device and dtype are the value's: a wrapper of a CUDA tensor reports device cuda:N.
 //
+// NOTE [Sparse grad wrappers]
+// A grad wrapper keeps its value's layout, as torch.func's do, because torch's sparse autograd
+// formulas (to_dense, sparse_mask, sparse.mm, ...) read the layout of their inputs and the engine
+// checks that a gradient's layout matches its input's. The layout of a TensorImpl comes from its
+// key set, so a wrapper of a sparse COO value carries SparsePrivateUse3 instead of PrivateUse3 (a
+// sparse compressed one SparseCsrPrivateUse3, and reports the value's exact layout through
+// layout_impl()); the back kernels are registered on those keys too (dispatch.cpp). Such a wrapper
+// has sizes but no strides, like the sparse tensor it wraps. Batched tensors stay strided only.
+//
 // NOTE [Lifetime of wrappers]
 // A wrapper owns a strong reference to its value; the level owns nothing. When a level is popped
 // its wrappers become dead: a dead grad wrapper is silently replaced by its value when it is next
@@ -49,13 +58,17 @@ namespace ftl {
 enum class WrapperKind : uint8_t { Batched, Grad };
 
 c10::DispatchKeySet wrapperKeySet();
+// The key set of a grad wrapper of `value`: wrapperKeySet() with the value's layout functionality
+// (NOTE [Sparse grad wrappers]). Raises a clear error for layouts we cannot wrap (mkldnn).
+c10::DispatchKeySet gradWrapperKeySet(const at::Tensor& value);
 
 // Keys excluded together whenever code runs "below the front": DeferredInit and the Batched marker.
 constexpr c10::DispatchKeySet kFrontKeys({c10::DispatchKey::DeferredInit, c10::DispatchKey::Batched});
 
 class FtTensorImplBase : public c10::TensorImpl {
  public:
-  FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t level, std::shared_ptr<bool> alive);
+  FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t level, std::shared_ptr<bool> alive,
+                   c10::DispatchKeySet keys = wrapperKeySet());
   WrapperKind wrapperKind() const { return kind_; }
   const at::Tensor& value() const { return value_; }
   int64_t level() const { return level_; }
@@ -109,6 +122,8 @@ class GradWrapperImpl final : public FtTensorImplBase {
   bool immutable() const { return immutable_; }
 
   const char* tensorimpl_type_name() const override { return "functorch_lite.GradWrapperImpl"; }
+  // Only reached for sparse compressed values (TensorImpl::layout() reads the key set otherwise).
+  c10::Layout layout_impl() const override { return value_.layout(); }
   c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
       const c10::VariableVersion& version_counter, bool allow_tensor_metadata_change) const override;
   c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
