@@ -70,6 +70,16 @@ setup(
     version=_version(),
     description="JAX-like composable function transforms for PyTorch, as a C++ extension",
     packages=["functorch_lite", "functorch_lite.dp"],
+    # The public C++ headers and the CMake package for extensions with their own batching rules
+    # (docs/extending_cpp.md). In a checkout the headers are symlinks into csrc/; wheels get copies.
+    package_data={
+        "functorch_lite": [
+            "include/functorch_lite/*.h",
+            "include/functorch_lite/core/*.h",
+            "include/functorch_lite/vmap/*.h",
+            "share/cmake/FunctorchLite/*.cmake",
+        ]
+    },
     ext_modules=[CMakeExtension("functorch_lite._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

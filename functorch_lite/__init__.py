@@ -10,6 +10,7 @@ own C++ level stack and wrapper tensors (see docs/design.md); they run torch's o
 
 from . import _guards, _repr
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
+from ._cpp import cmake_prefix_path, get_include, library_path  # noqa: F401  (docs/extending_cpp.md)
 from ._grad import grad, grad_and_value, vjp
 from ._jac import hessian, jacfwd, jacrev, jvp
 from ._load import _C  # noqa: F401  (loads and checks the extension first)

@@ -30,12 +30,12 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
-#include "core/levels.h"
+#include "levels.h"
 
 namespace ftl {
 
 // DeferredInit boxed kernel: the entry for every op while any level is live.
-void frontFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+FTL_API void frontFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack);
 
 // Boxed processing of an op whose top level is a vmap level and that has no unboxed rule
 // (vmap/fallback.cpp): randomness, data-dependent ops, composite decomposition, for-loop.

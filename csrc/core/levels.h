@@ -44,6 +44,8 @@
 #include <string>
 #include <vector>
 
+#include "export.h"
+
 namespace ftl {
 
 enum class LevelKind : uint8_t { Vmap, Grad, Jvp };
@@ -85,12 +87,12 @@ class LevelStack {
 // The stack that dispatch on this thread must use: the thread's own, or, on one of autograd's
 // device threads running the backward of a transform started elsewhere, that thread's stack
 // (NOTE [The stack on autograd's device threads] in levels.cpp).
-LevelStack& levelStack();
+FTL_API LevelStack& levelStack();
 // The calling thread's own stack: transforms entered on this thread push and pop here.
 LevelStack& ownLevelStack();
 
 // See NOTE [Handing an op down]. Requires a visible level.
-class HandDownGuard {
+class FTL_API HandDownGuard {
  public:
   HandDownGuard();
   ~HandDownGuard();

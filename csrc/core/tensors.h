@@ -48,7 +48,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorImpl.h>
 
-#include "core/levels.h"
+#include "levels.h"
 
 #include <memory>
 #include <optional>
@@ -99,7 +99,7 @@ class BatchedTensorImpl final : public FtTensorImplBase {
   // Only for in-place shape ops, which can move the batch dim; call refreshMetadata() after.
   void setBdim(int64_t bdim) { bdim_ = bdim; }
   // Re-reads sizes and strides from the value (after an in-place op changed its shape).
-  void refreshMetadata();
+  FTL_API void refreshMetadata();
 
   const char* tensorimpl_type_name() const override { return "functorch_lite.BatchedTensorImpl"; }
   c10::intrusive_ptr<c10::TensorImpl> shallow_copy_and_detach(
@@ -156,13 +156,13 @@ inline BatchedTensorImpl* batchedAt(const at::Tensor& t, int64_t level) {
 }
 
 // --- construction. makeBatched with no bdim returns the value itself (an unbatched result).
-at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Level& level);
+FTL_API at::Tensor makeBatched(at::Tensor value, std::optional<int64_t> bdim, const Level& level);
 at::Tensor makeGradWrapper(at::Tensor value, const Level& level, bool immutable = false);
 
 // (value, bdim) of `t` at `level`: unbatched tensors come back as themselves with no bdim.
-std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level);
+FTL_API std::pair<at::Tensor, std::optional<int64_t>> unwrapAt(const at::Tensor& t, int64_t level);
 
 // Replaces dead grad wrappers by their values (recursively); raises for dead batched tensors.
-at::Tensor unwrapIfDead(const at::Tensor& t);
+FTL_API at::Tensor unwrapIfDead(const at::Tensor& t);
 
 }  // namespace ftl

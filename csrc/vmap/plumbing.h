@@ -8,7 +8,8 @@
 // and its batch dim: `std::tuple<Tensor, std::optional<int64_t>>`, or one such pair per output for
 // ops with several outputs, or `std::tuple<std::vector<Tensor>, std::optional<int64_t>>` for ops
 // returning Tensor[]. Rules never see levels or wrappers: detail::VmapKernelImpl<Op, Rule>::fn,
-// registered on DeferredInit for op `Op` (an at::_ops:: struct) by registerVmapRule, does that:
+// registered on DeferredInit for op `Op` (an at::_ops:: struct, or a user op's ftl::CustomOp, see
+// NOTE [Public C++ API] in rules.h) by registerVmapRule, does that:
 //   1. if the top level is not a vmap level, the op goes to the boxed front kernel (grad levels);
 //   2. if no argument is batched at the top level, the op is handed down unchanged;
 //   3. otherwise it unwraps, runs the rule with the level hidden (so the rule's own ops run at the
@@ -28,9 +29,9 @@
 #include <type_traits>
 #include <vector>
 
-#include "core/dispatch.h"
-#include "core/levels.h"
-#include "core/tensors.h"
+#include "../core/dispatch.h"
+#include "../core/levels.h"
+#include "../core/tensors.h"
 
 namespace ftl {
 
@@ -51,23 +52,23 @@ inline int64_t rankWithoutBdim(const Tensor& t, bdim_t bd) {
 }
 
 // Moves the batch dim to the front; unbatched tensors are returned as they are.
-Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
+FTL_API Tensor moveBdimToFront(const Tensor& t, bdim_t bd);
 // Pads a batch-dim-at-front tensor with size-1 dims right after the batch dim up to logical rank.
-Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank);
+FTL_API Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank);
 // Wraps a logical dim (may be negative) against a logical rank and shifts it past a leading bdim.
-int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front);
+FTL_API int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front);
 // Batch dim at the front; an unbatched tensor is expanded (not copied) to `batch_size` there.
-Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
+FTL_API Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
 // [B, ...] -> [B, prod(...)], also for B == 0 or empty logical tensors.
-Tensor flattenAfterBatch(const Tensor& p);
+FTL_API Tensor flattenAfterBatch(const Tensor& p);
 // Batch size of the first batched tensor.
-int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
+FTL_API int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
 // Batch element i of a physical tensor; for an empty batch (no element i), zeros of the logical
 // shape, so that an op can still be run on "one example" to raise torch's own error.
-Tensor exampleOf(const Tensor& value, int64_t bdim, int64_t i);
+FTL_API Tensor exampleOf(const Tensor& value, int64_t bdim, int64_t i);
 // Per-element results stacked at dim 0; undefined results stay undefined. With no rows, `like`
 // (a result for one example) gives the shape: [0, *like.shape].
-Tensor stackRows(const std::vector<Tensor>& rows, const Tensor& like);
+FTL_API Tensor stackRows(const std::vector<Tensor>& rows, const Tensor& like);
 
 // For a rule that finds arguments its op rejects for one batch element (too few dims, say): the
 // op on element 0 (`call`) raises torch's own error, type and message; should torch accept it
@@ -83,7 +84,7 @@ template <class F>
 // (an internal invariant); the plumbing checks it first, so that a rule bug reaches the user as
 // an error naming the op, never as an internal assert. Rules themselves check the logical ranks
 // they need (and raise torch's own error) before computing anything.
-void checkResultBdim(const Tensor& t, bdim_t bd, const char* op);
+FTL_API void checkResultBdim(const Tensor& t, bdim_t bd, const char* op);
 
 namespace detail {
 

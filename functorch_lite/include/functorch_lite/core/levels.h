@@ -1,0 +1,1 @@
+../../../../csrc/core/levels.h

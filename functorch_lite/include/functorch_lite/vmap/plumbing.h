@@ -1,0 +1,1 @@
+../../../../csrc/vmap/plumbing.h
