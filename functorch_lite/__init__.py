@@ -12,6 +12,7 @@ from . import _guards, _repr
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._grad import grad, grad_and_value, vjp
 from ._jac import hessian, jacfwd, jacrev, jvp
+from ._linearize import linearize
 from ._load import _C  # noqa: F401  (loads and checks the extension first)
 from ._vmap import vmap
 from .version import __version__
@@ -38,6 +39,7 @@ __all__ = [
     "jacfwd",
     "jacrev",
     "hessian",
+    "linearize",
     "functional_call",
     "stack_module_state",
     "make_functional",
