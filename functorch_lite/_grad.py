@@ -13,8 +13,16 @@ from ._compile import eager, skip_wrappers
 from ._load import _C
 
 # torch.Tensor.requires_grad_ refuses calls inside transforms (as torch.func's does); the
-# transforms mark their own inputs with torch's method itself.
-_requires_grad = torch._C.TensorBase.requires_grad_
+# transforms mark their own inputs with torch's method itself. A user's TorchFunctionMode would
+# turn that call into one of the refusing public method: the mode does not see it.
+_torch_requires_grad = torch._C.TensorBase.requires_grad_
+
+
+def _requires_grad(t):
+    if torch._C._is_torch_function_mode_enabled():
+        with torch._C.DisableTorchFunction():
+            return _torch_requires_grad(t)
+    return _torch_requires_grad(t)
 
 
 def _fn_name(func):
