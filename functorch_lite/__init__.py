@@ -9,11 +9,11 @@ own C++ level stack and wrapper tensors (see docs/design.md); they run torch's o
 """
 
 from . import _guards, _repr
-from ._einops import rearrange
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
+from ._einops import rearrange
 from ._grad import grad, grad_and_value, vjp
-from ._jac import hessian, jacfwd, jacrev, jvp
 from ._helpers import debug_unwrap, replace_all_batch_norm_modules_
+from ._jac import hessian, jacfwd, jacrev, jvp
 from ._linearize import linearize
 from ._load import _C  # noqa: F401  (loads and checks the extension first)
 from ._vmap import vmap

@@ -198,7 +198,10 @@ def test_error_non_tensor_primal():
 @pytest.mark.parametrize(
     "tangents, phrase",
     [
-        ((torch.randn(4),), "tangent:0 with shape torch.Size([4]) in flattened pytree doesn't match the shape"),
+        (
+            (torch.randn(4),),
+            "tangent:0 with shape torch.Size([4]) in flattened pytree doesn't match the shape",
+        ),
         ((torch.randn(3, dtype=torch.float64),), "tangent:0 with dtype torch.float64 in flattened pytree"),
         ((torch.randn(3), torch.randn(3)), "Expected the tangents"),
         (((torch.randn(3),),), "to have the same argspec as the primals"),
