@@ -207,6 +207,7 @@ def test_compiled_dp_clipped_grad_and_trainer_match_eager():
             sample_rate=0.5,
             expected_batch_size=8,
             noise_multiplier=0.0,
+            allow_zero_noise=True,
         )
 
     (m1, t1), (m2, t2) = trainer(), trainer()
