@@ -11,8 +11,11 @@ own C++ level stack and wrapper tensors (see docs/design.md); they run torch's o
 from . import _guards, _repr
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._cpp import cmake_prefix_path, get_include, library_path  # noqa: F401  (docs/extending_cpp.md)
+from ._einops import rearrange
 from ._grad import grad, grad_and_value, vjp
+from ._helpers import debug_unwrap, replace_all_batch_norm_modules_
 from ._jac import hessian, jacfwd, jacrev, jvp
+from ._linearize import linearize
 from ._load import _C  # noqa: F401  (loads and checks the extension first)
 from ._vmap import vmap
 from .version import __version__
@@ -39,6 +42,10 @@ __all__ = [
     "jacfwd",
     "jacrev",
     "hessian",
+    "linearize",
+    "rearrange",
+    "debug_unwrap",
+    "replace_all_batch_norm_modules_",
     "functional_call",
     "stack_module_state",
     "make_functional",

@@ -9,11 +9,20 @@ from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tr
 from torch.utils.checkpoint import CheckpointError
 
 from ._call import call_transformed
+from ._compile import eager, skip_wrappers
 from ._load import _C
 
 # torch.Tensor.requires_grad_ refuses calls inside transforms (as torch.func's does); the
-# transforms mark their own inputs with torch's method itself.
-_requires_grad = torch._C.TensorBase.requires_grad_
+# transforms mark their own inputs with torch's method itself. A user's TorchFunctionMode would
+# turn that call into one of the refusing public method: the mode does not see it.
+_torch_requires_grad = torch._C.TensorBase.requires_grad_
+
+
+def _requires_grad(t):
+    if torch._C._is_torch_function_mode_enabled():
+        with torch._C.DisableTorchFunction():
+            return _torch_requires_grad(t)
+    return _torch_requires_grad(t)
 
 
 def _fn_name(func):
@@ -135,6 +144,7 @@ def _split_aux(output, has_aux, api, name="f"):
 _ONE_TENSOR_SPEC = tree_flatten((torch.empty(0),))[1]
 
 
+@skip_wrappers
 def grad_and_value(func, argnums=0, has_aux=False):
     """Returns a function computing (gradient, value) of ``func`` w.r.t. the arguments ``argnums``.
 
@@ -163,75 +173,90 @@ def grad_and_value(func, argnums=0, has_aux=False):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        api = "grad_and_value" if not getattr(wrapper, "_ft_is_grad", False) else "grad"
-        idx = _normalize_argnums(argnums, len(args), api)
-        for i in idx:
-            a = args[i]
-            if not (isinstance(a, torch.Tensor) and a.layout is torch.strided):
-                _refuse_sparse(api, a, f"argument {i} (argnums={argnums!r})", _REVERSE_LAYOUTS)
-        # The backward must be recorded by the levels below (outer grad transforms, or torch's
-        # own autograd for captured tensors that require grad) whenever they record at all.
-        create_graph = torch.is_grad_enabled()
-        level = _C._push_grad()
-        try:
-            with torch.enable_grad():
-                try:
-                    wrapped = [
-                        _C._wrap_for_grad(a, level)
-                        if isinstance(a, torch.Tensor)
-                        else tree_map(lambda x: _wrap(x, level), a)
-                        for a in args
-                    ]
-                    if kwargs:
-                        kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
-                except RuntimeError:
-                    _refuse_nested(api, (args, kwargs))
-                    raise
-                args = wrapped
-                for i in idx:
-                    a = args[i]
-                    if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
-                        _requires_grad(a)  # the common case, without the pytree walk
-                    else:
-                        args[i] = _make_differentiable(a, api, f"argument {i} (argnums={argnums!r})")
-                diff = tuple(args[i] for i in idx)
-                output = call_transformed(func, args, kwargs, api)
-                output, aux = _split_aux(output, has_aux, api)
-                if not isinstance(output, torch.Tensor):
-                    raise RuntimeError(
-                        f"{api}(f)(*args): expected f(*args) to return a Tensor, got {type(output).__name__}."
-                    )
-                if output.numel() != 1:
-                    raise RuntimeError(
-                        f"{api}(f)(*args): expected f(*args) to return a scalar Tensor, got a "
-                        f"tensor of shape {tuple(output.shape)}. Use vjp or jacrev for "
-                        f"non-scalar outputs."
-                    )
-                if len(diff) == 1 and isinstance(diff[0], torch.Tensor):
-                    flat_diff, spec = list(diff), _ONE_TENSOR_SPEC
-                else:
-                    flat_diff, spec = tree_flatten(diff)
-                if output.requires_grad:
-                    grads = _C._autograd_grad([output], flat_diff, [], None, create_graph)
-                else:
-                    grads = (None,) * len(flat_diff)
-                grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat_diff)]
-                grads = [_unwrap(g, level) for g in grads]
-                output = _unwrap(output, level)
-                if has_aux:
-                    aux = tree_map(lambda x: _unwrap(x, level), aux)
-        finally:
-            _C._pop(level)
-        grad_tree = tree_unflatten(grads, spec)
-        if not isinstance(argnums, tuple):
-            grad_tree = grad_tree[0]
-        if has_aux:
-            return grad_tree, (output, aux)
-        return grad_tree, output
+        return _grad_and_value_entry(func, argnums, has_aux, args, kwargs)
 
     return wrapper
 
 
+def _grad_and_value(func, argnums, has_aux, api, args, kwargs):
+    idx = _normalize_argnums(argnums, len(args), api)
+    for i in idx:
+        a = args[i]
+        if not (isinstance(a, torch.Tensor) and a.layout is torch.strided):
+            _refuse_sparse(api, a, f"argument {i} (argnums={argnums!r})", _REVERSE_LAYOUTS)
+    # The backward must be recorded by the levels below (outer grad transforms, or torch's
+    # own autograd for captured tensors that require grad) whenever they record at all.
+    create_graph = torch.is_grad_enabled()
+    level = _C._push_grad()
+    try:
+        with torch.enable_grad():
+            try:
+                wrapped = [
+                    _C._wrap_for_grad(a, level)
+                    if isinstance(a, torch.Tensor)
+                    else tree_map(lambda x: _wrap(x, level), a)
+                    for a in args
+                ]
+                if kwargs:
+                    kwargs = tree_map(lambda x: _wrap(x, level), kwargs)
+            except RuntimeError:
+                _refuse_nested(api, (args, kwargs))
+                raise
+            args = wrapped
+            for i in idx:
+                a = args[i]
+                if isinstance(a, torch.Tensor) and (a.is_floating_point() or a.is_complex()):
+                    _requires_grad(a)  # the common case, without the pytree walk
+                else:
+                    args[i] = _make_differentiable(a, api, f"argument {i} (argnums={argnums!r})")
+            diff = tuple(args[i] for i in idx)
+            output = call_transformed(func, args, kwargs, api)
+            output, aux = _split_aux(output, has_aux, api)
+            if not isinstance(output, torch.Tensor):
+                raise RuntimeError(
+                    f"{api}(f)(*args): expected f(*args) to return a Tensor, got {type(output).__name__}."
+                )
+            if output.numel() != 1:
+                raise RuntimeError(
+                    f"{api}(f)(*args): expected f(*args) to return a scalar Tensor, got a "
+                    f"tensor of shape {tuple(output.shape)}. Use vjp or jacrev for "
+                    f"non-scalar outputs."
+                )
+            if len(diff) == 1 and isinstance(diff[0], torch.Tensor):
+                flat_diff, spec = list(diff), _ONE_TENSOR_SPEC
+            else:
+                flat_diff, spec = tree_flatten(diff)
+            if output.requires_grad:
+                grads = _C._autograd_grad([output], flat_diff, [], None, create_graph)
+            else:
+                grads = (None,) * len(flat_diff)
+            grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, flat_diff)]
+            grads = [_unwrap(g, level) for g in grads]
+            output = _unwrap(output, level)
+            if has_aux:
+                aux = tree_map(lambda x: _unwrap(x, level), aux)
+    finally:
+        _C._pop(level)
+    grad_tree = tree_unflatten(grads, spec)
+    if not isinstance(argnums, tuple):
+        grad_tree = grad_tree[0]
+    if has_aux:
+        return grad_tree, (output, aux)
+    return grad_tree, output
+
+
+@eager
+def _grad_and_value_entry(func, argnums, has_aux, args, kwargs):
+    return _grad_and_value(func, argnums, has_aux, "grad_and_value", args, kwargs)
+
+
+@eager
+def _grad_entry(func, argnums, has_aux, args, kwargs):
+    g, value = _grad_and_value(func, argnums, has_aux, "grad", args, kwargs)
+    return (g, value[1]) if has_aux else g
+
+
+@skip_wrappers
 def grad(func, argnums=0, has_aux=False):
     """Returns a function computing the gradient of ``func`` w.r.t. the arguments ``argnums``.
 
@@ -266,19 +291,15 @@ def grad(func, argnums=0, has_aux=False):
         >>> ft.grad(loss, argnums=(0, 1))(w, xs[0])  # both arguments
         (tensor([2., 0., 0.]), tensor([2., 2., 2.]))
     """
-    gv = grad_and_value(func, argnums, has_aux)
-    gv._ft_is_grad = True
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        g, value = gv(*args, **kwargs)
-        if has_aux:
-            return g, value[1]
-        return g
+        return _grad_entry(func, argnums, has_aux, args, kwargs)
 
     return wrapper
 
 
+@eager
 def vjp(func, *primals, has_aux=False):
     """Vector-Jacobian product: returns ``(func(*primals), vjp_fn)``, or with ``has_aux=True``
     ``(func(*primals), vjp_fn, aux)``.
@@ -401,6 +422,7 @@ def vjp(func, *primals, has_aux=False):
         ]
         return tuple(tree_unflatten(grads, primals_spec))
 
+    vjp_fn = eager(vjp_fn)
     if has_aux:
         return primals_out, vjp_fn, aux
     return primals_out, vjp_fn

@@ -13,6 +13,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._call import call_transformed
+from ._compile import call_eagerly, eager, skip_wrappers
 from ._grad import _check_differentiable, _normalize_argnums, _refuse_sparse, _split_aux, vjp
 from ._load import _C
 from ._vmap import vmap
@@ -90,6 +91,7 @@ def _promote_tangent(primal, tangent):
     return tangent + torch.zeros_like(primal)
 
 
+@eager
 def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     """Jacobian-vector product (forward mode): returns ``(func(*primals), J @ tangents)``, or with
     ``has_aux=True`` ``(func(*primals), J @ tangents, aux)``.
@@ -346,11 +348,15 @@ def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_
     return _jacrev(func, argnums, has_aux, chunk_size, "jacrev", _fn_name(func))
 
 
+@skip_wrappers
 def _jacrev(func, argnums, has_aux, chunk_size, api, name):
     checked_func = _checked(func, has_aux, api, name)
 
     @functools.wraps(func)
     def wrapper(*args):
+        return call_eagerly(body, args, {})
+
+    def body(*args):
         idx = _normalize_argnums(argnums, len(args), api)
 
         def f_diff(*diff):
@@ -431,11 +437,15 @@ def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
     return _jacfwd(func, argnums, has_aux, randomness, "jacfwd", _fn_name(func))
 
 
+@skip_wrappers
 def _jacfwd(func, argnums, has_aux, randomness, api, name):
     checked_func = _checked(func, has_aux, api, name)
 
     @functools.wraps(func)
     def wrapper(*args):
+        return call_eagerly(body, args, {})
+
+    def body(*args):
         idx = _normalize_argnums(argnums, len(args), api)
         primals = tuple(args[i] for i in idx)
         flat_primals, primals_spec = tree_flatten(primals)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ._compile import eager
 from ._load import _C
 
 __all__ = ["functional_call", "stack_module_state", "make_functional", "make_functional_with_buffers"]
@@ -256,6 +257,7 @@ def _tied_groups(named):
     return [names for names in by_id.values() if len(names) > 1]
 
 
+@eager
 def functional_call(
     module, parameter_and_buffer_dicts, args=None, kwargs=None, *, tie_weights=True, strict=False
 ):
@@ -375,6 +377,7 @@ def _stack_leaves(kind, name, tensors):
     return stacked.requires_grad_(first.requires_grad)
 
 
+@eager
 def stack_module_state(models):
     """Stacks the parameters and buffers of models of one structure along a new dim 0.
 
@@ -565,6 +568,7 @@ def _make(model, disable_autograd_tracking, with_buffers, api):
     return fmodel, p, b
 
 
+@eager
 def make_functional(model, disable_autograd_tracking=False):
     """functorch's ``make_functional``: returns ``(fmodel, params)``.
 
@@ -594,6 +598,7 @@ def make_functional(model, disable_autograd_tracking=False):
     return _make(model, disable_autograd_tracking, False, "make_functional")
 
 
+@eager
 def make_functional_with_buffers(model, disable_autograd_tracking=False):
     """functorch's ``make_functional_with_buffers``: returns ``(fmodel, params, buffers)``.
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
 from ._call import call_transformed
+from ._compile import eager, skip_wrappers
 from ._load import _C
 
 _RANDOMNESS = ("error", "different", "same")
@@ -33,6 +34,7 @@ def _check_vmap_args(randomness, chunk_size):
         )
 
 
+@skip_wrappers
 def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
     """Vectorizes ``func`` over a dimension of its inputs, like ``torch.func.vmap``.
 
@@ -71,13 +73,18 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
 
     @functools.wraps(func)
     def wrapped(*args, **kwargs):
-        if simple_dims:
-            out = _vmap_fast(func, in_dims, out_dims, randomness, args, kwargs)
-            if out is not _SLOW:
-                return out
-        return _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
+        return _vmap_entry(func, in_dims, out_dims, randomness, chunk_size, simple_dims, args, kwargs)
 
     return wrapped
+
+
+@eager
+def _vmap_entry(func, in_dims, out_dims, randomness, chunk_size, simple_dims, args, kwargs):
+    if simple_dims:
+        out = _vmap_fast(func, in_dims, out_dims, randomness, args, kwargs)
+        if out is not _SLOW:
+            return out
+    return _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs)
 
 
 _SLOW = object()

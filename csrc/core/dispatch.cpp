@@ -126,7 +126,10 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
       return;
     }
   } else {
-    c10::impl::ExcludeDispatchKeyGuard no_front(kFrontKeys);
+    // A user's TorchDispatchMode (the Python key) would otherwise get our wrappers between
+    // autograd and our back kernel; the back kernel hands the op down with the level's saved TLS,
+    // where the mode sees the plain values, as under torch.func.
+    c10::impl::ExcludeDispatchKeyGuard no_front(kFrontKeys | c10::DispatchKeySet(DispatchKey::Python));
     op.callBoxed(stack);
   }
   const size_t nrets = schema.returns().size();

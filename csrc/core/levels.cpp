@@ -120,7 +120,12 @@ HandDownGuard::HandDownGuard()
       prev_fw_grad_mode_(c10::AutogradState::get_tls_state().get_fw_grad_mode()) {
   TORCH_INTERNAL_ASSERT(stack_.depth_ > 0);
   const Level& hidden = stack_.levels_[--stack_.depth_];
-  c10::impl::_force_tls_local_dispatch_key_set(hidden.saved_tls);
+  // A TorchDispatchMode entered inside the transformed function (its Python keys are in the TLS
+  // included set now, not in the one saved at push) sees the plain ops below, as in torch.func.
+  static const c10::DispatchKeySet kModeKeys({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot});
+  auto below = hidden.saved_tls;
+  below.included_ = below.included_ | (prev_tls_.included_ & kModeKeys);
+  c10::impl::_force_tls_local_dispatch_key_set(below);
   // A no_grad active now (inside f) stays active for every level below; a no_grad that was
   // active around the transform call comes back into force when leaving the transform.
   if (hidden.kind == LevelKind::Grad) {

@@ -18,6 +18,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .._compile import call_eagerly, eager, skip_wrappers
 from .._grad import grad
 from .._module import functional_call
 from .._vmap import vmap
@@ -184,6 +185,7 @@ def _normalize_batch_argnums(batch_argnums, nargs, api):
     return tuple(sorted(out))
 
 
+@skip_wrappers
 def _clipped_grad(
     func, argnums, *, max_norm, batch_argnums, has_aux, chunk_size, return_norms, randomness, api
 ):
@@ -192,6 +194,9 @@ def _clipped_grad(
     per_example_grad = grad(func, argnums, has_aux=has_aux)
 
     def clipped(*args):
+        return call_eagerly(body, args, {})
+
+    def body(*args):
         batched = _normalize_batch_argnums(batch_argnums, len(args), api)
         size = _batch_size_of([(f"argument {i}", args[i]) for i in batched], api, "batch_argnums names")
         in_dims = tuple(0 if i in batched else None for i in range(len(args)))
@@ -293,6 +298,7 @@ def trainable_parameters(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+@eager
 def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="auto", return_norms=False):
     """The clipped sum of per-example gradients of ``loss_fn(model(inputs), targets)``.
 

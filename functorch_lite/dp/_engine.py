@@ -8,6 +8,7 @@ layer). Nothing here hooks the optimizer or the model: the trainer writes `.grad
 
 import torch
 
+from .._compile import eager
 from . import _ddp
 from ._accounting import PrivacyAccountant, _check_accountant, _check_sample_rate, get_noise_multiplier
 
@@ -137,6 +138,7 @@ class PrivateTrainer:
     def _params(self):
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
 
+    @eager
     def accumulate(self, inputs, targets):
         """Adds the clipped per-example gradients of this physical batch to the pending sum (a
         virtual step); :meth:`step` then adds the noise and steps the optimizer.
@@ -165,6 +167,7 @@ class PrivateTrainer:
                 prev = self._sums.get(name)
                 self._sums[name] = g.detach() if prev is None else prev + g.detach()
 
+    @eager
     def step(self, inputs=None, targets=None):
         """One DP-SGD step on the batch ``(inputs, targets)``, after any batches given to
         :meth:`accumulate`. An empty batch is legal: the update is then noise only.
