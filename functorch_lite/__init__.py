@@ -8,16 +8,18 @@ Signatures and semantics follow torch.func. The transforms are implemented by fu
 own C++ level stack and wrapper tensors (see docs/design.md); they run torch's own autograd.
 """
 
-from . import _guards, _repr
+from . import _guards, _repr, _rules
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._grad import grad, grad_and_value, vjp
 from ._jac import hessian, jacfwd, jacrev, jvp
 from ._load import _C  # noqa: F401  (loads and checks the extension first)
+from ._rules import register_vmap
 from ._vmap import vmap
 from .version import __version__
 
 _repr.install()
 _guards.install()
+_rules.install()
 
 
 from . import dp  # noqa: E402  DP-SGD toolkit (functorch_lite.dp, docs/dp.md)
@@ -45,5 +47,6 @@ __all__ = [
     "show_config",
     "set_vmap_fallback",
     "get_vmap_fallback",
+    "register_vmap",
     "dp",
 ]
