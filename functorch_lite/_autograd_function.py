@@ -199,11 +199,25 @@ def _reductify(grads, grad_bdims, input_bdims, batch_size, input_shapes=None):
     )
 
 
+def _ctx_dict(ctx, name):
+    # Nested generated Functions (vmap of vmap) share one ctx: each keeps its entries under its
+    # own class, as torch.func does.
+    d = getattr(ctx, name, None)
+    if d is None:
+        d = {}
+        setattr(ctx, name, d)
+    return d
+
+
 def _vmapify(cls, in_dims, batch_size, randomness):
     """torch.func's vmapify_autograd_function: the Function with every staticmethod vmapped."""
 
     def forward(*operands):
         outputs, out_dims = _restore_vmap(cls.forward, in_dims, batch_size, randomness)(*operands)
+        if isinstance(out_dims, tuple):
+            # A structseq output (torch.sort's) gives structseq out_dims; the generated
+            # Function's outputs are a plain tuple (torch.func fails on this).
+            out_dims = tuple(out_dims)
         if isinstance(outputs, torch.Tensor):
             return outputs, out_dims
         return *outputs, out_dims
@@ -215,12 +229,13 @@ def _vmapify(cls, in_dims, batch_size, randomness):
             wrapped = _CtxCustomSave(ctx, _C._top_level_id())
             cls.setup_context(wrapped, inputs, outputs)
             # Shapes per element, to reduce broadcast gradients to (see _reductify_leaf).
-            ctx._ftl_input_shapes = tuple(i.shape if isinstance(i, torch.Tensor) else None for i in inputs)
-            ctx._ftl_saved_bdims = wrapped.saved_bdims
+            shapes = tuple(i.shape if isinstance(i, torch.Tensor) else None for i in inputs)
+            _ctx_dict(ctx, "_ftl_input_shapes")[id(vmapped)] = shapes
+            _ctx_dict(ctx, "_ftl_saved_bdims")[id(vmapped)] = wrapped.saved_bdims
 
         # Under the vmap, so that what setup_context records (shapes, ...) is per element.
         _restore_vmap(inner, (in_dims, out_dims), batch_size, randomness)(inputs, outputs)
-        ctx._ftl_out_dims = out_dims
+        _ctx_dict(ctx, "_ftl_out_dims")[id(vmapped)] = out_dims
 
     def jvp(ctx, *tangents):
         def jvp_no_context(saved, tangents):
@@ -229,14 +244,14 @@ def _vmapify(cls, in_dims, batch_size, randomness):
         # One in_dim per argument of the Function; an input without a tangent gets None.
         tangent_dims = tuple(None if t is None else d for d, t in zip(in_dims, tangents))
         out, out_bdims = _restore_vmap(
-            jvp_no_context, (ctx._ftl_saved_bdims, tangent_dims), batch_size, randomness
+            jvp_no_context, (ctx._ftl_saved_bdims[id(vmapped)], tangent_dims), batch_size, randomness
         )(ctx.saved_tensors, tangents)
-        result = _reductify(out, out_bdims, ctx._ftl_out_dims, batch_size)
+        result = _reductify(out, out_bdims, ctx._ftl_out_dims[id(vmapped)], batch_size)
         return (*result, None)
 
     def backward(ctx, *grad_outputs):
         grads = grad_outputs[:-1]
-        grad_dims = ctx._ftl_out_dims
+        grad_dims = ctx._ftl_out_dims[id(vmapped)]
         if not isinstance(grad_dims, tuple):
             grad_dims = (grad_dims,)
         grad_dims = tuple(d if g is not None else None for g, d in zip(grads, grad_dims))
@@ -246,11 +261,12 @@ def _vmapify(cls, in_dims, batch_size, randomness):
             return cls.backward(_CtxWithSavedTensors(ctx, saved), *grads)
 
         grad_ins, grad_in_dims = _restore_vmap(
-            backward_no_context, ((ctx._ftl_saved_bdims, grad_dims),), batch_size, randomness
+            backward_no_context, ((ctx._ftl_saved_bdims[id(vmapped)], grad_dims),), batch_size, randomness
         )((ctx.saved_tensors, grads))
-        return _reductify(grad_ins, grad_in_dims, in_dims, batch_size, ctx._ftl_input_shapes)
+        shapes = ctx._ftl_input_shapes[id(vmapped)]
+        return _reductify(grad_ins, grad_in_dims, in_dims, batch_size, shapes)
 
-    return type(
+    vmapped = type(
         f"Vmapped{cls.__name__}",
         (torch.autograd.Function,),
         {
@@ -261,6 +277,7 @@ def _vmapify(cls, in_dims, batch_size, randomness):
             "generate_vmap_rule": True,
         },
     )
+    return vmapped
 
 
 # ---- grad and jvp levels
