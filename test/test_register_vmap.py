@@ -419,3 +419,20 @@ def test_rules_registered_before_import_are_found():
     proc = subprocess.run([sys.executable, "-c", _BEFORE_IMPORT], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[3, -1]"
+
+
+def test_jvp_and_grad_of_vmap_differentiate_through_the_rules_ops():
+    def rule(info, in_dims, x):
+        return x.sin() + 1, in_dims[0]  # torch ops: the outer levels differentiate these
+
+    ft.register_vmap(np_bad, rule)
+    try:
+        x, t = torch.randn(3, 2), torch.randn(3, 2)
+        out, tangent = ft.jvp(ft.vmap(np_bad), (x,), (t,))
+        torch.testing.assert_close(out, x.sin() + 1)
+        torch.testing.assert_close(tangent, x.cos() * t)
+        expected = torch.autograd.functional.jacobian(lambda x: x.sin() + 1, x)
+        torch.testing.assert_close(ft.jacfwd(ft.vmap(np_bad))(x), expected)
+        torch.testing.assert_close(ft.grad(lambda x: ft.vmap(np_bad)(x).sum())(x), x.cos())
+    finally:
+        _rules.deregister_vmap(np_bad)
