@@ -8,7 +8,7 @@ Signatures and semantics follow torch.func. The transforms are implemented by fu
 own C++ level stack and wrapper tensors (see docs/design.md); they run torch's own autograd.
 """
 
-from . import _guards, _repr
+from . import _guards, _repr, _rules
 from ._config import get_vmap_fallback, set_vmap_fallback, show_config
 from ._cpp import cmake_prefix_path, get_include, library_path  # noqa: F401  (docs/extending_cpp.md)
 from ._einops import rearrange
@@ -17,11 +17,13 @@ from ._helpers import debug_unwrap, replace_all_batch_norm_modules_
 from ._jac import hessian, jacfwd, jacrev, jvp
 from ._linearize import linearize
 from ._load import _C  # noqa: F401  (loads and checks the extension first)
+from ._rules import register_vmap
 from ._vmap import vmap
 from .version import __version__
 
 _repr.install()
 _guards.install()
+_rules.install()
 
 
 from . import dp  # noqa: E402  DP-SGD toolkit (functorch_lite.dp, docs/dp.md)
@@ -53,5 +55,6 @@ __all__ = [
     "show_config",
     "set_vmap_fallback",
     "get_vmap_fallback",
+    "register_vmap",
     "dp",
 ]

@@ -8,6 +8,10 @@ torch's own path unchanged:
   refused as in torch.func. Reading `.data` stays allowed.
 - an autograd.Function without setup_context (forward(ctx, ...), the old style): torch.func
   refuses it under every transform; so do we, with the same exception and first sentence.
+  Functions with setup_context are run level by level as torch.func runs them
+  (_autograd_function.py: the vmap staticmethod, generate_vmap_rule, backward/jvp per level).
+  Inside a grad level's autograd kernels (a custom op's register_autograd formula, which torch
+  implements as an old-style Function) our front is off, and apply is torch's own.
 - a saved-tensor pack hook that keeps a reference to a tensor of a transform (stores it in a
   global list, say): the wrapper would outlive its transform. Unlike torch.func, which refuses
   saved-tensor hooks altogether, hooks that do not keep the tensor (torch.utils.checkpoint with
@@ -16,6 +20,7 @@ torch's own path unchanged:
   its recomputation gives zero higher-order gradients there.
 """
 
+import inspect
 import sys
 
 import torch
@@ -24,6 +29,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves
 from torch.utils.checkpoint import _checkpoint_hook
 
+from . import _autograd_function
 from ._load import _C
 
 _data = torch._C.TensorBase.__dict__["data"]
@@ -51,7 +57,9 @@ def _set_data(self, value):
 
 
 def _apply(cls, *args, **kwargs):
-    if _C._stack_depth() and not _is_setup_context_defined(cls.setup_context):
+    if not _C._front_active():
+        return _function_apply(cls, *args, **kwargs)
+    if not _is_setup_context_defined(cls.setup_context):
         raise RuntimeError(
             f"In order to use an autograd.Function with functorch transforms (vmap, grad, jvp, "
             f"jacrev, ...), it must override the setup_context staticmethod. "
@@ -59,7 +67,10 @@ def _apply(cls, *args, **kwargs):
             f"move the ctx work of forward into setup_context(ctx, inputs, output). For more "
             f"details, please see https://pytorch.org/docs/main/notes/extending.func.html"
         )
-    return _function_apply(cls, *args, **kwargs)
+    # As torch's apply does for setup_context-style Functions: forward sees defaults filled in.
+    bound = inspect.signature(cls.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return _autograd_function.custom_function_call(cls, bound.args, bound.kwargs)
 
 
 def _guard_pack(pack_hook, recomputes):

@@ -57,15 +57,12 @@ LevelStack& levelStack() {
 
 const Level* LevelStack::find(int64_t id) const {
   for (size_t i = depth_; i-- > 0;) {
-    if (levels_[i].id == id) return &levels_[i];
+    if (levels_[i]->id == id) return levels_[i].get();
   }
   return nullptr;
 }
 
 int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomness) {
-  TORCH_CHECK(depth_ == levels_.size(),
-              "functorch_lite: cannot enter a transform while an operator is being handed between "
-              "levels (was a transform called from inside a kernel?)");
   auto tls = c10::impl::tls_local_dispatch_key_set();
   Level level{next_level_id.fetch_add(1),
               kind,
@@ -85,22 +82,24 @@ int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomne
     tls.included_ = tls.included_.add(c10::DispatchKey::ADInplaceOrView);
   }
   if (levels_.empty()) c10::ThreadLocalDebugInfo::_push(kStackInfo, std::make_shared<StackInfo>(this));
-  levels_.push_back(std::move(level));
-  depth_ = levels_.size();
+  // On top of the visible levels, below any hidden ones (NOTE [Stack invariants]).
+  levels_.insert(levels_.begin() + static_cast<std::ptrdiff_t>(depth_),
+                 std::make_unique<Level>(std::move(level)));
+  ++depth_;
   tls.included_ = tls.included_.add(c10::DispatchKey::DeferredInit);
   tls.excluded_ = tls.excluded_.remove(c10::DispatchKey::DeferredInit);
   // The Batched marker on our tensors must never dispatch (NOTE [Dispatch keys of our tensors]).
   tls.excluded_ = tls.excluded_.add(c10::DispatchKey::Batched);
   c10::impl::_force_tls_local_dispatch_key_set(tls);
-  return levels_.back().id;
+  return levels_[depth_ - 1]->id;
 }
 
 void LevelStack::pop(int64_t id) {
-  TORCH_CHECK(depth_ == levels_.size() && !levels_.empty() && levels_.back().id == id,
+  TORCH_CHECK(depth_ > 0 && levels_[depth_ - 1]->id == id,
               "functorch_lite: transforms must exit in the reverse order they were entered "
               "(tried to exit level ",
               id, ", stack is ", describeStack(), ")");
-  Level& level = levels_.back();
+  Level& level = *levels_[depth_ - 1];
   *level.alive = false;
   c10::impl::_force_tls_local_dispatch_key_set(level.saved_tls);
   if (level.lifted_inference_mode) {
@@ -108,8 +107,8 @@ void LevelStack::pop(int64_t id) {
     autograd_state.set_inference_mode(true);
     c10::AutogradState::set_tls_state(autograd_state);
   }
-  levels_.pop_back();
-  depth_ = levels_.size();
+  levels_.erase(levels_.begin() + static_cast<std::ptrdiff_t>(depth_ - 1));
+  --depth_;
   if (levels_.empty()) c10::ThreadLocalDebugInfo::_pop(kStackInfo);
 }
 
@@ -119,7 +118,7 @@ HandDownGuard::HandDownGuard()
       prev_grad_mode_(at::GradMode::is_enabled()),
       prev_fw_grad_mode_(c10::AutogradState::get_tls_state().get_fw_grad_mode()) {
   TORCH_INTERNAL_ASSERT(stack_.depth_ > 0);
-  const Level& hidden = stack_.levels_[--stack_.depth_];
+  const Level& hidden = *stack_.levels_[--stack_.depth_];
   // A TorchDispatchMode entered inside the transformed function (its Python keys are in the TLS
   // included set now, not in the one saved at push) sees the plain ops below, as in torch.func.
   static const c10::DispatchKeySet kModeKeys({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot});

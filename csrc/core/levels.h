@@ -33,8 +33,11 @@
 //
 // NOTE [Stack invariants]
 // - levels_[0, depth_) are visible to dispatch; levels_[depth_, size) are hidden while an op is
-//   being handed down. Only the Python entry points push and pop, always at the true top, and
-//   only while nothing is hidden.
+//   being handed down. Only the Python entry points push and pop, always at the top of the
+//   visible part. A transform entered while levels are hidden (an autograd.Function's generated
+//   vmap rule, or a user batching rule that calls a transform, runs with its level hidden) sits
+//   below the hidden levels until it exits, which it does before they are shown again. Levels
+//   live on the heap, so a Level& held by a kernel stays valid across such a push.
 // - While depth_ > 0, DeferredInit is in the TLS included set, except inside the window where a
 //   grad level runs torch's autograd kernels on its wrappers (see gradProcess in dispatch.cpp).
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -67,10 +70,10 @@ struct Level {
 
 class LevelStack {
  public:
-  const Level* top() const { return depth_ ? &levels_[depth_ - 1] : nullptr; }
+  const Level* top() const { return depth_ ? levels_[depth_ - 1].get() : nullptr; }
   size_t depth() const { return depth_; }
   size_t size() const { return levels_.size(); }
-  const Level& at(size_t i) const { return levels_.at(i); }
+  const Level& at(size_t i) const { return *levels_.at(i); }
   // Finds a visible level by id; nullptr if it is not on the visible part of the stack.
   const Level* find(int64_t id) const;
 
@@ -80,7 +83,7 @@ class LevelStack {
 
  private:
   friend class HandDownGuard;
-  std::vector<Level> levels_;
+  std::vector<std::unique_ptr<Level>> levels_;
   size_t depth_ = 0;
 };
 

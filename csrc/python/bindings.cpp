@@ -3,6 +3,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/headeronly/version.h>
 
@@ -70,6 +71,59 @@ at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, int64_t batch_s
   std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
   sizes.insert(sizes.begin() + d, batch_size);
   return t.unsqueeze(d).expand(sizes);
+}
+
+const char* randomnessName(Randomness r) {
+  switch (r) {
+    case Randomness::Error:
+      return "error";
+    case Randomness::Same:
+      return "same";
+    case Randomness::Different:
+      return "different";
+  }
+  return "error";
+}
+
+// NOTE [User batching rules] in vmap/fallback.h: the Python side (functorch_lite/_rules.py)
+// receives the op's name, its arguments as torch would pass them to a Python kernel, and the
+// level; it returns the op's result, or NotImplemented to decline.
+py::object& userRuleCallback() {
+  static auto* cb = new py::object();  // leaked: must not be destroyed after the interpreter
+  return *cb;
+}
+
+bool pyUserRule(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  py::gil_scoped_acquire gil;
+  if (!userRuleCallback()) return false;
+  const auto& schema = op.schema();
+  const size_t nargs = schema.arguments().size();
+  const size_t begin = stack->size() - nargs;
+  // Positional arguments in a tuple, keyword-only ones in a dict, as torch calls Python kernels.
+  py::list args;
+  py::dict kwargs;
+  for (size_t i = 0; i < nargs; ++i) {
+    const auto& arg = schema.arguments()[i];
+    py::object v = torch::jit::toPyObject((*stack)[begin + i]);
+    if (arg.kwarg_only())
+      kwargs[py::str(arg.name())] = v;
+    else
+      args.append(v);
+  }
+  py::object out = userRuleCallback()(c10::toString(op.operator_name()), py::tuple(args), kwargs, top.id,
+                                      top.batch_size, randomnessName(top.randomness));
+  if (out.ptr() == Py_NotImplemented) return false;
+  torch::jit::drop(*stack, nargs);
+  // _rules.py has checked the structure against the schema.
+  const auto& returns = schema.returns();
+  if (returns.size() == 1) {
+    stack->push_back(torch::jit::toIValue(out, returns[0].real_type()));
+  } else if (returns.size() > 1) {
+    auto seq = py::cast<py::sequence>(out);
+    for (size_t i = 0; i < returns.size(); ++i)
+      stack->push_back(torch::jit::toIValue(seq[i], returns[i].real_type()));
+  }
+  return true;
 }
 
 // Context manager: runs Python code with our front key excluded, so torch functions that read raw
@@ -182,6 +236,41 @@ PYBIND11_MODULE(_C, m) {
           auto* gw = asGradWrapper(t);
           return gw && gw->level() == level_id ? gw->value() : t;
         }));
+
+  // ---- user batching rules and autograd.Function (functorch_lite/_rules.py, _autograd_function.py)
+  m.def("_set_user_rule_callback", [](py::object cb) {
+    userRuleCallback() = std::move(cb);
+    setUserRuleHook(&pyUserRule);
+  });
+  m.def("_add_user_rule_op", torch::wrap_pybind_function(&addUserRuleOp));
+  m.def("_remove_user_rule_op", torch::wrap_pybind_function(&removeUserRuleOp));
+  // (id, kind, batch_size, randomness) of the innermost visible level, or None.
+  m.def("_top_level_info", []() -> py::object {
+    const Level* top = levelStack().top();
+    if (!top) return py::none();
+    return py::make_tuple(top->id, levelKindName(top->kind), top->batch_size,
+                          randomnessName(top->randomness));
+  });
+  // True while our front kernel sees ops: a level is live and we are not inside the window where
+  // a grad level runs torch's autograd kernels (where autograd.Functions are autograd's own).
+  m.def("_front_active", [] {
+    const auto tls = c10::impl::tls_local_dispatch_key_set();
+    return tls.included_.has(c10::DispatchKey::DeferredInit) &&
+           !tls.excluded_.has(c10::DispatchKey::DeferredInit);
+  });
+  // (value, bdim) of a tensor batched at `level`; (t, None) otherwise.
+  m.def("_unwrap_batched", torch::wrap_pybind_function([](const at::Tensor& t, int64_t level_id) {
+          auto [value, bdim] = unwrapAt(t, level_id);
+          return std::make_tuple(value, bdim);
+        }));
+  // Calls fn(*args) at the level below `level` (the top one), as a batching rule runs.
+  m.def("_call_below", [](int64_t level_id, const py::function& fn, const py::args& args) {
+    const Level* top = levelStack().top();
+    TORCH_CHECK(top && top->id == level_id, "functorch_lite: level ", level_id,
+                " is not the innermost level (stack ", describeStack(), ")");
+    HandDownGuard guard;
+    return fn(*args);
+  });
 
   py::class_<BelowTransforms>(m, "_BelowTransforms")
       .def(py::init<>())

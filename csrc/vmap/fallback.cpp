@@ -11,10 +11,14 @@
 #include <ATen/ops/stack_ops.h>
 #include <c10/util/Exception.h>
 
+#include <torch/library.h>
+
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <set>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "core/dispatch.h"
@@ -244,7 +248,79 @@ bool anyBatched(const torch::jit::Stack& stack, size_t begin, size_t end, int64_
   return any;
 }
 
+// NOTE [User batching rules] in fallback.h.
+struct UserRules {
+  std::mutex mutex;
+  std::unordered_set<std::string> ops;
+  // Boxed front kernels registered over our unboxed rules, by op name; destroying one restores ours.
+  std::unordered_map<std::string, std::unique_ptr<torch::Library>> overrides;
+  std::atomic<bool> any{false};
+  std::atomic<UserRuleHook> hook{nullptr};
+};
+UserRules& userRules() {
+  static auto* r = new UserRules();  // leaked: kernels must outlive static destruction
+  return *r;
+}
+
+struct SilentWarnings final : c10::WarningHandler {
+  void process(const c10::Warning&) override {}
+};
+
+bool runUserRule(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  auto& r = userRules();
+  UserRuleHook hook = r.hook.load();
+  if (!hook) return false;
+  {
+    std::lock_guard<std::mutex> g(r.mutex);
+    if (!r.ops.count(c10::toString(op.operator_name()))) return false;
+  }
+  const size_t begin = stack->size() - op.schema().arguments().size();
+  // torch.func's rule: a user rule is only asked when something is batched at its level.
+  if (!anyBatched(*stack, begin, stack->size(), top.id)) return false;
+  return hook(op, stack, top);
+}
+
 }  // namespace
+
+void setUserRuleHook(UserRuleHook hook) {
+  userRules().hook.store(hook);
+}
+
+void addUserRuleOp(const std::string& name) {
+  auto& r = userRules();
+  std::lock_guard<std::mutex> g(r.mutex);
+  r.ops.insert(name);
+  r.any.store(true);
+  if (r.overrides.count(name)) return;
+  const auto dot = name.find('.', name.find("::"));
+  c10::OperatorName opname(name.substr(0, dot), dot == std::string::npos ? "" : name.substr(dot + 1));
+  auto handle = c10::Dispatcher::singleton().findOp(opname);
+  if (!handle || !handle->hasKernelForDispatchKey(c10::DispatchKey::DeferredInit)) return;
+  const auto sep = name.find("::");
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, name.substr(0, sep),
+                                              c10::DispatchKey::DeferredInit, __FILE__, __LINE__);
+  // The dispatcher warns about overriding a kernel; here that is the point.
+  SilentWarnings silent;
+  c10::WarningUtils::WarningHandlerGuard quiet(&silent);
+  lib->impl(name.substr(sep + 2).c_str(), torch::CppFunction::makeFromBoxedFunction<&frontFallback>());
+  r.overrides.emplace(name, std::move(lib));
+}
+
+void removeUserRuleOp(const std::string& name) {
+  auto& r = userRules();
+  std::unique_ptr<torch::Library> lib;
+  {
+    std::lock_guard<std::mutex> g(r.mutex);
+    r.ops.erase(name);
+    r.any.store(!r.ops.empty());
+    auto it = r.overrides.find(name);
+    if (it != r.overrides.end()) {
+      lib = std::move(it->second);
+      r.overrides.erase(it);
+    }
+  }
+  // Deregistered outside our lock: the dispatcher takes its own.
+}
 
 FallbackMode fallbackMode() {
   return modeRef().load(std::memory_order_relaxed);
@@ -267,6 +343,8 @@ void vmapForLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const 
 }
 
 void vmapBoxed(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Level& top) {
+  // A user's rule wins over everything below, randomness included (it receives info.randomness).
+  if (C10_UNLIKELY(userRules().any.load(std::memory_order_relaxed)) && runUserRule(op, stack, top)) return;
   if (vmapRandom(op, stack, top)) return;
   const auto& schema = op.schema();
   const size_t begin = stack->size() - schema.arguments().size();
