@@ -14,7 +14,20 @@ pytest.register_assert_rewrite("_opinfo_common")
 pytest.register_assert_rewrite("_placements")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--skip-slow",
+        action="store_true",
+        help="skip the tests marked slow (OpInfo sweeps, fuzzer, extension build, benchmark smoke "
+        "test, memory soak): a quick local loop; CI runs everything",
+    )
+
+
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: a long sweep or soak; CI runs it, `pytest --skip-slow` leaves it out locally",
+    )
     config.addinivalue_line(
         "markers",
         "run_first: run before every other test of the session (for checks of once-per-process "
@@ -23,7 +36,27 @@ def pytest_configure(config):
     )
 
 
+# The long sweeps and soaks, marked here in one place (a file-level mark each would be scattered).
+SLOW_FILES = {
+    "test_opinfo_sweep.py",
+    "test_opinfo_vjp.py",
+    "test_opinfo_jvp.py",
+    "test_fuzz.py",
+    "test_benchmarks_quick.py",
+    "test_cpp_extension.py",
+    "test_memory.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for it in items:
+        if it.path.name in SLOW_FILES:
+            it.add_marker(pytest.mark.slow)
+    if config.getoption("--skip-slow"):
+        skip = pytest.mark.skip(reason="slow: run without --skip-slow (CI does)")
+        for it in items:
+            if it.get_closest_marker("slow"):
+                it.add_marker(skip)
     first = [it for it in items if it.get_closest_marker("run_first")]
     if first:
         rest = [it for it in items if not it.get_closest_marker("run_first")]
