@@ -13,7 +13,16 @@ from ._load import _C
 
 # torch.Tensor.requires_grad_ refuses calls inside transforms (as torch.func's does); the
 # transforms mark their own inputs with torch's method itself.
-_requires_grad = torch._C.TensorBase.requires_grad_
+_torch_requires_grad = torch._C.TensorBase.requires_grad_
+
+
+def _requires_grad(t):
+    # A torch function mode (torch.set_default_device installs one) would hand the call to the
+    # public, refusing, torch.Tensor.requires_grad_; marking needs no mode.
+    if torch._C._is_torch_function_mode_enabled():
+        with torch._C.DisableTorchFunction():
+            return _torch_requires_grad(t)
+    return _torch_requires_grad(t)
 
 
 def _fn_name(func):
@@ -253,6 +262,12 @@ def vjp(func, *primals, has_aux=False):
                         f"vjp(f, *primals): expected f(*primals) to return only tensors (a "
                         f"Tensor or a pytree of Tensors), got {_a(type(o).__name__)} in its "
                         f"output."
+                    )
+                if not (o.is_floating_point() or o.is_complex()):
+                    # Nothing can be differentiated through it (torch.func refuses it too).
+                    raise RuntimeError(
+                        f"vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "
+                        f"got a Tensor of dtype {o.dtype} in its output."
                     )
             flat_primals, primals_spec = tree_flatten(wrapped)
             primals_out = tree_unflatten([_unwrap(o, level) for o in flat_out], out_spec)

@@ -125,6 +125,12 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 f"jvp(f, primals, tangents): primal {i} must be a floating-point or complex "
                 f"Tensor, got dtype {p.dtype}."
             )
+        if not (t.is_floating_point() or t.is_complex()):
+            # torch's forward AD would stop at an internal assert.
+            raise ValueError(
+                f"jvp(f, primals, tangents): Expected tangent to be floating point or complex, "
+                f"but tangent {i} has dtype {t.dtype}."
+            )
         if p.shape != t.shape:
             raise RuntimeError(
                 f"jvp(f, primals, tangents): primal {i} has shape {tuple(p.shape)} but its "
