@@ -144,10 +144,14 @@ def grad_and_value(func, argnums=0, has_aux=False):
     Gradients mirror the structure of the selected arguments; with a tuple `argnums` they come
     back as a tuple, one entry per argnum.
     """
+    return _grad_and_value(func, argnums, has_aux, "grad_and_value")
 
+
+def _grad_and_value(func, argnums, has_aux, api):
+    # `api` names the public entry in messages. (The wrapper must not refer to itself: that
+    # would make every transformed function a reference cycle, freed only by the gc.)
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        api = "grad_and_value" if not getattr(wrapper, "_ft_is_grad", False) else "grad"
         idx = _normalize_argnums(argnums, len(args), api)
         for i in idx:
             a = args[i]
@@ -221,8 +225,7 @@ def grad(func, argnums=0, has_aux=False):
 
     Like grad_and_value, without the value: with has_aux=True it returns (gradient, aux).
     """
-    gv = grad_and_value(func, argnums, has_aux)
-    gv._ft_is_grad = True
+    gv = _grad_and_value(func, argnums, has_aux, "grad")
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
