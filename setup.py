@@ -81,7 +81,14 @@ setup(
         "demo": ["dp-accounting>=0.4", "scikit-learn", "tqdm", "matplotlib"],
         # development: tests (hypothesis for the fuzzer, Opacus as an oracle only) and the
         # formatters that scripts/format.sh applies and scripts/lint.sh checks (pinned)
-        "dev": ["pytest", "expecttest", "hypothesis", "opacus==1.6.0", "ruff==0.17.6", "clang-format==23.1.5"],
+        "dev": [
+            "pytest",
+            "expecttest",
+            "hypothesis",
+            "opacus==1.6.0",
+            "ruff==0.17.6",
+            "clang-format==23.1.5",
+        ],
     },
     zip_safe=False,
 )

@@ -119,7 +119,10 @@ CASES = {
         "All outputs of f must be floating-point or complex",
     ),
     "grad_bool_output": (lambda L: L.grad(lambda t: True)(x), "to return a Tensor"),
-    "vmap_returns_dict_with_int": (lambda L: L.vmap(lambda t: {"a": t, "b": 1})(X), "must only return Tensors"),
+    "vmap_returns_dict_with_int": (
+        lambda L: L.vmap(lambda t: {"a": t, "b": 1})(X),
+        "must only return Tensors",
+    ),
     "vmap_returns_nested_int": (lambda L: L.vmap(lambda t: [t, [t, 3]])(X), "must only return Tensors"),
     # argnums and pytree leaves
     "grad_argnums_bool": (lambda L: L.grad(sq, argnums=True)(x), "argnum"),
@@ -172,7 +175,10 @@ CASES = {
         lambda L: L.vmap(lambda t: t @ torch.ones(4, 2))(X),
         "cannot be multiplied",
     ),
-    "grad_matmul_shapes": (lambda L: L.grad(lambda t: (t @ torch.ones(4)).sum())(x), "inconsistent tensor size"),
+    "grad_matmul_shapes": (
+        lambda L: L.grad(lambda t: (t @ torch.ones(4)).sum())(x),
+        "inconsistent tensor size",
+    ),
     "functional_call_weight_shape": (
         lambda L: L.functional_call(nn.Linear(3, 3), {"weight": torch.ones(2, 2)}, (x,)),
         "cannot be multiplied",
@@ -392,11 +398,13 @@ ACCEPTED = {
         L.grad(lambda t: _escape(L, "grad")(t).sum())(x),
         _escaped_later(L, "grad") + 1,
     )[1],
-    "jvp_escaped_tensor_used_later": lambda L: (L.jvp(_escape(L, "jvp"), (x,), (x,)), _escaped_later(L, "jvp") * 3)[
-        1
-    ],
-    "repr_of_escaped_batched_tensor": lambda L: (L.vmap(_escape(L, "repr"))(X), repr(_escaped_later(L, "repr")))[1]
-    and torch.ones(1),
+    "jvp_escaped_tensor_used_later": lambda L: (
+        L.jvp(_escape(L, "jvp"), (x,), (x,)),
+        _escaped_later(L, "jvp") * 3,
+    )[1],
+    "repr_of_escaped_batched_tensor": lambda L: (
+        (L.vmap(_escape(L, "repr"))(X), repr(_escaped_later(L, "repr")))[1] and torch.ones(1)
+    ),
     "vmap_batch_of_zero": lambda L: L.vmap(torch.sin)(torch.ones(0, 3)),
     "grad_nan_input": lambda L: L.grad(lambda t: t.sqrt().sum())(torch.tensor([-1.0, 1.0])),
     "grad_output_independent_of_input": lambda L: L.grad(lambda t: torch.tensor(1.0))(x),
@@ -516,7 +524,17 @@ def test_catalogue_size_and_coverage():
     assert len(ours) >= 50
     assert not (set(CASES) & set(API_CASES)), "a case duplicates test_conformance_api.py"
     names = " ".join(list(CASES) + list(INTERRUPTS) + list(OURS_ONLY))
-    for api in ("vmap", "grad", "grad_and_value", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functional_call"):
+    for api in (
+        "vmap",
+        "grad",
+        "grad_and_value",
+        "vjp",
+        "jvp",
+        "jacrev",
+        "jacfwd",
+        "hessian",
+        "functional_call",
+    ):
         assert api + "_" in names or api in INTERRUPTS, api
     for api in ("clipped_grad", "clipped_grad_module", "poisson_sampler", "compute_epsilon", "trainer"):
         assert "dp_" + api in names, api
@@ -532,7 +550,7 @@ def test_the_whole_catalogue_in_one_process_keeps_the_interpreter_alive():
 
     here = Path(__file__).parent
     script = (
-        "import sys, warnings; sys.path.insert(0, %r); warnings.simplefilter('ignore')\n"
+        f"import sys, warnings; sys.path.insert(0, {str(here)!r}); warnings.simplefilter('ignore')\n"
         "import torch, functorch_lite as ft, test_bad_inputs as b\n"
         "n = 0\n"
         "for name, (call, _) in sorted(b.CASES.items()):\n"
@@ -544,7 +562,7 @@ def test_the_whole_catalogue_in_one_process_keeps_the_interpreter_alive():
         "assert ft._C._stack_depth() == 0\n"
         "b._still_works()\n"
         "print('ran', n)\n"
-    ) % str(here)
+    )
     env = dict(__import__("os").environ)
     env["PYTHONPATH"] = str(here.parent) + ":" + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)

@@ -41,7 +41,11 @@ def _flat_over(n_calls, warmup, step):
     for _ in range(n_calls):
         step()
     gc.collect()
-    return before, _rss_bytes()
+    after = _rss_bytes()
+    print(
+        f"RSS after {warmup} warm-up calls {before / 2**20:.1f} MiB, {n_calls} calls later {after / 2**20:.1f} MiB"
+    )
+    return before, after
 
 
 @needs_statm
@@ -185,7 +189,9 @@ def _ours_in(garbage):
         else:
             mod = getattr(type(obj), "__module__", "") or ""
             code = getattr(obj, "f_code", None) or getattr(obj, "__code__", None)
-            if mod.startswith("functorch_lite") or (code is not None and "functorch_lite" in code.co_filename):
+            if mod.startswith("functorch_lite") or (
+                code is not None and "functorch_lite" in code.co_filename
+            ):
                 found.append(repr(obj)[:100])
     return found
 

@@ -141,9 +141,11 @@ def test_a_tensor_of_another_threads_transform_is_a_clear_error(kind, user):
             return t.sum() if kind == "grad" else t
 
         try:
-            {"vmap": lambda: ft.vmap(f)(X), "grad": lambda: ft.grad(f)(x), "jvp": lambda: ft.jvp(f, (x,), (x,))}[
-                kind
-            ]()
+            {
+                "vmap": lambda: ft.vmap(f)(X),
+                "grad": lambda: ft.grad(f)(x),
+                "jvp": lambda: ft.jvp(f, (x,), (x,)),
+            }[kind]()
         except BaseException as e:  # noqa: BLE001
             box["owner_error"] = e
             ready.set()
