@@ -170,7 +170,12 @@ def grad_and_value(func, argnums=0, has_aux=False):
         >>> g, value
         (tensor([2., 4.]), tensor(5.))
     """
+    return _grad_and_value(func, argnums, has_aux, "grad_and_value")
 
+
+def _grad_and_value(func, argnums, has_aux, api):
+    # `api` names the public entry in messages. (The wrapper must not refer to itself: that
+    # would make every transformed function a reference cycle, freed only by the gc.)
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return _grad_and_value_entry(func, argnums, has_aux, args, kwargs)
@@ -350,6 +355,12 @@ def vjp(func, *primals, has_aux=False):
                         f"vjp(f, *primals): expected f(*primals) to return only tensors (a "
                         f"Tensor or a pytree of Tensors), got {_a(type(o).__name__)} in its "
                         f"output."
+                    )
+                if not (o.is_floating_point() or o.is_complex()):
+                    # Nothing can be differentiated through it (torch.func refuses it too).
+                    raise RuntimeError(
+                        f"vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "
+                        f"got a Tensor of dtype {o.dtype} in its output."
                     )
             flat_primals, primals_spec = tree_flatten(wrapped)
             primals_out = tree_unflatten([_unwrap(o, level) for o in flat_out], out_spec)

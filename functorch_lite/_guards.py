@@ -102,12 +102,61 @@ def _guard_pack(pack_hook, recomputes):
     return pack
 
 
+def _is_dead_ours(t):
+    info = isinstance(t, torch.Tensor) and _C._wrapper_info(t)
+    return bool(info) and not info[-1]
+
+
+def _guard_unpack(unpack_hook):
+    # vjp_fn (so jacrev, hessian) runs the backward after vjp's level has gone: a hook that
+    # computes on the saved wrapper there (save_on_cpu's t.to(device)) gets a plain tensor cut
+    # from the transform's graph (or, under an outer jvp, a wrapper without its tangent), and the
+    # derivatives come out wrong (zeros under hessian). Returning the packed tensor itself is fine.
+    def unpack(packed):
+        out = unpack_hook(packed)
+        leaves = tree_leaves(packed)
+        if any(_is_dead_ours(leaf) for leaf in leaves) and not any(out is leaf for leaf in leaves):
+            raise RuntimeError(
+                "functorch_lite: a saved-tensor unpack hook computed on a tensor of a transform "
+                "that has already returned: vjp_fn (also inside jacrev and hessian) runs the "
+                "backward after vjp's level is gone, so hooks that transform the saved tensor "
+                "(torch.autograd.graph.save_on_cpu, say) would cut it from the graph and give "
+                "wrong derivatives. Use grad (its backward runs inside the transform), or call "
+                "the function without the hook."
+            )
+        return out
+
+    unpack.__wrapped__ = unpack_hook
+    return unpack
+
+
 def _init_hooks(self, pack_hook, unpack_hook):
-    _hooks_init(self, _guard_pack(pack_hook, isinstance(self, _checkpoint_hook)), unpack_hook)
+    recomputes = isinstance(self, _checkpoint_hook)
+    _hooks_init(self, _guard_pack(pack_hook, recomputes), _guard_unpack(unpack_hook))
+
+
+def _autocast_enter(self):
+    # Handing an op down restores the dispatch-key state of the moment the level was pushed, which
+    # holds autocast's on/off switch: a change made inside the function would be silently ignored.
+    if _C._stack_depth() and torch.amp.is_autocast_available(self.device):
+        enabled = torch.is_autocast_enabled(self.device)
+        dtype = torch.get_autocast_dtype(self.device)
+        if self._enabled != enabled or (enabled and self.fast_dtype != dtype):
+            raise RuntimeError(
+                f"functorch_lite: torch.autocast(device_type={self.device!r}) entered inside a "
+                f"function being transformed (vmap, grad, jvp, jacrev, ...) is not supported: the "
+                f"transforms would run its ops without the autocast change. Enter torch.autocast "
+                f"around the transform call instead (that works as in torch.func)."
+            )
+    return _autocast_enter_torch(self)
+
+
+_autocast_enter_torch = torch.amp.autocast_mode.autocast.__enter__
 
 
 def install():
     if torch.autograd.Function.__dict__["apply"].__func__ is not _apply:
+        torch.amp.autocast_mode.autocast.__enter__ = _autocast_enter
         torch.Tensor.data = property(_get_data, _set_data, doc=_data.__doc__)
         torch.autograd.Function.apply = classmethod(_apply)
         saved_tensors_hooks.__init__ = _init_hooks

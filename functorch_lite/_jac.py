@@ -29,7 +29,10 @@ _decompositions_loaded = False
 
 
 class _DualLevel:
-    """Enters torch's dual level for the outermost jvp of this thread only."""
+    """Enters torch's dual level for the outermost jvp of this thread only. torch's dual levels
+    are process-wide (a second enter_dual_level raises "Nested forward mode AD is not supported"
+    even on another thread), so concurrent threads share one, entered by the first and exited by
+    the last; tangents live on each thread's own tensors, so sharing mixes nothing."""
 
     def __enter__(self):
         global _decompositions_loaded
@@ -42,11 +45,15 @@ class _DualLevel:
         self.outer = _jvp_nesting() == 0
         _state.jvp_nesting = _jvp_nesting() + 1
         if self.outer:
-            try:
-                self.level = _state.dual_level = fwAD.enter_dual_level()
-            except Exception:
-                _state.jvp_nesting -= 1
-                raise
+            with _shared_lock:
+                if _shared["users"] == 0:
+                    try:
+                        _shared["level"] = fwAD.enter_dual_level()
+                    except Exception:
+                        _state.jvp_nesting -= 1
+                        raise
+                _shared["users"] += 1
+                self.level = _state.dual_level = _shared["level"]
         else:
             self.level = _state.dual_level
         return self
@@ -54,8 +61,16 @@ class _DualLevel:
     def __exit__(self, *exc):
         _state.jvp_nesting -= 1
         if self.outer:
-            fwAD.exit_dual_level(level=self.level)
+            with _shared_lock:
+                _shared["users"] -= 1
+                if _shared["users"] == 0:
+                    fwAD.exit_dual_level(level=self.level)
         return False
+
+
+# The dual level shared by the outermost jvps of all threads, and how many are inside it.
+_shared_lock = threading.Lock()
+_shared = {"users": 0, "level": None}
 
 
 def _check_tuple(x, what, api):
@@ -144,6 +159,12 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
             raise ValueError(
                 f"jvp(f, primals, tangents): primal {i} must be a floating-point or complex "
                 f"Tensor, got dtype {p.dtype}."
+            )
+        if not (t.is_floating_point() or t.is_complex()):
+            # torch's forward AD would stop at an internal assert.
+            raise ValueError(
+                f"jvp(f, primals, tangents): Expected tangent to be floating point or complex, "
+                f"but tangent {i} has dtype {t.dtype}."
             )
         if p.shape != t.shape:
             raise RuntimeError(

@@ -150,12 +150,15 @@ constexpr DispatchKey kBackKeys[] = {DispatchKey::PrivateUse3, DispatchKey::Spar
 void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   const auto& schema = op.schema();
   const Level* top = levelStack().top();
+  // Levels are per thread: a live wrapper (batched or grad) of a transform running on another
+  // thread is not lifted or unwrapped by this thread's levels and falls through to here.
   TORCH_CHECK(top && top->kind != LevelKind::Vmap, "functorch_lite: ", schema.operator_name(),
-              " reached a grad- or jvp-level tensor with no such transform active on this thread "
-              "(stack ",
+              " received a tensor of a functorch_lite transform (vmap, grad, jvp, ...) that is not "
+              "running on this thread (this thread's stack: ",
               describeStack(),
-              "). This happens when such a tensor is used from "
-              "another thread while its transform runs; please report it.");
+              "). Each thread has its own transforms: a tensor created inside a transformed "
+              "function cannot be used on another thread while that transform runs. Return it "
+              "from the function and pass the result to the other thread.");
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;
 
