@@ -90,7 +90,15 @@ def _plan(ndim, pattern, lengths):
 def rearrange(tensor, pattern, **axes_lengths):
     """Reorders, groups and splits the dims of `tensor` as `pattern` says (einops notation), e.g.
     rearrange(images, "b h w c -> b c h w") or "b (h1 h) w c -> (b h1) h w c" with h1=2. A list
-    or tuple of tensors is stacked first (along a new leading dim)."""
+    or tuple of tensors is stacked first (along a new leading dim).
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> ft.rearrange(torch.zeros(2, 5, 7, 3), "b h w c -> b c h w").shape
+        torch.Size([2, 3, 5, 7])
+        >>> ft.rearrange(torch.zeros(2, 6, 3), "b (h1 h) c -> (b h1) h c", h1=2).shape
+        torch.Size([4, 3, 3])
+    """
     if not isinstance(tensor, torch.Tensor):
         tensor = torch.stack(tensor)
     left, right, known = _plan(tensor.ndim, pattern, tuple(sorted(axes_lengths.items())))

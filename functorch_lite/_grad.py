@@ -170,12 +170,9 @@ def grad_and_value(func, argnums=0, has_aux=False):
         >>> g, value
         (tensor([2., 4.]), tensor(5.))
     """
-    return _grad_and_value(func, argnums, has_aux, "grad_and_value")
 
-
-def _grad_and_value(func, argnums, has_aux, api):
-    # `api` names the public entry in messages. (The wrapper must not refer to itself: that
-    # would make every transformed function a reference cycle, freed only by the gc.)
+    # (The wrapper must not refer to itself: that would make every transformed function a
+    # reference cycle, freed only by the gc; test_memory.py.)
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return _grad_and_value_entry(func, argnums, has_aux, args, kwargs)

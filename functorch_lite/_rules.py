@@ -73,6 +73,17 @@ def register_vmap(op, func=None, /):
     The rule wins over functorch_lite's own C++ rule and over the for-loop fallback; it is called
     only when something is batched at the vmap level. At grad/jvp levels the op's autograd
     formula runs as usual. Returns func. See docs/extending.md.
+
+    Example:
+        >>> import torch, functorch_lite as ft
+        >>> @torch.library.custom_op("doc_example::twice", mutates_args=())
+        ... def twice(x: torch.Tensor) -> torch.Tensor:
+        ...     return x * 2
+        >>> @ft.register_vmap(twice)
+        ... def twice_rule(info, in_dims, x):
+        ...     return twice(x), in_dims[0]  # elementwise: the batch dim stays where it is
+        >>> ft.vmap(twice)(torch.ones(4, 3)).shape
+        torch.Size([4, 3])
     """
     opov = _resolve(op, "register_vmap")
     if _library_utils.has_kwarg_only_tensors(opov._schema):

@@ -20,7 +20,15 @@ replace_all_batch_norm_modules_ = _helpers.replace_all_batch_norm_modules_
 
 
 def functionalize(func, *, remove="mutations"):
-    """Not implemented in functorch_lite (raises NotImplementedError)."""
+    """Not implemented in functorch_lite (raises NotImplementedError).
+
+    Example:
+        >>> import torch, functorch_lite.func as func
+        >>> func.functionalize(torch.sin)  # doctest: +IGNORE_EXCEPTION_DETAIL
+        Traceback (most recent call last):
+            ...
+        NotImplementedError: functorch_lite.func.functionalize is not implemented: ...
+    """
     raise NotImplementedError(
         "functorch_lite.func.functionalize is not implemented: functorch_lite has no "
         "functionalization transform. functionalize only changes how a function is traced "
