@@ -331,6 +331,11 @@ def vjp(func, *primals, has_aux=False):
                 [0., 4., 0.],
                 [0., 0., 6.]])
     """
+    return _vjp(func, primals, has_aux, int_outputs=False)
+
+
+def _vjp(func, primals, has_aux, int_outputs):
+    # int_outputs: linearize gives integer outputs zero tangents; vjp refuses them (torch.func).
     api = "vjp"
     for i, p in enumerate(primals):
         _refuse_sparse(api, p, f"primals[{i}]", _REVERSE_LAYOUTS)
@@ -353,7 +358,7 @@ def vjp(func, *primals, has_aux=False):
                         f"Tensor or a pytree of Tensors), got {_a(type(o).__name__)} in its "
                         f"output."
                     )
-                if not (o.is_floating_point() or o.is_complex()):
+                if not (int_outputs or o.is_floating_point() or o.is_complex()):
                     # Nothing can be differentiated through it (torch.func refuses it too).
                     raise RuntimeError(
                         f"vjp(f, ...): All outputs of f must be floating-point or complex Tensors, "

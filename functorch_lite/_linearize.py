@@ -16,7 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._compile import eager
-from ._grad import vjp
+from ._grad import _vjp, vjp
 from ._jac import jvp
 
 
@@ -107,7 +107,7 @@ def linearize(func, *primals):
         return tensors
 
     if flat_primals:
-        outs, vjp_fn = vjp(tensor_outputs, *primals)
+        outs, vjp_fn = _vjp(tensor_outputs, primals, False, int_outputs=True)
     else:
         outs, vjp_fn = tensor_outputs(), None
     diff = [i for i, o in enumerate(outs) if _differentiable(o)]
