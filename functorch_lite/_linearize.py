@@ -78,7 +78,7 @@ def _has_custom_function(outputs):
 
 @eager
 def linearize(func, *primals):
-    """Returns (func(*primals), jvp_fn), jvp_fn(*tangents) being the jvp of func at primals.
+    """Returns ``(func(*primals), jvp_fn)``, ``jvp_fn(*tangents)`` being the jvp of func at primals.
 
     As torch.func.linearize: tangents have the structure, shapes, dtypes and devices of the
     primals; jvp_fn may be called many times and composes with vmap. Outputs of func that are not

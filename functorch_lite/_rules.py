@@ -64,7 +64,7 @@ def register_vmap(op, func=None, /):
 
     op: an OpOverload (torch.ops.ns.name.overload), an OpOverloadPacket (its default overload), a
       "ns::name[.overload]" string, or a torch.library.custom_op.
-    func(info, in_dims, *args, **kwargs) -> (output, out_dims): `in_dims` has one entry per
+    ``func(info, in_dims, *args, **kwargs) -> (output, out_dims)``: `in_dims` has one entry per
       positional argument (a list for a Tensor[] argument): the batch dim of that tensor, or None.
       `info.batch_size` and `info.randomness` describe the vmap. It runs with the vmap level
       removed, on the plain (or outer-level) tensors, and returns the op's output with one out_dim
