@@ -4,7 +4,9 @@
 #   run(command="bash scripts/gpu_check.sh", timeout_s=540)   # with carried wheels: carry=[".whl"]
 #
 # 1. a venv with --system-site-packages (the machine's CUDA torch is used, nothing is downloaded);
-#    wheels under .whl/ (if carried: expecttest, ...) are installed into it without an index;
+#    wheels under .whl/ (if carried) are installed without an index (to /tmp/ftl-site); the machine has no
+#    expecttest, which test/test_grad.py needs; fetch it here first (pure Python, any platform):
+#      python3 -m pip download --no-deps -d .whl expecttest==0.3.0     (.whl/ is git-ignored)
 # 2. builds functorch_lite._C against that torch with every core (cmake + ninja, build/gpu);
 # 3. test/test_cuda.py (CUDA), then a CPU sanity subset (test/test_grad.py, or a file that needs
 #    no expecttest where it is missing);
@@ -67,12 +69,17 @@ if [ -n "${GPU_CHECK_PYTHON:-}" ]; then
   PY="$GPU_CHECK_PYTHON"
 else
   VENV="${GPU_CHECK_VENV:-/tmp/ftl-gpu-venv}"
-  [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV" || exit 1
+  [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV" ||
+    echo "warning: no venv (python3 -m venv failed): using python3 as is"
   PY="$VENV/bin/python"
-  if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check .whl/*.whl ||
-      echo "warning: the carried wheels did not install"
-  fi
+  # torch outside the system site-packages (or no venv): use the machine's python3 as is.
+  "$PY" -c "import torch" 2>/dev/null || PY="$(command -v python3)"
+fi
+# Carried wheels go to a directory of their own on PYTHONPATH: that works for either python.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
+    --target /tmp/ftl-site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/ftl-site" ||
+    echo "warning: the carried wheels did not install"
 fi
 export PATH="$(dirname "$PY"):$PATH"
 step env 60 "$PY" -c "
