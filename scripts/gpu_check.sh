@@ -111,7 +111,7 @@ if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
     cmake --build "$BUILD" --target functorch_lite_C -j "$JOBS" || return 1
     cp "$BUILD"/functorch_lite/_C*.so "$ROOT/functorch_lite/"
   }
-  step build 240 bash -c "$(declare -f build); BUILD='$BUILD' ROOT='$ROOT' PY='$PY' JOBS='$JOBS' build" || exit 1
+  step build "${GPU_CHECK_BUILD_LIMIT:-240}" bash -c "$(declare -f build); BUILD='$BUILD' ROOT='$ROOT' PY='$PY' JOBS='$JOBS' build" || exit 1
 fi
 step import 60 "$PY" -c "import functorch_lite as ft; print(ft.__file__); ft.show_config()" || exit 1
 
