@@ -151,6 +151,13 @@ CASES = {
 FALLBACK_OK = set()
 
 
+# (op, argument, rank) cases where torch itself is no referee. lu_unpack does not check the rank
+# of `pivots` and reads min(m, n) of them from a 0-dim tensor, past its one element: whether
+# it raises ('pivots ... must be between 1 and LU.size(-2)') depends on the memory it reads, so
+# the same call raised in one process and returned in another (seen in CI, about 1 run in 6).
+NO_REFEREE = {("lu_unpack", 1, 0)}
+
+
 def _lower(t, rank):
     """t with `rank` (< t.dim()) dims, keeping its dtype: the first elements of its flattening."""
     flat = t.reshape(-1)
@@ -190,6 +197,8 @@ def test_too_few_dims_raise_torchs_error(name):
     checked = 0
     for i, a in enumerate(args):
         for rank in range(min(a.dim(), 2)):
+            if (name, i, rank) in NO_REFEREE:
+                continue
             low = list(args)
             low[i] = _lower(a, rank)
             for which in ({i}, set(range(len(args)))):
