@@ -10,6 +10,7 @@ from torch.utils.checkpoint import CheckpointError
 
 from ._call import call_transformed
 from ._compile import eager, skip_wrappers
+from ._levels import _batched_like
 from ._load import _C
 
 # torch.Tensor.requires_grad_ refuses calls inside transforms (as torch.func's does); the
@@ -402,7 +403,7 @@ def _vjp(func, primals, has_aux, int_outputs):
             # A cotangent of another dtype is cast to the output's by torch's autograd engine
             # (torch.autograd.grad and torch.func accept it); a complex/real mismatch is refused
             # there with torch's own error.
-        pairs = [(o, c) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
+        pairs = [(o, _batched_like(o, c)) for o, c in zip(flat_out, flat_ct) if o.requires_grad]
         if pairs:
             # Under torch.inference_mode() the engine would hand back inference tensors, which
             # nothing can differentiate later; torch.func's vjp_fn returns normal tensors.

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ._call import call_transformed
 from ._compile import call_eagerly, eager, skip_wrappers
 from ._grad import _check_differentiable, _normalize_argnums, _refuse_sparse, _split_aux, vjp
+from ._levels import _batched_like
 from ._load import _C
 from ._vmap import vmap
 
@@ -79,31 +80,6 @@ def _check_tuple(x, what, api):
             f"{api}(f, primals, tangents): Expected {what} to be a tuple (f is called as "
             f"f(*primals)), got {type(x).__name__}."
         )
-
-
-def _vmap_levels(t):
-    """Ids of the vmap levels at which t is batched (anywhere in its chain of wrappers)."""
-    levels = set()
-    info = _C._wrapper_info(t)
-    while info is not None:
-        kind, lvl, _, value, _ = info
-        if kind == "batched":
-            levels.add(lvl)
-        info = _C._wrapper_info(value)
-    return levels
-
-
-def _promote_tangent(primal, tangent):
-    """The tangent, batched at least wherever the primal is (torch.func's invariant).
-
-    Under vmap(jacfwd(f)) the primal is batched by the outer vmap and the tangent (a basis vector)
-    only by jacfwd's own: an in-place op of f on a fresh tensor then writes a value batched by the
-    outer vmap into a tangent that is not, which no in-place rule can do. torch.func's forward AD
-    re-lays such tangents out like their primal when making duals; an add does the same here.
-    """
-    if _C._wrapper_info(primal) is None or _vmap_levels(primal) <= _vmap_levels(tangent):
-        return tangent
-    return tangent + torch.zeros_like(primal)
 
 
 @eager
@@ -174,7 +150,7 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     # A tangent of another floating dtype is kept (torch's forward AD accepts it, as torch.func
     # does); a complex tangent of a real primal is cast to the primal's dtype, as torch.func's is.
     flat_t = [t.to(p.dtype) if t.is_complex() and not p.is_complex() else t for p, t in zip(flat_p, flat_t)]
-    flat_t = [_promote_tangent(p, t) for p, t in zip(flat_p, flat_t)]
+    flat_t = [_batched_like(p, t) for p, t in zip(flat_p, flat_t)]
     with _DualLevel() as dual:
         dual_level = dual.level
         level = _C._push_jvp()

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ._compile import eager
+from ._levels import _vmap_levels
 from ._load import _C
 
 __all__ = ["functional_call", "stack_module_state", "make_functional", "make_functional_with_buffers"]
@@ -107,20 +108,6 @@ class _Swapper:
 
 # ------------------------------------------------------------------------------------------------
 # Batch norm in training mode under vmap
-
-
-def _vmap_levels(t):
-    """The ids of the live vmap levels at which the tensor t is batched (empty for a plain one)."""
-    levels = set()
-    while isinstance(t, torch.Tensor):
-        info = _C._wrapper_info(t)
-        if info is None:
-            break
-        kind, level, _bdim, value, alive = info
-        if kind == "batched" and alive:
-            levels.add(level)
-        t = value
-    return levels
 
 
 def _updates_running_stats(m):

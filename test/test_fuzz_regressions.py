@@ -1,8 +1,9 @@
 """Shrunk reproducers of the failures the differential fuzzer (test/_fuzz.py) found.
 
 Each test compares functorch_lite with torch.func and, where it helps, with a for-loop or plain
-torch.autograd. The strict xfails are failures not fixed yet (see docs/reliability.md); the
-fuzzer counts programs that hit them as "known" instead of failing (_fuzz.KNOWN).
+torch.autograd. Failures not fixed yet would be strict xfails here, and the fuzzer would count
+programs that hit them as "known" instead of failing (_fuzz.KNOWN); there are none at present
+(docs/reliability.md lists what was found and fixed).
 """
 
 import pytest
@@ -104,20 +105,15 @@ def test_hessian_of_loss_without_forward_ad_backward(loss):
     torch.testing.assert_close(ft.jacfwd(ft.jacrev(f))(x), expected)
 
 
-# ---- not fixed (strict xfails; each needs more than a batching rule)
+# ---- fixed: in-place writes of values batched by an outer vmap into buffers made from a basis
+# vector. vmap(jacrev): torch's CopySlices (backward of an in-place view update) writes the view's
+# gradient, batched by the outer vmap, into a buffer made from the cotangent; cotangents are now
+# batched like their output (functorch_lite/_levels.py, as torch.func's new_zeros bases are).
+# vmap(jacfwd)/vmap(hessian) through index_put: forward AD's formula calls out-of-place index_put
+# on a fresh zeros tangent, and our rule wrote in place into a copy below (NOTE [Out-of-place
+# index writes] in csrc/vmap/rules_indexing.cpp).
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "vmap(jacrev(f)) where f writes in place into a view (z[0].mul_(y[0])) with a "
-        "differentiated operand: the backward of the in-place view update (torch's CopySlices) "
-        "copies a gradient batched at the outer vmap level into a buffer batched only at jacrev's "
-        "level, and our copy_ rule refuses ('writes batched values in place into self, which is "
-        "not batched'); torch.func and the for-loop over jacrev return the per-sample jacobian"
-    ),
-)
 def test_vmap_jacrev_inplace_on_view_with_differentiated_operand():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('addcdiv', 0), ('inplace_view', 0)),
     #                 layers=(('vmap', 0, -1, 0, None, 2), ('hessian', 1)))
@@ -133,17 +129,22 @@ def test_vmap_jacrev_inplace_on_view_with_differentiated_operand():
     torch.testing.assert_close(ft.vmap(ft.jacrev(f))(y), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "vmap(jacfwd(f)) where f does z = x.clone(); z[idx] = y (index_put_) and y is the "
-        "differentiated input: z has no tangent, torch's forward AD makes a zeros tangent for it "
-        "and index_put_s y's tangent (batched at jacfwd's vmap level) into it, which our "
-        "index_put_ rule refuses as an in-place write of batched values into an unbatched tensor; "
-        "torch.func and the for-loop return the jacobian"
-    ),
-)
+def test_vmap_vjp_inplace_on_view_with_unbatched_cotangent():
+    # The same backward with a cotangent the user did not batch: it is made batched like the
+    # output, so the for-loop's values come out (torch.func refuses this one).
+    y = torch.randn(2, 3, **D)
+    ct = torch.randn(3, **D)
+
+    def f(y):
+        z = y.clone()
+        z[0].mul_(y[0])
+        return z
+
+    ours = ft.vmap(lambda yi: ft.vjp(f, yi)[1](ct)[0])(y)
+    looped = torch.stack([torch.func.vjp(f, yi)[1](ct)[0] for yi in y])
+    torch.testing.assert_close(ours, looped)
+
+
 def test_vmap_jacfwd_index_put_into_fresh_clone():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('setitem_adv', 0),),
     #                 layers=(('vmap', 0, 0, 0, None, 2), ('jacfwd', 1)))
@@ -162,24 +163,11 @@ def test_vmap_jacfwd_index_put_into_fresh_clone():
     torch.testing.assert_close(ft.vmap(ft.jacfwd(f, argnums=1))(x, y), expected)
 
 
-_HESSIAN_OF_INDEXING_XFAIL = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "Same root cause as test_vmap_jacfwd_index_put_into_fresh_clone, reached through the "
-        "backward of indexing: per-sample hessians (vmap(hessian)) of index_select and x[idx] "
-        "raise 'aten::index_put_ writes batched values in place into self, which is not batched' "
-        "(their backward writes into a fresh zeros tensor, whose forward-AD tangent is not batched "
-        "at jacfwd's vmap level); torch.func and the for-loop return the hessians"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "op",
     [
-        pytest.param("index_select", marks=_HESSIAN_OF_INDEXING_XFAIL),
-        pytest.param("advanced_index", marks=_HESSIAN_OF_INDEXING_XFAIL),
+        "index_select",
+        "advanced_index",
         "embedding",
         "gather",
     ],
@@ -204,17 +192,13 @@ def test_vmap_hessian_of_indexing(op):
     torch.testing.assert_close(ft.vmap(ft.hessian(f))(x), expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "jvp of hessian(hessian(f)) (fourth order, forward over reverse four times) of an "
-        "rms-norm followed by abs raises 'more than one element of the written-to tensor refers "
-        "to a single memory location' (an in-place write into an expanded tensor somewhere in "
-        "the nested derivative formulas); torch.func returns the values, and jacfwd(jacfwd("
-        "hessian(f))) works in both"
-    ),
-)
+# ---- fixed: ZeroTensors crossing levels (NOTE [ZeroTensors do not cross levels] in
+# csrc/core/dispatch.cpp). A derivative formula's efficient zero tensor, wrapped by a level, became
+# a stride-0 primal at the jvp level; forward AD laid its tangent out with those strides and the
+# copy into it raised "more than one element of the written-to tensor refers to a single memory
+# location". The fuzzer found it at fourth order; second-order reverse under jvp is enough.
+
+
 def test_jvp_of_hessian_of_hessian_rms_abs():
     # fuzzer: Program(x_shape=(2,), y_shape=(1,), ops=(('rms_norm', 0), ('abs', 0)),
     #                 layers=(('jvp',), ('hessian', 0), ('hessian', 0)))
@@ -227,6 +211,38 @@ def test_jvp_of_hessian_of_hessian_rms_abs():
     via_jacfwd = torch.func.jacfwd(torch.func.hessian(torch.func.hessian(f)))(x) @ x
     torch.testing.assert_close(expected, via_jacfwd)
     torch.testing.assert_close(ft.jvp(ft.hessian(ft.hessian(f)), (x,), (x,))[1], expected)
+
+
+@pytest.mark.parametrize("inner", ["x*x", "x*sum", "rms"])
+def test_jvp_of_second_order_reverse_through_abs(inner):
+    x = torch.randn(3, **D)
+
+    def f(x):
+        if inner == "x*x":
+            y = x * x
+        elif inner == "x*sum":
+            y = x * x.sum()
+        else:
+            y = x * torch.rsqrt(x.pow(2).mean())
+        return y.abs().sum()
+
+    def gg(fn):
+        return fn.grad(lambda y: fn.grad(f)(y).sum())
+
+    expected = torch.func.jvp(gg(torch.func), (x,), (x,))[1]
+    # The referee: double backward under torch's own forward AD, no transforms.
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        xd = fwAD.make_dual(x.clone().requires_grad_(), x.clone())
+        g = torch.autograd.grad(f(xd), xd, create_graph=True)[0]
+        h = torch.autograd.grad(g.sum(), xd)[0]
+        torch.testing.assert_close(fwAD.unpack_dual(h).tangent, expected)
+    torch.testing.assert_close(ft.jvp(gg(ft), (x,), (x,))[1], expected)
+    torch.testing.assert_close(
+        ft.jvp(ft.jacrev(ft.jacrev(f)), (x,), (x,))[1],
+        torch.func.jvp(torch.func.jacrev(torch.func.jacrev(f)), (x,), (x,))[1],
+    )
 
 
 # ---- where torch.func is wrong (the fuzzer counts these as "ours right"): against the for-loop
@@ -258,18 +274,10 @@ def test_jacrev_of_vmap_negative_dims_with_unbatched_output():
     torch.testing.assert_close(ours, torch.func.jacrev(looped)(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "vmap(..., chunk_size=1) of an in-place write of a value batched at that level into a "
-        "tensor that is not (x.clone().add_(y) with x unbatched there): we refuse ('aten::add_ "
-        "writes batched values in place into self, which is not batched') whatever the chunk size; "
-        "torch.func refuses too without chunk_size, but with chunk_size=1 each chunk has batch size "
-        "1, its check passes, and it returns the for-loop's values. Arguably an accident of "
-        "torch.func; kept as a known difference"
-    ),
-)
+# Fixed: an in-place write of values batched at a vmap level into a tensor that is not, when that
+# level maps a batch of one (chunk_size=1, or a size-1 dim): the one element's value is written, as
+# the for-loop does (csrc/vmap/plumbing.h). torch.func returns these values with chunk_size=1 and
+# raises a shape error without it; with more than one element both refuse.
 def test_vmap_chunk_size_1_inplace_into_unbatched():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('clone_add_', 0),),
     #                 layers=(('vmap', 0, None, 0, None, 2), ('vmap', None, 1, 0, 1, 2)))
@@ -283,3 +291,7 @@ def test_vmap_chunk_size_1_inplace_into_unbatched():
     torch.testing.assert_close(expected, looped)
     ours = ft.vmap(ft.vmap(f, in_dims=(None, 1), chunk_size=1), in_dims=(0, None))(x, y)
     torch.testing.assert_close(ours, expected)
+    # A size-1 mapped dim is the same batch of one.
+    torch.testing.assert_close(ft.vmap(f, in_dims=(None, 1))(x[0], y[:, :1]), looped[0, :1])
+    with pytest.raises(RuntimeError, match="writes batched values in place into 'self'"):
+        ft.vmap(ft.vmap(f, in_dims=(None, 1), chunk_size=2), in_dims=(0, None))(x, y)

@@ -1,6 +1,7 @@
 #include "core/dispatch.h"
 
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -67,6 +68,21 @@ void rejectForeignTransformActive(const char* where) {
 
 namespace {
 
+// NOTE [ZeroTensors do not cross levels]
+// torch's derivative formulas return efficient zero tensors (_efficientzerotensor: the ZeroTensor
+// key, no storage) for derivatives known to be zero. Inside one plain autograd graph they stay
+// ZeroTensors and every op short-cuts them; once wrapped by a level they are ordinary values to
+// the ops of that level, and the ZeroTensor fallback below materializes them as a stride-0
+// expand of one zero. Forward AD then lays a tangent out like that primal
+// (_new_zeros_with_same_feature_meta copies its strides) and copies into a tensor whose elements
+// share memory, which torch refuses. So a ZeroTensor made below a level becomes real zeros before
+// the level wraps it (still inside the level below, where the allocation belongs).
+void materializeZeroTensors(Stack* stack, size_t nrets) {
+  forEachTensorInplace(*stack, stack->size() - nrets, stack->size(), [](const at::Tensor& t) {
+    return t.defined() && t._is_zerotensor() ? at::zeros_symint(t.sym_sizes(), t.options()) : t;
+  });
+}
+
 bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
   const auto* alias = schema.arguments()[i].alias_info();
   return alias && alias->isWrite();
@@ -120,6 +136,7 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
     {
       HandDownGuard guard;
       op.callBoxed(stack);
+      materializeZeroTensors(stack, schema.returns().size());
     }
     if (c10::impl::tls_is_dispatch_key_excluded(DispatchKey::ADInplaceOrView) &&
         c10::impl::tls_is_dispatch_key_excluded(DispatchKey::Python)) {
@@ -185,6 +202,7 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   {
     HandDownGuard guard;
     op.callBoxed(stack);
+    materializeZeroTensors(stack, schema.returns().size());
   }
   for (auto& [impl, wrapper] : mutated)
     static_cast<GradWrapperImpl*>(wrapper.unsafeGetTensorImpl())->refreshMetadata();

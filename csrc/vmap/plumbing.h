@@ -418,11 +418,21 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
       Op::call(self, args...);
       return self;
     }
-    TORCH_CHECK(bself, "functorch_lite.vmap: ", Op::name, Op::overload_name[0] ? "." : "", Op::overload_name,
+    TORCH_CHECK(bself || top->batch_size == 1, "functorch_lite.vmap: ", Op::name,
+                Op::overload_name[0] ? "." : "", Op::overload_name,
                 " writes batched values in place into 'self', which is not "
                 "batched (it was created outside vmap or does not depend on the mapped inputs). "
                 "Use the out-of-place version (e.g. `x = x + y` instead of `x += y`), or make "
                 "'self' batched first.");
+    if (!bself) {
+      // A batch of one (a size-1 mapped dim, or chunk_size=1): the unbatched self can hold the
+      // one element's result, which is what the for-loop and torch.func write into it. Only ops
+      // with other tensor arguments get here, and none of those changes self's shape.
+      HandDownGuard guard;
+      at::Tensor value = self.unsqueeze(0);
+      std::apply(Rule, std::tuple_cat(std::make_tuple(std::ref(value), bdim_t(0)), unwrapArg(args, lvl)...));
+      return self;
+    }
     {
       HandDownGuard guard;
       at::Tensor value = bself->value();

@@ -67,6 +67,7 @@ struct IndexPlan {
   int64_t r = 0;                     // rank of the broadcast logical index shape
   int64_t k = 0;                     // where torch puts the broadcast dims in the logical result
   std::vector<int64_t> index_shape;  // the broadcast logical index shape
+  std::vector<int64_t> perm;         // self = materialized self.permute(perm)
 };
 
 int64_t batchSizeOfIndexing(const Tensor& self, bdim_t sbd, const IndexList& idx, const BdimList& ibd) {
@@ -126,6 +127,7 @@ IndexPlan planIndex(const Tensor& self, bdim_t sbd, const IndexList& idx, const 
   for (int64_t d = 0; d < L; ++d)
     if (!indexed[d]) perm.push_back(d + 1);
   plan.self = s.permute(perm);
+  plan.perm = std::move(perm);
 
   for (size_t j = 0; j < items.size(); ++j) {
     auto sizes = items[j].t.sizes().vec();
@@ -162,9 +164,19 @@ std::tuple<Tensor, bdim_t> indexRule(const Tensor& self, bdim_t sbd, const Index
   return {toTorchLayout(at::_ops::index_Tensor::call(p.self, p.indices), p), 0};
 }
 
-// Writes `values` (logically broadcastable to self[indices]) into the [B, ...] tensor `s`.
-void indexPutInto(Tensor& s, const IndexList& idx, const BdimList& ibd, const Tensor& values, bdim_t vbd,
-                  bool accumulate, const char* op) {
+// NOTE [Out-of-place index writes]
+// `values` may be batched at outer levels where self is not: torch's formulas write a tangent or a
+// gradient into fresh zeros (index_put's forward-AD formula, index_select's backward), and under
+// vmap(jacfwd) or vmap(hessian) that value carries the outer vmap's batch dim too. A rule for an
+// out-of-place op must therefore call the out-of-place op on the level below, whose own rule
+// batches self there; writing in place into a fresh copy of self would be refused below as an
+// in-place write of batched values into an unbatched tensor.
+
+// self[indices] = values (or +=) on the [B, ...] tensor `s`, `values` logically broadcastable to
+// self[indices]. In place it writes into s and returns it; otherwise returns a new [B, ...] tensor.
+template <class Op = at::_ops::index_put>
+Tensor indexPutPhysical(const Tensor& s, const IndexList& idx, const BdimList& ibd, const Tensor& values,
+                        bdim_t vbd, bool accumulate, bool inplace, const char* op) {
   const int64_t B = s.size(0);
   IndexPlan p = planIndex(s, 0, idx, ibd, B, op);
   // The logical shape of self[indices], in torch's order.
@@ -187,12 +199,13 @@ void indexPutInto(Tensor& s, const IndexList& idx, const BdimList& ibd, const Te
     v = values;
     if (p.k > 0 && p.r > 0) v = v.expand(full).movedim(iota(p.k, p.r), iota(0, p.r));
   }
-  at::_ops::index_put_::call(p.self, p.indices, v, accumulate);
-}
-
-// The out-of-place forms write into a fresh [B, ...] copy of self.
-Tensor freshBatchedCopy(const Tensor& self, bdim_t sbd, int64_t B) {
-  return materializeBdimFront(self, sbd, B).clone(at::MemoryFormat::Contiguous);
+  if (inplace) {
+    at::_ops::index_put_::call(p.self, p.indices, v, accumulate);
+    return s;
+  }
+  std::vector<int64_t> inverse(p.perm.size());
+  for (size_t d = 0; d < p.perm.size(); ++d) inverse[p.perm[d]] = static_cast<int64_t>(d);
+  return Op::call(p.self, p.indices, v, accumulate).permute(inverse);
 }
 
 template <class Op>
@@ -200,15 +213,13 @@ std::tuple<Tensor, bdim_t> indexPutRule(const Tensor& self, bdim_t sbd, const In
                                         const BdimList& ibd, const Tensor& values, bdim_t vbd,
                                         bool accumulate) {
   const int64_t B = sbd || !vbd ? batchSizeOfIndexing(self, sbd, idx, ibd) : values.size(*vbd);
-  Tensor s = freshBatchedCopy(self, sbd, B);
-  indexPutInto(s, idx, ibd, values, vbd, accumulate, Op::name);
-  return {s, 0};
+  Tensor s = materializeBdimFront(self, sbd, B);
+  return {indexPutPhysical<Op>(s, idx, ibd, values, vbd, accumulate, false, Op::name), 0};
 }
 
 void indexPutInplaceRule(Tensor& self, bdim_t sbd, const IndexList& idx, const BdimList& ibd,
                          const Tensor& values, bdim_t vbd, bool accumulate) {
-  Tensor s = moveBdimToFront(self, sbd);
-  indexPutInto(s, idx, ibd, values, vbd, accumulate, "aten::index_put_");
+  indexPutPhysical(moveBdimToFront(self, sbd), idx, ibd, values, vbd, accumulate, true, "aten::index_put_");
 }
 
 void indexPutImplInplaceRule(Tensor& self, bdim_t sbd, const IndexList& idx, const BdimList& ibd,
@@ -246,28 +257,29 @@ std::tuple<Tensor, bdim_t> indexSelectRule(const Tensor& self, bdim_t sbd, int64
   return indexRule(self, sbd, idx, bds);
 }
 
-// self[(:,)*d, index] op= source, on a [B, ...] tensor.
-void indexAlongDimInto(Tensor& s, int64_t dim, const Tensor& index, bdim_t ibd, const Tensor& source,
-                       bdim_t srcbd, bool accumulate, const char* op) {
+// self[(:,)*d, index] op= source on the [B, ...] tensor s: in place, or into a new tensor
+// (NOTE [Out-of-place index writes]).
+Tensor indexAlongDimPhysical(const Tensor& s, int64_t dim, const Tensor& index, bdim_t ibd,
+                             const Tensor& source, bdim_t srcbd, bool accumulate, bool inplace,
+                             const char* op) {
   if (s.dim() == 1) {
     // A 0-d self is one element along dim 0: write through a [B, 1] view.
-    Tensor s1 = s.unsqueeze(1);
     Tensor src = moveBdimToFront(source, srcbd);
     if (rankWithoutBdim(source, srcbd) == 0) src = srcbd ? src.unsqueeze(1) : src.view({1});
-    indexAlongDimInto(s1, dim, index, ibd, src, srcbd ? bdim_t(0) : std::nullopt, accumulate, op);
-    return;
+    Tensor out = indexAlongDimPhysical(s.unsqueeze(1), dim, index, ibd, src, srcbd ? bdim_t(0) : std::nullopt,
+                                       accumulate, inplace, op);
+    return inplace ? s : out.squeeze(1);
   }
   auto [idx, bds] = alongDim(dim, s.dim() - 1, index, ibd);
-  indexPutInto(s, idx, bds, source, srcbd, accumulate, op);
+  return indexPutPhysical(s, idx, bds, source, srcbd, accumulate, inplace, op);
 }
 
 std::tuple<Tensor, bdim_t> alongDimIntoCopy(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
                                             bdim_t ibd, const Tensor& source, bdim_t srcbd, bool accumulate,
                                             const char* op) {
   const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}});
-  Tensor s = freshBatchedCopy(self, sbd, B);
-  indexAlongDimInto(s, dim, index, ibd, source, srcbd, accumulate, op);
-  return {s, 0};
+  Tensor s = materializeBdimFront(self, sbd, B);
+  return {indexAlongDimPhysical(s, dim, index, ibd, source, srcbd, accumulate, false, op), 0};
 }
 
 Tensor scaled(const Tensor& source, const c10::Scalar& alpha) {
@@ -311,8 +323,8 @@ std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t 
 
 void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
                          const Tensor& source, bdim_t srcbd, const c10::Scalar& alpha) {
-  Tensor s = moveBdimToFront(self, sbd);
-  indexAlongDimInto(s, dim, index, ibd, scaled(source, alpha), srcbd, true, "aten::index_add_");
+  indexAlongDimPhysical(moveBdimToFront(self, sbd), dim, index, ibd, scaled(source, alpha), srcbd, true, true,
+                        "aten::index_add_");
 }
 
 std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
@@ -328,8 +340,8 @@ std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t
 
 void indexCopyInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index, bdim_t ibd,
                           const Tensor& source, bdim_t srcbd) {
-  Tensor s = moveBdimToFront(self, sbd);
-  indexAlongDimInto(s, dim, index, ibd, source, srcbd, false, "aten::index_copy_");
+  indexAlongDimPhysical(moveBdimToFront(self, sbd), dim, index, ibd, source, srcbd, false, true,
+                        "aten::index_copy_");
 }
 
 std::tuple<Tensor, bdim_t> indexFillTensorRule(const Tensor& self, bdim_t sbd, int64_t dim,
