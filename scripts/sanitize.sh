@@ -57,13 +57,17 @@ echo "== C++ tests (ASan+UBSan, leak checking on)"
 ASAN_OPTIONS="$ASAN_COMMON:detect_leaks=1" "$BUILD/functorch_lite_cpptest" || status=1
 
 LIBASAN="$(g++ -print-file-name=libasan.so)"
+# libstdc++ right after libasan: python itself does not link it, so without this ASan's
+# __cxa_throw interceptor finds no real __cxa_throw at startup and aborts at the first C++
+# exception ("CHECK failed: ... real___cxa_throw").
+LIBSTDCXX="$(g++ -print-file-name=libstdc++.so)"
 FILES=("$@")
 [ ${#FILES[@]} -eq 0 ] && FILES=(test/test_vmap.py test/test_grad.py test/test_jac.py)
 echo "== Python tests (ASan+UBSan, libasan preloaded): ${FILES[*]}"
 # Run from $PKG so that it, not the source tree, is first on sys.path; check which build loaded.
 (
   cd "$PKG"
-  export LD_PRELOAD="$LIBASAN"
+  export LD_PRELOAD="$LIBASAN $LIBSTDCXX"
   export ASAN_OPTIONS="$ASAN_COMMON:detect_leaks=0"
   # The system allocator lets ASan see Python objects' memory too.
   export PYTHONMALLOC=malloc

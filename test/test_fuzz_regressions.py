@@ -105,6 +105,22 @@ def test_hessian_of_loss_without_forward_ad_backward(loss):
     torch.testing.assert_close(ft.jacfwd(ft.jacrev(f))(x), expected)
 
 
+def test_hessian_of_huber_at_the_boundary():
+    # fuzzer (seed 41, after rounding ops made |x - y| == delta exactly): the decomposition's
+    # derivative was clamp's, 1 at |x - y| == delta; torch's double backward has 0 there.
+    x = torch.tensor([0.5, -1.5, 0.2, 2.0], **D)
+    y = torch.tensor([0.0, -1.0, 0.0, 0.0], **D)
+
+    def f(x):
+        return F.huber_loss(x, y, delta=0.5)
+
+    xr = x.detach().requires_grad_()
+    g = torch.autograd.grad(f(xr), xr, create_graph=True)[0]
+    expected = torch.stack([torch.autograd.grad(g[k], xr, retain_graph=True)[0] for k in range(4)])
+    torch.testing.assert_close(ft.hessian(f)(x), expected)
+    torch.testing.assert_close(ft.jacfwd(ft.jacrev(f))(x), expected)
+
+
 # ---- fixed: in-place writes of values batched by an outer vmap into buffers made from a basis
 # vector. vmap(jacrev): torch's CopySlices (backward of an in-place view update) writes the view's
 # gradient, batched by the outer vmap, into a buffer made from the cotangent; cotangents are now

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <iterator>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -379,10 +380,13 @@ void initializeDispatch() {
     static auto* front =
         new torch::Library(torch::Library::IMPL, "_", DispatchKey::DeferredInit, __FILE__, __LINE__);
     front->fallback(torch::CppFunction::makeFromBoxedFunction<&frontFallback>());
-    for (DispatchKey key : kBackKeys) {
-      auto* back =
-          new torch::Library(torch::Library::IMPL, "_", key, __FILE__, __LINE__);  // leaked on purpose
-      back->fallback(torch::CppFunction::makeFromBoxedFunction<&backKernel>());
+    // Registrations live as long as the process: the libraries are never destroyed (their
+    // destructors would deregister after the dispatcher may be gone), but stay reachable from
+    // statics so that leak checkers do not report them.
+    static torch::Library* back[std::size(kBackKeys)];
+    for (size_t i = 0; i < std::size(kBackKeys); ++i) {
+      back[i] = new torch::Library(torch::Library::IMPL, "_", kBackKeys[i], __FILE__, __LINE__);
+      back[i]->fallback(torch::CppFunction::makeFromBoxedFunction<&backKernel>());
     }
     static auto* autograd =
         new torch::Library(torch::Library::IMPL, "_", DispatchKey::AutogradPrivateUse3, __FILE__, __LINE__);

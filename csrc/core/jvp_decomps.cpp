@@ -29,8 +29,9 @@ void huberLossBackward(Stack* stack) {
   const double delta = a[4].toDouble();
   const Tensor scaled = g.mul(reductionScale(self, a[3].toInt()));
   const Tensor d = self.sub(target);
-  const Tensor clipped = at::clamp(d, -delta, delta);  // d inside, +-delta outside
-  // clamp's own derivative is 0 outside [-delta, delta] and 1 inside, as the gradient's is
+  // d strictly inside, +-delta elsewhere. Its derivative is 1 strictly inside and 0 elsewhere,
+  // as torch's huber_loss_double_backward has it (d < delta): clamp's would be 1 at |d| == delta.
+  const Tensor clipped = at::where(d.abs().lt(delta), d, d.sign().mul(delta));
   torch::jit::push(*stack, clipped.mul(scaled).to(self.scalar_type()));
 }
 
