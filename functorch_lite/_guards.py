@@ -135,28 +135,8 @@ def _init_hooks(self, pack_hook, unpack_hook):
     _hooks_init(self, _guard_pack(pack_hook, recomputes), _guard_unpack(unpack_hook))
 
 
-def _autocast_enter(self):
-    # Handing an op down restores the dispatch-key state of the moment the level was pushed, which
-    # holds autocast's on/off switch: a change made inside the function would be silently ignored.
-    if _C._stack_depth() and torch.amp.is_autocast_available(self.device):
-        enabled = torch.is_autocast_enabled(self.device)
-        dtype = torch.get_autocast_dtype(self.device)
-        if self._enabled != enabled or (enabled and self.fast_dtype != dtype):
-            raise RuntimeError(
-                f"functorch_lite: torch.autocast(device_type={self.device!r}) entered inside a "
-                f"function being transformed (vmap, grad, jvp, jacrev, ...) is not supported: the "
-                f"transforms would run its ops without the autocast change. Enter torch.autocast "
-                f"around the transform call instead (that works as in torch.func)."
-            )
-    return _autocast_enter_torch(self)
-
-
-_autocast_enter_torch = torch.amp.autocast_mode.autocast.__enter__
-
-
 def install():
     if torch.autograd.Function.__dict__["apply"].__func__ is not _apply:
-        torch.amp.autocast_mode.autocast.__enter__ = _autocast_enter
         torch.Tensor.data = property(_get_data, _set_data, doc=_data.__doc__)
         torch.autograd.Function.apply = classmethod(_apply)
         saved_tensors_hooks.__init__ = _init_hooks

@@ -241,19 +241,41 @@ def test_autocast_around_transform_casts_as_torch_func(api):
 
 
 @pytest.mark.parametrize("api", sorted(INSIDE_APIS))
-def test_autocast_inside_transform_is_a_clear_error(api):
-    # It was silently ignored: handing an op down restores the dispatch-key state of the moment
-    # the level was pushed, autocast's switch included (torch.func casts to bfloat16 there).
+def test_autocast_inside_transform_casts_as_torch_func(api):
+    # It was silently ignored, then refused: handing an op down restored the autocast state of the
+    # moment the level was pushed. Now the state of the moment goes down with the op and grad
+    # wrappers carry their value's autocast keys (NOTE [Autocast and levels]).
     def g(t):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return (t @ W).float().pow(2).sum()
+            y = t @ W
+        assert y.dtype == torch.bfloat16
+        return y.float().pow(2).sum()
 
-    theirs = INSIDE_APIS[api](tf, g)
-    assert theirs is not None
-    with pytest.raises(RuntimeError, match=r"torch.autocast\(device_type='cpu'\) entered inside"):
-        INSIDE_APIS[api](ft, g)
+    ours, theirs = INSIDE_APIS[api](ft, g), INSIDE_APIS[api](tf, g)
+    _same(ours, theirs)
     assert ft._C._stack_depth() == 0
     assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("api", ["vmap", "jacfwd", "jacrev"])
+def test_autocast_inside_transform_output_dtype(api):
+    def h(t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return t @ W
+
+    ours, theirs = INSIDE_APIS[api](ft, h), INSIDE_APIS[api](tf, h)
+    assert ours.dtype == theirs.dtype == torch.bfloat16 or api == "jacrev"
+    _same(ours, theirs)
+
+
+def test_autocast_disabled_inside_an_autocast_around():
+    def g(t):
+        with torch.autocast("cpu", enabled=False):
+            return (t @ W).pow(2).sum()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _same(ft.vmap(ft.grad(g))(X), tf.vmap(tf.grad(g))(X))
+        _same(ft.vmap(lambda t: t @ W)(X), tf.vmap(lambda t: t @ W)(X))
 
 
 def test_autocast_inside_that_changes_nothing_is_allowed():

@@ -124,6 +124,12 @@ HandDownGuard::HandDownGuard()
   static const c10::DispatchKeySet kModeKeys({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot});
   auto below = hidden.saved_tls;
   below.included_ = below.included_ | (prev_tls_.included_ & kModeKeys);
+  // Autocast is on while its keys are not excluded: the state of the moment goes down with the op,
+  // whether autocast was entered around the transform or inside the function, and an autocast
+  // kernel that already cast this op (it excludes its key while redispatching) is not run again
+  // below (NOTE [Autocast and levels] in tensors.h).
+  below.excluded_ = (below.excluded_ - c10::autocast_dispatch_keyset) |
+                    (prev_tls_.excluded_ & c10::autocast_dispatch_keyset);
   c10::impl::_force_tls_local_dispatch_key_set(below);
   // A no_grad active now (inside f) stays active for every level below; a no_grad that was
   // active around the transform call comes back into force when leaving the transform.

@@ -15,7 +15,9 @@
 // autograd recorded its node), it runs the rest of the op "at the level below" by hiding itself
 // with a HandDownGuard: `depth` drops by one, the dispatch-key TLS is reset to what it was when the
 // hidden level was entered (so DeferredInit is still included if levels remain, and is no longer
-// included if none do), and for grad levels GradMode becomes (current mode && mode in force when
+// included if none do) except for the keys of modes that follow the thread's current state
+// (a TorchDispatchMode entered inside f, autocast: NOTE [Autocast and levels] in tensors.h), and
+// for grad levels GradMode becomes (current mode && mode in force when
 // the level was entered): a torch.no_grad inside f hides ops from f's level and from every level
 // below it, while a torch.no_grad around the transform call only comes back into force below the
 // transform (torch.func's rule). jvp levels do the same with the forward-AD grad mode. The guard

@@ -17,9 +17,11 @@ c10::DispatchKeySet wrapperKeySet() {
 }
 
 c10::DispatchKeySet gradWrapperKeySet(const at::Tensor& value) {
+  // The value's autocast keys (AutocastCPU for a CPU value, ...): NOTE [Autocast and levels].
+  const auto autocast = value.key_set() & c10::autocast_dispatch_keyset;
   switch (value.layout()) {
     case c10::kStrided:
-      return wrapperKeySet();
+      return wrapperKeySet() | autocast;
     case c10::kSparse: {
       static const auto ks = wrapperKeySet().remove(c10::DispatchKey::Dense).add(c10::DispatchKey::Sparse);
       return ks;

@@ -31,6 +31,17 @@
 //   kernels are never reached.
 // Device and dtype are the value's: a wrapper of a CUDA tensor reports device cuda:N.
 //
+// NOTE [Autocast and levels]
+// torch.autocast works through functionality keys (AutocastCPU, AutocastCUDA, ...) that tensors
+// carry by backend and that are "on" while the thread does not exclude them. A grad wrapper
+// carries its value's autocast keys, so an op on grad wrappers is cast at the grad level, after
+// our front kernel lifted it and before autograd records it, as torch.func's wrappers are: the
+// level's graph holds the casts, and gradients come back in the inputs' dtypes. Batched tensors
+// carry none: a batching rule runs first and hands the op down, and handing down keeps the
+// autocast state of the moment (HandDownGuard), so the level below (a grad level, or the plain
+// tensors at the bottom) casts. An autocast entered inside the transformed function therefore
+// applies to every level, as one entered around the transform does.
+//
 // NOTE [Sparse grad wrappers]
 // A grad wrapper keeps its value's layout, as torch.func's do, because torch's sparse autograd
 // formulas (to_dense, sparse_mask, sparse.mm, ...) read the layout of their inputs and the engine
