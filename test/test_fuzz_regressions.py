@@ -1,9 +1,9 @@
 """Shrunk reproducers of the failures the differential fuzzer (test/_fuzz.py) found.
 
 Each test compares functorch_lite with torch.func and, where it helps, with a for-loop or plain
-torch.autograd. Failures not fixed yet would be strict xfails here, and the fuzzer would count
-programs that hit them as "known" instead of failing (_fuzz.KNOWN); there are none at present
-(docs/reliability.md lists what was found and fixed).
+torch.autograd. Failures not fixed yet are strict xfails here, and the fuzzer counts programs
+that hit them as "known" instead of failing (_fuzz.KNOWN); docs/reliability.md lists what was
+found, fixed and left open.
 """
 
 import pytest
@@ -311,3 +311,72 @@ def test_vmap_chunk_size_1_inplace_into_unbatched():
     torch.testing.assert_close(ft.vmap(f, in_dims=(None, 1))(x[0], y[:, :1]), looped[0, :1])
     with pytest.raises(RuntimeError, match="writes batched values in place into 'self'"):
         ft.vmap(ft.vmap(f, in_dims=(None, 1), chunk_size=2), in_dims=(0, None))(x, y)
+
+
+def test_vmap_fill_tensor_of_a_value_with_a_batched_tangent():
+    # fuzzer (seed 43): hessian(vmap(f), argnums=1) with z[..., 0] = y.sum() in f. fill_.Tensor had
+    # no rule; its for-loop fell to the jvp level's formula, which fills fresh unbatched zeros (the
+    # tangent of z) with the value's batched tangent. The rule copies a batched value in, as
+    # torch.func's does (rules_pointwise.cpp).
+    x, y = torch.randn(2, 1, 1, **D), torch.randn(2, 1, **D)
+
+    def f(x, y):
+        z = x.clone()
+        z[..., 0] = y.sum()
+        return z
+
+    def h(lib):
+        return lib.hessian(lambda x, y: lib.vmap(f, in_dims=(0, -2))(x, y).sum(), argnums=1)(x, y)
+
+    torch.testing.assert_close(h(ft), h(torch.func))
+    # The rule itself, against the for-loop: a batched value, and an unbatched one.
+    v = torch.randn(2, **D)
+    torch.testing.assert_close(
+        ft.vmap(lambda t, s: t.clone().fill_(s))(torch.randn(2, 3, **D), v), v[:, None].expand(2, 3)
+    )
+    torch.testing.assert_close(
+        ft.vmap(lambda t: t.clone().fill_(v[0]))(torch.randn(2, 3, **D)), v[0].expand(2, 3)
+    )
+    with pytest.raises(RuntimeError, match="0-dimension value tensor"):
+        ft.vmap(lambda t, s: t.clone().fill_(s))(torch.randn(2, 3, **D), torch.randn(2, 3, **D))
+
+
+def test_huber_decomposition_keeps_nan():
+    # fuzzer (seed 43): a nan loss input (var of one element) gave 0 from the decomposition, as
+    # sign(nan) == 0; torch's huber_loss_backward returns nan.
+    x, y = torch.tensor([0.3], **D), torch.tensor([0.7], **D)
+
+    def f(x, y):
+        return F.huber_loss(x.var(0), y[0], delta=0.5)
+
+    g = ft.grad(f, argnums=1)
+    primal, _ = ft.jvp(g, (x, y), (x.sin(), y.cos()))
+    assert primal.isnan().all()
+    assert g(x, y).isnan().all()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason=(
+        "jacfwd(jacfwd(hessian(f), argnums=0), argnums=1) with w = z.clone(); w[i] = y in f: "
+        "forward AD's formula for index_put_ writes y's tangent in place into w's tangent, which "
+        "one of the inner levels sees as a tensor captured from outside and refuses ('would "
+        "mutate a captured Tensor'); torch.func returns the (zero) derivatives. jvp(hessian) and "
+        "jacfwd(hessian) of the same function work"
+    ),
+)
+def test_jacfwd_jacfwd_hessian_of_index_put_of_captured_value():
+    # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('l1', 0), ('setitem_adv', 0)),
+    #                 layers=(('jacfwd', 1), ('jacfwd', 0), ('hessian', 0)))
+    x, y = torch.randn(1, **D), torch.randn(1, **D)
+
+    def f(x, y):
+        w = F.l1_loss(x, y).reshape(1).clone()
+        w[torch.tensor([0])] = y
+        return w.sum()
+
+    def d(lib):
+        return lib.jacfwd(lib.jacfwd(lib.hessian(f), argnums=0), argnums=1)(x, y)
+
+    torch.testing.assert_close(d(ft), d(torch.func))

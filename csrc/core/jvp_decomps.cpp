@@ -29,9 +29,11 @@ void huberLossBackward(Stack* stack) {
   const double delta = a[4].toDouble();
   const Tensor scaled = g.mul(reductionScale(self, a[3].toInt()));
   const Tensor d = self.sub(target);
-  // d strictly inside, +-delta elsewhere. Its derivative is 1 strictly inside and 0 elsewhere,
-  // as torch's huber_loss_double_backward has it (d < delta): clamp's would be 1 at |d| == delta.
-  const Tensor clipped = at::where(d.abs().lt(delta), d, d.sign().mul(delta));
+  // d strictly inside, +-delta elsewhere (nan stays nan, as in torch's kernel). Its derivative is
+  // 1 strictly inside and 0 elsewhere, as torch's huber_loss_double_backward has it (d < delta):
+  // clamp's own would be 1 at |d| == delta, so the outer branch is clamp's value, detached (a
+  // constant, or nan); sign() would turn nan into 0.
+  const Tensor clipped = at::where(d.abs().lt(delta), d, at::clamp(d, -delta, delta).detach());
   torch::jit::push(*stack, clipped.mul(scaled).to(self.scalar_type()));
 }
 

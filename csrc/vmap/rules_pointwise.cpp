@@ -240,6 +240,23 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> preluKernelBackwardRule(const Tensor&
   return {gx, 0, gw, 0};
 }
 
+// self.fill_(value) with a 0-d value. A batched value is copied in (one value per element), as
+// torch.func does: under forward AD, fill_ of a tensor without a tangent fills fresh, unbatched
+// zeros with the value's batched tangent, which only copy_'s formula (it replaces the tangent
+// instead of writing into it) can take.
+void fillTensorInplaceRule(Tensor& self, bdim_t sbd, const Tensor& value, bdim_t vbd) {
+  const int64_t vrank = rankWithoutBdim(value, vbd);
+  TORCH_CHECK(vrank == 0, "fill_ only supports 0-dimension value tensor but got tensor with ", vrank,
+              " dimensions.");
+  Tensor s = moveBdimToFront(self, sbd);
+  if (!vbd) {
+    at::_ops::fill__Tensor::call(s, value);
+    return;
+  }
+  Tensor v = padToLogicalRank(moveBdimToFront(value, vbd), true, s.dim() - 1);
+  at::_ops::copy_::call(s, v.expand(s.sizes()).to(s.scalar_type()), false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
@@ -496,6 +513,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::clamp_Tensor, &clampTensorRule>(m);
   registerVmapRule<at::_ops::masked_fill_Tensor, &maskedFillTensorRule>(m);
   registerVmapRule<at::_ops::gelu_backward, &geluBackwardRule>(m);
+  registerVmapInplaceRule<at::_ops::fill__Tensor, &fillTensorInplaceRule>(m);
   registerInplaceFamily<
       UnaryInplace, at::_ops::abs_, at::_ops::cos_, at::_ops::exp_, at::_ops::log_, at::_ops::neg_,
       at::_ops::sigmoid_, at::_ops::sin_, at::_ops::sqrt_, at::_ops::tanh_, at::_ops::relu_, at::_ops::zero_,
