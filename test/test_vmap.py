@@ -941,6 +941,8 @@ INPLACE = [
     Case("relu_", lambda a: a.relu_(), [X]),
     Case("zero_", lambda a: a.zero_(), [X]),
     Case("fill_", lambda a: a.fill_(3.0), [X]),
+    Case("fill_tensor_", lambda a, v: a.fill_(v), [X, T(())]),
+    Case("setitem_scalar", lambda a: _setitem_scalar(a), [X]),
     Case("mul_scalar_", lambda a: a.mul_(2.0), [X]),
     Case("pow_scalar_", lambda a: a.pow_(2), [X]),
     Case("chain", lambda a, b: a.mul_(b).sub_(1.0).clamp_(min=-0.5).exp_(), [X, X]),
@@ -1012,7 +1014,6 @@ NO_RULE = [
         Case("searchsorted", lambda s, v: torch.searchsorted(s.sort().values, v), [T((5,)), T((3,))]),
         "aten::searchsorted.Tensor",
     ),
-    (Case("setitem_scalar", lambda a: _setitem_scalar(a), [X]), "aten::fill_.Tensor"),
     (Case("take", lambda a, i: torch.take(a, i), [X, T((3,), "idx")]), "aten::take"),
     (Case("put_", lambda a, s: a.clone().put_(torch.tensor([0, 7]), s), [X, T((2,))]), "aten::put_"),
 ]
