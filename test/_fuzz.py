@@ -807,11 +807,7 @@ _CHUNK_1 = "<chunk_size=1>"
 # a program whose failure matches one is counted as "known" instead of failing the fuzzer. An
 # entry maps the test's name to a
 # regex over the outcome's detail (append _CHUNK_1 to match only programs with chunk_size=1).
-KNOWN: dict[str, str] = {
-    "test_jacfwd_jacfwd_hessian_of_index_put_of_captured_value": r"we raise where torch.func returns: "
-    r"RuntimeError: functorch_lite.jvp: the function being transformed called the in-place "
-    r"operation aten::index_put_, which would mutate a captured Tensor",
-}
+KNOWN: dict[str, str] = {}
 
 
 def known(outcome, prog=None):

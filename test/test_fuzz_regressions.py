@@ -355,19 +355,13 @@ def test_huber_decomposition_keeps_nan():
     assert g(x, y).isnan().all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason=(
-        "jacfwd(jacfwd(hessian(f), argnums=0), argnums=1) with w = z.clone(); w[i] = y in f and "
-        "z from abs or l1_loss: forward AD's formula for index_put_ writes y's tangent in place "
-        "into w's tangent, which reaches the outermost jvp level as a plain tensor (a tangent "
-        "made by that level's formulas, not one of its wrappers), so the level refuses it as "
-        "captured ('would mutate a captured Tensor'); torch.func returns the (zero) derivatives. "
-        "jvp(hessian), jacfwd(hessian), and the same nesting with z = x * y work"
-    ),
-)
-def test_jacfwd_jacfwd_hessian_of_index_put_of_captured_value():
+# Fixed: jacfwd(jacfwd(hessian(f), argnums=0), argnums=1) with w = z.clone(); w[i] = y in f and
+# z from abs or l1_loss raised "would mutate a captured Tensor": forward AD's formula for index_put_
+# writes y's tangent in place into w's tangent, a plain tensor made by the outermost jvp level's
+# formulas, which that level then checked as if the function had mutated a capture. The check now
+# runs once per op, at the first grad/jvp level that processes it (NOTE [Mutation checks run once
+# per op] in csrc/core/dispatch.cpp).
+def test_jacfwd_jacfwd_hessian_of_index_put_into_a_clone():
     # fuzzer: Program(x_shape=(1,), y_shape=(1,), ops=(('l1', 0), ('setitem_adv', 0)),
     #                 layers=(('jacfwd', 1), ('jacfwd', 0), ('hessian', 0)))
     x, y = torch.randn(1, **D), torch.randn(1, **D)
@@ -382,3 +376,24 @@ def test_jacfwd_jacfwd_hessian_of_index_put_of_captured_value():
 
     # torch.func returns an efficient ZeroTensor here; + 0 makes it an ordinary tensor.
     torch.testing.assert_close(d(ft), d(torch.func) + 0)
+    # A shorter nesting that failed the same way, against torch.func.
+    ours = ft.jvp(lambda b: ft.jvp(lambda a: ft.jacfwd(ft.grad(f))(a, b), (x,), (x,))[1], (y,), (y,))[1]
+    tf = torch.func
+    theirs = tf.jvp(lambda b: tf.jvp(lambda a: tf.jacfwd(tf.grad(f))(a, b), (x,), (x,))[1], (y,), (y,))[1]
+    torch.testing.assert_close(ours, theirs + 0)
+
+
+def test_mutating_a_capture_is_still_refused_below_a_vmap_and_in_nested_grads():
+    # The mutation check moved to the first grad/jvp level that sees an op: a vmap above it
+    # checks nothing, so the grad level below must still refuse a captured tensor.
+    g = torch.zeros(3, **D)
+
+    def f(x):
+        g.add_(torch.ones(3, **D))
+        return (x * 2).sum()
+
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+        ft.grad(lambda x: ft.vmap(f)(x).sum())(torch.randn(2, 3, **D))
+    with pytest.raises(RuntimeError, match="mutate a captured Tensor"):
+        ft.grad(ft.grad(lambda x: f(x) * x.sum()))(torch.randn(3, **D).sum())
+    assert ft._C._stack_depth() == 0

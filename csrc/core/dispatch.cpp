@@ -84,6 +84,16 @@ void materializeZeroTensors(Stack* stack, size_t nrets) {
   });
 }
 
+// How many grad/jvp levels of this thread are processing an op right now (NOTE [Mutation checks
+// run once per op]).
+thread_local int tls_grad_processing_depth = 0;
+struct GradProcessingScope {
+  GradProcessingScope() { ++tls_grad_processing_depth; }
+  ~GradProcessingScope() { --tls_grad_processing_depth; }
+  GradProcessingScope(const GradProcessingScope&) = delete;
+  GradProcessingScope& operator=(const GradProcessingScope&) = delete;
+};
+
 bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
   const auto* alias = schema.arguments()[i].alias_info();
   return alias && alias->isWrite();
@@ -101,8 +111,13 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
   // torch.func's rule: inside a grad transform, in-place ops may only mutate tensors of the
   // transform's own level. Mutating a captured tensor would change it outside the transform
   // without its graph ever seeing the change.
+  // NOTE [Mutation checks run once per op]: the check belongs to the first grad/jvp level that
+  // processes an op the function called. Everything that level then runs below it (the op handed
+  // down, and the ops of torch's derivative formulas, which update tangents in place) is not the
+  // function mutating a capture, and the levels below skip the check: a tangent made by an outer
+  // jvp level's formulas is a plain tensor to the levels between, which would refuse it.
   // detach_ changes autograd metadata only, never data.
-  const bool metadata_only = schema.name() == "aten::detach_";
+  const bool metadata_only = schema.name() == "aten::detach_" || tls_grad_processing_depth > 0;
   for (size_t i = 0; i < nargs && !metadata_only; ++i) {
     if (!isMutatedArg(schema, i)) continue;
     const auto& iv = (*stack)[begin + i];
@@ -118,6 +133,7 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
                 "function, or use the out-of-place version of the operation.");
   }
 
+  GradProcessingScope processing;
   bool any_tensor = false;
   forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) -> at::Tensor {
     if (!t.defined()) return t;
