@@ -424,21 +424,17 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
                 "batched (it was created outside vmap or does not depend on the mapped inputs). "
                 "Use the out-of-place version (e.g. `x = x + y` instead of `x += y`), or make "
                 "'self' batched first.");
-    if (!bself) {
-      // A batch of one (a size-1 mapped dim, or chunk_size=1): the unbatched self can hold the
-      // one element's result, which is what the for-loop and torch.func write into it. Only ops
-      // with other tensor arguments get here, and none of those changes self's shape.
-      HandDownGuard guard;
-      at::Tensor value = self.unsqueeze(0);
-      std::apply(Rule, std::tuple_cat(std::make_tuple(std::ref(value), bdim_t(0)), unwrapArg(args, lvl)...));
-      return self;
-    }
     {
       HandDownGuard guard;
-      at::Tensor value = bself->value();
+      // Without bself, a batch of one (a size-1 mapped dim, or chunk_size=1): the unbatched self,
+      // seen as a batch of one, holds the one element's result, which is what the for-loop and
+      // torch.func write into it. Only ops with other tensor arguments get here, and none of those
+      // changes self's shape.
+      at::Tensor value = bself ? bself->value() : self.unsqueeze(0);
+      const bdim_t value_bdim = bself ? bself->bdim() : 0;
       auto call = [&] {
-        return std::apply(Rule, std::tuple_cat(std::make_tuple(std::ref(value), bdim_t(bself->bdim())),
-                                               unwrapArg(args, lvl)...));
+        return std::apply(
+            Rule, std::tuple_cat(std::make_tuple(std::ref(value), value_bdim), unwrapArg(args, lvl)...));
       };
       // Rules of in-place shape ops return the new batch dim; the others return nothing.
       if constexpr (std::is_void_v<decltype(call())>) {
@@ -446,10 +442,10 @@ struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
       } else {
         const int64_t bd = call();
         checkResultBdim(value, bd, Op::name);
-        bself->setBdim(bd);
+        if (bself) bself->setBdim(bd);  // shape ops have no other tensor argument: bself is set
       }
     }
-    bself->refreshMetadata();
+    if (bself) bself->refreshMetadata();
     return self;
   }
 };

@@ -254,7 +254,7 @@ void fillTensorInplaceRule(Tensor& self, bdim_t sbd, const Tensor& value, bdim_t
     return;
   }
   Tensor v = padToLogicalRank(moveBdimToFront(value, vbd), true, s.dim() - 1);
-  at::_ops::copy_::call(s, v.expand(s.sizes()).to(s.scalar_type()), false);
+  at::_ops::copy_::call(s, v.expand(s.sizes()), false);  // copy_ casts to self's dtype
 }
 
 }  // namespace
