@@ -800,26 +800,15 @@ def _same(a, b):
     return None
 
 
-# Appended to a pattern: it applies only to programs with a vmap of chunk_size=1.
-_CHUNK_1 = "<chunk_size=1>"
-
 # Failures not fixed yet, each with its strict-xfail reproducer in test/test_fuzz_regressions.py:
 # a program whose failure matches one is counted as "known" instead of failing the fuzzer. An
-# entry maps the test's name to a
-# regex over the outcome's detail (append _CHUNK_1 to match only programs with chunk_size=1).
+# entry maps the test's name to a regex over the outcome's detail.
 KNOWN: dict[str, str] = {}
 
 
-def known(outcome, prog=None):
+def known(outcome):
     """The regression test that covers this failure, or None."""
-    import re
-
-    chunk_1 = prog is not None and any(l[0] == "vmap" and l[4] == 1 for l in prog.layers)
     for test, pattern in KNOWN.items():
-        if pattern.endswith(_CHUNK_1):
-            if not chunk_1:
-                continue
-            pattern = pattern[: -len(_CHUNK_1)]
         if re.match(pattern, outcome.detail):
             return test
     return None
@@ -834,7 +823,7 @@ class Outcome:
 
 def run_case(prog):
     out = _run_case(prog)
-    if out.kind == "failure" and known(out, prog):
+    if out.kind == "failure" and known(out):
         return Outcome("known", out.detail)
     return out
 
@@ -1033,7 +1022,7 @@ class Stats:
             self.ours_right[out.detail[:120]] += 1
             self.ours_right_example.setdefault(out.detail[:120], prog)
         if out.kind == "known":
-            self.known[known(out, prog)] += 1
+            self.known[known(out)] += 1
         if out.kind == "failure":
             self.failures.setdefault(signature(prog, out), (prog, out))
 

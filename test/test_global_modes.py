@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.func as tf
 import torch.utils.checkpoint as cp
+from test_conformance_api import _loop_grads  # the per-example autograd referee
 
 import functorch_lite as ft
 
@@ -295,15 +296,6 @@ def test_autocast_inside_that_changes_nothing_is_allowed():
 
 # ------------------------------------------------------------------------------------------------
 # saved-tensor hooks
-
-
-def _loop_grads(loss, xs):
-    out = []
-    for r in xs:
-        r = r.clone().requires_grad_()
-        (g,) = torch.autograd.grad(loss(r), r)
-        out.append(g)
-    return torch.stack(out)
 
 
 def test_saved_tensor_hooks_around_transforms():
