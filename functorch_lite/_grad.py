@@ -12,11 +12,12 @@ from ._call import call_transformed
 from ._compile import eager, skip_wrappers
 from ._levels import _batched_like
 from ._load import _C
+from ._repr import _torch_requires_grad_ as _torch_requires_grad
 
 # torch.Tensor.requires_grad_ refuses calls inside transforms (as torch.func's does); the
-# transforms mark their own inputs with torch's method itself. A user's TorchFunctionMode would
-# turn that call into one of the refusing public method: the mode does not see it.
-_torch_requires_grad = torch._C.TensorBase.requires_grad_
+# transforms mark their own inputs with torch's method itself (captured in _repr.py). A user's
+# TorchFunctionMode would turn that call into one of the refusing public method: the mode does not
+# see it.
 
 
 def _requires_grad(t):
