@@ -283,6 +283,8 @@ def test_zero_noise_gives_infinite_epsilon():
     [
         (dict(max_grad_norm=0.0), "max_grad_norm must be > 0"),
         (dict(max_grad_norm=-1.0), "max_grad_norm must be > 0"),
+        (dict(max_grad_norm=float("inf")), "max_grad_norm must be > 0 and finite"),
+        (dict(max_grad_norm=float("nan")), "max_grad_norm must be > 0 and finite"),
         (dict(allow_zero_noise=False), "noise_multiplier must be > 0.*allow_zero_noise=True"),
         (dict(noise_multiplier=-0.5), "noise_multiplier must be > 0"),
         (dict(sample_rate=0.0), r"sample_rate must be in \(0, 1\]"),

@@ -43,6 +43,12 @@ def _check_max_norm(max_norm, api):
     max_norm = float(max_norm)
     if math.isnan(max_norm) or max_norm <= 0:
         raise ValueError(f"{api}: max_norm must be > 0 (the clipping bound C), got {max_norm!r}.")
+    if math.isinf(max_norm):
+        # an unbounded clip bounds no example's contribution: no noise scale gives privacy
+        raise ValueError(
+            f"{api}: max_norm must be finite (the clipping bound C that the noise is scaled to), "
+            f"got {max_norm!r}; an infinite bound clips nothing and gives no privacy."
+        )
     return max_norm
 
 
@@ -306,8 +312,9 @@ def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="au
     trainable parameters (named as in ``model.named_parameters()``; a tied parameter once).
 
     Args:
-        model: an ``nn.Module``; dim 0 is the example dimension inside it too (batch-first
-            layouts).
+        model: an ``nn.Module``. Any layout inside it (seq-first layers, transposes): every
+            method runs it one example at a time, as a batch of one, and ``"auto"``/``"ghost"``
+            know each layer's example dim from that run, never from sizes.
         loss_fn: ``loss_fn(outputs, targets)`` returns the per-example losses, shape ``(B,)``
             (e.g. ``F.cross_entropy(..., reduction="none")``).
         inputs: a tensor, or a tuple of tensors passed as ``model(*inputs)``; dim 0: examples.

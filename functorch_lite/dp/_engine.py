@@ -6,6 +6,8 @@ layer). Nothing here hooks the optimizer or the model: the trainer writes `.grad
 `optimizer.step()`, so any torch.optim optimizer works unchanged.
 """
 
+import math
+
 import torch
 
 from .._compile import eager
@@ -89,8 +91,12 @@ class PrivateTrainer:
         generator=None,
         distributed=None,
     ):
-        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm!r}")
+        if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+            raise TypeError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
+        if not 0 < max_grad_norm < math.inf:  # also nan; an infinite bound clips nothing
+            raise ValueError(
+                f"max_grad_norm must be > 0 and finite (the clipping bound C), got {max_grad_norm!r}"
+            )
         _check_sample_rate(sample_rate)
         _check_accountant(accountant)
         if not (isinstance(expected_batch_size, (int, float)) and expected_batch_size > 0):

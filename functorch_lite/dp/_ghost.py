@@ -2,29 +2,46 @@
 gradients, and the clipped sum by book-keeping, without per-example gradients where a layer
 has a ghost rule.
 
+NOTE [The example dim is known, never guessed]
+The recording forward runs the model under our own vmap, one example at a time as the vmap path
+does (each example is seen as a batch of one). Forward hooks then see BatchedTensors: a module
+argument or output batched at that vmap level carries the examples along its physical batch
+dim, which the vmap level knows exactly; an unbatched one is shared by all examples (a
+parameter table, a mask built from constants). The hooks keep the physical tensors with the
+example dim moved to the front, so a layer input is (B, *one example's shape) whatever the
+model does with its layouts (seq-first attention, x.transpose(0, 1), T == B). Autograd records
+the physical computation (the parameters are plain tensors captured by the vmapped function),
+so one backward of sum_i loss_i gives each recorded output's gradient b, also (B, *shape).
+Nothing is inferred from sizes: a rule whose layer sees a layout it cannot read (a conv input
+whose batch of one was reshaped away, an input shared by all examples) hands the layer to the
+per-layer vmap(grad), which takes every argument's exact batch dim; a parameter whose
+per-example gradient cannot be read from any layer's a and b (a layer whose output is shared by
+all examples) sends the model to the whole-model vmap path: slower, same result.
+
 One forward records, for every module call, its inputs and its output's gradient edge (forward
 hooks), and a TorchFunctionMode notes which module calls use each trainable parameter. One
-backward of sum_i loss_i asks autograd only for the gradients at the recorded outputs (b), not
-for any parameter gradient. Then, per parameter:
+backward asks autograd only for the gradients at the recorded outputs (b), not for any
+parameter gradient. Then, per parameter:
 
 - used only inside calls of a layer with a rule (Linear, Conv1d/2d, Embedding, LayerNorm,
-  GroupNorm, RMSNorm, eval-mode BatchNorm, MultiheadAttention) that own it: from that layer's
-  input a and b (attention re-runs its core to get its projections' a and b). For a
-  weight used by exactly one call, ghost norm (||G_i||^2 from a and b, then the clipped sum as
-  one reweighted product (c*b)^T a) or materialised per-example gradients (b_i^T a_i), chosen by
-  cost; a weight used by several calls (tied weights, a module called twice) is materialised and
-  its uses summed, so its norm stays exact; biases and norm-layer affines are always formed
-  per example (cheap);
+  GroupNorm, RMSNorm, eval-mode BatchNorm, MultiheadAttention without attention dropout) that
+  own it: from that layer's input a and b (attention re-runs its core to get its projections'
+  a and b). For a weight used by exactly one call, ghost norm (||G_i||^2 from a and b, then the
+  clipped sum as one reweighted product (c*b)^T a) or materialised per-example gradients
+  (b_i^T a_i), chosen by cost; a weight used by several calls (tied weights, a module called
+  twice) is materialised and its uses summed, so its norm stays exact; biases and norm-layer
+  affines are always formed per example (cheap);
 - otherwise (any other module, a parameter used outside its module): the deepest module whose
   calls contain every use of the parameter gets a per-layer vmap(grad) of <module(a_i), b_i>.
+  A module that draws random numbers (dropout in training) is re-run from the generator state
+  recorded at its call, and its recomputed outputs must equal the recorded ones.
 
 The total norm is the root of the sum of all squared contributions; exact, same values as
-vmap(grad). Assumption (documented): dim 0 of every module input/output that carries examples
-is the example dim (batch-first), and a module argument whose dim 0 equals the batch size is
-per-example. When the structure defeats this path (a use the mode did not see, an output view
-modified in place, a layer input that is not batch-first) the caller falls back to the
-whole-model vmap path: slower, same result. A parameter used in loss_fn is refused
-(ValueError): every method differentiates through the model's forward only.
+vmap(grad) (and, with dropout, the same masks: both paths draw under the same vmap). When the
+structure defeats this path (a use the mode did not see, an output view or an input modified in
+place, a replay that does not reproduce its output) the caller falls back to the whole-model
+vmap path. A parameter used in loss_fn is refused (ValueError): every method differentiates
+through the model's forward only.
 """
 
 import contextlib
@@ -35,9 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._grad import grad
+from .._load import _C
 from .._module import functional_call
 from .._vmap import vmap
 from ._clip import _as_tuple, check_per_example_loss, clip_factors, per_example_sq_norms, weighted_sum
@@ -50,16 +68,13 @@ class _Fallback(Exception):
 
 
 # ------------------------------------------------------------------------------------------------
-# recording: module calls (inputs, output edges) and which calls use each parameter
-
-
-def _draws_dropout(module):
-    return isinstance(module, nn.MultiheadAttention) and module.training and module.dropout > 0
+# recording: module calls (physical inputs, output edges) and which calls use each parameter
 
 
 def _rng_state(args):
     """The state of the generator that a call on these inputs draws from."""
-    device = args[0].device if args and isinstance(args[0], torch.Tensor) else torch.device("cpu")
+    first = next((t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
     if device.type == "cuda":
         return device, torch.cuda.get_rng_state(device)
     return device, torch.get_rng_state()
@@ -77,32 +92,137 @@ def _replaying(rng):
         yield
 
 
-def _tensors(args, kwargs):
-    for x in (*args, *kwargs.values()):
-        if isinstance(x, (list, tuple)):
-            yield from (y for y in x if isinstance(y, torch.Tensor))
-        elif isinstance(x, torch.Tensor):
-            yield x
+def _physical_requires_grad(t):
+    """Whether the physical value under t's batching carries gradient (a BatchedTensor itself
+    has no autograd meta: autograd records the physical computation)."""
+    while True:
+        info = _C._wrapper_info(t)
+        if info is None:
+            return t.requires_grad
+        t = info[3]
 
 
 def _carries_grad(out):
     if isinstance(out, torch.Tensor):
-        return out.requires_grad
+        return _physical_requires_grad(out)
     return isinstance(out, (list, tuple)) and any(_carries_grad(x) for x in out)
 
 
-class _Call:
-    __slots__ = ("args", "kwargs", "outputs", "edges", "versions", "rng")
+class _Physical:
+    """Converts the tensors a hook sees into physical ones: a tensor batched at the recording
+    vmap level becomes its value with the batch dim moved to the front, (B, *one example's
+    shape); any other tensor is shared by all examples and stays as it is. One conversion per
+    tensor object, so identities (self-attention's query is key is value) survive."""
 
-    def __init__(self, args, kwargs, output, rng=None):
-        self.args, self.kwargs, self.rng = args, kwargs, rng
-        leaves, _ = tree_flatten(output)
+    def __init__(self):
+        self.level = None
+        self.memo = {}
+
+    def _get(self, t):
+        got = self.memo.get(id(t))
+        if got is None or got[0] is not t:  # the memo holds t, so its id is not reused meanwhile
+            value, bdim = _C._unwrap_batched(t, self.level)
+            front = (value if bdim is None else value.movedim(bdim, 0)).detach()
+            got = self.memo[id(t)] = (t, value, bdim, front)
+        return got
+
+    def raw(self, t):
+        """(physical value, batch dim or None), the value as the vmap level holds it."""
+        _, value, bdim, _ = self._get(t)
+        return value, bdim
+
+    def front(self, t):
+        """(detached tensor with the examples along dim 0 if batched, batched?)."""
+        _, _, bdim, front = self._get(t)
+        return front, bdim is not None
+
+
+class _Call:
+    __slots__ = (
+        "args",
+        "kwargs",
+        "batched",
+        "in_versions",
+        "outputs",
+        "out_dims",
+        "edges",
+        "versions",
+        "bases",
+        "rng",
+    )
+
+    def __init__(self, phys, args, kwargs, output, rng=None):
+        leaves, spec = tree_flatten((args, kwargs))
+        flat, self.batched, self.in_versions = [], [], []
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                v, batched = phys.front(x)
+                flat.append(v)
+                self.batched.append(batched)
+                self.in_versions.append(v._version)
+            else:
+                flat.append(x)
+                self.batched.append(False)
+                self.in_versions.append(None)
+        self.args, self.kwargs = tree_unflatten(flat, spec)
+        self.rng = rng
         # b is needed for every output that carries gradient; others (None, masks) get none
-        self.outputs = [t if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
+        self.outputs, self.out_dims = [], []
+        for t in tree_flatten(output)[0]:
+            if isinstance(t, torch.Tensor):
+                v, bdim = phys.raw(t)
+                self.outputs.append(v if v.requires_grad else None)
+                self.out_dims.append(bdim)
+            else:
+                self.outputs.append(None)
+                self.out_dims.append(None)
         # the edge, not the tensor: an in-place op after the call (ReLU(inplace=True)) must not
         # turn the output's gradient into the gradient of the modified value
         self.edges = [None if t is None else get_gradient_edge(t) for t in self.outputs]
         self.versions = [None if t is None else t._version for t in self.outputs]
+        # a physical output is often a view (the batching rule's reshape of a fresh result); an
+        # in-place op on it later (ReLU(inplace=True)) moves its history to the base, and its own
+        # edge is then no longer reached: the base's edge, sliced like the view, is
+        self.bases = [_base_of(t) for t in self.outputs]
+
+    def edge_for(self, k):
+        """The edge to ask autograd for output k's gradient, and how to read that gradient."""
+        if self.outputs[k]._version == self.versions[k] or self.bases[k] is None:
+            return self.edges[k], None
+        return self.bases[k][1], self.bases[k]
+
+    def front_output(self, k, value):
+        """value (shaped like output k's physical value) with the examples along dim 0."""
+        d = self.out_dims[k]
+        return value if d is None else value.movedim(d, 0)
+
+    def inputs_changed(self):
+        """Whether an input was modified in place after the call (its recorded value is stale)."""
+        leaves = tree_flatten((self.args, self.kwargs))[0]
+        return any(
+            v is not None and x._version != v
+            for x, v in zip(leaves, self.in_versions)
+            if isinstance(x, torch.Tensor)
+        )
+
+
+def _base_of(t):
+    if t is None or not t._is_view() or not t._base.requires_grad:
+        return None
+    base = t._base
+    return (
+        base,
+        get_gradient_edge(base),
+        (tuple(t.shape), t.stride(), t.storage_offset() - base.storage_offset()),
+    )
+
+
+def _view_of_base_grad(g, based):
+    """The gradient of a view from its base's gradient, read with the view's geometry."""
+    base, _, (shape, stride, offset) = based
+    if g.stride() != base.stride():
+        g = torch.empty_strided(base.shape, base.stride(), dtype=g.dtype, device=g.device).copy_(g)
+    return g.as_strided(shape, stride, g.storage_offset() + offset)
 
 
 class _Recorder(TorchFunctionMode):
@@ -114,6 +234,8 @@ class _Recorder(TorchFunctionMode):
         self.calls = {}  # module -> [_Call]
         self.uses = {}  # id(param) -> [tuple of the modules active at the use, outermost first]
         self.handles = []
+        self.phys = _Physical()
+        self.replays = {}  # module -> whether a per-layer vmap(grad) may have to redraw its randomness
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,22 +243,29 @@ class _Recorder(TorchFunctionMode):
         # a use is an op on a parameter whose result carries gradient: metadata reads (.shape,
         # .dtype, .dim()) and detached copies elsewhere do not tie the parameter to a module
         used = [x for x in _tensors(args, kwargs) if id(x) in self.param_ids]
-        if used and _carries_grad(out):
-            where = tuple(self.stack)
-            for x in used:
-                self.uses.setdefault(id(x), []).append(where)
+        if used:
+            with torch._C.DisableTorchFunction():
+                carries = _carries_grad(out)
+            if carries:
+                where = tuple(self.stack)
+                for x in used:
+                    self.uses.setdefault(id(x), []).append(where)
         return out
 
     def _pre(self, module, args, kwargs):
         self.stack.append(module)
-        # attention dropout is replayed by the rule from the generator state at the call
-        self.rng.append(_rng_state(args) if _draws_dropout(module) else None)
+        replay = self.replays.get(module)
+        if replay is None:
+            # a module without a rule may get a per-layer vmap(grad), which re-runs it: in training
+            # mode it may draw (dropout), so the generator state at the call is kept to redraw
+            replay = self.replays[module] = module.training and _rule_for(module) is None
+        self.rng.append(_rng_state(args) if replay else None)
 
     def _post(self, module, args, kwargs, output):
         self.stack.pop()
         rng = self.rng.pop()
         with torch._C.DisableTorchFunction():  # our own attribute reads are no uses (and slow)
-            self.calls.setdefault(module, []).append(_Call(args, kwargs, output, rng))
+            self.calls.setdefault(module, []).append(_Call(self.phys, args, kwargs, output, rng))
 
     def __enter__(self):
         for m in self.model.modules():
@@ -148,6 +277,14 @@ class _Recorder(TorchFunctionMode):
         for h in self.handles:
             h.remove()
         return super().__exit__(*exc)
+
+
+def _tensors(args, kwargs):
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, (list, tuple)):
+            yield from (y for y in x if isinstance(y, torch.Tensor))
+        elif isinstance(x, torch.Tensor):
+            yield x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,8 +325,7 @@ def _matmul_weight(name, a, b, policy):
     return ("ghost", name, sq, finish)
 
 
-def _linear(module, call, b, policy):
-    a = _input(call)
+def _linear(module, call, a, b, policy):
     n = a.shape[0]
     a = a.reshape(n, -1, a.shape[-1])
     b = b.reshape(n, -1, b.shape[-1])
@@ -199,10 +335,9 @@ def _linear(module, call, b, policy):
     return out
 
 
-def _conv(module, call, b, policy):
+def _conv(module, call, a, b, policy):
     """Conv1d (as a 2-D conv of height 1) and Conv2d: the L output positions play the role of T;
     ghost norms from the unfolded input, per-example gradients by a grouped convolution."""
-    a = _input(call)
     one_d = isinstance(module, nn.Conv1d)
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -249,8 +384,7 @@ def _conv(module, call, b, policy):
     return out
 
 
-def _embedding(module, call, b, policy):
-    ids = _input(call)
+def _embedding(module, call, ids, b, policy):
     n, vocab, dim = ids.shape[0], module.num_embeddings, module.embedding_dim
     ids = ids.reshape(n, -1)
     b = b.reshape(n, -1, dim)
@@ -299,8 +433,8 @@ def _norm_rule(normalize, positions):
     """The rule of a norm layer y = normalize(a) * weight + bias; positions(module) sums the
     per-position products over the positions that share a weight entry."""
 
-    def rule(module, call, b, policy):
-        return _affine(module, b, normalize(module, _input(call)), positions(module))
+    def rule(module, call, a, b, policy):
+        return _affine(module, b, normalize(module, a), positions(module))
 
     return rule
 
@@ -328,29 +462,59 @@ def _float_mask(mask, dtype):
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
-def _mha(module, call, b, policy):
-    """nn.MultiheadAttention (batch_first, packed in_proj, no bias_k/add_zero_attn):
-    the attention is re-run from the recorded inputs to get the context (out_proj's input) and,
-    by one batched backward of b through it, the gradients at q, k and v (in_proj's outputs);
-    both projections are then matmul layers like Linear. Attention dropout in training is
-    replayed from the generator state recorded at the call, and checked against the output."""
+def _mha_inputs(module, call):
+    """The attention call's arguments in the batch-first layout the rule computes with, or None
+    where it cannot read them: query, key, value (B, T|S, E); masks as additive 4-D masks that
+    broadcast over (B, heads, T, S); a function putting b (or the output) in the same layout."""
     bound = _MHA_SIGNATURE.bind(module, *call.args, **call.kwargs)
     bound.apply_defaults()
     arg = bound.arguments
-    query, key, value = (arg[k].detach() for k in ("query", "key", "value"))
+    leaves = tree_flatten((call.args, call.kwargs))[0]
+    batched = {id(x) for x, b in zip(leaves, call.batched) if b}
+    query, key, value = (arg[k] for k in ("query", "key", "value"))
+    if not all(id(x) in batched for x in (query, key, value)):
+        return None  # queries, keys or values shared by all examples: the per-layer vmap's
+    example = 2 if not module.batch_first else 1  # where one example's batch of one lies
+
+    def layout(t):
+        if t.dim() == 3:  # one example seen unbatched, (T, E)
+            return t
+        return t.squeeze(example) if t.dim() == 4 and t.shape[example] == 1 else None
+
+    q, k, v = (layout(x) for x in (query, key, value))
+    if q is None or k is None or v is None:
+        return None
+    kpm = arg["key_padding_mask"]
+    if kpm is not None:
+        kpm = kpm.reshape(-1, 1, 1, kpm.shape[-1])  # (B or 1, S) rows: batched or shared
+        if id(arg["key_padding_mask"]) in batched and kpm.shape[0] != q.shape[0]:
+            return None
+    mask = arg["attn_mask"]
+    if mask is not None:
+        lead = mask.shape[:-2] if id(mask) not in batched else mask.shape[1:-2]
+        if len(lead) > 1 or (lead and lead[0] != module.num_heads):
+            return None  # a batch of one with its heads merged is (heads, T, S); others: vmap
+        heads = module.num_heads if lead else 1
+        n = q.shape[0] if id(mask) in batched else 1
+        mask = mask.reshape(n, heads, *mask.shape[-2:])
+    return (query is key and key is value), q, k, v, kpm, mask, arg, layout
+
+
+def _mha(module, call, a, b, policy):
+    """nn.MultiheadAttention (packed in_proj, no bias_k/add_zero_attn, no attention dropout
+    drawn), any layout: the attention is re-run from the recorded inputs to get the context
+    (out_proj's input) and, by one batched backward of b through it, the gradients at q, k and
+    v (in_proj's outputs); both projections are then matmul layers like Linear."""
+    self_attention, query, key, value, kpm, mask, arg, _ = _mha_inputs(module, call)
     n, t, e = query.shape
     heads, hd = module.num_heads, module.embed_dim // module.num_heads
-    kpm = _float_mask(arg["key_padding_mask"], query.dtype)
+    kpm = _float_mask(kpm, query.dtype)
     causal = arg["is_causal"] and kpm is None and not arg["need_weights"]
-    mask = None if causal else _float_mask(arg["attn_mask"], query.dtype)
-    if mask is not None:
-        mask = mask.view(1, 1, *mask.shape) if mask.dim() == 2 else mask.view(n, heads, *mask.shape[1:])
+    mask = None if causal else _float_mask(mask, query.dtype)
     if kpm is not None:
-        kpm = kpm.view(n, 1, 1, -1)
         mask = kpm if mask is None else mask + kpm
     w = module.in_proj_weight.detach()
     bias = module.in_proj_bias.detach() if module.in_proj_bias is not None else None
-    self_attention = query is key and key is value
     with torch.enable_grad():
         if self_attention:  # one projection; its gradient holds the q, k, v blocks side by side
             leaves = [F.linear(query, w, bias).requires_grad_()]
@@ -363,24 +527,19 @@ def _mha(module, call, b, policy):
                 for i, x in enumerate((query, key, value))
             ]
         split = [x.unflatten(-1, (heads, hd)).transpose(1, 2) for x in proj]
-        if call.rng is None:
-            ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
-        else:
-            with _replaying(call.rng):
-                ctx = F.scaled_dot_product_attention(
-                    *split, attn_mask=mask, is_causal=causal, dropout_p=module.dropout
-                )
+        ctx = F.scaled_dot_product_attention(*split, attn_mask=mask, is_causal=causal)
         ctx = ctx.transpose(1, 2).reshape(n, t, e)
         grads = torch.autograd.grad(ctx, leaves, b @ module.out_proj.weight.detach())
-    if call.rng is not None:
-        _check_replay(module, call, ctx)
     out = [_matmul_weight("out_proj.weight", ctx.detach(), b, policy("out_proj.weight", t, e, e))]
     if module.out_proj.bias is not None:
         out.append(("inst", "out_proj.bias", b.sum(1)))
     if self_attention:
         out.append(_matmul_weight("in_proj_weight", query, grads[0], policy("in_proj_weight", t, 3 * e, e)))
     else:  # three row blocks of one weight: squared norms add, the sums stack
-        choice = policy("in_proj_weight", max(t, key.shape[1]), e, e)
+        # one choice for the three blocks (their squared norms add only if all are ghosted): each
+        # block deciding by its own length would split queries and keys of different lengths
+        s_len = max(t, key.shape[1])
+        choice = "ghost" if _use_ghost(policy("in_proj_weight", s_len, e, e), s_len, e, e) else "inst"
         parts = [_matmul_weight("in_proj_weight", x, g, choice) for x, g in zip((query, key, value), grads)]
         if parts[0][0] == "inst":
             out.append(("inst", "in_proj_weight", torch.cat([q[2] for q in parts], 1)))
@@ -398,28 +557,12 @@ def _mha(module, call, b, policy):
     return out
 
 
-def _check_replay(module, call, ctx):
-    """The replayed dropout must be the one drawn in the forward: the output, recomputed from
-    the replayed context, must match the recorded one (a different mask differs by O(1))."""
-    y = call.outputs[0]
-    if y._version != call.versions[0]:
-        raise _Fallback("attention output modified in place: dropout replay unchecked")
-    again = F.linear(
-        ctx.detach(),
-        module.out_proj.weight.detach(),
-        None if module.out_proj.bias is None else module.out_proj.bias.detach(),
-    )
-    tol = 1e-3 if y.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    if not torch.allclose(again, y.detach(), rtol=tol, atol=tol * float(y.detach().abs().max())):
-        raise _Fallback("attention dropout could not be replayed")
-
-
 def _mha_supported(module):
     return (
-        module.batch_first
-        and module._qkv_same_embed_dim
+        module._qkv_same_embed_dim
         and module.bias_k is None
         and not module.add_zero_attn
+        and not (module.training and module.dropout > 0)  # dropout: the per-layer vmap redraws it
     )
 
 
@@ -440,8 +583,48 @@ if hasattr(nn, "RMSNorm"):
 
 
 def _input(call):
-    """A layer's (first) input, detached: the rules compute from values only."""
-    return (call.args[0] if call.args else next(iter(call.kwargs.values()))).detach()
+    """A layer's (first) input, with the examples along dim 0, and whether it is per-example."""
+    leaves = tree_flatten((call.args, call.kwargs))[0]
+    return leaves[0], call.batched[0]
+
+
+def _same(module, t):
+    """Layers that treat every leading dim as positions (Linear, Embedding, LayerNorm, RMSNorm):
+    (B, *one example's shape) is read as it is."""
+    return t
+
+
+def _one_image(module, t):
+    """Conv and channel-norm layers read (B, C, ...): one example is a batch of one (1, C, ...)
+    or, for convolutions, one unbatched (C, ...) input; anything else (the batch of one
+    reshaped into several images) goes to the per-layer vmap."""
+    conv_rank = 3 if isinstance(module, nn.Conv1d) else 4 if isinstance(module, nn.Conv2d) else None
+    if conv_rank is not None and t.dim() == conv_rank:
+        return t
+    if t.dim() >= 3 and t.shape[1] == 1 and (conv_rank is None or t.dim() == conv_rank + 1):
+        return t.squeeze(1)
+    return None
+
+
+_LAYOUTS = {_conv: _one_image, _group_norm: _one_image, _batch_norm_eval: _one_image}
+
+
+def _rule_inputs(module, rule, call):
+    """(a, layout of b) in the layout the rule reads, or None where it cannot read this call."""
+    if call.outputs[0] is None or call.out_dims[0] is None:
+        return None  # no gradient reaches the output, or the output is shared by all examples
+    if rule is _mha:
+        got = _mha_inputs(module, call)
+        return None if got is None else (None, got[-1])
+    a, batched = _input(call)
+    if not batched:
+        return None
+    layout = _LAYOUTS.get(rule, _same)
+    a = layout(module, a)
+    out = call.front_output(0, call.outputs[0])
+    if a is None or layout(module, out) is None:
+        return None
+    return a, lambda t: layout(module, t)
 
 
 def _rule_parameters(module):
@@ -487,6 +670,13 @@ def _plan(recorder, params, rules):
     (all inside rule layers owning it); generic maps a module -> [id(param)] of the parameters it
     differentiates with a per-layer vmap(grad)."""
     rule_params, generic = {}, {}
+    owned = {}
+
+    def owned_ids(module):
+        if module not in owned:
+            owned[module] = {id(q) for q in module.parameters()}
+        return owned[module]
+
     for p in params.values():
         stacks = recorder.uses.get(id(p))
         if not stacks:
@@ -510,6 +700,10 @@ def _plan(recorder, params, rules):
             while k < min(len(common), len(s)) and common[k] is s[k]:
                 k += 1
             common = common[:k]
+        # the per-layer vmap(grad) differentiates the module's own parameters: a parameter used
+        # inside another module's call (a table passed to a Linear) goes to its owner
+        while common and id(p) not in owned_ids(common[-1]):
+            common = common[:-1]
         if not common:
             raise _Fallback("a parameter is used by module calls with no common caller")
         generic.setdefault(common[-1], []).append(id(p))
@@ -528,14 +722,36 @@ def ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, 
         return None
 
 
-def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, force_ghost):
+def _record(model, loss_fn, inputs, targets, recorder, size):
+    """The per-example losses (B,) of the model run under vmap, one example at a time (a batch
+    of one, as the vmap path runs it), with the recorder's hooks and mode active."""
     api = "clipped_grad_module"
-    recorder = _Recorder(model, params)
+
+    def one_example(x, y):
+        recorder.phys.level = _C._top_level_id()
+        x1, y1 = tree_map(lambda t: t.unsqueeze(0), (x, y))
+        losses = loss_fn(model(*x1), y1)
+        check_per_example_loss(losses, 1, api, batch_size=size)
+        return losses.sum()
+
     with recorder:
-        outputs = model(*_as_tuple(inputs))
-        losses = loss_fn(outputs, targets)
-    check_per_example_loss(losses, size, api)
-    rules = {m: _rule_for(m) for m in recorder.calls}
+        return vmap(one_example, randomness="different")(_as_tuple(inputs), targets)
+
+
+def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, force_ghost):
+    recorder = _Recorder(model, params)
+    losses = _record(model, loss_fn, inputs, targets, recorder, size)
+    recorder.phys.memo.clear()  # the BatchedTensors it kept alive are dead now
+    rules, prepared = {}, {}
+    for m, calls in recorder.calls.items():
+        rule = _rule_for(m)
+        if rule is not None:
+            got = [_rule_inputs(m, rule, c) for c in calls]
+            if all(g is not None for g in got):
+                prepared.update((id(c), g) for c, g in zip(calls, got))
+            else:
+                rule = None  # a call the rule cannot read: the per-layer vmap takes the layer
+        rules[m] = rule
     rule_params, generic = _plan(recorder, params, rules)
 
     # the calls whose output gradients we need, then one backward for all of them
@@ -549,7 +765,8 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
     used = set(rule_params) | {i for ids in generic.values() for i in ids}
     unseen = [p for p in params.values() if id(p) not in used]
     needed = [(c, k) for _, c in rule_calls + generic_calls for k, e in enumerate(c.edges) if e is not None]
-    wanted = [c.edges[k] for c, k in needed] + unseen
+    reads = [c.edge_for(k) for c, k in needed]
+    wanted = [e for e, _ in reads] + unseen
     got = (
         torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
         if wanted and losses.requires_grad
@@ -558,20 +775,25 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
     if any(g is not None for g in got[len(needed) :]):
         raise _Fallback("a parameter is used where the recording did not see it")
     grads_at = {}
-    for (c, k), g in zip(needed, got):
+    for (c, k), (_, based), g in zip(needed, reads, got):
         if g is None and c.outputs[k]._version != c.versions[k]:
             raise _Fallback("a module output (a view) was modified in place")
-        grads_at[(id(c), k)] = g
+        if g is not None and based is not None:
+            g = _view_of_base_grad(g, based)
+        grads_at[(id(c), k)] = None if g is None else c.front_output(k, g)
+    for _, c in rule_calls + generic_calls:
+        if c.inputs_changed():
+            raise _Fallback("a module input was modified in place after the call")
 
     contributions = []
     with torch.no_grad():
         for module, call in rule_calls:
             contributions += _rule_contributions(
-                module, rules[module], call, grads_at, rule_params, size, force_ghost
+                module, rules[module], call, prepared[id(call)], grads_at, rule_params, force_ghost
             )
     for module, ids in generic.items():
         for call in recorder.calls.get(module, ()):
-            contributions += _generic_contributions(module, ids, call, grads_at, size)
+            contributions += _generic_contributions(module, ids, call, grads_at)
 
     with torch.no_grad():
         return _combine(contributions, params, max_norm, size, losses)
@@ -579,16 +801,14 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
 
 def _output_grad(call, grads_at, k=0):
     g = grads_at.get((id(call), k))
-    return torch.zeros_like(call.outputs[k]) if g is None else g
+    return torch.zeros_like(call.front_output(k, call.outputs[k])) if g is None else g
 
 
-def _rule_contributions(module, rule, call, grads_at, rule_params, size, force_ghost):
-    a = _input(call)
-    if a.dim() == 0 or a.shape[0] != size or call.outputs[0] is None:
-        raise _Fallback("a layer's input is not batch-first")
+def _rule_contributions(module, rule, call, prepared, grads_at, rule_params, force_ghost):
     if any(grads_at.get((id(call), k)) is not None for k in range(1, len(call.outputs))):
         raise _Fallback("attention weights reach the loss")
-    b = _output_grad(call, grads_at)
+    a, layout = prepared
+    b = layout(_output_grad(call, grads_at))
     owned = _rule_parameters(module)
 
     def policy(name, t, p, d):
@@ -598,43 +818,68 @@ def _rule_contributions(module, rule, call, grads_at, rule_params, size, force_g
         return "ghost" if force_ghost else "auto"
 
     out = []
-    for kind, name, *rest in rule(module, call, b, policy):
+    for kind, name, *rest in rule(module, call, a, b, policy):
         pid = id(owned[name])
         if pid in rule_params:  # a parameter also used elsewhere is the per-layer vmap's
             out.append((kind, pid, *rest))
     return out
 
 
-def _generic_contributions(module, ids, call, grads_at, size):
-    """Per-example gradients of <module(a_i), b_i> w.r.t. the parameters `ids` (vmap(grad))."""
+def _generic_contributions(module, ids, call, grads_at):
+    """Per-example gradients of <module(a_i), b_i> w.r.t. the parameters `ids` (vmap(grad)), each
+    argument and output with its exact example dim from the recording (dim 0, or shared)."""
     leaves, spec = tree_flatten((call.args, call.kwargs))
-    dims = [0 if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == size else None for t in leaves]
-    if not any(d == 0 for d in dims):
-        raise _Fallback("a module call has no per-example (batch-first) argument")
+    dims = [0 if b else None for b in call.batched]
     # outputs the loss does not depend on (an RNN's final state, often) contribute nothing
     outs = [k for k, t in enumerate(call.outputs) if grads_at.get((id(call), k)) is not None]
-    if any(call.outputs[k].dim() == 0 or call.outputs[k].shape[0] != size for k in outs):
-        raise _Fallback("a module output is not batch-first")
     if not outs:
         return []
+    if any(call.out_dims[k] is None for k in outs):
+        raise _Fallback("a module output shared by all examples reaches the loss")
+    if not any(d == 0 for d in dims):
+        raise _Fallback("a module call has no per-example argument")
     bs = [grads_at[(id(call), k)] for k in outs]
     names = {}
     for n, p in module.named_parameters():
         names.setdefault(id(p), (n, p))
     fixed = {n: p.detach() for n, p in names.values()}
     diff = {names[i][0]: fixed[names[i][0]] for i in ids}
-    leaves = [t.detach() if isinstance(t, torch.Tensor) else t for t in leaves]
 
     def one_example(diff_params, *flat):
-        xs = [t.unsqueeze(0) if d == 0 else t for t, d in zip(flat[: len(leaves)], dims)]
-        args, kwargs = tree_unflatten(xs, spec)
+        args, kwargs = tree_unflatten(list(flat[: len(leaves)]), spec)
         out, _ = tree_flatten(functional_call(module, {**fixed, **diff_params}, args, kwargs))
-        return sum((out[k] * b.unsqueeze(0)).sum() for k, b in zip(outs, flat[len(leaves) :]))
+        total = sum((out[k] * b).sum() for k, b in zip(outs, flat[len(leaves) :]))
+        return total, [out[k].detach() for k in outs]
 
-    per_example = vmap(grad(one_example), in_dims=(None, *dims, *([0] * len(bs))), randomness="different")(
-        diff, *leaves, *bs
+    per_example = vmap(
+        grad(one_example, has_aux=True), in_dims=(None, *dims, *([0] * len(bs))), randomness="different"
     )
-    return [("inst", i, per_example[names[i][0]].detach()) for i in ids]
+    if call.rng is None:
+        grads, _ = per_example(diff, *leaves, *bs)
+    else:  # the module may draw: redraw what the recording drew, and check that it did
+        with _replaying(call.rng):
+            grads, outputs = per_example(diff, *leaves, *bs)
+        for k, y in zip(outs, outputs):
+            recorded = call.outputs[k]
+            if recorded._version != call.versions[k]:
+                raise _Fallback("a module output modified in place: its redraw cannot be checked")
+            _check_redraw(call.front_output(k, recorded.detach()), y)
+    return [("inst", i, grads[names[i][0]].detach()) for i in ids]
+
+
+def _check_redraw(recorded, again):
+    """A module re-run from the recorded generator state must reproduce its output (different
+    random draws differ by O(1)); otherwise its per-example gradients would be another draw's."""
+    if recorded.shape != again.shape or recorded.dtype != again.dtype:
+        raise _Fallback("a module's re-run does not reproduce its output")
+    if not recorded.is_floating_point():
+        same = torch.equal(recorded, again)
+    else:
+        tol = 1e-3 if recorded.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        scale = float(recorded.abs().max()) if recorded.numel() else 0.0
+        same = torch.allclose(again, recorded, rtol=tol, atol=tol * scale)
+    if not same:
+        raise _Fallback("a module's random draws could not be replayed")
 
 
 def _combine(contributions, params, max_norm, size, losses):
