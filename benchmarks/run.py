@@ -10,7 +10,9 @@ Sections (each a module next to this file):
               a CNN and a transformer: torch.func, functorch_lite's three methods, Opacus' hooks
               and ghost clipping, against a non-private forward+backward;
   scaling     bench_scaling.py: per-sample gradients and whole DP-SGD steps against the batch
-              size, one line per library (functorch_lite, torch.func, Opacus, JAX).
+              size, one line per library (functorch_lite, torch.func, Opacus, JAX);
+  compiled    bench_compiled.py: torch.compile(step, fullgraph=True) of steps calling the
+              transforms, functorch_lite vs torch.func, eager and compiled.
 
 Every section times its contenders in interleaved rounds (the order rotates from round to round)
 and reports medians over rounds and medians of the per-round (paired) ratios, so that load
@@ -48,7 +50,7 @@ import functorch_lite as ft  # noqa: E402
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEAD_BEGIN, HEAD_END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
-SECTIONS = ("transforms", "dp_clip", "scaling")
+SECTIONS = ("transforms", "compiled", "dp_clip", "scaling")
 CHARTS = {
     "ratios": "bench_ratios.png",
     "dp_clip": "bench_dp_clip.png",
@@ -181,6 +183,17 @@ def run_dp_clip(args):
         for t, rows in results
     ]
     return dict(models=results, how=how, table=table)
+
+
+def run_compiled(args):
+    import bench_compiled
+
+    results = bench_compiled.run(quick=args.quick, log=log)
+    how = (
+        "interleaved rounds; ratio = time / torch.func eager in the same round (median); "
+        "compile time not included"
+    )
+    return dict(models=results, how=how, table=bench_compiled.markdown(results))
 
 
 def run_scaling(args):
@@ -319,6 +332,8 @@ def section_text(name, r, meta):
                 r["table"],
             ]
         )
+    if name == "compiled":
+        return "\n".join(["### torch.compile: compiled steps", "", mode, "", r["table"]])
     if name == "dp_clip":
         return "\n".join(
             [
@@ -487,7 +502,12 @@ def main(argv=None):
     log(f"machine: {meta['cpu']}, {meta['threads']} thread(s), torch {meta['torch']}")
     results = {}
     t0 = time.perf_counter()
-    runners = {"transforms": run_transforms, "dp_clip": run_dp_clip, "scaling": run_scaling}
+    runners = {
+        "transforms": run_transforms,
+        "compiled": run_compiled,
+        "dp_clip": run_dp_clip,
+        "scaling": run_scaling,
+    }
     for s in sections:
         t1 = time.perf_counter()
         results[s] = runners[s](args)

@@ -1,14 +1,20 @@
 """torch.compile and functorch_lite's transforms (docs/compile.md).
 
+Two mechanisms. The first, NOTE [Dynamo sees a transform call as one opaque call] below, is the
+normal path: a call of what ft.vmap/grad/jvp/jacrev/jacfwd/hessian return is recorded by Dynamo
+as one call that AOTAutograd traces through our levels, so it compiles into the graph. The
+second is the fallback wherever a call is not recorded that way (vjp/linearize and the other
+`eager` entry points, a closure Dynamo cannot describe): the call graph-breaks and runs eagerly.
+
 NOTE [Dynamo skips the transforms]
-Dynamo cannot trace our transforms: they call into _C (level stack, wrapper tensors) and make
-tensors it cannot fake (our TensorImpls have no storage). So every public entry point that runs a
-transform is wrapped by `eager`, which does what torch.compiler.disable does, without importing
-torch._dynamo (2-3 s) at `import functorch_lite`:
+Run eagerly inside a compiled region, a transform must not let Dynamo trace the user's function
+through our wrapper tensors (they have no storage, Dynamo cannot fake them). So every public
+entry point that runs a transform is wrapped by `eager`, which does what torch.compiler.disable
+does, without importing torch._dynamo (about a second) at `import functorch_lite`:
 
 - the wrapper carries `_torchdynamo_disable`, the mark Dynamo checks before tracing a call: a
-  compiled function that calls a transform graph-breaks once there and runs it eagerly, with no
-  warning about untraceable builtins;
+  compiled function that calls such an entry point graph-breaks once there and runs it eagerly,
+  with no warning about untraceable builtins;
 - while the wrapped function runs, Dynamo's frame callback is off (set_eval_frame(None)), so the
   user's function inside the transform is not traced either;
 - the wrapper's own code is marked SKIP for Dynamo's frame evaluator (its frame would otherwise be
@@ -25,9 +31,14 @@ import functools
 import sys
 import threading
 
+import torch
+from torch._C import _get_dispatch_mode
+from torch._C import _TorchDispatchModeKey as _ModeKey
 from torch._C._dynamo import eval_frame as _eval_frame
+from torch.compiler import is_compiling as _is_compiling
 
 _set_eval_frame = _eval_frame.set_eval_frame
+_FAKE = _ModeKey.FAKE
 
 _lock = threading.Lock()
 _active = 0  # transforms running (all threads) while the force_eager stance is ours
@@ -98,3 +109,168 @@ def skip_wrappers(factory):
     for code in codes:
         _eval_frame.set_code_exec_strategy(code, _SKIP)
     return factory
+
+
+# ------------------------------------------------------------------------------------------------
+# NOTE [Dynamo sees a transform call as one opaque call]
+# What ft.vmap/grad/grad_and_value/jacrev/jacfwd/hessian return is a `Transformed`: a callable
+# object that remembers the factory that made it, the factory's options (constants) and the
+# function it transforms. Calling it calls `_traced_call(_Callee(t), args, kwargs)`. Eagerly that
+# is two Python calls in front of the transform's entry point. Under torch.compile:
+#
+# - `_traced_call` is registered with Dynamo as nonstrict-traceable (what
+#   torch._dynamo.nonstrict_trace does): Dynamo does not trace into it; it records one call in
+#   the graph, with the tensors of args/kwargs as graph inputs and everything else flattened by
+#   pytree into constants.
+# - `_Callee` is a pytree node with no children whose context *describes* the transformed
+#   function: (factory, options, description of the inner function), down to the user's own
+#   function, which must be a constant to Dynamo (a module-level function, a builtin, a method
+#   of a module-level object). A transform built inside the compiled function is described as
+#   well as one built outside: Dynamo traces the factories, which are plain Python.
+# - AOTAutograd then traces the recorded call: flat_apply rebuilds the transform from its
+#   description and runs it on FakeTensors/FunctionalTensors (SymInts with dynamic=True) under
+#   make_fx; our C++ levels wrap those like any tensor, the batching rules and torch's autograd
+#   formulas run on them, and what reaches the graph is plain aten ops. Inductor compiles that.
+#   With backend="eager" the recorded call runs the transform eagerly.
+# - Where the description fails (a lambda or a function defined inside the compiled function:
+#   Dynamo cannot turn a closure it created into a constant) Dynamo graph-breaks at the call and
+#   the transform runs eagerly as before (`eager` below); with fullgraph=True that is Dynamo's
+#   error naming the offending input.
+#
+# Registering with Dynamo needs torch._dynamo, which takes about a second to import: it is done
+# when torch._dynamo is imported by anything (torch.compile), through an import hook, never by
+# `import functorch_lite` itself.
+
+
+class Transformed:
+    """A transformed function (what ft.vmap, ft.grad, ... return): call it like the function
+    it transforms. It carries the function's name, docstring and signature (``__wrapped__``)."""
+
+    def __init__(self, factory, options, func, run, wraps=True):
+        if wraps and not _is_compiling():  # Dynamo traces this: the metadata is for eager users
+            try:
+                functools.update_wrapper(self, func)
+            except (AttributeError, TypeError):  # a callable object without the usual attributes
+                pass
+        # after update_wrapper, which copies func's __dict__ (another Transformed's attributes)
+        self._ft_factory = factory  # the public factory: rebuilds this from its description
+        self._ft_options = options  # ((name, value), ...): the factory's other arguments
+        self._ft_func = func
+        self._ft_run = run  # run(args, kwargs): the transform's eager entry point
+
+    def __call__(self, *args, **kwargs):
+        return _traced_call(_Callee(self), args, kwargs)
+
+    def __get__(self, obj, objtype=None):
+        # as a class attribute it binds like the function it replaces
+        return self if obj is None else functools.partial(self, obj)
+
+    def __repr__(self):
+        name = getattr(self._ft_factory, "__name__", "transform")
+        return f"<functorch_lite.{name} of {self._ft_func!r}>"
+
+
+class _Callee:
+    __slots__ = ("t",)
+
+    def __init__(self, t):
+        self.t = t
+
+
+class NotTraceable(RuntimeError):
+    """Raised while Dynamo traces a transform call it cannot record as one call: Dynamo turns it
+    into a graph break (the transform then runs eagerly), or into an error with fullgraph=True."""
+
+
+def _describe(f):
+    """The constant description of a transformed function (only ever run by Dynamo)."""
+    if isinstance(f, Transformed):
+        return (Transformed, f._ft_factory, f._ft_options, _describe(f._ft_func))
+    code = getattr(f, "__code__", None)
+    if code is not None and code.co_freevars:
+        try:
+            f.__closure__  # noqa: B018  (readable only for functions made outside the trace)
+        except AttributeError:
+            raise NotTraceable(
+                f"functorch_lite: the function {getattr(f, '__name__', f)!r} given to a transform "
+                f"was defined inside the compiled function and captures its variables "
+                f"({', '.join(code.co_freevars)}); torch.compile cannot pass such a closure "
+                f"into one graph call, so this transform runs eagerly (a graph break). Define it "
+                f"at module level (passing captured tensors as arguments) or outside the "
+                f"compiled function to compile it."
+            ) from None
+    return f
+
+
+def _rebuild(d):
+    if type(d) is tuple and len(d) == 4 and d[0] is Transformed:
+        return d[1](_rebuild(d[3]), **dict(d[2]))
+    return d
+
+
+def _traced_call(callee, args, kwargs):
+    if _get_dispatch_mode(_FAKE) is not None:  # traced by Dynamo/AOTAutograd on FakeTensors
+        _specialize_sizes((args, kwargs))
+    return callee.t._ft_run(args, kwargs)
+
+
+def _specialize_sizes(tree):
+    """Our levels and wrappers hold concrete sizes: symbolic sizes of the inputs (dynamic=True)
+    are specialized to their values, which guards the compiled graph on them (a new size
+    recompiles) instead of failing."""
+    from torch.utils._pytree import tree_leaves
+
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            for s in (*t.shape, *t.stride(), t.storage_offset()):
+                if isinstance(s, torch.SymInt):
+                    int(s)
+
+
+def _register_pytree():
+    from torch.utils._pytree import register_pytree_node
+
+    register_pytree_node(
+        _Callee,
+        lambda c: ([], _describe(c.t)),
+        lambda _, ctx: _Callee(_rebuild(ctx)),
+        serialized_type_name="functorch_lite._Callee",
+    )
+
+
+_register_pytree()
+
+
+def _register_with_dynamo(trace_rules):
+    i = id(_traced_call)
+    trace_rules._allowed_callable_ids.add(i)
+    trace_rules._nonstrict_trace_callable_ids.add(i)
+
+
+class _DynamoImportHook:
+    """Registers `_traced_call` with Dynamo right after torch._dynamo.trace_rules is imported."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch._dynamo.trace_rules":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        loader = spec.loader
+        exec_module = loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_with_dynamo(module)
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+if "torch._dynamo.trace_rules" in sys.modules:
+    _register_with_dynamo(sys.modules["torch._dynamo.trace_rules"])
+else:
+    sys.meta_path.insert(0, _DynamoImportHook())

@@ -2,14 +2,13 @@
 wrappers (see docs/design.md). Entering/leaving levels and wrapping happen in C++ (_C)."""
 
 import contextlib
-import functools
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from torch.utils.checkpoint import CheckpointError
 
 from ._call import call_transformed
-from ._compile import eager, skip_wrappers
+from ._compile import Transformed, eager, skip_wrappers
 from ._levels import _batched_like
 from ._load import _C
 from ._repr import _torch_requires_grad_ as _torch_requires_grad
@@ -173,13 +172,12 @@ def grad_and_value(func, argnums=0, has_aux=False):
         (tensor([2., 4.]), tensor(5.))
     """
 
-    # (The wrapper must not refer to itself: that would make every transformed function a
+    # (`run` must not refer to the Transformed: that would make every transformed function a
     # reference cycle, freed only by the gc; test_memory.py.)
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def run(args, kwargs):
         return _grad_and_value_entry(func, argnums, has_aux, args, kwargs)
 
-    return wrapper
+    return Transformed(grad_and_value, (("argnums", argnums), ("has_aux", has_aux)), func, run)
 
 
 def _grad_and_value(func, argnums, has_aux, api, args, kwargs):
@@ -296,11 +294,10 @@ def grad(func, argnums=0, has_aux=False):
         (tensor([2., 0., 0.]), tensor([2., 2., 2.]))
     """
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def run(args, kwargs):
         return _grad_entry(func, argnums, has_aux, args, kwargs)
 
-    return wrapper
+    return Transformed(grad, (("argnums", argnums), ("has_aux", has_aux)), func, run)
 
 
 @eager

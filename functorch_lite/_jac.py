@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._call import call_transformed
-from ._compile import call_eagerly, eager, skip_wrappers
+from ._compile import Transformed, call_eagerly, eager, skip_wrappers
 from ._grad import _check_differentiable, _normalize_argnums, _refuse_sparse, _split_aux, vjp
 from ._levels import _batched_like
 from ._load import _C
@@ -82,7 +82,6 @@ def _check_tuple(x, what, api):
         )
 
 
-@eager
 def jvp(func, primals, tangents, *, strict=False, has_aux=False):
     """Jacobian-vector product (forward mode): returns ``(func(*primals), J @ tangents)``, or with
     ``has_aux=True`` ``(func(*primals), J @ tangents, aux)``.
@@ -106,6 +105,21 @@ def jvp(func, primals, tangents, *, strict=False, has_aux=False):
         >>> torch.allclose(hvp, -x.sin())
         True
     """
+    return _jvp_of(func, strict=strict, has_aux=has_aux)(primals, tangents)
+
+
+def _jvp_of(func, strict, has_aux):
+    """jvp as a Transformed of (primals, tangents), so that torch.compile records it as one
+    call (NOTE [Dynamo sees a transform call as one opaque call])."""
+
+    def run(args, kwargs):
+        return _jvp(func, *args, strict=strict, has_aux=has_aux)
+
+    return Transformed(_jvp_of, (("strict", strict), ("has_aux", has_aux)), func, run, wraps=False)
+
+
+@eager
+def _jvp(func, primals, tangents, *, strict=False, has_aux=False):
     api = "jvp"
     _check_tuple(primals, "primals", api)
     _check_tuple(tangents, "tangents", api)
@@ -234,10 +248,14 @@ def _basis(flat, total):
     """For each tensor t in flat, a [total, *t.shape] slice of the identity: together they are
     the standard basis of the concatenated flattened tensors."""
     out, offset = [], 0
+    rows = None
     for t in flat:
         n = t.numel()
-        eye = torch.zeros(total, n, dtype=t.dtype, device=t.device)
-        eye[offset : offset + n].fill_diagonal_(1) if n else None
+        if rows is None or rows.device != t.device:
+            rows = torch.arange(total, device=t.device)[:, None]
+        # built without writing into a view (fill_diagonal_ writes through as_strided, which
+        # torch.compile's functionalization refuses)
+        eye = (rows == torch.arange(offset, offset + n, device=t.device)).to(t.dtype)
         out.append(eye.view(total, *t.shape))
         offset += n
     return out
@@ -342,7 +360,18 @@ def jacrev(func, argnums=0, *, has_aux=False, chunk_size=None, _preallocate_and_
         torch.Size([5, 3, 3])
     """
     _check_chunk_size(chunk_size, "jacrev")
-    return _jacrev(func, argnums, has_aux, chunk_size, "jacrev", _fn_name(func))
+    wrapper = _jacrev(func, argnums, has_aux, chunk_size, "jacrev", _fn_name(func))
+    options = (("argnums", argnums), ("has_aux", has_aux), ("chunk_size", chunk_size))
+    return Transformed(jacrev, options, func, _runner(wrapper))
+
+
+def _runner(wrapper):
+    """run(args, kwargs) for a Transformed, from a wrapper taking positional arguments only."""
+
+    def run(args, kwargs):
+        return wrapper(*args, **kwargs)
+
+    return run
 
 
 @skip_wrappers
@@ -431,7 +460,9 @@ def jacfwd(func, argnums=0, has_aux=False, *, randomness="error"):
             f"jacfwd: Only allowed values for randomness are 'error', 'different', or 'same'. "
             f"Got {randomness!r}."
         )
-    return _jacfwd(func, argnums, has_aux, randomness, "jacfwd", _fn_name(func))
+    wrapper = _jacfwd(func, argnums, has_aux, randomness, "jacfwd", _fn_name(func))
+    options = (("argnums", argnums), ("has_aux", has_aux), ("randomness", randomness))
+    return Transformed(jacfwd, options, func, _runner(wrapper))
 
 
 @skip_wrappers
@@ -454,7 +485,7 @@ def _jacfwd(func, argnums, has_aux, randomness, api, name):
             def f_diff(*diff):
                 return checked_func(*_own_args(args, idx, diff))
 
-            out = jvp(f_diff, primals, tangents, has_aux=has_aux)
+            out = _jvp(f_diff, primals, tangents, has_aux=has_aux)
             return (out[1], out[2]) if has_aux else out[1]
 
         results = vmap(push_jvp, randomness=randomness)(basis)
@@ -498,6 +529,7 @@ def hessian(func, argnums=0):
                 [ 0., 12.]])
     """
     name = _fn_name(func)
-    return _jacfwd(
+    wrapper = _jacfwd(
         _jacrev(func, argnums, False, None, "hessian", name), argnums, False, "error", "hessian", name
     )
+    return Transformed(hessian, (("argnums", argnums),), func, _runner(wrapper))

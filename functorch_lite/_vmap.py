@@ -1,13 +1,11 @@
 """ft.vmap: the Python face of vmap levels. Argument checking and pytree handling live here;
 entering/leaving the level and moving batch dims in and out happen in C++ (_C)."""
 
-import functools
-
 import torch
 from torch.utils._pytree import _broadcast_to_and_flatten, tree_flatten, tree_unflatten
 
 from ._call import call_transformed
-from ._compile import eager, skip_wrappers
+from ._compile import Transformed, eager, skip_wrappers
 from ._load import _C
 
 _RANDOMNESS = ("error", "different", "same")
@@ -71,11 +69,16 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
     _check_vmap_args(randomness, chunk_size)
     simple_dims = type(in_dims) is int and type(out_dims) is int and chunk_size is None
 
-    @functools.wraps(func)
-    def wrapped(*args, **kwargs):
+    def run(args, kwargs):
         return _vmap_entry(func, in_dims, out_dims, randomness, chunk_size, simple_dims, args, kwargs)
 
-    return wrapped
+    options = (
+        ("in_dims", in_dims),
+        ("out_dims", out_dims),
+        ("randomness", randomness),
+        ("chunk_size", chunk_size),
+    )
+    return Transformed(vmap, options, func, run)
 
 
 @eager
