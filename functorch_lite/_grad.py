@@ -7,6 +7,7 @@ import torch
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from torch.utils.checkpoint import CheckpointError
 
+from . import _guards
 from ._call import call_transformed
 from ._compile import Transformed, eager, skip_wrappers
 from ._levels import _batched_like
@@ -139,7 +140,19 @@ def _split_aux(output, has_aux, api, name="f"):
             + (f" of length {len(output)}" if isinstance(output, tuple) else "")
             + "."
         )
+    _check_aux(output[1], api, name)
     return output
+
+
+def _check_aux(aux, api, name="f"):
+    """aux must be a Tensor or a pytree of them, as torch.func requires (clients turn its
+    refusal into their own errors, so a None or a number must not pass silently)."""
+    for a in tree_flatten(aux)[0]:
+        if not isinstance(a, torch.Tensor):
+            raise RuntimeError(
+                f"{api}({name}, has_aux=True): the aux output of {name} may hold only tensors "
+                f"(a Tensor or a pytree of Tensors), but it holds {_a(type(a).__name__)}."
+            )
 
 
 _ONE_TENSOR_SPEC = tree_flatten((torch.empty(0),))[1]
@@ -333,9 +346,23 @@ def vjp(func, *primals, has_aux=False):
     return _vjp(func, primals, has_aux, int_outputs=False)
 
 
+def _refuse_saved_tensor_hooks():
+    # vjp_fn runs the backward after vjp has returned, when the hooks would unpack tensors of a
+    # level that is gone (save_on_cpu's unpack then cuts them from the graph); refused at vjp,
+    # where torch.func refuses it too, rather than later in vjp_fn
+    raise RuntimeError(
+        "vjp(f, *primals) (also inside jacrev, hessian and linearize): saved-tensor hooks "
+        "(torch.autograd.graph.saved_tensors_hooks, save_on_cpu) saved tensors of its forward; "
+        "its vjp_fn would run the backward through them after the transform has returned. Use "
+        "them outside vjp, or use grad, whose backward runs inside the transform."
+    )
+
+
 def _vjp(func, primals, has_aux, int_outputs):
     # int_outputs: linearize gives integer outputs zero tangents; vjp refuses them (torch.func).
     api = "vjp"
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        _refuse_saved_tensor_hooks()
     for i, p in enumerate(primals):
         _refuse_sparse(api, p, f"primals[{i}]", _REVERSE_LAYOUTS)
     level = _C._push_grad()
@@ -348,8 +375,15 @@ def _vjp(func, primals, has_aux, int_outputs):
                 raise
             wrapped = [_make_differentiable(p, api, f"primals[{i}]") for i, p in enumerate(wrapped)]
             output = call_transformed(func, wrapped, {}, api)
+            if _guards.hooks_packed_at(level):
+                _refuse_saved_tensor_hooks()
             output, aux = _split_aux(output, has_aux, api)
             flat_out, out_spec = tree_flatten(output)
+            if not flat_out:
+                raise RuntimeError(
+                    f"vjp(f, *primals): f(*primals) returned an empty output "
+                    f"({type(output).__name__} with no tensors): there is nothing to pull back."
+                )
             for o in flat_out:
                 if not isinstance(o, torch.Tensor):
                     raise RuntimeError(

@@ -5,7 +5,8 @@ torch's own path unchanged:
 
 - `tensor.data = value` on, or with, a tensor of a transform: it swaps the wrapper's contents
   behind autograd's back (a captured tensor would take in the transform's inner value), so it is
-  refused as in torch.func. Reading `.data` stays allowed.
+  refused as in torch.func. Reading `.data` of a batched tensor inside vmap is refused too (as in
+  torch.func); elsewhere reading it stays allowed.
 - an autograd.Function without setup_context (forward(ctx, ...), the old style): torch.func
   refuses it under every transform; so do we, with the same exception and first sentence.
   Functions with setup_context are run level by level as torch.func runs them
@@ -22,6 +23,7 @@ torch's own path unchanged:
 
 import inspect
 import sys
+import threading
 
 import torch
 from torch.autograd.function import _is_setup_context_defined
@@ -42,6 +44,16 @@ def _is_ours(t):
 
 
 def _get_data(self):
+    if _C._stack_depth():
+        info = _C._wrapper_info(self)
+        if info is not None and info[0] == "batched":
+            # the value under a batched tensor holds every example: .data would hand one
+            # example's code the whole batch (torch.func refuses it too)
+            raise RuntimeError(
+                "functorch_lite.vmap: reading `.data` of a batched tensor inside vmap is not "
+                "allowed: it would expose the whole batch to code written for one example. Use "
+                "the tensor itself (or .detach() for a value without gradient history)."
+            )
     return _data.__get__(self, type(self))
 
 
@@ -84,6 +96,8 @@ def _guard_pack(pack_hook, recomputes):
                 "would give wrong higher-order derivatives. Checkpointing works under one grad "
                 "level (grad, vmap(grad)); call the function without checkpoint here."
             )
+        if not recomputes:
+            _packed_levels().add(_C._wrapper_info(t)[1])
         before = sys.getrefcount(t)
         packed = pack_hook(t)
         # References to t the returned object holds are the graph's own; any other new one was
@@ -100,6 +114,26 @@ def _guard_pack(pack_hook, recomputes):
 
     pack.__wrapped__ = pack_hook
     return pack
+
+
+_local = threading.local()
+
+
+def _packed_levels():
+    """Ids of the levels whose tensors a user's saved-tensor hook packed (this thread)."""
+    levels = getattr(_local, "levels", None)
+    if levels is None:
+        levels = _local.levels = set()
+    return levels
+
+
+def hooks_packed_at(level):
+    """Whether a saved-tensor hook (not checkpoint's) packed a tensor of `level`; forgets it."""
+    levels = getattr(_local, "levels", None)
+    if not levels or level not in levels:
+        return False
+    levels.discard(level)
+    return True
 
 
 def _is_dead_ours(t):

@@ -179,6 +179,12 @@ def _jvp(func, primals, tangents, *, strict=False, has_aux=False):
                 result = call_transformed(func, tree_unflatten(duals, p_spec), {}, api)
                 output, aux = _split_aux(result, has_aux, api)
                 flat_out, out_spec = tree_flatten(output)
+                if not flat_out:
+                    raise RuntimeError(
+                        f"jvp(f, primals, tangents): f(*primals) returned an empty output "
+                        f"({type(output).__name__} with no tensors): there is nothing to push "
+                        f"the tangents to."
+                    )
                 primals_out, tangents_out = [], []
                 for o in flat_out:
                     if not isinstance(o, torch.Tensor):
@@ -308,22 +314,13 @@ def _checked(func, has_aux, api, name):
         result = func(*args)
         if not has_aux and isinstance(result, torch.Tensor):
             return result
-        output, aux = _split_aux(result, has_aux, api, name)
+        output, _ = _split_aux(result, has_aux, api, name)  # refuses non-tensor aux too
         for o in tree_flatten(output)[0]:
             if not isinstance(o, torch.Tensor):
                 raise RuntimeError(
                     f"{api}({name}): expected {name} to return only tensors (a Tensor or a "
                     f"pytree of Tensors), got a {type(o).__name__} in its output."
                 )
-        if has_aux:
-            for a in tree_flatten(aux)[0]:
-                if not isinstance(a, torch.Tensor):
-                    # torch.func refuses these too; jacfwd could not return them through vmap
-                    raise RuntimeError(
-                        f"{api}({name}, has_aux=True): Expected tensors, got unsupported type "
-                        f"{type(a).__name__} in the aux output of {name} (it must be a Tensor "
-                        f"or a pytree of Tensors)."
-                    )
         return result
 
     return checked

@@ -385,10 +385,15 @@ def test_has_aux_returns_unwrapped_aux():
     assert is_plain(value) and all(is_plain(t) for t in tree_flatten(aux2)[0])
 
 
-def test_has_aux_non_tensor_aux_passes_through():
-    # torch.func only accepts tensors in aux; functorch_lite passes other leaves through unchanged.
-    g, aux = ft.grad(lambda t: (t.sum(), {"n": 3, "s": "text", "t": t}), has_aux=True)(_x())
-    assert aux["n"] == 3 and aux["s"] == "text" and is_plain(aux["t"])
+@pytest.mark.parametrize("api", ["grad", "grad_and_value"])
+def test_has_aux_non_tensor_aux_is_refused_as_torch_func(api):
+    # clients (posteriors) turn torch.func's refusal into their own error: a None, a number or
+    # a string in aux is a RuntimeError naming its type, in both libraries
+    f = lambda t: (t.sum(), {"n": None, "t": t})  # noqa: E731
+    with pytest.raises(RuntimeError, match="aux output of .* may hold only tensors.*NoneType"):
+        getattr(ft, api)(f, has_aux=True)(_x())
+    with pytest.raises(RuntimeError):
+        getattr(tf, api)(f, has_aux=True)(_x())
 
 
 def test_has_aux_nested():

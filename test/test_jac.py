@@ -944,8 +944,8 @@ jacfwd(<lambda>): expected <lambda> to return only tensors (a Tensor or a pytree
                 for api in ("jacrev", "jacfwd")
             ),
             """\
-jacrev(<lambda>, has_aux=True): Expected tensors, got unsupported type int in the aux output of <lambda> (it must be a Tensor or a pytree of Tensors).
-jacfwd(<lambda>, has_aux=True): Expected tensors, got unsupported type int in the aux output of <lambda> (it must be a Tensor or a pytree of Tensors).""",
+jacrev(<lambda>, has_aux=True): the aux output of <lambda> may hold only tensors (a Tensor or a pytree of Tensors), but it holds an int.
+jacfwd(<lambda>, has_aux=True): the aux output of <lambda> may hold only tensors (a Tensor or a pytree of Tensors), but it holds an int.""",
         )  # noqa: B950
 
 
