@@ -190,7 +190,10 @@ CASES = {
     # non-tensor aux: refused as torch.func refuses it (posteriors turns that error into its own)
     "grad_aux_none": (lambda L: L.grad(lambda t: (sq(t), None), has_aux=True)(x), None),
     "grad_aux_float": (lambda L: L.grad(lambda t: (sq(t), 1.0), has_aux=True)(x), None),
-    "grad_and_value_aux_str": (lambda L: L.grad_and_value(lambda t: (sq(t), {"a": "s"}), has_aux=True)(x), None),
+    "grad_and_value_aux_str": (
+        lambda L: L.grad_and_value(lambda t: (sq(t), {"a": "s"}), has_aux=True)(x),
+        None,
+    ),
     "vjp_aux_non_tensor": (lambda L: L.vjp(lambda t: (t, 1.0), x, has_aux=True), None),
     "jvp_aux_none": (lambda L: L.jvp(lambda t: (t, None), (x,), (x,), has_aux=True), None),
     # f returning no output at all
