@@ -14,6 +14,7 @@ from ._accounting import (
 from ._clip import clipped_grad, clipped_grad_module
 from ._engine import PrivateTrainer
 from ._sampler import PoissonSampler, poisson_batches
+from ._validate import Issue, ValidationReport, fix, validate
 
 __all__ = [
     "clipped_grad",
@@ -26,4 +27,8 @@ __all__ = [
     "get_noise_multiplier",
     "PoissonSampler",
     "poisson_batches",
+    "validate",
+    "fix",
+    "ValidationReport",
+    "Issue",
 ]

@@ -46,6 +46,7 @@ through the model's forward only.
 
 import contextlib
 import inspect
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -714,11 +715,28 @@ def _plan(recorder, params, rules):
 # the step
 
 
+_state = threading.local()
+
+
+def last_fallback_reason():
+    """Why the last ghost_clipped_grad of this thread handed the model to the vmap path (None if
+    it did not): ft.dp.validate reports it."""
+    return getattr(_state, "reason", None)
+
+
+def last_plan():
+    """([modules whose parameters a layer rule handled], [modules that got a per-layer
+    vmap(grad)]) of the last ghost_clipped_grad of this thread that got as far as planning."""
+    return getattr(_state, "plan", None)
+
+
 def ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, force_ghost):
     """(grads, norms), or None when the caller must use the whole-model vmap path."""
+    _state.reason = _state.plan = None
     try:
         return _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size, force_ghost)
-    except _Fallback:
+    except _Fallback as e:
+        _state.reason = str(e)
         return None
 
 
@@ -742,6 +760,16 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
     recorder = _Recorder(model, params)
     losses = _record(model, loss_fn, inputs, targets, recorder, size)
     recorder.phys.memo.clear()  # the BatchedTensors it kept alive are dead now
+    try:
+        return _from_recording(recorder, losses, params, max_norm, size, force_ghost)
+    except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as e:
+        # A structure this path did not foresee must cost speed, never a crash or an internal
+        # error: the whole-model vmap path computes the same values (and re-raises a genuine
+        # error of the model's own code, which the per-layer vmap(grad) may have hit first).
+        raise _Fallback(f"the per-layer path failed ({type(e).__name__}: {e})") from e
+
+
+def _from_recording(recorder, losses, params, max_norm, size, force_ghost):
     rules, prepared = {}, {}
     for m, calls in recorder.calls.items():
         rule = _rule_for(m)
@@ -753,6 +781,14 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
                 rule = None  # a call the rule cannot read: the per-layer vmap takes the layer
         rules[m] = rule
     rule_params, generic = _plan(recorder, params, rules)
+    _state.plan = (
+        [
+            m
+            for m, r in rules.items()
+            if r is not None and any(id(q) in rule_params for q in _rule_parameters(m).values())
+        ],
+        list(generic),
+    )
 
     # the calls whose output gradients we need, then one backward for all of them
     rule_calls = [
