@@ -18,7 +18,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._compile import call_eagerly, eager, skip_wrappers
+from .._compile import Transformed, call_eagerly, eager, skip_wrappers
 from .._grad import grad
 from .._module import functional_call
 from .._vmap import vmap
@@ -155,7 +155,7 @@ def clipped_grad(
         >>> bool(g.norm() <= 8 * 1.0 + 1e-4)  # at most max_norm per example
         True
     """
-    return _clipped_grad(
+    clipped = _clipped_grad(
         func,
         argnums,
         max_norm=max_norm,
@@ -166,6 +166,20 @@ def clipped_grad(
         randomness="error",
         api="clipped_grad",
     )
+
+    def run(args, kwargs):
+        return clipped(*args, **kwargs)
+
+    # a Transformed, so that torch.compile records the call and traces it (docs/compile.md)
+    options = (
+        ("argnums", argnums),
+        ("max_norm", max_norm),
+        ("batch_argnums", batch_argnums),
+        ("has_aux", has_aux),
+        ("chunk_size", chunk_size),
+        ("return_norms", return_norms),
+    )
+    return Transformed(clipped_grad, options, func, run)
 
 
 def _normalize_batch_argnums(batch_argnums, nargs, api):
