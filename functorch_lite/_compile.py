@@ -30,6 +30,7 @@ does, without importing torch._dynamo (about a second) at `import functorch_lite
 import functools
 import sys
 import threading
+import warnings
 
 import torch
 from torch._C import _get_dispatch_mode
@@ -209,9 +210,23 @@ def _rebuild(d):
 
 
 def _traced_call(callee, args, kwargs):
-    if _get_dispatch_mode(_FAKE) is not None:  # traced by Dynamo/AOTAutograd on FakeTensors
-        _specialize_sizes((args, kwargs))
-    return callee.t._ft_run(args, kwargs)
+    if _get_dispatch_mode(_FAKE) is None:
+        return callee.t._ft_run(args, kwargs)
+    # traced by Dynamo/AOTAutograd on FakeTensors
+    _specialize_sizes((args, kwargs))
+    try:
+        return callee.t._ft_run(args, kwargs)
+    except Exception as e:
+        # Dynamo turns the failure into a graph break (the transform then runs eagerly) or, with
+        # fullgraph=True, into an error about the call's "output type": say why, in one line
+        name = getattr(callee.t._ft_factory, "__name__", "transform").lstrip("_")
+        first = str(e).strip().split("\n")[0][:200]
+        warnings.warn(
+            f"functorch_lite: torch.compile cannot trace this {name} call ({type(e).__name__}: "
+            f"{first}); it runs eagerly there (a graph break).",
+            stacklevel=2,
+        )
+        raise
 
 
 def _specialize_sizes(tree):

@@ -415,3 +415,21 @@ def test_inductor_per_sample_grads():
         return (g * 2).sum(0).relu()
 
     _assert_close(torch.compile(step)(w, xs), step(w, xs))  # a closure: one break, eager
+
+
+def _data_dependent(x):
+    return (x[x > 0] ** 2).sum()  # the shape of x[x > 0] depends on the data
+
+
+def test_untraceable_transform_falls_back_with_a_one_line_reason():
+    """A transform whose tracing fails (a data-dependent shape here) graph-breaks and runs eagerly,
+    with a warning saying why; with fullgraph=True the compile fails, after the same warning."""
+    x = torch.tensor([0.5, -1.0, 2.0, -0.1], dtype=_F64)
+    step = lambda x: ft.grad(_data_dependent)(x) + 1  # noqa: E731
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="cannot trace this grad call .*DynamicOutputShape"):
+        got = torch.compile(step, backend="aot_eager")(x)
+    _assert_close(got, step(x))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="cannot trace this grad call"), pytest.raises(Exception):
+        torch.compile(step, backend="aot_eager", fullgraph=True)(x)
