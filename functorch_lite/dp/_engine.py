@@ -20,7 +20,9 @@ class PrivateTrainer:
 
     Each :meth:`step` clips every example's gradient to norm C, sums them, adds Gaussian noise
     of std sigma * C once, divides by the expected batch size, and steps the optimizer; the
-    accountant records the step.
+    accountant records the step (before the update is applied, so the ledger never
+    under-counts). :meth:`state_dict` and :meth:`load_state_dict` checkpoint and resume a run
+    (with the model's and the optimizer's own state dicts).
 
     Args:
         model: the ``nn.Module`` to train (or a ``DistributedDataParallel`` of it).
@@ -191,10 +193,20 @@ class PrivateTrainer:
             total = [s + _noise(s, std, self.generator) for s in total]
         if self.distributed:
             total = _ddp.all_reduce_sum(total)
+        # NOTE [the ledger never under-counts]: the accountant records the step before the noisy
+        # gradient is written to `.grad` and before `optimizer.step()` applies it, never after.
+        # If anything from here on fails (an optimizer error, a KeyboardInterrupt), the step is
+        # in the history whether or not the update was applied: the ledger can over-count by one
+        # step, never under-count. A checkpoint (state_dict(), between steps, in the same
+        # torch.save as the model and the optimizer) therefore holds parameters and a history
+        # that agree: the two are atomic from the checkpoint's point of view. A process killed
+        # after the update but before its checkpoint resumes from the previous checkpoint, whose
+        # parameters did not see that update, and redoes the step with the same noise (the noise
+        # generator's state is in the checkpoint).
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         for (_, p), s in zip(params, total):
             p.grad = (s / self.expected_batch_size).to(p.dtype)
         self.optimizer.step()
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
 
     def get_epsilon(self, delta, accountant=None):
         """epsilon at ``delta`` after the steps taken, by this trainer's accountant or by
@@ -210,6 +222,232 @@ class PrivateTrainer:
     def steps(self):
         """The number of DP-SGD steps taken (what the accountant counts)."""
         return len(self.accountant)
+
+    def state_dict(self):
+        """The trainer's state for a checkpoint: a plain dict of Python scalars, strings, lists
+        and tensors (``torch.load(..., weights_only=True)`` reads it back).
+
+        It holds a format ``version``; the ``steps`` taken and the accountant's ``history``
+        (``[noise_multiplier, sample_rate, steps]`` entries), so that :meth:`get_epsilon` after
+        :meth:`load_state_dict` equals epsilon before; the configuration the ledger depends on
+        (``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``expected_batch_size``,
+        ``clipping``, ``accountant``), which :meth:`load_state_dict` checks; and the state of the
+        noise generator (``generator``: a uint8 tensor, ``None`` when the trainer draws from
+        torch's global generator, whose state is yours to save with ``torch.get_rng_state()``).
+
+        The model's and the optimizer's states are not in it: save ``model.state_dict()``,
+        ``optimizer.state_dict()`` and ``trainer.state_dict()`` in one ``torch.save``, between
+        steps, and the checkpoint's parameters and privacy ledger agree (the accountant records a
+        step before its update is applied). The Poisson sampler's generator, if you seed one, is
+        yours to save too (``generator.get_state()``).
+
+        Raises:
+            RuntimeError: in the middle of a virtual step (after :meth:`accumulate`, before
+                :meth:`step`): the pending clipped sums are not noised yet, so they never go into
+                a checkpoint; call :meth:`step` first.
+
+        Example:
+            >>> import io, torch, torch.nn as nn, torch.nn.functional as F, functorch_lite as ft
+            >>> def make():
+            ...     torch.manual_seed(0)
+            ...     model = nn.Linear(4, 2)
+            ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            ...     trainer = ft.dp.PrivateTrainer(
+            ...         model, optimizer, lambda out, y: F.cross_entropy(out, y, reduction="none"),
+            ...         max_grad_norm=1.0, sample_rate=0.1, expected_batch_size=2.0,
+            ...         noise_multiplier=1.1, generator=torch.Generator().manual_seed(1))
+            ...     return model, optimizer, trainer
+            >>> model, optimizer, trainer = make()
+            >>> x, y = torch.randn(3, 4), torch.tensor([0, 1, 1])
+            >>> trainer.step(x, y)
+            >>> buf = io.BytesIO()
+            >>> torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            ...             "trainer": trainer.state_dict()}, buf)
+            >>> trainer.step(x, y)  # the run goes on ...
+            >>> _ = buf.seek(0)
+            >>> ckpt = torch.load(buf, weights_only=True)
+            >>> model2, optimizer2, trainer2 = make()  # ... and a new process resumes it
+            >>> model2.load_state_dict(ckpt["model"])
+            <All keys matched successfully>
+            >>> optimizer2.load_state_dict(ckpt["optimizer"])
+            >>> trainer2.load_state_dict(ckpt["trainer"])
+            >>> trainer2.steps
+            1
+            >>> trainer2.step(x, y)  # the same noise as the uninterrupted run's second step
+            >>> torch.equal(model2.weight, model.weight), trainer2.steps
+            (True, 2)
+        """
+        if self._sums is not None:
+            raise RuntimeError(
+                "PrivateTrainer.state_dict() in the middle of a virtual step (accumulate() was "
+                "called, step() was not): the pending clipped sums are not noised, so they never "
+                "go into a checkpoint; call step() first, then state_dict()"
+            )
+        gen = self.generator
+        return {
+            "version": _STATE_VERSION,
+            "steps": self.steps,
+            "history": [[float(sigma), float(q), int(n)] for sigma, q, n in self.accountant.history],
+            "accountant": self.accountant.mechanism,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": float(self.sample_rate),
+            "expected_batch_size": self.expected_batch_size,
+            "clipping": self.clipping,
+            "generator": None if gen is None else gen.get_state(),
+            "generator_device": None if gen is None else gen.device.type,
+        }
+
+    def load_state_dict(self, state_dict):
+        """Restores a :meth:`state_dict`: the steps, the accountant's history and the noise
+        generator's state, after checking that it fits this trainer.
+
+        The trainer must be built with the configuration the checkpoint was made with: a
+        different ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``,
+        ``expected_batch_size``, ``clipping`` or ``accountant`` would make the privacy ledger (or
+        the run) wrong, and is refused. Nothing is changed when a check fails. The model's and
+        the optimizer's states are restored by their own ``load_state_dict``.
+
+        Raises:
+            ValueError: naming the field: an unknown format ``version``, a missing key, a
+                configuration that differs from this trainer's, a malformed ``history`` or
+                ``steps``, a ``generator`` state without a generator in this trainer (or the
+                other way round, or of another device type).
+            RuntimeError: in the middle of a virtual step (see :meth:`state_dict`).
+
+        Example:
+            >>> import torch, torch.nn as nn, torch.nn.functional as F, functorch_lite as ft
+            >>> def trainer(max_grad_norm):
+            ...     model = nn.Linear(4, 2)
+            ...     return ft.dp.PrivateTrainer(
+            ...         model, torch.optim.SGD(model.parameters(), lr=0.1),
+            ...         lambda out, y: F.cross_entropy(out, y, reduction="none"),
+            ...         max_grad_norm=max_grad_norm, sample_rate=0.1, expected_batch_size=2.0,
+            ...         noise_multiplier=1.1, generator=torch.Generator().manual_seed(0))
+            >>> a = trainer(1.0)
+            >>> a.step(torch.randn(3, 4), torch.tensor([0, 1, 1]))
+            >>> b = trainer(1.0)
+            >>> b.load_state_dict(a.state_dict())
+            >>> b.steps, b.accountant.history
+            (1, [[1.1, 0.1, 1]])
+            >>> trainer(2.0).load_state_dict(a.state_dict())  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: PrivateTrainer.load_state_dict: max_grad_norm is 1.0 in the checkpoint but 2.0 in this trainer; ...
+        """
+        if self._sums is not None:
+            raise RuntimeError(
+                "PrivateTrainer.load_state_dict() in the middle of a virtual step (accumulate() "
+                "was called, step() was not): call step() first, or load into a fresh trainer"
+            )
+        sd = state_dict
+        if not isinstance(sd, dict):
+            raise ValueError(
+                f"{_WHERE}: expected a dict from PrivateTrainer.state_dict(), got {type(sd).__name__}"
+            )
+        if "version" not in sd:
+            raise ValueError(
+                f"{_WHERE}: the checkpoint has no 'version' key (not a PrivateTrainer.state_dict()?)"
+            )
+        if sd["version"] != _STATE_VERSION:
+            raise ValueError(
+                f"{_WHERE}: unknown version {sd['version']!r} (this functorch_lite reads version "
+                f"{_STATE_VERSION})"
+            )
+        missing = [k for k in _STATE_KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"{_WHERE}: the checkpoint lacks the key(s) {', '.join(map(repr, missing))}")
+        mine = {
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": float(self.sample_rate),
+            "expected_batch_size": self.expected_batch_size,
+            "clipping": self.clipping,
+            "accountant": self.accountant.mechanism,
+        }
+        for key, value in mine.items():
+            if sd[key] != value:
+                raise ValueError(
+                    f"{_WHERE}: {key} is {sd[key]!r} in the checkpoint but {value!r} in this "
+                    "trainer; build the trainer with the checkpoint's configuration (the privacy "
+                    "ledger would be wrong otherwise)"
+                )
+        history = _check_history(sd["history"])
+        steps = sd["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps != sum(h[2] for h in history):
+            raise ValueError(
+                f"{_WHERE}: steps is {steps!r} but the history counts {sum(h[2] for h in history)} steps"
+            )
+        state, device = sd["generator"], sd["generator_device"]
+        gen = self.generator
+        if (state is None) != (gen is None):
+            ckpt_has = "no generator state (generator=None)" if state is None else "a generator state"
+            mine_has = "generator=None" if gen is None else "a generator"
+            raise ValueError(
+                f"{_WHERE}: generator: the checkpoint holds {ckpt_has} but this trainer has "
+                f"{mine_has}; build the trainer as the checkpoint's was, so that the noise goes on "
+                "from where it stopped"
+            )
+        if state is not None:
+            if not (isinstance(state, torch.Tensor) and state.dtype == torch.uint8):
+                raise ValueError(
+                    f"{_WHERE}: generator must be a uint8 tensor (Generator.get_state()), got {state!r}"
+                )
+            if device != gen.device.type:
+                raise ValueError(
+                    f"{_WHERE}: generator_device is {device!r} in the checkpoint but this trainer's "
+                    f"generator is on {gen.device.type!r}"
+                )
+        # every check passed: restore (nothing above changed the trainer)
+        if state is not None:
+            gen.set_state(state.clone())
+        self.accountant.history = history
+
+
+_STATE_VERSION = 1
+_STATE_KEYS = (
+    "version",
+    "steps",
+    "history",
+    "accountant",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "expected_batch_size",
+    "clipping",
+    "generator",
+    "generator_device",
+)
+_WHERE = "PrivateTrainer.load_state_dict"
+
+
+def _check_history(history):
+    """A checkpoint's accountant history as fresh [sigma, q, steps] lists (so that the next step
+    merges into the last entry as it would have without the checkpoint), or a ValueError."""
+    if not isinstance(history, (list, tuple)):
+        raise ValueError(
+            f"{_WHERE}: history must be a list of [noise_multiplier, sample_rate, steps], got {history!r}"
+        )
+    out = []
+    for entry in history:
+        ok = isinstance(entry, (list, tuple)) and len(entry) == 3
+        if ok:
+            sigma, q, n = entry
+            ok = (
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (sigma, q))
+                and isinstance(n, int)
+                and not isinstance(n, bool)
+                and sigma >= 0
+                and 0 < q <= 1
+                and n >= 0
+            )
+        if not ok:
+            raise ValueError(
+                f"{_WHERE}: history entry {entry!r} is not [noise_multiplier >= 0, sample_rate in "
+                "(0, 1], steps >= 0]"
+            )
+        out.append([sigma, q, n])
+    return out
 
 
 def _noise(like, std, generator):

@@ -36,7 +36,13 @@ __all__ = ["validate", "fix", "ValidationReport", "Issue"]
 class Issue:
     """One finding: `module` is the qualified name in model.named_modules() ('' is the model
     itself); `kind` is "error" (breaks DP or the per-example semantics) or "slow" (works, on a
-    slower path)."""
+    slower path); `problem` and `fix` say what and what to do.
+
+    Example:
+        >>> from functorch_lite.dp import Issue
+        >>> print(Issue("1", "error", "BatchNorm2d in training mode mixes examples.", "ft.dp.fix(model)."))
+        [error] 1: BatchNorm2d in training mode mixes examples. Fix: ft.dp.fix(model).
+    """
 
     module: str
     kind: str
@@ -50,21 +56,31 @@ class Issue:
 
 class ValidationReport:
     """What validate() found: `issues` (a list of Issue), `errors` and `slow` (filtered), `ok`
-    (no errors). str() gives one line per issue."""
+    (no errors). str() gives one line per issue.
+
+    Example:
+        >>> from functorch_lite.dp import Issue, ValidationReport
+        >>> report = ValidationReport([Issue("head", "slow", "no per-layer rule.", "nothing needed.")])
+        >>> report.ok, len(report.slow), report.errors
+        (True, 1, [])
+    """
 
     def __init__(self, issues):
         self.issues = list(issues)
 
     @property
     def errors(self):
+        """The issues that break DP-SGD (kind "error")."""
         return [i for i in self.issues if i.kind == "error"]
 
     @property
     def slow(self):
+        """The issues that only cost speed (kind "slow")."""
         return [i for i in self.issues if i.kind == "slow"]
 
     @property
     def ok(self):
+        """True when there is no error (slow paths are fine)."""
         return not self.errors
 
     def raise_if_errors(self):
@@ -343,6 +359,14 @@ def fix(model):
     channels (``gcd(32, C)`` groups, as Opacus' ModuleValidator.fix), keeping its affine
     parameters; returns the model. Group norm normalises each example on its own, so the model
     becomes DP-compatible; it changes the model, so train it (or fine-tune it) after the swap.
+
+    Example:
+        >>> import torch.nn as nn, functorch_lite as ft
+        >>> ft.dp.fix(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)))
+        Sequential(
+          (0): Conv2d(3, 16, kernel_size=(3, 3), stride=(1, 1))
+          (1): GroupNorm(16, 16, eps=1e-05, affine=True)
+        )
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fix: model must be a torch.nn.Module, got {type(model).__name__}.")
