@@ -770,69 +770,99 @@ def _ghost_clipped_grad(model, loss_fn, inputs, targets, params, max_norm, size,
 
 
 def _from_recording(recorder, losses, params, max_norm, size, force_ghost):
-    rules, prepared = {}, {}
-    for m, calls in recorder.calls.items():
-        rule = _rule_for(m)
-        if rule is not None:
-            got = [_rule_inputs(m, rule, c) for c in calls]
-            if all(g is not None for g in got):
-                prepared.update((id(c), g) for c, g in zip(calls, got))
-            else:
-                rule = None  # a call the rule cannot read: the per-layer vmap takes the layer
-        rules[m] = rule
-    rule_params, generic = _plan(recorder, params, rules)
-    _state.plan = (
-        [
-            m
-            for m, r in rules.items()
-            if r is not None and any(id(q) in rule_params for q in _rule_parameters(m).values())
-        ],
-        list(generic),
-    )
-
-    # the calls whose output gradients we need, then one backward for all of them
-    rule_calls = [
-        (m, c)
-        for m, calls in recorder.calls.items()
-        if rules[m] is not None and any(id(q) in rule_params for q in _rule_parameters(m).values())
-        for c in calls
-    ]
-    generic_calls = [(m, c) for m in generic for c in recorder.calls.get(m, ())]
-    used = set(rule_params) | {i for ids in generic.values() for i in ids}
-    unseen = [p for p in params.values() if id(p) not in used]
-    needed = [(c, k) for _, c in rule_calls + generic_calls for k, e in enumerate(c.edges) if e is not None]
-    reads = [c.edge_for(k) for c, k in needed]
-    wanted = [e for e, _ in reads] + unseen
+    plan = _Plan(recorder, params)
+    wanted = plan.wanted()
     got = (
         torch.autograd.grad(losses.sum(), wanted, allow_unused=True)
         if wanted and losses.requires_grad
         else [None] * len(wanted)
     )
-    if any(g is not None for g in got[len(needed) :]):
-        raise _Fallback("a parameter is used where the recording did not see it")
-    grads_at = {}
-    for (c, k), (_, based), g in zip(needed, reads, got):
-        if g is None and c.outputs[k]._version != c.versions[k]:
-            raise _Fallback("a module output (a view) was modified in place")
-        if g is not None and based is not None:
-            g = _view_of_base_grad(g, based)
-        grads_at[(id(c), k)] = None if g is None else c.front_output(k, g)
-    for _, c in rule_calls + generic_calls:
-        if c.inputs_changed():
-            raise _Fallback("a module input was modified in place after the call")
+    return plan.finish(got, max_norm, size, force_ghost, losses)
 
-    contributions = []
-    with torch.no_grad():
-        for module, call in rule_calls:
-            contributions += _rule_contributions(
-                module, rules[module], call, prepared[id(call)], grads_at, rule_params, force_ghost
-            )
-    for module, ids in generic.items():
-        for call in recorder.calls.get(module, ()):
-            contributions += _generic_contributions(module, ids, call, grads_at)
 
-    with torch.no_grad():
-        return _combine(contributions, params, max_norm, size, losses)
+class _Plan:
+    """What the recording needs from the backward: which layers a rule handles, which get a
+    per-layer vmap(grad), and the gradient edges (the module outputs' b, and the parameters the
+    recording did not see, which must get none)."""
+
+    def __init__(self, recorder, params):
+        rules, prepared = {}, {}
+        for m, calls in recorder.calls.items():
+            rule = _rule_for(m)
+            if rule is not None:
+                got = [_rule_inputs(m, rule, c) for c in calls]
+                if all(g is not None for g in got):
+                    prepared.update((id(c), g) for c, g in zip(calls, got))
+                else:
+                    rule = None  # a call the rule cannot read: the per-layer vmap takes the layer
+            rules[m] = rule
+        rule_params, generic = _plan(recorder, params, rules)
+        _state.plan = (
+            [
+                m
+                for m, r in rules.items()
+                if r is not None and any(id(q) in rule_params for q in _rule_parameters(m).values())
+            ],
+            list(generic),
+        )
+        self.recorder, self.params, self.rules, self.prepared = recorder, params, rules, prepared
+        self.rule_params, self.generic = rule_params, generic
+        self.rule_calls = [
+            (m, c)
+            for m, calls in recorder.calls.items()
+            if rules[m] is not None and any(id(q) in rule_params for q in _rule_parameters(m).values())
+            for c in calls
+        ]
+        self.generic_calls = [(m, c) for m in generic for c in recorder.calls.get(m, ())]
+        used = set(rule_params) | {i for ids in generic.values() for i in ids}
+        self.unseen = [p for p in params.values() if id(p) not in used]
+        self.needed = [
+            (c, k)
+            for _, c in self.rule_calls + self.generic_calls
+            for k, e in enumerate(c.edges)
+            if e is not None
+        ]
+
+    def wanted(self):
+        """The edges to ask the backward for (read them after the recording's in-place ops: an
+        output modified in place is read through its base), then the unseen parameters."""
+        self.reads = [c.edge_for(k) for c, k in self.needed]
+        return [e for e, _ in self.reads] + self.unseen
+
+    def finish(self, got, max_norm, size, force_ghost, like):
+        """The clipped sums and norms from the backward's gradients at wanted()."""
+        needed = self.needed
+        if any(g is not None for g in got[len(needed) :]):
+            raise _Fallback("a parameter is used where the recording did not see it")
+        grads_at = {}
+        for (c, k), (_, based), g in zip(needed, self.reads, got):
+            if g is None and c.outputs[k]._version != c.versions[k]:
+                raise _Fallback("a module output (a view) was modified in place")
+            if g is not None and based is not None:
+                g = _view_of_base_grad(g, based)
+            grads_at[(id(c), k)] = None if g is None else c.front_output(k, g)
+        for _, c in self.rule_calls + self.generic_calls:
+            if c.inputs_changed():
+                raise _Fallback("a module input was modified in place after the call")
+
+        contributions = []
+        with torch.no_grad():
+            for module, call in self.rule_calls:
+                contributions += _rule_contributions(
+                    module,
+                    self.rules[module],
+                    call,
+                    self.prepared[id(call)],
+                    grads_at,
+                    self.rule_params,
+                    force_ghost,
+                )
+        for module, ids in self.generic.items():
+            for call in self.recorder.calls.get(module, ()):
+                contributions += _generic_contributions(module, ids, call, grads_at)
+
+        with torch.no_grad():
+            return _combine(contributions, self.params, max_norm, size, like)
 
 
 def _output_grad(call, grads_at, k=0):
