@@ -130,11 +130,11 @@ def test_clipped_grad_has_aux_chunk_size_and_return_norms():
 
 def test_clipped_grad_chunk_size_bounds_the_per_example_batch(monkeypatch):
     """With chunk_size the per-example gradients are made chunk by chunk, never all at once."""
-    from functorch_lite.dp import _clip
+    from functorch_lite.dp import _per_example
 
     seen = []
-    real = _clip.per_example_sq_norms
-    monkeypatch.setattr(_clip, "per_example_sq_norms", lambda g: seen.append(g.shape[0]) or real(g))
+    real = _per_example.per_example_sq_norms
+    monkeypatch.setattr(_per_example, "per_example_sq_norms", lambda g: seen.append(g.shape[0]) or real(g))
     w, (x, y) = _params(), _batch(n=10)
     clipped_grad(_mse, max_norm=1.0, batch_argnums=(1, 2), chunk_size=4)(w, x, y)
     assert max(seen) == 4 and sum(seen) == 2 * 10  # two leaves ("a", "b") per chunk

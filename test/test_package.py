@@ -417,3 +417,29 @@ def test_functorch_lite_on_escaped_torch_func_tensors_raises():
     with pytest.raises(RuntimeError, match=MIXING):
         ft.grad(lambda r: (r * store["grad"]).sum())(X[0])
     assert ft._C._stack_depth() == 0
+
+
+def test_dp_has_no_import_cycles():
+    """functorch_lite.dp: entry points (_clip, _engine, _private, _validate) above the fast path
+    (_ghost) and the per-example path (_per_example), shared helpers (_common) below them all."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(ft.__file__).parent / "dp"
+    graph = {}
+    for f in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module] if node.module else [a.name for a in node.names])
+        graph[f.stem] = deps
+
+    def reaches(start, target, seen=()):
+        return any(
+            n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in graph.get(start, ())
+        )
+
+    assert not [m for m in graph if reaches(m, m)], graph
+    assert (
+        graph["_common"] == set() and graph["_ghost"] == {"_common"} and graph["_per_example"] == {"_common"}
+    )

@@ -59,7 +59,7 @@ from .._grad import grad
 from .._load import _C
 from .._module import functional_call
 from .._vmap import vmap
-from ._clip import _as_tuple, check_per_example_loss, clip_factors, per_example_sq_norms, weighted_sum
+from ._common import _as_tuple, check_per_example_loss, clip_factors, per_example_sq_norms, weighted_sum
 
 __all__ = ["ghost_clipped_grad"]
 

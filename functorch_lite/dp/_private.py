@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._load import _C
 from .._vmap import vmap
 from . import _ghost
-from ._clip import _batch_size_of, trainable_parameters
+from ._common import _batch_size_of, trainable_parameters
 from ._engine import PrivateTrainer
 from ._sampler import PoissonSampler
 

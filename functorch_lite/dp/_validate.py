@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .._vmap import vmap
 from . import _ghost
-from ._clip import _as_tuple, _batch_size_of, check_per_example_loss, trainable_parameters
+from ._common import _as_tuple, _batch_size_of, check_per_example_loss, trainable_parameters
 
 __all__ = ["validate", "fix", "ValidationReport", "Issue"]
 
