@@ -72,3 +72,103 @@ def test_issue_example():
     x, t = torch.randn(5, dtype=DT), torch.randn(5, dtype=DT)
     f = lambda x: F.huber_loss(x, t)  # noqa: E731
     torch.testing.assert_close(ft.hessian(f)(x), torch.func.hessian(f)(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# second-order fixes (issue 22, item 7): torch's forward formulas of _linalg_solve_ex,
+# _linalg_det, _linalg_slogdet and cholesky_inverse are right at first order but read their LU
+# (or Cholesky) factors as constants, so differentiating them again (forward-over-forward,
+# reverse-over-forward) was off by O(1), in torch.func too. Under two differentiating levels they
+# run as lu_factor/lu_solve and triangular solves, whose formulas are right at every order.
+
+_RHS = torch.randn(3, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+
+
+def _spd(h):
+    return h @ h.mT + 3 * torch.eye(h.shape[-1], dtype=DT)
+
+
+LINALG = {
+    "solve": lambda h: torch.linalg.solve(_spd(h), _RHS),
+    "solve_vector_rhs": lambda h: torch.linalg.solve(_spd(h), _RHS[:, 0]),
+    "solve_left_false": lambda h: torch.linalg.solve(_spd(h), _RHS.mT, left=False),
+    "solve_ex": lambda h: torch.linalg.solve_ex(_spd(h), _RHS)[0],
+    "tensorsolve": lambda h: torch.linalg.tensorsolve(_spd(h), _RHS[:, 0]),
+    "det": lambda h: torch.linalg.det(_spd(h) - 2 * torch.eye(3, dtype=DT)),
+    "slogdet": lambda h: torch.linalg.slogdet(_spd(h))[1],
+    "logdet": lambda h: torch.logdet(_spd(h)),
+    "cholesky_inverse": lambda h: torch.cholesky_inverse(torch.linalg.cholesky(_spd(h))),
+    "cholesky_inverse_upper": lambda h: torch.cholesky_inverse(torch.linalg.cholesky(_spd(h)).mT, upper=True),
+}
+
+
+def _h_t():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(3, 3, dtype=DT, generator=g), torch.randn(3, 3, dtype=DT, generator=g)
+
+
+def _fd_of_jacobian(f, h, t, eps=1e-6):
+    """Central differences of the exact Jacobian (reverse mode, right at first order)."""
+    jac = torch.func.jacrev(f)
+    return (jac(h + eps * t) - jac(h - eps * t)) / (2 * eps)
+
+
+@pytest.mark.parametrize("name", sorted(LINALG))
+def test_forward_over_forward_of_linalg_equals_differences(name):
+    f = LINALG[name]
+    h, t = _h_t()
+    ref = _fd_of_jacobian(f, h, t)
+    tol = 1e-7 * max(1.0, float(ref.abs().max()))
+    got = ft.jvp(ft.jacfwd(f), (h,), (t,))[1]
+    assert (got - ref).abs().max() <= tol
+    # under an outer vmap (torch.func raises or is wrong there)
+    hs, ts = torch.stack([h, h + 0.1]), torch.stack([t, -t])
+    got = ft.vmap(lambda a, b: ft.jvp(ft.jacfwd(f), (a,), (b,))[1])(hs, ts)
+    for i in range(2):
+        ref_i = _fd_of_jacobian(f, hs[i], ts[i])
+        assert (got[i] - ref_i).abs().max() <= 1e-7 * max(1.0, float(ref_i.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "composition", ["jacfwd(jacfwd)", "jacrev(jacfwd)", "jacfwd(jacrev)", "jacrev(jacrev)"]
+)
+@pytest.mark.parametrize("name", sorted(LINALG))
+def test_second_derivatives_of_linalg_in_every_composition(name, composition):
+    f = LINALG[name]
+    h, _ = _h_t()
+    scalar = lambda a: (f(a) * torch.linspace(0.5, 1.5, f(a).numel(), dtype=DT).view(f(a).shape)).sum()  # noqa: E731
+    ref = torch.autograd.functional.hessian(scalar, h)
+    outer, inner = composition[:-1].split("(")
+    got = getattr(ft, outer)(getattr(ft, inner)(scalar))(h)
+    assert (got - ref).abs().max() <= 1e-8 * max(1.0, float(ref.abs().max()))
+
+
+def test_first_order_keeps_torchs_formula():
+    """One differentiating level: torch's own formula (the decomposition is for nesting only),
+    equal to torch.func and to reverse mode; except cholesky_inverse, whose forward formula is
+    wrong already at first order in torch (torch.func's jvp disagrees with differences there)."""
+    h, t = _h_t()
+    for name, f in LINALG.items():
+        got = ft.jvp(f, (h,), (t,))[1]
+        eps = 1e-6
+        diff = (f(h + eps * t) - f(h - eps * t)) / (2 * eps)
+        torch.testing.assert_close(got, diff, rtol=1e-7, atol=1e-8, msg=name)
+        torch.testing.assert_close(ft.jacfwd(f)(h), torch.func.jacrev(f)(h), rtol=1e-9, atol=1e-11, msg=name)
+        theirs = torch.func.jvp(f, (h,), (t,))[1]
+        if name.startswith("cholesky_inverse"):
+            assert (theirs - diff).abs().max() > 1e-4  # torch's formula; ours is the decomposition
+        else:
+            torch.testing.assert_close(got, theirs, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_issue_example_linalg_solve():
+    """The issue's case: h (3, 1, 3), rhs (1, 2); torch.func's forward-over-forward is off by 0.04."""
+    g = torch.Generator().manual_seed(0)
+    rhs = torch.randn(1, 2, dtype=DT, generator=g)
+    f = lambda h: torch.linalg.solve(h @ h.mT + 3 * torch.eye(1, dtype=DT), rhs)  # noqa: E731
+    h, t = torch.randn(3, 1, 3, dtype=DT, generator=g), torch.randn(3, 1, 3, dtype=DT, generator=g)
+    ref = _fd_of_jacobian(f, h, t)
+    got = ft.jvp(ft.jacfwd(f), (h,), (t,))[1]
+    assert (got - ref).abs().max() <= 1e-8
+    rr = torch.func.jvp(torch.func.jacrev(f), (h,), (t,))[1]  # forward-over-reverse: right in both
+    assert (rr - ref).abs().max() <= 1e-8

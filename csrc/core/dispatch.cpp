@@ -102,8 +102,9 @@ bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
 // ----------------------------------------------------------------------------------------------
 // grad levels: lift, then let torch's autograd run on our wrappers.
 void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) {
-  // Backward ops without a forward-AD formula (NOTE [Decompositions for forward AD]).
-  if (top.kind == LevelKind::Jvp && runJvpDecomposition(op, stack)) return;
+  // Backward ops without a forward-AD formula, ops with wrong second-order formulas (NOTE
+  // [Decompositions for forward AD]).
+  if (runJvpDecomposition(op, stack, top.kind)) return;
   const auto& schema = op.schema();
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;
