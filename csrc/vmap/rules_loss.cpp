@@ -16,6 +16,42 @@ namespace {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
+// NOTE [Loss shapes per batch element]
+// A rule's output must have, per batch element, the shape the op gives one element, for every
+// input and target shape the op accepts. The batched computations below assume the common case
+// (shapes that broadcast the usual way); where torch's kernel shapes its output differently (it
+// squeezes, or writes into a tensor shaped like one argument), the rule checks the logical shapes
+// and, outside the case it computes, runs the op once per element: that is vmap's definition,
+// and it raises torch's own error where torch refuses the shapes.
+Tensor one(const Tensor& t, bdim_t bd, int64_t b) {
+  return bd && t.defined() ? exampleOf(t, *bd, b) : t;
+}
+std::optional<Tensor> one(const std::optional<Tensor>& t, bdim_t bd, int64_t b) {
+  return t.has_value() && t->defined() ? std::optional<Tensor>(one(*t, bd, b)) : t;
+}
+// call(b) is the op on batch element b; results stacked at dim 0. Over an empty batch the op
+// still runs once (on zeros: exampleOf) for the shape and torch's error.
+template <class F>
+Tensor perElement(int64_t B, F&& call) {
+  std::vector<Tensor> rows;
+  rows.reserve(B);
+  for (int64_t b = 0; b < B; ++b) rows.push_back(call(b));
+  const Tensor like = B > 0 ? rows[0] : call(0);
+  return stackRows(rows, like);
+}
+at::DimVector logicalShape(const Tensor& t, bdim_t bd) {
+  at::DimVector s(t.sizes().begin(), t.sizes().end());
+  if (bd) s.erase(s.begin() + *bd);
+  return s;
+}
+// Whether `b` broadcasts into `a`'s shape (an in-place op on `a` accepts it).
+bool broadcastsInto(c10::IntArrayRef a, c10::IntArrayRef b) {
+  if (b.size() > a.size()) return false;
+  for (size_t i = 1; i <= b.size(); ++i)
+    if (b[b.size() - i] != 1 && b[b.size() - i] != a[a.size() - i]) return false;
+  return true;
+}
+
 struct NllInputs {
   Tensor logp;    // [B, N, C]
   Tensor target;  // [B, N], ignored entries replaced by class 0
@@ -103,6 +139,18 @@ std::tuple<Tensor, bdim_t> nllBackwardRule(const Tensor& grad_out, bdim_t gbd, c
                                            const std::optional<Tensor>& weight, bdim_t wbd, int64_t reduction,
                                            c10::SymInt ignore_index, const Tensor& total_weight,
                                            bdim_t twbd) {
+  if (rankWithoutBdim(self, sbd) == 1 && rankWithoutBdim(target, tbd) != 0) {
+    // The forward takes a [1] target for a [C] input; the backward accepts it only for C == 1
+    // (NOTE [Loss shapes per batch element]).
+    const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {&grad_out, gbd}, {&total_weight, twbd}});
+    return {perElement(B,
+                       [&](int64_t b) {
+                         return at::_ops::nll_loss_backward::call(
+                             one(grad_out, gbd, b), one(self, sbd, b), one(target, tbd, b),
+                             one(weight, wbd, b), reduction, ignore_index, one(total_weight, twbd, b));
+                       }),
+            0};
+  }
   return {nllBackwardRule_(grad_out, gbd, self, sbd, target, tbd, weight, wbd, reduction,
                            ignore_index.expect_int(), total_weight, twbd),
           0};
@@ -146,11 +194,13 @@ Tensor reducePerSample(const Tensor& loss, int64_t reduction) {
 }
 
 // A backward op run with reduction='none' and the per-element grad_output gives the 'sum'
-// gradient; 'mean' divides by each element's own numel, not the physical one.
-Tensor scaleForReduction(const Tensor& grad_input, int64_t reduction) {
+// gradient; 'mean' divides by the numel of one element of the input (`x`), as torch's kernels do,
+// also where a broadcasting target makes the loss (and this gradient) larger than the input.
+Tensor scaleForReduction(const Tensor& grad_input, int64_t reduction, const Tensor& x, bdim_t xbd) {
   if (reduction != kMean) return grad_input;
   int64_t n = 1;
-  for (int64_t d = 1; d < grad_input.dim(); ++d) n *= grad_input.size(d);
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (!xbd || d != *xbd) n *= x.size(d);
   return grad_input.div(n);
 }
 
@@ -182,12 +232,32 @@ struct PointwiseLossBackward<Op, Tensor(const Tensor&, const Tensor&, const Tens
   static std::tuple<Tensor, bdim_t> rule(const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd,
                                          const Tensor& t, bdim_t tbd, int64_t reduction, Extra... e) {
     auto a = broadcastBatchFirst({{&g, gbd}, {&x, xbd}, {&t, tbd}});
-    return {scaleForReduction(Op::call(a[0], a[1], a[2], kNone, e...), reduction), 0};
+    return {scaleForReduction(Op::call(a[0], a[1], a[2], kNone, e...), reduction, x, xbd), 0};
   }
 };
 
+// torch's kernel gives the input's shape: it squeezes input and target before broadcasting them,
+// then scales by the weight in place. The batched computation broadcasts without squeezing, which
+// is the same when the target has the input's shape and the weight broadcasts into it (what
+// F.binary_cross_entropy passes); other shapes run per element (NOTE [Loss shapes per batch
+// element]).
+bool bceShapesCommon(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd, const std::optional<Tensor>& w,
+                     bdim_t wbd) {
+  const auto xs = logicalShape(x, xbd);
+  return logicalShape(t, tbd) == xs && (!w || !w->defined() || broadcastsInto(xs, logicalShape(*w, wbd)));
+}
+
 std::tuple<Tensor, bdim_t> bceRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                    const std::optional<Tensor>& w, bdim_t wbd, int64_t reduction) {
+  if (!bceShapesCommon(x, xbd, t, tbd, w, wbd)) {
+    const int64_t B = batchSizeOf({{&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}});
+    return {perElement(B,
+                       [&](int64_t b) {
+                         return at::_ops::binary_cross_entropy::call(one(x, xbd, b), one(t, tbd, b),
+                                                                     one(w, wbd, b), reduction);
+                       }),
+            0};
+  }
   auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}});
   return {
       reducePerSample(at::_ops::binary_cross_entropy::call(a[0], a[1], optTensor(a[2]), kNone), reduction),
@@ -197,17 +267,49 @@ std::tuple<Tensor, bdim_t> bceRule(const Tensor& x, bdim_t xbd, const Tensor& t,
 std::tuple<Tensor, bdim_t> bceBackwardRule(const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd,
                                            const Tensor& t, bdim_t tbd, const std::optional<Tensor>& w,
                                            bdim_t wbd, int64_t reduction) {
+  // grad_output has the output's shape (the input's) for 'none', and is a scalar otherwise.
+  const bool grad_common =
+      reduction == kNone ? logicalShape(g, gbd) == logicalShape(x, xbd) : rankWithoutBdim(g, gbd) == 0;
+  if (!grad_common || !bceShapesCommon(x, xbd, t, tbd, w, wbd)) {
+    const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}});
+    return {perElement(B,
+                       [&](int64_t b) {
+                         return at::_ops::binary_cross_entropy_backward::call(
+                             one(g, gbd, b), one(x, xbd, b), one(t, tbd, b), one(w, wbd, b), reduction);
+                       }),
+            0};
+  }
   auto a = broadcastBatchFirst({{&g, gbd}, {&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}});
-  return {
-      scaleForReduction(
-          at::_ops::binary_cross_entropy_backward::call(a[0], a[1], a[2], optTensor(a[3]), kNone), reduction),
-      0};
+  return {scaleForReduction(
+              at::_ops::binary_cross_entropy_backward::call(a[0], a[1], a[2], optTensor(a[3]), kNone),
+              reduction, x, xbd),
+          0};
 }
 
 // pos_weight broadcasts against the class (last) dim, which right-aligned broadcasting keeps.
+// torch computes (1 - target).mul_(input) and scales in place: the output has the target's shape,
+// and the input, the weight and log(sigmoid) scaled by pos_weight must broadcast into it (or into
+// the input's shape). Other shapes run per element, which raises torch's error (NOTE [Loss shapes
+// per batch element]).
 std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                          const std::optional<Tensor>& w, bdim_t wbd,
                                          const std::optional<Tensor>& pw, bdim_t pwbd, int64_t reduction) {
+  const auto xs = logicalShape(x, xbd), ts = logicalShape(t, tbd);
+  bool common = broadcastsInto(ts, xs);
+  if (common && w && w->defined()) common = broadcastsInto(ts, logicalShape(*w, wbd));
+  if (common && pw && pw->defined()) {
+    const auto pws = logicalShape(*pw, pwbd);
+    common = broadcastsInto(ts, pws) && broadcastsInto(xs, at::infer_size_dimvector(pws, ts));
+  }
+  if (!common) {
+    const int64_t B = batchSizeOf({{&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}, {pw ? &*pw : &x, pwbd}});
+    return {perElement(B,
+                       [&](int64_t b) {
+                         return at::_ops::binary_cross_entropy_with_logits::call(
+                             one(x, xbd, b), one(t, tbd, b), one(w, wbd, b), one(pw, pwbd, b), reduction);
+                       }),
+            0};
+  }
   auto a = broadcastBatchFirst({{&x, xbd}, {&t, tbd}, {ptrOf(w), wbd}, {ptrOf(pw), pwbd}});
   return {reducePerSample(at::_ops::binary_cross_entropy_with_logits::call(a[0], a[1], optTensor(a[2]),
                                                                            optTensor(a[3]), kNone),
@@ -279,10 +381,11 @@ Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t t
   return {x, t, B, N, one_d, zero_d};
 }
 
-// [B*N] per-row losses -> the op's output for `reduction`, per batch element.
-Tensor reduceRows(const Tensor& rows, const Folded& f, int64_t reduction) {
+// [B*N] per-row losses -> the op's output for `reduction`, per batch element. `unbatched_none`:
+// the op's 'none' output for one element has no N dim.
+Tensor reduceRows(const Tensor& rows, const Folded& f, int64_t reduction, bool unbatched_none) {
   Tensor l = rows.view({f.B, f.N});
-  if (reduction == kNone) return f.one_d ? l.squeeze(1) : l;
+  if (reduction == kNone) return unbatched_none ? l.squeeze(1) : l;
   return reduction == kSum ? l.sum(1) : l.mean(1);
 }
 
@@ -316,7 +419,9 @@ std::tuple<Tensor, bdim_t> multiMarginRule(const Tensor& self, bdim_t sbd, const
   Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss");
   Tensor rows = at::_ops::multi_margin_loss::call(f.x, f.t, p, margin, wbd ? std::nullopt : weight, kNone);
   if (wbd) rows = rows.mul(targetWeight(weight, wbd, f));
-  return {reduceRows(rows, f, reduction), 0};
+  // torch's 'none' output is [N] whenever the target has a dim, also for a [C] (or scalar) input
+  // with a [1] target, and a scalar for a 0-D target (a [C] input, or a [1, C] one).
+  return {reduceRows(rows, f, reduction, rankWithoutBdim(target, tbd) == 0), 0};
 }
 
 std::tuple<Tensor, bdim_t> multiMarginBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self,
@@ -340,7 +445,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> multilabelMarginRule(const Tensor& se
   const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss");
   auto [rows, is_target] = at::_ops::multilabel_margin_loss_forward::call(f.x, f.t, kNone);
-  return {reduceRows(rows, f, reduction), 0, unfoldRows(is_target, f), 0};
+  // torch's 'none' output has no N dim for an input without one (its target has the input's shape).
+  return {reduceRows(rows, f, reduction, f.one_d), 0, unfoldRows(is_target, f), 0};
 }
 
 std::tuple<Tensor, bdim_t> multilabelMarginBackwardRule(const Tensor& grad_out, bdim_t gbd,
