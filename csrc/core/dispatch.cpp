@@ -1,14 +1,17 @@
 #include "core/dispatch.h"
 
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Type.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <iterator>
 #include <mutex>
+#include <typeinfo>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -41,9 +44,11 @@ c10::DispatchKeySet wrapperRegionKeys(std::initializer_list<DispatchKey> except)
 
 bool isForeignTransformTensor(const at::Tensor& t) {
   // Batched is our marker on our tensors; on a tensor without DeferredInit it is torch's legacy
-  // vmap, which is foreign too.
+  // vmap, which is foreign too. PythonTLSSnapshot is carried by every tensor with the Python key
+  // (FakeTensor, FunctionalTensor, subclasses): the Python dispatcher's bookkeeping, not a
+  // transform. Tracing our transforms with make_fx / AOTAutograd wraps such tensors.
   static const c10::DispatchKeySet foreign =
-      wrapperRegionKeys({DispatchKey::DeferredInit, DispatchKey::Batched});
+      wrapperRegionKeys({DispatchKey::DeferredInit, DispatchKey::Batched, DispatchKey::PythonTLSSnapshot});
   if (!t.defined()) return false;
   const auto ks = t.key_set();
   return ks.has_any(foreign) || (ks.has(DispatchKey::Batched) && !ks.has(DispatchKey::DeferredInit));
@@ -54,6 +59,35 @@ void rejectForeignTransformTensor(const at::Tensor& t, const char* api) {
               ": got a tensor of a "
               "torch.func transform. functorch_lite and torch.func cannot be mixed in one "
               "computation: use one library for every transform of it.");
+}
+
+namespace {
+std::atomic<TensorTypeNamer> tensor_type_namer{nullptr};
+}  // namespace
+
+void setTensorTypeNamer(TensorTypeNamer namer) {
+  tensor_type_namer.store(namer);
+}
+
+std::string tensorTypeName(const at::Tensor& t) {
+  if (auto namer = tensor_type_namer.load()) {
+    std::string name = namer(t);
+    if (!name.empty()) return name;
+  }
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return c10::demangle(typeid(*impl).name());
+}
+
+bool foreignGoesFirst(const at::Tensor& t) {
+  const Level* top = levelStack().top();
+  if (!top) return true;
+  // Functional wrappers nest (functionalize of functionalize); the first tensor that is not one
+  // tells whose level the whole stack of them belongs to.
+  at::Tensor inner = t;
+  while (auto* fw = dynamic_cast<at::FunctionalTensorWrapper*>(inner.unsafeGetTensorImpl()))
+    inner = fw->value();
+  auto* ft = asFt(inner);
+  return !ft || ft->level() >= top->id;
 }
 
 void rejectForeignTransformActive(const char* where) {
@@ -181,25 +215,56 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
 constexpr DispatchKey kBackKeys[] = {DispatchKey::PrivateUse3, DispatchKey::SparsePrivateUse3,
                                      DispatchKey::SparseCsrPrivateUse3};
 
+// Whether an argument is one of our tensors whose level is on this thread's stack but hidden: the
+// op reached it after that level handed an op down.
+bool argOfHiddenLevel(const Stack& stack, size_t begin) {
+  const auto& levels = levelStack();
+  bool found = false;
+  forEachTensor(stack, begin, stack.size(), [&](const at::Tensor& t) {
+    auto* ft = asFt(t);
+    for (size_t i = levels.depth(); ft && !found && i < levels.size(); ++i)
+      found = levels.at(i).id == ft->level();
+  });
+  return found;
+}
+
 // PrivateUse3 kernel: after autograd ran on the top level's wrappers, unwrap and hand down.
 void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   const auto& schema = op.schema();
   const Level* top = levelStack().top();
-  // Levels are per thread: a live wrapper (batched or grad) of a transform running on another
-  // thread is not lifted or unwrapped by this thread's levels and falls through to here.
-  TORCH_CHECK(top && top->kind != LevelKind::Vmap, "functorch_lite: ", schema.operator_name(),
-              " received a tensor of a functorch_lite transform (vmap, grad, jvp, ...) that is not "
-              "running on this thread (this thread's stack: ",
-              describeStack(),
-              "). Each thread has its own transforms: a tensor created inside a transformed "
-              "function cannot be used on another thread while that transform runs. Return it "
-              "from the function and pass the result to the other thread.");
   const size_t nargs = schema.arguments().size();
   const size_t begin = stack->size() - nargs;
+  if (C10_UNLIKELY(!top || top->kind == LevelKind::Vmap)) {
+    // torch runs __torch_dispatch__ with every transform's keys excluded: a subclass wrapping one
+    // of our tensors hands it to ops that skip its level and arrive here.
+    TORCH_CHECK(!argOfHiddenLevel(*stack, begin), "functorch_lite: ", schema.operator_name(),
+                " received a tensor of a functorch_lite transform below that transform's own level, "
+                "where the transform no longer sees its operations. torch runs __torch_dispatch__ "
+                "of tensor subclasses with the dispatch keys of every transform excluded, so a "
+                "__torch_dispatch__ subclass (or a wrapper such as FunctionalTensor) that wraps a "
+                "tensor of a running transform gets here. Wrapping a transform's tensors in such a "
+                "subclass inside the transformed function is not supported (nor is it in torch.func): "
+                "create the subclass from plain tensors outside the transform.");
+    // Levels are per thread: a live wrapper (batched or grad) of a transform running on another
+    // thread is not lifted or unwrapped by this thread's levels and falls through to here.
+    TORCH_CHECK(false, "functorch_lite: ", schema.operator_name(),
+                " received a tensor of a functorch_lite transform (vmap, grad, jvp, ...) that is not "
+                "running on this thread (this thread's stack: ",
+                describeStack(),
+                "). Each thread has its own transforms: a tensor created inside a transformed "
+                "function cannot be used on another thread while that transform runs. Return it "
+                "from the function and pass the result to the other thread.");
+  }
 
   // Remember which unwrapped values belong to mutated arguments: an op that returns one of them
-  // (in-place and out= ops) must return the original wrapper, not a new one.
-  c10::SmallVector<std::pair<c10::TensorImpl*, at::Tensor>, 4> mutated;
+  // (in-place and out= ops) must return the original wrapper, not a new one. The impl pointer is
+  // the one asGradWrapper checked, so refreshing it later needs no cast of its own.
+  struct Mutated {
+    c10::TensorImpl* value;
+    at::Tensor wrapper;
+    GradWrapperImpl* impl;
+  };
+  c10::SmallVector<Mutated, 4> mutated;
   bool views_immutable = false;  // NOTE [Immutable wrappers] in tensors.h
   for (size_t i = 0; i < nargs; ++i) {
     auto& iv = (*stack)[begin + i];
@@ -207,7 +272,7 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
     const auto& t = iv.toTensor();
     auto* gw = asGradWrapper(t);
     if (!gw || gw->level() != top->id) continue;
-    if (isMutatedArg(schema, i)) mutated.emplace_back(gw->value().unsafeGetTensorImpl(), t);
+    if (isMutatedArg(schema, i)) mutated.push_back({gw->value().unsafeGetTensorImpl(), t, gw});
     const auto* alias = schema.arguments()[i].alias_info();
     if (alias && !alias->isWrite() && gw->immutable()) views_immutable = true;
   }
@@ -222,13 +287,12 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
     op.callBoxed(stack);
     materializeZeroTensors(stack, schema.returns().size());
   }
-  for (auto& [impl, wrapper] : mutated)
-    static_cast<GradWrapperImpl*>(wrapper.unsafeGetTensorImpl())->refreshMetadata();
+  for (auto& m : mutated) m.impl->refreshMetadata();
   const size_t nrets = schema.returns().size();
   forEachTensorInplace(*stack, stack->size() - nrets, stack->size(), [&](const at::Tensor& t) {
     if (!t.defined()) return t;
-    for (auto& [impl, wrapper] : mutated)
-      if (impl == t.unsafeGetTensorImpl()) return wrapper;
+    for (auto& m : mutated)
+      if (m.value == t.unsafeGetTensorImpl()) return m.wrapper;
     return makeGradWrapper(t, *top, views_immutable);
   });
 }
@@ -328,7 +392,7 @@ bool isLegacyVmapOp(const c10::OperatorHandle& op) {
 }  // namespace
 
 // ----------------------------------------------------------------------------------------------
-void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
+void frontFallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, Stack* stack) {
   flushPendingBackKernels();
   TORCH_CHECK(!isLegacyVmapOp(op), "functorch_lite: torch's legacy vmap (", op.schema().name(),
               ", used by torch.autograd.functional.jacobian/hessian with vectorize=True and by "
@@ -336,6 +400,36 @@ void frontFallback(const c10::OperatorHandle& op, Stack* stack) {
               "tensors. Use vectorize=False, or functorch_lite's jacrev/jacfwd/hessian/vmap.");
   const size_t nargs = op.schema().arguments().size();
   const size_t begin = stack->size() - nargs;
+  // NOTE [Foreign wrappers of our tensors] in dispatch.h. The keys dropped here are ones a foreign
+  // impl copied from our tensor, where they serve our levels: Batched is only our marker (on a
+  // foreign impl it would select torch's legacy vmap kernels, which cast to their own type), and
+  // the autograd keys would run torch's autograd on the foreign wrapper, whose kernels exclude
+  // autograd for everything below them, so our grad level would record nothing when the op comes
+  // back to it. Autograd runs there, on our wrappers, as for any op.
+  bool foreign_first = false;
+  forEachTensor(*stack, begin, stack->size(), [&](const at::Tensor& t) {
+    foreign_first = foreign_first || (isForeignWithFrontKey(t) && foreignGoesFirst(t));
+  });
+  if (foreign_first) {
+    // torch runs __torch_dispatch__ with the keys of every transform excluded, so the ops it runs
+    // on the tensor it wraps would never reach our levels: grad levels would record nothing.
+    forEachTensor(*stack, begin, stack->size(), [&](const at::Tensor& t) {
+      TORCH_CHECK(!isForeignWithFrontKey(t) || !t.key_set().has(DispatchKey::Python),
+                  "functorch_lite: ", op.schema().operator_name(), " received a tensor of type ",
+                  tensorTypeName(t),
+                  ", a __torch_dispatch__ subclass that carries functorch_lite's dispatch keys (copied "
+                  "from the transform's tensor it wraps). torch runs __torch_dispatch__ below every "
+                  "transform, so the operations it runs on the wrapped tensor would bypass the "
+                  "transform. Such a subclass cannot wrap a tensor of a functorch_lite transform: "
+                  "create it from plain tensors outside the transform, or do not copy the wrapped "
+                  "tensor's dispatch keys.");
+    });
+    static const c10::DispatchKeySet below_front =
+        c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, DispatchKey::DeferredInit) -
+        (c10::DispatchKeySet(DispatchKey::Batched) | c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    op.redispatchBoxed(ks & below_front, stack);
+    return;
+  }
   forEachTensorInplace(*stack, begin, stack->size(), [&](const at::Tensor& t) {
     TORCH_CHECK(!isForeignTransformTensor(t), "functorch_lite: ", op.schema().operator_name(),
                 " received a tensor of a torch.func transform inside a functorch_lite transform. "

@@ -30,12 +30,36 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <string>
+
 #include "levels.h"
 
 namespace ftl {
 
-// DeferredInit boxed kernel: the entry for every op while any level is live.
-FTL_API void frontFallback(const c10::OperatorHandle& op, torch::jit::Stack* stack);
+// NOTE [Foreign wrappers of our tensors]
+// Some TensorImpls of other libraries copy the keys of the tensor they wrap (torch's
+// FunctionalTensorWrapper; a Python wrapper subclass may ask for them), so a wrapper of one of our
+// tensors carries DeferredInit and reaches our front kernel before its own kernel (Functionalize,
+// Python) has unwrapped it. It is not ours (NOTE [Recognising our tensors] in tensors.h), and who
+// handles the op first depends on nesting: a wrapper made inside the function of the top level
+// wraps a tensor of that level and is an inner transform, so it goes first. The front kernel then
+// redispatches the op below DeferredInit with the key set of the call (the TLS is left alone): the
+// foreign kernel unwraps and calls the op again on our tensor, which comes back to the front. A
+// wrapper of an outer level's tensor (seen through functional wrappers) is a value from outside,
+// like any plain tensor: the top level lifts it or hands it down, and it goes first once the
+// level it belongs to is on top. A foreign wrapper we cannot see into always goes first. Every
+// kernel on DeferredInit, boxed or unboxed, makes this decision before reading its arguments.
+FTL_API bool foreignGoesFirst(const at::Tensor& t);
+
+// The type of a tensor for error messages: a Python subclass's qualified name when the Python
+// bindings installed a namer (setTensorTypeNamer), the C++ TensorImpl type otherwise.
+using TensorTypeNamer = std::string (*)(const at::Tensor&);
+void setTensorTypeNamer(TensorTypeNamer namer);
+std::string tensorTypeName(const at::Tensor& t);
+
+// DeferredInit boxed kernel: the entry for every op while any level is live. `ks` is the key set
+// of the call, used to redispatch below us (NOTE [Foreign wrappers of our tensors]).
+FTL_API void frontFallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack);
 
 // Boxed processing of an op whose top level is a vmap level and that has no unboxed rule
 // (vmap/fallback.cpp): randomness, data-dependent ops, composite decomposition, for-loop.

@@ -31,6 +31,17 @@
 //   kernels are never reached.
 // Device and dtype are the value's: a wrapper of a CUDA tensor reports device cuda:N.
 //
+// NOTE [Recognising our tensors]
+// DeferredInit on a tensor does not make it ours: torch's FunctionalTensorWrapper copies every key
+// of the tensor it wraps (so a functional tensor around one of ours carries DeferredInit and
+// PrivateUse3), and a Python wrapper subclass can ask for any keys (_extra_dispatch_keys). Such an
+// impl has none of our fields, so reading it as one of ours reads unrelated memory. The key is
+// therefore only the cheap first filter (most tensors fail it), and the impl's dynamic type
+// decides: both classes are final, so comparing typeid(*impl) with theirs is exact and reads only
+// the vtable, which every TensorImpl has. The classes are exported so that extensions compiled
+// against these headers compare with the same type_info objects as _C. What the front kernel does
+// with a foreign impl that carries our key is NOTE [Foreign wrappers of our tensors] in dispatch.h.
+//
 // NOTE [Autocast and levels]
 // torch.autocast works through functionality keys (AutocastCPU, AutocastCUDA, ...) that tensors
 // carry by backend and that are "on" while the thread does not exclude them. A grad wrapper
@@ -63,6 +74,7 @@
 
 #include <memory>
 #include <optional>
+#include <typeinfo>
 
 namespace ftl {
 
@@ -76,7 +88,7 @@ c10::DispatchKeySet gradWrapperKeySet(const at::Tensor& value);
 // Keys excluded together whenever code runs "below the front": DeferredInit and the Batched marker.
 constexpr c10::DispatchKeySet kFrontKeys({c10::DispatchKey::DeferredInit, c10::DispatchKey::Batched});
 
-class FtTensorImplBase : public c10::TensorImpl {
+class FTL_API FtTensorImplBase : public c10::TensorImpl {
  public:
   FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t level, std::shared_ptr<bool> alive,
                    c10::DispatchKeySet keys = wrapperKeySet());
@@ -103,7 +115,7 @@ class FtTensorImplBase : public c10::TensorImpl {
   }
 };
 
-class BatchedTensorImpl final : public FtTensorImplBase {
+class FTL_API BatchedTensorImpl final : public FtTensorImplBase {
  public:
   BatchedTensorImpl(at::Tensor value, int64_t bdim, int64_t level, std::shared_ptr<bool> alive);
   int64_t bdim() const { return bdim_; }
@@ -123,7 +135,7 @@ class BatchedTensorImpl final : public FtTensorImplBase {
   int64_t bdim_;
 };
 
-class GradWrapperImpl final : public FtTensorImplBase {
+class FTL_API GradWrapperImpl final : public FtTensorImplBase {
  public:
   GradWrapperImpl(at::Tensor value, int64_t level, std::shared_ptr<bool> alive, bool immutable = false);
   void refreshMetadata();
@@ -145,20 +157,32 @@ class GradWrapperImpl final : public FtTensorImplBase {
   bool immutable_;
 };
 
-// --- cheap queries (no virtual calls: DeferredInit on a tensor means it is ours, see import check)
+// --- cheap queries: one key-set test for most tensors, a typeid comparison for the rest
+// (NOTE [Recognising our tensors]).
+inline BatchedTensorImpl* asBatched(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  auto* impl = t.unsafeGetTensorImpl();
+  if (!impl->key_set().has(c10::DispatchKey::DeferredInit)) return nullptr;
+  return typeid(*impl) == typeid(BatchedTensorImpl) ? static_cast<BatchedTensorImpl*>(impl) : nullptr;
+}
+inline GradWrapperImpl* asGradWrapper(const at::Tensor& t) {
+  if (!t.defined()) return nullptr;
+  auto* impl = t.unsafeGetTensorImpl();
+  if (!impl->key_set().has(c10::DispatchKey::DeferredInit)) return nullptr;
+  return typeid(*impl) == typeid(GradWrapperImpl) ? static_cast<GradWrapperImpl*>(impl) : nullptr;
+}
 inline FtTensorImplBase* asFt(const at::Tensor& t) {
   if (!t.defined()) return nullptr;
   auto* impl = t.unsafeGetTensorImpl();
   if (!impl->key_set().has(c10::DispatchKey::DeferredInit)) return nullptr;
-  return static_cast<FtTensorImplBase*>(impl);
+  const std::type_info& type = typeid(*impl);
+  if (type == typeid(BatchedTensorImpl)) return static_cast<BatchedTensorImpl*>(impl);
+  if (type == typeid(GradWrapperImpl)) return static_cast<GradWrapperImpl*>(impl);
+  return nullptr;
 }
-inline BatchedTensorImpl* asBatched(const at::Tensor& t) {
-  auto* ft = asFt(t);
-  return ft && ft->wrapperKind() == WrapperKind::Batched ? static_cast<BatchedTensorImpl*>(ft) : nullptr;
-}
-inline GradWrapperImpl* asGradWrapper(const at::Tensor& t) {
-  auto* ft = asFt(t);
-  return ft && ft->wrapperKind() == WrapperKind::Grad ? static_cast<GradWrapperImpl*>(ft) : nullptr;
+// Another library's TensorImpl that carries our front key (NOTE [Recognising our tensors]).
+inline bool isForeignWithFrontKey(const at::Tensor& t) {
+  return t.defined() && t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::DeferredInit) && !asFt(t);
 }
 // The BatchedTensorImpl of `t` if it is batched at exactly `level`.
 inline BatchedTensorImpl* batchedAt(const at::Tensor& t, int64_t level) {

@@ -134,12 +134,28 @@ struct BelowTransforms {
   void exit(const py::args&) { guard.reset(); }
 };
 
+// tensorTypeName() for tensors with a Python subclass: their class, which the C++ type (a plain
+// TensorImpl) does not tell. Errors may be raised on threads that do not hold the GIL.
+std::string pythonTypeName(const at::Tensor& t) {
+  if (!t.defined() || !t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python)) return {};
+  py::gil_scoped_acquire gil;
+  try {
+    py::object obj = py::reinterpret_steal<py::object>(THPVariable_Wrap(t));
+    py::handle type(reinterpret_cast<PyObject*>(Py_TYPE(obj.ptr())));
+    return py::str(type.attr("__module__")).cast<std::string>() + "." +
+           py::str(type.attr("__qualname__")).cast<std::string>();
+  } catch (const std::exception&) {
+    return {};  // error_already_set took the Python error with it
+  }
+}
+
 }  // namespace
 }  // namespace ftl
 
 PYBIND11_MODULE(_C, m) {
   using namespace ftl;
   m.doc() = "functorch_lite C++ core: level stack, wrapper tensors, batching rules";
+  setTensorTypeNamer(&pythonTypeName);
 
   m.def("_initialize", torch::wrap_pybind_function(&initializeDispatch),
         "Checks the dispatch keys are free, then registers functorch_lite's kernels.");

@@ -37,9 +37,9 @@ template <class Op, int64_t K, class Sig = typename Op::schema>
 struct Kernel;
 template <class Op, int64_t K, class Ret, class... Args>
 struct Kernel<Op, K, Ret(Args...)> {
-  static Ret fn(Args... args) {
+  static Ret fn(c10::DispatchKeySet ks, Args... args) {
     std::optional<Ret> done;
-    const Level* top = detail::vmapPrologue<Op, Ret, Args...>(done, args...);
+    const Level* top = detail::vmapPrologue<Op, Ret, Args...>(done, ks, args...);
     if (!top) return std::move(*done);
     const int64_t lvl = top->id, B = top->batch_size;
     // The first argument (self or grad_output) tells whether the logical tensors have N.

@@ -136,6 +136,23 @@ template <class T>
 bool isDeadArg(const T& arg) {
   return anyTensorIn(arg, [](const at::Tensor& t) { return isDeadTensor(t); });
 }
+// One cheap test for both unusual cases, so that the common path pays for a single scan: a dead
+// wrapper of ours, or a foreign impl that carries our front key (NOTE [Foreign wrappers of our
+// tensors] in dispatch.h).
+inline bool isUnusualTensor(const at::Tensor& t) {
+  if (!t.defined() || !t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::DeferredInit)) return false;
+  auto* ft = asFt(t);
+  return !ft || !ft->isAlive();
+}
+template <class T>
+bool isUnusualArg(const T& arg) {
+  return anyTensorIn(arg, [](const at::Tensor& t) { return isUnusualTensor(t); });
+}
+template <class T>
+bool isForeignFirstArg(const T& arg) {
+  return anyTensorIn(arg,
+                     [](const at::Tensor& t) { return isForeignWithFrontKey(t) && foreignGoesFirst(t); });
+}
 template <class T>
 decltype(auto) reviveArg(const T& arg) {
   if constexpr (is_tensor_v<T>) {
@@ -185,13 +202,14 @@ auto unwrapArg(const T& arg, int64_t lvl) {
   }
 }
 
+// `ks` is the key set the dispatcher computed for the call: the boxed kernel redispatches below
+// our front with it when a foreign wrapper goes first.
 template <class Op, class Ret, class... Args>
-Ret redirectToFront(Args... args) {
+Ret redirectToFront(c10::DispatchKeySet ks, Args... args) {
   static const c10::OperatorHandle handle =
       c10::Dispatcher::singleton().findSchemaOrThrow(Op::name, Op::overload_name);
   static const c10::BoxedKernel boxed = c10::BoxedKernel::makeFromFunction<&frontFallback>();
-  return c10::impl::BoxedKernelWrapper<Ret(Args...)>::call(
-      boxed, handle, c10::DispatchKeySet(c10::DispatchKey::DeferredInit), args...);
+  return c10::impl::BoxedKernelWrapper<Ret(Args...)>::call(boxed, handle, ks, args...);
 }
 
 template <class Op>
@@ -221,19 +239,26 @@ Ret wrapResult(Res&& res, const Level& lvl) {
   }
 }
 
-// The prologue shared by unboxed vmap kernels. Returns the top vmap level when the kernel's rule
-// must run; otherwise stores the op's result in `done` and returns nullptr: dead wrappers are
-// revived and the op re-dispatched, non-vmap top levels go to the boxed front kernel, and an op
-// with nothing batched at the top level is handed down unchanged.
+// The prologue shared by unboxed vmap kernels (`ks`: the key set the kernel was called with).
+// Returns the top vmap level when the kernel's rule must run; otherwise stores the op's result in
+// `done` and returns nullptr: a foreign wrapper that goes first sends the op to the boxed front
+// kernel, dead wrappers are revived and the op re-dispatched, non-vmap top levels go to the boxed
+// front kernel, and an op with nothing batched at the top level is handed down unchanged.
 template <class Op, class Ret, class... Args>
-const Level* vmapPrologue(std::optional<Ret>& done, Args... args) {
-  if (C10_UNLIKELY((isDeadArg(args) || ...))) {
-    done.emplace(Op::call(reviveArg(args)...));
-    return nullptr;
+const Level* vmapPrologue(std::optional<Ret>& done, c10::DispatchKeySet ks, Args... args) {
+  if (C10_UNLIKELY((isUnusualArg(args) || ...))) {
+    if ((isForeignFirstArg(args) || ...)) {
+      done.emplace(redirectToFront<Op, Ret, Args...>(ks, args...));
+      return nullptr;
+    }
+    if ((isDeadArg(args) || ...)) {
+      done.emplace(Op::call(reviveArg(args)...));
+      return nullptr;
+    }
   }
   const Level* top = levelStack().top();
   if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
-    done.emplace(redirectToFront<Op, Ret, Args...>(args...));
+    done.emplace(redirectToFront<Op, Ret, Args...>(ks, args...));
     return nullptr;
   }
   if (!(isBatchedArg(args, top->id) || ...)) {
@@ -379,9 +404,9 @@ struct VmapKernelImpl;
 
 template <class Op, auto Rule, class Spec, class Ret, class... Args>
 struct VmapKernelImpl<Op, Rule, Spec, Ret(Args...)> {
-  static Ret fn(Args... args) {
+  static Ret fn(c10::DispatchKeySet ks, Args... args) {
     std::optional<Ret> done;
-    const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
+    const Level* top = vmapPrologue<Op, Ret, Args...>(done, ks, args...);
     if (!top) return std::move(*done);
     const int64_t lvl = top->id;
     if constexpr (!Spec::always) {
@@ -398,17 +423,23 @@ struct VmapKernelImpl<Op, Rule, Spec, Ret(Args...)> {
 template <class Op, auto Rule, class Sig = typename Op::schema>
 struct VmapInplaceKernelImpl;
 
-template <class Op, auto Rule, class... Args>
-struct VmapInplaceKernelImpl<Op, Rule, at::Tensor&(at::Tensor&, Args...)> {
-  static at::Tensor& fn(at::Tensor& self, Args... args) {
-    if (C10_UNLIKELY(isDeadTensor(self) || (isDeadArg(args) || ...))) {
-      at::Tensor live = unwrapIfDead(self);
-      Op::call(live, reviveArg(args)...);
-      return self;
+// Self is at::Tensor, or const at::Tensor for in-place view ops (as_strided_), whose schema says so.
+template <class Op, auto Rule, class Self, class... Args>
+struct VmapInplaceKernelImpl<Op, Rule, Self&(Self&, Args...)> {
+  static Self& fn(c10::DispatchKeySet ks, Self& self, Args... args) {
+    if (C10_UNLIKELY(isUnusualTensor(self) || (isUnusualArg(args) || ...))) {
+      if (isForeignFirstArg(self) || (isForeignFirstArg(args) || ...)) {
+        return redirectToFront<Op, Self&, Self&, Args...>(ks, self, args...);
+      }
+      if (isDeadTensor(self) || (isDeadArg(args) || ...)) {
+        at::Tensor live = unwrapIfDead(self);
+        Op::call(live, reviveArg(args)...);
+        return self;
+      }
     }
     const Level* top = levelStack().top();
     if (C10_UNLIKELY(!top || top->kind != LevelKind::Vmap)) {
-      return redirectToFront<Op, at::Tensor&, at::Tensor&, Args...>(self, args...);
+      return redirectToFront<Op, Self&, Self&, Args...>(ks, self, args...);
     }
     const int64_t lvl = top->id;
     auto* bself = batchedAt(self, lvl);
@@ -466,9 +497,9 @@ template <class Op, class Spec, class Sig = typename Op::schema>
 struct BatchNativeKernelImpl;
 template <class Op, class Spec, class Ret, class... Args>
 struct BatchNativeKernelImpl<Op, Spec, Ret(Args...)> {
-  static Ret fn(Args... args) {
+  static Ret fn(c10::DispatchKeySet ks, Args... args) {
     std::optional<Ret> done;
-    const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
+    const Level* top = vmapPrologue<Op, Ret, Args...>(done, ks, args...);
     if (!top) return std::move(*done);
     const int64_t lvl = top->id;
     const int64_t B = top->batch_size;
@@ -487,11 +518,11 @@ template <class Op, class Spec, class Sig = typename Op::schema>
 struct CheckedCompositeKernelImpl;
 template <class Op, class Spec, class Ret, class... Args>
 struct CheckedCompositeKernelImpl<Op, Spec, Ret(Args...)> {
-  static Ret fn(Args... args) {
+  static Ret fn(c10::DispatchKeySet ks, Args... args) {
     std::optional<Ret> done;
-    const Level* top = vmapPrologue<Op, Ret, Args...>(done, args...);
+    const Level* top = vmapPrologue<Op, Ret, Args...>(done, ks, args...);
     if (!top) return std::move(*done);
-    if (Spec::fast(logicalTensors(args...))) return redirectToFront<Op, Ret, Args...>(args...);
+    if (Spec::fast(logicalTensors(args...))) return redirectToFront<Op, Ret, Args...>(ks, args...);
     HandDownGuard guard;
     return wrapAllAt0<Ret>(runPerElement<Op, Ret>(top->id, top->batch_size, args...), *top);
   }

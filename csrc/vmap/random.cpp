@@ -520,10 +520,11 @@ Tensor dropoutDecomposed(const Tensor& input, double p, bool train) {
 }
 
 template <bool feature, bool alpha, bool inplace>
-void dropoutKernel(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+void dropoutKernel(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
   const size_t n = stack->size();
-  if (!vmapLevelLive() || isForeignTransformTensor((*stack)[n - 3].toTensor()))
-    return frontFallback(op, stack);
+  const Tensor& arg = (*stack)[n - 3].toTensor();
+  if (!vmapLevelLive() || isForeignTransformTensor(arg) || isForeignWithFrontKey(arg))
+    return frontFallback(op, ks, stack);
   const Tensor input = unwrapIfDead((*stack)[n - 3].toTensor());
   const double p = (*stack)[n - 2].toDouble();
   const bool train = (*stack)[n - 1].toBool();

@@ -59,14 +59,14 @@ Tensor unfold(const Tensor& t, int64_t B, int64_t N, const Level& lvl) {
   return makeBatched(t.unflatten(0, {B, N}), 0, lvl);
 }
 
-std::tuple<Tensor, Tensor> forwardKernel(const Tensor& q, const Tensor& k, const Tensor& v, double dropout_p,
-                                         bool is_causal, const OptTensor& attn_mask,
-                                         std::optional<double> scale) {
+std::tuple<Tensor, Tensor> forwardKernel(c10::DispatchKeySet ks, const Tensor& q, const Tensor& k,
+                                         const Tensor& v, double dropout_p, bool is_causal,
+                                         const OptTensor& attn_mask, std::optional<double> scale) {
   using Ret = std::tuple<Tensor, Tensor>;
   std::optional<Ret> done;
   const Level* top = detail::vmapPrologue<Fwd, Ret, const Tensor&, const Tensor&, const Tensor&, double, bool,
                                           const OptTensor&, std::optional<double>>(
-      done, q, k, v, dropout_p, is_causal, attn_mask, scale);
+      done, ks, q, k, v, dropout_p, is_causal, attn_mask, scale);
   if (!top) return std::move(*done);
   const int64_t lvl = top->id, B = top->batch_size;
   const bool fast =
@@ -82,16 +82,17 @@ std::tuple<Tensor, Tensor> forwardKernel(const Tensor& q, const Tensor& k, const
   return {unfold(out, B, N, *top), unfold(lse, B, N, *top)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> backwardKernel(const Tensor& grad_out, const Tensor& q, const Tensor& k,
-                                                  const Tensor& v, const Tensor& out, const Tensor& lse,
-                                                  double dropout_p, bool is_causal,
-                                                  const OptTensor& attn_mask, std::optional<double> scale) {
+std::tuple<Tensor, Tensor, Tensor> backwardKernel(c10::DispatchKeySet ks, const Tensor& grad_out,
+                                                  const Tensor& q, const Tensor& k, const Tensor& v,
+                                                  const Tensor& out, const Tensor& lse, double dropout_p,
+                                                  bool is_causal, const OptTensor& attn_mask,
+                                                  std::optional<double> scale) {
   using Ret = std::tuple<Tensor, Tensor, Tensor>;
   std::optional<Ret> done;
   const Level* top = detail::vmapPrologue<Bwd, Ret, const Tensor&, const Tensor&, const Tensor&,
                                           const Tensor&, const Tensor&, const Tensor&, double, bool,
                                           const OptTensor&, std::optional<double>>(
-      done, grad_out, q, k, v, out, lse, dropout_p, is_causal, attn_mask, scale);
+      done, ks, grad_out, q, k, v, out, lse, dropout_p, is_causal, attn_mask, scale);
   if (!top) return std::move(*done);
   const int64_t lvl = top->id, B = top->batch_size;
   const bool fast = B > 0 && dropout_p == 0 &&

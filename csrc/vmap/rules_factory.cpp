@@ -99,19 +99,20 @@ std::tuple<Tensor, bdim_t> newZerosSameFeatureMetaRule(const Tensor& self, bdim_
 // Asked by forward AD whether a tangent can share its primal's storage layout. A batched tangent
 // lives in a larger physical storage by construction (NOTE above); its logical layout is what
 // counts, and the size and stride checks that follow compare exactly that.
-bool hasSameStorageNumelKernel(const Tensor& self, const Tensor& other) {
+bool hasSameStorageNumelKernel(c10::DispatchKeySet ks, const Tensor& self, const Tensor& other) {
   std::optional<bool> done;
-  if (detail::vmapPrologue<at::_ops::_has_same_storage_numel, bool, const Tensor&, const Tensor&>(done, self,
-                                                                                                  other)) {
+  if (detail::vmapPrologue<at::_ops::_has_same_storage_numel, bool, const Tensor&, const Tensor&>(
+          done, ks, self, other)) {
     return true;  // a batched argument at the top vmap level: see above
   }
   return *done;
 }
 
 // Batched tensors report their logical sizes, which is what the question is about.
-bool isSameSizeKernel(const Tensor& self, const Tensor& other) {
+bool isSameSizeKernel(c10::DispatchKeySet ks, const Tensor& self, const Tensor& other) {
   std::optional<bool> done;
-  if (detail::vmapPrologue<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(done, self, other)) {
+  if (detail::vmapPrologue<at::_ops::is_same_size, bool, const Tensor&, const Tensor&>(done, ks, self,
+                                                                                       other)) {
     return self.sym_sizes() == other.sym_sizes();
   }
   return *done;

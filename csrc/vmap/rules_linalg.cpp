@@ -275,11 +275,11 @@ template <class Op, class Sig = typename Op::schema>
 struct CheckErrorsKernel;
 template <class Op, class Api>
 struct CheckErrorsKernel<Op, void(const Tensor&, Api, bool)> {
-  static void fn(const Tensor& info_in, Api api, bool is_matrix) {
+  static void fn(c10::DispatchKeySet ks, const Tensor& info_in, Api api, bool is_matrix) {
     const Tensor info = unwrapIfDead(info_in);
     const Level* top = levelStack().top();
-    if (!top || top->kind != LevelKind::Vmap) {
-      detail::redirectToFront<Op, void, const Tensor&, Api, bool>(info, api, is_matrix);
+    if (!top || top->kind != LevelKind::Vmap || isForeignWithFrontKey(info)) {
+      detail::redirectToFront<Op, void, const Tensor&, Api, bool>(ks, info, api, is_matrix);
       return;
     }
     HandDownGuard guard;

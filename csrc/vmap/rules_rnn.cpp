@@ -1,4 +1,5 @@
-// Recurrent layers under vmap (rnn_tanh, rnn_relu, gru with a single hidden-state tensor).
+// Recurrent layers under vmap (rnn_tanh, rnn_relu, gru with a single hidden-state tensor; lstm
+// with its (h0, c0) list).
 //
 // nn.RNN and nn.GRU create their default h0 with torch.zeros inside forward(): a tensor that is
 // not batched, while the input is. torch's decomposition of these ops then computes
@@ -6,7 +7,8 @@
 // tensor, which vmap must refuse. Giving h0 the input's batching first, h0 + input.new_zeros(...)
 // (new_* of a batched tensor is batched), changes no value and makes every intermediate batched
 // like the input. The op then takes the usual path: the boxed front decomposes it at every level.
-// LSTM needs nothing: its cell writes no unbatched temporary in place.
+// nn.LSTM passes its own zeros (h0, c0) as a list, and its cell computes
+// linear(h, w_hh).add_(linear(x, w_ih)) the same way: the list's tensors get the same treatment.
 #include <ATen/Operators.h>
 
 #include "vmap/plumbing.h"
@@ -25,18 +27,35 @@ template <class Op, class Sig = typename Op::schema>
 struct RnnKernel;
 template <class Op, class Ret, class... Rest>
 struct RnnKernel<Op, Ret(const Tensor&, const Tensor&, Rest...)> {
-  static Ret fn(const Tensor& input, const Tensor& hx, Rest... rest) {
+  static Ret fn(c10::DispatchKeySet ks, const Tensor& input, const Tensor& hx, Rest... rest) {
     Tensor h = hx;
     if (asFt(input) && hx.defined() && anyVmapLevel()) {
       h = hx.add(input.new_zeros(hx.sizes()));
     }
-    return detail::redirectToFront<Op, Ret, const Tensor&, const Tensor&, Rest...>(input, h, rest...);
+    return detail::redirectToFront<Op, Ret, const Tensor&, const Tensor&, Rest...>(ks, input, h, rest...);
+  }
+};
+
+// lstm.input(input, hx[], params[], ...): h0/c0 batched like the input.
+template <class Op, class Sig = typename Op::schema>
+struct LstmKernel;
+template <class Op, class Ret, class... Rest>
+struct LstmKernel<Op, Ret(const Tensor&, at::TensorList, Rest...)> {
+  static Ret fn(c10::DispatchKeySet ks, const Tensor& input, at::TensorList hx, Rest... rest) {
+    if (!asFt(input) || !anyVmapLevel()) {
+      return detail::redirectToFront<Op, Ret, const Tensor&, at::TensorList, Rest...>(ks, input, hx, rest...);
+    }
+    std::vector<Tensor> h;
+    h.reserve(hx.size());
+    for (const Tensor& t : hx) h.push_back(t.defined() ? t.add(input.new_zeros(t.sizes())) : t);
+    return detail::redirectToFront<Op, Ret, const Tensor&, at::TensorList, Rest...>(ks, input, h, rest...);
   }
 };
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
+  m.impl("lstm.input", TORCH_FN(LstmKernel<at::_ops::lstm_input>::fn));
   m.impl("rnn_tanh.input", TORCH_FN(RnnKernel<at::_ops::rnn_tanh_input>::fn));
   m.impl("rnn_relu.input", TORCH_FN(RnnKernel<at::_ops::rnn_relu_input>::fn));
   m.impl("gru.input", TORCH_FN(RnnKernel<at::_ops::gru_input>::fn));

@@ -186,23 +186,29 @@ std::tuple<std::vector<Tensor>, bdim_t> unbindRule(const Tensor& x, bdim_t bd, i
   return {p.unbind(physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
+// One rule for split and unsafe_split (and the _with_sizes pair): `Op` is the op run below. The
+// unsafe variants must stay unsafe there: an outer autograd (grad(vmap(f)), or the physical
+// graph of a vmapped forward) records the op run below, and its views of a split may not be
+// written in place where the unsafe outputs may (GRU/LSTM cells add_ into unsafe_chunk outputs).
+template <class Op>
 std::tuple<std::vector<Tensor>, bdim_t> splitRule(const Tensor& x, bdim_t bd, c10::SymInt size, int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
   if (p.dim() == 1) {
-    raiseForElement([&] { at::_ops::split_Tensor::call(exampleOf(p, 0, 0), size, dim); }, "split",
+    raiseForElement([&] { Op::call(exampleOf(p, 0, 0), size, dim); }, Op::name,
                     "expects at least a 1-dimensional tensor");
   }
-  return {at::_ops::split_Tensor::call(p, size, physicalDim(dim, p.dim() - 1, true)), 0};
+  return {Op::call(p, size, physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
+template <class Op>
 std::tuple<std::vector<Tensor>, bdim_t> splitSizesRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef sizes,
                                                        int64_t dim) {
   Tensor p = moveBdimToFront(x, bd);
   if (p.dim() == 1) {
-    raiseForElement([&] { at::_ops::split_with_sizes::call(exampleOf(p, 0, 0), sizes, dim); },
-                    "split_with_sizes", "expects at least a 1-dimensional tensor");
+    raiseForElement([&] { Op::call(exampleOf(p, 0, 0), sizes, dim); }, Op::name,
+                    "expects at least a 1-dimensional tensor");
   }
-  return {at::_ops::split_with_sizes::call(p, sizes, physicalDim(dim, p.dim() - 1, true)), 0};
+  return {Op::call(p, sizes, physicalDim(dim, p.dim() - 1, true)), 0};
 }
 
 std::tuple<Tensor, bdim_t> flipRule(const Tensor& x, bdim_t bd, c10::IntArrayRef dims) {
@@ -290,26 +296,118 @@ void transposeInplaceRule(Tensor& x, bdim_t bd, int64_t d0, int64_t d1) {
   x.transpose_(a < *bd ? a : a + 1, b < *bd ? b : b + 1);
 }
 
-// as_strided addresses the storage of batch element 0 (a BatchedTensor reports its value's offset);
-// element b sits one batch stride further, so the physical view prepends the batch dim's stride.
-// Forward AD uses this on batched tangents laid out batch-outermost (rules_factory.cpp).
+// NOTE [as_strided under vmap]
+// Under vmap every batch element is a tensor of its own, and as_strided addresses that element's
+// memory: storage_offset is read against element 0 (a BatchedTensor reports element 0's offset as
+// its own) and element b's view starts one batch stride further, so one physical view with the
+// batch dim's stride prepended serves every element. That is the per-element op only if the view
+// stays inside the memory one element occupies: from its storage offset to its last element (the
+// gaps between its elements included, as for the same view of a lone tensor). Anything else would
+// read (through as_strided_scatter and as_strided_, write) memory that is not the element's, such
+// as the elements next to it or whatever precedes the batch in a larger storage, so it is refused.
+// Forward AD views batched tangents this way; they are laid out batch-outermost, one element per
+// slot (NOTE [Tangent layouts under vmap] in rules_factory.cpp), and their views stay inside.
+void checkAsStridedInElement(const Tensor& x, int64_t bd, c10::SymIntArrayRef size_s,
+                             c10::SymIntArrayRef stride_s, const std::optional<c10::SymInt>& offset_s,
+                             const char* op) {
+  const auto size = C10_AS_INTARRAYREF_SLOW(size_s);
+  const auto stride = C10_AS_INTARRAYREF_SLOW(stride_s);
+  TORCH_CHECK(size.size() == stride.size(), "functorch_lite.vmap: ", op, ": 'size' ", size, " and 'stride' ",
+              stride, " must have the same number of entries");
+  // A negative stride is the op's own error, raised when the view is taken.
+  for (int64_t st : stride)
+    if (st < 0) return;
+  // An empty view touches no memory.
+  for (int64_t sz : size)
+    if (sz == 0) return;
+  const int64_t first = x.storage_offset();  // element 0's, as the BatchedTensor reports it
+  const int64_t offset = offset_s.has_value() ? offset_s->expect_int() : first;
+  int64_t view_last = offset;
+  for (size_t i = 0; i < size.size(); ++i) view_last += (size[i] - 1) * stride[i];
+  bool element_empty = false;
+  int64_t element_last = first;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (d == bd) continue;
+    element_empty |= x.size(d) == 0;
+    element_last += (x.size(d) - 1) * x.stride(d);
+  }
+  TORCH_CHECK(!element_empty, "functorch_lite.vmap: ", op,
+              ": each batch element is empty, so a view of 'size' ", size,
+              " would read memory that belongs to no element");
+  TORCH_CHECK(offset >= first, "functorch_lite.vmap: ", op, ": 'storage_offset' ", offset,
+              " lies before the memory of each batch element, which starts at storage offset ", first,
+              ". Under vmap the offset is that of batch element 0's view (the others are shifted by the "
+              "batch stride), and every element's view must stay inside that element's own memory.");
+  TORCH_CHECK(view_last <= element_last, "functorch_lite.vmap: ", op, ": the view of 'size' ", size,
+              " and 'stride' ", stride, " from storage offset ", offset, " reaches storage position ",
+              view_last, ", past the last position of batch element 0 (", element_last,
+              "). Under vmap every element's view must stay inside that element's own memory.");
+}
+
+SymIntVec withBatchStride(const Tensor& x, int64_t bd, c10::SymIntArrayRef stride) {
+  SymIntVec st{x.sym_stride(bd)};
+  st.append(stride.begin(), stride.end());
+  return st;
+}
+
+Tensor asStridedView(const Tensor& x, int64_t bd, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
+                     const std::optional<c10::SymInt>& offset, const char* op) {
+  checkAsStridedInElement(x, bd, size, stride, offset, op);
+  return at::_ops::as_strided::call(x, withBatch(x.size(bd), size), withBatchStride(x, bd, stride), offset);
+}
+
 std::tuple<Tensor, bdim_t> asStridedRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
                                          c10::SymIntArrayRef stride, std::optional<c10::SymInt> offset) {
-  return {at::_ops::as_strided::call(
-              x, withBatch(x.size(*bd), size),
-              [&] {
-                SymIntVec st{x.sym_stride(*bd)};
-                st.append(stride.begin(), stride.end());
-                return st;
-              }(),
-              offset),
-          0};
+  return {asStridedView(x, *bd, size, stride, offset, "as_strided"), 0};
 }
 
 std::tuple<Tensor, bdim_t> asStridedCopyRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
                                              c10::SymIntArrayRef stride, std::optional<c10::SymInt> offset) {
-  auto [view, vbd] = asStridedRule(x, bd, size, stride, std::move(offset));
-  return {view.clone(at::MemoryFormat::Contiguous), vbd};
+  return {asStridedView(x, *bd, size, stride, offset, "as_strided_copy").clone(at::MemoryFormat::Contiguous),
+          0};
+}
+
+// The physical value is restrided in place: element b's view starts one batch stride after
+// element 0's, as for as_strided.
+int64_t asStridedInplaceRule(Tensor& x, bdim_t bd, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
+                             std::optional<c10::SymInt> offset) {
+  checkAsStridedInElement(x, *bd, size, stride, offset, "as_strided_");
+  x.as_strided__symint(withBatch(x.size(*bd), size), withBatchStride(x, *bd, stride), std::move(offset));
+  return 0;
+}
+
+// as_strided_scatter(self, src, ...) is self with the as_strided view of it replaced by src; like
+// torch's kernel, the result keeps self's layout and storage offset, and a copy of the memory
+// around self's elements (the gaps between them), so that its own views read what self's would.
+// Each batch element gets a slot holding a copy of its memory range, element 0's at self's storage
+// offset, and the view (NOTE [as_strided under vmap]) is written into all slots at once.
+std::tuple<Tensor, bdim_t> asStridedScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src,
+                                                bdim_t srcbd, c10::SymIntArrayRef size,
+                                                c10::SymIntArrayRef stride,
+                                                std::optional<c10::SymInt> offset) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&src, srcbd}});
+  const Tensor x = sbd ? self : self.unsqueeze(0).expand_symint(withBatch(B, self.sym_sizes()));
+  const int64_t bd = sbd ? *sbd : 0;
+  checkAsStridedInElement(x, bd, size, stride, offset, "as_strided_scatter");
+  const Tensor s = moveBdimToFront(src, srcbd);
+  const auto src_sizes = s.sizes().slice(srcbd ? 1 : 0);
+  TORCH_CHECK(C10_AS_INTARRAYREF_SLOW(size) == src_sizes,
+              "functorch_lite.vmap: as_strided_scatter: 'src' of shape ", src_sizes,
+              " does not match the view's 'size' ", size);
+  const Tensor elems = moveBdimToFront(x, bd);  // [B, *element sizes], element strides kept
+  const auto sizes = elems.sizes().slice(1);
+  const auto strides = elems.strides().slice(1);
+  const int64_t first = x.storage_offset();
+  int64_t slot = elems.numel() == 0 ? 0 : 1;
+  for (size_t i = 0; i < sizes.size() && slot; ++i) slot += (sizes[i] - 1) * strides[i];
+  Tensor storage = at::empty({first + B * slot}, elems.options());
+  storage.as_strided({B, slot}, {slot, 1}, first).copy_(x.as_strided({B, slot}, {x.stride(bd), 1}, first));
+  c10::SmallVector<int64_t, 8> out_stride{slot};
+  out_stride.append(strides.begin(), strides.end());
+  Tensor out = storage.as_strided(elems.sizes(), out_stride, first);
+  storage.as_strided_symint(withBatch(B, size), withBatchStride(out, 0, stride), offset.value_or(first))
+      .copy_(s);
+  return {out, 0};
 }
 
 // ---- backward ops of views: scatter the batched gradient into zeros of [B, *input_sizes].
@@ -481,10 +579,10 @@ void registerCopies(torch::Library& m) {
 }
 
 // ---- cat / stack take a list of tensors, so they get their own plumbing.
-Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
+Tensor catKernel(c10::DispatchKeySet ks, const at::ITensorListRef& tensors, int64_t dim) {
   std::optional<Tensor> done;
   const Level* top =
-      detail::vmapPrologue<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(done, tensors, dim);
+      detail::vmapPrologue<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(done, ks, tensors, dim);
   if (!top) return std::move(*done);
   const int64_t B = top->batch_size;
   std::vector<Tensor> phys;
@@ -502,10 +600,10 @@ Tensor catKernel(const at::ITensorListRef& tensors, int64_t dim) {
   return makeBatched(at::_ops::cat::call(phys, physicalDim(dim, lr, true)), 0, *top);
 }
 
-Tensor stackKernel(at::TensorList tensors, int64_t dim) {
+Tensor stackKernel(c10::DispatchKeySet ks, at::TensorList tensors, int64_t dim) {
   std::optional<Tensor> done;
   const Level* top =
-      detail::vmapPrologue<at::_ops::stack, Tensor, at::TensorList, int64_t>(done, tensors, dim);
+      detail::vmapPrologue<at::_ops::stack, Tensor, at::TensorList, int64_t>(done, ks, tensors, dim);
   if (!top) return std::move(*done);
   const int64_t B = top->batch_size;
   std::vector<Tensor> phys;
@@ -539,11 +637,10 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::slice_Tensor, &sliceRule>(m);
   registerVmapRule<at::_ops::diagonal, &diagonalRule>(m);
   registerVmapRule<at::_ops::unbind_int, &unbindRule>(m);
-  registerVmapRule<at::_ops::split_Tensor, &splitRule>(m);
-  registerVmapRule<at::_ops::split_with_sizes, &splitSizesRule>(m);
-  // unsafe_split* only differ from split* in how autograd treats the outputs: same values.
-  registerVmapRule<at::_ops::unsafe_split_Tensor, &splitRule>(m);
-  registerVmapRule<at::_ops::unsafe_split_with_sizes, &splitSizesRule>(m);
+  registerVmapRule<at::_ops::split_Tensor, &splitRule<at::_ops::split_Tensor>>(m);
+  registerVmapRule<at::_ops::split_with_sizes, &splitSizesRule<at::_ops::split_with_sizes>>(m);
+  registerVmapRule<at::_ops::unsafe_split_Tensor, &splitRule<at::_ops::unsafe_split_Tensor>>(m);
+  registerVmapRule<at::_ops::unsafe_split_with_sizes, &splitSizesRule<at::_ops::unsafe_split_with_sizes>>(m);
   registerVmapRule<at::_ops::flip, &flipRule>(m);
   registerVmapRule<at::_ops::roll, &rollRule>(m);
   registerVmapRule<at::_ops::repeat, &repeatRule>(m);
@@ -555,6 +652,8 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapInplaceRule<at::_ops::t_, &tInplaceRule>(m);
   registerVmapRule<at::_ops::as_strided, &asStridedRule>(m);
   registerVmapRule<at::_ops::as_strided_copy, &asStridedCopyRule>(m);
+  registerVmapInplaceRule<at::_ops::as_strided_, &asStridedInplaceRule>(m);
+  registerVmapRule<at::_ops::as_strided_scatter, &asStridedScatterRule>(m);
   registerVmapRule<at::_ops::select_backward, &selectBackwardRule>(m);
   registerVmapRule<at::_ops::slice_backward, &sliceBackwardRule>(m);
   registerVmapRule<at::_ops::diagonal_backward, &diagonalBackwardRule>(m);
@@ -582,10 +681,10 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
       CopyOf<at::_ops::permute_copy, &permuteRule>, CopyOf<at::_ops::expand_copy, &expandRule>,
       CopyOf<at::_ops::alias_copy, &identityRule>, CopyOf<at::_ops::detach_copy, &identityRule>,
       CopyOf<at::_ops::narrow_copy, &narrowRule>, CopyOf<at::_ops::unbind_copy_int, &unbindRule>,
-      CopyOf<at::_ops::split_copy_Tensor, &splitRule>,
-      CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule>, CopyOf<at::_ops::unfold_copy, &unfoldRule>,
-      CopyOf<at::_ops::diagonal_copy, &diagonalRule>, CopyOf<at::_ops::select_copy_int, &selectRule>,
-      CopyOf<at::_ops::slice_copy_Tensor, &sliceRule>>(m);
+      CopyOf<at::_ops::split_copy_Tensor, &splitRule<at::_ops::split_Tensor>>,
+      CopyOf<at::_ops::split_with_sizes_copy, &splitSizesRule<at::_ops::split_with_sizes>>,
+      CopyOf<at::_ops::unfold_copy, &unfoldRule>, CopyOf<at::_ops::diagonal_copy, &diagonalRule>,
+      CopyOf<at::_ops::select_copy_int, &selectRule>, CopyOf<at::_ops::slice_copy_Tensor, &sliceRule>>(m);
   m.impl("cat", TORCH_FN(catKernel));
   m.impl("stack", TORCH_FN(stackKernel));
 }
