@@ -362,11 +362,9 @@ def fix(model):
 
     Example:
         >>> import torch.nn as nn, functorch_lite as ft
-        >>> ft.dp.fix(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)))
-        Sequential(
-          (0): Conv2d(3, 16, kernel_size=(3, 3), stride=(1, 1))
-          (1): GroupNorm(16, 16, eps=1e-05, affine=True)
-        )
+        >>> model = ft.dp.fix(nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16)))
+        >>> type(model[1]).__name__, model[1].num_groups, model[1].num_channels
+        ('GroupNorm', 16, 16)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fix: model must be a torch.nn.Module, got {type(model).__name__}.")
