@@ -252,17 +252,15 @@ def _check_chunk_size(chunk_size, api):
 
 def _basis(flat, total):
     """For each tensor t in flat, a [total, *t.shape] slice of the identity: together they are
-    the standard basis of the concatenated flattened tensors."""
-    out, offset = [], 0
-    rows = None
+    the standard basis of the concatenated flattened tensors. Built without writing into a view
+    (fill_diagonal_ writes through as_strided, which torch.compile's functionalization refuses)."""
+    out, offset, eyes = [], 0, {}
     for t in flat:
         n = t.numel()
-        if rows is None or rows.device != t.device:
-            rows = torch.arange(total, device=t.device)[:, None]
-        # built without writing into a view (fill_diagonal_ writes through as_strided, which
-        # torch.compile's functionalization refuses)
-        eye = (rows == torch.arange(offset, offset + n, device=t.device)).to(t.dtype)
-        out.append(eye.view(total, *t.shape))
+        key = (t.dtype, t.device)
+        if key not in eyes:
+            eyes[key] = torch.eye(total, dtype=t.dtype, device=t.device)
+        out.append(eyes[key][:, offset : offset + n].reshape(total, *t.shape))
         offset += n
     return out
 
