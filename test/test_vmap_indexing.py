@@ -270,3 +270,29 @@ def test_inv_of_singular_batch_element_names_it():
         r"element 1 is zero",
     ):
         ft.vmap(torch.linalg.inv)(x)
+
+
+def test_gather_and_scatter_with_an_empty_index_of_another_rank():
+    """torch skips gather/scatter's rank check for an empty index (the result is empty, or self):
+    a regression of issue 22 item 5 (it worked on 2026-11-30). Against torch.func and a loop."""
+    x = torch.randn(3, 4)
+    empty = torch.empty(0, 2, dtype=torch.long)
+    cases = {
+        "gather": lambda t: torch.gather(t, 0, empty),
+        "gather_batched_index": None,
+        "scatter": lambda t: torch.scatter(t, 0, empty, torch.ones(0, 2)),
+        "scatter_add": lambda t: torch.scatter_add(t, 0, empty, torch.ones(0, 2)),
+        "scatter_reduce": lambda t: torch.scatter_reduce(t, 0, empty, torch.ones(0, 2), "sum"),
+    }
+    for name, f in cases.items():
+        if f is None:
+            idx = torch.empty(3, 0, 2, dtype=torch.long)
+            got = ft.vmap(lambda t, i: torch.gather(t, 0, i))(x, idx)
+            ref = torch.func.vmap(lambda t, i: torch.gather(t, 0, i))(x, idx)
+        else:
+            got, ref = ft.vmap(f)(x), torch.func.vmap(f)(x)
+            loop = torch.stack([f(t) for t in x])
+            assert got.shape == loop.shape and torch.equal(got, loop), name
+        assert got.shape == ref.shape and got.dtype == ref.dtype and torch.equal(got, ref), name
+    g = ft.vmap(ft.grad(lambda t: torch.gather(t, 0, empty).sum()))(x)
+    assert torch.equal(g, torch.zeros_like(x))

@@ -416,6 +416,15 @@ Tensor one(const Tensor& t, bdim_t bd) {
 
 std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
                                       bdim_t ibd, bool sparse_grad) {
+  if (index.numel() == 0 && !sameGatherRank({{&self, sbd}, {&index, ibd}})) {
+    // torch skips the rank check for an empty index: the result is an empty tensor of the
+    // index's shape and self's dtype, per element
+    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
+    c10::SmallVector<int64_t, 8> shape{B};
+    const Tensor idx = moveBdimToFront(index, ibd);
+    for (int64_t d = ibd ? 1 : 0; d < idx.dim(); ++d) shape.push_back(idx.size(d));
+    return {self.new_empty(shape), 0};
+  }
   if (!sameGatherRank({{&self, sbd}, {&index, ibd}})) {
     raiseForElement([&] { at::_ops::gather::call(one(self, sbd), dim, one(index, ibd), sparse_grad); },
                     "gather", "index must have self's number of dims");
@@ -434,6 +443,10 @@ template <class Op, class... Extra>
 struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const Tensor&, Extra...)> {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
                                          bdim_t ibd, const Tensor& src, bdim_t srcbd, Extra... extra) {
+    if (index.numel() == 0 && !sameGatherRank({{&self, sbd}, {&index, ibd}, {&src, srcbd}})) {
+      // an empty index writes nothing (torch skips the rank check then): self's values
+      return {self.clone(), sbd};
+    }
     if (!sameGatherRank({{&self, sbd}, {&index, ibd}, {&src, srcbd}})) {
       raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), one(src, srcbd), extra...); },
                       Op::name, "self, index and src must have the same number of dims");
