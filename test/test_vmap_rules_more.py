@@ -401,3 +401,35 @@ def test_jacrev_through_unfold_of_a_scalar():
     ft.set_vmap_fallback("error")
     actual = ft.vmap(ft.jacrev(f))(x)
     assert_same(actual, torch.func.vmap(torch.func.jacrev(f))(x))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "unbatched_legacy",
+        "batched_legacy",
+        "batched_legacy_first",
+        "batched_legacy_bdim1",
+        "only_legacy",
+        "promotes",
+    ],
+)
+def test_cat_skips_legacy_empty_tensors_batched_or_not(name):
+    """torch.cat skips 1-d empty tensors beside others (issue 22 item 5): one example's (0,)
+    next to its (4, 5), batched or not, still takes part in the dtype promotion."""
+    x = torch.randn(3, 4, 5)
+    cases = {
+        "unbatched_legacy": (lambda t: torch.cat([t, torch.tensor([])], 1), (x,), 0),
+        "batched_legacy": (lambda t, e: torch.cat([t, e], 1), (x, torch.empty(3, 0)), 0),
+        "batched_legacy_first": (lambda t, e: torch.cat([e, t]), (x, torch.empty(3, 0)), 0),
+        "batched_legacy_bdim1": (lambda t, e: torch.cat([e, t]), (x, torch.empty(0, 3)), (0, 1)),
+        "only_legacy": (lambda t, e: torch.cat([e, e]), (x, torch.empty(3, 0)), 0),
+        "promotes": (lambda t, e: torch.cat([t, e]), (x, torch.empty(3, 0, dtype=torch.float64)), 0),
+    }
+    f, args, in_dims = cases[name]
+    got = ft.vmap(f, in_dims=in_dims)(*args)
+    ref = torch.func.vmap(f, in_dims=in_dims)(*args)
+    dims = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+    loop = torch.stack([f(*(a.select(d, i) for a, d in zip(args, dims))) for i in range(3)])
+    for want in (ref, loop):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)

@@ -585,19 +585,30 @@ Tensor catKernel(c10::DispatchKeySet ks, const at::ITensorListRef& tensors, int6
       detail::vmapPrologue<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(done, ks, tensors, dim);
   if (!top) return std::move(*done);
   const int64_t B = top->batch_size;
+  std::vector<std::pair<Tensor, bdim_t>> all;
+  HandDownGuard guard;
+  for (const Tensor& t : tensors) all.push_back(unwrapAt(t, top->id));
+  // torch.cat skips legacy empty tensors (1-d, size 0) next to others, batched or not (one
+  // example's (0,) beside its (4, 5)); they still take part in the dtype promotion
+  auto legacyEmpty = [](const Tensor& v, bdim_t bd) {
+    return rankWithoutBdim(v, bd) == 1 && v.size(bd ? 1 - *bd : 0) == 0;
+  };
+  bool any_other = false;
+  c10::ScalarType dtype = all.empty() ? c10::ScalarType::Float : all.front().first.scalar_type();
+  for (const auto& [v, bd] : all) {
+    any_other = any_other || !legacyEmpty(v, bd);
+    dtype = c10::promoteTypes(dtype, v.scalar_type());
+  }
   std::vector<Tensor> phys;
   int64_t lr = -1;
-  HandDownGuard guard;
-  for (const Tensor& t : tensors) {
-    auto [v, bd] = unwrapAt(t, top->id);
-    const int64_t r = rankWithoutBdim(v, bd);
-    // torch.cat skips legacy 1-D empty tensors; keep that behaviour for unbatched ones.
-    if (!bd && r == 1 && v.size(0) == 0) continue;
-    if (lr < 0) lr = r;
+  for (const auto& [v, bd] : all) {
+    if (any_other && legacyEmpty(v, bd)) continue;
+    if (lr < 0) lr = rankWithoutBdim(v, bd);
     phys.push_back(materializeBdimFront(v, bd, B));
   }
   TORCH_CHECK(lr > 0, "torch.cat(): zero-dimensional tensor cannot be concatenated");
-  return makeBatched(at::_ops::cat::call(phys, physicalDim(dim, lr, true)), 0, *top);
+  Tensor out = at::_ops::cat::call(phys, physicalDim(dim, lr, true));
+  return makeBatched(out.scalar_type() == dtype ? out : out.to(dtype), 0, *top);
 }
 
 Tensor stackKernel(c10::DispatchKeySet ks, at::TensorList tensors, int64_t dim) {
