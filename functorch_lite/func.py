@@ -2,13 +2,14 @@
 
     import functorch_lite.func as func   # instead of: import torch.func as func
 
-Every public name of torch.func (torch 2.13) is here. functionalize is not implemented: calling
-it raises NotImplementedError (it changes how a function is traced, not what it computes).
+Every public name of torch.func (torch 2.13) is here, functionalize included (on torch's public
+functional tensors: functorch_lite/_functionalize.py).
 register_vmap (torch.library's, not torch.func's) is re-exported when functorch_lite has it.
 """
 
 from . import _helpers
 from ._einops import rearrange
+from ._functionalize import functionalize
 from ._grad import grad, grad_and_value, vjp
 from ._jac import hessian, jacfwd, jacrev, jvp
 from ._linearize import linearize
@@ -17,25 +18,6 @@ from ._vmap import vmap
 
 debug_unwrap = _helpers.debug_unwrap
 replace_all_batch_norm_modules_ = _helpers.replace_all_batch_norm_modules_
-
-
-def functionalize(func, *, remove="mutations"):
-    """Not implemented in functorch_lite (raises NotImplementedError).
-
-    Example:
-        >>> import torch, functorch_lite.func as func
-        >>> func.functionalize(torch.sin)  # doctest: +IGNORE_EXCEPTION_DETAIL
-        Traceback (most recent call last):
-            ...
-        NotImplementedError: functorch_lite.func.functionalize is not implemented: ...
-    """
-    raise NotImplementedError(
-        "functorch_lite.func.functionalize is not implemented: functorch_lite has no "
-        "functionalization transform. functionalize only changes how a function is traced "
-        "(make_fx / torch.compile see no mutations or views), not the values it computes: in eager "
-        "code call the function itself, or use torch.func.functionalize outside functorch_lite's "
-        "transforms."
-    )
 
 
 def __getattr__(name):

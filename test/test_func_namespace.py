@@ -45,9 +45,11 @@ def test_signatures_match_torch_func():
         assert got[: len(want)] == want, (name, got, want)
 
 
-def test_functionalize_raises_not_implemented():
-    with pytest.raises(NotImplementedError, match="functorch_lite.func.functionalize is not implemented"):
-        func.functionalize(torch.sin)
+def test_functionalize_is_ours():
+    # implemented on torch's public functional tensors (tests: test_functionalize.py)
+    assert func.functionalize.__module__ == "functorch_lite._functionalize"
+    x = torch.randn(3)
+    torch.testing.assert_close(func.functionalize(torch.sin)(x), x.sin())
 
 
 def test_register_vmap_when_the_package_has_it():

@@ -158,6 +158,9 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
     const auto& iv = (*stack)[begin + i];
     if (!iv.isTensor()) continue;
     auto* gw = asGradWrapper(iv.toTensor());
+    // A plain meta tensor holds no data to corrupt: torch's functionalization runs each in-place
+    // op on meta copies of its arguments first, to check shapes (functionalize inside grad).
+    if (!gw && iv.toTensor().is_meta()) continue;
     TORCH_CHECK(gw && gw->level() == top.id && !gw->immutable(), "functorch_lite.", levelKindName(top.kind),
                 ": the function being transformed called "
                 "the in-place operation ",
