@@ -169,9 +169,60 @@ def bench(make, quick, log=None):
     return dict(title=title, backend=backend, rows=rows, notes=notes, compile_s=compile_s)
 
 
+def bench_transform_workload(make, quick, log=None):
+    """A workload of bench_transforms (the transformed functions built once, called on fixed
+    inputs), eager and compiled, both libraries; a compile that fails with fullgraph=True is
+    retried without it and noted."""
+    import bench_transforms
+
+    w = make("cpu", quick)
+    backend = "aot_eager" if quick else "inductor"
+    torch._dynamo.reset()
+    steps, notes, compile_s = {NAMES[0]: w["tf"], NAMES[1]: w["ft"]}, [], {}
+    for name, fn in ((NAMES[2], w["tf"]), (NAMES[3], w["ft"])):
+        compiled = torch.compile(fn, backend=backend, fullgraph=True)
+        t0 = time.perf_counter()
+        try:
+            compiled()
+        except Exception as e:  # a graph break, or a backend that refuses the graph: say so
+            notes.append(f"{name}: fullgraph fails ({bench_transforms._first_line(e)[:70]})")
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, backend=backend)
+            t0 = time.perf_counter()
+            try:
+                compiled()
+            except Exception as e2:
+                notes.append(f"{name}: compile fails, eager used ({bench_transforms._first_line(e2)[:70]})")
+                compiled = fn
+                t0 = time.perf_counter()
+                compiled()
+        compile_s[name] = time.perf_counter() - t0
+        steps[name] = compiled
+        if log:
+            log(f"[{compile_s[name]:6.1f} s] compiled {w['name']}: {name} (compile + first call)")
+    ref = tree_flatten(steps[NAMES[0]]())[0]
+    for name, f in steps.items():
+        out = tree_flatten(f())[0]
+        if not all(torch.allclose(a, b, rtol=w["rtol"] * 10, atol=w["atol"] * 10) for a, b in zip(out, ref)):
+            notes.append(f"MISMATCH: {name}")
+    rounds, min_time = (2, 0.005) if quick else (7, 0.05)
+    times = Timing(rounds, min_time, "cpu").run(dict(steps))
+    base = times[NAMES[0]]
+    rows = [
+        dict(contender=n, seconds=sorted(times[n])[len(times[n]) // 2], ratio=paired_ratio(times[n], base))
+        for n in NAMES
+    ]
+    return dict(title=w["name"], backend=backend, rows=rows, notes=notes, compile_s=compile_s)
+
+
 def run(quick=False, log=None):
     makes = WORKLOADS[:1] if quick else WORKLOADS
-    return [bench(m, quick, log) for m in makes]
+    results = [bench(m, quick, log) for m in makes]
+    if not quick:  # every workload of the transforms section, compiled
+        import bench_transforms
+
+        results += [bench_transform_workload(m, quick, log) for m in bench_transforms.WORKLOADS]
+    return results
 
 
 def markdown(results):

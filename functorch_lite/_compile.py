@@ -214,8 +214,16 @@ def _traced_call(callee, args, kwargs):
         return callee.t._ft_run(args, kwargs)
     # traced by Dynamo/AOTAutograd on FakeTensors
     _specialize_sizes((args, kwargs))
+    outer = not getattr(_tracing, "inside", False)
     try:
-        return callee.t._ft_run(args, kwargs)
+        if outer:  # the recorded call itself, not the ones a transform makes inside it
+            _refuse_captured_tensors(callee.t)
+            _refuse_constant_arguments((args, kwargs))
+        _tracing.inside = True
+        try:
+            return callee.t._ft_run(args, kwargs)
+        finally:
+            _tracing.inside = not outer
     except Exception as e:
         # Dynamo turns the failure into a graph break (the transform then runs eagerly) or, with
         # fullgraph=True, into an error about the call's "output type": say why, in one line
@@ -227,6 +235,83 @@ def _traced_call(callee, args, kwargs):
             stacklevel=2,
         )
         raise
+
+
+def _refuse_captured_tensors(t):
+    """A recorded call runs the user's function from a description: tensors and modules it
+    reads from its globals or its closure (directly, or through the functions it calls by name)
+    would become constants of the graph, with no guard on them. A global rebound to another
+    tensor would then be silently ignored by the compiled graph (and Inductor refuses such
+    constants outright). Such functions are not recorded: they run eagerly, as before."""
+    while isinstance(t, Transformed):
+        t = t._ft_func
+    names = _captures(t, 0, set())
+    if names:
+        raise NotTraceable(
+            f"the function {getattr(t, '__name__', t)!r} reads tensors or modules from outside "
+            f"its arguments ({', '.join(sorted(set(names))[:5])}); a compiled graph would hold "
+            f"them as constants without a guard. Pass them as arguments to compile the call."
+        )
+
+
+def _refuse_constant_arguments(tree):
+    """Dynamo passes a tensor that the compiled function reads from its own globals or closure
+    into the recorded call as a constant (a real tensor among the fake ones): the same staleness
+    as above, and Inductor refuses it. Such calls run eagerly."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._pytree import tree_leaves
+
+    if any(isinstance(t, torch.Tensor) and not is_fake(t) for t in tree_leaves(tree)):
+        raise NotTraceable(
+            "a tensor argument of the transformed function is read from the compiled function's "
+            "globals or closure, which makes it a constant of the graph without a guard. Pass it "
+            "as an argument of the compiled function to compile the call."
+        )
+
+
+def _holds_tensors(v):
+    import torch.nn as nn
+
+    if isinstance(v, (torch.Tensor, nn.Module)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(isinstance(x, (torch.Tensor, nn.Module)) for x in v)
+    if isinstance(v, dict):
+        return any(isinstance(x, (torch.Tensor, nn.Module)) for x in v.values())
+    return False
+
+
+def _captures(f, depth, seen):
+    """Names of the tensors/modules f reads from outside its arguments (up to 4 calls deep)."""
+    import inspect
+
+    if depth > 4 or id(f) in seen:
+        return []
+    seen.add(id(f))
+    if isinstance(f, functools.partial):
+        found = (
+            ["partial argument"] if any(_holds_tensors(v) for v in (*f.args, *f.keywords.values())) else []
+        )
+        return found + _captures(f.func, depth + 1, seen)
+    owner = getattr(f, "__self__", None)
+    if owner is not None and _holds_tensors(owner):
+        return [f"{type(owner).__name__} (bound method's object)"]
+    if not inspect.isfunction(f) and not inspect.ismethod(f):
+        return []
+    try:
+        refs = inspect.getclosurevars(f)
+    except (TypeError, ValueError):
+        return []
+    found = []
+    for name, v in {**refs.nonlocals, **refs.globals}.items():
+        if _holds_tensors(v):
+            found.append(name)
+        elif inspect.isfunction(v) or isinstance(v, functools.partial):
+            found += _captures(v, depth + 1, seen)
+    return found
+
+
+_tracing = threading.local()
 
 
 def _specialize_sizes(tree):

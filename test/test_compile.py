@@ -218,7 +218,13 @@ def test_a_closure_made_inside_the_compiled_function_runs_eagerly():
     xs = _xs()
     expected, got, caught, breaks = _compile_and_count(_closure_step, xs)
     _assert_close(got, expected)
-    assert caught == []
+    # after the break Dynamo sees the closure as a real function whose cell holds a tensor: it is
+    # not recorded either (y would be a stale constant on the next call), with a warning naming y
+    assert [str(w.message) for w in caught if "reads tensors" in str(w.message)], caught
+    compiled = torch.compile(_closure_step, backend="eager")
+    for _ in range(2):  # new inputs, new y: the results follow
+        xs = _xs() + 1
+        _assert_close(compiled(xs), _closure_step(xs))
     torch._dynamo.reset()
     with pytest.raises(Exception, match="defined inside the compiled function and captures"):
         torch.compile(_closure_step, backend="eager", fullgraph=True)(xs)
@@ -433,3 +439,33 @@ def test_untraceable_transform_falls_back_with_a_one_line_reason():
     torch._dynamo.reset()
     with pytest.warns(UserWarning, match="cannot trace this grad call"), pytest.raises(Exception):
         torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+
+
+_W = torch.randn(3, 4, dtype=_F64)
+
+
+def _reads_global(x):
+    return (x @ _W).sin()
+
+
+def test_functions_reading_global_tensors_run_eagerly_so_rebinding_is_seen():
+    """A recorded call would hold a captured tensor as an unguarded constant: rebinding the
+    global would be silently ignored by the compiled graph (and Inductor refuses such constants).
+    So such a call is not recorded: a warning naming the tensor, a graph break, eager results
+    that follow the rebinding; with fullgraph=True an error."""
+    global _W
+    xs = torch.randn(5, 3, dtype=_F64)
+    vf = ft.vmap(_reads_global)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"reads tensors or modules from outside its arguments \(_W\)"):
+        compiled = torch.compile(lambda xs: vf(xs) * 2, backend="aot_eager")
+        _assert_close(compiled(xs), vf(xs) * 2)
+    old = _W
+    try:
+        _W = torch.randn(3, 4, dtype=_F64)
+        _assert_close(compiled(xs), vf(xs) * 2)  # the new tensor, not a stale constant
+    finally:
+        _W = old
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="reads tensors"), pytest.raises(Exception):
+        torch.compile(lambda xs: vf(xs) * 2, backend="aot_eager", fullgraph=True)(xs)
