@@ -12,7 +12,7 @@ it, the functional wrappers hold our wrappers, and our front kernel lets such a 
 go first (NOTE [Foreign wrappers of our tensors] in csrc/core/dispatch.h), so functionalization
 turns the op functional before our level sees it. torch's functionalization runs each in-place
 op on meta copies first (to check shapes); our grad levels let those through (they hold no data).
-Nothing here uses torch.func or torch._functorch. Functionalization is one mode per thread:
+Only torch's public functional-tensor API is used. Functionalization is one mode per thread:
 functionalize inside functionalize calls the inner function as it is (the outer one already
 removes its mutations).
 """
