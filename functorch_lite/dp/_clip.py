@@ -19,18 +19,12 @@ from ._common import (
     _check_max_norm,
     check_module_args,
     check_per_example_loss,
-    clip_factors,
-    per_example_sq_norms,
     trainable_parameters,
-    weighted_sum,
 )
 from ._ghost import ghost_clipped_grad
 from ._per_example import _clipped_grad, vmap_clipped_grad
 
 __all__ = ["clipped_grad", "clipped_grad_module"]
-# clip_factors, per_example_sq_norms, weighted_sum, check_per_example_loss, trainable_parameters and
-# _as_tuple are re-exported for the modules and tests that used to find them here
-_REEXPORTED = (clip_factors, per_example_sq_norms, weighted_sum, check_per_example_loss, trainable_parameters)
 
 
 def clipped_grad(

@@ -13,6 +13,7 @@ import torch
 from .._compile import eager
 from . import _ddp
 from ._accounting import PrivacyAccountant, _check_accountant, _check_sample_rate, get_noise_multiplier
+from ._clip import clipped_grad_module
 
 
 class PrivateTrainer:
@@ -151,8 +152,6 @@ class PrivateTrainer:
         """Adds the clipped per-example gradients of this physical batch to the pending sum (a
         virtual step); :meth:`step` then adds the noise and steps the optimizer.
         """
-        from ._clip import clipped_grad_module
-
         if self._sums is None:
             self._sums = {}
         n = len(inputs[0] if isinstance(inputs, (tuple, list)) else inputs)
