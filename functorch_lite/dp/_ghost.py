@@ -506,7 +506,7 @@ def _mha(module, call, a, b, policy):
     drawn), any layout: the attention is re-run from the recorded inputs to get the context
     (out_proj's input) and, by one batched backward of b through it, the gradients at q, k and
     v (in_proj's outputs); both projections are then matmul layers like Linear."""
-    self_attention, query, key, value, kpm, mask, arg, _ = _mha_inputs(module, call)
+    self_attention, query, key, value, kpm, mask, arg, _ = a  # _mha_inputs, from the plan
     n, t, e = query.shape
     heads, hd = module.num_heads, module.embed_dim // module.num_heads
     kpm = _float_mask(kpm, query.dtype)
@@ -611,12 +611,13 @@ _LAYOUTS = {_conv: _one_image, _group_norm: _one_image, _batch_norm_eval: _one_i
 
 
 def _rule_inputs(module, rule, call):
-    """(a, layout of b) in the layout the rule reads, or None where it cannot read this call."""
+    """(a, layout of b) in the layout the rule reads, or None where it cannot read this call
+    (for attention, a is all of _mha_inputs' reading of the call)."""
     if call.outputs[0] is None or call.out_dims[0] is None:
         return None  # no gradient reaches the output, or the output is shared by all examples
     if rule is _mha:
         got = _mha_inputs(module, call)
-        return None if got is None else (None, got[-1])
+        return None if got is None else (got, got[-1])
     a, batched = _input(call)
     if not batched:
         return None
