@@ -12,6 +12,7 @@
 #include "core/dispatch.h"
 #include "core/levels.h"
 #include "core/tensors.h"
+#include "dp/noise.h"
 #include "vmap/fallback.h"
 
 namespace py = pybind11;
@@ -332,4 +333,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("_fallback_ops_seen", torch::wrap_pybind_function(&fallbackOpsSeen));
   m.def("_reset_fallback_ops_seen", torch::wrap_pybind_function(&resetFallbackOpsSeen));
   m.def("_num_back_kernels", torch::wrap_pybind_function(&numBackKernels));
+
+  // ---- DP-SGD noise (csrc/dp/noise.h)
+  m.def("_dp_philox_noisy",
+        torch::wrap_pybind_function([](const at::Tensor& out, const std::optional<at::Tensor>& sum,
+                                       double std, double scale, uint64_t key, uint64_t counter0,
+                                       uint32_t stream, uint32_t rank) {
+          return dp::philoxNoisy(out, sum.value_or(at::Tensor()), std, scale, key, counter0, stream, rank);
+        }));
+  m.def("_dp_noise_isa", torch::wrap_pybind_function(&dp::noiseIsa));
+  m.def("_dp_philox_block", torch::wrap_pybind_function(&dp::philoxBlock));
+  m.def("_dp_chacha_block", torch::wrap_pybind_function(&dp::chachaBlock));
+  py::class_<dp::SecureRandom>(m, "_SecureRandom")
+      .def(py::init<>())
+      .def("noisy", torch::wrap_pybind_function(
+                        [](dp::SecureRandom& self, const at::Tensor& out,
+                           const std::optional<at::Tensor>& sum, double std, double scale,
+                           double grid) { self.noisy(out, sum.value_or(at::Tensor()), std, scale, grid); }))
+      .def("bernoulli", torch::wrap_pybind_function(
+                            [](dp::SecureRandom& self, int64_t n, double q) { return self.bernoulli(n, q); }))
+      .def("blocks_used", &dp::SecureRandom::blocksUsed);
 }
