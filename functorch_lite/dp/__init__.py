@@ -13,6 +13,7 @@ from ._accounting import (
 )
 from ._clip import clipped_grad, clipped_grad_module
 from ._engine import PrivateTrainer
+from ._noise import gaussian_noise_
 from ._private import DPOptimizer, PrivateModule, make_private
 from ._sampler import PoissonSampler, poisson_batches
 from ._validate import Issue, ValidationReport, fix, validate
@@ -21,6 +22,7 @@ __all__ = [
     "clipped_grad",
     "clipped_grad_module",
     "PrivateTrainer",
+    "gaussian_noise_",
     "make_private",
     "PrivateModule",
     "DPOptimizer",

@@ -22,6 +22,11 @@ def is_distributed(min_world_size=2):
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() >= min_world_size
 
 
+def rank():
+    """This process's rank (0 when torch.distributed is not initialised)."""
+    return dist.get_rank() if is_distributed(min_world_size=1) else 0
+
+
 def adds_noise():
     """Whether this process adds the step's noise: rank 0 only, so it is added once."""
     return not is_distributed(min_world_size=1) or dist.get_rank() == 0

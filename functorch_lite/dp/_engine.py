@@ -11,7 +11,7 @@ import math
 import torch
 
 from .._compile import eager
-from . import _ddp
+from . import _ddp, _noise
 from ._accounting import PrivacyAccountant, _check_accountant, _check_sample_rate, get_noise_multiplier
 from ._clip import clipped_grad_module
 
@@ -51,7 +51,16 @@ class PrivateTrainer:
         max_physical_batch_size: split batches larger than this into chunks whose clipped sums
             are accumulated (bounds memory; the noise is still added once per step).
         allow_zero_noise: allow ``noise_multiplier=0`` (no privacy).
-        generator: ``torch.Generator`` for the noise (default: torch's global generator).
+        generator: ``torch.Generator`` for the noise (default: torch's global generator). The
+            noise is a function of its state: same seed, same noise.
+        noise_generator: ``"philox"`` (default): Philox4x32-10 with a vectorised Box-Muller in
+            C++, fused with the step's last pass over each gradient (one key per step drawn from
+            ``generator``); ``"torch"``: ``torch.randn`` on ``generator``.
+        secure_mode: noise from a ChaCha20 stream keyed by the operating system, in double
+            precision and snapped to a grid, against floating-point attacks on the noise (see
+            docs/dp.md, "secure mode": what it protects and what it does not). It cannot be
+            seeded (``generator`` must be None) nor reproduced; for Poisson sampling from the
+            same stream use ``poisson_batches(..., secure_mode=True)``.
         distributed: None (default) means True when torch.distributed is initialised with more
             than one process. Then every rank clips its own examples, the clipped sums are
             all-reduced and the noise is added once (on rank 0).
@@ -93,6 +102,8 @@ class PrivateTrainer:
         allow_zero_noise=False,
         generator=None,
         distributed=None,
+        noise_generator="philox",
+        secure_mode=False,
     ):
         if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
             raise TypeError(f"max_grad_norm must be a positive finite number, got {max_grad_norm!r}")
@@ -104,6 +115,16 @@ class PrivateTrainer:
         _check_accountant(accountant)
         if not (isinstance(expected_batch_size, (int, float)) and expected_batch_size > 0):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+        _noise.check_noise_generator(noise_generator)
+        if not isinstance(secure_mode, bool):
+            raise TypeError(f"secure_mode must be True or False, got {secure_mode!r}")
+        if secure_mode and generator is not None:
+            raise ValueError(
+                "secure_mode draws its noise from the operating system's entropy and cannot be seeded: "
+                "pass generator=None (a seeded generator would make the noise predictable)"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
         if clipping not in ("auto", "ghost", "vmap"):
             raise ValueError(f"clipping must be 'auto', 'ghost' or 'vmap', got {clipping!r}")
         if max_physical_batch_size is not None and not (
@@ -142,6 +163,10 @@ class PrivateTrainer:
         if self.distributed and not _ddp.is_distributed(min_world_size=1):
             raise ValueError("distributed=True needs an initialised torch.distributed process group")
         self.accountant = PrivacyAccountant(accountant)
+        self.noise_generator = "secure" if secure_mode else noise_generator
+        self.secure_mode = secure_mode
+        rank = _ddp.rank() if self.distributed else 0
+        self._noise = _noise.make_noise(noise_generator, generator, secure_mode, rank)
         self._sums = None
 
     def _params(self):
@@ -186,13 +211,8 @@ class PrivateTrainer:
         sums = self._sums or {}
         self._sums = None
         params = self._params()
-        total = [sums[n] if n in sums else torch.zeros_like(p) for n, p in params]
         std = self.noise_multiplier * self.max_grad_norm
-        if not self.distributed or _ddp.adds_noise():
-            total = [s + _noise(s, std, self.generator) for s in total]
-        if self.distributed:
-            total = _ddp.all_reduce_sum(total)
-        # NOTE [the ledger never under-counts]: the accountant records the step before the noisy
+        # NOTE [the ledger never under-counts]: the accountant records the step before any noisy
         # gradient is written to `.grad` and before `optimizer.step()` applies it, never after.
         # If anything from here on fails (an optimizer error, a KeyboardInterrupt), the step is
         # in the history whether or not the update was applied: the ledger can over-count by one
@@ -203,8 +223,23 @@ class PrivateTrainer:
         # parameters did not see that update, and redoes the step with the same noise (the noise
         # generator's state is in the checkpoint).
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        for (_, p), s in zip(params, total):
-            p.grad = (s / self.expected_batch_size).to(p.dtype)
+        # One pass per parameter (NOTE [One pass over the gradient] in csrc/dp/noise.cpp): the
+        # noise is made blockwise and written with the clipped sum and the division by the
+        # expected batch size straight into the `.grad` buffer (reused when it fits).
+        outs = [_grad_buffer(p) for _, p in params]
+        totals = [sums.get(n) for n, _ in params]
+        scale = 1.0 / self.expected_batch_size
+        if not self.distributed:
+            self._noise.apply(list(zip(outs, totals)), std, scale)
+        else:
+            if _ddp.adds_noise():
+                self._noise.apply(list(zip(outs, totals)), std, 1.0)
+            else:
+                for out, total in zip(outs, totals):
+                    out.copy_(total) if total is not None else out.zero_()
+            outs = [t.mul_(scale) for t in _ddp.all_reduce_sum(outs)]
+        for (_, p), out in zip(params, outs):
+            p.grad = out
         self.optimizer.step()
 
     def get_epsilon(self, delta, accountant=None):
@@ -230,7 +265,7 @@ class PrivateTrainer:
         (``[noise_multiplier, sample_rate, steps]`` entries), so that :meth:`get_epsilon` after
         :meth:`load_state_dict` equals epsilon before; the configuration the ledger depends on
         (``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``expected_batch_size``,
-        ``clipping``, ``accountant``), which :meth:`load_state_dict` checks; and the state of the
+        ``clipping``, ``accountant``, ``noise_generator``), which :meth:`load_state_dict` checks; and the state of the
         noise generator (``generator``: a uint8 tensor, ``None`` when the trainer draws from
         torch's global generator, whose state is yours to save with ``torch.get_rng_state()``).
 
@@ -293,6 +328,7 @@ class PrivateTrainer:
             "sample_rate": float(self.sample_rate),
             "expected_batch_size": self.expected_batch_size,
             "clipping": self.clipping,
+            "noise_generator": self.noise_generator,
             "generator": None if gen is None else gen.get_state(),
             "generator_device": None if gen is None else gen.device.type,
         }
@@ -303,8 +339,9 @@ class PrivateTrainer:
 
         The trainer must be built with the configuration the checkpoint was made with: a
         different ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``,
-        ``expected_batch_size``, ``clipping`` or ``accountant`` would make the privacy ledger (or
-        the run) wrong, and is refused. Nothing is changed when a check fails. The model's and
+        ``expected_batch_size``, ``clipping``, ``accountant`` or ``noise_generator`` would make
+        the privacy ledger (or the run) wrong, and is refused. Version 1 checkpoints (before
+        ``noise_generator`` existed) are read as ``noise_generator="torch"``. Nothing is changed when a check fails. The model's and
         the optimizer's states are restored by their own ``load_state_dict``.
 
         Raises:
@@ -348,11 +385,13 @@ class PrivateTrainer:
             raise ValueError(
                 f"{_WHERE}: the checkpoint has no 'version' key (not a PrivateTrainer.state_dict()?)"
             )
-        if sd["version"] != _STATE_VERSION:
+        if sd["version"] not in (1, _STATE_VERSION):
             raise ValueError(
-                f"{_WHERE}: unknown version {sd['version']!r} (this functorch_lite reads version "
-                f"{_STATE_VERSION})"
+                f"{_WHERE}: unknown version {sd['version']!r} (this functorch_lite reads versions 1 "
+                f"to {_STATE_VERSION})"
             )
+        if sd["version"] == 1:  # before noise_generator existed, the noise was torch's randn
+            sd = dict(sd, noise_generator="torch")
         missing = [k for k in _STATE_KEYS if k not in sd]
         if missing:
             raise ValueError(f"{_WHERE}: the checkpoint lacks the key(s) {', '.join(map(repr, missing))}")
@@ -363,6 +402,7 @@ class PrivateTrainer:
             "expected_batch_size": self.expected_batch_size,
             "clipping": self.clipping,
             "accountant": self.accountant.mechanism,
+            "noise_generator": self.noise_generator,
         }
         for key, value in mine.items():
             if sd[key] != value:
@@ -403,7 +443,7 @@ class PrivateTrainer:
         self.accountant.history = history
 
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: noise_generator
 _STATE_KEYS = (
     "version",
     "steps",
@@ -414,6 +454,7 @@ _STATE_KEYS = (
     "sample_rate",
     "expected_batch_size",
     "clipping",
+    "noise_generator",
     "generator",
     "generator_device",
 )
@@ -449,13 +490,20 @@ def _check_history(history):
     return out
 
 
-def _noise(like, std, generator):
-    """N(0, std^2) noise shaped like `like` (drawn on the generator's device)."""
-    if std == 0:
-        return torch.zeros_like(like)
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
-    return noise.mul_(std).to(like.device)
+def _grad_buffer(p):
+    """Where p's new gradient is written: its `.grad` when that is a contiguous tensor of p's
+    shape, dtype and device (the optimizer keeps pointing at the same memory), else fresh memory."""
+    g = p.grad
+    if (
+        g is not None
+        and g.shape == p.shape
+        and g.dtype == p.dtype
+        and g.device == p.device
+        and g.is_contiguous()
+        and not g.requires_grad
+    ):
+        return g.detach()
+    return torch.empty_like(p, memory_format=torch.contiguous_format)
 
 
 def _rows(batch, start, size):

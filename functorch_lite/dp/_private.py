@@ -269,6 +269,8 @@ def make_private(
     accountant="rdp",
     poisson_sampling=True,
     generator=None,
+    noise_generator="philox",
+    secure_mode=False,
 ):
     """Makes an existing training loop differentially private (DP-SGD), as Opacus'
     ``PrivacyEngine.make_private`` does: returns ``(model, optimizer, loader)`` to use in place of
@@ -291,6 +293,9 @@ def make_private(
         poisson_sampling: batches by Poisson sampling at rate 1 / len(data_loader) (what the
             accounting assumes); False keeps the loader's own batches.
         generator: a ``torch.Generator`` for the noise and the sampling (None: torch's global).
+        noise_generator: ``"philox"`` (default) or ``"torch"`` (see :class:`PrivateTrainer`).
+        secure_mode: noise and Poisson sampling from a ChaCha20 stream keyed by the operating
+            system (see :class:`PrivateTrainer` and docs/dp.md); ``generator`` must be None.
 
     Returns:
         ``(model, optimizer, loader)``: a :class:`PrivateModule`, a :class:`DPOptimizer`
@@ -350,10 +355,14 @@ def make_private(
         accountant=accountant,
         clipping=clipping,
         generator=generator,
+        noise_generator=noise_generator,
+        secure_mode=secure_mode,
     )
     engine = _Engine(module, trainer, loss_reduction)
     if poisson_sampling:
-        sampler = PoissonSampler(n, sample_rate, num_batches=num_batches, generator=generator)
+        sampler = PoissonSampler(
+            n, sample_rate, num_batches=num_batches, generator=generator, secure_mode=secure_mode
+        )
         loader = torch.utils.data.DataLoader(
             data_loader.dataset,
             batch_sampler=sampler,

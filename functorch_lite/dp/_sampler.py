@@ -8,6 +8,7 @@ PoissonSampledDpEvent.
 
 import torch
 
+from . import _noise
 from ._accounting import _check_sample_rate, batches_per_epoch
 
 
@@ -21,6 +22,8 @@ class PoissonSampler(torch.utils.data.Sampler):
         sample_rate: q.
         num_batches: defaults to ``round(1 / sample_rate)``: one epoch.
         generator: a ``torch.Generator`` to seed the sampling.
+        secure_mode: draw from a ChaCha20 stream keyed by the operating system instead (cannot
+            be seeded: ``generator`` must be None; see docs/dp.md, "secure mode").
 
     Example:
         >>> import torch
@@ -31,25 +34,47 @@ class PoissonSampler(torch.utils.data.Sampler):
         (100, True)
     """
 
-    def __init__(self, num_examples, sample_rate, *, num_batches=None, generator=None):
+    def __init__(self, num_examples, sample_rate, *, num_batches=None, generator=None, secure_mode=False):
         _check_sample_rate(sample_rate)
+        _check_secure(secure_mode, generator)
         if not (isinstance(num_examples, int) and num_examples > 0):
             raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
         self.num_examples = num_examples
         self.sample_rate = sample_rate
         self.num_batches = batches_per_epoch(sample_rate) if num_batches is None else num_batches
         self.generator = generator
+        self.secure_mode = secure_mode
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
         for _ in range(self.num_batches):
-            mask = torch.rand(self.num_examples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+            yield (
+                _draw(self.num_examples, self.sample_rate, self.generator, self.secure_mode)
+                .nonzero()
+                .flatten()
+                .tolist()
+            )
 
 
-def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
+def _check_secure(secure_mode, generator):
+    if not isinstance(secure_mode, bool):
+        raise TypeError(f"secure_mode must be True or False, got {secure_mode!r}")
+    if secure_mode and generator is not None:
+        raise ValueError(
+            "secure_mode samples from the operating system's entropy and cannot be seeded: pass generator=None"
+        )
+
+
+def _draw(n, q, generator, secure_mode):
+    """The membership mask of one Poisson batch: n independent Bernoulli(q) draws."""
+    if secure_mode:
+        return _noise._secure().bernoulli(n, q)
+    return torch.rand(n, generator=generator) < q
+
+
+def poisson_batches(data, sample_rate, *, num_batches=None, generator=None, secure_mode=False):
     """Iterates over one epoch (or ``num_batches``) of Poisson-sampled batches of ``data``.
 
     Args:
@@ -59,6 +84,7 @@ def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
         sample_rate: q, the probability of each example being in a batch.
         num_batches: defaults to ``round(1 / sample_rate)``: one epoch.
         generator: a ``torch.Generator`` to seed the sampling.
+        secure_mode: sample from secure mode's ChaCha20 stream (see :class:`PoissonSampler`).
 
     Yields:
         What ``data`` holds, indexed by the batch's examples: a tensor or a tuple of tensors
@@ -101,7 +127,9 @@ def poisson_batches(data, sample_rate, *, num_batches=None, generator=None):
             items = [(it,) if single else it for it in items]
             return tuple(torch.stack([torch.as_tensor(it[j]) for it in items]) for j in range(len(template)))
 
-    sampler = PoissonSampler(n, sample_rate, num_batches=num_batches, generator=generator)
+    sampler = PoissonSampler(
+        n, sample_rate, num_batches=num_batches, generator=generator, secure_mode=secure_mode
+    )
     for idx in sampler:
         batch = take(idx)
         yield batch[0] if single else batch
