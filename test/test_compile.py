@@ -146,6 +146,70 @@ def test_inductor_compiles_the_transforms(name):
     assert breaks == {}
 
 
+def _predict(weight, bias, x):
+    return F.linear(x, weight, bias).tanh()
+
+
+def _predict_sum(weight, bias, x):
+    return _predict(weight, bias, x).sum()
+
+
+# forward mode with an operand that is not differentiated: torch's formula makes a zero tangent for
+# it out of the tracer's sight (NOTE [Zeros made out of a tracer's sight] in csrc/core/dispatch.cpp)
+_FORWARD_WITH_CONSTANT_OPERAND = {
+    "jacfwd_argnums_2": lambda w, b, x: ft.jacfwd(_predict, argnums=2)(w, b, x),
+    "hessian_argnums_2": lambda w, b, x: ft.hessian(_predict_sum, argnums=2)(w, b, x),
+    "vmap_hessian": lambda w, b, xs: ft.vmap(ft.hessian(_predict_sum, argnums=2), in_dims=(None, None, 0))(
+        w, b, xs
+    ),
+    "vmap_jacfwd": lambda w, b, xs: ft.vmap(ft.jacfwd(_predict, argnums=2), in_dims=(None, None, 0))(
+        w, b, xs
+    ),
+}
+
+
+def _forward_args(name):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(6, 5, generator=g, dtype=_F64), torch.randn(6, generator=g, dtype=_F64)
+    x = (
+        torch.randn(3, 5, generator=g, dtype=_F64)
+        if name.startswith("vmap")
+        else torch.randn(5, generator=g, dtype=_F64)
+    )
+    return w, b, x
+
+
+@pytest.mark.parametrize("name", sorted(_FORWARD_WITH_CONSTANT_OPERAND))
+def test_forward_mode_graphs_hold_no_real_constants(name):
+    """The zero tangent of the undifferentiated weight is an op of the graph (aten.zeros), not a
+    real tensor baked in as a constant (which Inductor refused)."""
+    graphs = []
+
+    def backend(gm, inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def fw(g, _):
+            graphs.append(g)
+            return g
+
+        return aot_module_simplified(gm, inputs, fw_compiler=fw)
+
+    fn, args = _FORWARD_WITH_CONSTANT_OPERAND[name], _forward_args(name)
+    torch._dynamo.reset()
+    _assert_close(torch.compile(fn, backend=backend, fullgraph=True)(*args), fn(*args))
+    constants = [n.target for g in graphs for n in g.graph.nodes if n.op == "get_attr"]
+    assert constants == [], constants
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["jacfwd_argnums_2", "vmap_hessian"])
+def test_inductor_compiles_forward_mode_with_a_constant_operand(name):
+    fn, args = _FORWARD_WITH_CONSTANT_OPERAND[name], _forward_args(name)
+    expected, got, _, breaks = _compile_and_count(fn, *args, backend="inductor", fullgraph=True)
+    _assert_close(got, expected)
+    assert breaks == {}
+
+
 def test_the_graph_holds_plain_aten_ops():
     """What AOTAutograd traces through our levels is the batched computation itself."""
     graphs = []

@@ -2,6 +2,7 @@
 
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/count_nonzero.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Type.h>
@@ -131,6 +132,45 @@ struct GradProcessingScope {
 bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
   const auto* alias = schema.arguments()[i].alias_info();
   return alias && alias->isWrite();
+}
+
+// NOTE [Zeros made out of a tracer's sight]
+// A level's front kernel runs autograd with the Python key excluded (a user's TorchDispatchMode
+// must not see our wrappers). torch's forward-AD formulas make an efficient zero tangent for an
+// operand that has none, and the ZeroTensor fallback turns it into real zeros: both are
+// factories, and with the Python key excluded a tracer (make_fx's proxy mode, FakeTensorMode
+// under torch.compile) never sees them. The zeros reach the back kernel as a real tensor among
+// fake ones; AOTAutograd then bakes them into the graph as a constant, which Inductor refuses.
+// So when a tracer is active below the level (the Python key is back after HandDownGuard), a
+// real floating tensor that holds only zeros is made again by at::zeros under the tracer: the
+// same value, now an op of the graph (our batched tensors included: under vmap the zeros meet a
+// BatchedTensor, not a fake one). A real tensor here was made in the front region (the tracer
+// lifts every tensor the function captures or receives) or is a constant of a real-mode trace;
+// zeros are zeros either way, so nothing else can change. Runs without a Python mode skip this
+// entirely; under one, each real floating argument costs one count of its nonzeros.
+void retraceZeros(const c10::FunctionSchema& schema, Stack* stack, size_t begin) {
+  // fake and functional tensors (a C++ FunctionalTensorWrapper carries Functionalize, not Python)
+  static const c10::DispatchKeySet traced({DispatchKey::Python, DispatchKey::Functionalize});
+  for (size_t i = begin; i < stack->size(); ++i) {
+    auto& iv = (*stack)[i];
+    if (!iv.isTensor() || isMutatedArg(schema, i - begin)) continue;  // a written argument keeps its identity
+    const at::Tensor& t = iv.toTensor();
+    if (!t.defined() || t.key_set().has_any(traced) || asFt(t) || t.dim() == 0 || t.numel() == 0 ||
+        !(t.is_floating_point() || t.is_complex()) || t.is_meta())
+      continue;
+    bool zeros = false;
+    {
+      // straight to the backend: no tracer, no Python dispatcher, no level, no autograd
+      static const c10::DispatchKeySet hidden =
+          kFrontKeys | c10::autograd_dispatch_keyset_with_ADInplaceOrView |
+          c10::DispatchKeySet({DispatchKey::Python, DispatchKey::PythonTLSSnapshot,
+                               DispatchKey::PythonDispatcher, DispatchKey::PreDispatch,
+                               DispatchKey::Functionalize});
+      c10::impl::ExcludeDispatchKeyGuard untraced(hidden);
+      zeros = at::count_nonzero(t).item<int64_t>() == 0;
+    }
+    if (zeros) iv = at::zeros_symint(t.sym_sizes(), t.options());
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -287,6 +327,8 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   });
   {
     HandDownGuard guard;
+    if (C10_UNLIKELY(c10::impl::tls_is_dispatch_key_included(DispatchKey::Python)))
+      retraceZeros(schema, stack, begin);
     op.callBoxed(stack);
     materializeZeroTensors(stack, schema.returns().size());
   }
