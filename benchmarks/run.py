@@ -9,6 +9,10 @@ Sections (each a module next to this file):
   dp_clip     bench_dp_clip.py: the clipped per-example gradient sum of a DP-SGD step on an MLP,
               a CNN and a transformer: torch.func, functorch_lite's three methods, Opacus' hooks
               and ghost clipping, against a non-private forward+backward;
+  dp_steps    bench_dp_steps.py: one whole DP-SGD step (clip, noise, SGD) per library on the MLP at
+              B=64 and B=256, the CNN and the transformer (torch.func, Opacus hooks/ghost/ew,
+              ft.dp.PrivateTrainer with torch noise, Philox noise and secure mode), against the
+              non-private step; and the noise generators' speed (torch normal_, ft Philox, secure);
   scaling     bench_scaling.py: per-sample gradients and whole DP-SGD steps against the batch
               size, one line per library (functorch_lite, torch.func, Opacus, JAX);
   compiled    bench_compiled.py: torch.compile(step, fullgraph=True) of steps calling the
@@ -50,7 +54,7 @@ import functorch_lite as ft  # noqa: E402
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEAD_BEGIN, HEAD_END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
-SECTIONS = ("transforms", "compiled", "dp_clip", "scaling")
+SECTIONS = ("transforms", "compiled", "dp_clip", "dp_steps", "scaling")
 CHARTS = {
     "ratios": "bench_ratios.png",
     "dp_clip": "bench_dp_clip.png",
@@ -183,6 +187,34 @@ def run_dp_clip(args):
         for t, rows in results
     ]
     return dict(models=results, how=how, table=table)
+
+
+def run_dp_steps(args):
+    import bench_dp_steps
+
+    rounds, min_time, noise_time = (2, 0.005, 0.002) if args.quick else (7, 0.3, 0.1)
+    old = ft.get_vmap_fallback()
+    ft.set_vmap_fallback("quiet")
+    try:
+        models = []
+        for key, make in bench_dp_steps.MODELS.items():
+            t0 = time.perf_counter()
+            title, rows = bench_dp_steps.bench(make, rounds, min_time, quick=args.quick)
+            rows = [dict(method=k, ms=ms, ratio=r, note=n) for k, ms, r, n in rows]
+            models.append(dict(key=key, title=title, rows=rows))
+            log(f"[{time.perf_counter() - t0:6.1f} s] dp_steps {key}")
+        sizes = bench_dp_steps.NOISE_SIZES_QUICK if args.quick else bench_dp_steps.NOISE_SIZES
+        noise = bench_dp_steps.noise_table(sizes, rounds, noise_time, log=log)
+        mem = bench_dp_steps.memory(list(bench_dp_steps.MODELS), args.quick, log=log) if args.memory else None
+    finally:
+        ft.set_vmap_fallback(old)
+    how = (
+        f"{rounds} interleaved rounds, each step repeated to last {min_time} s; ratio = time / "
+        "the non-private step (forward, backward, SGD) of the same model in the same round (median); "
+        f"noise: {rounds} interleaved rounds, {noise_time} s each, speedup paired per round"
+    )
+    table = bench_dp_steps.markdown(models, noise, mem)
+    return dict(models=models, noise=noise, memory=mem, how=how, table=table)
 
 
 def run_compiled(args):
@@ -346,6 +378,8 @@ def section_text(name, r, meta):
                 r["table"],
             ]
         )
+    if name == "dp_steps":
+        return "\n".join(["### Whole DP-SGD steps and the noise generator", "", mode, "", r["table"]])
     return "\n".join(
         [
             "### Scaling with the batch size",
@@ -471,13 +505,13 @@ def main(argv=None):
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
-        help="device of the transforms section (dp_clip and scaling run on the CPU)",
+        help="device of the transforms section (dp_clip, dp_steps and scaling run on the CPU)",
     )
     p.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="dp_clip: also measure peak memory, one process per row (default: on in full mode)",
+        help="dp_clip, dp_steps: also measure peak memory, one process per row (default: on in full mode)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     args = p.parse_args(argv)
@@ -506,6 +540,7 @@ def main(argv=None):
         "transforms": run_transforms,
         "compiled": run_compiled,
         "dp_clip": run_dp_clip,
+        "dp_steps": run_dp_steps,
         "scaling": run_scaling,
     }
     for s in sections:

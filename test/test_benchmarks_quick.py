@@ -51,7 +51,12 @@ def test_writes_table_and_charts(quick_run):
     out, proc, _ = quick_run
     md = (out / "performance.md").read_text()
     assert "<!-- bench:begin -->" in md and "<!-- bench:end -->" in md
-    for heading in ("### Transforms", "### Clipped per-example", "### Scaling with the batch size"):
+    for heading in (
+        "### Transforms",
+        "### Clipped per-example",
+        "### Whole DP-SGD steps and the noise generator",
+        "### Scaling with the batch size",
+    ):
         assert heading in md, heading
     assert "| workload | torch.func | functorch_lite | ratio | notes |" in md
     assert "Machine: " in md and "torch " in md and "thread" in md
@@ -90,6 +95,35 @@ def test_dp_clip_ratios_finite(quick_run):
         for r in m["rows"]:
             assert _finite(r["ratio"]) and r["ratio"] > 0, (m["title"], r)
             assert "failed" not in r["note"] and "rel. diff" not in r["note"], (m["title"], r)
+
+
+def test_dp_steps_ratios_finite(quick_run):
+    _, _, results = quick_run
+    r = results["results"]["dp_steps"]
+    assert [m["key"] for m in r["models"]] == ["MLP B=64", "MLP B=256", "CNN B=256", "transformer B=64"]
+    for m in r["models"]:
+        methods = {row["method"]: row for row in m["rows"]}
+        for k in (
+            "non-private",
+            "torch.func vmap(grad)+clip",
+            "ft.dp auto (torch noise)",
+            "ft.dp auto",
+            "ft.dp secure_mode",
+        ):
+            assert k in methods and _finite(methods[k]["ratio"]) and methods[k]["ratio"] > 0, (m["key"], k)
+            assert "failed" not in methods[k]["note"], (m["key"], methods[k])
+        for row in m["rows"]:  # an Opacus mode may fail on a model: then a note says why
+            assert (_finite(row["ratio"]) and row["ratio"] > 0) or row["note"].startswith("failed"), row
+    noise = r["noise"]
+    assert {(n["generator"], n["dtype"]) for n in noise} == {
+        ("torch normal_", "float32"),
+        ("torch normal_", "float64"),
+        ("ft Philox", "float32"),
+        ("ft Philox", "float64"),
+        ("ft secure_mode", "float32"),
+    }
+    for n in noise:
+        assert all(_finite(n[k]) and n[k] > 0 for k in ("ns", "per_s", "speedup")), n
 
 
 def test_scaling_ratios_finite(quick_run):
@@ -136,6 +170,6 @@ def test_partial_run_replaces_only_its_section(quick_run, tmp_path):
     assert "Measured in a separate run" in section and "vmap(torch.sin)" in section
     assert "grad(torch.sin)" not in section  # only the workload asked for
     # the other sections are untouched, byte for byte
-    for name in ("dp_clip", "scaling"):
+    for name in ("dp_clip", "dp_steps", "scaling"):
         b, e = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
         assert after[after.index(b) : after.index(e)] == before[before.index(b) : before.index(e)]
