@@ -9,7 +9,7 @@ from torch.utils.checkpoint import CheckpointError
 
 from . import _guards
 from ._call import call_transformed
-from ._compile import Transformed, eager, skip_wrappers
+from ._compile import Transformed, _is_compiling, eager, skip_wrappers
 from ._levels import _batched_like
 from ._load import _C
 from ._repr import _torch_requires_grad_ as _torch_requires_grad
@@ -313,7 +313,6 @@ def grad(func, argnums=0, has_aux=False):
     return Transformed(grad, (("argnums", argnums), ("has_aux", has_aux)), func, run)
 
 
-@eager
 def vjp(func, *primals, has_aux=False):
     """Vector-Jacobian product: returns ``(func(*primals), vjp_fn)``, or with ``has_aux=True``
     ``(func(*primals), vjp_fn, aux)``.
@@ -343,7 +342,76 @@ def vjp(func, *primals, has_aux=False):
                 [0., 4., 0.],
                 [0., 0., 6.]])
     """
+    if _is_compiling():
+        return _vjp_recorded(func, primals, has_aux)
+    return _vjp_entry(func, primals, has_aux)
+
+
+@eager
+def _vjp_entry(func, primals, has_aux):
     return _vjp(func, primals, has_aux, int_outputs=False)
+
+
+# NOTE [vjp and linearize under torch.compile]
+# vjp and linearize return functions, and a function cannot leave a recorded call (Dynamo records
+# a transform call as one opaque call whose outputs are tensors, NOTE [Dynamo sees a transform
+# call as one opaque call] in _compile.py), nor can an autograd graph cross from one recorded
+# call to the next. While Dynamo traces, vjp therefore returns the value from one recorded call
+# (func run by the eager vjp, with every check of the eager path) and a vjp_fn whose calls are
+# recorded calls of their own that run the whole vjp again (func's forward and the backward) for
+# the given cotangents; linearize likewise, its jvp_fn running jvp at the primals. Same values as
+# eager; the compiled graph recomputes func's forward once per vjp_fn/jvp_fn call (eager vjp
+# keeps the first forward's graph instead). `retain_graph` and `create_graph` of vjp_fn have no
+# meaning there (nothing is kept between calls; AOTAutograd differentiates the recorded call
+# like any other op of the graph).
+def _vjp_recorded(func, primals, has_aux):
+    value = _vjp_value_of(func, has_aux=has_aux)(*primals)
+    fn = _RecordedVjpFn(func, has_aux, primals)
+    return (value[0], fn, value[1]) if has_aux else (value, fn)
+
+
+def _vjp_value_of(func, has_aux):
+    def run(args, kwargs):
+        out = _vjp_entry(func, args, has_aux)
+        return (out[0], out[2]) if has_aux else out[0]
+
+    return Transformed(_vjp_value_of, (("has_aux", has_aux),), func, run, wraps=False)
+
+
+def _vjp_apply_of(func, has_aux):
+    def run(args, kwargs):
+        primals, cotangents = args
+        return _vjp_entry(func, primals, has_aux)[1](cotangents)
+
+    return Transformed(_vjp_apply_of, (("has_aux", has_aux),), func, run, wraps=False)
+
+
+class _RecordedVjpFn:
+    """vjp_fn of a vjp traced by Dynamo (NOTE [vjp and linearize under torch.compile])."""
+
+    def __init__(self, func, has_aux, primals):
+        self.func, self.has_aux, self.primals = func, has_aux, primals
+
+    def __call__(self, cotangents, *, retain_graph=True, create_graph=None):
+        return _vjp_apply_of(self.func, has_aux=self.has_aux)(self.primals, cotangents)
+
+    def _ft_vmap_recorded(self, in_dims, out_dims, randomness, chunk_size):
+        """vmap(vjp_fn): one recorded vmap over the cotangents of the recomputing call."""
+        from ._vmap import vmap
+
+        d = in_dims[0] if isinstance(in_dims, (tuple, list)) and len(in_dims) == 1 else in_dims
+        apply = _vjp_apply_of(self.func, has_aux=self.has_aux)
+        return _BindPrimals(vmap(apply, (None, d), out_dims, randomness, chunk_size=chunk_size), self.primals)
+
+
+class _BindPrimals:
+    """fn(primals, *args) as a function of args (a vmap of a recorded vjp_fn or jvp_fn)."""
+
+    def __init__(self, fn, primals):
+        self.fn, self.primals = fn, primals
+
+    def __call__(self, *args):
+        return self.fn(self.primals, *args)
 
 
 def _refuse_saved_tensor_hooks():

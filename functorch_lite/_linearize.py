@@ -15,8 +15,8 @@ a torch.autograd.Function node, whose backward may not be differentiable without
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._compile import eager
-from ._grad import _vjp, vjp
+from ._compile import Transformed, _is_compiling, eager
+from ._grad import _BindPrimals, _vjp, vjp
 from ._jac import jvp
 
 
@@ -76,7 +76,6 @@ def _has_custom_function(outputs):
     return False
 
 
-@eager
 def linearize(func, *primals):
     """Returns ``(func(*primals), jvp_fn)``, ``jvp_fn(*tangents)`` being the jvp of func at primals.
 
@@ -93,6 +92,46 @@ def linearize(func, *primals):
         >>> ft.vmap(jvp_fn)(torch.eye(3)).shape  # the Jacobian's columns
         torch.Size([3, 3])
     """
+    if _is_compiling():  # NOTE [vjp and linearize under torch.compile] in _grad.py
+        return _linearize_value_of(func)(*primals), _RecordedJvpFn(func, primals)
+    return _linearize(func, *primals)
+
+
+def _linearize_value_of(func):
+    def run(args, kwargs):
+        return _linearize(func, *args)[0]
+
+    return Transformed(_linearize_value_of, (), func, run, wraps=False)
+
+
+class _RecordedJvpFn:
+    """jvp_fn of a linearize traced by Dynamo: each call is one recorded jvp at the primals."""
+
+    def __init__(self, func, primals):
+        self.func, self.primals = func, primals
+
+    def __call__(self, *tangents):
+        return _jvp_tangent_of(self.func)(self.primals, tangents)
+
+    def _ft_vmap_recorded(self, in_dims, out_dims, randomness, chunk_size):
+        """vmap(jvp_fn): one recorded vmap over the tangents of the recorded jvp."""
+        from ._vmap import vmap
+
+        d = tuple(in_dims) if isinstance(in_dims, list) else in_dims
+        mapped = vmap(_jvp_tangent_of(self.func), (None, d), out_dims, randomness, chunk_size=chunk_size)
+        return _BindPrimals(lambda primals, *tangents: mapped(primals, tangents), self.primals)
+
+
+def _jvp_tangent_of(func):
+    def run(args, kwargs):
+        primals, tangents = args
+        return jvp(func, primals, tangents)[1]
+
+    return Transformed(_jvp_tangent_of, (), func, run, wraps=False)
+
+
+@eager
+def _linearize(func, *primals):
     flat_primals, primals_spec = tree_flatten(primals)
     _check_primals(flat_primals)
     meta = {}

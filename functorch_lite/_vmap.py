@@ -67,6 +67,11 @@ def vmap(func, in_dims=0, out_dims=0, randomness="error", *, chunk_size=None):
         torch.Size([2, 5, 3, 4])
     """
     _check_vmap_args(randomness, chunk_size)
+    recorded = getattr(func, "_ft_vmap_recorded", None)
+    if (
+        recorded is not None
+    ):  # a vjp_fn/jvp_fn made while Dynamo traces (NOTE [vjp and linearize under torch.compile])
+        return recorded(in_dims, out_dims, randomness, chunk_size)
     simple_dims = type(in_dims) is int and type(out_dims) is int and chunk_size is None
 
     def run(args, kwargs):

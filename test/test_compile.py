@@ -3,10 +3,10 @@
 vmap, grad, grad_and_value, jvp, jacrev, jacfwd and hessian are recorded by Dynamo as one call
 each (NOTE [Dynamo sees a transform call as one opaque call] in functorch_lite/_compile.py) and
 traced through by AOTAutograd: fullgraph=True compiles, on the eager, aot_eager and inductor
-backends, with results equal to eager (float64). vjp/linearize (they return functions),
-functional_call and stack_module_state at the top level of a compiled function, the DP entry
-points, and transforms of closures defined inside the compiled function keep one graph break
-per call. torch.compile'd functions inside transforms run eagerly."""
+backends, with results equal to eager (float64); so are vjp's vjp_fn and linearize's jvp_fn
+(recorded calls that recompute, NOTE [vjp and linearize under torch.compile]). functional_call
+and stack_module_state at the top level of a compiled function, the DP entry points, and
+transforms of closures defined inside the compiled function keep one graph break per call. torch.compile'd functions inside transforms run eagerly."""
 
 import warnings
 
@@ -87,6 +87,28 @@ _TRACED = {
         lambda w, b, xs: ft.vmap(ft.grad(_loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, xs),
         lambda: (torch.randn(4, 2, dtype=_F64), torch.randn(2, dtype=_F64), _xs()),
     ),
+    # functions returned by a transform: each call of them is recorded too (NOTE [vjp and
+    # linearize under torch.compile])
+    "vjp": (lambda x: ft.vjp(_fv, x)[1](torch.ones_like(x))[0] + 1, lambda: (_x(),)),
+    "vjp_value_and_two_calls": (
+        lambda x: (lambda out, fn: (out, fn(torch.ones_like(x)), fn(x)))(*ft.vjp(_fv, x)),
+        lambda: (_x(),),
+    ),
+    "vjp_has_aux": (
+        lambda x: (lambda o, fn, aux: (o, fn(o)[0], aux))(*ft.vjp(_aux, x, has_aux=True)),
+        lambda: (_x(),),
+    ),
+    "vjp_two_primals": (
+        lambda w, b, x: ft.vjp(_loss, w, b, x)[1](torch.tensor(1.0, dtype=_F64)),
+        lambda: (torch.randn(4, 2, dtype=_F64), torch.randn(2, dtype=_F64), _x()),
+    ),
+    "vmap_of_vjp_fn": (lambda x: ft.vmap(ft.vjp(_fv, x)[1])(torch.eye(4, dtype=_F64))[0], lambda: (_x(),)),
+    "linearize": (lambda x: ft.linearize(_fv, x)[1](torch.ones_like(x)) + 1, lambda: (_x(),)),
+    "vmap_of_jvp_fn": (lambda x: ft.vmap(ft.linearize(_fv, x)[1])(torch.eye(4, dtype=_F64)), lambda: (_x(),)),
+    "linearize_value_and_two_calls": (
+        lambda x: (lambda out, fn: (out, fn(torch.ones_like(x)), fn(x)))(*ft.linearize(_fv, x)),
+        lambda: (_x(),),
+    ),
 }
 
 _LINEAR = nn.Linear(4, 2)
@@ -94,11 +116,6 @@ _LINEAR = nn.Linear(4, 2)
 _BREAKS = {
     "functional_call": lambda x: ft.functional_call(_LINEAR, {"weight": x.expand(2, 4), "bias": x[:2]}, (x,)),
     "stack_module_state": lambda x: ft.stack_module_state([_LINEAR, _LINEAR])[0]["bias"] + x[:2],
-}
-# called twice per step: vjp and its vjp_fn, linearize and its jvp_fn
-_TWO_CALLS = {
-    "vjp": lambda x: ft.vjp(_fv, x)[1](torch.ones_like(x))[0] + 1,
-    "linearize": lambda x: ft.linearize(_fv, x)[1](torch.ones_like(x)) + 1,
 }
 
 
@@ -137,7 +154,9 @@ def test_transforms_compile_with_fullgraph(name, backend):
     assert breaks == {}
 
 
-@pytest.mark.parametrize("name", ["per_sample_grads", "hessian", "jvp_of_grad", "vmap_pytrees"])
+@pytest.mark.parametrize(
+    "name", ["per_sample_grads", "hessian", "jvp_of_grad", "vmap_pytrees", "vjp", "linearize"]
+)
 def test_inductor_compiles_the_transforms(name):
     fn, make = _TRACED[name]
     args = make()
@@ -233,17 +252,13 @@ def test_the_graph_holds_plain_aten_ops():
     assert not any("flat_apply" in n for n in names), names
 
 
-@pytest.mark.parametrize(
-    "name, backend",
-    [(n, "eager") for n in sorted(_BREAKS) + sorted(_TWO_CALLS)] + [("vjp", "aot_eager")],
-)
-def test_one_graph_break_per_call_where_not_traced(name, backend):
-    fn = _BREAKS.get(name) or _TWO_CALLS[name]
+@pytest.mark.parametrize("name", sorted(_BREAKS))
+def test_one_graph_break_per_call_where_not_traced(name):
     x = torch.randn(4)
-    expected, got, caught, breaks = _compile_and_count(fn, x, backend=backend)
+    expected, got, caught, breaks = _compile_and_count(_BREAKS[name], x)
     _assert_close(got, expected)
     assert [str(w.message) for w in caught] == []
-    assert breaks == {_SKIPPED: 1 if name in _BREAKS else 2}, breaks
+    assert breaks == {_SKIPPED: 1}, breaks
 
 
 def test_transform_made_outside_called_inside():
