@@ -90,13 +90,15 @@ setup(
         # the main job, examples/demo.py
         "demo": ["dp-accounting>=0.4", "scikit-learn", "tqdm", "matplotlib"],
         # development: tests (hypothesis for the fuzzer, Opacus as an oracle and a benchmark
-        # contender, matplotlib for the benchmark charts) and the formatters that
+        # contender, transformers for GPT-2-style layers in the DP tests, matplotlib for the
+        # benchmark charts) and the formatters that
         # scripts/format.sh applies and scripts/lint.sh checks (pinned)
         "dev": [
             "pytest",
             "expecttest",
             "hypothesis",
             "opacus==1.6.0",
+            "transformers==4.57.1",
             "matplotlib",
             "ruff==0.17.6",
             "clang-format==23.1.5",

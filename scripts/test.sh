@@ -5,6 +5,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
 # imported by the package. Pinned together with torch so it cannot upgrade torch.
 python -c "import opacus" 2>/dev/null ||
   pip install --quiet --disable-pip-version-check torch==2.13.0 opacus==1.6.0
+# transformers, test-only like Opacus: GPT-2-style layers (Conv1D, tied lm_head) for ft.dp's rules
+# (test/test_dp_tied.py); never imported by the package. Pinned with torch.
+python -c "import transformers" 2>/dev/null ||
+  pip install --quiet --disable-pip-version-check torch==2.13.0 transformers==4.57.1
 # The fuzzer's test dependency (test/test_fuzz.py), kept here so setup_env.sh stays as it is.
 python -c "import hypothesis" 2>/dev/null || pip install --quiet --disable-pip-version-check torch==2.13.0 hypothesis
 # Formatters/linters, pinned so that CI and developers agree on the output (scripts/lint.sh).

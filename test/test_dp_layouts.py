@@ -118,8 +118,9 @@ class RootParameters(nn.Module):
 
 class SharedTable(nn.Module):
     """A parameter table of T == B rows through a Linear shared by all examples: that Linear's
-    output is the same for every example, so its per-example gradients cannot be read from its
-    input and output gradient; the fast path must hand the model to the vmap path."""
+    output is the same for every example, so the recording makes it per-example (NOTE [Shared
+    outputs of layers with a rule]) and the Linear rule reads the table as repeated; the table
+    itself, the root's own parameter, gets the root's per-layer vmap(grad)."""
 
     def __init__(self):
         super().__init__()
@@ -142,6 +143,28 @@ class PerExampleAndShared(nn.Module):
 
     def forward(self, x):
         return self.head((self.lin(x) * self.lin(self.table)).tanh().mean(1))
+
+
+class SharedOutputModule(nn.Module):
+    """A module without a rule whose output is shared by all examples (a table it transforms,
+    called without inputs): its per-example gradients cannot be read at its output, so the fast
+    path hands the model to the vmap path."""
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(T, E) / 3)
+
+        def forward(self):
+            return self.table.tanh()
+
+    def __init__(self):
+        super().__init__()
+        self.tab = self.Table()
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, x):
+        return self.head((x + self.tab()).tanh().mean(1))
 
 
 class ConstantTable(nn.Module):
@@ -196,8 +219,9 @@ MODELS = [
     ("rnn_seq_first", lambda: Recurrent(nn.RNN, False), False, True),
     ("rnn_relu_batch_first", lambda: Recurrent(nn.RNN, True, nonlinearity="relu"), False, True),
     ("root_parameters", RootParameters, False, True),
-    ("shared_table", SharedTable, False, False),
-    ("per_example_and_shared", PerExampleAndShared, False, False),
+    ("shared_table", SharedTable, False, True),
+    ("per_example_and_shared", PerExampleAndShared, False, True),
+    ("shared_output_module", SharedOutputModule, False, False),
     ("constant_table", ConstantTable, False, True),
     ("transposed_conv", TransposedConv, False, True),
     ("time_major_embedding", TimeMajorEmbedding, True, True),

@@ -156,15 +156,25 @@ def test_eval_mode_is_the_plain_forward_and_step_needs_a_backward():
         optimizer.step()
 
 
-class SharedTable(nn.Module):
+class SharedOutput(nn.Module):
+    """A module without a rule whose output is shared by all examples: the per-layer path cannot
+    read its per-example gradients."""
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(5, dtype=DT))
+
+        def forward(self):
+            return self.table.tanh()
+
     def __init__(self):
         super().__init__()
-        self.pos = nn.Parameter(torch.randn(4, 5, dtype=DT))
-        self.proj = nn.Linear(5, 5).double()
+        self.tab = self.Table()
         self.head = nn.Linear(5, 3).double()
 
     def forward(self, x):
-        return self.head(x + self.proj(self.pos).mean(0))
+        return self.head(x + self.tab())
 
 
 class Transposed(nn.Module):
@@ -179,7 +189,7 @@ class Transposed(nn.Module):
 @pytest.mark.parametrize(
     "module, match",
     [
-        (SharedTable(), "per-layer path cannot read this model.*PrivateTrainer"),
+        (SharedOutput(), "per-layer path cannot read this model.*PrivateTrainer"),
         (Transposed(), "examples along dim 0"),
     ],
 )

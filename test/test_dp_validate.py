@@ -80,6 +80,26 @@ class SharedTable(nn.Module):
         return self.head((x + self.proj(self.pos).mean(0)).tanh())
 
 
+class SharedOutput(nn.Module):
+    """A module without a rule whose output is shared by all examples."""
+
+    class Table(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4))
+
+        def forward(self):
+            return self.table.tanh()
+
+    def __init__(self):
+        super().__init__()
+        self.tab = self.Table()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head((x + self.tab()).tanh())
+
+
 def _cnn_bn():
     return nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
@@ -134,9 +154,13 @@ def test_slow_paths_are_reported_not_errors():
     r = ft.dp.validate(OwnParameter(), _ce, *_batch())
     assert r.ok and [(i.module, i.kind) for i in r.issues] == [("", "slow")]
     assert "per-layer vmap(grad)" in r.issues[0].problem
-    r = ft.dp.validate(SharedTable(), _ce, *_batch())
+    r = ft.dp.validate(SharedOutput(), _ce, *_batch())
     assert r.ok and len(r.slow) == 1 and "whole-model vmap path" in r.slow[0].problem
     assert "shared by all examples" in r.slow[0].problem  # the reason the fast path gave
+    # a Linear of a table shared by all examples has its rule (its output is made per-example);
+    # the table, the root's own parameter, gets the root's per-layer vmap(grad)
+    r = ft.dp.validate(SharedTable(), _ce, *_batch())
+    assert r.ok and len(r.slow) == 1 and "per-layer vmap(grad)" in r.slow[0].problem
     assert ft.dp.validate(OwnParameter(), _ce, *_batch(), method="vmap").issues == []
     attn = nn.Sequential(nn.TransformerEncoderLayer(4, 2, 8, dropout=0.1, batch_first=True), nn.Flatten())
     r = ft.dp.validate(nn.Sequential(attn, nn.Linear(20, 3)), _ce, *_batch(shape=(5, 4)))

@@ -46,6 +46,7 @@ through the model's forward only.
 
 import contextlib
 import inspect
+import sys
 import threading
 
 import torch
@@ -236,6 +237,7 @@ class _Recorder(TorchFunctionMode):
         self.uses = {}  # id(param) -> [tuple of the modules active at the use, outermost first]
         self.handles = []
         self.phys = _Physical()
+        self.size = None  # the batch size, set by _record
         self.replays = {}  # module -> whether a per-layer vmap(grad) may have to redraw its randomness
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -266,7 +268,27 @@ class _Recorder(TorchFunctionMode):
         self.stack.pop()
         rng = self.rng.pop()
         with torch._C.DisableTorchFunction():  # our own attribute reads are no uses (and slow)
+            output = self._per_example_output(module, output)
             self.calls.setdefault(module, []).append(_Call(self.phys, args, kwargs, output, rng))
+        return output
+
+    def _per_example_output(self, module, output):
+        """NOTE [Shared outputs of layers with a rule]: a layer whose input is shared by all
+        examples (GPT-2's position embedding of the shared position ids, a Linear of a parameter
+        table) has one output for all examples, and the backward gives only the sum of its
+        examples' gradients there. Its per-example gradients are needed, so the output becomes a
+        batched copy (one per example, same values) before anything uses it: the backward then
+        gives one gradient per example, and the rule reads the shared input as repeated."""
+        if (
+            not isinstance(output, torch.Tensor)
+            or _rule_for(module) is None
+            or not any(id(p) in self.param_ids for p in module._parameters.values() if p is not None)
+            or not _physical_requires_grad(output)
+            or self.phys.raw(output)[1] is not None
+        ):
+            return output
+        copies = output.unsqueeze(0).expand(self.size, *output.shape).clone()
+        return _C._add_batch_dim(copies, 0, self.phys.level)
 
     def __enter__(self):
         for m in self.model.modules():
@@ -290,7 +312,19 @@ def _tensors(args, kwargs):
 
 # ------------------------------------------------------------------------------------------------
 # per-layer rules. A contribution is ("inst", name, per-example gradients (B, *shape)) or
-# ("ghost", name, squared norms (B,), finish(c) -> the clipped sum).
+# ("ghost", name, squared norms (B,), finish(c) -> the clipped sum[, factors]).
+#
+# NOTE [Ghost norms of a weight used several times]
+# A weight used by several calls (an output layer tied to the embedding, a module called twice)
+# has per-example gradient G = sum_k G_k, and ||G||^2 = sum_k ||G_k||^2 + 2 sum_{k<l} <G_k, G_l>:
+# the uses' own ghost norms do not add up. A matmul-like use has G_k = X_k^T Y_k per example, with
+# X_k (T_k, rows) and Y_k (T_k, cols): a Linear's X = b (output gradient), Y = a (input); an
+# Embedding's X = onehot(ids), Y = b. Its "factors" (X, Y) give the cross terms without forming
+# any G: <X_k^T Y_k, X_l^T Y_l> = sum_{t,s} (X_k X_l^T)[t,s] (Y_k Y_l^T)[t,s], two T_k x T_l
+# products per example, where X_k X_l^T of one-hot ids is a gather of the other's X at the ids
+# (or id equality when both are ids). The clipped sum is the sum of the uses' finish(c). A use
+# without factors (grouped convolutions, MultiheadAttention's in_proj blocks) or materialised by
+# cost is materialised with every other use of that weight instead (exact, as before).
 
 
 def _use_ghost(policy, t, p, d):
@@ -323,7 +357,8 @@ def _matmul_weight(name, a, b, policy):
             return (b2 * w).T @ a2 if p <= d else b2.T @ (a2 * w)
         return torch.einsum("bgtp,bgtd->gpd", b * c[:, None, None, None], a)
 
-    return ("ghost", name, sq, finish)
+    # per-example G = b^T a (NOTE [Ghost norms of a weight used several times])
+    return ("ghost", name, sq, finish, (b, a) if a.dim() == 3 else None)
 
 
 def _linear(module, call, a, b, policy):
@@ -335,6 +370,18 @@ def _linear(module, call, a, b, policy):
         # one position (an MLP): the output gradient is the bias gradient, no reduction (a sum
         # over a dim of size 1 costs a zero-fill and a pass)
         out.append(("inst", "bias", b[:, 0] if b.shape[1] == 1 else b.sum(1)))
+    return out
+
+
+def _hf_conv1d(module, call, a, b, policy):
+    """transformers' Conv1D (GPT-2's projections): addmm(bias, x, W) with W (nx, nf), a Linear
+    with the weight transposed: per-example gradient a^T b."""
+    n = a.shape[0]
+    a = a.reshape(n, -1, a.shape[-1])
+    b = b.reshape(n, -1, b.shape[-1])
+    # _matmul_weight forms (its b)^T (its a): swapping the roles gives a^T b, (nx, nf)
+    out = [_matmul_weight("weight", b, a, policy("weight", a.shape[1], a.shape[-1], b.shape[-1]))]
+    out.append(("inst", "bias", b[:, 0] if b.shape[1] == 1 else b.sum(1)))
     return out
 
 
@@ -379,8 +426,8 @@ def _conv(module, call, a, b, policy):
         lead = (n,) if groups == 1 else (n, groups)
         a_t = cols.reshape(*lead, d, -1).transpose(-1, -2)
         b_t = b.reshape(*lead, p, -1).transpose(-1, -2)
-        _, name, sq, finish = _matmul_weight("weight", a_t, b_t, "ghost")
-        weight = ("ghost", name, sq, lambda c: finish(c).reshape(module.weight.shape))
+        _, name, sq, finish, factors = _matmul_weight("weight", a_t, b_t, "ghost")
+        weight = ("ghost", name, sq, lambda c: finish(c).reshape(module.weight.shape), factors)
     out = [weight]
     if module.bias is not None:
         out.append(("inst", "bias", b.reshape(n, b.shape[1], -1).sum(-1)))
@@ -406,7 +453,45 @@ def _embedding(module, call, ids, b, policy):
         rows = (b * c[:, None, None]).reshape(-1, dim)
         return b.new_zeros(vocab, dim).index_add_(0, ids.reshape(-1), rows)
 
-    return [("ghost", "weight", sq, finish)]
+    return [("ghost", "weight", sq, finish, (_Ids(ids, vocab), b))]
+
+
+class _Ids:
+    """The one-hot rows onehot(ids) (B, T, vocab) of an embedding's factors, never formed."""
+
+    __slots__ = ("ids", "vocab")
+
+    def __init__(self, ids, vocab):
+        self.ids, self.vocab = ids, vocab
+
+
+def _gram_rows(x1, x2):
+    """X_1 X_2^T per example, (B, T1, T2), for dense (B, T, rows) or _Ids factors."""
+    if isinstance(x1, _Ids) and isinstance(x2, _Ids):
+        return x1.ids[:, :, None] == x2.ids[:, None, :]
+    if isinstance(x2, _Ids):  # X_1[t, ids_2[s]]
+        return x1.gather(2, x2.ids[:, None, :].expand(-1, x1.shape[1], -1))
+    if isinstance(x1, _Ids):
+        return _gram_rows(x2, x1).transpose(1, 2)
+    return x1 @ x2.transpose(1, 2)
+
+
+def _cross_sq(f1, f2):
+    """<G_1, G_2> per example for two uses' factors (X, Y): G = X^T Y."""
+    (x1, y1), (x2, y2) = f1, f2
+    yy = y1 @ y2.transpose(1, 2)
+    return (_gram_rows(x1, x2).to(yy.dtype) * yy).sum((1, 2))
+
+
+def _materialize(factors, shape):
+    """The per-example gradients X^T Y (B, *shape) of a use's factors."""
+    x, y = factors
+    n = y.shape[0]
+    if isinstance(x, _Ids):
+        offsets = (x.ids + torch.arange(n, device=y.device).unsqueeze(1) * x.vocab).reshape(-1)
+        g = y.new_zeros(n * x.vocab, y.shape[-1]).index_add_(0, offsets, y.reshape(-1, y.shape[-1]))
+        return g.reshape(n, *shape)
+    return (x.transpose(1, 2) @ y).reshape(n, *shape)
 
 
 def _affine(module, b, x_hat, channel_dims):
@@ -621,11 +706,13 @@ def _rule_inputs(module, rule, call):
         got = _mha_inputs(module, call)
         return None if got is None else (got, got[-1])
     a, batched = _input(call)
-    if not batched:
-        return None
+    out = call.front_output(0, call.outputs[0])
+    if not batched:  # a shared input whose output was made per-example (NOTE [Shared outputs ...])
+        if not isinstance(a, torch.Tensor):
+            return None
+        a = a.unsqueeze(0).expand(out.shape[0], *a.shape)
     layout = _LAYOUTS.get(rule, _same)
     a = layout(module, a)
-    out = call.front_output(0, call.outputs[0])
     if a is None or layout(module, out) is None:
         return None
     return a, lambda t: layout(module, t)
@@ -646,9 +733,20 @@ def _rule_parameters(module):
     return {n: p for n, p in named.items() if p is not None}
 
 
+def _add_library_rules():
+    """Rules for layers of libraries that are imported (never imported here): transformers'
+    Conv1D, the projections of GPT-2-style models."""
+    pu = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pu, "Conv1D", None)
+    if conv1d is not None and conv1d not in _RULES:
+        _RULES[conv1d] = _hf_conv1d
+
+
 def _rule_for(module):
     """The rule of a module whose forward is one of the standard layers' (subclasses that keep
     it, such as MultiheadAttention's out_proj, count), or None."""
+    if type(module).__name__ == "Conv1D":
+        _add_library_rules()
     for base, rule in _RULES.items():
         if isinstance(module, base) and type(module).forward is base.forward:
             if isinstance(module, nn.Embedding) and (
@@ -755,6 +853,7 @@ def _record(model, loss_fn, inputs, targets, recorder, size):
         check_per_example_loss(losses, 1, api, batch_size=size)
         return losses.sum()
 
+    recorder.size = size
     with recorder:
         return vmap(one_example, randomness="different")(_as_tuple(inputs), targets)
 
@@ -882,8 +981,12 @@ def _rule_contributions(module, rule, call, prepared, grads_at, rule_params, for
 
     def policy(name, t, p, d):
         pid = id(owned[name])
-        if pid not in rule_params or rule_params[pid] > 1:
-            return "inst"  # several uses: materialise and sum them so the norm stays exact
+        if pid not in rule_params:
+            return "inst"
+        if rule_params[pid] > 1 and isinstance(module, nn.MultiheadAttention):
+            return "inst"  # its in_proj blocks have no factors: materialise every use
+        # a weight used several times gets cross terms (NOTE [Ghost norms of a weight used
+        # several times]) or, where a use is materialised by cost, materialised uses in _combine
         return "ghost" if force_ghost else "auto"
 
     out = []
@@ -952,14 +1055,31 @@ def _check_redraw(recorded, again):
 
 
 def _combine(contributions, params, max_norm, size, losses):
-    inst, ghosts = {}, []
     shapes = {id(p): (p.shape, p.dtype) for p in params.values()}
+    by_param = {}
     for kind, pid, *rest in contributions:
-        if kind == "inst":
-            g = rest[0].reshape(size, *shapes[pid][0])  # uses of a tied weight by different layers
+        by_param.setdefault(pid, []).append((kind, *rest))
+    inst, ghosts = {}, []
+    for pid, uses in by_param.items():
+        shape = shapes[pid][0]
+        factored = all(len(u) > 3 and u[3] is not None for u in uses)
+        if all(u[0] == "ghost" for u in uses) and (len(uses) == 1 or factored):
+            sq = sum(u[1] for u in uses)
+            for k in range(len(uses)):  # NOTE [Ghost norms of a weight used several times]
+                for l in range(k + 1, len(uses)):
+                    sq = sq + 2 * _cross_sq(uses[k][3], uses[l][3])
+            ghosts.append((pid, sq, [u[2] for u in uses]))
+            continue
+        for u in uses:  # materialise every use and sum them (a tied weight with an unfactored use)
+            if u[0] == "inst":
+                g = u[1].reshape(size, *shape)
+            elif len(u) > 3 and u[3] is not None:
+                g = _materialize(u[3], shape)
+            else:
+                raise _Fallback(
+                    "a weight used several times has a use whose per-example gradient the rule cannot form"
+                )
             inst[pid] = g if pid not in inst else inst[pid] + g
-        else:
-            ghosts.append((pid, *rest))
     parts = [per_example_sq_norms(g) for g in inst.values()] + [sq for _, sq, _ in ghosts]
     dtype = losses.dtype
     norms = (
@@ -968,9 +1088,13 @@ def _combine(contributions, params, max_norm, size, losses):
     c = clip_factors(norms, max_norm)
     factors = {dtype: c}  # in each parameter's dtype, converted once
     sums = {pid: weighted_sum(c, g) for pid, g in inst.items()}
-    for pid, _, finish in ghosts:
-        d = shapes[pid][1]
-        sums[pid] = finish(factors.setdefault(d, c.to(d)))
+    for pid, _, finishes in ghosts:
+        cd = factors.setdefault(shapes[pid][1], c.to(shapes[pid][1]))
+        total = None
+        for finish in finishes:
+            part = finish(cd).reshape(shapes[pid][0])
+            total = part if total is None else total + part
+        sums[pid] = total
     grads = {
         n: sums[id(p)].reshape(p.shape) if id(p) in sums else torch.zeros_like(p) for n, p in params.items()
     }

@@ -80,6 +80,7 @@ class _Engine:
             return self.module(*args)
         params = trainable_parameters(self.module)
         recorder = _ghost._Recorder(self.module, params)
+        recorder.size = size
 
         def one(*xs):
             recorder.phys.level = _C._top_level_id()
