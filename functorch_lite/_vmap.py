@@ -166,15 +166,15 @@ def _flatten_inputs(func, in_dims, args):
                 f"Tensors: use None as the in_dim of this input."
             )
         if arg.is_nested:
-            # torch.func maps over the components of a NestedTensor (in_dim 0 only); our batched
-            # tensors need one size per dim, which a jagged batch does not have.
-            raise RuntimeError(
-                f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): flattened input {i} is a "
-                f"nested tensor (torch.nested, layout={arg.layout}), which functorch_lite.vmap "
-                f"does not support (a known limitation; torch.func maps over its components "
-                f"with in_dim=0). Map over a list of its components (t.unbind()) instead, or pad "
-                f"it to a dense tensor (t.to_padded_tensor(0.0))."
-            )
+            # NOTE [vmap over nested tensors]: mapped over its components (dim 0 only)
+            if d not in (0, -arg.dim()):  # RuntimeError, as torch.func
+                raise RuntimeError(
+                    f"vmap({name}, in_dims={in_dims!r}, ...)(<inputs>): flattened input {i} is a "
+                    f"nested tensor, which vmap maps over along its components (in_dim 0 only), "
+                    f"got in_dim={d}."
+                )
+            sizes.append((i, arg.size(0)))
+            continue
         if arg.layout is not torch.strided:
             # Batched tensors are strided: the batch dim is a stride trick on the value.
             raise RuntimeError(
@@ -288,6 +288,10 @@ def _finish_outputs(func, out_dims, out, level, batch_size):
 
 def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
     flat_args, flat_in_dims, args_spec, batch_size = _flatten_inputs(func, in_dims, args)
+    if any(d is not None and a.is_nested for a, d in zip(flat_args, flat_in_dims)):
+        return _vmap_nested(
+            func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs
+        )
     if chunk_size is None or chunk_size >= batch_size:
         flat_out, _, out_spec = _vmap_once(
             func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs
@@ -296,6 +300,105 @@ def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
     return _chunked(
         func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, chunk_size, kwargs
     )
+
+
+# NOTE [vmap over nested tensors]
+# A nested tensor has no size for its ragged dim, so it cannot be the value of a BatchedTensor.
+# As torch.func does, vmap maps over its components: the function runs once per component (under
+# a vmap level of size 1, so randomness, nested transforms and the error checks behave as in any
+# vmap), the other mapped inputs give their slice, and each output becomes a nested tensor of the
+# components' outputs, strided as torch.func returns them whatever the input's layout, built with
+# as_nested_tensor so that autograd flows through. out_dims must be 0 for those outputs. A loop:
+# correct, not fast (torch.func's fallback loops too).
+def _vmap_nested(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs):
+    parts = [a.unbind() if d is not None and a.is_nested else None for a, d in zip(flat_args, flat_in_dims)]
+    rng = None
+    if randomness == "same":
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    results, dims, spec = [], None, None
+    for i in range(batch_size):
+        args_i, dims_i = [], []
+        for a, d, comp in zip(flat_args, flat_in_dims, parts):
+            if comp is not None:
+                args_i.append(comp[i].unsqueeze(0))
+                dims_i.append(0)
+            else:
+                args_i.append(a.narrow(d, i, 1) if d is not None else a)
+                dims_i.append(d)
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state_all(rng[1])
+        flat_out, dims, spec = _vmap_once(func, args_i, dims_i, args_spec, 1, out_dims, randomness, kwargs)
+        results.append(flat_out)
+    nested_out = _depends_on_nested(
+        func, flat_args, flat_in_dims, parts, args_spec, out_dims, randomness, kwargs
+    )
+    merged = []
+    for j, d in enumerate(dims):
+        first = results[0][j]
+        if d is None or not isinstance(first, torch.Tensor):
+            merged.append(first)
+            continue
+        shapes = {r[j].shape for r in results}
+        if not nested_out[j] and len(shapes) == 1:  # as any vmap output
+            merged.append(torch.cat([r[j] for r in results], dim=d))
+            continue
+        if d not in (0, -(first.dim())):
+            raise ValueError(
+                f"vmap({_fn_name(func)}, ..., out_dims={out_dims!r}): got out_dim={d} for flattened "
+                f"output {j}, but vmap over a nested tensor returns nested tensors, which hold their "
+                f"components along dim 0 only: use out_dim 0."
+            )
+        merged.append(torch.nested.as_nested_tensor([r[j].select(0, 0) for r in results]))
+    return tree_unflatten(merged, spec)
+
+
+def _depends_on_nested(func, flat_args, flat_in_dims, parts, args_spec, out_dims, randomness, kwargs):
+    """Which outputs depend on a nested input (those are nested tensors; the others are batched
+    like any vmap output, as in torch.func): the first component is run once more with the
+    nested inputs' components as fresh leaves, and each output's autograd graph is searched for
+    them (random draws are redrawn: dependence does not depend on the values)."""
+    probes, args0, dims0 = [], [], []
+    for a, d, comp in zip(flat_args, flat_in_dims, parts):
+        if comp is not None:
+            leaf = (
+                comp[0]
+                .detach()
+                .unsqueeze(0)
+                .requires_grad_(comp[0].is_floating_point() or comp[0].is_complex())
+            )
+            probes.append(leaf)
+            args0.append(leaf)
+            dims0.append(0)
+        else:
+            args0.append(a.narrow(d, 0, 1) if d is not None else a)
+            dims0.append(d)
+    with torch.enable_grad():
+        flat_out, _, _ = _vmap_once(func, args0, dims0, args_spec, 1, out_dims, randomness, kwargs)
+    targets = {id(p) for p in probes if p.requires_grad}
+
+    def reaches(t):
+        if not isinstance(t, torch.Tensor):
+            return False
+        if id(t) in targets:
+            return True
+        seen, stack = set(), [t.grad_fn]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            var = getattr(fn, "variable", None)  # AccumulateGrad of a leaf
+            if var is not None and id(var) in targets:
+                return True
+            stack.extend(f for f, _ in fn.next_functions)
+        return False
+
+    # an integer nested input cannot be a leaf of autograd: its outputs are taken as dependent
+    if len(targets) < len(probes):
+        return [True] * len(flat_out)
+    return [reaches(o) for o in flat_out]
 
 
 def _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, chunk_size, kwargs):

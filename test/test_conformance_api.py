@@ -9,7 +9,7 @@ listed in DELIBERATE with the reason, and docs/index.md lists them.
 
 Items 11 and 13: what torch.func refuses inside its transforms and we accepted silently (`.data`
 assignment, old-style autograd.Function, complex jacobians, saved-tensor hooks that leak our
-wrappers), and nested tensors under vmap.
+wrappers), and nested tensors under vmap (mapped over their components).
 """
 
 import warnings
@@ -806,8 +806,8 @@ def test_pack_hook_that_stores_the_tensor_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------
-# Item 13: nested tensors under vmap: a clear error naming the limitation (torch.func maps over
-# the components of a NestedTensor; functorch_lite does not support nested tensors).
+# Item 13: nested tensors under vmap: mapped over the components with in_dim 0, as torch.func
+# (test/test_vmap_nested.py has the rest); another in_dim is a RuntimeError in both.
 
 
 def _nested(layout):
@@ -816,23 +816,26 @@ def _nested(layout):
 
 @pytest.mark.parametrize("layout", [torch.jagged, torch.strided])
 @pytest.mark.parametrize("in_dims", [0, 1, (0, None)])
-def test_nested_tensor_under_vmap_is_a_clear_error(layout, in_dims):
+def test_nested_tensor_under_vmap(layout, in_dims):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         nt = _nested(layout)
     args = (nt, torch.ones(3)) if isinstance(in_dims, tuple) else (nt,)
     f = (lambda a, b: a * b) if isinstance(in_dims, tuple) else torch.sin
-    with pytest.raises(
-        RuntimeError,
-        match=r"nested tensor \(torch.nested, layout=.*does not "
-        r"support",
-    ):
-        ft.vmap(f, in_dims=in_dims)(*args)
+    if in_dims == 1:
+        with pytest.raises(RuntimeError, match="in_dim 0 only"):
+            ft.vmap(f, in_dims=in_dims)(*args)
+        if layout == torch.jagged:
+            with pytest.raises(RuntimeError):
+                tf.vmap(f, in_dims=in_dims)(*args)
+    else:
+        ours = ft.vmap(f, in_dims=in_dims)(*args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = tf.vmap(f, in_dims=in_dims)(*args)
+        for a, b in zip(ours.unbind(), theirs.unbind(), strict=True):
+            torch.testing.assert_close(a, b)
     assert ft._C._stack_depth() == 0
-    # torch.func's type for the nested case it does not support either
-    if in_dims == 1 and layout == torch.jagged:
-        with pytest.raises(RuntimeError):
-            tf.vmap(f, in_dims=in_dims)(*args)
 
 
 def test_missing_rule_with_fallback_disabled(fallback_mode):
