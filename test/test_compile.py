@@ -165,6 +165,22 @@ def test_inductor_compiles_the_transforms(name):
     assert breaks == {}
 
 
+def _capturing_backend():
+    """A backend that keeps the forward graphs AOTAutograd traces (and runs them as they are)."""
+    graphs = []
+
+    def backend(gm, inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def fw(g, _):
+            graphs.append(g)
+            return g
+
+        return aot_module_simplified(gm, inputs, fw_compiler=fw)
+
+    return graphs, backend
+
+
 def _predict(weight, bias, x):
     return F.linear(x, weight, bias).tanh()
 
@@ -202,16 +218,7 @@ def _forward_args(name):
 def test_forward_mode_graphs_hold_no_real_constants(name):
     """The zero tangent of the undifferentiated weight is an op of the graph (aten.zeros), not a
     real tensor baked in as a constant (which Inductor refused)."""
-    graphs = []
-
-    def backend(gm, inputs):
-        from torch._functorch.aot_autograd import aot_module_simplified
-
-        def fw(g, _):
-            graphs.append(g)
-            return g
-
-        return aot_module_simplified(gm, inputs, fw_compiler=fw)
+    graphs, backend = _capturing_backend()
 
     fn, args = _FORWARD_WITH_CONSTANT_OPERAND[name], _forward_args(name)
     torch._dynamo.reset()
@@ -231,16 +238,7 @@ def test_inductor_compiles_forward_mode_with_a_constant_operand(name):
 
 def test_the_graph_holds_plain_aten_ops():
     """What AOTAutograd traces through our levels is the batched computation itself."""
-    graphs = []
-
-    def backend(gm, inputs):
-        from torch._functorch.aot_autograd import aot_module_simplified
-
-        def fw(g, _):
-            graphs.append(g)
-            return g
-
-        return aot_module_simplified(gm, inputs, fw_compiler=fw)
+    graphs, backend = _capturing_backend()
 
     w, xs = torch.randn(3, dtype=_F64), torch.randn(6, 3, dtype=_F64)
     step = lambda w, xs: ft.vmap(ft.grad(lambda w, x: (x @ w).sin()), in_dims=(None, 0))(w, xs)  # noqa: E731
