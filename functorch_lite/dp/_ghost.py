@@ -151,6 +151,7 @@ class _Call:
         "versions",
         "bases",
         "rng",
+        "front_shapes",
     )
 
     def __init__(self, phys, args, kwargs, output, rng=None):
@@ -181,6 +182,12 @@ class _Call:
         # the edge, not the tensor: an in-place op after the call (ReLU(inplace=True)) must not
         # turn the output's gradient into the gradient of the modified value
         self.edges = [None if t is None else get_gradient_edge(t) for t in self.outputs]
+        # the outputs themselves are released before the backward (NOTE [What the backward keeps]):
+        # a zero gradient for an output the loss does not reach needs its shape only
+        self.front_shapes = [
+            None if t is None else (self.front_output(k, t).shape, t.dtype, t.device)
+            for k, t in enumerate(self.outputs)
+        ]
         self.versions = [None if t is None else t._version for t in self.outputs]
         # a physical output is often a view (the batching rule's reshape of a fresh result); an
         # in-place op on it later (ReLU(inplace=True)) moves its history to the base, and its own
@@ -927,8 +934,17 @@ class _Plan:
 
     def wanted(self):
         """The edges to ask the backward for (read them after the recording's in-place ops: an
-        output modified in place is read through its base), then the unseen parameters."""
+        output modified in place is read through its base), then the unseen parameters.
+
+        NOTE [What the backward keeps]: after this, the outputs of the calls a rule handles are
+        released (their edges, versions and shapes are all that is needed), so that the backward
+        does not run with every layer's output alive beside autograd's own saved tensors: a
+        language model's logits, (B, T, vocab), are the largest tensor of the step. Calls of the
+        per-layer vmap keep theirs (a redraw is checked against them)."""
         self.reads = [c.edge_for(k) for c, k in self.needed]
+        self.stale = [c.outputs[k]._version != c.versions[k] for c, k in self.needed]
+        for _, c in self.rule_calls:
+            c.outputs = [None] * len(c.outputs)
         return [e for e, _ in self.reads] + self.unseen
 
     def finish(self, got, max_norm, size, force_ghost, like):
@@ -937,8 +953,8 @@ class _Plan:
         if any(g is not None for g in got[len(needed) :]):
             raise _Fallback("a parameter is used where the recording did not see it")
         grads_at = {}
-        for (c, k), (_, based), g in zip(needed, self.reads, got):
-            if g is None and c.outputs[k]._version != c.versions[k]:
+        for (c, k), (_, based), stale, g in zip(needed, self.reads, self.stale, got):
+            if g is None and stale:
                 raise _Fallback("a module output (a view) was modified in place")
             if g is not None and based is not None:
                 g = _view_of_base_grad(g, based)
@@ -969,7 +985,10 @@ class _Plan:
 
 def _output_grad(call, grads_at, k=0):
     g = grads_at.get((id(call), k))
-    return torch.zeros_like(call.front_output(k, call.outputs[k])) if g is None else g
+    if g is None:
+        shape, dtype, device = call.front_shapes[k]
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return g
 
 
 def _rule_contributions(module, rule, call, prepared, grads_at, rule_params, force_ghost):
