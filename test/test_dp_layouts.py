@@ -361,7 +361,14 @@ def test_vmap_grad_through_recurrent_layers_equals_a_loop(cls, batch_first, kw, 
         out, _ = ft.functional_call(rnn, p, (xi, state))
         return out.pow(2).sum()
 
-    got = ft.vmap(ft.grad(f), in_dims=(None, 0, 0))(params, x, h0)
+    mkldnn = torch.backends.mkldnn.enabled
+    old_mode = ft.get_vmap_fallback()
+    ft.set_vmap_fallback("error")  # batched all the way, float32 LSTM included (no oneDNN layer)
+    try:
+        got = ft.vmap(ft.grad(f), in_dims=(None, 0, 0))(params, x, h0)
+    finally:
+        ft.set_vmap_fallback(old_mode)
+    assert torch.backends.mkldnn.enabled == mkldnn  # NOTE [LSTM under vmap without oneDNN]
     for i in range(x.shape[0]):
         p = {n: t.clone().requires_grad_() for n, t in params.items()}
         state = None

@@ -9,7 +9,20 @@
 // like the input. The op then takes the usual path: the boxed front decomposes it at every level.
 // nn.LSTM passes its own zeros (h0, c0) as a list, and its cell computes
 // linear(h, w_hh).add_(linear(x, w_ih)) the same way: the list's tensors get the same treatment.
+//
+// NOTE [LSTM under vmap without oneDNN]
+// torch's CPU LSTM takes oneDNN's fused layer (mkldnn_rnn_layer) for float32/bfloat16 inputs: one
+// opaque op whose backward sums the weight gradient over its batch, so under vmap it could only
+// run per example (the for-loop fallback). torch's other CPU path is the cell written with
+// linear, sigmoid and tanh, which every level batches, per-example weight gradients included. So
+// while a vmap level is on the stack, the LSTM runs that path: oneDNN is switched off for the
+// call. torch keeps that switch process-wide (Context::userEnabledMkldnn), so it is counted: the
+// first such LSTM turns it off, the last one to return restores the user's setting. Meanwhile
+// another thread's CPU op takes its kernel without oneDNN (same values).
+#include <ATen/Context.h>
 #include <ATen/Operators.h>
+
+#include <mutex>
 
 #include "vmap/plumbing.h"
 
@@ -36,7 +49,38 @@ struct RnnKernel<Op, Ret(const Tensor&, const Tensor&, Rest...)> {
   }
 };
 
-// lstm.input(input, hx[], params[], ...): h0/c0 batched like the input.
+class NoMkldnnGuard {
+ public:
+  NoMkldnnGuard() {
+    std::lock_guard<std::mutex> lock(mutex());
+    if (depth()++ == 0) {
+      saved() = at::globalContext().userEnabledMkldnn();
+      at::globalContext().setUserEnabledMkldnn(false);
+    }
+  }
+  ~NoMkldnnGuard() {
+    std::lock_guard<std::mutex> lock(mutex());
+    if (--depth() == 0) at::globalContext().setUserEnabledMkldnn(saved());
+  }
+  NoMkldnnGuard(const NoMkldnnGuard&) = delete;
+  NoMkldnnGuard& operator=(const NoMkldnnGuard&) = delete;
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static int& depth() {
+    static int d = 0;
+    return d;
+  }
+  static bool& saved() {
+    static bool s = true;
+    return s;
+  }
+};
+
+// lstm.input(input, hx[], params[], ...): h0/c0 batched like the input, oneDNN off.
 template <class Op, class Sig = typename Op::schema>
 struct LstmKernel;
 template <class Op, class Ret, class... Rest>
@@ -48,6 +92,7 @@ struct LstmKernel<Op, Ret(const Tensor&, at::TensorList, Rest...)> {
     std::vector<Tensor> h;
     h.reserve(hx.size());
     for (const Tensor& t : hx) h.push_back(t.defined() ? t.add(input.new_zeros(t.sizes())) : t);
+    NoMkldnnGuard no_mkldnn;
     return detail::redirectToFront<Op, Ret, const Tensor&, at::TensorList, Rest...>(ks, input, h, rest...);
   }
 };
