@@ -23,6 +23,12 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ._load import _C
 
 _REMOVE = ("mutations", "mutations_and_views")
+_FORWARD_INSIDE = (
+    "functionalize(f): forward-mode transforms (jvp, jacfwd, hessian) inside functionalize are "
+    "not supported in general (their tangents are written outside the functional tensors). Put "
+    "functionalize inside them instead (ft.jvp(functionalize(f), ...), ft.hessian(functionalize(f)) "
+    "work)."
+)
 
 
 def _active():
@@ -75,18 +81,20 @@ def functionalize(func, *, remove="mutations"):
                 raise
             # torch's internal assert: forward AD's formulas write tangents made outside the
             # functional wrappers (our jvp levels inside functionalize)
-            raise RuntimeError(
-                "functionalize(f): forward-mode transforms (jvp, jacfwd, hessian) inside "
-                "functionalize are not supported: their tangents are written in place outside "
-                "the functional tensors. Put functionalize inside them instead "
-                "(ft.jvp(functionalize(f), ...), ft.hessian(functionalize(f)) work)."
-            ) from None
+            raise RuntimeError(_FORWARD_INSIDE) from None
         finally:
             torch._disable_functionalization()
         for i, (x, w) in enumerate(zip(flat, wrapped)):
             if isinstance(x, torch.Tensor) and torch._is_functional_tensor(w):
                 _write_back(x, w, i, write_back)
-        return tree_map(_unwrap, out)
+        result = tree_map(_unwrap, out)
+        for o in tree_flatten(result)[0]:
+            info = _C._wrapper_info(o) if isinstance(o, torch.Tensor) else None
+            if info is not None and not info[4]:
+                # a forward-mode level inside functionalize left one of its (dead) wrappers in
+                # the output instead of its value: refuse rather than hand it back
+                raise RuntimeError(_FORWARD_INSIDE)
+        return result
 
     def functionalized(*args, **kwargs):
         if _active():  # inside another functionalize: its mode already removes the mutations

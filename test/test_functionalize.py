@@ -175,3 +175,20 @@ def test_forward_mode_inside_functionalize_is_a_clear_error():
         functionalize(lambda t: ft.jvp(_inplace_chain, (t,), (torch.ones_like(t),))[1])(x)
     with pytest.raises(RuntimeError, match="forward-mode transforms .* inside functionalize"):
         functionalize(ft.hessian(_loss))(x)
+    # a tangent that depends on a functional tensor the function made: refused, not returned as
+    # a dead wrapper of the jvp level
+    with pytest.raises(RuntimeError, match="forward-mode transforms .* inside functionalize"):
+        functionalize(
+            lambda t: (lambda y: ft.jvp(lambda z: (z * y).sin(), (t,), (torch.ones_like(t),))[1])(
+                t.clone().add_(1)
+            )
+        )(x)
+
+
+def test_forward_mode_without_mutations_inside_functionalize():
+    """jvp and jacfwd of functions that mutate nothing run inside functionalize, as in torch.func."""
+    x = _x(5)
+    got = functionalize(lambda t: ft.jvp(torch.sin, (t,), (torch.ones_like(t),))[1])(x)
+    torch.testing.assert_close(got, x.cos())
+    got = functionalize(lambda t: ft.jacfwd(torch.sin)(t))(x)
+    torch.testing.assert_close(got, tf.functionalize(lambda t: tf.jacfwd(torch.sin)(t))(x))
