@@ -104,7 +104,7 @@ setup(
             "clang-format==23.1.5",
         ],
         # the docs site, `bash scripts/docs.sh` (Sphinx 9.0 needs Python >= 3.11); the tutorials
-        # it executes use matplotlib, scikit-learn's digits and dp-accounting
+        # it executes use matplotlib, scikit-learn's digits, dp-accounting and transformers
         "docs": [
             "sphinx==9.0.4",
             "furo==2025.12.19",
@@ -113,6 +113,8 @@ setup(
             "matplotlib",
             "scikit-learn",
             "dp-accounting>=0.4",
+            # the GPT-2 fine-tuning tutorial (t8) builds its model from a config (no download)
+            "transformers==4.57.1",
         ],
     },
     zip_safe=False,

@@ -13,6 +13,10 @@ Sections (each a module next to this file):
               B=64 and B=256, the CNN and the transformer (torch.func, Opacus hooks/ghost/ew,
               ft.dp.PrivateTrainer with torch noise, Philox noise and secure mode), against the
               non-private step; and the noise generators' speed (torch normal_, ft Philox, secure);
+  dp_lm       bench_dp_lm.py: whole training steps (AdamW) of transformers' GPT-2 (2 layers,
+              d=768, vocab 50,257, T=128, B=8) and of a BERT-shaped classifier: non-private,
+              ft.dp.PrivateTrainer and Opacus' ghost clipping, with each row's peak memory in a
+              fresh process; --big adds GPT-2 with 12 layers and at T=512 (minutes per step);
   scaling     bench_scaling.py: per-sample gradients and whole DP-SGD steps against the batch
               size, one line per library (functorch_lite, torch.func, Opacus, JAX);
   compiled    bench_compiled.py: torch.compile(step, fullgraph=True) of steps calling the
@@ -22,7 +26,8 @@ Every section times its contenders in interleaved rounds (the order rotates from
 and reports medians over rounds and medians of the per-round (paired) ratios, so that load
 drifting between rounds hits every contender alike. One intra-op thread by default (--threads).
 
-    python benchmarks/run.py                       # full run (~7 min on a quiet 2-core CPU)
+    python benchmarks/run.py                       # full run (~11 min on a quiet 2-core CPU)
+    python benchmarks/run.py --only dp_lm [--big]  # ~4 min (--big: far longer, minutes per step)
     python benchmarks/run.py --quick --out /tmp/b  # smoke test: tiny sizes, a few rounds (<1 min)
     python benchmarks/run.py --only transforms --workloads jac,hessian
 
@@ -54,7 +59,7 @@ import functorch_lite as ft  # noqa: E402
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 HEAD_BEGIN, HEAD_END = "<!-- bench:headline:begin -->", "<!-- bench:headline:end -->"
-SECTIONS = ("transforms", "compiled", "dp_clip", "dp_steps", "scaling")
+SECTIONS = ("transforms", "compiled", "dp_clip", "dp_steps", "dp_lm", "scaling")
 CHARTS = {
     "ratios": "bench_ratios.png",
     "dp_clip": "bench_dp_clip.png",
@@ -215,6 +220,33 @@ def run_dp_steps(args):
     )
     table = bench_dp_steps.markdown(models, noise, mem)
     return dict(models=models, noise=noise, memory=mem, how=how, table=table)
+
+
+def run_dp_lm(args):
+    import bench_dp_lm
+
+    rounds = 2 if args.quick else 3
+    old = ft.get_vmap_fallback()
+    ft.set_vmap_fallback("quiet")
+    try:
+        res = bench_dp_lm.run(
+            quick=args.quick,
+            big=args.big,
+            rounds=rounds,
+            memory_rows=args.memory,
+            threads=args.threads,
+            log=log,
+        )
+    finally:
+        ft.set_vmap_fallback(old)
+    how = (
+        f"every row stepped once (warm-up), then {rounds} interleaved rounds of one step per row; "
+        "time = median over rounds, ratio = time / the non-private step of the same model in the "
+        "same round (median)" + ("" if args.big else "; the 12-layer and T=512 GPT-2 rows need --big")
+    )
+    res["how"] = how
+    res["table"] = bench_dp_lm.markdown(res["models"], res["note"])
+    return res
 
 
 def run_compiled(args):
@@ -380,6 +412,8 @@ def section_text(name, r, meta):
         )
     if name == "dp_steps":
         return "\n".join(["### Whole DP-SGD steps and the noise generator", "", mode, "", r["table"]])
+    if name == "dp_lm":
+        return "\n".join(["### DP fine-tuning at language-model scale", "", mode, "", r["table"]])
     return "\n".join(
         [
             "### Scaling with the batch size",
@@ -505,13 +539,18 @@ def main(argv=None):
         "--device",
         choices=["cpu", "cuda"],
         default="cpu",
-        help="device of the transforms section (dp_clip, dp_steps and scaling run on the CPU)",
+        help="device of the transforms section (the dp_* and scaling sections run on the CPU)",
     )
     p.add_argument(
         "--memory",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="dp_clip, dp_steps: also measure peak memory, one process per row (default: on in full mode)",
+        help="dp_clip, dp_steps, dp_lm: also measure peak memory, one process per row (default: on in full mode)",
+    )
+    p.add_argument(
+        "--big",
+        action="store_true",
+        help="dp_lm: also GPT-2 with 12 layers (T=128) and with 2 layers at T=512 (minutes per step)",
     )
     p.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     args = p.parse_args(argv)
@@ -541,6 +580,7 @@ def main(argv=None):
         "compiled": run_compiled,
         "dp_clip": run_dp_clip,
         "dp_steps": run_dp_steps,
+        "dp_lm": run_dp_lm,
         "scaling": run_scaling,
     }
     for s in sections:

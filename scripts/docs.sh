@@ -16,7 +16,7 @@ else
 fi
 [ -x "$PY" ] || { echo "docs: no virtual environment at $PY; run bash scripts/test.sh once (or set VENV)" >&2; exit 1; }
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PY" -c "import sphinx, furo, myst_parser, sphinx_gallery, matplotlib, sklearn, dp_accounting" 2>/dev/null; then
+if ! "$PY" -c "import sphinx, furo, myst_parser, sphinx_gallery, matplotlib, sklearn, dp_accounting, transformers" 2>/dev/null; then
   # The pins live in one place, setup.py's `docs` extra; installing the extra itself would
   # build the package, so only its requirements are installed (torch pinned so nothing moves it).
   mapfile -t reqs < <("$PY" scripts/extra_requires.py docs)

@@ -55,6 +55,7 @@ def test_writes_table_and_charts(quick_run):
         "### Transforms",
         "### Clipped per-example",
         "### Whole DP-SGD steps and the noise generator",
+        "### DP fine-tuning at language-model scale",
         "### Scaling with the batch size",
     ):
         assert heading in md, heading
@@ -126,6 +127,22 @@ def test_dp_steps_ratios_finite(quick_run):
         assert all(_finite(n[k]) and n[k] > 0 for k in ("ns", "per_s", "speedup")), n
 
 
+def test_dp_lm_ratios_finite(quick_run):
+    pytest.importorskip("transformers", reason="the dp_lm section's models come from transformers")
+    _, _, results = quick_run
+    r = results["results"]["dp_lm"]
+    assert [m["key"] for m in r["models"]] == ["GPT-2 2L T=128", "BERT 4L d=256 cls"]
+    for m in r["models"]:
+        methods = {row["method"]: row for row in m["rows"]}
+        for k in ("non-private", "ft.dp auto"):
+            assert k in methods and _finite(methods[k]["ratio"]) and methods[k]["ratio"] > 0, (m["key"], k)
+            assert "failed" not in methods[k]["note"], (m["key"], methods[k])
+        # GPT-2 and BERT as transformers builds them: every parameter on a per-layer rule
+        assert methods["ft.dp auto"]["note"] == "every parameter on a per-layer rule", methods["ft.dp auto"]
+        for row in m["rows"]:  # Opacus may fail on a model: then a note says why
+            assert (_finite(row["ratio"]) and row["ratio"] > 0) or row["note"].startswith("failed"), row
+
+
 def test_scaling_ratios_finite(quick_run):
     _, _, results = quick_run
     s = results["results"]["scaling"]
@@ -170,6 +187,6 @@ def test_partial_run_replaces_only_its_section(quick_run, tmp_path):
     assert "Measured in a separate run" in section and "vmap(torch.sin)" in section
     assert "grad(torch.sin)" not in section  # only the workload asked for
     # the other sections are untouched, byte for byte
-    for name in ("dp_clip", "dp_steps", "scaling"):
+    for name in ("dp_clip", "dp_steps", "dp_lm", "scaling"):
         b, e = f"<!-- bench:{name}:begin -->", f"<!-- bench:{name}:end -->"
         assert after[after.index(b) : after.index(e)] == before[before.index(b) : before.index(e)]
