@@ -45,6 +45,7 @@ import time
 import bench_dp_clip
 import torch
 from bench_scaling import LR, MAX_NORM, SIGMA, _opacus, interleaved
+from torch import nn
 
 import functorch_lite as ft
 
@@ -63,11 +64,32 @@ def mlp(B):
     return make
 
 
+class _LSTMClassifier(nn.Module):
+    def __init__(self, d, hidden, classes):
+        super().__init__()
+        self.lstm = nn.LSTM(d, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def lstm(quick=False):
+    """An LSTM(16, 64) sequence classifier (5 classes) on T=20 steps: Opacus' rows run its DPLSTM
+    (ModuleValidator.fix swaps it in), ft.dp its recurrent rule (docs/dp_clipping.md)."""
+    d, hidden, t, n = (4, 8, 5, 4) if quick else (16, 64, 20, 64)
+    torch.manual_seed(0)
+    model = _LSTMClassifier(d, hidden, 5)
+    x, y = torch.randn(n, t, d), torch.randint(0, 5, (n,))
+    return f"LSTM({d}, {hidden}) classifier, T={t}, B={n}", model, x, y, bench_dp_clip._ce
+
+
 MODELS = {
     "MLP B=64": mlp(64),
     "MLP B=256": mlp(256),
     "CNN B=256": bench_dp_clip.cnn,
     "transformer B=64": bench_dp_clip.transformer,
+    "LSTM B=64": lstm,
 }
 
 # --------------------------------------------------------------------------------------------

@@ -652,6 +652,131 @@ def _mha(module, call, a, b, policy):
     return out
 
 
+# NOTE [Recurrent layers: the gates are Linear uses over the time steps]
+# An RNN/GRU/LSTM layer computes, at every step t, gi_t = W_ih x_t + b_ih and gh_t = W_hh h_{t-1} +
+# b_hh, then its gates from them. So W_ih is a Linear applied to the T inputs x_t and W_hh one
+# applied to the T previous hidden states: each gets the Linear rule with T positions (ghost norms
+# from T x T Grams, or per-example products by cost), once the per-step gradients d gi_t, d gh_t
+# are known; the biases' per-example gradients are their sums over t. Those gradients come from
+# re-running the layer from the recorded input (and h0), unrolled step by step with the gate
+# pre-activations kept, and one batched backward of the recorded output gradients (of the output
+# sequence and of h_n/c_n) through it, as Opacus' DPLSTM does by construction. gi and gh are kept
+# apart because a GRU's candidate gate multiplies the hidden part by its reset gate. Supported:
+# any number of layers, bidirectional, batch_first, h0/c0 given or not, tanh/relu RNNs; not:
+# proj_size, packed sequences, dropout drawn between layers (those take the per-layer vmap).
+def _rnn_cell(module, gi, gh, h, c):
+    if isinstance(module, nn.LSTM):
+        i, f, g, o = (gi + gh).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if isinstance(module, nn.GRU):
+        ri, zi, ni = gi.chunk(3, 1)
+        rh, zh, nh = gh.chunk(3, 1)
+        r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
+        n = torch.tanh(ni + r * nh)
+        return (1 - z) * n + z * h, None
+    act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+    return act(gi + gh), None
+
+
+def _rnn_inputs(module, call):
+    """(x (B, T, D), h0 (B, L*dirs, H) or None, c0 or None, n_outputs) from the recorded call, or
+    None where the layer does not run one sequence per example."""
+    args = list(call.args) + list(call.kwargs.values())
+    if not args or not isinstance(args[0], torch.Tensor) or not call.batched[0]:
+        return None
+    x = args[0]
+    if x.dim() == 4:  # a batch of one per example
+        axis = 1 if module.batch_first else 2
+        if x.shape[axis] != 1:
+            return None
+        x = x.squeeze(axis)
+    elif x.dim() != 3:  # (B, T, D): an unbatched sequence per example
+        return None
+    hx = args[1] if len(args) > 1 else None
+    states = [] if hx is None else list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    out = []
+    for st in states:
+        if not isinstance(st, torch.Tensor):
+            return None
+        if st.dim() == 3:  # shared by all examples: (L*dirs, 1, H) or (L*dirs, H)
+            st = st.unsqueeze(0).expand(x.shape[0], *st.shape)
+        if st.dim() == 4:
+            if st.shape[2] != 1:
+                return None
+            st = st.squeeze(2)
+        out.append(st)
+    h0 = out[0] if out else None
+    c0 = out[1] if len(out) > 1 else None
+    return x, h0, c0
+
+
+def _rnn(module, call, a, bs, policy):
+    """bs: the output gradients of the call, [output sequence, h_n(, c_n)], each None or with the
+    examples along dim 0 (NOTE [Recurrent layers: the gates are Linear uses over the time steps])."""
+    x, h0, c0 = a
+    n, t_len = x.shape[0], x.shape[1]
+    layers, dirs, hid = module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
+    lstm = isinstance(module, nn.LSTM)
+    w = {name: getattr(module, name).detach() for name in module._flat_weights_names}
+    inp = x
+    gis, ghs, prevs, layer_inputs, finals_h, finals_c = {}, {}, {}, {}, [], []
+    with torch.enable_grad():
+        for layer in range(layers):
+            outs = []
+            for d in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                k = layer * dirs + d
+                gi = F.linear(inp, w["weight_ih" + sfx], w.get("bias_ih" + sfx))
+                if not gi.requires_grad:
+                    gi = gi.detach().requires_grad_()
+                h = h0[:, k] if h0 is not None else x.new_zeros(n, hid)
+                c = (c0[:, k] if c0 is not None else x.new_zeros(n, hid)) if lstm else None
+                steps = range(t_len - 1, -1, -1) if d else range(t_len)
+                hs, gh_t, prev_t = [None] * t_len, [None] * t_len, [None] * t_len
+                for t in steps:
+                    prev_t[t] = h
+                    gh = F.linear(h, w["weight_hh" + sfx], w.get("bias_hh" + sfx))
+                    if not gh.requires_grad:
+                        gh = gh.detach().requires_grad_()
+                    gh_t[t] = gh
+                    h, c = _rnn_cell(module, gi[:, t], gh, h, c)
+                    hs[t] = h
+                gis[sfx], ghs[sfx], prevs[sfx], layer_inputs[sfx] = gi, gh_t, prev_t, inp
+                finals_h.append(h)
+                finals_c.append(c)
+                outs.append(torch.stack(hs, 1))
+            inp = outs[0] if dirs == 1 else torch.cat(outs, -1)
+        produced = [inp, torch.stack(finals_h, 1)] + ([torch.stack(finals_c, 1)] if lstm else [])
+        pairs = [(o, g.reshape(o.shape)) for o, g in zip(produced, bs) if g is not None]
+        wanted = [gis[s] for s in gis] + [g for s in ghs for g in ghs[s]]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+    grads = [torch.zeros_like(v) if g is None else g for v, g in zip(wanted, grads)]
+    out = []
+    gi_grads = dict(zip(gis, grads[: len(gis)]))
+    rest = grads[len(gis) :]
+    for s in gis:
+        d_i = gi_grads[s]
+        d_h = torch.stack(rest[:t_len], 1)
+        rest = rest[t_len:]
+        a_ih, a_hh = layer_inputs[s].detach(), torch.stack(prevs[s], 1).detach()
+        g, d_in = d_i.shape[-1], a_ih.shape[-1]
+        out.append(_matmul_weight("weight_ih" + s, a_ih, d_i, policy("weight_ih" + s, t_len, g, d_in)))
+        out.append(_matmul_weight("weight_hh" + s, a_hh, d_h, policy("weight_hh" + s, t_len, g, hid)))
+        if module.bias:
+            out.append(("inst", "bias_ih" + s, d_i.sum(1)))
+            out.append(("inst", "bias_hh" + s, d_h.sum(1)))
+    return out
+
+
+def _rnn_supported(module):
+    return (
+        getattr(module, "proj_size", 0) == 0
+        and not (module.training and module.dropout > 0 and module.num_layers > 1)
+        and module.mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+    )
+
+
 def _mha_supported(module):
     return (
         module._qkv_same_embed_dim
@@ -672,6 +797,9 @@ _RULES = {
     nn.BatchNorm2d: _batch_norm_eval,
     nn.BatchNorm3d: _batch_norm_eval,
     nn.MultiheadAttention: _mha,
+    nn.LSTM: _rnn,
+    nn.GRU: _rnn,
+    nn.RNN: _rnn,
 }
 if hasattr(nn, "RMSNorm"):
     _RULES[nn.RMSNorm] = _rms_norm
@@ -712,6 +840,9 @@ def _rule_inputs(module, rule, call):
     if rule is _mha:
         got = _mha_inputs(module, call)
         return None if got is None else (got, got[-1])
+    if rule is _rnn:
+        got = _rnn_inputs(module, call)
+        return None if got is None else (got, None)
     a, batched = _input(call)
     out = call.front_output(0, call.outputs[0])
     if not batched:  # a shared input whose output was made per-example (NOTE [Shared outputs ...])
@@ -765,6 +896,8 @@ def _rule_for(module):
             ):
                 return None
             if isinstance(module, nn.MultiheadAttention) and not _mha_supported(module):
+                return None
+            if rule is _rnn and not _rnn_supported(module):
                 return None
             return rule
     return None
@@ -992,10 +1125,13 @@ def _output_grad(call, grads_at, k=0):
 
 
 def _rule_contributions(module, rule, call, prepared, grads_at, rule_params, force_ghost):
-    if any(grads_at.get((id(call), k)) is not None for k in range(1, len(call.outputs))):
-        raise _Fallback("attention weights reach the loss")
     a, layout = prepared
-    b = layout(_output_grad(call, grads_at))
+    if rule is _rnn:  # the output sequence, h_n and c_n can all reach the loss
+        b = [grads_at.get((id(call), k)) for k in range(len(call.outputs))]
+    else:
+        if any(grads_at.get((id(call), k)) is not None for k in range(1, len(call.outputs))):
+            raise _Fallback("attention weights reach the loss")
+        b = layout(_output_grad(call, grads_at))
     owned = _rule_parameters(module)
 
     def policy(name, t, p, d):
