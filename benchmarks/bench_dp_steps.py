@@ -64,24 +64,28 @@ def mlp(B):
     return make
 
 
-class _LSTMClassifier(nn.Module):
-    def __init__(self, d, hidden, classes):
+class _RecurrentClassifier(nn.Module):
+    def __init__(self, cls, d, hidden, classes):
         super().__init__()
-        self.lstm = nn.LSTM(d, hidden, batch_first=True)
+        self.rnn = cls(d, hidden, batch_first=True)
         self.head = nn.Linear(hidden, classes)
 
     def forward(self, x):
-        return self.head(self.lstm(x)[0][:, -1])
+        return self.head(self.rnn(x)[0][:, -1])
 
 
-def lstm(quick=False):
-    """An LSTM(16, 64) sequence classifier (5 classes) on T=20 steps: Opacus' rows run its DPLSTM
-    (ModuleValidator.fix swaps it in), ft.dp its recurrent rule (docs/dp_clipping.md)."""
-    d, hidden, t, n = (4, 8, 5, 4) if quick else (16, 64, 20, 64)
-    torch.manual_seed(0)
-    model = _LSTMClassifier(d, hidden, 5)
-    x, y = torch.randn(n, t, d), torch.randint(0, 5, (n,))
-    return f"LSTM({d}, {hidden}) classifier, T={t}, B={n}", model, x, y, bench_dp_clip._ce
+def recurrent(cls):
+    """A cls(16, 64) sequence classifier (5 classes) on T=20 steps: Opacus' rows run its
+    DPLSTM/DPGRU (ModuleValidator.fix swaps them in), ft.dp its recurrent rule."""
+
+    def make(quick=False):
+        d, hidden, t, n = (4, 8, 5, 4) if quick else (16, 64, 20, 64)
+        torch.manual_seed(0)
+        model = _RecurrentClassifier(cls, d, hidden, 5)
+        x, y = torch.randn(n, t, d), torch.randint(0, 5, (n,))
+        return f"{cls.__name__}({d}, {hidden}) classifier, T={t}, B={n}", model, x, y, bench_dp_clip._ce
+
+    return make
 
 
 MODELS = {
@@ -89,7 +93,8 @@ MODELS = {
     "MLP B=256": mlp(256),
     "CNN B=256": bench_dp_clip.cnn,
     "transformer B=64": bench_dp_clip.transformer,
-    "LSTM B=64": lstm,
+    "LSTM B=64": recurrent(nn.LSTM),
+    "GRU B=64": recurrent(nn.GRU),
 }
 
 # --------------------------------------------------------------------------------------------
