@@ -302,6 +302,23 @@ def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
     )
 
 
+def _rng_replay(randomness):
+    """For a vmap run in pieces (chunks, nested components): randomness='same' means one draw for
+    the whole batch, so every piece replays the generators' state from before the first; the
+    returned function restores it (and does nothing for the other modes)."""
+    if randomness != "same":
+        return lambda: None
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def replay():
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return replay
+
+
 # NOTE [vmap over nested tensors]
 # A nested tensor has no size for its ragged dim, so it cannot be the value of a BatchedTensor.
 # As torch.func does, vmap maps over its components: the function runs once per component (under
@@ -312,9 +329,7 @@ def _vmap_call(func, in_dims, out_dims, randomness, chunk_size, args, kwargs):
 # correct, not fast (torch.func's fallback loops too).
 def _vmap_nested(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, kwargs):
     parts = [a.unbind() if d is not None and a.is_nested else None for a, d in zip(flat_args, flat_in_dims)]
-    rng = None
-    if randomness == "same":
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    replay = _rng_replay(randomness)
     results, dims, spec = [], None, None
     for i in range(batch_size):
         args_i, dims_i = [], []
@@ -325,10 +340,7 @@ def _vmap_nested(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims,
             else:
                 args_i.append(a.narrow(d, i, 1) if d is not None else a)
                 dims_i.append(d)
-        if rng is not None:
-            torch.set_rng_state(rng[0])
-            if rng[1] is not None:
-                torch.cuda.set_rng_state_all(rng[1])
+        replay()
         flat_out, dims, spec = _vmap_once(func, args_i, dims_i, args_spec, 1, out_dims, randomness, kwargs)
         results.append(flat_out)
     nested_out = _depends_on_nested(
@@ -403,18 +415,12 @@ def _depends_on_nested(func, flat_args, flat_in_dims, parts, args_spec, out_dims
 
 def _chunked(func, flat_args, flat_in_dims, args_spec, batch_size, out_dims, randomness, chunk_size, kwargs):
     starts = range(0, batch_size, chunk_size)
-    # randomness='same' means one draw for the whole batch, so every chunk replays the same RNG.
-    rng = None
-    if randomness == "same":
-        rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    replay = _rng_replay(randomness)
     results, spec, dims = [], None, None
     for start in starts:
         n = min(chunk_size, batch_size - start)
         chunk_args = [a.narrow(d, start, n) if d is not None else a for a, d in zip(flat_args, flat_in_dims)]
-        if rng is not None:
-            torch.set_rng_state(rng[0])
-            if rng[1] is not None:
-                torch.cuda.set_rng_state_all(rng[1])
+        replay()
         flat_out, dims, spec = _vmap_once(
             func, chunk_args, flat_in_dims, args_spec, n, out_dims, randomness, kwargs
         )
