@@ -448,10 +448,9 @@ def _embedding(module, call, ids, b, policy):
     if module.padding_idx is not None:  # the padding row gets no gradient
         b = b * (ids != module.padding_idx).unsqueeze(-1).to(b.dtype)
     t = ids.shape[1]
+    factors = (_Ids(ids, vocab), b)  # per-example G = onehot(ids)^T b
     if not _use_ghost(policy("weight", t, dim, vocab), t, dim, vocab):
-        offsets = (ids + torch.arange(n, device=ids.device).unsqueeze(1) * vocab).reshape(-1)
-        g = b.new_zeros(n * vocab, dim).index_add_(0, offsets, b.reshape(-1, dim))
-        return [("inst", "weight", g.reshape(n, vocab, dim))]
+        return [("inst", "weight", _materialize(factors, (vocab, dim)))]
     # ||G_i||^2 = sum over token pairs with equal ids of <b_it, b_is>
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(b.dtype)
     sq = (same * (b @ b.transpose(1, 2))).sum((1, 2))
@@ -460,7 +459,7 @@ def _embedding(module, call, ids, b, policy):
         rows = (b * c[:, None, None]).reshape(-1, dim)
         return b.new_zeros(vocab, dim).index_add_(0, ids.reshape(-1), rows)
 
-    return [("ghost", "weight", sq, finish, (_Ids(ids, vocab), b))]
+    return [("ghost", "weight", sq, finish, factors)]
 
 
 class _Ids:
