@@ -116,13 +116,7 @@ class PrivateTrainer:
         if not (isinstance(expected_batch_size, (int, float)) and expected_batch_size > 0):
             raise ValueError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
         _noise.check_noise_generator(noise_generator)
-        if not isinstance(secure_mode, bool):
-            raise TypeError(f"secure_mode must be True or False, got {secure_mode!r}")
-        if secure_mode and generator is not None:
-            raise ValueError(
-                "secure_mode draws its noise from the operating system's entropy and cannot be seeded: "
-                "pass generator=None (a seeded generator would make the noise predictable)"
-            )
+        _noise.check_secure(secure_mode, generator, "PrivateTrainer")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
         if clipping not in ("auto", "ghost", "vmap"):

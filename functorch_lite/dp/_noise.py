@@ -29,6 +29,18 @@ def check_noise_generator(noise_generator):
         raise ValueError(f"noise_generator must be 'philox' or 'torch', got {noise_generator!r}")
 
 
+def check_secure(secure_mode, generator, api):
+    """secure_mode must be a bool, and cannot be seeded: a seeded generator would make the noise
+    (or the sampling) predictable."""
+    if not isinstance(secure_mode, bool):
+        raise TypeError(f"{api}: secure_mode must be True or False, got {secure_mode!r}")
+    if secure_mode and generator is not None:
+        raise ValueError(
+            f"{api}: secure_mode draws from the operating system's entropy and cannot be seeded: "
+            "pass generator=None (a seeded generator would make it predictable)"
+        )
+
+
 def _draw_key(generator):
     """64 random bits from `generator` (torch's global CPU generator when None)."""
     device = generator.device if generator is not None else "cpu"
@@ -195,12 +207,8 @@ def gaussian_noise_(tensors, std, *, scale=1.0, generator=None, noise_generator=
         raise ValueError(f"gaussian_noise_: scale must be a finite number, got {scale!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"gaussian_noise_: generator must be a torch.Generator or None, got {generator!r}")
+    check_secure(secure_mode, generator, "gaussian_noise_")
     if secure_mode:
-        if generator is not None:
-            raise ValueError(
-                "gaussian_noise_: secure_mode draws from the OS's entropy and cannot be seeded; "
-                "pass generator=None"
-            )
         src = _secure()
     else:
         src = make_noise(noise_generator, generator, False)

@@ -36,7 +36,7 @@ class PoissonSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_examples, sample_rate, *, num_batches=None, generator=None, secure_mode=False):
         _check_sample_rate(sample_rate)
-        _check_secure(secure_mode, generator)
+        _noise.check_secure(secure_mode, generator, "PoissonSampler")
         if not (isinstance(num_examples, int) and num_examples > 0):
             raise ValueError(f"num_examples must be a positive int, got {num_examples!r}")
         self.num_examples = num_examples
@@ -56,15 +56,6 @@ class PoissonSampler(torch.utils.data.Sampler):
                 .flatten()
                 .tolist()
             )
-
-
-def _check_secure(secure_mode, generator):
-    if not isinstance(secure_mode, bool):
-        raise TypeError(f"secure_mode must be True or False, got {secure_mode!r}")
-    if secure_mode and generator is not None:
-        raise ValueError(
-            "secure_mode samples from the operating system's entropy and cannot be seeded: pass generator=None"
-        )
 
 
 def _draw(n, q, generator, secure_mode):
