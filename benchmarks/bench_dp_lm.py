@@ -57,7 +57,7 @@ import time
 import bench_dp_clip
 import torch
 import torch.nn.functional as F
-from bench_dp_steps import _first_line, _PerExample
+from bench_dp_steps import _first_line, _PerExample, plain_step
 from bench_scaling import _opacus
 from torch import nn
 
@@ -224,14 +224,7 @@ def _adamw(module):
 
 
 def _non_private(m, ids, y, loss_fn):
-    opt = _adamw(m)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(m(ids), y).mean().backward()
-        opt.step()
-
-    return step
+    return plain_step(m, _adamw(m), ids, y, loss_fn)
 
 
 def _ft_auto(m, ids, y, loss_fn):

@@ -105,9 +105,8 @@ def _sgd(module):
     return torch.optim.SGD(module.parameters(), lr=LR)
 
 
-def _non_private(model, x, y, loss_fn):
-    m = copy.deepcopy(model)
-    opt = _sgd(m)
+def plain_step(m, opt, x, y, loss_fn):
+    """The non-private step of module m with optimizer opt: forward, mean loss, backward, step."""
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -115,6 +114,11 @@ def _non_private(model, x, y, loss_fn):
         opt.step()
 
     return step
+
+
+def _non_private(model, x, y, loss_fn):
+    m = copy.deepcopy(model)
+    return plain_step(m, _sgd(m), x, y, loss_fn)
 
 
 def _torch_func(model, x, y, loss_fn):
