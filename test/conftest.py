@@ -74,6 +74,14 @@ def vmap_fallback(mode):
         ft.set_vmap_fallback(old)
 
 
+def outcome(run):
+    """(run(), None), or (None, the exception run() raised): for tests that compare failures too."""
+    try:
+        return run(), None
+    except Exception as e:  # noqa: BLE001 - the exception is the outcome compared
+        return None, e
+
+
 @pytest.fixture
 def fallback_mode():
     """`with fallback_mode('error'): ...` runs the block with that vmap fallback mode."""

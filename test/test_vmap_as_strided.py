@@ -18,7 +18,7 @@ for-loop and with torch.func.vmap, under ft.set_vmap_fallback('error').
 import pytest
 import torch
 import torch.func as tf
-from conftest import vmap_fallback
+from conftest import outcome, vmap_fallback
 from test_vmap import B, assert_same, with_batch
 
 import functorch_lite as ft
@@ -113,13 +113,6 @@ def _params():
                 yield pytest.param(layout, in_dim, view, id=f"{layout}-in_dim{in_dim}-{view}")
 
 
-def _outcome(run):
-    try:
-        return run(), None
-    except Exception as e:  # noqa: BLE001 - the exception is the outcome compared
-        return None, e
-
-
 @pytest.mark.parametrize("op", sorted(OPS))
 @pytest.mark.parametrize("layout, in_dim, view", list(_params()))
 def test_as_strided_stays_in_each_element(op, layout, in_dim, view):
@@ -133,8 +126,8 @@ def test_as_strided_stays_in_each_element(op, layout, in_dim, view):
         return lib.vmap(lambda t: fn(t, first, size, stride, k), in_dims=in_dim)(x)
 
     with vmap_fallback("error"):
-        actual, ft_exc = _outcome(lambda: vmapped(ft))
-    torch_func, tf_exc = _outcome(lambda: vmapped(tf))
+        actual, ft_exc = outcome(lambda: vmapped(ft))
+    torch_func, tf_exc = outcome(lambda: vmapped(tf))
     if not valid:
         assert isinstance(ft_exc, RuntimeError), f"{view}: expected a RuntimeError, got {actual!r}"
         assert isinstance(tf_exc, RuntimeError), f"torch.func: {tf_exc!r}"
@@ -176,7 +169,7 @@ def test_as_strided_inplace(layout, in_dim, view):
         return t.clone(memory_format=torch.contiguous_format).as_strided_(size, stride, k)
 
     with vmap_fallback("error"):
-        actual, ft_exc = _outcome(lambda: ft.vmap(fn, in_dims=in_dim)(x))
+        actual, ft_exc = outcome(lambda: ft.vmap(fn, in_dims=in_dim)(x))
     if not valid:
         assert isinstance(ft_exc, RuntimeError), f"{view}: expected a RuntimeError, got {actual!r}"
         return
@@ -216,7 +209,7 @@ def test_as_strided_scatter(layout, in_dim, view, placement):
         return torch.as_strided_scatter(t, s, size, stride, None if k is None else base + k)
 
     with vmap_fallback("error"):
-        actual, ft_exc = _outcome(
+        actual, ft_exc = outcome(
             lambda: ft.vmap(lambda t, s: fn(t, s, first), in_dims=(x_dim, src_dim))(x, src)
         )
     if not valid:

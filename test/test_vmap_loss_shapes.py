@@ -16,7 +16,7 @@ import torch
 import torch.func as tf
 import torch.nn.functional as F
 from _placements import make, placements
-from conftest import vmap_fallback
+from conftest import outcome, vmap_fallback
 from test_vmap import assert_same, loop_vmap
 
 import functorch_lite as ft
@@ -230,13 +230,6 @@ def _params():
                 yield pytest.param(name, red, in_dims, id=f"{name}-{red}-{pname}")
 
 
-def _outcome(run):
-    try:
-        return run(), None
-    except Exception as e:  # noqa: BLE001 - the exception is the outcome compared
-        return None, e
-
-
 def _check_exception(name, ft_exc, loop_exc, tf_exc):
     """torch refuses the shapes for one element: so must vmap, with torch.func's exception type
     (the op's where torch.func does not raise, or raises another type for a known reason)."""
@@ -248,10 +241,10 @@ def _check_exception(name, ft_exc, loop_exc, tf_exc):
 
 def _check(fn, specs, in_dims, name):
     args = [make(s, d) for s, d in zip(specs, in_dims)]
-    expected, loop_exc = _outcome(lambda: loop_vmap(fn, in_dims)(*args))
-    torch_func, tf_exc = _outcome(lambda: tf.vmap(fn, in_dims)(*args))
+    expected, loop_exc = outcome(lambda: loop_vmap(fn, in_dims)(*args))
+    torch_func, tf_exc = outcome(lambda: tf.vmap(fn, in_dims)(*args))
     with vmap_fallback("error"):
-        actual, ft_exc = _outcome(lambda: ft.vmap(fn, in_dims)(*args))
+        actual, ft_exc = outcome(lambda: ft.vmap(fn, in_dims)(*args))
     if loop_exc is not None:
         assert ft_exc is not None, f"the for-loop raises {loop_exc!r}, functorch_lite returns {actual}"
         _check_exception(name, ft_exc, loop_exc, tf_exc)
@@ -297,10 +290,10 @@ def test_loss_backward_shape_per_element(name, red, in_dims):
     # autograd is no oracle here: some backward formulas take an in-place path outside of
     # transforms, which refuses broadcasting targets that the out-of-place path takes.)
     args = [make(s, d) for s, d in zip(specs, in_dims)]
-    expected, loop_exc = _outcome(lambda: loop_vmap(per_element(ft), in_dims)(*args))
-    torch_func, tf_exc = _outcome(lambda: tf.vmap(per_element(tf), in_dims)(*args))
+    expected, loop_exc = outcome(lambda: loop_vmap(per_element(ft), in_dims)(*args))
+    torch_func, tf_exc = outcome(lambda: tf.vmap(per_element(tf), in_dims)(*args))
     with vmap_fallback("error"):
-        actual, ft_exc = _outcome(lambda: ft.vmap(per_element(ft), in_dims)(*args))
+        actual, ft_exc = outcome(lambda: ft.vmap(per_element(ft), in_dims)(*args))
     if loop_exc is not None:
         assert ft_exc is not None, f"the for-loop raises {loop_exc!r}, functorch_lite returns {actual}"
         _check_exception(name, ft_exc, loop_exc, tf_exc)
