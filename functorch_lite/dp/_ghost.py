@@ -245,7 +245,7 @@ class _Recorder(TorchFunctionMode):
         self.handles = []
         self.phys = _Physical()
         self.size = None  # the batch size, set by _record
-        self.replays = {}  # module -> whether a per-layer vmap(grad) may have to redraw its randomness
+        self.has_rule = {}  # module -> whether a layer rule reads it (asked at every call of it)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -264,12 +264,12 @@ class _Recorder(TorchFunctionMode):
 
     def _pre(self, module, args, kwargs):
         self.stack.append(module)
-        replay = self.replays.get(module)
-        if replay is None:
-            # a module without a rule may get a per-layer vmap(grad), which re-runs it: in training
-            # mode it may draw (dropout), so the generator state at the call is kept to redraw
-            replay = self.replays[module] = module.training and _rule_for(module) is None
-        self.rng.append(_rng_state(args) if replay else None)
+        ruled = self.has_rule.get(module)
+        if ruled is None:
+            ruled = self.has_rule[module] = _rule_for(module) is not None
+        # a module without a rule may get a per-layer vmap(grad), which re-runs it: in training
+        # mode it may draw (dropout), so the generator state at the call is kept to redraw
+        self.rng.append(_rng_state(args) if module.training and not ruled else None)
 
     def _post(self, module, args, kwargs, output):
         self.stack.pop()
@@ -288,7 +288,7 @@ class _Recorder(TorchFunctionMode):
         gives one gradient per example, and the rule reads the shared input as repeated."""
         if (
             not isinstance(output, torch.Tensor)
-            or _rule_for(module) is None
+            or not self.has_rule[module]  # set by _pre
             or not any(id(p) in self.param_ids for p in module._parameters.values() if p is not None)
             or not _physical_requires_grad(output)
             or self.phys.raw(output)[1] is not None
