@@ -10,7 +10,12 @@ copied back, so the caller sees the mutation as in eager mode. Our transforms co
 both orders: inside functionalize, ft.vmap/grad wrap functional tensors like any tensor; around
 it, the functional wrappers hold our wrappers, and our front kernel lets such a foreign wrapper
 go first (NOTE [Foreign wrappers of our tensors] in csrc/core/dispatch.h), so functionalization
-turns the op functional before our level sees it. torch's functionalization runs each in-place
+turns the op functional before our level sees it. Forward mode inside it needs three more
+things, each a NOTE of its own: the mode stays off our wrappers while autograd runs on them
+([Functionalize entered inside a level], csrc/core/levels.h), a functional wrapper whose value
+became ours in place is still seen as ours ([Functional wrappers with stale keys],
+csrc/core/dispatch.h), and tangents are functional like their primals ([Tangents inside
+functionalize], _jac.py). torch's functionalization runs each in-place
 op on meta copies first (to check shapes); our grad levels let those through (they hold no data).
 Only torch's public functional-tensor API is used. Functionalization is one mode per thread:
 functionalize inside functionalize calls the inner function as it is (the outer one already
@@ -23,11 +28,11 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from ._load import _C
 
 _REMOVE = ("mutations", "mutations_and_views")
-_FORWARD_INSIDE = (
-    "functionalize(f): forward-mode transforms (jvp, jacfwd, hessian) inside functionalize are "
-    "not supported in general (their tangents are written outside the functional tensors). Put "
-    "functionalize inside them instead (ft.jvp(functionalize(f), ...), ft.hessian(functionalize(f)) "
-    "work)."
+_CAPTURED_WRITE = (
+    "functionalize(f): f wrote a value computed inside functionalize in place into a tensor from "
+    "outside it (one f captures rather than receives as an argument). functionalize carries "
+    "in-place changes back only to f's arguments: pass that tensor to f as an argument, or write "
+    "into a copy of it."
 )
 
 
@@ -79,22 +84,15 @@ def functionalize(func, *, remove="mutations"):
         except RuntimeError as e:
             if "mutating a non-functional tensor with a functional tensor" not in str(e):
                 raise
-            # torch's internal assert: forward AD's formulas write tangents made outside the
-            # functional wrappers (our jvp levels inside functionalize)
-            raise RuntimeError(_FORWARD_INSIDE) from None
+            # torch's internal assert, for a captured tensor written in place (tangents of our
+            # forward-mode levels are made functional: NOTE [Tangents inside functionalize])
+            raise RuntimeError(_CAPTURED_WRITE) from None
         finally:
             torch._disable_functionalization()
         for i, (x, w) in enumerate(zip(flat, wrapped)):
             if isinstance(x, torch.Tensor) and torch._is_functional_tensor(w):
                 _write_back(x, w, i, write_back)
-        result = tree_map(_unwrap, out)
-        for o in tree_flatten(result)[0]:
-            info = _C._wrapper_info(o) if isinstance(o, torch.Tensor) else None
-            if info is not None and not info[4]:
-                # a forward-mode level inside functionalize left one of its (dead) wrappers in
-                # the output instead of its value: refuse rather than hand it back
-                raise RuntimeError(_FORWARD_INSIDE)
-        return result
+        return tree_map(_unwrap, out)
 
     def functionalized(*args, **kwargs):
         if _active():  # inside another functionalize: its mode already removes the mutations

@@ -22,6 +22,14 @@ from ._vmap import vmap
 _state = threading.local()
 
 
+def _functionalizing():
+    """Whether torch's functionalization is on for the ops this thread calls now."""
+    key = torch._C.DispatchKey.Functionalize
+    return torch._C._dispatch_tls_is_dispatch_key_included(
+        key
+    ) and not torch._C._dispatch_tls_is_dispatch_key_excluded(key)
+
+
 def _jvp_nesting():
     return getattr(_state, "jvp_nesting", 0)
 
@@ -165,6 +173,18 @@ def _jvp(func, primals, tangents, *, strict=False, has_aux=False):
     # does); a complex tangent of a real primal is cast to the primal's dtype, as torch.func's is.
     flat_t = [t.to(p.dtype) if t.is_complex() and not p.is_complex() else t for p, t in zip(flat_p, flat_t)]
     flat_t = [_batched_like(p, t) for p, t in zip(flat_p, flat_t)]
+    if _functionalizing():
+        # NOTE [Tangents inside functionalize]: forward AD writes the tangent of a primal that f
+        # changes in place. Inside functionalize the primals are functional tensors and so is
+        # everything computed from them; a plain tangent from outside would be written with a
+        # functional value, which torch's functionalization refuses. It becomes functional too
+        # (and so is not written in place: the caller's tensor keeps its value).
+        flat_t = [
+            torch._to_functional_tensor(t)
+            if not torch._is_functional_tensor(t) and _C._wrapper_info(t) is None
+            else t
+            for t in flat_t
+        ]
     with _DualLevel() as dual:
         dual_level = dual.level
         level = _C._push_jvp()

@@ -11,6 +11,9 @@ def _vmap_levels(t):
     while isinstance(t, torch.Tensor):
         info = _C._wrapper_info(t)
         if info is None:
+            if torch._is_functional_tensor(t):  # functionalize's wrapper of one of ours
+                t = torch._from_functional_tensor(t)
+                continue
             break
         kind, level, _bdim, value, alive = info
         if kind == "batched" and alive:
@@ -31,6 +34,8 @@ def _batched_like(reference, t):
     primal or output, batched like it; adding zeros like `reference` does the same here, and only
     where it is needed.
     """
-    if _C._wrapper_info(reference) is None or _vmap_levels(reference) <= _vmap_levels(t):
+    if (_C._wrapper_info(reference) is None and not torch._is_functional_tensor(reference)) or _vmap_levels(
+        reference
+    ) <= _vmap_levels(t):
         return t
     return t + torch.zeros_like(reference)

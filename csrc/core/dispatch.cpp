@@ -79,6 +79,13 @@ std::string tensorTypeName(const at::Tensor& t) {
   return c10::demangle(typeid(*impl).name());
 }
 
+bool functionalHoldsOurs(const at::Tensor& t) {
+  at::Tensor inner = t;
+  while (auto* fw = dynamic_cast<at::FunctionalTensorWrapper*>(inner.unsafeGetTensorImpl()))
+    inner = fw->value();
+  return inner.unsafeGetTensorImpl() != t.unsafeGetTensorImpl() && asFt(inner) != nullptr;
+}
+
 bool foreignGoesFirst(const at::Tensor& t) {
   const Level* top = levelStack().top();
   if (!top) return true;
@@ -240,8 +247,11 @@ void gradProcess(const c10::OperatorHandle& op, Stack* stack, const Level& top) 
   } else {
     // A user's TorchDispatchMode (the Python key) would otherwise get our wrappers between
     // autograd and our back kernel; the back kernel hands the op down with the level's saved TLS,
-    // where the mode sees the plain values, as under torch.func.
-    c10::impl::ExcludeDispatchKeyGuard no_front(kFrontKeys | c10::DispatchKeySet(DispatchKey::Python));
+    // where the mode sees the plain values, as under torch.func. Functionalization likewise
+    // belongs to the values below (NOTE [Functionalize entered inside a level] in levels.h).
+    static const c10::DispatchKeySet hidden =
+        kFrontKeys | c10::DispatchKeySet({DispatchKey::Python, DispatchKey::Functionalize});
+    c10::impl::ExcludeDispatchKeyGuard no_front(hidden);
     op.callBoxed(stack);
   }
   const size_t nrets = schema.returns().size();

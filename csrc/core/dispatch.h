@@ -51,6 +51,16 @@ namespace ftl {
 // kernel on DeferredInit, boxed or unboxed, makes this decision before reading its arguments.
 FTL_API bool foreignGoesFirst(const at::Tensor& t);
 
+// NOTE [Functional wrappers with stale keys]
+// A FunctionalTensorWrapper takes its key set from the tensor it wraps when it is made, and keeps
+// it when an in-place op replaces its value. Inside functionalize, forward AD writes a tangent in
+// place: a functional wrapper of a plain tangent (a jacfwd basis) then holds a batched or grad
+// tensor of ours while carrying only the plain tensor's keys. Dispatch still reaches our front
+// kernel (DeferredInit is in the TLS while any level is live), but a test of the tensor's own keys
+// would take it for a plain tensor and hand it down past the level its value belongs to. So a
+// tensor with the Functionalize key counts as a foreign wrapper when the value under its
+// functional wrappers is ours (isForeignWithFrontKey in tensors.h), and goes first like one.
+
 // The type of a tensor for error messages: a Python subclass's qualified name when the Python
 // bindings installed a namer (setTensorTypeNamer), the C++ TensorImpl type otherwise.
 using TensorTypeNamer = std::string (*)(const at::Tensor&);

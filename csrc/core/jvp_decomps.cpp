@@ -107,6 +107,17 @@ void choleskyInverse(Stack* stack) {
   torch::jit::push(*stack, upper ? inv.matmul(inv.mH()) : inv.mH().matmul(inv));
 }
 
+// copy(self, src, non_blocking): copy_ without the write, which functionalization makes of copy_
+// (`y[0] = v`, `y.copy_(v)` inside functionalize). torch has a forward formula for copy_ but none
+// for copy, so jvp/jacfwd of such a function failed (in torch.func too). A fresh tensor like self
+// with src copied into it is the same value, and copy_'s formula gives its tangent.
+void functionalCopy(Stack* stack) {
+  auto a = torch::jit::pop(*stack, 3);
+  Tensor out = at::empty_like(a[0].toTensor());
+  out.copy_(a[1].toTensor(), a[2].toBool());
+  torch::jit::push(*stack, out);
+}
+
 // A decomposition may decline: it then leaves the stack alone and torch's formula runs.
 using Applies = bool (*)(const Stack&);
 
@@ -151,6 +162,7 @@ const std::unordered_map<std::string, Entry>& decompositions() {
       {"aten::_linalg_slogdet", {&linalgSlogdet, &nestedReal, true}},
       {"aten::_linalg_solve_ex", {&linalgSolveEx, &nested, true}},
       {"aten::cholesky_inverse", {&choleskyInverse, &realInput, false}},
+      {"aten::copy", {&functionalCopy, nullptr, false}},
       {"aten::huber_loss_backward", {&huberLossBackward, nullptr, false}},
       {"aten::soft_margin_loss_backward", {&softMarginLossBackward, nullptr, false}},
   };

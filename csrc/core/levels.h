@@ -23,6 +23,24 @@
 // transform (torch.func's rule). jvp levels do the same with the forward-AD grad mode. The guard
 // restores all of it on exit, also on exceptions.
 //
+// NOTE [Functionalize entered inside a level]
+// functionalize (torch's functional tensors, functorch_lite/_functionalize.py) is a thread mode,
+// the Functionalize key in the TLS included set, not a level of ours. Two rules keep it on the
+// functional values and off our wrappers:
+// - Entered inside f (vmap(functionalize(g)), ...): an op that f calls directly comes to the front
+//   with Functionalize included and not excluded, and handing it down keeps it that way, so a
+//   factory in g (torch.zeros, the basis jacfwd builds) makes a functional tensor, as it would
+//   with no transform around. An op that reaches us from functionalization's own kernel (it
+//   unwrapped a functional tensor and called the op again) has Functionalize excluded, and so
+//   has everything a rule or autograd runs below us: neither carries the mode down.
+// - Entered around a grad/jvp level (functionalize(jacfwd(g)), ...): while autograd runs on the
+//   level's wrappers, Functionalize is excluded (dispatch.cpp, gradProcess). Otherwise its kernel
+//   would run between autograd and our back kernel on the wrappers themselves: a tensor that a
+//   derivative formula makes there (a zero tangent) would come out functional, and writing it
+//   into a tangent wrapper is "mutating a non-functional tensor with a functional tensor". The
+//   back kernel hands down with the level's saved TLS, where the mode is on again for the
+//   functional values under the wrappers.
+//
 // NOTE [Inference mode around a transform]
 // torch.inference_mode() around a grad or jvp transform acts like torch.no_grad() around it (the
 // torch.func rule): the transform still differentiates its own function, and only the levels

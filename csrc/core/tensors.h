@@ -180,9 +180,17 @@ inline FtTensorImplBase* asFt(const at::Tensor& t) {
   if (type == typeid(GradWrapperImpl)) return static_cast<GradWrapperImpl*>(impl);
   return nullptr;
 }
-// Another library's TensorImpl that carries our front key (NOTE [Recognising our tensors]).
+// Whether `t` (a tensor with the Functionalize key) is one of torch's functional wrappers that
+// holds one of our tensors, directly or through more functional wrappers.
+FTL_API bool functionalHoldsOurs(const at::Tensor& t);
+// Another library's TensorImpl that wraps one of ours: one that carries our front key (NOTE
+// [Recognising our tensors]), or a functional wrapper whose value became one of ours in place
+// (NOTE [Functional wrappers with stale keys] in dispatch.h).
 inline bool isForeignWithFrontKey(const at::Tensor& t) {
-  return t.defined() && t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::DeferredInit) && !asFt(t);
+  if (!t.defined()) return false;
+  const auto ks = t.unsafeGetTensorImpl()->key_set();
+  if (ks.has(c10::DispatchKey::DeferredInit)) return !asFt(t);
+  return ks.has(c10::DispatchKey::Functionalize) && functionalHoldsOurs(t);
 }
 // The BatchedTensorImpl of `t` if it is batched at exactly `level`.
 inline BatchedTensorImpl* batchedAt(const at::Tensor& t, int64_t level) {

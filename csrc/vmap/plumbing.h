@@ -140,9 +140,12 @@ bool isDeadArg(const T& arg) {
 // wrapper of ours, or a foreign impl that carries our front key (NOTE [Foreign wrappers of our
 // tensors] in dispatch.h).
 inline bool isUnusualTensor(const at::Tensor& t) {
-  if (!t.defined() || !t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::DeferredInit)) return false;
+  static constexpr c10::DispatchKeySet kMaybe(
+      {c10::DispatchKey::DeferredInit, c10::DispatchKey::Functionalize});
+  if (!t.defined() || !t.unsafeGetTensorImpl()->key_set().has_any(kMaybe)) return false;
   auto* ft = asFt(t);
-  return !ft || !ft->isAlive();
+  if (ft) return !ft->isAlive();
+  return isForeignWithFrontKey(t);
 }
 template <class T>
 bool isUnusualArg(const T& arg) {

@@ -257,6 +257,18 @@ void fillTensorInplaceRule(Tensor& self, bdim_t sbd, const Tensor& value, bdim_t
   at::_ops::copy_::call(s, v.expand(s.sizes()), false);  // copy_ casts to self's dtype
 }
 
+// copy(self, src): copy_ without the write, what functionalization turns copy_ into (`y[0] = v`
+// inside functionalize). The result has self's shape and dtype, with src's values broadcast in.
+std::tuple<Tensor, bdim_t> copyRule(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t srcbd,
+                                    bool non_blocking) {
+  const int64_t B = batchSizeOf({{&self, sbd}, {&src, srcbd}});
+  const int64_t r = rankWithoutBdim(self, sbd);
+  TORCH_CHECK(rankWithoutBdim(src, srcbd) <= r, "copy: the source (", rankWithoutBdim(src, srcbd),
+              " dims per example) cannot be broadcast to self (", r, " dims per example)");
+  Tensor s = materializeBdimFront(self, sbd, B);
+  return {at::_ops::copy::call(s, alignTo(src, srcbd, r), non_blocking), 0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
@@ -513,6 +525,7 @@ TORCH_LIBRARY_IMPL(aten, DeferredInit, m) {
   registerVmapRule<at::_ops::clamp_Tensor, &clampTensorRule>(m);
   registerVmapRule<at::_ops::masked_fill_Tensor, &maskedFillTensorRule>(m);
   registerVmapRule<at::_ops::gelu_backward, &geluBackwardRule>(m);
+  registerVmapRule<at::_ops::copy, &copyRule>(m);
   registerVmapInplaceRule<at::_ops::fill__Tensor, &fillTensorInplaceRule>(m);
   registerInplaceFamily<
       UnaryInplace, at::_ops::abs_, at::_ops::cos_, at::_ops::exp_, at::_ops::log_, at::_ops::neg_,
