@@ -30,6 +30,7 @@ does, without importing torch._dynamo (about a second) at `import functorch_lite
 import functools
 import sys
 import threading
+import types
 import warnings
 
 import torch
@@ -183,10 +184,11 @@ class NotTraceable(RuntimeError):
     into a graph break (the transform then runs eagerly), or into an error with fullgraph=True."""
 
 
-def _describe(f):
-    """The constant description of a transformed function (only ever run by Dynamo)."""
+def _describe(f, leaves):
+    """The constant description of a transformed function (only ever run by Dynamo); the
+    tensors it captures are appended to `leaves` (NOTE [Captured tensors become graph inputs])."""
     if isinstance(f, Transformed):
-        return (Transformed, f._ft_factory, f._ft_options, _describe(f._ft_func))
+        return (Transformed, f._ft_factory, f._ft_options, _describe(f._ft_func, leaves))
     code = getattr(f, "__code__", None)
     if code is not None and code.co_freevars:
         try:
@@ -200,12 +202,104 @@ def _describe(f):
                 f"at module level (passing captured tensors as arguments) or outside the "
                 f"compiled function to compile it."
             ) from None
-    return f
+    if code is None or type(f) is not _FunctionType:
+        return f
+    try:
+        namespace = f.__globals__
+    except AttributeError:  # a function Dynamo made while tracing: nothing to read it by
+        return f
+    cells, names = [], []
+    for i, cell in enumerate(f.__closure__ if code.co_freevars else ()):
+        spec = _tensor_spec(cell.cell_contents, leaves)
+        if spec is not None:
+            cells.append((i, spec))
+    for name in _tensor_globals(f):
+        spec = _tensor_spec(namespace[name], leaves)
+        if spec is not None:
+            names.append((name, spec))
+    if not cells and not names:
+        return f
+    return (_Lifted, f, tuple(cells), tuple(names))
 
 
-def _rebuild(d):
+# NOTE [Captured tensors become graph inputs]
+# A recorded call rebuilds the user's function from its description, so a tensor the function
+# reads from its closure or its module's globals would otherwise be baked into the graph as a
+# constant (unguarded, and refused by Inductor). While Dynamo flattens the call's arguments (it
+# traces this pytree flatten), such tensors (directly, or in a list/tuple/dict of tensors) are
+# read from the function's closure cells and globals and returned as extra leaves: Dynamo turns
+# them into graph inputs with guards, like any tensor the compiled function reads. At trace time
+# the function is rebuilt around them: its code with new closure cells, and a copy of its
+# globals with the lifted names replaced. Tensors read by the functions it calls by name, and
+# modules, are still refused (_refuse_captured_tensors): the call then runs eagerly.
+_FunctionType = type(_describe)
+
+
+class _Lifted:
+    """Marker of a description of a function whose captured tensors were lifted."""
+
+
+def _tensor_globals(f):
+    """The names of f's globals that hold tensors now. Dynamo calls this without tracing it and
+    takes the result as a constant (the mark below is what torch._dynamo.assume_constant_result
+    sets): traced, the lookups would guard on the size of the module's globals dict, so any new
+    global in the user's module would recompile. Reading each name then guards on its value."""
+    namespace = f.__globals__
+    return tuple(n for n in _global_names(f.__code__) if _tensor_spec(namespace.get(n), []) is not None)
+
+
+_tensor_globals._dynamo_marked_constant = True
+
+
+def _global_names(code):
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, type(code)):
+            names |= _global_names(c)
+    return sorted(names)
+
+
+def _tensor_spec(value, leaves):
+    """The pytree spec of `value` if it is a tensor or a list/tuple/dict holding only tensors
+    (its tensors are appended to leaves), else None."""
+    if isinstance(value, torch.Tensor):
+        leaves.append(value)
+        return "tensor"
+    if isinstance(value, (list, tuple, dict)) and value:
+        items = value.values() if isinstance(value, dict) else value
+        if all(isinstance(v, torch.Tensor) for v in items):
+            leaves.extend(items)
+            return (type(value), tuple(value.keys()) if isinstance(value, dict) else len(value))
+    return None
+
+
+def _take(spec, it):
+    if spec == "tensor":
+        return next(it)
+    kind, shape = spec
+    if kind is dict:
+        return {k: next(it) for k in shape}
+    return kind(next(it) for _ in range(shape))
+
+
+def _rebuild(d, it):
     if type(d) is tuple and len(d) == 4 and d[0] is Transformed:
-        return d[1](_rebuild(d[3]), **dict(d[2]))
+        return d[1](_rebuild(d[3], it), **dict(d[2]))
+    if type(d) is tuple and len(d) == 4 and d[0] is _Lifted:
+        _, f, cells, names = d
+        closure = list(f.__closure__ or ())
+        for i, spec in cells:
+            closure[i] = types.CellType(_take(spec, it))
+        namespace = f.__globals__
+        if names:
+            namespace = dict(namespace)
+            for name, spec in names:
+                namespace[name] = _take(spec, it)
+        g = _FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, tuple(closure) or None)
+        g.__kwdefaults__ = f.__kwdefaults__
+        g.__qualname__ = f.__qualname__
+        g._ft_lifted = {f.__code__.co_freevars[i] for i, _ in cells} | {n for n, _ in names}
+        return g
     return d
 
 
@@ -303,7 +397,12 @@ def _captures(f, depth, seen):
     except (TypeError, ValueError):
         return []
     found = []
+    lifted = getattr(
+        f, "_ft_lifted", ()
+    )  # graph inputs already (NOTE [Captured tensors become graph inputs])
     for name, v in {**refs.nonlocals, **refs.globals}.items():
+        if name in lifted:
+            continue
         if _holds_tensors(v):
             found.append(name)
         elif inspect.isfunction(v) or isinstance(v, functools.partial):
@@ -330,10 +429,14 @@ def _specialize_sizes(tree):
 def _register_pytree():
     from torch.utils._pytree import register_pytree_node
 
+    def flatten(c):
+        leaves = []
+        return leaves, _describe(c.t, leaves)
+
     register_pytree_node(
         _Callee,
-        lambda c: ([], _describe(c.t)),
-        lambda _, ctx: _Callee(_rebuild(ctx)),
+        flatten,
+        lambda leaves, ctx: _Callee(_rebuild(ctx, iter(leaves))),
         serialized_type_name="functorch_lite._Callee",
     )
 

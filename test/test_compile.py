@@ -295,9 +295,8 @@ def test_a_closure_made_inside_the_compiled_function_runs_eagerly():
     xs = _xs()
     expected, got, caught, breaks = _compile_and_count(_closure_step, xs)
     _assert_close(got, expected)
-    # after the break Dynamo sees the closure as a real function whose cell holds a tensor: it is
-    # not recorded either (y would be a stale constant on the next call), with a warning naming y
-    assert [str(w.message) for w in caught if "reads tensors" in str(w.message)], caught
+    # after the break Dynamo sees the closure as a real function whose cell holds a tensor: y
+    # becomes a graph input of the recorded call (never a stale constant, as the loop checks)
     compiled = torch.compile(_closure_step, backend="eager")
     for _ in range(2):  # new inputs, new y: the results follow
         xs = _xs() + 1
@@ -525,24 +524,72 @@ def _reads_global(x):
     return (x @ _W).sin()
 
 
-def test_functions_reading_global_tensors_run_eagerly_so_rebinding_is_seen():
-    """A recorded call would hold a captured tensor as an unguarded constant: rebinding the
-    global would be silently ignored by the compiled graph (and Inductor refuses such constants).
-    So such a call is not recorded: a warning naming the tensor, a graph break, eager results
-    that follow the rebinding; with fullgraph=True an error."""
+def test_global_tensors_a_function_reads_become_graph_inputs():
+    """A tensor the transformed function reads from its module's globals is lifted into a graph
+    input (NOTE [Captured tensors become graph inputs] in functorch_lite/_compile.py): one graph
+    with fullgraph=True, and the compiled step follows a rebinding of the global and a write
+    into it, as eager does (it is never a stale constant)."""
     global _W
     xs = torch.randn(5, 3, dtype=_F64)
     vf = ft.vmap(_reads_global)
-    torch._dynamo.reset()
-    with pytest.warns(UserWarning, match=r"reads tensors or modules from outside its arguments \(_W\)"):
-        compiled = torch.compile(lambda xs: vf(xs) * 2, backend="aot_eager")
-        _assert_close(compiled(xs), vf(xs) * 2)
+    for backend in ("aot_eager", "inductor"):
+        expected, got, _, breaks = _compile_and_count(
+            lambda xs: vf(xs) * 2, xs, backend=backend, fullgraph=True
+        )
+        _assert_close(got, expected)
+        assert breaks == {}
+    compiled = torch.compile(lambda xs: vf(xs) * 2, backend="aot_eager", fullgraph=True)
     old = _W
     try:
         _W = torch.randn(3, 4, dtype=_F64)
-        _assert_close(compiled(xs), vf(xs) * 2)  # the new tensor, not a stale constant
+        _assert_close(compiled(xs), vf(xs) * 2)  # the new tensor
+        _W.mul_(3)
+        _assert_close(compiled(xs), vf(xs) * 2)  # its new values
     finally:
         _W = old
-    torch._dynamo.reset()
-    with pytest.warns(UserWarning, match="reads tensors"), pytest.raises(Exception):
-        torch.compile(lambda xs: vf(xs) * 2, backend="aot_eager", fullgraph=True)(xs)
+
+
+def _make_conv_closure(weight, biases):
+    def one(img):  # reads a tensor and a list of tensors from its closure
+        return F.conv2d(img[None], weight, biases[0])[0] + biases[1]
+
+    return one
+
+
+def test_tensors_in_a_closure_become_graph_inputs():
+    """A function made outside the compiled function whose closure holds tensors (or a list of
+    them), as `lambda x: f(x, w)` patterns do: lifted into graph inputs, one graph on every
+    backend, equal to eager; an in-place change of the captured weight is seen."""
+    w = torch.randn(4, 3, 3, 3, dtype=_F64)
+    biases = [torch.randn(4, dtype=_F64), torch.randn(4, 1, 1, dtype=_F64)]
+    vf = ft.vmap(_make_conv_closure(w, biases))
+    xs = torch.randn(2, 3, 6, 6, dtype=_F64)
+    for backend in ("eager", "aot_eager", "inductor"):
+        expected, got, _, breaks = _compile_and_count(vf, xs, backend=backend, fullgraph=True)
+        _assert_close(got, expected)
+        assert breaks == {}
+    g = ft.grad(lambda x: _make_conv_closure(w, biases)(x).square().sum())
+    expected, got, _, breaks = _compile_and_count(
+        lambda x: ft.vmap(g)(x), xs, backend="aot_eager", fullgraph=True
+    )
+    _assert_close(got, expected)
+    compiled = torch.compile(vf, backend="aot_eager", fullgraph=True)
+    w.mul_(-2)
+    _assert_close(compiled(xs), vf(xs))
+
+
+_NET = nn.Linear(3, 2).double()
+
+
+def _reads_module(x):
+    return _NET(x).sum()
+
+
+def test_a_module_read_from_outside_still_runs_eagerly():
+    """Modules are not lifted (their parameters would need functional_call): such a call runs
+    eagerly, with a warning naming the module; pass its parameters with functional_call."""
+    xs = torch.randn(4, 3, dtype=_F64)
+    vf = ft.vmap(ft.grad(_reads_module))
+    expected, got, caught, breaks = _compile_and_count(vf, xs, backend="aot_eager")
+    _assert_close(got, expected)
+    assert [str(w.message) for w in caught if "_NET" in str(w.message)], caught
