@@ -272,14 +272,19 @@ def _check_chunk_size(chunk_size, api):
 
 def _basis(flat, total):
     """For each tensor t in flat, a [total, *t.shape] slice of the identity: together they are
-    the standard basis of the concatenated flattened tensors. Built without writing into a view
-    (fill_diagonal_ writes through as_strided, which torch.compile's functionalization refuses)."""
+    the standard basis of the concatenated flattened tensors. The identity is zeros with ones
+    written into its diagonal view: half the time of torch.eye on CPU (which compares indices
+    for every element), and under torch.compile a memset and a strided write where Inductor's
+    eye is an unvectorized loop (jacfwd on a 2048-wide input ran 1.3x slower than torch.func's
+    graph). Not fill_diagonal_, which writes through as_strided (functionalization refuses it)."""
     out, offset, eyes = [], 0, {}
     for t in flat:
         n = t.numel()
         key = (t.dtype, t.device)
         if key not in eyes:
-            eyes[key] = torch.eye(total, dtype=t.dtype, device=t.device)
+            eye = torch.zeros(total, total, dtype=t.dtype, device=t.device)
+            eye.diagonal().fill_(1)
+            eyes[key] = eye
         out.append(eyes[key][:, offset : offset + n].reshape(total, *t.shape))
         offset += n
     return out

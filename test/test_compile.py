@@ -225,6 +225,11 @@ def test_forward_mode_graphs_hold_no_real_constants(name):
     _assert_close(torch.compile(fn, backend=backend, fullgraph=True)(*args), fn(*args))
     constants = [n.target for g in graphs for n in g.graph.nodes if n.op == "get_attr"]
     assert constants == [], constants
+    # an expanded zero stays a 0-d zeros and an expand (a dense zeros would be filled and
+    # multiplied through), and the basis is not aten.eye (an unvectorized loop in Inductor)
+    nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any(list(n.args[0]) == [] for n in nodes if str(n.target) == "aten.zeros.default"), nodes
+    assert not any(str(n.target) == "aten.eye.default" for n in nodes), nodes
 
 
 @pytest.mark.slow
