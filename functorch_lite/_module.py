@@ -19,6 +19,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.compiler import is_compiling as _is_compiling
 from torch.nn.modules.batchnorm import _NormBase
 
 from ._compile import eager
@@ -127,7 +128,9 @@ class _RunningStatsCheck:
     def __init__(self, module, api):
         self.api = api
         self.handles = []
-        if _C._stack_depth() == 0:  # no transform is live: nothing can be batched
+        # no transform is live: nothing can be batched. Dynamo traces this only at the top level
+        # of a compiled function (transforms run their function eagerly or in a recorded call).
+        if _is_compiling() or _C._stack_depth() == 0:
             return
         for qualname, m in module.named_modules(remove_duplicate=False):
             if isinstance(m, _NormBase):
@@ -244,7 +247,6 @@ def _tied_groups(named):
     return [names for names in by_id.values() if len(names) > 1]
 
 
-@eager
 def functional_call(
     module, parameter_and_buffer_dicts, args=None, kwargs=None, *, tie_weights=True, strict=False
 ):

@@ -114,9 +114,32 @@ _TRACED = {
 _LINEAR = nn.Linear(4, 2)
 # one graph break per call: top-level calls of these, and transforms of closures made inside
 _BREAKS = {
-    "functional_call": lambda x: ft.functional_call(_LINEAR, {"weight": x.expand(2, 4), "bias": x[:2]}, (x,)),
     "stack_module_state": lambda x: ft.stack_module_state([_LINEAR, _LINEAR])[0]["bias"] + x[:2],
 }
+
+
+def test_functional_call_at_the_top_level_is_traced():
+    """ft.functional_call called by the compiled function itself is traced (one graph, every
+    backend); the module keeps its own parameters afterwards, and torch.autograd through the
+    compiled call gives eager's gradients."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    own = [p for p in model.parameters()]
+    params = {k: torch.randn_like(v, requires_grad=True) for k, v in model.named_parameters()}
+    x = torch.randn(5, 4, dtype=_F64)
+
+    def step(params, x):
+        return ft.functional_call(model, params, (x,)).square().sum()
+
+    for backend in ("eager", "aot_eager", "inductor"):
+        expected, got, caught, breaks = _compile_and_count(step, params, x, backend=backend, fullgraph=True)
+        _assert_close(got, expected)
+        assert breaks == {} and [str(w.message) for w in caught if "functorch_lite" in str(w.message)] == []
+        assert [p for p in model.parameters()] == own
+        (g_compiled,) = torch.autograd.grad(
+            torch.compile(step, backend=backend)(params, x), params["0.weight"]
+        )
+        (g_eager,) = torch.autograd.grad(step(params, x), params["0.weight"])
+        _assert_close(g_compiled, g_eager)
 
 
 def _compile_and_count(fn, *args, backend="eager", fullgraph=False):
