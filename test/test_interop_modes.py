@@ -144,3 +144,27 @@ def test_parameter_input_stays_differentiable_by_torch_autograd(name):
     _TRANSFORMS[name](ft)(p_ours).sum().backward()
     _TRANSFORMS[name](tf)(p_ref).sum().backward()
     torch.testing.assert_close(p_ours.grad, p_ref.grad)
+
+
+def _writes_zeros_through_a_view(x):
+    z = torch.zeros(3, dtype=x.dtype)
+    z[1:].copy_(x[:2].sin())  # a view of a tensor of zeros, written in place
+    return (z * x).sum()
+
+
+@pytest.mark.parametrize("name", ["grad", "jacfwd", "hessian", "jacfwd_of_identity_basis"])
+def test_a_dispatch_mode_does_not_break_writes_through_views_of_zeros(name):
+    """Under a Python mode our back kernel remakes real zero tensors for tracers (NOTE [Zeros made
+    out of a tracer's sight]); one that an op returns a view of must keep its identity, or the
+    writes through the view go to the copy (hessian under a TorchDispatchMode returned zeros)."""
+    x = torch.randn(3, dtype=torch.float64)
+    run = {
+        "grad": lambda: ft.grad(_writes_zeros_through_a_view)(x),
+        "jacfwd": lambda: ft.jacfwd(_writes_zeros_through_a_view)(x),
+        "hessian": lambda: ft.hessian(_writes_zeros_through_a_view)(x),
+        "jacfwd_of_identity_basis": lambda: ft.jacfwd(torch.sin)(x),
+    }[name]
+    expected = run()
+    with _DispatchMode():
+        got = run()
+    torch.testing.assert_close(got, expected)

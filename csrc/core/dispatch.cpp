@@ -162,7 +162,10 @@ void retraceZeros(const c10::FunctionSchema& schema, Stack* stack, size_t begin)
   static const c10::DispatchKeySet traced({DispatchKey::Python, DispatchKey::Functionalize});
   for (size_t i = begin; i < stack->size(); ++i) {
     auto& iv = (*stack)[i];
-    if (!iv.isTensor() || isMutatedArg(schema, i - begin)) continue;  // a written argument keeps its identity
+    // A written argument keeps its identity, and so does one the op returns a view of: a
+    // remade tensor there would take the writes made through the view (z.diagonal().fill_(1)
+    // on zeros filled the copy and left z zero).
+    if (!iv.isTensor() || schema.arguments()[i - begin].alias_info()) continue;
     const at::Tensor& t = iv.toTensor();
     if (!t.defined() || t.key_set().has_any(traced) || asFt(t) || t.dim() == 0 || t.numel() == 0 ||
         !(t.is_floating_point() || t.is_complex()) || t.is_meta())
