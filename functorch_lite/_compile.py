@@ -27,6 +27,7 @@ does, without importing torch._dynamo (about a second) at `import functorch_lite
   other threads meanwhile runs eagerly too.
 """
 
+import contextlib
 import functools
 import sys
 import threading
@@ -204,6 +205,13 @@ def _describe(f, leaves):
             ) from None
     if code is None or type(f) is not _FunctionType:
         return f
+    relift = _relift_of(f)
+    if relift is not None:
+        # a function _rebuild made: torch's flat_apply flattens the rebuilt arguments again
+        # (to find modules among them), and must get the same leaves, not the module's tensors
+        # as they are outside the swap
+        leaves.extend(relift[1])
+        return relift[0]
     try:
         namespace = f.__globals__
     except AttributeError:  # a function Dynamo made while tracing: nothing to read it by
@@ -217,9 +225,17 @@ def _describe(f, leaves):
         spec = _tensor_spec(namespace[name], leaves)
         if spec is not None:
             names.append((name, spec))
-    if not cells and not names:
+    modules = _captured_modules(f)
+    for (where, key), paths in modules:
+        module = f.__closure__[key].cell_contents if where == "cell" else namespace[key]
+        for path, kind, name in paths:
+            sub = module
+            for part in path:
+                sub = sub._modules[part]
+            leaves.append((sub._parameters if kind == "p" else sub._buffers)[name])
+    if not cells and not names and not modules:
         return f
-    return (_Lifted, f, tuple(cells), tuple(names))
+    return (_Lifted, f, tuple(cells), tuple(names), modules)
 
 
 # NOTE [Captured tensors become graph inputs]
@@ -230,13 +246,27 @@ def _describe(f, leaves):
 # read from the function's closure cells and globals and returned as extra leaves: Dynamo turns
 # them into graph inputs with guards, like any tensor the compiled function reads. At trace time
 # the function is rebuilt around them: its code with new closure cells, and a copy of its
-# globals with the lifted names replaced. Tensors read by the functions it calls by name, and
-# modules, are still refused (_refuse_captured_tensors): the call then runs eagerly.
+# globals with the lifted names replaced. A module it reads the same way (the `model` of
+# `functional_call(model, params, x)` in torch.func's tutorials) stays the same object, and each
+# of its parameters and buffers becomes a leaf, read through the module's own dicts so that
+# Dynamo guards each of them: the recorded call then runs with the module's tensors swapped for
+# those inputs (as functional_call swaps them) and restored afterwards. torch's flat_apply
+# flattens the rebuilt arguments once more (looking for modules among them) before the call: a
+# rebuilt function therefore remembers its description and leaves (_ft_relift) and flattens to
+# them, not to the module's own tensors of that moment. Tensors and modules read by the
+# functions it calls by name are still refused (_refuse_captured_tensors): the call then runs
+# eagerly.
 _FunctionType = type(_describe)
 
 
 class _Lifted:
     """Marker of a description of a function whose captured tensors were lifted."""
+
+
+def _relift_of(f):
+    """(description, leaves) of a function _rebuild made, else None. Only functions made at trace
+    time carry it (Dynamo sees user functions here, which never do)."""
+    return f.__dict__.get("_ft_relift") if hasattr(f, "__dict__") else None
 
 
 def _tensor_globals(f):
@@ -249,6 +279,40 @@ def _tensor_globals(f):
 
 
 _tensor_globals._dynamo_marked_constant = True
+
+
+def _captured_modules(f):
+    """(("cell", index) or ("global", name), paths) for each nn.Module f reads from its closure
+    or globals, with the path (submodule names, "p" or "b", tensor name) of every parameter and
+    buffer in it. A constant to Dynamo, like _tensor_globals (a module's structure, not its
+    tensors: those are read and guarded in _describe)."""
+    from torch import nn
+
+    out = []
+    for i, cell in enumerate(f.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, nn.Module):
+            out.append((("cell", i), _tensor_paths(value)))
+    for name in _global_names(f.__code__):
+        value = f.__globals__.get(name)
+        if isinstance(value, nn.Module):
+            out.append((("global", name), _tensor_paths(value)))
+    return tuple(out)
+
+
+_captured_modules._dynamo_marked_constant = True
+
+
+def _tensor_paths(module):
+    paths = []
+    for qualname, sub in module.named_modules():
+        path = tuple(qualname.split(".")) if qualname else ()
+        for kind, table in (("p", sub._parameters), ("b", sub._buffers)):
+            paths.extend((path, kind, name) for name, t in table.items() if t is not None)
+    return tuple(paths)
 
 
 def _global_names(code):
@@ -285,8 +349,10 @@ def _take(spec, it):
 def _rebuild(d, it):
     if type(d) is tuple and len(d) == 4 and d[0] is Transformed:
         return d[1](_rebuild(d[3], it), **dict(d[2]))
-    if type(d) is tuple and len(d) == 4 and d[0] is _Lifted:
-        _, f, cells, names = d
+    if type(d) is tuple and len(d) == 5 and d[0] is _Lifted:
+        taken = []
+        it = _Recording(it, taken)
+        _, f, cells, names, modules = d
         closure = list(f.__closure__ or ())
         for i, spec in cells:
             closure[i] = types.CellType(_take(spec, it))
@@ -298,9 +364,62 @@ def _rebuild(d, it):
         g = _FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, tuple(closure) or None)
         g.__kwdefaults__ = f.__kwdefaults__
         g.__qualname__ = f.__qualname__
-        g._ft_lifted = {f.__code__.co_freevars[i] for i, _ in cells} | {n for n, _ in names}
+        g._ft_swaps = []
+        for (where, key), paths in modules:
+            module = f.__closure__[key].cell_contents if where == "cell" else f.__globals__[key]
+            named = {".".join((*path, name)): next(it) for path, _, name in paths}
+            g._ft_swaps.append((module, named))
+        g._ft_lifted = (
+            {f.__code__.co_freevars[i] for i, _ in cells}
+            | {n for n, _ in names}
+            | {f.__code__.co_freevars[key] if where == "cell" else key for (where, key), _ in modules}
+        )
+        g._ft_relift = (d, taken)
         return g
     return d
+
+
+class _Recording:
+    """An iterator that keeps what it hands out."""
+
+    def __init__(self, it, taken):
+        self.it, self.taken = it, taken
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        x = next(self.it)
+        self.taken.append(x)
+        return x
+
+
+def _swaps_of(t):
+    while isinstance(t, Transformed):
+        t = t._ft_func
+    return getattr(t, "_ft_swaps", ())
+
+
+@contextlib.contextmanager
+def _modules_swapped(swaps):
+    """The captured modules with their lifted inputs in place of their tensors (NOTE [Captured
+    tensors become graph inputs]), put back afterwards."""
+    if not swaps:
+        yield
+        return
+    from ._module import _Swapper
+
+    swappers = []
+    try:
+        for module, named in swaps:
+            swapper = _Swapper(module, "torch.compile")
+            swappers.append(swapper)
+            for name, value in named.items():
+                swapper.swap(name, value)
+        yield
+    finally:
+        for swapper in reversed(swappers):
+            swapper.restore()
 
 
 def _traced_call(callee, args, kwargs):
@@ -315,7 +434,8 @@ def _traced_call(callee, args, kwargs):
             _refuse_constant_arguments((args, kwargs))
         _tracing.inside = True
         try:
-            return callee.t._ft_run(args, kwargs)
+            with _modules_swapped(_swaps_of(callee.t) if outer else ()):
+                return callee.t._ft_run(args, kwargs)
         finally:
             _tracing.inside = not outer
     except Exception as e:

@@ -606,18 +606,43 @@ def test_tensors_in_a_closure_become_graph_inputs():
     _assert_close(compiled(xs), vf(xs))
 
 
-_NET = nn.Linear(3, 2).double()
+_NET = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.BatchNorm1d(4), nn.Linear(4, 2)).double().eval()
 
 
 def _reads_module(x):
-    return _NET(x).sum()
+    return _NET(x[None]).sum()
 
 
-def test_a_module_read_from_outside_still_runs_eagerly():
-    """Modules are not lifted (their parameters would need functional_call): such a call runs
-    eagerly, with a warning naming the module; pass its parameters with functional_call."""
-    xs = torch.randn(4, 3, dtype=_F64)
-    vf = ft.vmap(ft.grad(_reads_module))
-    expected, got, caught, breaks = _compile_and_count(vf, xs, backend="aot_eager")
-    _assert_close(got, expected)
-    assert [str(w.message) for w in caught if "_NET" in str(w.message)], caught
+def _tutorial_loss(params, x, y):  # torch.func's per-sample-gradients tutorial: a global model
+    return F.cross_entropy(ft.functional_call(_NET, params, (x[None],)), y[None])
+
+
+def test_modules_read_from_outside_become_graph_inputs():
+    """A module the transformed function reads from its globals or closure (the tutorials'
+    `functional_call(model, params, x)`, or the module called as it is): its parameters and
+    buffers become guarded graph inputs and the recorded call runs with them swapped in (NOTE
+    [Captured tensors become graph inputs]). One graph on every backend, eager's values, the
+    module's own tensors in place afterwards, and a weight changed in place or rebound is seen."""
+    global _NET
+    xs, ys = torch.randn(5, 3, dtype=_F64), torch.randint(0, 2, (5,))
+    params = {k: v.detach() + 0.1 for k, v in _NET.named_parameters()}
+    own = {k: v for k, v in [*_NET.named_parameters(), *_NET.named_buffers()]}
+    psg = ft.vmap(ft.grad(_tutorial_loss), in_dims=(None, 0, 0))
+    direct = ft.vmap(ft.grad(_reads_module))
+    held = (lambda net: ft.vmap(ft.grad(lambda x: net(x[None]).sum())))(_NET)  # a closure cell
+    for backend in ("aot_eager", "inductor"):
+        for fn, args in ((psg, (params, xs, ys)), (direct, (xs,)), (held, (xs,))):
+            expected, got, _, breaks = _compile_and_count(fn, *args, backend=backend, fullgraph=True)
+            torch.testing.assert_close(got, expected)
+            assert breaks == {}
+            assert {k: v for k, v in [*_NET.named_parameters(), *_NET.named_buffers()]} == own
+    compiled = torch.compile(direct, backend="aot_eager", fullgraph=True)
+    old = _NET[0].weight
+    try:
+        with torch.no_grad():
+            _NET[0].weight.mul_(2)
+        _assert_close(compiled(xs), direct(xs))
+        _NET[0].weight = nn.Parameter(torch.randn(4, 3, dtype=_F64))
+        _assert_close(compiled(xs), direct(xs))
+    finally:
+        _NET[0].weight = old
