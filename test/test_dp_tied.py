@@ -233,3 +233,105 @@ def test_attention_called_twice(method):
     x = (torch.randn(3, 5, 8, dtype=_F64), torch.randn(3, 4, 8, dtype=_F64))
     y = torch.randn(3, dtype=_F64)
     _check(model, lambda out, y: (out - y) ** 2, x, y, method)
+
+
+# NOTE [Weights that enter through F.linear or matmul]: a trainable weight that a module without
+# a rule passes to F.linear, addmm or matmul gets the Linear rule from the recorded call.
+class _Projection(nn.Module):
+    def __init__(self, d, p, form, bias=True):
+        super().__init__()
+        self.form = form
+        shape = (p, d) if form == "linear" else (d, p)
+        self.w = nn.Parameter(torch.randn(*shape) / d**0.5)
+        self.b = nn.Parameter(torch.randn(p) / 3) if bias else None
+
+    def forward(self, x):
+        if self.form == "linear":
+            return F.linear(x, self.w, self.b)
+        if self.form == "addmm":
+            return torch.addmm(self.b, x.reshape(-1, x.shape[-1]), self.w).reshape(*x.shape[:-1], -1)
+        out = x @ self.w if self.form == "@" else torch.matmul(x, self.w)
+        return out if self.b is None else out + self.b
+
+
+class _FunctionalTiedLM(nn.Module):
+    """The output layer tied to the embedding through F.linear, and a mixing weight used with @."""
+
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.mix = nn.Parameter(torch.randn(d, d) / 4)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, ids):
+        h = self.wte(ids)
+        return F.linear(self.norm(h + torch.tanh(h @ self.mix)), self.wte.weight)
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost"])
+@pytest.mark.parametrize(
+    "form,bias", [("linear", True), ("linear", False), ("addmm", True), ("@", False), ("matmul", False)]
+)
+def test_weights_entering_through_linear_or_matmul_get_the_linear_rule(form, bias, method):
+    model = nn.Sequential(_Projection(5, 8, form, bias), nn.Tanh(), _Projection(8, 4, form, bias)).double()
+    x = torch.randn(6, 7, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (6, 7))
+    rule_layers, per_layer_vmap = _check(model, _token_loss, x, y, method)
+    assert per_layer_vmap == [] and len(rule_layers) == 2, (rule_layers, per_layer_vmap)
+    assert all(type(m).__name__ == "_MatmulUse" for m in rule_layers)
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost"])
+def test_an_output_layer_tied_through_f_linear(method, no_materialized_uses):
+    """The tied weight's uses (the embedding's lookup, F.linear's product) get ghost cross terms."""
+    model = _FunctionalTiedLM().double()
+    ids, y = _ids()
+    rule_layers, per_layer_vmap = _check(model, _token_loss, ids, y, method)
+    assert per_layer_vmap == [] and no_materialized_uses  # the cross term was formed
+    assert sorted(type(m).__name__ for m in rule_layers) == [
+        "Embedding",
+        "LayerNorm",
+        "_MatmulUse",
+        "_MatmulUse",
+    ]
+
+
+def test_a_bias_added_after_a_matmul_stays_with_its_module():
+    """x @ W + b: W gets the rule; b's use is an add, so its module's per-layer vmap takes it."""
+    model = nn.Sequential(_Projection(5, 8, "@", True), nn.Tanh(), _Projection(8, 4, "@", True)).double()
+    x, y = torch.randn(6, 7, 5, dtype=torch.float64), torch.randint(0, 4, (6, 7))
+    rule_layers, per_layer_vmap = _check(model, _token_loss, x, y, "ghost")
+    assert [type(m).__name__ for m in rule_layers] == ["_MatmulUse", "_MatmulUse"]
+    assert [type(m).__name__ for m in per_layer_vmap] == ["_Projection", "_Projection"]
+
+
+class _MixedUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 5) / 3)
+
+    def forward(self, x):
+        return F.linear(x, self.w) + self.w.sum()  # a second, elementwise use
+
+
+def test_a_weight_with_another_use_stays_with_its_module():
+    model = nn.Sequential(_MixedUse(), nn.Tanh()).double()
+    x, y = torch.randn(5, 3, 5, dtype=torch.float64), torch.randint(0, 4, (5, 3))
+    rule_layers, per_layer_vmap = _check(model, _token_loss, x, y, "ghost")
+    assert rule_layers == [] and [type(m).__name__ for m in per_layer_vmap] == ["_MixedUse"]
+
+
+def test_auto_learns_its_path_from_the_first_plan():
+    """NOTE [auto and models mostly without rules]: a model whose rule-less modules hold most of
+    the parameters runs its first auto step on the per-layer path; its plan decides the next."""
+    from functorch_lite.dp import _clip
+
+    x, y = torch.randn(5, 3, 5, dtype=torch.float64), torch.randint(0, 4, (5, 3))
+    through_linear = nn.Sequential(_Projection(5, 4, "linear"), nn.Tanh()).double()
+    mixed = nn.Sequential(_MixedUse(), nn.Tanh()).double()
+    for model, learned in ((through_linear, "layers"), (mixed, "vmap")):
+        params = dict(model.named_parameters())
+        assert _clip._auto_path(model, params) is None  # rule-less modules hold most parameters
+        _check(model, _token_loss, x, y, "auto")
+        assert _clip._auto_path(model, params) == learned
+        _check(model, _token_loss, x, y, "auto")  # the learned path gives the same values

@@ -11,6 +11,8 @@ of _ghost.py that never materialises per-example gradients where a layer has a g
 Dim 0 of every input and target is the example dimension.
 """
 
+import weakref
+
 import torch
 
 from .._compile import Transformed, eager
@@ -21,7 +23,7 @@ from ._common import (
     check_per_example_loss,
     trainable_parameters,
 )
-from ._ghost import _rule_for, ghost_clipped_grad
+from ._ghost import _rule_for, ghost_clipped_grad, last_plan
 from ._per_example import _clipped_grad, vmap_clipped_grad
 
 __all__ = ["clipped_grad", "clipped_grad_module"]
@@ -144,12 +146,18 @@ def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="au
         first = next(iter(params.values()), None)
         norms = torch.zeros(size, device=None if first is None else first.device)
         return (grads, norms) if return_norms else grads
-    if method == "auto" and _mostly_without_rules(model, params):
-        method = "vmap"  # NOTE [auto and models mostly without rules]
+    learn = False
+    if method == "auto":  # NOTE [auto and models mostly without rules]
+        decided = _auto_path(model, params)
+        learn = decided is None
+        if decided == "vmap":
+            method = "vmap"
     if method != "vmap":
         result = ghost_clipped_grad(
             model, loss_fn, inputs, targets, params, max_norm, size, force_ghost=(method == "ghost")
         )
+        if learn:
+            _learn_auto_path(model, params, result is not None)
         if result is not None:
             grads, norms = result
             return (grads, norms) if return_norms else grads
@@ -160,10 +168,44 @@ def clipped_grad_module(model, loss_fn, inputs, targets, *, max_norm, method="au
 # NOTE [auto and models mostly without rules]
 # The per-layer path records a forward and a backward of the whole model, then runs a per-layer
 # vmap(grad) (its forward and backward again) for every module without a rule. When such modules
-# hold most of the trainable parameters (an LSTM with a small head), that is about twice the
-# whole-model vmap path's work for the same values (measured: 204 ms against 60 ms for an
-# LSTM(16, 64) classifier at B=64), so "auto" takes the vmap path directly. "ghost" keeps the
-# per-layer path (it is what it asks for).
+# hold most of the trainable parameters (a custom recurrent cell with a small head), that is about
+# twice the whole-model vmap path's work for the same values (measured: 204 ms against 60 ms for
+# an LSTM(16, 64) classifier at B=64 before LSTMs had a rule), so "auto" takes the vmap path
+# there. Which modules have a rule is known before the step, but not which of their weights the
+# recording gives a rule anyway (NOTE [Weights that enter through F.linear or matmul] in
+# _ghost.py): a model whose rule-less modules hold most of the parameters runs its first step on
+# the per-layer path, and the plan of that step decides for the following ones (remembered per
+# model and set of trainable parameters). "ghost" keeps the per-layer path (it is what it asks
+# for).
+_AUTO_PATHS = weakref.WeakKeyDictionary()  # model -> (ids of the trainable parameters, path)
+
+
+def _auto_path(model, params):
+    """ "layers", "vmap", or None where the first step's plan must decide."""
+    ids = tuple(id(p) for p in params.values())
+    known = _AUTO_PATHS.get(model)
+    if known is not None and known[0] == ids:
+        return known[1]
+    if not _mostly_without_rules(model, params):
+        return "layers"
+    return None
+
+
+def _learn_auto_path(model, params, planned):
+    """Remembers the path for this model from the plan of the step that just ran."""
+    ids = {id(p): p.numel() for p in params.values()}
+    plan = last_plan() if planned else None
+    if plan is None:
+        path = "vmap"  # the per-layer path gave up (it fell back to the vmap path)
+    else:
+        generic = sum(ids.get(id(p), 0) for m in plan[1] for p in m.parameters())
+        path = "vmap" if 2 * generic > sum(ids.values()) else "layers"
+    try:
+        _AUTO_PATHS[model] = (tuple(ids), path)
+    except TypeError:  # a model that cannot be weakly referenced: decide again next time
+        pass
+
+
 def _mostly_without_rules(model, params):
     ids = {id(p): p.numel() for p in params.values()}
     total = sum(ids.values())

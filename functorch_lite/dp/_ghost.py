@@ -254,6 +254,7 @@ class _Recorder(TorchFunctionMode):
         self.phys = _Physical()
         self.size = None  # the batch size, set by _record
         self.has_rule = {}  # module -> whether a layer rule reads it (asked at every call of it)
+        self.sites = {}  # (id(W), id(b), transposed) -> _MatmulUse (NOTE [Weights that enter ...])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -264,11 +265,51 @@ class _Recorder(TorchFunctionMode):
         if used:
             with torch._C.DisableTorchFunction():
                 carries = _carries_grad(out)
+                site = self._matmul_site(func, args, kwargs, out) if carries else None
             if carries:
-                where = tuple(self.stack)
+                where = tuple(self.stack) if site is None else (*self.stack, site)
                 for x in used:
                     self.uses.setdefault(id(x), []).append(where)
         return out
+
+    def _matmul_site(self, func, args, kwargs, out):
+        """NOTE [Weights that enter through F.linear or matmul]: inside a module without a rule
+        (a custom projection, an attention block written with F.linear), a trainable weight
+        passed to F.linear(x, W[, b]), addmm(b, x, W) or x @ W / matmul(x, W) is recorded as a
+        call of a pseudo-layer (_MatmulUse) that owns W (and b): the Linear rule then takes it
+        from the recorded call, instead of a per-layer vmap(grad) of the whole module. Returns
+        that pseudo-layer, or None for any other op (the module keeps the use)."""
+        if not self.stack or kwargs:
+            return None
+        owner = self.stack[-1]
+        if self.has_rule.get(owner):
+            return None  # the owner's own rule reads it (nn.Linear's forward calls F.linear)
+        if func is F.linear and len(args) in (2, 3):
+            x, w, b, transposed = args[0], args[1], args[2] if len(args) == 3 else None, False
+        elif func in _MATMULS and len(args) == 2:
+            x, w, b, transposed = args[0], args[1], None, True
+        elif func is torch.addmm and len(args) == 3:
+            b, x, w, transposed = args[0], args[1], args[2], True
+        else:
+            return None
+        ids = self.param_ids
+        if (
+            not isinstance(out, torch.Tensor)
+            or id(w) not in ids
+            or w.dim() != 2
+            or id(x) in ids
+            or not isinstance(x, torch.Tensor)
+            or (b is not None and (id(b) not in ids or b.dim() != 1))
+            or not self.phys.front(x)[1]  # a shared input: the owner's per-layer vmap takes it
+        ):
+            return None
+        key = (id(w), None if b is None else id(b), transposed)
+        site = self.sites.get(key)
+        if site is None:
+            site = self.sites[key] = _MatmulUse(w, b, transposed)
+            self.has_rule[site] = True
+        self.calls.setdefault(site, []).append(_Call(self.phys, (x,), {}, out))
+        return site
 
     def _pre(self, module, args, kwargs):
         self.stack.append(module)
@@ -376,28 +417,54 @@ def _matmul_weight(name, a, b, policy):
     return ("ghost", name, sq, finish, (b, a) if a.dim() == 3 else None)
 
 
-def _linear(module, call, a, b, policy):
+def _matmul_layer(a, b, policy, transposed, bias):
+    """The rule of a layer out = a W^T + bias (W (p, d)), or out = a W + bias with transposed
+    (W (d, p): transformers' Conv1D, x @ W)."""
     n = a.shape[0]
     a = a.reshape(n, -1, a.shape[-1])
     b = b.reshape(n, -1, b.shape[-1])
-    out = [_matmul_weight("weight", a, b, policy("weight", a.shape[1], b.shape[-1], a.shape[-1]))]
-    if module.bias is not None:
+    if transposed:
+        # _matmul_weight forms (its b)^T (its a): swapping the roles gives a^T b, (d, p)
+        out = [_matmul_weight("weight", b, a, policy("weight", a.shape[1], a.shape[-1], b.shape[-1]))]
+    else:
+        out = [_matmul_weight("weight", a, b, policy("weight", a.shape[1], b.shape[-1], a.shape[-1]))]
+    if bias:
         # one position (an MLP): the output gradient is the bias gradient, no reduction (a sum
         # over a dim of size 1 costs a zero-fill and a pass)
         out.append(("inst", "bias", b[:, 0] if b.shape[1] == 1 else b.sum(1)))
     return out
 
 
+def _linear(module, call, a, b, policy):
+    return _matmul_layer(a, b, policy, False, module.bias is not None)
+
+
 def _hf_conv1d(module, call, a, b, policy):
     """transformers' Conv1D (GPT-2's projections): addmm(bias, x, W) with W (nx, nf), a Linear
     with the weight transposed: per-example gradient a^T b."""
-    n = a.shape[0]
-    a = a.reshape(n, -1, a.shape[-1])
-    b = b.reshape(n, -1, b.shape[-1])
-    # _matmul_weight forms (its b)^T (its a): swapping the roles gives a^T b, (nx, nf)
-    out = [_matmul_weight("weight", b, a, policy("weight", a.shape[1], a.shape[-1], b.shape[-1]))]
-    out.append(("inst", "bias", b[:, 0] if b.shape[1] == 1 else b.sum(1)))
-    return out
+    return _matmul_layer(a, b, policy, True, True)
+
+
+class _MatmulUse(nn.Module):
+    """A weight (and bias) that a module without a rule passes to F.linear, addmm or matmul
+    (NOTE [Weights that enter through F.linear or matmul]): a layer of its own for the plan.
+    Never called; its parameters are the module's, not copies."""
+
+    def __init__(self, weight, bias, transposed):
+        super().__init__()
+        self._parameters["weight"] = weight
+        self._parameters["bias"] = bias
+        self.transposed = transposed
+
+    def forward(self, x):  # pragma: no cover - the recording has its calls already
+        raise RuntimeError("_MatmulUse is a record of calls, not a layer to call")
+
+
+def _matmul_use(module, call, a, b, policy):
+    return _matmul_layer(a, b, policy, module.transposed, module.bias is not None)
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
 
 
 def _conv(module, call, a, b, policy):
@@ -807,6 +874,7 @@ _RULES = {
     nn.LSTM: _rnn,
     nn.GRU: _rnn,
     nn.RNN: _rnn,
+    _MatmulUse: _matmul_use,
 }
 if hasattr(nn, "RMSNorm"):
     _RULES[nn.RMSNorm] = _rms_norm
