@@ -57,7 +57,9 @@ inline __attribute__((always_inline)) void philoxMulHiLo(__m512i x, __m512i m, _
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
   // even lanes: the high half of `even`'s 64-bit products, swapped down; odd lanes: `odd`'s, in place
   hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
-  lo = _mm512_mullo_epi32(x, m);
+  // the low halves are in the same two products: even lanes in place, odd lanes swapped up (a
+  // shuffle instead of vpmulld, which costs two multiplier uops)
+  lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
 }
 #elif defined(__AVX2__)
 inline __attribute__((always_inline)) void philoxMulHiLo(__m256i x, __m256i m, __m256i& hi, __m256i& lo) {
