@@ -79,6 +79,12 @@ def functionalize(func, *, remove="mutations"):
         wrapped = [torch._to_functional_tensor(x) if isinstance(x, torch.Tensor) else x for x in flat]
         fargs, fkwargs = tree_unflatten(wrapped, spec)
         torch._enable_functionalization(reapply_views=reapply_views)
+        # autograd regenerates an updated view by replaying its view ops, not as_strided, which
+        # functionalization refuses (forward AD writing the tangent of a view: z[..., 0] = v
+        # under jacfwd); the Functionalize key on functional tensors asks for it, but our grad
+        # wrappers of them do not carry it (NOTE [Dispatch keys of our tensors])
+        replay = torch._C._is_view_replay_enabled()
+        torch._C._set_view_replay_enabled(True)
         try:
             out = func(*fargs, **fkwargs)
         except RuntimeError as e:
@@ -88,6 +94,7 @@ def functionalize(func, *, remove="mutations"):
             # forward-mode levels are made functional: NOTE [Tangents inside functionalize])
             raise RuntimeError(_CAPTURED_WRITE) from None
         finally:
+            torch._C._set_view_replay_enabled(replay)
             torch._disable_functionalization()
         for i, (x, w) in enumerate(zip(flat, wrapped)):
             if isinstance(x, torch.Tensor) and torch._is_functional_tensor(w):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 import functorch_lite as ft
+from functorch_lite.func import functionalize as _ft_functionalize
 
 MAX_NUMEL = 48
 
@@ -603,6 +604,9 @@ class FuncTransforms:
             return lambda x, y: _tuple(getattr(T, kind)(g, argnums=layer[1])(x, y))
         if kind == "hessian":
             return lambda x, y: _tuple(T.hessian(lambda a, b: _scalar(g(a, b)), argnums=layer[1])(x, y))
+        if kind == "functionalize":
+            fz = torch.func.functionalize if T is torch.func else _ft_functionalize
+            return fz(g, remove=layer[1])
         raise AssertionError(kind)
 
 
@@ -750,6 +754,8 @@ class RefereeTransforms:
         if kind == "hessian":
             inner = self.wrap(("grad", layer[1]), g)
             return lambda x, y: self._jac(inner, layer[1], x, y)
+        if kind == "functionalize":  # the same values as the function itself
+            return g
         raise AssertionError(kind)
 
 
@@ -965,7 +971,7 @@ def shrink(prog, outcome, timeout_s=60):
 # ----------------------------------------------------------------------------------------------
 # Random programs (shared by the hypothesis strategy and the command-line driver)
 
-TRANSFORMS = ("vmap", "grad", "vjp", "jvp", "jacrev", "jacfwd", "hessian")
+TRANSFORMS = ("vmap", "grad", "vjp", "jvp", "jacrev", "jacfwd", "hessian", "functionalize")
 OP_NAMES = tuple(sorted(CATALOGUE))
 
 
@@ -986,6 +992,8 @@ def make_layer(kind, draw_int, rank_x, rank_y):
         return (kind, (0, 1, (0, 1), 0)[draw_int(0, 3)])
     if kind in ("jacfwd", "hessian"):
         return (kind, (0, 1, 0)[draw_int(0, 2)])
+    if kind == "functionalize":
+        return (kind, ("mutations", "mutations_and_views")[draw_int(0, 1)])
     return (kind,)
 
 

@@ -456,6 +456,20 @@ bool isLegacyVmapOp(const c10::OperatorHandle& op) {
   return op == add || op == remove;
 }
 
+bool anyTensor(const Stack& stack, size_t begin) {
+  bool found = false;
+  forEachTensor(stack, begin, stack.size(), [&](const at::Tensor& t) { found = found || t.defined(); });
+  return found;
+}
+
+// Whether the thread's functionalize mode is on for this op (called by f, not by
+// functionalization's own kernel, which excludes it) and was entered after `top` was pushed.
+bool functionalizeEnteredAbove(const Level& top) {
+  const auto tls = c10::impl::tls_local_dispatch_key_set();
+  return tls.included_.has(DispatchKey::Functionalize) && !tls.excluded_.has(DispatchKey::Functionalize) &&
+         !top.saved_tls.included_.has(DispatchKey::Functionalize);
+}
+
 }  // namespace
 
 // ----------------------------------------------------------------------------------------------
@@ -511,16 +525,26 @@ void frontFallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, Stack*
     op.callBoxed(stack);
     return;
   }
+  // NOTE [Functionalize entered inside a level] in levels.h: a factory called inside it
+  const bool functional_factory = functionalizeEnteredAbove(*top) && !anyTensor(*stack, begin);
   switch (top->kind) {
     case LevelKind::Vmap:
       vmapBoxed(op, stack, *top);
-      return;
+      break;
     case LevelKind::Grad:
     case LevelKind::Jvp:
       // Both run torch's own autograd kernels on wrappers of the top level: backward-mode
       // recording for grad levels, forward-mode tangent propagation for jvp levels.
       gradProcess(op, stack, *top);
-      return;
+      break;
+  }
+  if (C10_UNLIKELY(functional_factory)) {
+    const size_t nrets = op.schema().returns().size();
+    forEachTensorInplace(*stack, stack->size() - nrets, stack->size(), [](const at::Tensor& t) {
+      return t.defined() && !at::functionalization::impl::isFunctionalTensor(t)
+                 ? at::functionalization::impl::to_functional_tensor(t)
+                 : t;
+    });
   }
 }
 

@@ -130,12 +130,6 @@ HandDownGuard::HandDownGuard()
   // below (NOTE [Autocast and levels] in tensors.h).
   below.excluded_ = (below.excluded_ - c10::autocast_dispatch_keyset) |
                     (prev_tls_.excluded_ & c10::autocast_dispatch_keyset);
-  // NOTE [Functionalize entered inside a level] in levels.h.
-  if (prev_tls_.included_.has(c10::DispatchKey::Functionalize) &&
-      !prev_tls_.excluded_.has(c10::DispatchKey::Functionalize)) {
-    below.included_ = below.included_.add(c10::DispatchKey::Functionalize);
-    below.excluded_ = below.excluded_.remove(c10::DispatchKey::Functionalize);
-  }
   c10::impl::_force_tls_local_dispatch_key_set(below);
   // A no_grad active now (inside f) stays active for every level below; a no_grad that was
   // active around the transform call comes back into force when leaving the transform.

@@ -27,12 +27,17 @@
 // functionalize (torch's functional tensors, functorch_lite/_functionalize.py) is a thread mode,
 // the Functionalize key in the TLS included set, not a level of ours. Two rules keep it on the
 // functional values and off our wrappers:
-// - Entered inside f (vmap(functionalize(g)), ...): an op that f calls directly comes to the front
-//   with Functionalize included and not excluded, and handing it down keeps it that way, so a
-//   factory in g (torch.zeros, the basis jacfwd builds) makes a functional tensor, as it would
-//   with no transform around. An op that reaches us from functionalization's own kernel (it
-//   unwrapped a functional tensor and called the op again) has Functionalize excluded, and so
-//   has everything a rule or autograd runs below us: neither carries the mode down.
+// - Entered inside f (vmap(functionalize(g)), ...): the mode sits between the top level and the
+//   one below it, but our front kernel, above every mode, sees each op first. An op with tensor
+//   arguments is sorted out by them (a functional wrapper of the top level's tensor goes first:
+//   NOTE [Foreign wrappers of our tensors]). A factory has none: g's torch.zeros (or the basis
+//   jacfwd builds, or the result of a level pushed inside g handed down to here) comes to the
+//   front with Functionalize included and not excluded while the top level's saved TLS lacks it,
+//   and the front kernel makes its result functional once the level has processed it (dispatch.cpp,
+//   frontFallback), which is where g's functionalize would have wrapped it. Handing down restores
+//   the level's saved TLS, so the levels below never see the mode. An op that reaches us from
+//   functionalization's own kernel (it unwrapped a functional tensor and called the op again)
+//   has Functionalize excluded, and so has everything a rule or autograd runs below us.
 // - Entered around a grad/jvp level (functionalize(jacfwd(g)), ...): while autograd runs on the
 //   level's wrappers, Functionalize is excluded (dispatch.cpp, gradProcess). Otherwise its kernel
 //   would run between autograd and our back kernel on the wrappers themselves: a tensor that a

@@ -1,5 +1,6 @@
 #include "core/tensors.h"
 
+#include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/WrapDimUtils.h>
 #include <c10/util/Exception.h>
 
@@ -179,7 +180,18 @@ at::Tensor unwrapIfDead(const at::Tensor& t) {
               "functorch_lite.vmap: a tensor created inside a vmap'd function was used after that "
               "vmap returned (it was stored in a global, an attribute or a closure). Return it "
               "from the function instead: vmap adds the batch dimension to returned tensors only.");
-  return unwrapIfDead(ft->value());
+  at::Tensor value = ft->value();
+  // NOTE [Dead wrappers of functional tensors]: a grad level entered inside functionalize wraps
+  // functional tensors. Its dead wrapper reached from inside functionalization's own kernel (the
+  // backward of vjp_fn, run after vjp returned, is functionalized op by op) stands for a value
+  // the kernel has already unwrapped everywhere else: with the mode excluded, nothing below
+  // could unwrap it, so it is unwrapped here too (after applying its pending updates).
+  while (at::functionalization::impl::isFunctionalTensor(value) &&
+         c10::impl::tls_is_dispatch_key_excluded(c10::DispatchKey::Functionalize)) {
+    at::functionalization::impl::sync(value);
+    value = at::functionalization::impl::from_functional_tensor(value);
+  }
+  return unwrapIfDead(value);
 }
 
 }  // namespace ftl
