@@ -225,6 +225,19 @@ def _describe(f, leaves):
         spec = _tensor_spec(namespace[name], leaves)
         if spec is not None:
             names.append((name, spec))
+    # NOTE [Captured numbers are guarded]: a number it reads from its closure or globals is a
+    # leaf too (Dynamo guards it, or makes it a symbolic input), and a string is kept in the
+    # description (a constant Dynamo guards on its value): rebinding either is seen, where the
+    # rebuilt function would otherwise keep the value of the first trace.
+    scalars = []
+    for where, key, is_str in _captured_scalars(f):
+        value = f.__closure__[key].cell_contents if where == "cell" else namespace[key]
+        if is_str:
+            scalars.append((where, key, value))
+        else:
+            leaves.append(value)
+            scalars.append((where, key, None))
+    scalars = tuple(scalars)
     modules = _captured_modules(f)
     for (where, key), paths in modules:
         module = f.__closure__[key].cell_contents if where == "cell" else namespace[key]
@@ -233,9 +246,9 @@ def _describe(f, leaves):
             for part in path:
                 sub = sub._modules[part]
             leaves.append((sub._parameters if kind == "p" else sub._buffers)[name])
-    if not cells and not names and not modules:
+    if not cells and not names and not modules and not scalars:
         return f
-    return (_Lifted, f, tuple(cells), tuple(names), modules)
+    return (_Lifted, f, tuple(cells), tuple(names), modules, scalars)
 
 
 # NOTE [Captured tensors become graph inputs]
@@ -279,6 +292,43 @@ def _tensor_globals(f):
 
 
 _tensor_globals._dynamo_marked_constant = True
+
+_SCALARS = (bool, int, float, str)
+
+
+def _captured_scalars(f):
+    """("cell", index, is a string) and ("global", name, is a string) for the numbers and strings
+    f reads from its closure and globals now. A constant to Dynamo, like _tensor_globals: the
+    values are read again in _describe, in Dynamo's trace, which guards them."""
+    out = []
+    for i, cell in enumerate(f.__closure__ or ()):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if type(value) in _SCALARS:
+            out.append(("cell", i, type(value) is str))
+    namespace = f.__globals__
+    for name in _global_names(f.__code__):
+        value = namespace.get(name)
+        if type(value) in _SCALARS:
+            out.append(("global", name, type(value) is str))
+    return tuple(out)
+
+
+_captured_scalars._dynamo_marked_constant = True
+
+
+def _concrete(v):
+    """A number a recorded call received as a leaf, as a Python number (a symbolic one is
+    specialized, which guards the graph on it)."""
+    if isinstance(v, torch.SymBool):
+        return bool(v)
+    if isinstance(v, torch.SymInt):
+        return int(v)
+    if isinstance(v, torch.SymFloat):
+        return float(v)
+    return v
 
 
 def _captured_modules(f):
@@ -349,18 +399,24 @@ def _take(spec, it):
 def _rebuild(d, it):
     if type(d) is tuple and len(d) == 4 and d[0] is Transformed:
         return d[1](_rebuild(d[3], it), **dict(d[2]))
-    if type(d) is tuple and len(d) == 5 and d[0] is _Lifted:
+    if type(d) is tuple and len(d) == 6 and d[0] is _Lifted:
         taken = []
         it = _Recording(it, taken)
-        _, f, cells, names, modules = d
+        _, f, cells, names, modules, scalars = d
         closure = list(f.__closure__ or ())
         for i, spec in cells:
             closure[i] = types.CellType(_take(spec, it))
         namespace = f.__globals__
-        if names:
+        if names or any(where == "global" for where, _, _ in scalars):
             namespace = dict(namespace)
             for name, spec in names:
                 namespace[name] = _take(spec, it)
+        for where, key, value in scalars:
+            value = _concrete(next(it)) if value is None else value
+            if where == "cell":
+                closure[key] = types.CellType(value)
+            else:
+                namespace[key] = value
         g = _FunctionType(f.__code__, namespace, f.__name__, f.__defaults__, tuple(closure) or None)
         g.__kwdefaults__ = f.__kwdefaults__
         g.__qualname__ = f.__qualname__

@@ -646,3 +646,32 @@ def test_modules_read_from_outside_become_graph_inputs():
         _assert_close(compiled(xs), direct(xs))
     finally:
         _NET[0].weight = old
+
+
+_SCALE = 2.0
+_MODE = "sin"
+
+
+def _reads_numbers_and_strings(x):
+    return (x.sin() if _MODE == "sin" else x.cos()) * _SCALE
+
+
+def test_numbers_and_strings_read_from_outside_are_guarded():
+    """NOTE [Captured numbers are guarded]: a number or a string the transformed function reads
+    from its globals or closure is seen again when rebound (it was the first trace's value
+    before: a silently stale constant)."""
+    global _SCALE, _MODE
+    xs = torch.randn(4, 3, dtype=_F64)
+    vf = ft.vmap(_reads_numbers_and_strings)
+    held = (lambda k, name: ft.vmap(lambda x: getattr(torch, name)(x) * k))(3, "tanh")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: vf(x), backend="aot_eager", fullgraph=True)
+    compiled_held = torch.compile(lambda x: held(x), backend="aot_eager", fullgraph=True)
+    _assert_close(compiled_held(xs), held(xs))
+    old = (_SCALE, _MODE)
+    try:
+        for scale, mode in ((2.0, "sin"), (5.0, "sin"), (5.0, "cos"), (-1.5, "sin")):
+            _SCALE, _MODE = scale, mode
+            _assert_close(compiled(xs), vf(xs))
+    finally:
+        _SCALE, _MODE = old
