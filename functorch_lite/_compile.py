@@ -300,20 +300,22 @@ def _captured_scalars(f):
     """("cell", index, is a string) and ("global", name, is a string) for the numbers and strings
     f reads from its closure and globals now. A constant to Dynamo, like _tensor_globals: the
     values are read again in _describe, in Dynamo's trace, which guards them."""
-    out = []
+    return tuple(
+        (where, key, type(value) is str) for where, key, value in _captured(f) if type(value) in _SCALARS
+    )
+
+
+def _captured(f):
+    """("cell", index, value) for f's closure cells and ("global", name, value) for the globals
+    its code names (outside Dynamo's trace: the callers are constants to it)."""
     for i, cell in enumerate(f.__closure__ or ()):
         try:
-            value = cell.cell_contents
+            yield "cell", i, cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        if type(value) in _SCALARS:
-            out.append(("cell", i, type(value) is str))
     namespace = f.__globals__
     for name in _global_names(f.__code__):
-        value = namespace.get(name)
-        if type(value) in _SCALARS:
-            out.append(("global", name, type(value) is str))
-    return tuple(out)
+        yield "global", name, namespace.get(name)
 
 
 _captured_scalars._dynamo_marked_constant = True
@@ -338,19 +340,11 @@ def _captured_modules(f):
     tensors: those are read and guarded in _describe)."""
     from torch import nn
 
-    out = []
-    for i, cell in enumerate(f.__closure__ or ()):
-        try:
-            value = cell.cell_contents
-        except ValueError:  # an empty cell
-            continue
-        if isinstance(value, nn.Module):
-            out.append((("cell", i), _tensor_paths(value)))
-    for name in _global_names(f.__code__):
-        value = f.__globals__.get(name)
-        if isinstance(value, nn.Module):
-            out.append((("global", name), _tensor_paths(value)))
-    return tuple(out)
+    return tuple(
+        ((where, key), _tensor_paths(value))
+        for where, key, value in _captured(f)
+        if isinstance(value, nn.Module)
+    )
 
 
 _captured_modules._dynamo_marked_constant = True
