@@ -168,3 +168,26 @@ def test_a_dispatch_mode_does_not_break_writes_through_views_of_zeros(name):
     with _DispatchMode():
         got = run()
     torch.testing.assert_close(got, expected)
+
+
+def _max_then_tensordot(x, y):
+    z = torch.maximum(x, y.reshape(2, 1))
+    return torch.tensordot(z, y[:1], dims=1).sum()
+
+
+def test_forward_over_reverse_under_a_user_dispatch_mode():
+    """A user's TorchDispatchMode is no tracer: the back kernel leaves real zeros alone under it
+    (NOTE [Zeros made out of a tracer's sight]). Remaking them made jvp(hessian(f)) of this f hit
+    torch's internal assert on a view's tangent (found by running the fuzzer's programs under a
+    no-op mode)."""
+    x, y = torch.randn(2, 1, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+
+    def run(lib):
+        h = lib.hessian(_max_then_tensordot, argnums=1)
+        return lib.jvp(h, (x, y), (x.sin(), y.cos()))
+
+    expected = run(ft)
+    with _DispatchMode():
+        got = run(ft)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, run(tf))

@@ -4,8 +4,10 @@
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/count_nonzero.h>
+#include <ATen/ops/empty_strided.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/util/Type.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -150,13 +152,26 @@ bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
 // factories, and with the Python key excluded a tracer (make_fx's proxy mode, FakeTensorMode
 // under torch.compile) never sees them. The zeros reach the back kernel as a real tensor among
 // fake ones; AOTAutograd then bakes them into the graph as a constant, which Inductor refuses.
-// So when a tracer is active below the level (the Python key is back after HandDownGuard), a
+// So when a tracer is active below the level (the Python key is back after HandDownGuard, and
+// the mode is FakeTensorMode or make_fx's proxy mode, not a user's TorchDispatchMode: remaking
+// zeros for one of those changed what forward AD saw, and jvp(hessian(f)) of some f hit torch's
+// internal assert on a view's tangent under a no-op logging mode), a
 // real floating tensor that holds only zeros is made again by at::zeros under the tracer: the
 // same value, now an op of the graph (our batched tensors included: under vmap the zeros meet a
 // BatchedTensor, not a fake one). A real tensor here was made in the front region (the tracer
 // lifts every tensor the function captures or receives) or is a constant of a real-mode trace;
 // zeros are zeros either way, so nothing else can change. Runs without a Python mode skip this
 // entirely; under one, each real floating argument costs one count of its nonzeros.
+// A tracer's mode (FakeTensorMode, make_fx's proxy mode) is set: only then can a real tensor miss
+// the graph. Any other TorchDispatchMode (a user's logging mode) sees the plain values as they
+// are, and remaking zeros for it only risks changing what forward AD sees.
+bool tracerActive() {
+  using c10::impl::TorchDispatchModeKey;
+  using c10::impl::TorchDispatchModeTLS;
+  return TorchDispatchModeTLS::get_mode(TorchDispatchModeKey::FAKE).has_value() ||
+         TorchDispatchModeTLS::get_mode(TorchDispatchModeKey::PROXY).has_value();
+}
+
 void retraceZeros(const c10::FunctionSchema& schema, Stack* stack, size_t begin) {
   // fake and functional tensors (a C++ FunctionalTensorWrapper carries Functionalize, not Python)
   static const c10::DispatchKeySet traced({DispatchKey::Python, DispatchKey::Functionalize});
@@ -182,13 +197,15 @@ void retraceZeros(const c10::FunctionSchema& schema, Stack* stack, size_t begin)
       zeros = at::count_nonzero(t).item<int64_t>() == 0;
     }
     if (!zeros) continue;
-    // An expanded zero (what the ZeroTensor fallback makes) stays one: a dense zeros of the full
-    // size would be filled and then multiplied through by Inductor (jacfwd on a wide layer ran
-    // 1.3x slower than torch.func's graph, which keeps the expand).
+    // The remade zeros keep the original's layout: an expanded zero (what the ZeroTensor
+    // fallback makes) stays a 0-d zeros and an expand (a dense zeros of the full size would be
+    // filled and then multiplied through by Inductor: jacfwd on a wide layer ran 1.3x slower
+    // than torch.func's graph), and any other strides stay as they were (forward AD compares a
+    // tangent's layout with its primal's).
     const bool expanded =
         std::all_of(t.strides().begin(), t.strides().end(), [](int64_t s) { return s == 0; });
     iv = expanded ? at::zeros({}, t.options()).expand_symint(t.sym_sizes())
-                  : at::zeros_symint(t.sym_sizes(), t.options());
+                  : at::empty_strided_symint(t.sym_sizes(), t.sym_strides(), t.options()).zero_();
   }
 }
 
@@ -349,7 +366,7 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   });
   {
     HandDownGuard guard;
-    if (C10_UNLIKELY(c10::impl::tls_is_dispatch_key_included(DispatchKey::Python)))
+    if (C10_UNLIKELY(c10::impl::tls_is_dispatch_key_included(DispatchKey::Python)) && tracerActive())
       retraceZeros(schema, stack, begin);
     op.callBoxed(stack);
     materializeZeroTensors(stack, schema.returns().size());
