@@ -279,7 +279,7 @@ class _Lifted:
 def _relift_of(f):
     """(description, leaves) of a function _rebuild made, else None. Only functions made at trace
     time carry it (Dynamo sees user functions here, which never do)."""
-    return f.__dict__.get("_ft_relift") if hasattr(f, "__dict__") else None
+    return f.__dict__.get("_ft_relift")
 
 
 def _tensor_globals(f):
@@ -287,8 +287,9 @@ def _tensor_globals(f):
     takes the result as a constant (the mark below is what torch._dynamo.assume_constant_result
     sets): traced, the lookups would guard on the size of the module's globals dict, so any new
     global in the user's module would recompile. Reading each name then guards on its value."""
-    namespace = f.__globals__
-    return tuple(n for n in _global_names(f.__code__) if _tensor_spec(namespace.get(n), []) is not None)
+    return tuple(
+        key for where, key, value in _captured(f) if where == "global" and _tensor_spec(value, []) is not None
+    )
 
 
 _tensor_globals._dynamo_marked_constant = True

@@ -40,6 +40,14 @@ def _active():
     return torch._C._dispatch_tls_is_dispatch_key_included(torch._C.DispatchKey.Functionalize)
 
 
+def _functionalizing():
+    """Whether functionalization is on for the ops this thread calls now (active, and not
+    excluded by functionalization's own kernel)."""
+    return _active() and not torch._C._dispatch_tls_is_dispatch_key_excluded(
+        torch._C.DispatchKey.Functionalize
+    )
+
+
 def functionalize(func, *, remove="mutations"):
     """Returns ``func`` with its mutations removed, as ``torch.func.functionalize``: the same
     values, but tracing it (``make_fx``, ``torch.compile``) sees only out-of-place ops; with

@@ -14,20 +14,13 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ._call import call_transformed
 from ._compile import Transformed, call_eagerly, eager, skip_wrappers
+from ._functionalize import _functionalizing
 from ._grad import _check_differentiable, _normalize_argnums, _refuse_sparse, _split_aux, vjp
 from ._levels import _batched_like
 from ._load import _C
 from ._vmap import vmap
 
 _state = threading.local()
-
-
-def _functionalizing():
-    """Whether torch's functionalization is on for the ops this thread calls now."""
-    key = torch._C.DispatchKey.Functionalize
-    return torch._C._dispatch_tls_is_dispatch_key_included(
-        key
-    ) and not torch._C._dispatch_tls_is_dispatch_key_excluded(key)
 
 
 def _jvp_nesting():

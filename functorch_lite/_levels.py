@@ -34,8 +34,7 @@ def _batched_like(reference, t):
     primal or output, batched like it; adding zeros like `reference` does the same here, and only
     where it is needed.
     """
-    if (_C._wrapper_info(reference) is None and not torch._is_functional_tensor(reference)) or _vmap_levels(
-        reference
-    ) <= _vmap_levels(t):
+    plain = _C._wrapper_info(reference) is None and not torch._is_functional_tensor(reference)
+    if plain or _vmap_levels(reference) <= _vmap_levels(t):
         return t
     return t + torch.zeros_like(reference)

@@ -1,7 +1,6 @@
 #include "core/dispatch.h"
 
 #include <ATen/FunctionalTensorWrapper.h>
-
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/count_nonzero.h>
 #include <ATen/ops/empty_strided.h>
@@ -11,8 +10,8 @@
 #include <c10/util/Type.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
-#include <algorithm>
 
+#include <algorithm>
 #include <atomic>
 #include <iterator>
 #include <mutex>
@@ -83,22 +82,27 @@ std::string tensorTypeName(const at::Tensor& t) {
   return c10::demangle(typeid(*impl).name());
 }
 
-bool functionalHoldsOurs(const at::Tensor& t) {
+namespace {
+// The first tensor under t's functional wrappers (t itself when it is not one). Functional
+// wrappers nest (functionalize of functionalize); that tensor tells whose level the whole stack
+// of them belongs to.
+at::Tensor underFunctionalWrappers(const at::Tensor& t) {
   at::Tensor inner = t;
   while (auto* fw = dynamic_cast<at::FunctionalTensorWrapper*>(inner.unsafeGetTensorImpl()))
     inner = fw->value();
+  return inner;
+}
+}  // namespace
+
+bool functionalHoldsOurs(const at::Tensor& t) {
+  const at::Tensor inner = underFunctionalWrappers(t);
   return inner.unsafeGetTensorImpl() != t.unsafeGetTensorImpl() && asFt(inner) != nullptr;
 }
 
 bool foreignGoesFirst(const at::Tensor& t) {
   const Level* top = levelStack().top();
   if (!top) return true;
-  // Functional wrappers nest (functionalize of functionalize); the first tensor that is not one
-  // tells whose level the whole stack of them belongs to.
-  at::Tensor inner = t;
-  while (auto* fw = dynamic_cast<at::FunctionalTensorWrapper*>(inner.unsafeGetTensorImpl()))
-    inner = fw->value();
-  auto* ft = asFt(inner);
+  auto* ft = asFt(underFunctionalWrappers(t));
   return !ft || ft->level() >= top->id;
 }
 

@@ -904,8 +904,7 @@ if hasattr(nn, "RMSNorm"):
 
 def _input(call):
     """A layer's (first) input, with the examples along dim 0, and whether it is per-example."""
-    leaves = tree_flatten((call.args, call.kwargs))[0]
-    return leaves[0], call.batched[0]
+    return _flatten_call(call.args, call.kwargs)[0][0], call.batched[0]
 
 
 def _same(module, t):
