@@ -57,7 +57,7 @@ import time
 import bench_dp_clip
 import torch
 import torch.nn.functional as F
-from bench_dp_steps import _first_line, _PerExample, plain_step
+from bench_dp_steps import _first_line, _PerExample, plain_step, private_step
 from bench_scaling import _opacus
 from torch import nn
 
@@ -228,17 +228,7 @@ def _non_private(m, ids, y, loss_fn):
 
 
 def _ft_auto(m, ids, y, loss_fn):
-    trainer = ft.dp.PrivateTrainer(
-        m,
-        _adamw(m),
-        loss_fn,
-        max_grad_norm=MAX_NORM,
-        sample_rate=0.01,  # the accountant's; the step does not sample
-        expected_batch_size=ids.shape[0],
-        noise_multiplier=SIGMA,
-        clipping="auto",
-    )
-    return lambda: trainer.step(ids, y)
+    return private_step(m, _adamw(m), ids, y, loss_fn, max_grad_norm=MAX_NORM, noise_multiplier=SIGMA)
 
 
 def _opacus_ghost(m, ids, y, loss_fn):

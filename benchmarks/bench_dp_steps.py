@@ -116,6 +116,23 @@ def plain_step(m, opt, x, y, loss_fn):
     return step
 
 
+def private_step(m, opt, x, y, loss_fn, max_grad_norm=MAX_NORM, noise_multiplier=SIGMA, **kw):
+    """The ft.dp step (clipping "auto") of module m with optimizer opt, as plain_step is the
+    non-private one; kw are PrivateTrainer's other options (noise_generator, secure_mode)."""
+    trainer = ft.dp.PrivateTrainer(
+        m,
+        opt,
+        loss_fn,
+        max_grad_norm=max_grad_norm,
+        sample_rate=0.01,  # the accountant's; the step does not sample
+        expected_batch_size=x.shape[0],
+        noise_multiplier=noise_multiplier,
+        clipping="auto",
+        **kw,
+    )
+    return lambda: trainer.step(x, y)
+
+
 def _non_private(model, x, y, loss_fn):
     m = copy.deepcopy(model)
     return plain_step(m, _sgd(m), x, y, loss_fn)
@@ -181,18 +198,7 @@ def _opacus_step(mode):
 def _trainer(**kw):
     def build(model, x, y, loss_fn):
         m = copy.deepcopy(model)
-        trainer = ft.dp.PrivateTrainer(
-            m,
-            _sgd(m),
-            loss_fn,
-            max_grad_norm=MAX_NORM,
-            sample_rate=0.01,  # the accountant's; the step does not sample
-            expected_batch_size=x.shape[0],
-            noise_multiplier=SIGMA,
-            clipping="auto",
-            **kw,
-        )
-        return lambda: trainer.step(x, y)
+        return private_step(m, _sgd(m), x, y, loss_fn, **kw)
 
     return build
 
