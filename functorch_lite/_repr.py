@@ -8,8 +8,11 @@ the level below cannot see through a transform's tensors, so the gradients a use
 torch.autograd.functional) asked for that way would silently be zeros."""
 
 import torch
+import torch.autograd.forward_ad as _fwAD
 
 from ._load import _C
+
+_AD_INPLACE = torch._C.DispatchKey.ADInplaceOrView
 
 _torch_repr = torch.Tensor.__repr__
 _torch_tolist = torch.Tensor.tolist
@@ -70,12 +73,29 @@ def _plain_value(t, what):
     return t
 
 
+def _short(self, why):
+    return f"tensor(<{why}>, size={tuple(self.shape)}, dtype={self.dtype})"
+
+
 def _repr(self, *args, **kwargs):
-    if _C._wrapper_info(self) is None:
-        if _C._stack_depth() == 0:
-            return _torch_repr(self, *args, **kwargs)
-        return _plain_repr(self, *args, **kwargs)
-    return _describe(self)
+    # Inside a __torch_dispatch__ (autograd's keys are excluded there) while a forward-AD level
+    # is live, torch's printer calls unpack_dual, whose _fw_primal then reaches its native stub:
+    # an internal assert. FakeTensorMode prints the call it refuses (a real tensor among fake
+    # ones) exactly there during a traced jacfwd/hessian, and the failed printer left a
+    # reference cycle whose collection, later, restored a stale TLS dispatch-key exclude set:
+    # every later gradient in the process came out zero. Such a tensor is described without its
+    # values.
+    if _fwAD._current_level >= 0 and torch._C._dispatch_tls_is_dispatch_key_excluded(_AD_INPLACE):
+        return _short(self, "not printable inside a dispatch under forward AD")
+    try:
+        if _C._wrapper_info(self) is None:
+            if _C._stack_depth() == 0:
+                return _torch_repr(self, *args, **kwargs)
+            return _plain_repr(self, *args, **kwargs)
+        return _describe(self)
+    except Exception as e:  # noqa: BLE001 (repr runs inside error messages)
+        # A description without the values keeps the first error's message.
+        return _short(self, f"not printable here: {type(e).__name__}")
 
 
 def _tolist(self):

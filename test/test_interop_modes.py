@@ -177,7 +177,7 @@ def _max_then_tensordot(x, y):
 
 def test_forward_over_reverse_under_a_user_dispatch_mode():
     """A user's TorchDispatchMode is no tracer: the back kernel leaves real zeros alone under it
-    (NOTE [Zeros made out of a tracer's sight]). Remaking them made jvp(hessian(f)) of this f hit
+    (NOTE [Constants made out of a tracer's sight]). Remaking them made jvp(hessian(f)) of this f hit
     torch's internal assert on a view's tangent (found by running the fuzzer's programs under a
     no-op mode)."""
     x, y = torch.randn(2, 1, dtype=torch.float64), torch.randn(2, dtype=torch.float64)

@@ -2,8 +2,9 @@
 
 #include <ATen/FunctionalTensorWrapper.h>
 #include <ATen/core/grad_mode.h>
-#include <ATen/ops/count_nonzero.h>
 #include <ATen/ops/empty_strided.h>
+#include <ATen/ops/eq.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
@@ -149,67 +150,81 @@ bool isMutatedArg(const c10::FunctionSchema& schema, size_t i) {
   return alias && alias->isWrite();
 }
 
-// NOTE [Zeros made out of a tracer's sight]
+// NOTE [Constants made out of a tracer's sight]
 // A level's front kernel runs autograd with the Python key excluded (a user's TorchDispatchMode
-// must not see our wrappers). torch's forward-AD formulas make an efficient zero tangent for an
-// operand that has none, and the ZeroTensor fallback turns it into real zeros: both are
-// factories, and with the Python key excluded a tracer (make_fx's proxy mode, FakeTensorMode
-// under torch.compile) never sees them. The zeros reach the back kernel as a real tensor among
-// fake ones; AOTAutograd then bakes them into the graph as a constant, which Inductor refuses.
-// So when a tracer is active below the level (the Python key is back after HandDownGuard, and
-// the mode is FakeTensorMode or make_fx's proxy mode, not a user's TorchDispatchMode: remaking
-// zeros for one of those changed what forward AD saw, and jvp(hessian(f)) of some f hit torch's
-// internal assert on a view's tangent under a no-op logging mode), a
-// real floating tensor that holds only zeros is made again by at::zeros under the tracer: the
-// same value, now an op of the graph (our batched tensors included: under vmap the zeros meet a
-// BatchedTensor, not a fake one). A real tensor here was made in the front region (the tracer
-// lifts every tensor the function captures or receives) or is a constant of a real-mode trace;
-// zeros are zeros either way, so nothing else can change. Runs without a Python mode skip this
-// entirely; under one, each real floating argument costs one count of its nonzeros.
-// A tracer's mode (FakeTensorMode, make_fx's proxy mode) is set: only then can a real tensor miss
-// the graph. Any other TorchDispatchMode (a user's logging mode) sees the plain values as they
-// are, and remaking zeros for it only risks changing what forward AD sees.
+// must not see our wrappers). Factories called there never reach a tracer: the zero tangent
+// torch's forward-AD formulas make for an operand that has none (and the ZeroTensor fallback's
+// real zeros), a formula's 0-d constant (the scalar_tensor(0.5) of maximum's forward formula),
+// the eps tensor of cosine_similarity's composite kernel, the ones a backward formula
+// concatenates. They reach the back kernel as real tensors among fake ones: FakeTensorMode
+// refuses them (a graph break, and for some of them torch's error path then left its TLS
+// exclude set behind, which broke every later forward-AD call in the process), and when they
+// got through, AOTAutograd baked them into the graph as constants, which Inductor refuses.
+// So under FakeTensorMode (torch.compile's tracing, make_fx's "fake" and "symbolic" modes; the
+// Python key is back after HandDownGuard) a real argument holding one value repeated is made
+// again under the tracer, by value and with its layout: now an op of the graph (our batched
+// tensors included: under vmap it meets a BatchedTensor, not a fake one). Under fake mode
+// every tensor of the traced function is fake, so a real one can only be such a constant, and
+// a repeated value is the same whichever it is; one with differing values stays (a graph
+// break, never a wrong value). Only FakeTensorMode: under a real-mode trace (make_fx's proxy
+// mode alone) every tensor is real and the graph keeps an untracked one as a constant, and
+// remaking a tracked zero-valued intermediate there cut it from its autograd history
+// (jvp(hessian(f)) of a maximum hit torch's internal assert on a view's tangent); a user's
+// TorchDispatchMode sees the plain values as they are. Runs without a Python mode skip this
+// entirely; under fake mode each real argument costs one comparison of its values.
 bool tracerActive() {
-  using c10::impl::TorchDispatchModeKey;
-  using c10::impl::TorchDispatchModeTLS;
-  return TorchDispatchModeTLS::get_mode(TorchDispatchModeKey::FAKE).has_value() ||
-         TorchDispatchModeTLS::get_mode(TorchDispatchModeKey::PROXY).has_value();
+  return c10::impl::TorchDispatchModeTLS::get_mode(c10::impl::TorchDispatchModeKey::FAKE).has_value();
 }
 
-void retraceZeros(const c10::FunctionSchema& schema, Stack* stack, size_t begin) {
+// straight to the backend: no tracer, no Python dispatcher, no level, no autograd
+const c10::DispatchKeySet kUntraced =
+    kFrontKeys | c10::autograd_dispatch_keyset_with_ADInplaceOrView |
+    c10::DispatchKeySet({DispatchKey::Python, DispatchKey::PythonTLSSnapshot, DispatchKey::PythonDispatcher,
+                         DispatchKey::PreDispatch, DispatchKey::Functionalize});
+
+// A real tensor made out of the tracer's sight, remade under it when it holds one value
+// repeated (zeros, ones, a full, a formula's 0-d constant); nullopt when it is traced already or
+// cannot be remade (its values differ: it stays real, and fake mode refuses it, a graph break).
+std::optional<at::Tensor> remadeConstant(const at::Tensor& t) {
   // fake and functional tensors (a C++ FunctionalTensorWrapper carries Functionalize, not Python)
   static const c10::DispatchKeySet traced({DispatchKey::Python, DispatchKey::Functionalize});
+  if (!t.defined() || t.key_set().has_any(traced) || asFt(t) || t.is_meta()) return std::nullopt;
+  // A wrapped number (a Python scalar turned into a tensor) stays: the Python key hands it to the
+  // mode as a number. One that requires grad is an outer torch.autograd's leaf, never a formula's.
+  if (t.unsafeGetTensorImpl()->is_wrapped_number() || t.requires_grad()) return std::nullopt;
+  if (t.numel() == 0) return at::empty_strided_symint(t.sym_sizes(), t.sym_strides(), t.options());
+  at::Scalar value;
+  {
+    c10::impl::ExcludeDispatchKeyGuard untraced(kUntraced);
+    const at::Tensor flat = t.reshape(-1);
+    value = flat[0].item();
+    if (t.numel() > 1 && !at::eq(flat, flat[0]).all().item<bool>()) return std::nullopt;
+  }
+  if (t.dim() == 0) return at::scalar_tensor(value, t.options());
+  // The remade tensor keeps the original's layout: an expanded one (what the ZeroTensor
+  // fallback makes) stays a 0-d tensor and an expand (a dense zeros of the full size would be
+  // filled and then multiplied through by Inductor: jacfwd on a wide layer ran 1.3x slower
+  // than torch.func's graph), and any other strides stay as they were (forward AD compares a
+  // tangent's layout with its primal's).
+  const bool expanded = std::all_of(t.strides().begin(), t.strides().end(), [](int64_t s) { return s == 0; });
+  if (expanded) return at::scalar_tensor(value, t.options()).expand_symint(t.sym_sizes());
+  return at::empty_strided_symint(t.sym_sizes(), t.sym_strides(), t.options()).fill_(value);
+}
+
+void retraceConstants(const c10::FunctionSchema& schema, Stack* stack, size_t begin) {
   for (size_t i = begin; i < stack->size(); ++i) {
     auto& iv = (*stack)[i];
     // A written argument keeps its identity, and so does one the op returns a view of: a
     // remade tensor there would take the writes made through the view (z.diagonal().fill_(1)
     // on zeros filled the copy and left z zero).
-    if (!iv.isTensor() || schema.arguments()[i - begin].alias_info()) continue;
-    const at::Tensor& t = iv.toTensor();
-    if (!t.defined() || t.key_set().has_any(traced) || asFt(t) || t.dim() == 0 || t.numel() == 0 ||
-        !(t.is_floating_point() || t.is_complex()) || t.is_meta())
-      continue;
-    bool zeros = false;
-    {
-      // straight to the backend: no tracer, no Python dispatcher, no level, no autograd
-      static const c10::DispatchKeySet hidden =
-          kFrontKeys | c10::autograd_dispatch_keyset_with_ADInplaceOrView |
-          c10::DispatchKeySet({DispatchKey::Python, DispatchKey::PythonTLSSnapshot,
-                               DispatchKey::PythonDispatcher, DispatchKey::PreDispatch,
-                               DispatchKey::Functionalize});
-      c10::impl::ExcludeDispatchKeyGuard untraced(hidden);
-      zeros = at::count_nonzero(t).item<int64_t>() == 0;
+    if (schema.arguments()[i - begin].alias_info()) continue;
+    if (iv.isTensor()) {
+      if (auto r = remadeConstant(iv.toTensor())) iv = std::move(*r);
+    } else if (iv.isTensorList()) {  // cat's tensors (a formula's ones beside traced ones)
+      auto list = iv.toTensorList();
+      for (size_t k = 0; k < list.size(); ++k)
+        if (auto r = remadeConstant(list.get(k))) list.set(k, std::move(*r));
     }
-    if (!zeros) continue;
-    // The remade zeros keep the original's layout: an expanded zero (what the ZeroTensor
-    // fallback makes) stays a 0-d zeros and an expand (a dense zeros of the full size would be
-    // filled and then multiplied through by Inductor: jacfwd on a wide layer ran 1.3x slower
-    // than torch.func's graph), and any other strides stay as they were (forward AD compares a
-    // tangent's layout with its primal's).
-    const bool expanded =
-        std::all_of(t.strides().begin(), t.strides().end(), [](int64_t s) { return s == 0; });
-    iv = expanded ? at::zeros({}, t.options()).expand_symint(t.sym_sizes())
-                  : at::empty_strided_symint(t.sym_sizes(), t.sym_strides(), t.options()).zero_();
   }
 }
 
@@ -371,7 +386,7 @@ void backKernel(const c10::OperatorHandle& op, Stack* stack) {
   {
     HandDownGuard guard;
     if (C10_UNLIKELY(c10::impl::tls_is_dispatch_key_included(DispatchKey::Python)) && tracerActive())
-      retraceZeros(schema, stack, begin);
+      retraceConstants(schema, stack, begin);
     op.callBoxed(stack);
     materializeZeroTensors(stack, schema.returns().size());
   }
