@@ -29,6 +29,7 @@ does, without importing torch._dynamo (about a second) at `import functorch_lite
 
 import contextlib
 import functools
+import logging
 import sys
 import threading
 import types
@@ -477,7 +478,6 @@ def _traced_call(callee, args, kwargs):
     if _get_dispatch_mode(_FAKE) is None:
         return callee.t._ft_run(args, kwargs)
     # traced by Dynamo/AOTAutograd on FakeTensors
-    _specialize_sizes((args, kwargs))
     outer = not getattr(_tracing, "inside", False)
     try:
         if outer:  # the recorded call itself, not the ones a transform makes inside it
@@ -486,10 +486,24 @@ def _traced_call(callee, args, kwargs):
         _tracing.inside = True
         try:
             with _modules_swapped(_swaps_of(callee.t) if outer else ()):
-                return callee.t._ft_run(args, kwargs)
+                if not outer:
+                    return callee.t._ft_run(args, kwargs)
+                with _no_fresh_unbacked_sizes():
+                    if not _symbolic_sizes((args, kwargs)):
+                        return callee.t._ft_run(args, kwargs)
+                    try:
+                        return callee.t._ft_run(args, kwargs)
+                    except Exception as e:  # noqa: BLE001 (NOTE [Symbolic sizes, then specialized ones])
+                        if _RAISE_SYMBOLIC_FAILURES:
+                            raise
+                        _log.debug("functorch_lite: symbolic sizes failed (%s); specializing", e)
+                        _specialize_sizes((args, kwargs))
+                        return callee.t._ft_run(args, kwargs)
         finally:
             _tracing.inside = not outer
     except Exception as e:
+        if not outer:
+            raise
         # Dynamo turns the failure into a graph break (the transform then runs eagerly) or, with
         # fullgraph=True, into an error about the call's "output type": say why, in one line
         name = getattr(callee.t._ft_factory, "__name__", "transform").lstrip("_")
@@ -500,6 +514,29 @@ def _traced_call(callee, args, kwargs):
             stacklevel=2,
         )
         raise
+
+
+@contextlib.contextmanager
+def _no_fresh_unbacked_sizes():
+    """A size that depends on values (nonzero, boolean indexing) is a fresh unbacked symbol of the
+    tracer's ShapeEnv; one made inside the recorded call and not bound by its outputs is left
+    pending, and Dynamo fails on it with an internal error. Such a call is refused (a graph
+    break, the transform runs eagerly) with a reason, and the symbols it left are dropped."""
+    mode = _get_dispatch_mode(_FAKE)
+    env = getattr(mode, "shape_env", None)
+    pending = getattr(env, "pending_fresh_unbacked_symbols", None)
+    before = len(pending) if pending is not None else 0
+    try:
+        yield
+    finally:
+        fresh = pending is not None and len(pending) > before
+        if fresh:
+            del pending[before:]
+    if fresh:
+        raise NotTraceable(
+            "a size inside the transform depends on tensor values (nonzero, boolean indexing, "
+            "...), which the recorded call cannot return"
+        )
 
 
 def _refuse_captured_tensors(t):
@@ -584,10 +621,40 @@ def _captures(f, depth, seen):
 _tracing = threading.local()
 
 
+# NOTE [Symbolic sizes, then specialized ones]
+# With dynamic shapes (dynamic=True, or Dynamo's automatic dynamic after a size changes) the
+# recorded call's inputs have symbolic sizes. Our levels carry them (NOTE [Symbolic batch sizes]
+# in csrc/core/levels.h), and the rules written with SymInts turn them into a graph that serves
+# every size. A path that needs numbers (the for-loop fallback, per-element random draws, a rule
+# not yet written for SymInts, which raises on reading a symbolic size) fails; the call is then
+# traced again with the sizes specialized: int() on each symbol guards the graph on its value,
+# so that call compiles once per size, as every call did before symbolic sizes were carried.
+# The failed attempt is harmless where it happens first, in Dynamo's run of the call on its
+# FakeTensors, which records nothing: AOTAutograd's trace, the one that builds the graph, sees
+# the sizes already specialized (the ShapeEnv replaced the symbols by their values) and runs
+# the specialized path once. Only the outermost recorded call decides; transforms nested in it
+# run inside its attempt.
+
+
+_RAISE_SYMBOLIC_FAILURES = False  # tests and debugging: see why a call was specialized
+_log = logging.getLogger("functorch_lite.compile")
+
+
+def _symbolic(s):
+    return isinstance(s, torch.SymInt) and s.node.maybe_as_int() is None
+
+
+def _symbolic_sizes(tree):
+    from torch.utils._pytree import tree_leaves
+
+    for t in tree_leaves(tree):
+        if isinstance(t, torch.Tensor) and any(_symbolic(s) for s in (*t.shape, *t.stride())):
+            return True
+    return False
+
+
 def _specialize_sizes(tree):
-    """Our levels and wrappers hold concrete sizes: symbolic sizes of the inputs (dynamic=True)
-    are specialized to their values, which guards the compiled graph on them (a new size
-    recompiles) instead of failing."""
+    """Specializes the symbolic sizes of the inputs to their values (a guard on each)."""
     from torch.utils._pytree import tree_leaves
 
     for t in tree_leaves(tree):

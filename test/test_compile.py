@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch._dynamo
+import torch.func as tf
 import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -213,7 +214,7 @@ def _predict_sum(weight, bias, x):
 
 
 # forward mode with an operand that is not differentiated: torch's formula makes a zero tangent for
-# it out of the tracer's sight (NOTE [Zeros made out of a tracer's sight] in csrc/core/dispatch.cpp)
+# it out of the tracer's sight (NOTE [Constants made out of a tracer's sight] in csrc/core/dispatch.cpp)
 _FORWARD_WITH_CONSTANT_OPERAND = {
     "jacfwd_argnums_2": lambda w, b, x: ft.jacfwd(_predict, argnums=2)(w, b, x),
     "hessian_argnums_2": lambda w, b, x: ft.hessian(_predict_sum, argnums=2)(w, b, x),
@@ -248,10 +249,11 @@ def test_forward_mode_graphs_hold_no_real_constants(name):
     _assert_close(torch.compile(fn, backend=backend, fullgraph=True)(*args), fn(*args))
     constants = [n.target for g in graphs for n in g.graph.nodes if n.op == "get_attr"]
     assert constants == [], constants
-    # an expanded zero stays a 0-d zeros and an expand (a dense zeros would be filled and
+    # an expanded zero stays a 0-d tensor and an expand (a dense zeros would be filled and
     # multiplied through), and the basis is not aten.eye (an unvectorized loop in Inductor)
     nodes = [n for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    assert any(list(n.args[0]) == [] for n in nodes if str(n.target) == "aten.zeros.default"), nodes
+    zero_d = [n for n in nodes if str(n.target) == "aten.scalar_tensor.default" and n.args[0] == 0]
+    assert any(str(u.target) == "aten.expand.default" for n in zero_d for u in n.users), nodes
     assert not any(str(n.target) == "aten.eye.default" for n in nodes), nodes
 
 
@@ -264,6 +266,83 @@ def test_inductor_compiles_forward_mode_with_a_constant_operand(name):
     assert breaks == {}
 
 
+def _max_then_tensordot(x, y):
+    z = torch.maximum(x, y.reshape(2, 1))
+    return torch.tensordot(z, y[:1], dims=1).sum()
+
+
+def _jvp_of_hessian(x, y):
+    h = ft.hessian(_max_then_tensordot, argnums=1)
+    return ft.jvp(h, (x, y), (x.sin(), y.cos()))
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_formula_constants_are_traced(backend):
+    """maximum's forward formula makes a 0-d constant (scalar_tensor(0.5)) out of the tracer's
+    sight: fake mode refused it as a real input, so jvp(hessian(f)) graph-broke (fullgraph:
+    an error), and torch's error path then left its TLS exclude set behind, breaking every
+    later forward-AD call in the process. It is now remade under the tracer."""
+    x, y = torch.randn(2, 1, dtype=_F64), torch.randn(2, dtype=_F64)
+    expected = tf.jvp(tf.hessian(_max_then_tensordot, argnums=1), (x, y), (x.sin(), y.cos()))
+    got, _, _, breaks = _compile_and_count(_jvp_of_hessian, x, y, backend=backend, fullgraph=True)
+    _assert_close(got, expected)
+    assert breaks == {}
+
+
+@pytest.mark.parametrize("mode", ["real", "fake", "symbolic"])
+def test_make_fx_of_forward_over_reverse(mode):
+    """Under a real-mode trace every tensor is real: remaking zero-valued ones (as fake mode
+    needs) cut a tracked intermediate from its autograd history and hit torch's internal
+    assert on a view's tangent."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, y = torch.randn(2, 1, dtype=_F64), torch.randn(2, dtype=_F64)
+    graph = make_fx(_jvp_of_hessian, tracing_mode=mode)(x, y)
+    _assert_close(graph(x, y), _jvp_of_hessian(x, y))
+    _assert_close(graph(x, y), tf.jvp(tf.hessian(_max_then_tensordot, argnums=1), (x, y), (x.sin(), y.cos())))
+
+
+def _cosine(x, y):
+    return F.cosine_similarity(x, y + 1, dim=-1)
+
+
+@pytest.mark.parametrize("mode", ["fake", "symbolic"])
+def test_composite_kernels_constants_are_traced(mode):
+    """cosine_similarity's composite kernel makes its eps a 0-d tensor inside the level's front
+    region, out of the tracer's sight; clamp_min's forward formula then compares against it."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, y = torch.randn(3, 3, dtype=_F64), torch.randn(3, 3, dtype=_F64)
+    graph = make_fx(lambda x, y: ft.jacfwd(_cosine)(x, y), tracing_mode=mode)(x, y)
+    _assert_close(graph(x, y), tf.jacfwd(_cosine)(x, y))
+
+
+def test_a_refused_call_under_forward_ad_leaves_no_dispatch_state_behind():
+    """FakeTensorMode prints the call it refuses from inside its dispatch; under a live
+    forward-AD level torch's printer failed there, and collecting what that failure left behind
+    (pytest keeps the exception) restored a stale TLS exclude set: every later gradient in the
+    process came out zero. Our repr describes such a tensor without its values."""
+    import gc
+
+    import torch.autograd.forward_ad as fwAD
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    before = torch._C._dispatch_tls_local_exclude_set()
+    mode = FakeTensorMode()
+    with mode:
+        fake = torch.empty(3)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.randn(3), torch.ones(3))
+        with pytest.raises(AssertionError, match="not printable") as info, mode:
+            torch.add(fake, dual)
+    del info
+    gc.collect()
+    assert torch._C._dispatch_tls_local_exclude_set() == before
+    w, x = torch.randn(3, dtype=_F64), torch.randn(3, dtype=_F64)
+    _assert_close(ft.grad(lambda w: (x @ w).sin())(w), (x @ w).cos() * x)
+    _assert_close(ft.jvp(torch.sin, (x,), (torch.ones_like(x),))[1], x.cos())
+
+
 def test_the_graph_holds_plain_aten_ops():
     """What AOTAutograd traces through our levels is the batched computation itself."""
     graphs, backend = _capturing_backend()
@@ -274,7 +353,7 @@ def test_the_graph_holds_plain_aten_ops():
     _assert_close(torch.compile(step, backend=backend, fullgraph=True)(w, xs), step(w, xs))
     ops = {n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     names = {str(t) for t in ops}
-    assert "aten.mv.default" in names and "aten.cos.default" in names, names
+    assert "aten.mv.default" in names and "aten.cos.default" in names, [g.code for g in graphs]
     assert not any("flat_apply" in n for n in names), names
 
 
@@ -334,18 +413,122 @@ def test_a_closure_made_inside_the_compiled_function_runs_eagerly():
         torch.compile(_closure_step, backend="eager", fullgraph=True)(xs)
 
 
-def test_dynamic_shapes_specialize_the_batch_size():
-    """Our levels hold concrete sizes: with dynamic=True the sizes a transform sees are
-    specialized (guarded), so each new batch size compiles once; results equal eager."""
-    step = lambda w, xs: ft.vmap(ft.grad(_loss), in_dims=(None, None, 0))(w, torch.zeros(2, dtype=_F64), xs)  # noqa: E731
-    w = torch.randn(4, 2, dtype=_F64)
+_W1, _B1, _W2 = torch.randn(8, 4, dtype=_F64), torch.randn(8, dtype=_F64), torch.randn(3, 8, dtype=_F64)
+_CONV = torch.randn(4, 2, 3, 3, dtype=_F64)
+
+
+def _mlp_loss(p, x, y):
+    out = F.linear(F.relu(F.linear(x, p[0], p[1])), p[2])
+    return F.cross_entropy(out[None], y[None])
+
+
+def _clipped_sum(params, xs, ys):
+    g = ft.vmap(ft.grad(_mlp_loss), in_dims=(None, 0, 0))(params, xs, ys)
+    norms = torch.stack([t.flatten(1).norm(dim=1) for t in g]).norm(dim=0)
+    scale = (1.0 / (norms + 1e-6)).clamp(max=1.0)
+    return [(t * scale.view(-1, *[1] * (t.dim() - 1))).sum(0) for t in g]
+
+
+def _conv_loss(w, img):
+    return F.conv2d(img[None], w, padding=1).tanh().mean()
+
+
+def _view_mix(x):
+    return x.view(2, -1).t().reshape(-1).cumsum(0)
+
+
+# name -> (step, inputs for batch size B): every transform sees the batch size as a symbol.
+_DYNAMIC = {
+    "per_example_clipping": (
+        _clipped_sum,
+        lambda B: ((_W1, _B1, _W2), torch.randn(B, 4, dtype=_F64), torch.randint(0, 3, (B,))),
+    ),
+    "per_example_conv": (
+        lambda w, imgs: ft.vmap(ft.grad(_conv_loss), in_dims=(None, 0))(w, imgs),
+        lambda B: (_CONV, torch.randn(B, 2, 4, 4, dtype=_F64)),
+    ),
+    "vmap_in_dims_1_out_dims_1": (
+        lambda xs: ft.vmap(torch.cos, in_dims=1, out_dims=1)(xs),
+        lambda B: (torch.randn(4, B, dtype=_F64),),
+    ),
+    "vmap_unbatched_operand": (
+        lambda xs, w: ft.vmap(torch.matmul, in_dims=(0, None))(xs, w),
+        lambda B: (torch.randn(B, 4, dtype=_F64), torch.randn(4, 2, dtype=_F64)),
+    ),
+    "vmap_reductions": (
+        lambda xs: ft.vmap(lambda x: F.log_softmax(x, -1).sum() + x.mean())(xs),
+        lambda B: (torch.randn(B, 4, dtype=_F64),),
+    ),
+    "vmap_views": (lambda xs: ft.vmap(_view_mix)(xs), lambda B: (torch.randn(B, 6, dtype=_F64),)),
+    "grad_of_a_variable_length": (
+        lambda x: ft.grad(lambda x: (x.sin() * x).sum())(x),
+        lambda B: (torch.randn(B, dtype=_F64),),
+    ),
+    "jacrev_of_a_variable_length": (
+        lambda x: ft.jacrev(torch.sin)(x),
+        lambda B: (torch.randn(B, dtype=_F64),),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_DYNAMIC))
+def test_dynamic_shapes_one_graph_for_every_batch_size(name):
+    """NOTE [Symbolic batch sizes] (csrc/core/levels.h): with dynamic=True the batch size is a
+    symbol through our levels, so batch sizes 5, 6, 7, 9 share one compiled graph; results
+    equal eager's. (Sizes that coincide with another dim would be tied by Dynamo's duck sizing,
+    for both libraries.)"""
+    step, make = _DYNAMIC[name]
     cnt = CompileCounterWithBackend("aot_eager")
     torch._dynamo.reset()
     compiled = torch.compile(step, backend=cnt, dynamic=True, fullgraph=True)
-    for b in (3, 5, 3, 5):
+    for b in (5, 6, 7, 9):
+        torch.manual_seed(b)
+        args = make(b)
+        _assert_close(compiled(*args), step(*args))
+    assert cnt.frame_count == 1
+
+
+def test_dynamic_shapes_inductor_per_example_clipping():
+    step, make = _DYNAMIC["per_example_clipping"]
+    torch._dynamo.reset()
+    cnt = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=cnt, dynamic=True, fullgraph=True)
+    for b in (5, 7):
+        args = make(b)
+        _assert_close(compiled(*args), step(*args))
+    assert cnt.frame_count == 1
+
+
+def _hessian_rows(xs):
+    return ft.vmap(ft.hessian(lambda x: x.sin().sum()))(xs)
+
+
+def test_dynamic_shapes_specialize_where_a_number_is_needed():
+    """Forward-mode formulas make zero tangents of the symbolic size where no tracer sees them
+    (NOTE [Symbolic sizes, then specialized ones] in functorch_lite/_compile.py): the call is
+    traced again with the sizes specialized, so it compiles once per batch size, with eager's
+    results and no graph break."""
+    cnt = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(_hessian_rows, backend=cnt, dynamic=True, fullgraph=True)
+    for b in (5, 6, 5):
         xs = torch.randn(b, 4, dtype=_F64)
-        _assert_close(compiled(w, xs), step(w, xs))
-    assert cnt.frame_count == 2  # one per batch size, reused on the second call
+        _assert_close(compiled(xs), _hessian_rows(xs))
+    assert cnt.frame_count == 2  # one per batch size, reused on the third call
+
+
+def test_symbolic_failures_name_their_cause():
+    """What forces the specialization is an error of the symbolic attempt; the debugging switch
+    raises it instead."""
+    from functorch_lite import _compile
+
+    torch._dynamo.reset()
+    _compile._RAISE_SYMBOLIC_FAILURES = True
+    try:
+        with pytest.warns(UserWarning, match="cannot trace this vmap call"), pytest.raises(Exception):
+            torch.compile(_hessian_rows, backend="aot_eager", dynamic=True, fullgraph=True)(torch.randn(5, 4))
+    finally:
+        _compile._RAISE_SYMBOLIC_FAILURES = False
 
 
 @pytest.mark.parametrize("randomness", ["same", "different"])

@@ -62,11 +62,18 @@ const Level* LevelStack::find(int64_t id) const {
   return nullptr;
 }
 
-int64_t LevelStack::push(LevelKind kind, int64_t batch_size, Randomness randomness) {
+int64_t Level::concreteBatchSize(const char* what) const {
+  if (auto n = batch_size.maybe_as_int()) return *n;
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "functorch_lite.vmap: ", what,
+                              " needs a concrete batch size, and this one is symbolic (torch.compile with "
+                              "dynamic shapes); the call is traced again with the sizes specialized");
+}
+
+int64_t LevelStack::push(LevelKind kind, c10::SymInt batch_size, Randomness randomness) {
   auto tls = c10::impl::tls_local_dispatch_key_set();
   Level level{next_level_id.fetch_add(1),
               kind,
-              batch_size,
+              std::move(batch_size),
               randomness,
               at::GradMode::is_enabled(),
               c10::AutogradState::get_tls_state().get_fw_grad_mode(),

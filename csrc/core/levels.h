@@ -65,6 +65,7 @@
 //   live on the heap, so a Level& held by a kernel stays valid across such a push.
 // - While depth_ > 0, DeferredInit is in the TLS included set, except inside the window where a
 //   grad level runs torch's autograd kernels on its wrappers (see gradProcess in dispatch.cpp).
+#include <c10/core/SymInt.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstdint>
@@ -81,16 +82,30 @@ enum class Randomness : uint8_t { Error, Same, Different };
 
 const char* levelKindName(LevelKind k);
 
+// NOTE [Symbolic batch sizes]
+// Under torch.compile with dynamic shapes the batch size a vmap level maps over is a SymInt of
+// the tracer's ShapeEnv (eagerly, and in static traces, it is a plain int inside a SymInt, at
+// no cost). Rules build sizes from it with the *_symint ops, so what reaches the graph is
+// symbolic in it and one compiled graph serves every batch size. A path that needs a number
+// (the for-loop fallback runs the op batch_size times; randomness="different" draws per
+// element) asks for concreteBatchSize(), which raises NotImplementedError when it is symbolic:
+// the recorded call then specializes the sizes and traces again (NOTE [Dynamo sees a transform
+// call as one opaque call] in functorch_lite/_compile.py), so such a step compiles once per
+// batch size, as all of them did before.
 struct Level {
   int64_t id;
   LevelKind kind;
-  int64_t batch_size;                        // vmap only
+  c10::SymInt batch_size;                    // vmap only (NOTE [Symbolic batch sizes])
   Randomness randomness;                     // vmap only
   bool prev_grad_mode;                       // GradMode in force when the level was entered
   bool prev_fw_grad_mode;                    // forward-AD grad mode in force when the level was entered
   c10::impl::LocalDispatchKeySet saved_tls;  // dispatch-key TLS in force when the level was entered
   bool lifted_inference_mode;                // NOTE [Inference mode around a transform]
   std::shared_ptr<bool> alive;
+
+  // batch_size as a number, for the paths that need one; raises NotImplementedError naming
+  // `what` when it is symbolic.
+  FTL_API int64_t concreteBatchSize(const char* what) const;
 };
 
 class LevelStack {
@@ -102,7 +117,7 @@ class LevelStack {
   // Finds a visible level by id; nullptr if it is not on the visible part of the stack.
   const Level* find(int64_t id) const;
 
-  int64_t push(LevelKind kind, int64_t batch_size, Randomness randomness);
+  int64_t push(LevelKind kind, c10::SymInt batch_size, Randomness randomness);
   // Pops the top level, which must have id `id`; restores the TLS saved at push.
   void pop(int64_t id);
 

@@ -4,6 +4,8 @@
 #include <ATen/WrapDimUtils.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 namespace ftl {
 
 c10::DispatchKeySet wrapperKeySet() {
@@ -52,6 +54,19 @@ FtTensorImplBase::FtTensorImplBase(WrapperKind kind, at::Tensor value, int64_t l
   set_storage_access_should_throw();
 }
 
+// NOTE [Symbolic batch sizes] in levels.h: a traced value whose sizes hold symbols (a size the
+// tracer specialized is a SymInt with a known value, and stays on the int path).
+static bool needsSymbolicMetadata(const c10::TensorImpl& self, const at::Tensor& value) {
+  if (self.has_symbolic_sizes_strides()) return true;
+  const auto* v = value.unsafeGetTensorImpl();
+  if (C10_LIKELY(!v->has_symbolic_sizes_strides())) return false;
+  auto symbolic = [](const c10::SymInt& s) { return !s.maybe_as_int().has_value(); };
+  const auto sizes = value.sym_sizes();
+  const auto strides = value.sym_strides();
+  return std::any_of(sizes.begin(), sizes.end(), symbolic) ||
+         std::any_of(strides.begin(), strides.end(), symbolic) || symbolic(value.sym_storage_offset());
+}
+
 // ---------------------------------------------------------------------------------------------
 BatchedTensorImpl::BatchedTensorImpl(at::Tensor value, int64_t bdim, int64_t level,
                                      std::shared_ptr<bool> alive)
@@ -65,6 +80,16 @@ void BatchedTensorImpl::refreshMetadata() {
   const auto strides = value_.sym_strides();
   const int64_t ndim = static_cast<int64_t>(sizes.size()) - 1;
   TORCH_INTERNAL_ASSERT(bdim_ >= 0 && bdim_ <= ndim);
+  if (C10_UNLIKELY(needsSymbolicMetadata(*this, value_))) {
+    c10::SymDimVector sym_sizes, sym_strides;
+    for (int64_t i = 0; i <= ndim; ++i) {
+      if (i == bdim_) continue;
+      sym_sizes.push_back(sizes[i]);
+      sym_strides.push_back(strides[i]);
+    }
+    set_sizes_and_strides(sym_sizes, sym_strides, value_.sym_storage_offset());
+    return;
+  }
   sizes_and_strides_.resize(ndim);
   for (int64_t i = 0, j = 0; i <= ndim; ++i) {
     if (i == bdim_) continue;
@@ -124,6 +149,10 @@ void GradWrapperImpl::refreshMetadata() {
   }
   const auto sizes = value_.sym_sizes();
   const auto strides = value_.sym_strides();
+  if (C10_UNLIKELY(needsSymbolicMetadata(*this, value_))) {
+    set_sizes_and_strides(sizes, strides, value_.sym_storage_offset());
+    return;
+  }
   sizes_and_strides_.resize(sizes.size());
   for (size_t i = 0; i < sizes.size(); ++i) {
     sizes_and_strides_.size_at_unchecked(i) = sizes[i].expect_int();

@@ -58,7 +58,7 @@ py::list vmapWrapInputs(const py::list& flat_args, const py::list& flat_in_dims,
   return out;
 }
 
-at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, int64_t batch_size,
+at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, const c10::SymInt& batch_size,
                           std::optional<int64_t> out_dim) {
   if (auto* b = batchedAt(t, level_id)) {
     TORCH_CHECK(out_dim.has_value(), "vmap: out_dims is None for an output that is batched");
@@ -69,9 +69,9 @@ at::Tensor removeBatchDim(const at::Tensor& t, int64_t level_id, int64_t batch_s
   if (!out_dim.has_value()) return t;
   // Not batched at this level: every batch element produced the same tensor.
   const int64_t d = c10::maybe_wrap_dim(*out_dim, t.dim() + 1);
-  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  c10::SymDimVector sizes(t.sym_sizes().begin(), t.sym_sizes().end());
   sizes.insert(sizes.begin() + d, batch_size);
-  return t.unsqueeze(d).expand(sizes);
+  return t.unsqueeze(d).expand_symint(sizes);
 }
 
 const char* randomnessName(Randomness r) {
@@ -165,9 +165,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("_used_keys") = py::make_tuple("DeferredInit", "AutogradPrivateUse3", "PrivateUse3");
 
   // ---- levels
-  m.def("_push_vmap", torch::wrap_pybind_function([](int64_t batch_size, const std::string& randomness) {
+  m.def("_push_vmap", torch::wrap_pybind_function([](c10::SymInt batch_size, const std::string& randomness) {
           rejectForeignTransformActive("vmap");
-          return ownLevelStack().push(LevelKind::Vmap, batch_size, parseRandomness(randomness));
+          return ownLevelStack().push(LevelKind::Vmap, std::move(batch_size), parseRandomness(randomness));
         }));
   m.def("_push_grad", torch::wrap_pybind_function([] {
           rejectForeignTransformActive("grad");
@@ -219,7 +219,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("_vmap_wrap_inputs", torch::wrap_pybind_function(&vmapWrapInputs));
   m.def("_vmap_unwrap_outputs",
         torch::wrap_pybind_function([](const py::list& flat_outs, const py::list& flat_out_dims,
-                                       int64_t level_id, int64_t batch_size) {
+                                       int64_t level_id, const c10::SymInt& batch_size) {
           py::list out(flat_outs.size());
           for (size_t i = 0; i < flat_outs.size(); ++i) {
             py::handle o = flat_outs[i];

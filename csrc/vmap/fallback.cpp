@@ -127,6 +127,7 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
   const size_t nargs = schema.arguments().size();
   const size_t nrets = schema.returns().size();
   const int64_t lvl = top.id;
+  const int64_t B = top.concreteBatchSize(schema.name().c_str());
   std::vector<c10::IValue> args(stack->end() - nargs, stack->end());
   torch::jit::drop(*stack, nargs);
 
@@ -143,10 +144,10 @@ void forLoop(const c10::OperatorHandle& op, torch::jit::Stack* stack, const Leve
   }
 
   std::vector<std::vector<c10::IValue>> results(nrets);
-  for (auto& r : results) r.reserve(top.batch_size);
+  for (auto& r : results) r.reserve(B);
   {
     HandDownGuard guard;
-    for (int64_t b = 0; b < top.batch_size; ++b) {
+    for (int64_t b = 0; b < B; ++b) {
       torch::jit::Stack slice(args.begin(), args.end());
       forEachTensorInplace(slice, 0, nargs, [&](const at::Tensor& t) {
         if (auto* bt = batchedAt(t, lvl)) return at::_ops::select_int::call(bt->value(), bt->bdim(), b);

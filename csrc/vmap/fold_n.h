@@ -41,7 +41,7 @@ struct Kernel<Op, K, Ret(Args...)> {
     std::optional<Ret> done;
     const Level* top = detail::vmapPrologue<Op, Ret, Args...>(done, ks, args...);
     if (!top) return std::move(*done);
-    const int64_t lvl = top->id, B = top->batch_size;
+    const int64_t lvl = top->id, B = top->concreteBatchSize(Op::name);
     // The first argument (self or grad_output) tells whether the logical tensors have N.
     const at::Tensor& first = std::get<0>(std::forward_as_tuple(args...));
     const bool fold = first.dim() == K + 2;  // logical rank: BatchedTensors report it

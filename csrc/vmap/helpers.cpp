@@ -25,17 +25,19 @@ Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_rank) {
   return at::_ops::view::call(t, sizes);
 }
 
-Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size) {
+Tensor materializeBdimFront(const Tensor& t, bdim_t bd, const c10::SymInt& batch_size) {
   if (bd) return moveBdimToFront(t, bd);
-  c10::SmallVector<int64_t, 8> sizes(t.sizes().begin(), t.sizes().end());
+  c10::SymDimVector sizes(t.sym_sizes().begin(), t.sym_sizes().end());
   sizes.insert(sizes.begin(), batch_size);
-  return t.unsqueeze(0).expand(sizes);
+  return t.unsqueeze(0).expand_symint(sizes);
 }
 
 Tensor flattenAfterBatch(const Tensor& p) {
-  int64_t n = 1;
-  for (int64_t d = 1; d < p.dim(); ++d) n *= p.size(d);
-  return p.reshape({p.size(0), n});
+  // SymInts: a traced p's sizes stay symbolic (NOTE [Symbolic batch sizes])
+  const auto sizes = p.sym_sizes();
+  c10::SymInt n = 1;
+  for (size_t d = 1; d < sizes.size(); ++d) n *= sizes[d];
+  return p.reshape_symint({sizes[0], n});
 }
 
 int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front) {
@@ -43,9 +45,9 @@ int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front) {
   return bdim_at_front ? d + 1 : d;
 }
 
-int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) {
+c10::SymInt batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts) {
   for (const auto& [t, bd] : ts)
-    if (bd) return t->size(*bd);
+    if (bd) return t->sym_size(*bd);
   TORCH_INTERNAL_ASSERT(false, "batchSizeOf: no batched tensor");
 }
 

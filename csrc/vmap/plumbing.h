@@ -58,11 +58,11 @@ FTL_API Tensor padToLogicalRank(const Tensor& t, bool batched, int64_t logical_r
 // Wraps a logical dim (may be negative) against a logical rank and shifts it past a leading bdim.
 FTL_API int64_t physicalDim(int64_t dim, int64_t logical_rank, bool bdim_at_front);
 // Batch dim at the front; an unbatched tensor is expanded (not copied) to `batch_size` there.
-FTL_API Tensor materializeBdimFront(const Tensor& t, bdim_t bd, int64_t batch_size);
+FTL_API Tensor materializeBdimFront(const Tensor& t, bdim_t bd, const c10::SymInt& batch_size);
 // [B, ...] -> [B, prod(...)], also for B == 0 or empty logical tensors.
 FTL_API Tensor flattenAfterBatch(const Tensor& p);
 // Batch size of the first batched tensor.
-FTL_API int64_t batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
+FTL_API c10::SymInt batchSizeOf(std::initializer_list<std::pair<const Tensor*, bdim_t>> ts);
 // Batch element i of a physical tensor; for an empty batch (no element i), zeros of the logical
 // shape, so that an op can still be run on "one example" to raise torch's own error.
 FTL_API Tensor exampleOf(const Tensor& value, int64_t bdim, int64_t i);
@@ -306,7 +306,7 @@ std::vector<const at::Tensor*> logicalTensors(const Args&... args) {
 }
 
 template <class T>
-decltype(auto) materializeArg(const T& arg, int64_t lvl, int64_t B) {
+decltype(auto) materializeArg(const T& arg, int64_t lvl, const c10::SymInt& B) {
   if constexpr (is_tensor_v<T>) {
     auto [v, bd] = unwrapAt(arg, lvl);
     return materializeBdimFront(v, bd, B);
@@ -363,7 +363,7 @@ Ret runPerElement(int64_t lvl, int64_t B, const Args&... args) {
 // Batch-native outputs are [B, ...]; a placeholder torch returns whatever the batch (the empty
 // eigenvectors of eigvalsh, U and Vh of svdvals) is not batched: it has no batch dim to name.
 inline at::Tensor batchedAt0(at::Tensor t, const Level& lvl) {
-  if (!t.defined() || t.dim() == 0 || t.size(0) != lvl.batch_size) return t;
+  if (!t.defined() || t.dim() == 0 || t.sym_size(0) != lvl.batch_size) return t;
   return makeBatched(std::move(t), 0, lvl);
 }
 
@@ -415,7 +415,7 @@ struct VmapKernelImpl<Op, Rule, Spec, Ret(Args...)> {
     if constexpr (!Spec::always) {
       if (!Spec::fast(logicalTensors(args...))) {
         HandDownGuard guard;
-        return wrapAllAt0<Ret>(runPerElement<Op, Ret>(lvl, top->batch_size, args...), *top);
+        return wrapAllAt0<Ret>(runPerElement<Op, Ret>(lvl, top->concreteBatchSize(Op::name), args...), *top);
       }
     }
     HandDownGuard guard;
@@ -505,11 +505,11 @@ struct BatchNativeKernelImpl<Op, Spec, Ret(Args...)> {
     const Level* top = vmapPrologue<Op, Ret, Args...>(done, ks, args...);
     if (!top) return std::move(*done);
     const int64_t lvl = top->id;
-    const int64_t B = top->batch_size;
     const bool fast = Spec::fast(logicalTensors(args...));
     HandDownGuard guard;
-    if (!fast) return wrapAllAt0<Ret>(runPerElement<Op, Ret>(lvl, B, args...), *top);
-    return wrapAllAt0<Ret>(Op::call(materializeArg(args, lvl, B)...), *top);
+    if (!fast)
+      return wrapAllAt0<Ret>(runPerElement<Op, Ret>(lvl, top->concreteBatchSize(Op::name), args...), *top);
+    return wrapAllAt0<Ret>(Op::call(materializeArg(args, lvl, top->batch_size)...), *top);
   }
 };
 
@@ -527,7 +527,7 @@ struct CheckedCompositeKernelImpl<Op, Spec, Ret(Args...)> {
     if (!top) return std::move(*done);
     if (Spec::fast(logicalTensors(args...))) return redirectToFront<Op, Ret, Args...>(ks, args...);
     HandDownGuard guard;
-    return wrapAllAt0<Ret>(runPerElement<Op, Ret>(top->id, top->batch_size, args...), *top);
+    return wrapAllAt0<Ret>(runPerElement<Op, Ret>(top->id, top->concreteBatchSize(Op::name), args...), *top);
   }
 };
 

@@ -180,7 +180,7 @@ struct Call {
   c10::IValue& arg(size_t i) { return (*stack)[begin + i]; }
   std::pair<Tensor, bdim_t> unwrap(size_t i) { return unwrapAt(arg(i).toTensor(), top.id); }
   bool same() const { return top.randomness == Randomness::Same; }
-  int64_t B() const { return top.batch_size; }
+  int64_t B() const { return top.concreteBatchSize("a random op"); }
   size_t nrets() const { return schema().returns().size(); }
 
   bool anyBatched(size_t from) const {

@@ -68,7 +68,7 @@ std::tuple<Tensor, Tensor> forwardKernel(c10::DispatchKeySet ks, const Tensor& q
                                           const OptTensor&, std::optional<double>>(
       done, ks, q, k, v, dropout_p, is_causal, attn_mask, scale);
   if (!top) return std::move(*done);
-  const int64_t lvl = top->id, B = top->batch_size;
+  const int64_t lvl = top->id, B = top->concreteBatchSize("scaled_dot_product_attention");
   const bool fast =
       B > 0 && dropout_p == 0 && sameLeading({{&q, 4}, {&k, 4}, {&v, 4}}) && maskFolds(attn_mask, q);
   HandDownGuard guard;
@@ -94,7 +94,7 @@ std::tuple<Tensor, Tensor, Tensor> backwardKernel(c10::DispatchKeySet ks, const 
                                           const OptTensor&, std::optional<double>>(
       done, ks, grad_out, q, k, v, out, lse, dropout_p, is_causal, attn_mask, scale);
   if (!top) return std::move(*done);
-  const int64_t lvl = top->id, B = top->batch_size;
+  const int64_t lvl = top->id, B = top->concreteBatchSize("scaled_dot_product_attention");
   const bool fast = B > 0 && dropout_p == 0 &&
                     sameLeading({{&grad_out, 4}, {&q, 4}, {&k, 4}, {&v, 4}, {&out, 4}, {&lse, 3}}) &&
                     maskFolds(attn_mask, q);

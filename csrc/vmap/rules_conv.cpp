@@ -13,40 +13,41 @@ namespace {
 
 using SymIntRef = c10::SymIntArrayRef;
 
+// Sizes as SymInts: a traced batch stays symbolic (NOTE [Symbolic batch sizes] in levels.h).
 // [B, N, C, ...] -> [B*N, C, ...]
 Tensor foldBatchIntoN(const Tensor& x) {
-  c10::SmallVector<int64_t, 6> s(x.sizes().begin() + 1, x.sizes().end());
-  s[0] = x.size(0) * x.size(1);
-  return x.reshape(s);
+  c10::SymDimVector s(x.sym_sizes().begin() + 1, x.sym_sizes().end());
+  s[0] = x.sym_size(0) * x.sym_size(1);
+  return x.reshape_symint(s);
 }
 // [M, ...] -> [B, M/B, ...]
-Tensor unfoldDim0(const Tensor& x, int64_t B) {
-  c10::SmallVector<int64_t, 6> s(x.sizes().begin(), x.sizes().end());
-  s[0] = x.size(0) / B;
+Tensor unfoldDim0(const Tensor& x, const c10::SymInt& B) {
+  c10::SymDimVector s(x.sym_sizes().begin(), x.sym_sizes().end());
+  s[0] = x.sym_size(0) / B;
   s.insert(s.begin(), B);
-  return x.view(s);
+  return x.view_symint(s);
 }
 // [B, N, C, ...] -> [N, B*C, ...]
 Tensor foldBatchIntoChannels(const Tensor& x) {
   Tensor t = x.transpose(0, 1);  // [N, B, C, ...]
-  c10::SmallVector<int64_t, 6> s(t.sizes().begin(), t.sizes().end());
+  c10::SymDimVector s(t.sym_sizes().begin(), t.sym_sizes().end());
   s[1] = s[1] * s[2];
   s.erase(s.begin() + 2);
-  return t.reshape(s);
+  return t.reshape_symint(s);
 }
 // [N, B*C, ...] -> [B, N, C, ...]
-Tensor unfoldChannels(const Tensor& x, int64_t B) {
-  c10::SmallVector<int64_t, 6> s(x.sizes().begin(), x.sizes().end());
-  s[1] = x.size(1) / B;
+Tensor unfoldChannels(const Tensor& x, const c10::SymInt& B) {
+  c10::SymDimVector s(x.sym_sizes().begin(), x.sym_sizes().end());
+  s[1] = x.sym_size(1) / B;
   s.insert(s.begin() + 1, B);
-  return x.view(s).transpose(0, 1);
+  return x.view_symint(s).transpose(0, 1);
 }
 
 std::tuple<Tensor, bdim_t> convolutionRule(const Tensor& input, bdim_t ibd, const Tensor& weight, bdim_t wbd,
                                            const std::optional<Tensor>& bias, bdim_t bbd, SymIntRef stride,
                                            SymIntRef padding, SymIntRef dilation, bool transposed,
                                            SymIntRef output_padding, c10::SymInt groups) {
-  const int64_t B = batchSizeOf({{&input, ibd}, {&weight, wbd}, {bias ? &*bias : &input, bbd}});
+  const c10::SymInt B = batchSizeOf({{&input, ibd}, {&weight, wbd}, {bias ? &*bias : &input, bbd}});
   if (!wbd && !bbd) {
     Tensor x = foldBatchIntoN(moveBdimToFront(input, ibd));
     Tensor out = at::convolution_symint(x, weight, bias, stride, padding, dilation, transposed,
@@ -67,7 +68,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> convolutionBackwardRu
     const Tensor& grad_out, bdim_t gbd, const Tensor& input, bdim_t ibd, const Tensor& weight, bdim_t wbd,
     at::OptionalSymIntArrayRef bias_sizes, SymIntRef stride, SymIntRef padding, SymIntRef dilation,
     bool transposed, SymIntRef output_padding, c10::SymInt groups, std::array<bool, 3> mask) {
-  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&input, ibd}, {&weight, wbd}});
+  const c10::SymInt B = batchSizeOf({{&grad_out, gbd}, {&input, ibd}, {&weight, wbd}});
   Tensor gi, gw, gb;
   bdim_t gibd, gwbd, gbbd;
   if (mask[0]) {

@@ -32,7 +32,7 @@ std::tuple<Tensor, bdim_t> euclideanDistRule(const Tensor& x1, bdim_t bd1, const
 std::tuple<Tensor, bdim_t> cdistBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& x1, bdim_t bd1,
                                              const Tensor& x2, bdim_t bd2, double p, const Tensor& dist,
                                              bdim_t dbd) {
-  const int64_t B = batchSizeOf({{&grad, gbd}, {&x1, bd1}, {&x2, bd2}, {&dist, dbd}});
+  const c10::SymInt B = batchSizeOf({{&grad, gbd}, {&x1, bd1}, {&x2, bd2}, {&dist, dbd}});
   const int64_t r = std::max(rankWithoutBdim(x1, bd1), rankWithoutBdim(x2, bd2));
   Tensor a = padToLogicalRank(materializeBdimFront(x1, bd1, B), true, r);
   Tensor b = bd2 ? padToLogicalRank(moveBdimToFront(x2, bd2), true, r) : x2;
@@ -60,7 +60,7 @@ std::tuple<Tensor, bdim_t> pdistRule(const Tensor& x, bdim_t bd, double p) {
 
 std::tuple<Tensor, bdim_t> pdistBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& x, bdim_t bd,
                                              double p, const Tensor& dist, bdim_t dbd) {
-  const int64_t B = batchSizeOf({{&grad, gbd}, {&x, bd}, {&dist, dbd}});
+  const c10::SymInt B = batchSizeOf({{&grad, gbd}, {&x, bd}, {&dist, dbd}});
   Tensor s = materializeBdimFront(x, bd, B);
   const int64_t n = s.size(1);
   Tensor k = upperPairs(n, s);
@@ -68,8 +68,8 @@ std::tuple<Tensor, bdim_t> pdistBackwardRule(const Tensor& grad, bdim_t gbd, con
   Tensor kt = ij[1].mul(n).add(ij[0]);
   auto symmetric = [&](const Tensor& t, bdim_t tbd) {
     Tensor v = materializeBdimFront(t, tbd, B);
-    Tensor full = at::zeros({B, n * n}, v.options());
-    return full.index_copy(1, k, v).index_copy(1, kt, v).view({B, n, n});
+    Tensor full = at::zeros_symint({B, n * n}, v.options());
+    return full.index_copy(1, k, v).index_copy(1, kt, v).view_symint({B, n, n});
   };
   return {at::_ops::_cdist_backward::call(symmetric(grad, gbd), s, s, p, symmetric(dist, dbd)), 0};
 }
@@ -79,7 +79,7 @@ std::tuple<Tensor, bdim_t> pdistBackwardRule(const Tensor& grad, bdim_t gbd, con
 std::tuple<Tensor, bdim_t> trilinearRule(const Tensor& i1, bdim_t bd1, const Tensor& i2, bdim_t bd2,
                                          const Tensor& i3, bdim_t bd3, at::IntArrayRef e1, at::IntArrayRef e2,
                                          at::IntArrayRef e3, at::IntArrayRef sumdim, int64_t unroll_dim) {
-  const int64_t B = batchSizeOf({{&i1, bd1}, {&i2, bd2}, {&i3, bd3}});
+  const c10::SymInt B = batchSizeOf({{&i1, bd1}, {&i2, bd2}, {&i3, bd3}});
   const int64_t r = rankWithoutBdim(i1, bd1) + static_cast<int64_t>(e1.size());
   auto shift = [r](at::IntArrayRef dims) {
     std::vector<int64_t> out(dims.begin(), dims.end());

@@ -13,6 +13,9 @@
 namespace ftl {
 namespace {
 
+// These rules count in numbers: a symbolic batch size is specialized here (guard_int), which
+// recompiles per batch size (NOTE [Symbolic batch sizes] in levels.h).
+
 // ---- embedding
 // A batched table [B, V, D] is looked up as one flat table [B*V, D] with each element's indices
 // shifted by b*V, which also gives per-element gradients from one embedding_dense_backward.
@@ -39,7 +42,7 @@ std::tuple<Tensor, bdim_t> embeddingRule(const Tensor& weight, bdim_t wbd, const
 std::tuple<Tensor, bdim_t> embeddingDenseBackwardRule(const Tensor& grad, bdim_t gbd, const Tensor& indices,
                                                       bdim_t ibd, c10::SymInt num_weights,
                                                       c10::SymInt padding_idx, bool scale_grad_by_freq) {
-  const int64_t B = batchSizeOf({{&grad, gbd}, {&indices, ibd}});
+  const int64_t B = batchSizeOf({{&grad, gbd}, {&indices, ibd}}).guard_int(__FILE__, __LINE__);
   const int64_t V = num_weights.expect_int();
   Tensor g = materializeBdimFront(grad, gbd, B);       // [B, ..., D]
   Tensor idx = materializeBdimFront(indices, ibd, B);  // [B, ...]
@@ -245,7 +248,7 @@ std::tuple<Tensor, bdim_t> indexSelectRule(const Tensor& self, bdim_t sbd, int64
   const int64_t rank = rankWithoutBdim(self, sbd);
   if (rank == 0) {
     // torch treats a 0-d self as one element along dim 0 and returns a 0-d result.
-    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
+    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}}).guard_int(__FILE__, __LINE__);
     auto [out, obd] = indexSelectRule(materializeBdimFront(self, sbd, B).unsqueeze(1), 0, dim, index, ibd);
     return {out.squeeze(1), 0};
   }
@@ -277,7 +280,8 @@ Tensor indexAlongDimPhysical(const Tensor& s, int64_t dim, const Tensor& index, 
 std::tuple<Tensor, bdim_t> alongDimIntoCopy(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
                                             bdim_t ibd, const Tensor& source, bdim_t srcbd, bool accumulate,
                                             const char* op) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}});
+  const int64_t B =
+      batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}).guard_int(__FILE__, __LINE__);
   Tensor s = materializeBdimFront(self, sbd, B);
   return {indexAlongDimPhysical(s, dim, index, ibd, source, srcbd, accumulate, false, op), 0};
 }
@@ -313,10 +317,12 @@ std::tuple<Tensor, bdim_t> indexAddRule(const Tensor& self, bdim_t sbd, int64_t 
                                         bdim_t ibd, const Tensor& source, bdim_t srcbd,
                                         const c10::Scalar& alpha) {
   if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
-    return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
-      return at::_ops::index_add::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
-                                       elementOf(source, srcbd, i), alpha);
-    });
+    return perElement(
+        batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}).guard_int(__FILE__, __LINE__),
+        [&](int64_t i) {
+          return at::_ops::index_add::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
+                                           elementOf(source, srcbd, i), alpha);
+        });
   }
   return alongDimIntoCopy(self, sbd, dim, index, ibd, scaled(source, alpha), srcbd, true, "aten::index_add");
 }
@@ -330,10 +336,12 @@ void indexAddInplaceRule(Tensor& self, bdim_t sbd, int64_t dim, const Tensor& in
 std::tuple<Tensor, bdim_t> indexCopyRule(const Tensor& self, bdim_t sbd, int64_t dim, const Tensor& index,
                                          bdim_t ibd, const Tensor& source, bdim_t srcbd) {
   if (!alongDimShapesMatch(self, sbd, source, srcbd, dim)) {
-    return perElement(batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}), [&](int64_t i) {
-      return at::_ops::index_copy::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
-                                        elementOf(source, srcbd, i));
-    });
+    return perElement(
+        batchSizeOf({{&self, sbd}, {&index, ibd}, {&source, srcbd}}).guard_int(__FILE__, __LINE__),
+        [&](int64_t i) {
+          return at::_ops::index_copy::call(elementOf(self, sbd, i), dim, elementOf(index, ibd, i),
+                                            elementOf(source, srcbd, i));
+        });
   }
   return alongDimIntoCopy(self, sbd, dim, index, ibd, source, srcbd, false, "aten::index_copy");
 }
@@ -419,7 +427,7 @@ std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t di
   if (index.numel() == 0 && !sameGatherRank({{&self, sbd}, {&index, ibd}})) {
     // torch skips the rank check for an empty index: the result is an empty tensor of the
     // index's shape and self's dtype, per element
-    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
+    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}}).guard_int(__FILE__, __LINE__);
     c10::SmallVector<int64_t, 8> shape{B};
     const Tensor idx = moveBdimToFront(index, ibd);
     for (int64_t d = ibd ? 1 : 0; d < idx.dim(); ++d) shape.push_back(idx.size(d));
@@ -429,7 +437,7 @@ std::tuple<Tensor, bdim_t> gatherRule(const Tensor& self, bdim_t sbd, int64_t di
     raiseForElement([&] { at::_ops::gather::call(one(self, sbd), dim, one(index, ibd), sparse_grad); },
                     "gather", "index must have self's number of dims");
   }
-  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
+  const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}}).guard_int(__FILE__, __LINE__);
   const int64_t index_rank = rankWithoutBdim(index, ibd);
   GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
   Tensor out = at::_ops::gather::call(a.self, a.dim, a.index, sparse_grad);
@@ -451,7 +459,7 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const Tenso
       raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), one(src, srcbd), extra...); },
                       Op::name, "self, index and src must have the same number of dims");
     }
-    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&src, srcbd}});
+    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}, {&src, srcbd}}).guard_int(__FILE__, __LINE__);
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, &src, srcbd, B, false);
     Tensor out = Op::call(a.self, a.dim, a.index, a.src, extra...);
     return {a.scalar ? out.squeeze(1) : out, 0};
@@ -466,7 +474,7 @@ struct ScatterLike<Op, Tensor(const Tensor&, int64_t, const Tensor&, const c10::
       raiseForElement([&] { Op::call(one(self, sbd), dim, one(index, ibd), value, extra...); }, Op::name,
                       "index must have self's number of dims");
     }
-    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}});
+    const int64_t B = batchSizeOf({{&self, sbd}, {&index, ibd}}).guard_int(__FILE__, __LINE__);
     GatherArgs a = prepGather(self, sbd, dim, index, ibd, nullptr, {}, B, false);
     Tensor out = Op::call(a.self, a.dim, a.index, value, extra...);
     return {a.scalar ? out.squeeze(1) : out, 0};

@@ -14,7 +14,7 @@ namespace {
 std::tuple<Tensor, bdim_t> dotRule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd) {
   if (abd && bbd) {
     Tensor a2 = moveBdimToFront(a, abd), b2 = moveBdimToFront(b, bbd);
-    return {at::matmul(a2.unsqueeze(1), b2.unsqueeze(2)).view({a2.size(0)}), 0};
+    return {at::matmul(a2.unsqueeze(1), b2.unsqueeze(2)).view_symint({a2.sym_size(0)}), 0};
   }
   if (abd) return {at::matmul(moveBdimToFront(a, abd), b), 0};
   return {at::matmul(moveBdimToFront(b, bbd), a), 0};
@@ -26,7 +26,7 @@ std::tuple<Tensor, bdim_t> matmulRule(const Tensor& a, bdim_t abd, const Tensor&
   TORCH_CHECK(ra > 0 && rb > 0, "both arguments to matmul need to be at least 1D, but they are ", ra,
               "D and ", rb, "D");
   Tensor A = moveBdimToFront(a, abd), Bm = moveBdimToFront(b, bbd);
-  const int64_t ka = A.size(-1), kb = Bm.size(rb == 1 ? -1 : -2);
+  const c10::SymInt ka = A.sym_size(-1), kb = Bm.sym_size(rb == 1 ? -1 : -2);
   if (ka != kb) {
     // torch's message names one element's shapes, not the batch's
     raiseForElement([&] { at::matmul(abd ? exampleOf(A, 0, 0) : A, bbd ? exampleOf(Bm, 0, 0) : Bm); },
@@ -113,7 +113,7 @@ std::tuple<Tensor, bdim_t> linearRule(const Tensor& x, bdim_t xbd, const Tensor&
 // forms run the ops themselves, or baddbmm, whose beta/alpha semantics are the same.
 
 // Tensors of logical rank r (<= r_out) to [B, *out] for out = the op's logical output shape.
-Tensor expandToBatchedShape(const Tensor& t, bdim_t bd, int64_t B, at::IntArrayRef out) {
+Tensor expandToBatchedShape(const Tensor& t, bdim_t bd, const c10::SymInt& B, c10::SymIntArrayRef out) {
   const int64_t r = static_cast<int64_t>(out.size());
   Tensor p;
   if (bd) {
@@ -123,9 +123,9 @@ Tensor expandToBatchedShape(const Tensor& t, bdim_t bd, int64_t B, at::IntArrayR
     while (p.dim() < r) p = p.unsqueeze(0);
     p = p.unsqueeze(0);
   }
-  c10::SmallVector<int64_t, 5> sizes{B};
+  c10::SymDimVector sizes{B};
   sizes.append(out.begin(), out.end());
-  return p.expand(sizes);
+  return p.expand_symint(sizes);
 }
 
 // baddbmm's own batch dim takes the vmap batch: [B, b, ...] -> [B*b, ...].
@@ -138,12 +138,12 @@ std::tuple<Tensor, bdim_t> baddbmmRule(const Tensor& self, bdim_t sbd, const Ten
               "baddbmm: self must be broadcastable to the "
               "result, but it has ",
               rankWithoutBdim(self, sbd), " dims");
-  const int64_t B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
   Tensor m1 = materializeBdimFront(b1, b1bd, B), m2 = materializeBdimFront(b2, b2bd, B);
-  const int64_t b = m1.size(1);
-  Tensor s = expandToBatchedShape(self, sbd, B, {b, m1.size(2), m2.size(3)});
+  const c10::SymInt b = m1.sym_size(1);
+  Tensor s = expandToBatchedShape(self, sbd, B, {b, m1.sym_size(2), m2.sym_size(3)});
   Tensor out = at::baddbmm(s.flatten(0, 1), m1.flatten(0, 1), m2.flatten(0, 1), beta, alpha);
-  return {out.unflatten(0, {B, b}), 0};
+  return {out.unflatten_symint(0, {B, b}), 0};
 }
 
 // sum_i b1[i] @ b2[i] is one product over the concatenated inner dims:
@@ -158,11 +158,11 @@ std::tuple<Tensor, bdim_t> addbmmRule(const Tensor& self, bdim_t sbd, const Tens
               "addbmm: self must be broadcastable to the "
               "result, but it has ",
               rankWithoutBdim(self, sbd), " dims");
-  const int64_t B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&b1, b1bd}, {&b2, b2bd}});
   Tensor m1 = materializeBdimFront(b1, b1bd, B), m2 = materializeBdimFront(b2, b2bd, B);
-  const int64_t n = m1.size(2), p = m2.size(3);
-  m1 = m1.permute({0, 2, 1, 3}).reshape({B, n, -1});
-  m2 = m2.reshape({B, -1, p});
+  const c10::SymInt n = m1.sym_size(2), p = m2.sym_size(3);
+  m1 = m1.permute({0, 2, 1, 3}).reshape_symint({B, n, -1});
+  m2 = m2.reshape_symint({B, -1, p});
   if (alpha.equal(0)) m1 = at::zeros_like(m1);
   Tensor s = sbd ? padToLogicalRank(moveBdimToFront(self, sbd), true, 2) : self;
   return {at::baddbmm(s, m1, m2, beta, alpha), 0};
@@ -180,11 +180,11 @@ std::tuple<Tensor, bdim_t> addmvRule(const Tensor& self, bdim_t sbd, const Tenso
               "addmv: self must be broadcastable to the "
               "result, but it has ",
               rankWithoutBdim(self, sbd), " dims");
-  const int64_t B = batchSizeOf({{&self, sbd}, {&mat, mbd}, {&vec, vbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&mat, mbd}, {&vec, vbd}});
   Tensor m = materializeBdimFront(mat, mbd, B);
   Tensor v = materializeBdimFront(vec, vbd, B).unsqueeze(-1);
   if (alpha.equal(0)) m = at::zeros_like(m);
-  Tensor s = expandToBatchedShape(self, sbd, B, {m.size(1)}).unsqueeze(-1);
+  Tensor s = expandToBatchedShape(self, sbd, B, {m.sym_size(1)}).unsqueeze(-1);
   return {at::baddbmm(s, m, v, beta, alpha).squeeze(-1), 0};
 }
 
@@ -253,7 +253,7 @@ struct SolveSpec {
 std::tuple<Tensor, bdim_t> pinvRule(const Tensor& a, bdim_t abd, const std::optional<Tensor>& atol,
                                     bdim_t atbd, const std::optional<Tensor>& rtol, bdim_t rtbd,
                                     bool hermitian) {
-  const int64_t B = batchSizeOf({{&a, abd}, {atol ? &*atol : &a, atbd}, {rtol ? &*rtol : &a, rtbd}});
+  const c10::SymInt B = batchSizeOf({{&a, abd}, {atol ? &*atol : &a, atbd}, {rtol ? &*rtol : &a, rtbd}});
   const int64_t r = rankWithoutBdim(a, abd) - 2;
   auto tol = [r](const std::optional<Tensor>& t, bdim_t bd) -> std::optional<Tensor> {
     if (!t || !t->defined() || !bd) return t;

@@ -32,7 +32,9 @@ std::optional<Tensor> one(const std::optional<Tensor>& t, bdim_t bd, int64_t b) 
 // call(b) is the op on batch element b; results stacked at dim 0. Over an empty batch the op
 // still runs once (on zeros: exampleOf) for the shape and torch's error.
 template <class F>
-Tensor perElement(int64_t B, F&& call) {
+Tensor perElement(const c10::SymInt& batch_size, F&& call) {
+  // one call per element: a number (NOTE [Symbolic batch sizes] in levels.h)
+  const int64_t B = batch_size.guard_int(__FILE__, __LINE__);
   std::vector<Tensor> rows;
   rows.reserve(B);
   for (int64_t b = 0; b < B; ++b) rows.push_back(call(b));
@@ -61,7 +63,7 @@ struct NllInputs {
 
 NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
                      const std::optional<Tensor>& weight, bdim_t wbd, int64_t ignore_index) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Tensor logp = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   const bool one_d = logp.dim() == 2;
@@ -78,7 +80,7 @@ NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_
   Tensor w;
   if (weight.has_value() && weight->defined()) {
     Tensor wm = materializeBdimFront(*weight, wbd, B);  // [B, C]
-    w = wm.gather(1, tc.reshape({B, -1})).view(tc.sizes());
+    w = wm.gather(1, tc.reshape_symint({B, -1})).view_symint(tc.sym_sizes());
   } else {
     w = at::ones_like(tc, logp.options());
   }
@@ -116,18 +118,18 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(const Tensor& self, bd
 Tensor nllBackwardRule_(const Tensor& grad_out, bdim_t gbd, const Tensor& self, bdim_t sbd,
                         const Tensor& target, bdim_t tbd, const std::optional<Tensor>& weight, bdim_t wbd,
                         int64_t reduction, int64_t ignore_index, const Tensor& total_weight, bdim_t twbd) {
-  const int64_t B = batchSizeOf({{&self, sbd},
-                                 {&target, tbd},
-                                 {&grad_out, gbd},
-                                 {&total_weight, twbd},
-                                 {weight ? &*weight : &self, wbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd},
+                                     {&target, tbd},
+                                     {&grad_out, gbd},
+                                     {&total_weight, twbd},
+                                     {weight ? &*weight : &self, wbd}});
   auto in = prepareNll(materializeBdimFront(self, sbd, B), 0, target, tbd, weight, wbd, ignore_index);
   Tensor g = materializeBdimFront(grad_out, gbd, B);
   if (reduction == kNone) {
     if (in.one_d) g = g.unsqueeze(1);  // [B, N]
   } else {
-    g = g.reshape({B, 1});  // one scalar per batch element
-    if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape({B, 1}));
+    g = g.reshape_symint({B, 1});  // one scalar per batch element
+    if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape_symint({B, 1}));
   }
   Tensor coef = in.weight.mul(g).neg().unsqueeze(2);  // [B, N, 1]
   Tensor grad = at::zeros_like(in.logp).scatter(2, in.target.unsqueeze(2), coef);
@@ -142,7 +144,8 @@ std::tuple<Tensor, bdim_t> nllBackwardRule(const Tensor& grad_out, bdim_t gbd, c
   if (rankWithoutBdim(self, sbd) == 1 && rankWithoutBdim(target, tbd) != 0) {
     // The forward takes a [1] target for a [C] input; the backward accepts it only for C == 1
     // (NOTE [Loss shapes per batch element]).
-    const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {&grad_out, gbd}, {&total_weight, twbd}});
+    const c10::SymInt B =
+        batchSizeOf({{&self, sbd}, {&target, tbd}, {&grad_out, gbd}, {&total_weight, twbd}});
     return {perElement(B,
                        [&](int64_t b) {
                          return at::_ops::nll_loss_backward::call(
@@ -250,7 +253,7 @@ bool bceShapesCommon(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd, c
 std::tuple<Tensor, bdim_t> bceRule(const Tensor& x, bdim_t xbd, const Tensor& t, bdim_t tbd,
                                    const std::optional<Tensor>& w, bdim_t wbd, int64_t reduction) {
   if (!bceShapesCommon(x, xbd, t, tbd, w, wbd)) {
-    const int64_t B = batchSizeOf({{&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}});
+    const c10::SymInt B = batchSizeOf({{&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}});
     return {perElement(B,
                        [&](int64_t b) {
                          return at::_ops::binary_cross_entropy::call(one(x, xbd, b), one(t, tbd, b),
@@ -271,7 +274,7 @@ std::tuple<Tensor, bdim_t> bceBackwardRule(const Tensor& g, bdim_t gbd, const Te
   const bool grad_common =
       reduction == kNone ? logicalShape(g, gbd) == logicalShape(x, xbd) : rankWithoutBdim(g, gbd) == 0;
   if (!grad_common || !bceShapesCommon(x, xbd, t, tbd, w, wbd)) {
-    const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}});
+    const c10::SymInt B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}});
     return {perElement(B,
                        [&](int64_t b) {
                          return at::_ops::binary_cross_entropy_backward::call(
@@ -302,7 +305,7 @@ std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tens
     common = broadcastsInto(ts, pws) && broadcastsInto(xs, at::infer_size_dimvector(pws, ts));
   }
   if (!common) {
-    const int64_t B = batchSizeOf({{&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}, {pw ? &*pw : &x, pwbd}});
+    const c10::SymInt B = batchSizeOf({{&x, xbd}, {&t, tbd}, {w ? &*w : &x, wbd}, {pw ? &*pw : &x, pwbd}});
     return {perElement(B,
                        [&](int64_t b) {
                          return at::_ops::binary_cross_entropy_with_logits::call(
@@ -324,13 +327,13 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, 
                                                             int64_t reduction, c10::SymInt ignore_index) {
   TORCH_CHECK(rankWithoutBdim(self, sbd) == 4 && rankWithoutBdim(target, tbd) == 3,
               "nll_loss2d: expected input of 4 dims and target of 3 dims per batch element");
-  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   auto [out, obd, total, twbd] =
-      nllForwardRule(x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0, t.reshape({B, -1}), 0, weight, wbd,
-                     reduction, std::move(ignore_index));
-  if (reduction == kNone) out = out.view(t.sizes());
+      nllForwardRule(x.movedim(2, -1).reshape_symint({B, -1, x.sym_size(2)}), 0, t.reshape_symint({B, -1}), 0,
+                     weight, wbd, reduction, std::move(ignore_index));
+  if (reduction == kNone) out = out.view_symint(t.sym_sizes());
   return {out, obd, total, twbd};
 }
 
@@ -339,19 +342,20 @@ std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
                                              const std::optional<Tensor>& weight, bdim_t wbd,
                                              int64_t reduction, c10::SymInt ignore_index,
                                              const Tensor& total_weight, bdim_t twbd) {
-  const int64_t B = batchSizeOf({{&self, sbd},
-                                 {&target, tbd},
-                                 {&grad_out, gbd},
-                                 {&total_weight, twbd},
-                                 {weight ? &*weight : &self, wbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd},
+                                     {&target, tbd},
+                                     {&grad_out, gbd},
+                                     {&total_weight, twbd},
+                                     {weight ? &*weight : &self, wbd}});
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   Tensor g = materializeBdimFront(grad_out, gbd, B);
-  if (reduction == kNone) g = g.reshape({B, -1});
-  Tensor grad = nllBackwardRule_(g, 0, x.movedim(2, -1).reshape({B, -1, x.size(2)}), 0, t.reshape({B, -1}), 0,
-                                 weight, wbd, reduction, ignore_index.expect_int(), total_weight, twbd);
-  const auto s = x.sizes();
-  return {grad.view({B, s[1], s[3], s[4], s[2]}).movedim(-1, 2), 0};
+  if (reduction == kNone) g = g.reshape_symint({B, -1});
+  Tensor grad = nllBackwardRule_(g, 0, x.movedim(2, -1).reshape_symint({B, -1, x.sym_size(2)}), 0,
+                                 t.reshape_symint({B, -1}), 0, weight, wbd, reduction,
+                                 ignore_index.expect_int(), total_weight, twbd);
+  const auto s = x.sym_sizes();
+  return {grad.view_symint({B, s[1], s[3], s[4], s[2]}).movedim(-1, 2), 0};
 }
 
 // ---- margin losses over [N, C] (or [C]) scores: the vmap batch folds into N, the op runs with
@@ -365,8 +369,10 @@ struct Folded {
 };
 
 // target_like_input: multilabel targets have the input's shape, multi_margin ones lack C.
-Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd, int64_t B,
-                  bool target_like_input, const char* op) {
+// The rows are counted in numbers (NOTE [Symbolic batch sizes] in levels.h).
+Folded foldMargin(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
+                  const c10::SymInt& batch_size, bool target_like_input, const char* op) {
+  const int64_t B = batch_size.guard_int(__FILE__, __LINE__);
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   TORCH_CHECK(x.dim() <= 3, op, ": expected input of at most 2 dims per batch element, got ", x.dim() - 1);
@@ -415,7 +421,7 @@ std::tuple<Tensor, bdim_t> multiMarginRule(const Tensor& self, bdim_t sbd, const
                                            const c10::Scalar& p, const c10::Scalar& margin,
                                            const std::optional<Tensor>& weight, bdim_t wbd,
                                            int64_t reduction) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss");
   Tensor rows = at::_ops::multi_margin_loss::call(f.x, f.t, p, margin, wbd ? std::nullopt : weight, kNone);
   if (wbd) rows = rows.mul(targetWeight(weight, wbd, f));
@@ -430,7 +436,8 @@ std::tuple<Tensor, bdim_t> multiMarginBackwardRule(const Tensor& grad_out, bdim_
                                                    const std::optional<Tensor>& weight, bdim_t wbd,
                                                    int64_t reduction) {
   const int64_t B =
-      batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
+      batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}})
+          .guard_int(__FILE__, __LINE__);
   Folded f = foldMargin(self, sbd, target, tbd, B, false, "multi_margin_loss_backward");
   Tensor g = rowsGrad(grad_out, gbd, f, reduction);
   if (wbd) g = g.mul(targetWeight(weight, wbd, f));
@@ -442,7 +449,7 @@ std::tuple<Tensor, bdim_t> multiMarginBackwardRule(const Tensor& grad_out, bdim_
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> multilabelMarginRule(const Tensor& self, bdim_t sbd,
                                                                 const Tensor& target, bdim_t tbd,
                                                                 int64_t reduction) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&target, tbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss");
   auto [rows, is_target] = at::_ops::multilabel_margin_loss_forward::call(f.x, f.t, kNone);
   // torch's 'none' output has no N dim for an input without one (its target has the input's shape).
@@ -453,7 +460,7 @@ std::tuple<Tensor, bdim_t> multilabelMarginBackwardRule(const Tensor& grad_out, 
                                                         const Tensor& self, bdim_t sbd, const Tensor& target,
                                                         bdim_t tbd, int64_t reduction,
                                                         const Tensor& is_target, bdim_t ibd) {
-  const int64_t B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd}, {&is_target, ibd}});
+  const c10::SymInt B = batchSizeOf({{&grad_out, gbd}, {&self, sbd}, {&target, tbd}, {&is_target, ibd}});
   Folded f = foldMargin(self, sbd, target, tbd, B, true, "multilabel_margin_loss_backward");
   Tensor it = materializeBdimFront(is_target, ibd, B).reshape(f.x.sizes());
   Tensor grad = at::_ops::multilabel_margin_loss_backward::call(rowsGrad(grad_out, gbd, f, reduction), f.x,

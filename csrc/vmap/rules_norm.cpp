@@ -14,10 +14,14 @@
 namespace ftl {
 namespace {
 
+// These rules count in numbers: a symbolic batch size is specialized here (guard_int), which
+// recompiles per batch size (NOTE [Symbolic batch sizes] in levels.h).
+
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormRule(
     const Tensor& x, bdim_t xbd, c10::SymIntArrayRef shape, const std::optional<Tensor>& w, bdim_t wbd,
     const std::optional<Tensor>& b, bdim_t bbd, double eps) {
-  const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
+  const int64_t B =
+      batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}}).guard_int(__FILE__, __LINE__);
   Tensor xp = materializeBdimFront(x, xbd, B);
   const int64_t k = static_cast<int64_t>(shape.size());
   // weight and bias have exactly normalized_shape, for every element
@@ -50,7 +54,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> layerNormBackwardRule
     const Tensor& grad, bdim_t gbd, const Tensor& x, bdim_t xbd, c10::SymIntArrayRef shape,
     const Tensor& mean, bdim_t mbd, const Tensor& rstd, bdim_t rbd, const std::optional<Tensor>& w,
     bdim_t wbd, const std::optional<Tensor>& b, bdim_t bbd, std::array<bool, 3> mask) {
-  const int64_t B = batchSizeOf(
+  const c10::SymInt B = batchSizeOf(
       {{&grad, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
   // The CPU kernel reads mean/rstd as dense buffers: expanded (stride-0) views must be copied.
   Tensor g = materializeBdimFront(grad, gbd, B).contiguous();
@@ -150,8 +154,12 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormRule(
     bdim_t bbd, const std::optional<Tensor>& rm, bdim_t rmbd, const std::optional<Tensor>& rv, bdim_t rvbd,
     bool training, double momentum, double eps) {
   checkRunningStatsBatched(training, rm, rmbd, rv, rvbd);
-  const int64_t B = batchSizeOf(
-      {{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}, {rm ? &*rm : &x, rmbd}, {rv ? &*rv : &x, rvbd}});
+  const int64_t B = batchSizeOf({{&x, xbd},
+                                 {w ? &*w : &x, wbd},
+                                 {b ? &*b : &x, bbd},
+                                 {rm ? &*rm : &x, rmbd},
+                                 {rv ? &*rv : &x, rvbd}})
+                        .guard_int(__FILE__, __LINE__);
   const int64_t C = channelsOf(x, xbd, "native_batch_norm");
   auto rmf = perChannelFlat(rm, rmbd, B), rvf = perChannelFlat(rv, rvbd, B);
   auto [y, mean, invstd] =
@@ -175,7 +183,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> batchNormBackwardRule
                                  {rm ? &*rm : &x, rmbd},
                                  {rv ? &*rv : &x, rvbd},
                                  {sm ? &*sm : &x, smbd},
-                                 {si ? &*si : &x, sibd}});
+                                 {si ? &*si : &x, sibd}})
+                        .guard_int(__FILE__, __LINE__);
   const int64_t C = channelsOf(x, xbd, "native_batch_norm_backward");
   auto [gi, gw, gb] = at::native_batch_norm_backward(
       batchIntoChannels(g, gbd, B), batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
@@ -226,7 +235,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> cudnnBatchNormBackwar
 std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormRule(
     const Tensor& x, bdim_t xbd, const std::optional<Tensor>& w, bdim_t wbd, const std::optional<Tensor>& b,
     bdim_t bbd, c10::SymInt N, c10::SymInt C, c10::SymInt HxW, int64_t group, double eps) {
-  const int64_t B = batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}});
+  const int64_t B =
+      batchSizeOf({{&x, xbd}, {w ? &*w : &x, wbd}, {b ? &*b : &x, bbd}}).guard_int(__FILE__, __LINE__);
   const int64_t c = C.expect_int();
   auto [y, mean, rstd] =
       at::native_group_norm_symint(batchIntoChannels(x, xbd, B), perChannelFlat(w, wbd, B),
@@ -238,7 +248,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t, Tensor, bdim_t> groupNormBackwardRule
     const Tensor& g, bdim_t gbd, const Tensor& x, bdim_t xbd, const Tensor& mean, bdim_t mbd,
     const Tensor& rstd, bdim_t rbd, const std::optional<Tensor>& w, bdim_t wbd, c10::SymInt N, c10::SymInt C,
     c10::SymInt HxW, int64_t group, std::array<bool, 3> mask) {
-  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd}, {w ? &*w : &x, wbd}});
+  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&mean, mbd}, {&rstd, rbd}, {w ? &*w : &x, wbd}})
+                        .guard_int(__FILE__, __LINE__);
   const int64_t c = C.expect_int();
   auto [gi, gw, gb] = at::native_group_norm_backward_symint(
       batchIntoChannels(g, gbd, B), batchIntoChannels(x, xbd, B), batchIntoChannels(mean, mbd, B),

@@ -214,7 +214,7 @@ std::tuple<Tensor, bdim_t> gluRule(const Tensor& x, bdim_t bd, int64_t dim) {
 // glu's forward-mode formula: the output and both inputs share every dim but the halved one.
 std::tuple<Tensor, bdim_t> gluJvpRule(const Tensor& glu, bdim_t gbd, const Tensor& x, bdim_t xbd,
                                       const Tensor& dx, bdim_t dbd, int64_t dim) {
-  const int64_t B = batchSizeOf({{&glu, gbd}, {&x, xbd}, {&dx, dbd}});
+  const c10::SymInt B = batchSizeOf({{&glu, gbd}, {&x, xbd}, {&dx, dbd}});
   Tensor x2 = materializeBdimFront(x, xbd, B);
   return {at::_ops::glu_jvp::call(materializeBdimFront(glu, gbd, B), x2, materializeBdimFront(dx, dbd, B),
                                   physicalDim(dim, x2.dim() - 1, true)),
@@ -224,7 +224,7 @@ std::tuple<Tensor, bdim_t> gluJvpRule(const Tensor& glu, bdim_t gbd, const Tenso
 // _prelu_kernel's output is empty_like(self) and only the weight broadcasts into it, so self
 // must carry the batch dim even when only the weight is batched.
 std::tuple<Tensor, bdim_t> preluKernelRule(const Tensor& x, bdim_t xbd, const Tensor& w, bdim_t wbd) {
-  const int64_t B = batchSizeOf({{&x, xbd}, {&w, wbd}});
+  const c10::SymInt B = batchSizeOf({{&x, xbd}, {&w, wbd}});
   const int64_t r = std::max(rankWithoutBdim(x, xbd), rankWithoutBdim(w, wbd));
   Tensor x2 = padToLogicalRank(materializeBdimFront(x, xbd, B), true, r);
   return {at::_ops::_prelu_kernel::call(x2, alignTo(w, wbd, r)), 0};
@@ -233,7 +233,7 @@ std::tuple<Tensor, bdim_t> preluKernelRule(const Tensor& x, bdim_t xbd, const Te
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> preluKernelBackwardRule(const Tensor& g, bdim_t gbd,
                                                                    const Tensor& x, bdim_t xbd,
                                                                    const Tensor& w, bdim_t wbd) {
-  const int64_t B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&w, wbd}});
+  const c10::SymInt B = batchSizeOf({{&g, gbd}, {&x, xbd}, {&w, wbd}});
   const int64_t r = std::max({rankWithoutBdim(g, gbd), rankWithoutBdim(x, xbd), rankWithoutBdim(w, wbd)});
   Tensor x2 = padToLogicalRank(materializeBdimFront(x, xbd, B), true, r);
   auto [gx, gw] = at::_ops::_prelu_kernel_backward::call(alignTo(g, gbd, r), x2, alignTo(w, wbd, r));
@@ -261,7 +261,7 @@ void fillTensorInplaceRule(Tensor& self, bdim_t sbd, const Tensor& value, bdim_t
 // inside functionalize). The result has self's shape and dtype, with src's values broadcast in.
 std::tuple<Tensor, bdim_t> copyRule(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t srcbd,
                                     bool non_blocking) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&src, srcbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&src, srcbd}});
   const int64_t r = rankWithoutBdim(self, sbd);
   TORCH_CHECK(rankWithoutBdim(src, srcbd) <= r, "copy: the source (", rankWithoutBdim(src, srcbd),
               " dims per example) cannot be broadcast to self (", r, " dims per example)");

@@ -94,7 +94,7 @@ template <class Op, class... Extra>
 struct BinaryDim<Op, Tensor(const Tensor&, const Tensor&, int64_t, Extra...)> {
   static std::tuple<Tensor, bdim_t> rule(const Tensor& a, bdim_t abd, const Tensor& b, bdim_t bbd,
                                          int64_t dim, Extra... e) {
-    const int64_t B = batchSizeOf({{&a, abd}, {&b, bbd}});
+    const c10::SymInt B = batchSizeOf({{&a, abd}, {&b, bbd}});
     Tensor a2 = materializeBdimFront(a, abd, B), b2 = materializeBdimFront(b, bbd, B);
     const int64_t lr = a2.dim() - 1;
     const int64_t pd = physicalDim(dim, lr, true);  // on a scalar: -1 and 0 only, as in torch

@@ -17,10 +17,10 @@ namespace {
 
 using SymIntVec = c10::SmallVector<c10::SymInt, 8>;
 
-SymIntVec withBatch(int64_t B, c10::SymIntArrayRef size) {
+SymIntVec withBatch(const c10::SymInt& B, c10::SymIntArrayRef size) {
   SymIntVec out;
   out.reserve(size.size() + 1);
-  out.push_back(c10::SymInt(B));
+  out.push_back(B);
   out.append(size.begin(), size.end());
   return out;
 }
@@ -28,28 +28,58 @@ SymIntVec withBatch(int64_t B, c10::SymIntArrayRef size) {
 // A view of the logical tensor is a view of the physical one with the batch dim kept whole: at
 // the front if the strides allow it, else at the back (e.g. flattening dims in front of a trailing
 // batch dim). Returns nullopt when neither layout can be viewed (then only a copy can reshape).
-std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd, c10::IntArrayRef size) {
-  const int64_t B = x.size(bd);
-  int64_t numel = 1;
+// Written once for int sizes (eager) and once for SymInts (NOTE [Symbolic batch sizes]).
+template <class Int, class Vec, class Ref>
+std::optional<std::tuple<Tensor, bdim_t>> tryViewAs(const Tensor& x, int64_t bd, Ref size, Ref x_sizes,
+                                                    Ref x_strides) {
+  const Int B = x_sizes[bd];
+  Int numel = 1;
   for (int64_t d = 0; d < x.dim(); ++d)
-    if (d != bd) numel *= x.size(d);
-  at::DimVector logical = at::infer_size_dv(size, numel);
-  at::DimVector front{B};
+    if (d != bd) numel *= x_sizes[d];
+  Vec logical = at::infer_size_dv(size, numel);
+  Vec front{B};
   front.append(logical.begin(), logical.end());
-  Tensor f = moveBdimToFront(x, bd);
-  if (at::detail::computeStride(f.sizes(), f.strides(), front))
-    return std::make_tuple(f.view(front), bdim_t(0));
-  at::DimVector back(logical.begin(), logical.end());
+  // the strides of the batch dim moved to the front / the back, without making the tensor
+  auto moved = [&](bool to_front) {
+    Vec sz, st;
+    if (to_front) sz.push_back(x_sizes[bd]), st.push_back(x_strides[bd]);
+    for (int64_t d = 0; d < x.dim(); ++d)
+      if (d != bd) sz.push_back(x_sizes[d]), st.push_back(x_strides[d]);
+    if (!to_front) sz.push_back(x_sizes[bd]), st.push_back(x_strides[bd]);
+    return std::make_pair(sz, st);
+  };
+  auto [fs, ft] = moved(true);
+  if (at::detail::computeStride(fs, ft, front)) {
+    Tensor f = moveBdimToFront(x, bd);
+    if constexpr (std::is_same_v<Int, int64_t>)
+      return std::make_tuple(f.view(front), bdim_t(0));
+    else
+      return std::make_tuple(f.view_symint(front), bdim_t(0));
+  }
+  Vec back(logical.begin(), logical.end());
   back.push_back(B);
-  Tensor b = x.movedim(bd, -1);
-  if (at::detail::computeStride(b.sizes(), b.strides(), back)) {
-    return std::make_tuple(b.view(back), bdim_t(static_cast<int64_t>(logical.size())));
+  auto [bs, bt] = moved(false);
+  if (at::detail::computeStride(bs, bt, back)) {
+    Tensor b = x.movedim(bd, -1);
+    const bdim_t at = static_cast<int64_t>(logical.size());
+    if constexpr (std::is_same_v<Int, int64_t>)
+      return std::make_tuple(b.view(back), at);
+    else
+      return std::make_tuple(b.view_symint(back), at);
   }
   return std::nullopt;
 }
 
+std::optional<std::tuple<Tensor, bdim_t>> tryView(const Tensor& x, int64_t bd, c10::SymIntArrayRef size) {
+  auto ints = c10::asIntArrayRefSlowOpt(size);
+  if (C10_LIKELY(ints && !x.unsafeGetTensorImpl()->has_symbolic_sizes_strides()))
+    return tryViewAs<int64_t, at::DimVector, c10::IntArrayRef>(x, bd, *ints, x.sizes(), x.strides());
+  return tryViewAs<c10::SymInt, at::SymDimVector, c10::SymIntArrayRef>(x, bd, size, x.sym_sizes(),
+                                                                       x.sym_strides());
+}
+
 std::tuple<Tensor, bdim_t> viewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
-  auto r = tryView(x, *bd, C10_AS_INTARRAYREF_SLOW(size));
+  auto r = tryView(x, *bd, size);
   TORCH_CHECK(r.has_value(),
               "view size is not compatible with input tensor's size and stride (at "
               "least one dimension spans across two contiguous subspaces). Use .reshape(...) "
@@ -58,12 +88,12 @@ std::tuple<Tensor, bdim_t> viewRule(const Tensor& x, bdim_t bd, c10::SymIntArray
 }
 std::tuple<Tensor, bdim_t> unsafeViewRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
   Tensor p = moveBdimToFront(x, bd);
-  return {at::_ops::_unsafe_view::call(p, withBatch(p.size(0), size)), 0};
+  return {at::_ops::_unsafe_view::call(p, withBatch(p.sym_size(0), size)), 0};
 }
 std::tuple<Tensor, bdim_t> reshapeRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size) {
-  if (auto r = tryView(x, *bd, C10_AS_INTARRAYREF_SLOW(size))) return *r;
+  if (auto r = tryView(x, *bd, size)) return *r;
   Tensor p = moveBdimToFront(x, bd);
-  return {at::_ops::reshape::call(p, withBatch(p.size(0), size)), 0};
+  return {at::_ops::reshape::call(p, withBatch(p.sym_size(0), size)), 0};
 }
 // reshape's composite asks for _reshape_alias when the logical tensor can be viewed.
 std::tuple<Tensor, bdim_t> reshapeAliasRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
@@ -156,7 +186,7 @@ std::tuple<Tensor, bdim_t> expandRule(const Tensor& x, bdim_t bd, c10::SymIntArr
   TORCH_CHECK(static_cast<int64_t>(size.size()) >= lr, "expand: the number of sizes provided (", size.size(),
               ") must be greater or equal to the number of dimensions in the tensor (", lr, ")");
   p = padToLogicalRank(p, true, static_cast<int64_t>(size.size()));
-  return {at::_ops::expand::call(p, withBatch(p.size(0), size), implicit), 0};
+  return {at::_ops::expand::call(p, withBatch(p.sym_size(0), size), implicit), 0};
 }
 
 std::tuple<Tensor, bdim_t> selectRule(const Tensor& x, bdim_t bd, int64_t dim, c10::SymInt index) {
@@ -353,7 +383,8 @@ SymIntVec withBatchStride(const Tensor& x, int64_t bd, c10::SymIntArrayRef strid
 Tensor asStridedView(const Tensor& x, int64_t bd, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
                      const std::optional<c10::SymInt>& offset, const char* op) {
   checkAsStridedInElement(x, bd, size, stride, offset, op);
-  return at::_ops::as_strided::call(x, withBatch(x.size(bd), size), withBatchStride(x, bd, stride), offset);
+  return at::_ops::as_strided::call(x, withBatch(x.sym_size(bd), size), withBatchStride(x, bd, stride),
+                                    offset);
 }
 
 std::tuple<Tensor, bdim_t> asStridedRule(const Tensor& x, bdim_t bd, c10::SymIntArrayRef size,
@@ -372,7 +403,7 @@ std::tuple<Tensor, bdim_t> asStridedCopyRule(const Tensor& x, bdim_t bd, c10::Sy
 int64_t asStridedInplaceRule(Tensor& x, bdim_t bd, c10::SymIntArrayRef size, c10::SymIntArrayRef stride,
                              std::optional<c10::SymInt> offset) {
   checkAsStridedInElement(x, *bd, size, stride, offset, "as_strided_");
-  x.as_strided__symint(withBatch(x.size(*bd), size), withBatchStride(x, *bd, stride), std::move(offset));
+  x.as_strided__symint(withBatch(x.sym_size(*bd), size), withBatchStride(x, *bd, stride), std::move(offset));
   return 0;
 }
 
@@ -385,7 +416,8 @@ std::tuple<Tensor, bdim_t> asStridedScatterRule(const Tensor& self, bdim_t sbd, 
                                                 bdim_t srcbd, c10::SymIntArrayRef size,
                                                 c10::SymIntArrayRef stride,
                                                 std::optional<c10::SymInt> offset) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&src, srcbd}});
+  // raw storage arithmetic: a number (NOTE [Symbolic batch sizes] in levels.h)
+  const int64_t B = batchSizeOf({{&self, sbd}, {&src, srcbd}}).guard_int(__FILE__, __LINE__);
   const Tensor x = sbd ? self : self.unsqueeze(0).expand_symint(withBatch(B, self.sym_sizes()));
   const int64_t bd = sbd ? *sbd : 0;
   checkAsStridedInElement(x, bd, size, stride, offset, "as_strided_scatter");
@@ -415,24 +447,25 @@ std::tuple<Tensor, bdim_t> selectBackwardRule(const Tensor& g, bdim_t bd, c10::S
                                               int64_t dim, c10::SymInt index) {
   Tensor p = moveBdimToFront(g, bd);
   const int64_t lr = static_cast<int64_t>(sizes.size());
-  return {at::_ops::select_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true), index),
-          0};
+  return {
+      at::_ops::select_backward::call(p, withBatch(p.sym_size(0), sizes), physicalDim(dim, lr, true), index),
+      0};
 }
 std::tuple<Tensor, bdim_t> sliceBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
                                              int64_t dim, c10::SymInt start, c10::SymInt end,
                                              c10::SymInt step) {
   Tensor p = moveBdimToFront(g, bd);
   const int64_t lr = static_cast<int64_t>(sizes.size());
-  return {at::_ops::slice_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true), start,
-                                         end, step),
+  return {at::_ops::slice_backward::call(p, withBatch(p.sym_size(0), sizes), physicalDim(dim, lr, true),
+                                         start, end, step),
           0};
 }
 std::tuple<Tensor, bdim_t> diagonalBackwardRule(const Tensor& g, bdim_t bd, c10::SymIntArrayRef sizes,
                                                 int64_t offset, int64_t d1, int64_t d2) {
   Tensor p = moveBdimToFront(g, bd);
   const int64_t lr = static_cast<int64_t>(sizes.size());
-  return {at::_ops::diagonal_backward::call(p, withBatch(p.size(0), sizes), offset, physicalDim(d1, lr, true),
-                                            physicalDim(d2, lr, true)),
+  return {at::_ops::diagonal_backward::call(p, withBatch(p.sym_size(0), sizes), offset,
+                                            physicalDim(d1, lr, true), physicalDim(d2, lr, true)),
           0};
 }
 
@@ -467,9 +500,9 @@ std::tuple<Tensor, bdim_t> unfoldBackwardRule(const Tensor& g, bdim_t bd, c10::S
     const SymIntVec one{c10::SymInt(p.size(0)), c10::SymInt(1)};
     return {at::_ops::unfold_backward::call(p.unsqueeze(1), one, 1, size, step).squeeze(1), 0};
   }
-  return {
-      at::_ops::unfold_backward::call(p, withBatch(p.size(0), sizes), physicalDim(dim, lr, true), size, step),
-      0};
+  return {at::_ops::unfold_backward::call(p, withBatch(p.sym_size(0), sizes), physicalDim(dim, lr, true),
+                                          size, step),
+          0};
 }
 
 // diag_embed's dims index its output, one rank above the input.
@@ -493,7 +526,7 @@ std::tuple<Tensor, bdim_t> rot90Rule(const Tensor& x, bdim_t bd, int64_t k, c10:
 // ---- *_scatter: the result is a new batched self with src written into one of its views, so
 // both are brought to [B, ...] (the op clones self itself) and the view's dims shift by one.
 std::tuple<Tensor, Tensor> scatterOperands(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t cbd) {
-  const int64_t B = batchSizeOf({{&self, sbd}, {&src, cbd}});
+  const c10::SymInt B = batchSizeOf({{&self, sbd}, {&src, cbd}});
   return {materializeBdimFront(self, sbd, B), materializeBdimFront(src, cbd, B)};
 }
 std::tuple<Tensor, bdim_t> sliceScatterRule(const Tensor& self, bdim_t sbd, const Tensor& src, bdim_t cbd,
@@ -584,7 +617,7 @@ Tensor catKernel(c10::DispatchKeySet ks, const at::ITensorListRef& tensors, int6
   const Level* top =
       detail::vmapPrologue<at::_ops::cat, Tensor, const at::ITensorListRef&, int64_t>(done, ks, tensors, dim);
   if (!top) return std::move(*done);
-  const int64_t B = top->batch_size;
+  const c10::SymInt& B = top->batch_size;
   std::vector<std::pair<Tensor, bdim_t>> all;
   HandDownGuard guard;
   for (const Tensor& t : tensors) all.push_back(unwrapAt(t, top->id));
@@ -616,7 +649,7 @@ Tensor stackKernel(c10::DispatchKeySet ks, at::TensorList tensors, int64_t dim) 
   const Level* top =
       detail::vmapPrologue<at::_ops::stack, Tensor, at::TensorList, int64_t>(done, ks, tensors, dim);
   if (!top) return std::move(*done);
-  const int64_t B = top->batch_size;
+  const c10::SymInt& B = top->batch_size;
   std::vector<Tensor> phys;
   phys.reserve(tensors.size());
   HandDownGuard guard;
