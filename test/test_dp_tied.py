@@ -335,3 +335,31 @@ def test_auto_learns_its_path_from_the_first_plan():
         _check(model, _token_loss, x, y, "auto")
         assert _clip._auto_path(model, params) == learned
         _check(model, _token_loss, x, y, "auto")  # the learned path gives the same values
+
+
+class _Head(nn.Module):
+    def __init__(self, vocab=50, d=16):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.wte(ids)))
+
+
+def test_an_output_gradient_read_as_vocab_by_positions_is_not_copied(monkeypatch):
+    """A loss that reads the logits as (vocab, T) (cross_entropy of logits.transpose(1, 2), as
+    language models are trained) leaves their gradient strided: the head's clipped sum is then
+    one product per example accumulated in place, not a copy of the step's largest tensor."""
+    model = _Head().double()
+    ids, y = _ids()
+    calls = []
+    addmm_ = torch.Tensor.addmm_
+
+    def counting(self, *args, **kwargs):
+        calls.append(self.shape)
+        return addmm_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", counting)
+    _check(model, _token_loss, ids, y, "ghost")
+    assert calls.count(model.head.weight.shape) == len(y) - 1

@@ -320,7 +320,30 @@ std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tens
           0};
 }
 
-// ---- nll_loss2d: [N, C, H, W] scores and [N, H, W] targets are nll_loss over N*H*W rows.
+// ---- nll_loss2d: [N, C, H, W] scores and [N, H, W] targets. The class dim stays where it is:
+// the picked scores are a gather along it and the gradient a scatter into zeros of the input's
+// layout. (Moving C last to reuse nll_loss's rule copied the scores, and its gradient came back
+// strided, so log_softmax's backward copied it again: a language model's (vocab, T) logits,
+// what cross_entropy(logits.transpose(1, 2), y) sees, paid three copies of its largest tensor.)
+struct Nll2d {
+  Tensor target;  // [B, N, H, W], ignored entries replaced by class 0
+  Tensor weight;  // [B, N, H, W]: class weight of each target, 0 where ignored
+};
+
+Nll2d nll2dWeights(const Tensor& t, const std::optional<Tensor>& weight, bdim_t wbd, const c10::SymInt& B,
+                   int64_t ignore_index, const at::TensorOptions& opts) {
+  Tensor valid = t.ne(ignore_index);
+  Tensor tc = at::where(valid, t, at::zeros_like(t));
+  Tensor w;
+  if (weight.has_value() && weight->defined()) {
+    Tensor wm = materializeBdimFront(*weight, wbd, B);  // [B, C]
+    w = wm.gather(1, tc.reshape_symint({B, -1})).view_symint(tc.sym_sizes());
+  } else {
+    w = at::ones_like(tc, opts);
+  }
+  return {std::move(tc), w.mul(valid.to(w.scalar_type()))};
+}
+
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, bdim_t sbd,
                                                             const Tensor& target, bdim_t tbd,
                                                             const std::optional<Tensor>& weight, bdim_t wbd,
@@ -328,13 +351,14 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, 
   TORCH_CHECK(rankWithoutBdim(self, sbd) == 4 && rankWithoutBdim(target, tbd) == 3,
               "nll_loss2d: expected input of 4 dims and target of 3 dims per batch element");
   const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
-  Tensor x = materializeBdimFront(self, sbd, B);
-  Tensor t = materializeBdimFront(target, tbd, B);
-  auto [out, obd, total, twbd] =
-      nllForwardRule(x.movedim(2, -1).reshape_symint({B, -1, x.sym_size(2)}), 0, t.reshape_symint({B, -1}), 0,
-                     weight, wbd, reduction, std::move(ignore_index));
-  if (reduction == kNone) out = out.view_symint(t.sym_sizes());
-  return {out, obd, total, twbd};
+  Tensor x = materializeBdimFront(self, sbd, B);    // [B, N, C, H, W]
+  Tensor t = materializeBdimFront(target, tbd, B);  // [B, N, H, W]
+  auto in = nll2dWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
+  Tensor picked = x.gather(2, in.target.unsqueeze(2)).squeeze(2).neg().mul(in.weight);  // [B, N, H, W]
+  if (reduction == kNone) return {picked, 0, at::zeros({}, x.options()), std::nullopt};
+  Tensor total = in.weight.flatten(1).sum(1);
+  Tensor summed = picked.flatten(1).sum(1);
+  return {reduction == kSum ? summed : summed.div(total), 0, total, 0};
 }
 
 std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self,
@@ -342,6 +366,8 @@ std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
                                              const std::optional<Tensor>& weight, bdim_t wbd,
                                              int64_t reduction, c10::SymInt ignore_index,
                                              const Tensor& total_weight, bdim_t twbd) {
+  TORCH_CHECK(rankWithoutBdim(self, sbd) == 4 && rankWithoutBdim(target, tbd) == 3,
+              "nll_loss2d_backward: expected input of 4 dims and target of 3 dims per batch element");
   const c10::SymInt B = batchSizeOf({{&self, sbd},
                                      {&target, tbd},
                                      {&grad_out, gbd},
@@ -349,13 +375,16 @@ std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
                                      {weight ? &*weight : &self, wbd}});
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
-  Tensor g = materializeBdimFront(grad_out, gbd, B);
-  if (reduction == kNone) g = g.reshape_symint({B, -1});
-  Tensor grad = nllBackwardRule_(g, 0, x.movedim(2, -1).reshape_symint({B, -1, x.sym_size(2)}), 0,
-                                 t.reshape_symint({B, -1}), 0, weight, wbd, reduction,
-                                 ignore_index.expect_int(), total_weight, twbd);
-  const auto s = x.sym_sizes();
-  return {grad.view_symint({B, s[1], s[3], s[4], s[2]}).movedim(-1, 2), 0};
+  Tensor g = materializeBdimFront(grad_out, gbd, B);  // [B, N, H, W] for 'none', else [B]
+  auto in = nll2dWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
+  if (reduction != kNone) {
+    c10::SymDimVector one(t.dim(), 1);  // one scalar per batch element, broadcast over N, H, W
+    one[0] = B;
+    g = g.reshape_symint(one);
+    if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape_symint(one));
+  }
+  Tensor coef = in.weight.mul(g).neg().unsqueeze(2);  // [B, N, 1, H, W]
+  return {at::zeros_like(x, at::MemoryFormat::Contiguous).scatter(2, in.target.unsqueeze(2), coef), 0};
 }
 
 // ---- margin losses over [N, C] (or [C]) scores: the vmap batch folds into N, the op runs with

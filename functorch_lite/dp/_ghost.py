@@ -429,6 +429,16 @@ def _matmul_weight(name, a, b, policy):
     sq = sq.reshape(n, -1).sum(1)
 
     def finish(c):
+        if a.dim() == 3 and n > 1 and t > 1 and b.stride(0) != b.stride(1) * t:
+            # b's examples and positions do not flatten into one matrix without a copy (the
+            # logits' gradient when the loss reads them as (vocab, T): cross_entropy of
+            # logits.transpose(1, 2)). A copy of the largest tensor of the step costs more than
+            # one matmul per example accumulated in place, which reads b as it lies.
+            aw = a * c[:, None, None]
+            out = b[0].T @ aw[0]
+            for i in range(1, n):
+                out.addmm_(b[i].T, aw[i])
+            return out
         if a.dim() == 3:  # one matmul over all examples and positions, scaling the thinner side
             a2, b2 = a.reshape(-1, d), b.reshape(-1, p)
             w = (c if t == 1 else c.repeat_interleave(t))[:, None]
