@@ -237,3 +237,42 @@ def test_no_reference_cycles_in_a_raising_transform():
         gc.garbage.clear()
         gc.enable()
     assert not tensors, f"{len(tensors)} tensors in reference cycles"
+
+
+class _TiedHead(nn.Module):
+    def __init__(self, vocab=23, d=8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.wte(ids)))
+
+
+def test_no_reference_cycles_in_the_per_layer_clipping_path():
+    """The per-layer path keeps every layer's inputs and output gradients until the clipped sums
+    are made; a cycle through them (a clipped-sum closure that called itself did) keeps a
+    language model's (B, T, vocab) logit gradient alive until the garbage collector runs, into
+    the next step's peak."""
+    model = _TiedHead()
+    ids, y = torch.randint(0, 23, (4, 5)), torch.randint(0, 23, (4, 5))
+
+    def loss(out, y):
+        return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(1)
+
+    dp.clipped_grad_module(model, loss, ids, y, max_norm=1.0, method="ghost")
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(2):
+            dp.clipped_grad_module(model, loss, ids, y, max_norm=1.0, method="ghost")
+        gc.collect()
+        ours = _ours_in(gc.garbage)
+        tensors = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert not ours and not tensors, f"freed only by the garbage collector: {ours[:5]} {len(tensors)} tensors"

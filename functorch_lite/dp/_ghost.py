@@ -428,25 +428,39 @@ def _matmul_weight(name, a, b, policy):
         sq = ((a @ a.transpose(-1, -2)) * (b @ b.transpose(-1, -2))).sum((-1, -2))
     sq = sq.reshape(n, -1).sum(1)
 
-    def finish(c):
-        if a.dim() == 3 and n > 1 and t > 1 and b.stride(0) != b.stride(1) * t:
+    def clipped_sum(c, into):
+        if n > 1 and t > 1 and b.stride(0) != b.stride(1) * t:
             # b's examples and positions do not flatten into one matrix without a copy (the
             # logits' gradient when the loss reads them as (vocab, T): cross_entropy of
             # logits.transpose(1, 2)). A copy of the largest tensor of the step costs more than
             # one matmul per example accumulated in place, which reads b as it lies.
             aw = a * c[:, None, None]
-            out = b[0].T @ aw[0]
+            out = b[0].T @ aw[0] if into is None else into.addmm_(b[0].T, aw[0])
             for i in range(1, n):
                 out.addmm_(b[i].T, aw[i])
             return out
-        if a.dim() == 3:  # one matmul over all examples and positions, scaling the thinner side
-            a2, b2 = a.reshape(-1, d), b.reshape(-1, p)
-            w = (c if t == 1 else c.repeat_interleave(t))[:, None]
-            return (b2 * w).T @ a2 if p <= d else b2.T @ (a2 * w)
-        return torch.einsum("bgtp,bgtd->gpd", b * c[:, None, None, None], a)
+        # one matmul over all examples and positions, scaling the thinner side
+        a2, b2 = a.reshape(-1, d), b.reshape(-1, p)
+        w = (c if t == 1 else c.repeat_interleave(t))[:, None]
+        left, right = ((b2 * w).T, a2) if p <= d else (b2.T, a2 * w)
+        return left @ right if into is None else into.addmm_(left, right)
+
+    def finish(c, into=None):
+        if a.dim() != 3:
+            return _added(into, torch.einsum("bgtp,bgtd->gpd", b * c[:, None, None, None], a))
+        if into is not None and into.shape != (p, d):
+            return _added(into, clipped_sum(c, None))
+        return clipped_sum(c, into)
+
+    finish.writes_into = True
 
     # per-example G = b^T a (NOTE [Ghost norms of a weight used several times])
     return ("ghost", name, sq, finish, (b, a) if a.dim() == 3 else None)
+
+
+def _added(into, part):
+    """part added into `into` in place (into, when given, is a clipped sum this step made)."""
+    return part if into is None else into.add_(part.reshape(into.shape))
 
 
 def _matmul_layer(a, b, policy, transposed, bias):
@@ -562,10 +576,13 @@ def _embedding(module, call, ids, b, policy):
     same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(b.dtype)
     sq = (same * (b @ b.transpose(1, 2))).sum((1, 2))
 
-    def finish(c):
+    def finish(c, into=None):
         rows = (b * c[:, None, None]).reshape(-1, dim)
-        return b.new_zeros(vocab, dim).index_add_(0, ids.reshape(-1), rows)
+        out = b.new_zeros(vocab, dim) if into is None or into.shape != (vocab, dim) else into
+        out.index_add_(0, ids.reshape(-1), rows)
+        return out if out is into or into is None else _added(into, out)
 
+    finish.writes_into = True
     return [("ghost", "weight", sq, finish, factors)]
 
 
@@ -1351,11 +1368,18 @@ def _combine(contributions, params, max_norm, size, losses):
     sums = {pid: weighted_sum(c, g) for pid, g in inst.items()}
     for pid, _, finishes in ghosts:
         cd = factors.setdefault(shapes[pid][1], c.to(shapes[pid][1]))
+        # NOTE [One buffer per tied weight]: the uses of a weight used several times (GPT-2's
+        # wte and lm_head) add their clipped sums into the first use's, in place, so the weight
+        # holds one buffer of its size (vocab x d), not one per use plus their sum.
         total = None
         for finish in finishes:
-            part = finish(cd).reshape(shapes[pid][0])
-            total = part if total is None else total + part
-        sums[pid] = total
+            if total is None:
+                total = finish(cd)
+            elif getattr(finish, "writes_into", False):
+                total = finish(cd, into=total)
+            else:
+                total = _added(total, finish(cd))
+        sums[pid] = total.reshape(shapes[pid][0])
     grads = {
         n: sums[id(p)].reshape(p.shape) if id(p) in sums else torch.zeros_like(p) for n, p in params.items()
     }
