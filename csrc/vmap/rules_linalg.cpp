@@ -83,6 +83,15 @@ std::tuple<Tensor, bdim_t> addmmRule(const Tensor& self, bdim_t sbd, const Tenso
     if (beta.equal(0)) return {scaled.unsqueeze(0).expand({s.size(0), -1, -1}), 0};
     return {at::add(scaled, s, beta), 0};
   }
+  if (m1bd && !m2bd && !sbd && rankWithoutBdim(m1, m1bd) == 2 && rankWithoutBdim(m2, m2bd) == 2 &&
+      (self.dim() <= 1 || (self.dim() == 2 && self.sym_size(0) == 1))) {
+    // Only the rows are batched and the bias is one row (a Linear's, transformers' Conv1D's):
+    // the batch's rows are one matrix, and one addmm keeps the bias add fused in the product
+    // (a separate add is another pass over the output, and its temporary).
+    Tensor x = moveBdimToFront(m1, m1bd);  // [B, n, k]
+    const c10::SymInt B = x.sym_size(0), n = x.sym_size(1);
+    return {at::addmm(self, x.flatten(0, 1), m2, beta, alpha).unflatten_symint(0, {B, n}), 0};
+  }
   Tensor prod = std::get<0>(mmRule(m1, m1bd, m2, m2bd));
   if (!alpha.equal(1)) prod = prod.mul(alpha);
   if (beta.equal(0)) return {prod, 0};
