@@ -61,6 +61,27 @@ struct NllInputs {
   bool one_d;     // logical input was [C] (no N dim)
 };
 
+// The targets with ignored entries replaced by class 0, and each target's class weight (0 where
+// ignored), in the targets' layout.
+struct TargetWeights {
+  Tensor target;
+  Tensor weight;
+};
+
+TargetWeights targetWeights(const Tensor& t, const std::optional<Tensor>& weight, bdim_t wbd,
+                            const c10::SymInt& B, int64_t ignore_index, const at::TensorOptions& opts) {
+  Tensor valid = t.ne(ignore_index);
+  Tensor tc = at::where(valid, t, at::zeros_like(t));
+  Tensor w;
+  if (weight.has_value() && weight->defined()) {
+    Tensor wm = materializeBdimFront(*weight, wbd, B);  // [B, C]
+    w = wm.gather(1, tc.reshape_symint({B, -1})).view_symint(tc.sym_sizes());
+  } else {
+    w = at::ones_like(tc, opts);
+  }
+  return {std::move(tc), w.mul(valid.to(w.scalar_type()))};
+}
+
 NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
                      const std::optional<Tensor>& weight, bdim_t wbd, int64_t ignore_index) {
   const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
@@ -75,17 +96,8 @@ NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_
     logp = logp.unsqueeze(1);
     if (t.dim() == 1) t = t.unsqueeze(1);  // a 0-D target, or torch's accepted [1]: [B, 1] both
   }
-  Tensor valid = t.ne(ignore_index);
-  Tensor tc = at::where(valid, t, at::zeros_like(t));
-  Tensor w;
-  if (weight.has_value() && weight->defined()) {
-    Tensor wm = materializeBdimFront(*weight, wbd, B);  // [B, C]
-    w = wm.gather(1, tc.reshape_symint({B, -1})).view_symint(tc.sym_sizes());
-  } else {
-    w = at::ones_like(tc, logp.options());
-  }
-  w = w.mul(valid.to(w.scalar_type()));
-  return {std::move(logp), std::move(tc), std::move(w), one_d};
+  auto tw = targetWeights(t, weight, wbd, B, ignore_index, logp.options());
+  return {std::move(logp), std::move(tw.target), std::move(tw.weight), one_d};
 }
 
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(const Tensor& self, bdim_t sbd,
@@ -325,25 +337,6 @@ std::tuple<Tensor, bdim_t> bceLogitsRule(const Tensor& x, bdim_t xbd, const Tens
 // layout. (Moving C last to reuse nll_loss's rule copied the scores, and its gradient came back
 // strided, so log_softmax's backward copied it again: a language model's (vocab, T) logits,
 // what cross_entropy(logits.transpose(1, 2), y) sees, paid three copies of its largest tensor.)
-struct Nll2d {
-  Tensor target;  // [B, N, H, W], ignored entries replaced by class 0
-  Tensor weight;  // [B, N, H, W]: class weight of each target, 0 where ignored
-};
-
-Nll2d nll2dWeights(const Tensor& t, const std::optional<Tensor>& weight, bdim_t wbd, const c10::SymInt& B,
-                   int64_t ignore_index, const at::TensorOptions& opts) {
-  Tensor valid = t.ne(ignore_index);
-  Tensor tc = at::where(valid, t, at::zeros_like(t));
-  Tensor w;
-  if (weight.has_value() && weight->defined()) {
-    Tensor wm = materializeBdimFront(*weight, wbd, B);  // [B, C]
-    w = wm.gather(1, tc.reshape_symint({B, -1})).view_symint(tc.sym_sizes());
-  } else {
-    w = at::ones_like(tc, opts);
-  }
-  return {std::move(tc), w.mul(valid.to(w.scalar_type()))};
-}
-
 std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, bdim_t sbd,
                                                             const Tensor& target, bdim_t tbd,
                                                             const std::optional<Tensor>& weight, bdim_t wbd,
@@ -353,7 +346,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, 
   const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
   Tensor x = materializeBdimFront(self, sbd, B);    // [B, N, C, H, W]
   Tensor t = materializeBdimFront(target, tbd, B);  // [B, N, H, W]
-  auto in = nll2dWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
+  auto in = targetWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
   Tensor picked = x.gather(2, in.target.unsqueeze(2)).squeeze(2).neg().mul(in.weight);  // [B, N, H, W]
   if (reduction == kNone) return {picked, 0, at::zeros({}, x.options()), std::nullopt};
   Tensor total = in.weight.flatten(1).sum(1);
@@ -376,7 +369,7 @@ std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
   Tensor x = materializeBdimFront(self, sbd, B);
   Tensor t = materializeBdimFront(target, tbd, B);
   Tensor g = materializeBdimFront(grad_out, gbd, B);  // [B, N, H, W] for 'none', else [B]
-  auto in = nll2dWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
+  auto in = targetWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
   if (reduction != kNone) {
     c10::SymDimVector one(t.dim(), 1);  // one scalar per batch element, broadcast over N, H, W
     one[0] = B;
