@@ -43,6 +43,7 @@ from torch.compiler import is_compiling as _is_compiling
 
 _set_eval_frame = _eval_frame.set_eval_frame
 _FAKE = _ModeKey.FAKE
+_FUNCTIONAL = _ModeKey.FUNCTIONAL
 
 _lock = threading.Lock()
 _active = 0  # transforms running (all threads) while the force_eager stance is ours
@@ -494,7 +495,7 @@ def _traced_call(callee, args, kwargs):
                     try:
                         return callee.t._ft_run(args, kwargs)
                     except Exception as e:  # noqa: BLE001 (NOTE [Symbolic sizes, then specialized ones])
-                        if _RAISE_SYMBOLIC_FAILURES:
+                        if _RAISE_SYMBOLIC_FAILURES or _get_dispatch_mode(_FUNCTIONAL) is not None:
                             raise
                         _log.debug("functorch_lite: symbolic sizes failed (%s); specializing", e)
                         _specialize_sizes((args, kwargs))
@@ -633,7 +634,9 @@ _tracing = threading.local()
 # FakeTensors, which records nothing: AOTAutograd's trace, the one that builds the graph, sees
 # the sizes already specialized (the ShapeEnv replaced the symbols by their values) and runs
 # the specialized path once. Only the outermost recorded call decides; transforms nested in it
-# run inside its attempt.
+# run inside its attempt. Under AOTAutograd's functionalization (a FunctionalTensorMode) a failed
+# attempt may already have recorded a write into an input, which a second attempt would record
+# again: there the failure is raised instead (a compile error, never a doubled write).
 
 
 _RAISE_SYMBOLIC_FAILURES = False  # tests and debugging: see why a call was specialized
