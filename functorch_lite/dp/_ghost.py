@@ -390,7 +390,8 @@ def _tensors(args, kwargs):
 
 # ------------------------------------------------------------------------------------------------
 # per-layer rules. A contribution is ("inst", name, per-example gradients (B, *shape)) or
-# ("ghost", name, squared norms (B,), finish(c) -> the clipped sum[, factors]).
+# ("ghost", name, squared norms (B,), finish(c, into=None) -> the clipped sum (added into `into`,
+# in place, when given: NOTE [One buffer per tied weight])[, factors]).
 #
 # NOTE [Ghost norms of a weight used several times]
 # A weight used by several calls (an output layer tied to the embedding, a module called twice)
@@ -451,8 +452,6 @@ def _matmul_weight(name, a, b, policy):
         if into is not None and into.shape != (p, d):
             return _added(into, clipped_sum(c, None))
         return clipped_sum(c, into)
-
-    finish.writes_into = True
 
     # per-example G = b^T a (NOTE [Ghost norms of a weight used several times])
     return ("ghost", name, sq, finish, (b, a) if a.dim() == 3 else None)
@@ -555,7 +554,13 @@ def _conv(module, call, a, b, policy):
         a_t = cols.reshape(*lead, d, -1).transpose(-1, -2)
         b_t = b.reshape(*lead, p, -1).transpose(-1, -2)
         _, name, sq, finish, factors = _matmul_weight("weight", a_t, b_t, "ghost")
-        weight = ("ghost", name, sq, lambda c: finish(c).reshape(module.weight.shape), factors)
+        weight = (
+            "ghost",
+            name,
+            sq,
+            lambda c, into=None: finish(c, into).reshape(module.weight.shape),
+            factors,
+        )
     out = [weight]
     if module.bias is not None:
         out.append(("inst", "bias", b.reshape(n, b.shape[1], -1).sum(-1)))
@@ -582,7 +587,6 @@ def _embedding(module, call, ids, b, policy):
         out.index_add_(0, ids.reshape(-1), rows)
         return out if out is into or into is None else _added(into, out)
 
-    finish.writes_into = True
     return [("ghost", "weight", sq, finish, factors)]
 
 
@@ -767,7 +771,7 @@ def _mha(module, call, a, b, policy):
                     "ghost",
                     "in_proj_weight",
                     sum(q[2] for q in parts),
-                    lambda c: torch.cat([q[3](c) for q in parts]),
+                    lambda c, into=None: _added(into, torch.cat([q[3](c) for q in parts])),
                 )
             )
     if bias is not None:
@@ -1373,12 +1377,7 @@ def _combine(contributions, params, max_norm, size, losses):
         # holds one buffer of its size (vocab x d), not one per use plus their sum.
         total = None
         for finish in finishes:
-            if total is None:
-                total = finish(cd)
-            elif getattr(finish, "writes_into", False):
-                total = finish(cd, into=total)
-            else:
-                total = _added(total, finish(cd))
+            total = finish(cd, into=total)
         sums[pid] = total.reshape(shapes[pid][0])
     grads = {
         n: sums[id(p)].reshape(p.shape) if id(p) in sums else torch.zeros_like(p) for n, p in params.items()
