@@ -89,9 +89,9 @@ const char* levelKindName(LevelKind k);
 // symbolic in it and one compiled graph serves every batch size. A path that needs a number
 // (the for-loop fallback runs the op batch_size times; randomness="different" draws per
 // element) asks for concreteBatchSize(), which raises NotImplementedError when it is symbolic:
-// the recorded call then specializes the sizes and traces again (NOTE [Dynamo sees a transform
-// call as one opaque call] in functorch_lite/_compile.py), so such a step compiles once per
-// batch size, as all of them did before.
+// the recorded call then specializes the sizes and traces again (NOTE [Symbolic sizes, then
+// specialized ones] in functorch_lite/_compile.py), so such a step compiles once per batch size,
+// as all of them did before.
 struct Level {
   int64_t id;
   LevelKind kind;

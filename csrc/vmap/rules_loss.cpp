@@ -82,6 +82,30 @@ TargetWeights targetWeights(const Tensor& t, const std::optional<Tensor>& weight
   return {std::move(tc), w.mul(valid.to(w.scalar_type()))};
 }
 
+// nll_loss's (output, total_weight) from each target's picked score and weight, [B, *] both.
+std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllOutputs(const Tensor& picked, const Tensor& weight,
+                                                      int64_t reduction) {
+  if (reduction == kNone) return {picked, 0, at::zeros({}, picked.options()), std::nullopt};
+  Tensor total = weight.flatten(1).sum(1);
+  Tensor summed = picked.flatten(1).sum(1);
+  return {reduction == kSum ? summed : summed.div(total), 0, total, 0};
+}
+
+// The gradient of nll_loss with respect to its scores (class dim 2, batch first): each target's
+// -weight * grad scattered along the class dim into zeros of the scores' layout. g is grad_out at
+// the batch front, already shaped like the targets for 'none'.
+Tensor nllScoresGrad(const Tensor& scores, const Tensor& target, const Tensor& weight, Tensor g,
+                     int64_t reduction, const Tensor& total_weight, bdim_t twbd, const c10::SymInt& B) {
+  if (reduction != kNone) {
+    c10::SymDimVector one(target.dim(), 1);  // one scalar per batch element, broadcast over the rest
+    one[0] = B;
+    g = g.reshape_symint(one);
+    if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape_symint(one));
+  }
+  Tensor coef = weight.mul(g).neg().unsqueeze(2);
+  return at::zeros_like(scores, at::MemoryFormat::Contiguous).scatter(2, target.unsqueeze(2), coef);
+}
+
 NllInputs prepareNll(const Tensor& self, bdim_t sbd, const Tensor& target, bdim_t tbd,
                      const std::optional<Tensor>& weight, bdim_t wbd, int64_t ignore_index) {
   const c10::SymInt B = batchSizeOf({{&self, sbd}, {&target, tbd}, {weight ? &*weight : &self, wbd}});
@@ -118,13 +142,8 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nllForwardRule(const Tensor& self, bd
   }
   auto in = prepareNll(self, sbd, target, tbd, weight, wbd, ignore_index.expect_int());
   Tensor picked = in.logp.gather(2, in.target.unsqueeze(2)).squeeze(2).neg().mul(in.weight);  // [B,N]
-  if (reduction == kNone) {
-    Tensor out = in.one_d ? picked.squeeze(1) : picked;
-    return {out, 0, at::zeros({}, in.logp.options()), std::nullopt};
-  }
-  Tensor total = in.weight.sum(1);
-  Tensor summed = picked.sum(1);
-  return {reduction == kSum ? summed : summed.div(total), 0, total, 0};
+  if (reduction == kNone && in.one_d) picked = picked.squeeze(1);
+  return nllOutputs(picked, in.weight, reduction);
 }
 
 Tensor nllBackwardRule_(const Tensor& grad_out, bdim_t gbd, const Tensor& self, bdim_t sbd,
@@ -137,14 +156,8 @@ Tensor nllBackwardRule_(const Tensor& grad_out, bdim_t gbd, const Tensor& self, 
                                      {weight ? &*weight : &self, wbd}});
   auto in = prepareNll(materializeBdimFront(self, sbd, B), 0, target, tbd, weight, wbd, ignore_index);
   Tensor g = materializeBdimFront(grad_out, gbd, B);
-  if (reduction == kNone) {
-    if (in.one_d) g = g.unsqueeze(1);  // [B, N]
-  } else {
-    g = g.reshape_symint({B, 1});  // one scalar per batch element
-    if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape_symint({B, 1}));
-  }
-  Tensor coef = in.weight.mul(g).neg().unsqueeze(2);  // [B, N, 1]
-  Tensor grad = at::zeros_like(in.logp).scatter(2, in.target.unsqueeze(2), coef);
+  if (reduction == kNone && in.one_d) g = g.unsqueeze(1);  // [B, N]
+  Tensor grad = nllScoresGrad(in.logp, in.target, in.weight, g, reduction, total_weight, twbd, B);
   return in.one_d ? grad.squeeze(1) : grad;
 }
 
@@ -348,10 +361,7 @@ std::tuple<Tensor, bdim_t, Tensor, bdim_t> nll2dForwardRule(const Tensor& self, 
   Tensor t = materializeBdimFront(target, tbd, B);  // [B, N, H, W]
   auto in = targetWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
   Tensor picked = x.gather(2, in.target.unsqueeze(2)).squeeze(2).neg().mul(in.weight);  // [B, N, H, W]
-  if (reduction == kNone) return {picked, 0, at::zeros({}, x.options()), std::nullopt};
-  Tensor total = in.weight.flatten(1).sum(1);
-  Tensor summed = picked.flatten(1).sum(1);
-  return {reduction == kSum ? summed : summed.div(total), 0, total, 0};
+  return nllOutputs(picked, in.weight, reduction);
 }
 
 std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd, const Tensor& self,
@@ -370,14 +380,7 @@ std::tuple<Tensor, bdim_t> nll2dBackwardRule(const Tensor& grad_out, bdim_t gbd,
   Tensor t = materializeBdimFront(target, tbd, B);
   Tensor g = materializeBdimFront(grad_out, gbd, B);  // [B, N, H, W] for 'none', else [B]
   auto in = targetWeights(t, weight, wbd, B, ignore_index.expect_int(), x.options());
-  if (reduction != kNone) {
-    c10::SymDimVector one(t.dim(), 1);  // one scalar per batch element, broadcast over N, H, W
-    one[0] = B;
-    g = g.reshape_symint(one);
-    if (reduction == kMean) g = g.div(materializeBdimFront(total_weight, twbd, B).reshape_symint(one));
-  }
-  Tensor coef = in.weight.mul(g).neg().unsqueeze(2);  // [B, N, 1, H, W]
-  return {at::zeros_like(x, at::MemoryFormat::Contiguous).scatter(2, in.target.unsqueeze(2), coef), 0};
+  return {nllScoresGrad(x, in.target, in.weight, g, reduction, total_weight, twbd, B), 0};
 }
 
 // ---- margin losses over [N, C] (or [C]) scores: the vmap batch folds into N, the op runs with
